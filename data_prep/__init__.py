@@ -1,0 +1,1 @@
+"""Raw text to tokenizer, packed WebDataset shards and manifest (``bertforge prep``)."""

@@ -1,0 +1,138 @@
+"""The dataset folder's ``manifest.json``: what the shards hold and how they were made.
+
+The trainer reads it to find the shards and refuses a dataset whose tokenizer, vocabulary,
+special ids or sequence length disagree with its own config (:func:`check`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+from data_prep import builtin, tokenizer
+from data_prep.config import PrepConfig
+from data_prep.corpus import Account, InputFile
+from data_prep.errors import UserError
+from data_prep.shards import token_dtype
+from launch.config import to_dict
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+FORMAT = "bertforge.shards/1"
+
+
+def output_config(cfg: PrepConfig) -> dict:
+    """The config as the output depends on it: ``workers`` changes speed, never bytes."""
+    d = to_dict(cfg)
+    d.pop("workers")
+    return d
+
+
+def build(cfg: PrepConfig, files: list[InputFile], discovered: Account, units: list[dict],
+          tok_path: Path) -> dict:
+    """Join the units' records, in order, into the manifest."""
+    account = Account()
+    account.merge(discovered)
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    for unit in units:
+        account.merge(Account.from_dict(unit["input"]))
+        for name in splits:
+            splits[name].extend(unit["splits"][name])
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    return {
+        "format": FORMAT,
+        "seq_len": cfg.seq_len,
+        "dtype": token_dtype(sp.vocab_size()).name,
+        "tokenizer": {
+            "file": TOKENIZER,
+            "sha256": tokenizer.sha256(tok_path),
+            "type": cfg.tokenizer.type.value if not cfg.tokenizer.path else "given",
+            "vocab_size": sp.vocab_size(),
+            "special_ids": tokenizer.special_ids(),
+        },
+        "splits": {
+            name: {
+                "shards": shards,
+                "sequences": sum(s["sequences"] for s in shards),
+                "tokens": sum(s["tokens"] for s in shards),
+                "pad_tokens": sum(s["pad_tokens"] for s in shards),
+                "bytes": sum(s["bytes"] for s in shards),
+            }
+            for name, shards in splits.items()
+        },
+        "units": len(units),
+        "inputs": [{"path": f.path, "kind": f.kind, "compression": f.compression, "bytes": f.size,
+                    **({"source": builtin.describe()} if f.kind == "builtin" else {})} for f in files],
+        "input": account.to_dict(),
+        "config": output_config(cfg),
+    }
+
+
+def load(folder: str | Path) -> dict:
+    """Read a dataset folder's manifest, refusing a folder that is not a finished prep."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path}: no manifest; is {folder} a folder written by bertforge prep?")
+    try:
+        man = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: manifest is not valid JSON ({err.msg})") from None
+    if man.get("format") != FORMAT:
+        raise UserError(f"{path}: field 'format' is {man.get('format')!r}, expected {FORMAT!r}")
+    return man
+
+
+def check(man: dict, folder: str | Path, *, vocab_size: int | None = None, seq_len: int | None = None,
+          tokenizer_sha256: str | None = None) -> None:
+    """Refuse a manifest that disagrees with a consumer's config, naming the field."""
+    path = Path(folder) / MANIFEST
+    want = {"tokenizer.vocab_size": vocab_size, "seq_len": seq_len, "tokenizer.sha256": tokenizer_sha256}
+    have = {"tokenizer.vocab_size": man["tokenizer"]["vocab_size"], "seq_len": man["seq_len"],
+            "tokenizer.sha256": man["tokenizer"]["sha256"]}
+    for field, value in want.items():
+        if value is not None and value != have[field]:
+            raise UserError(f"{path}: field '{field}' is {have[field]!r} but the config expects {value!r}")
+    if man["tokenizer"]["special_ids"] != tokenizer.special_ids():
+        raise UserError(f"{path}: field 'tokenizer.special_ids' is {man['tokenizer']['special_ids']}, "
+                        f"expected {tokenizer.special_ids()}")
+
+
+def summary(man: dict, seconds: float | None = None) -> str:
+    """A human-readable table of a manifest: splits, tokenizer and the input account."""
+    rows = [("split", "shards", "sequences", "tokens", "pad", "bytes", "bytes/token")]
+    for name, s in man["splits"].items():
+        stored = s["tokens"] + s["pad_tokens"]
+        rows.append((name, f"{len(s['shards']):,}", f"{s['sequences']:,}", f"{s['tokens']:,}",
+                     f"{s['pad_tokens']:,}", f"{s['bytes']:,}", f"{s['bytes'] / stored:.3f}" if stored else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    tok = man["tokenizer"]
+    lines.append(f"tokenizer: {tok['type']}, {tok['vocab_size']:,} pieces, seq_len {man['seq_len']}, "
+                 f"dtype {man['dtype']}, sha256 {tok['sha256'][:12]}")
+    acc = man["input"]
+    docs = acc["documents"]
+    skipped = sum(r["count"] for r in docs["skipped"].values())
+    lines.append(f"documents: {docs['read']:,} read = {docs['written']:,} written + {skipped:,} skipped"
+                 f"; {docs['split']['count']:,} split for length, {docs['repaired_utf8']['count']:,} with "
+                 "invalid UTF-8 replaced")
+    for reason, r in docs["skipped"].items():
+        lines.append(f"  skipped {reason}: {r['count']:,} (first at {', '.join(r['examples'][:3])})")
+    files = acc["files"]
+    lines.append(f"files: {files['read']:,} read, "
+                 f"{sum(r['count'] for r in files['skipped'].values()):,} skipped, "
+                 f"{sum(r['count'] for r in files['ignored'].values()):,} ignored")
+    for kind in ("skipped", "ignored"):
+        for reason, r in files[kind].items():
+            lines.append(f"  {kind} {reason}: {r['count']:,} (first: {', '.join(r['examples'][:3])})")
+    if seconds is not None:
+        mb = acc["bytes_read"] / 1e6
+        tokens = sum(s["tokens"] for s in man["splits"].values())
+        lines.append(f"time: {seconds:.1f}s, {mb / seconds:.2f} MB/s, {tokens / seconds:,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def warn(msg: str) -> None:
+    print(f"bertforge: warning: {msg}", file=sys.stderr)

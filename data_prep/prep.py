@@ -1,0 +1,292 @@
+"""``bertforge prep``: raw text -> SentencePiece tokenizer -> packed WebDataset shards + manifest.
+
+The input is cut into *units*: runs of whole files, in order, of about ``unit_size`` bytes.
+Each unit is tokenized (in ``workers`` processes), packed and written as its own shards,
+then recorded in ``.prep/unit-NNNNN.json``; the manifest is the units' records joined in
+order. So the output is a function of the input and config alone (never of ``workers``),
+an interrupted run resumes at the first unfinished unit, and a SLURM job array can give
+each task its own units.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from data_prep import corpus, manifest, tokenizer
+from data_prep.config import PrepConfig, parse_size
+from data_prep.errors import UserError
+from data_prep.shards import Packer, ShardWriter, token_dtype
+from launch.config import to_dict, to_yaml
+
+STATE_DIR = ".prep"
+BATCH_CHARS = 1 << 17  # text per task sent to a worker: large enough that IPC is noise
+
+
+@dataclass
+class Batch:
+    """Document pieces sent to a tokenizer worker, with where each one goes."""
+
+    texts: list[str]
+    lasts: list[bool]  # the piece ends its document: a [SEP] follows it
+    vals: list[bool]  # the document belongs to val/
+
+
+_sp: spm.SentencePieceProcessor | None = None
+_dtype: np.dtype | None = None
+
+
+def _init_worker(model: bytes, dtype: str) -> None:
+    global _sp, _dtype
+    _sp = spm.SentencePieceProcessor(model_proto=model)
+    _dtype = np.dtype(dtype)
+
+
+def encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tokenize a batch into the train and val token streams (documents each followed by [SEP])."""
+    ids = _sp.encode(batch.texts, return_type="numpy", num_threads=1)  # one thread: one core per worker
+    streams: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    sep = np.array([tokenizer.SEP_ID], dtype=np.int32)
+    for arr, last, val in zip(ids, batch.lasts, batch.vals):
+        streams[val].append(arr)
+        if last:
+            streams[val].append(sep)
+    train, val = (np.concatenate(s).astype(_dtype) if s else np.empty(0, _dtype) for s in streams)
+    return train, val, sum(len(t.encode()) for t in batch.texts)
+
+
+def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[int]]:
+    """Group file indices, in order, into units of at least ``unit_bytes`` (the last may be smaller)."""
+    units: list[list[int]] = [[]]
+    size = 0
+    for i, f in enumerate(files):
+        if units[-1] and size >= unit_bytes:
+            units.append([])
+            size = 0
+        units[-1].append(i)
+        size += f.size
+    return units if units[0] else []
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fingerprint(cfg: PrepConfig, files: list[corpus.InputFile]) -> dict:
+    """What the output depends on; a resumed run must match it exactly."""
+    inputs = []
+    for f in files:
+        mtime = 0 if f.kind == "builtin" else os.stat(f.path).st_mtime_ns
+        inputs.append([f.path, f.size, mtime])
+    tok = cfg.tokenizer.path
+    return {"config": manifest.output_config(cfg), "inputs": inputs,
+            "tokenizer_sha256": tokenizer.sha256(tok) if tok else None}
+
+
+def _check_output(out: Path, fingerprint: dict) -> bool:
+    """Prepare the output folder; True when it already holds this exact, finished prep."""
+    state = out / STATE_DIR / "state.json"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output exists and is not a folder")
+    if state.is_file():
+        old = json.loads(state.read_text())
+        if old != fingerprint:
+            for key in fingerprint:
+                if old.get(key) != fingerprint[key]:
+                    detail = key
+                    if key == "config":
+                        diff = [k for k in fingerprint[key] if old[key].get(k) != fingerprint[key][k]]
+                        detail = f"config key '{diff[0]}'" if diff else key
+                    elif key == "inputs":
+                        detail = "the input files (names, sizes or modification times)"
+                    raise UserError(f"{out}: holds a prep made with a different {detail}; "
+                                    "choose a new --output folder or delete this one")
+        return (out / manifest.MANIFEST).is_file()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    _atomic_write(state, json.dumps(fingerprint, indent=1))
+    return False
+
+
+def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Path:
+    """Reuse ``--tokenizer`` or the one a previous run trained, else train one on a sample."""
+    path = out / manifest.TOKENIZER
+    if cfg.tokenizer.path:
+        tokenizer.load(cfg.tokenizer.path)
+        shutil.copyfile(cfg.tokenizer.path, path.with_name(f".{path.name}.tmp"))
+        os.replace(path.with_name(f".{path.name}.tmp"), path)
+    elif not path.is_file():
+        t0 = time.perf_counter()
+        scratch = corpus.Account(strict=cfg.strict)  # the real account is kept by the main pass
+        pieces = (p for f in files for p in corpus.read_file(
+            f, scratch, cfg.text_field, cfg.max_doc_chars, parse_size(cfg.max_line_bytes)))
+        lines = tokenizer.sample_lines(tokenizer.texts_of(pieces), cfg.tokenizer)
+        print(f"prep: training a {cfg.tokenizer.type.value} tokenizer ({cfg.tokenizer.vocab_size} pieces) "
+              f"on {len(lines):,} sampled lines", file=sys.stderr)
+        model = tokenizer.train(lines, cfg.tokenizer)
+        _atomic_write_bytes(path, model)
+        print(f"prep: tokenizer trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    tokenizer.load(path)
+    return path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _unit_pieces(unit: int, files: list[corpus.InputFile], cfg: PrepConfig,
+                 account: corpus.Account) -> Iterator[Batch]:
+    """The unit's document pieces, batched, each document drawn into train or val."""
+    rng = random.Random(f"{cfg.seed}:{unit}")
+    batch, chars, val = Batch([], [], []), 0, False
+    new_doc = True
+    for f in files:
+        for piece in corpus.read_file(f, account, cfg.text_field, cfg.max_doc_chars,
+                                      parse_size(cfg.max_line_bytes)):
+            if new_doc:
+                val = rng.random() < cfg.val_fraction
+                account.docs_written += 1
+            new_doc = piece.last
+            batch.texts.append(piece.text)
+            batch.lasts.append(piece.last)
+            batch.vals.append(val)
+            chars += len(piece.text)
+            if chars >= BATCH_CHARS:
+                yield batch
+                batch, chars = Batch([], [], []), 0
+    if batch.texts:
+        yield batch
+
+
+def run_unit(unit: int, files: list[corpus.InputFile], cfg: PrepConfig, out: Path,
+             vocab_size: int, pool: mp.pool.Pool | None, bar: tqdm) -> dict:
+    """Tokenize, pack and write one unit; returns (and records) its shards and input account."""
+    dtype = token_dtype(vocab_size)
+    block_seqs = max(1, parse_size(cfg.block_size) // (cfg.seq_len * dtype.itemsize))
+    account = corpus.Account(strict=cfg.strict)
+    shard_bytes = parse_size(cfg.shard_size)
+    splits = {
+        name: (Packer(cfg.seq_len, block_seqs, dtype),
+               ShardWriter(out / name, f"shard-{unit:05d}", shard_bytes, out))
+        for name in ("train", "val")
+    }
+
+    t0, tokens = time.perf_counter(), 0
+
+    def consume(result: tuple[np.ndarray, np.ndarray, int]) -> None:
+        nonlocal tokens
+        for (packer, writer), stream in zip(splits.values(), result[:2]):
+            tokens += len(stream)
+            for block in packer.add(stream):
+                writer.write(block)
+        bar.update(result[2])
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+
+    batches = _unit_pieces(unit, files, cfg, account)
+    if pool is None:
+        for batch in batches:
+            consume(encode_batch(batch))
+    else:
+        pending: deque = deque()
+        limit = 2 * pool._processes + 2  # bounded in flight: memory stays flat whatever the corpus
+        for batch in batches:
+            pending.append(pool.apply_async(encode_batch, (batch,)))
+            while len(pending) >= limit:
+                consume(pending.popleft().get())
+        while pending:
+            consume(pending.popleft().get())
+    record = {"unit": unit, "files": [f.path for f in files], "splits": {}, "input": account.to_dict()}
+    for name, (packer, writer) in splits.items():
+        for block in packer.finish():
+            writer.write(block)
+        record["splits"][name] = writer.close()
+    _atomic_write(out / STATE_DIR / f"unit-{unit:05d}.json", json.dumps(record, indent=1))
+    return record
+
+
+def _finished_units(out: Path, n_units: int) -> dict[int, dict]:
+    """Units whose record exists and whose shards are all present at their recorded size."""
+    done = {}
+    for unit in range(n_units):
+        path = out / STATE_DIR / f"unit-{unit:05d}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        shards = [s for split in record["splits"].values() for s in split]
+        if all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"] for s in shards):
+            done[unit] = record
+    return done
+
+
+def _remove_partial(out: Path) -> None:
+    """Delete half-written shards and files left by an interrupted run (all hidden ``.tmp``)."""
+    for folder in (out, out / "train", out / "val", out / STATE_DIR):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink()
+
+
+def prep(cfg: PrepConfig, progress: bool = True) -> dict:
+    """Run the prep stage; returns the manifest. Safe to re-run: finished units are kept."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    discovered = corpus.Account(strict=cfg.strict)
+    files = corpus.discover(cfg.input, discovered)
+    if not files:
+        raise UserError(f"input {cfg.input}: no .txt or .jsonl files found")
+    out = Path(cfg.output)
+    fingerprint = _fingerprint(cfg, files)
+    if _check_output(out, fingerprint):
+        print(f"prep: {out} is already complete; nothing to do", file=sys.stderr)
+        return manifest.load(out)
+    _remove_partial(out)
+    tok_path = _tokenizer(cfg, files, out)
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tok_path)).vocab_size()
+    units = plan_units(files, parse_size(cfg.unit_size))
+    records = _finished_units(out, len(units))
+    if records:
+        print(f"prep: resuming: {len(records)} of {len(units)} units already done", file=sys.stderr)
+    workers = cfg.workers or os.cpu_count() or 1
+    todo = [u for u in range(len(units)) if u not in records]
+    total = sum(files[i].size for u in todo for i in units[u])
+    has_unknown_size = any(files[i].kind == "builtin" or files[i].compression for u in todo for i in units[u])
+    bar = tqdm(total=None if has_unknown_size else total, unit="B", unit_scale=True, desc="prep",
+               disable=not progress, mininterval=1.0, file=sys.stderr)
+    pool = None
+    if workers > 1 and todo:
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok_path.read_bytes(), token_dtype(vocab_size).str))
+    else:
+        _init_worker(tok_path.read_bytes(), token_dtype(vocab_size).str)
+    try:
+        for u in todo:
+            records[u] = run_unit(u, [files[i] for i in units[u]], cfg, out, vocab_size, pool, bar)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path)
+    _atomic_write(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
+    _atomic_write(out / "prep_config.yaml", to_yaml(cfg))
+    print(manifest.summary(man, seconds=time.perf_counter() - t0))
+    return man

@@ -1,0 +1,177 @@
+"""Packing token streams into fixed-length sequences, and writing them as WebDataset tar shards.
+
+A shard is a plain tar file (readable by ``webdataset`` and ``tar``). Each member,
+``NNNNNN.ids.npy``, is one block: a ``(n, seq_len)`` array of many sequences stored as
+uint16 where the vocabulary fits, so that bytes on disk stay close to 2 per token.
+Sequences are RoBERTa "full-sentences" style: ``[CLS]`` then documents back to back, each
+followed by ``[SEP]``, crossing sequence boundaries freely; only the final tail is padded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from data_prep.tokenizer import CLS_ID, PAD_ID, SEP_ID
+
+MEMBER_SUFFIX = "ids.npy"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of the vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class Packer:
+    """Cuts a stream of tokens into ``[CLS] + (seq_len - 1) stream tokens`` sequences, in blocks."""
+
+    def __init__(self, seq_len: int, block_seqs: int, dtype: np.dtype) -> None:
+        self.seq_len = seq_len
+        self.block_seqs = block_seqs
+        self.dtype = dtype
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+
+    def add(self, stream: np.ndarray) -> Iterator[np.ndarray]:
+        """Append stream tokens; yield every full block that is now ready."""
+        if len(stream):
+            self.pending.append(stream)
+            self.pending_tokens += len(stream)
+        per_block = self.block_seqs * (self.seq_len - 1)
+        if self.pending_tokens < per_block:
+            return
+        flat = np.concatenate(self.pending)
+        n_blocks = len(flat) // per_block
+        for b in range(n_blocks):
+            yield self._block(flat[b * per_block : (b + 1) * per_block])
+        rest = flat[n_blocks * per_block :]
+        self.pending, self.pending_tokens = ([rest] if len(rest) else []), len(rest)
+
+    def finish(self) -> Iterator[np.ndarray]:
+        """Yield what is left as a last, shorter block; the final sequence is padded with [PAD]."""
+        if not self.pending_tokens:
+            return
+        flat = np.concatenate(self.pending)
+        width = self.seq_len - 1
+        pad = (-len(flat)) % width
+        flat = np.concatenate([flat, np.full(pad, PAD_ID, dtype=flat.dtype)])
+        self.pending, self.pending_tokens = [], 0
+        yield self._block(flat)
+
+    def _block(self, flat: np.ndarray) -> np.ndarray:
+        body = flat.reshape(-1, self.seq_len - 1)
+        block = np.empty((len(body), self.seq_len), dtype=self.dtype)
+        block[:, 0] = CLS_ID
+        block[:, 1:] = body
+        return block
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through it (so no shard is read twice)."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class ShardWriter:
+    """Writes blocks into ``{prefix}-{k:04d}.tar`` shards of about ``shard_bytes`` each.
+
+    A shard is written under a hidden ``.tmp`` name, synced, then renamed: a shard that is
+    visible under its final name is always complete. :meth:`close` returns one record per shard.
+    """
+
+    def __init__(self, folder: Path, prefix: str, shard_bytes: int, root: Path) -> None:
+        self.folder, self.prefix, self.shard_bytes, self.root = folder, prefix, shard_bytes, root
+        self.records: list[dict] = []
+        self._tar: wds.TarWriter | None = None
+        self._file: _HashingFile | None = None
+        self._blocks = self._sequences = self._tokens = self._pad = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"{self.prefix}-{k:04d}.tar"
+
+    def write(self, block: np.ndarray) -> None:
+        """Add one block (a tar member); starts a new shard when this one is full."""
+        payload = io.BytesIO()
+        np.lib.format.write_array(payload, block, allow_pickle=False)
+        data = payload.getvalue()
+        if self._file is not None and self._file.size + len(data) + 512 > self.shard_bytes:
+            self._finish()
+        if self._file is None:
+            final = self._path(len(self.records))
+            tmp = final.with_name(f".{final.name}.tmp")
+            self._file = _HashingFile(open(tmp, "wb"))  # noqa: SIM115 - closed in _finish
+            # Fixed owner, mode and mtime: the same tokens give byte-identical shards.
+            self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0.0, encoder=False)
+        self._tar.write({"__key__": f"{self._blocks:06d}", MEMBER_SUFFIX: data})
+        self._blocks += 1
+        self._sequences += len(block)
+        pads = int(np.count_nonzero(block == PAD_ID))
+        self._tokens += block.size - pads
+        self._pad += pads
+
+    def _finish(self) -> None:
+        self._tar.close()  # writes the end-of-archive blocks; the file object stays open
+        self._file.flush()
+        os.fsync(self._file.f.fileno())
+        self._file.f.close()
+        final = self._path(len(self.records))
+        os.replace(final.with_name(f".{final.name}.tmp"), final)
+        self.records.append({
+            "path": final.relative_to(self.root).as_posix(),
+            "sequences": self._sequences,
+            "tokens": self._tokens,
+            "pad_tokens": self._pad,
+            "blocks": self._blocks,
+            "bytes": self._file.size,
+            "sha256": self._file.sha.hexdigest(),
+        })
+        self._tar = self._file = None
+        self._blocks = self._sequences = self._tokens = self._pad = 0
+
+    def close(self) -> list[dict]:
+        """Finish the open shard, if any; the records of all shards written."""
+        if self._file is not None:
+            self._finish()
+        return self.records
+
+
+def read_blocks(path: str | Path) -> Iterator[np.ndarray]:
+    """The blocks of one shard, in order, read back through webdataset."""
+    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode():
+        yield sample[MEMBER_SUFFIX]
+
+
+def decode_sequence(sp, seq: np.ndarray) -> str:  # noqa: ANN001 - a SentencePieceProcessor
+    """Text of one packed sequence: its documents decoded, ``[SEP]`` shown where each ends."""
+    ids = [int(t) for t in seq if t != PAD_ID]
+    parts, cur = [], []
+    for t in ids[1:] if ids and ids[0] == CLS_ID else ids:
+        if t == SEP_ID:
+            parts.append(sp.decode(cur) + " [SEP]")
+            cur = []
+        else:
+            cur.append(t)
+    if cur:
+        parts.append(sp.decode(cur))
+    return "[CLS] " + " ".join(parts)

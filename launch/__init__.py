@@ -1,0 +1,1 @@
+"""The command line, local multi-rank launch and SLURM submission (``bertforge``)."""

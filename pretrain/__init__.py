@@ -1,0 +1,1 @@
+"""The model, masking, shard reader, DeepSpeed engine and train loop (``bertforge pretrain``)."""

@@ -1,0 +1,70 @@
+"""Shared test assets: a small real-text corpus (from the Python docs) and a real SentencePiece model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep import builtin, tokenizer
+from data_prep.config import TokenizerConfig, TokenizerType
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run ``bertforge ARGS`` as a user would, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def clean(text: str) -> str:
+    """A docstring as one .txt document: no blank lines inside it."""
+    return "\n".join(line for line in text.split("\n") if line.strip())
+
+
+@pytest.fixture(scope="session")
+def docs() -> list[str]:
+    """About 1,200 real English documents (Python docstrings), blank-line free."""
+    out = [clean(text) for _, text in builtin.python_docs()[:1200]]
+    return [d for d in out if d.strip()]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, docs) -> tuple[Path, list[str]]:
+    """A folder of 4 .txt and 2 .jsonl files (one of each compressed); returns it with its documents in read order."""
+    root = tmp_path_factory.mktemp("corpus")
+    import gzip
+
+    import zstandard
+
+    chunks = [docs[i::6] for i in range(6)]
+    names = ["a.txt", "b.txt", "c.txt.gz", "d.jsonl", "e.jsonl.zst", "f.txt"]
+    ordered = []
+    for name, chunk in zip(names, chunks):
+        if ".jsonl" in name:
+            data = "".join(json.dumps({"text": d}) + "\n" for d in chunk).encode()
+        else:
+            data = "\n\n".join(chunk).encode() + b"\n"
+        if name.endswith(".gz"):
+            data = gzip.compress(data, mtime=0)
+        elif name.endswith(".zst"):
+            data = zstandard.ZstdCompressor().compress(data)
+        (root / name).write_bytes(data)
+    for name, chunk in sorted(zip(names, chunks)):
+        ordered.extend(chunk)
+    return root, ordered
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory, docs) -> Path:
+    """A real unigram SentencePiece model (1,000 pieces) with the project's special ids."""
+    cfg = TokenizerConfig(type=TokenizerType.unigram, vocab_size=1000)
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    path.write_bytes(tokenizer.train(tokenizer.sample_lines(docs, cfg), cfg))
+    return path

@@ -1,0 +1,96 @@
+"""The typed config: every YAML loads; unknown keys and wrong types are refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_prep.config import PrepConfig, parse_size
+from data_prep.errors import UserError
+from launch.config import load_config, to_yaml
+from tests.conftest import REPO, run_cli
+
+SCHEMAS = {"prep": PrepConfig}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_config_file_loads(path: Path) -> None:
+    schema = SCHEMAS[path.relative_to(REPO / "configs").parts[0]]
+    cfg = load_config(schema, path)
+    assert isinstance(cfg, schema)
+    assert load_config(schema, None, [], None) != cfg or path.name == "default.yaml"
+
+
+def test_default_yaml_matches_dataclass_defaults() -> None:
+    cfg = load_config(PrepConfig, REPO / "configs/prep/default.yaml")
+    assert cfg == PrepConfig()
+
+
+def test_precedence_override_beats_flag_beats_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("seq_len: 64\nworkers: 3\ntokenizer:\n  vocab_size: 500\n")
+    cfg = load_config(PrepConfig, f, ["tokenizer.vocab_size=700"], {"workers": 5, "tokenizer": {"vocab_size": 600}})
+    assert (cfg.seq_len, cfg.workers, cfg.tokenizer.vocab_size) == (64, 5, 700)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("seq_len=abc", "seq_len"),
+    ("tokenizer.vocab_sise=10", "tokenizer.vocab_sise"),
+    ("nonsense=1", "nonsense"),
+    ("tokenizer.type=wordpiece", "tokenizer.type"),
+    ("strict=maybe", "strict"),
+])
+def test_bad_override_names_the_key(override: str, named: str) -> None:
+    with pytest.raises(UserError, match=rf"'{named}'"):
+        load_config(PrepConfig, None, [override])
+
+
+def test_bad_key_in_file_names_file_and_key(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("tokenizer:\n  vocab: 10\n")
+    with pytest.raises(UserError, match=r"bad.yaml.*'tokenizer.vocab'"):
+        load_config(PrepConfig, f)
+    f.write_text("seq_len: [1\n")
+    with pytest.raises(UserError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(PrepConfig, f)
+
+
+def test_sizes() -> None:
+    assert parse_size("256MB") == 256_000_000
+    assert parse_size("64KiB") == 65536
+    assert parse_size("1000") == 1000
+    with pytest.raises(UserError, match="shard_size"):
+        parse_size("big", "shard_size")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(PrepConfig, None, ["seq_len=256", "tokenizer.type=bpe"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(to_yaml(cfg))
+    assert load_config(PrepConfig, f) == cfg
+
+
+def test_cli_help_lists_subcommands() -> None:
+    out = run_cli("--help")
+    assert out.returncode == 0 and "prep" in out.stdout and "inspect" in out.stdout
+    for sub in ("prep", "inspect"):
+        r = run_cli(sub, "--help")
+        assert r.returncode == 0 and "usage: bertforge " + sub in r.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["prep", "--input", "builtin:python-docs", "--output", "x", "--seq-len", "abc"], "--seq-len"),
+    (["prep", "--input", "builtin:python-docs", "--output", "x", "seq_len=abc"], "seq_len"),
+    (["prep", "--input", "builtin:python-docs", "--output", "x", "tokenizer.vocab=5"], "tokenizer.vocab"),
+    (["prep", "--input", "builtin:python-docs", "--output", "x", "val_fraction=1.5"], "val_fraction"),
+    (["prep", "--output", "x"], "input"),
+    (["prep", "configs/prep/missing.yaml"], "missing.yaml"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_cli_bad_usage_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    r = run_cli(*args, cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bertforge: error:") and needle in lines[0], r.stderr
+    assert not (REPO / "x").exists()

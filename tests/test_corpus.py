@@ -1,0 +1,111 @@
+"""Corpus readers: formats, bounded memory on huge lines, and an input account that balances."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from data_prep import corpus
+from data_prep.errors import UserError
+
+
+def read_all(paths: list[str], **kw) -> tuple[list[corpus.Piece], corpus.Account]:
+    acc = corpus.Account(strict=kw.pop("strict", False))
+    files = corpus.discover(paths, acc)
+    opts = {"text_field": "text", "max_doc_chars": 1000, "max_line_bytes": 1 << 20} | kw
+    pieces = [p for f in files for p in corpus.read_file(f, acc, **opts)]
+    return pieces, acc
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> Path:
+    (tmp_path / "a.txt").write_bytes(b"first doc\nline two\n\n\n\nsecond doc\n  \nthird \xff doc\n")
+    (tmp_path / "b.jsonl").write_bytes(
+        b'{"text": "json doc"}\nnot json\n{"body": "x"}\n[1]\n{"text": 5}\n{"text": "  "}\n\n'
+        b'{"text": "bad \xfe utf"}\n{"text": "no newline at end"}')
+    (tmp_path / "c.txt").write_bytes(b"bin\x00ary")
+    (tmp_path / "d.txt").write_bytes(b"")
+    (tmp_path / "e.pdf").write_bytes(b"%PDF")
+    (tmp_path / "f.txt.gz").write_bytes(gzip.compress(b"gz doc\n\ngz two\n"))
+    (tmp_path / "g.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zst doc"}\n'))
+    (tmp_path / "h.txt.gz").write_bytes(gzip.compress(b"cut short\n\n" * 100)[:-30])
+    return tmp_path
+
+
+def test_every_format_and_every_skip_is_counted(messy: Path) -> None:
+    pieces, acc = read_all([str(messy)])
+    texts = [p.text for p in pieces]
+    assert texts[:3] == ["first doc\nline two", "second doc", "third \ufffd doc"]
+    assert texts[3:6] == ["json doc", "bad \ufffd utf", "no newline at end"]
+    assert texts[6:9] == ["gz doc", "gz two", "zst doc"]
+    d = acc.to_dict()
+    skipped = {k: v["count"] for k, v in d["documents"]["skipped"].items()}
+    assert skipped == {"invalid_json": 1, "missing_field": 1, "not_an_object": 1, "field_not_text": 1, "empty": 1}
+    assert d["documents"]["skipped"]["invalid_json"]["examples"] == [f"{messy}/b.jsonl:2"]
+    assert d["documents"]["repaired_utf8"]["examples"] == [f"{messy}/a.txt:8", f"{messy}/b.jsonl:8"]
+    # the truncated gzip file: its complete documents are kept, the file is reported
+    assert acc.docs_read == len(pieces) + sum(skipped.values())
+    assert sorted(d["files"]["skipped"]) == ["binary_file", "corrupt_or_truncated", "empty_file"]
+    assert d["files"]["ignored"]["unsupported_type"]["examples"] == [f"{messy}/e.pdf"]
+    assert d["files"]["read"] == 4
+
+
+def test_strict_names_file_and_line(messy: Path) -> None:
+    with pytest.raises(UserError, match=r"b.jsonl:2: invalid json \(--strict\)"):
+        read_all([str(messy / "a.txt"), str(messy / "b.jsonl")], strict=True)
+
+
+def test_huge_line_is_read_in_bounded_pieces(tmp_path: Path) -> None:
+    words = " ".join(f"w{i}" for i in range(300_000))  # ~2 MB on one line, no newline anywhere
+    (tmp_path / "big.txt").write_text(words)
+    pieces, acc = read_all([str(tmp_path / "big.txt")], max_doc_chars=100_000)
+    assert all(len(p.text) <= 100_000 for p in pieces) and len(pieces) > 15
+    assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(p.text for p in pieces) == words
+    assert acc.docs_read == 1 and acc.docs_split.count == 1
+
+
+def test_overlong_jsonl_line_is_skipped_and_counted(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": "short"}), json.dumps({"text": "x" * 500_000}), json.dumps({"text": "after"})]
+    (tmp_path / "l.jsonl").write_text("\n".join(lines) + "\n")
+    pieces, acc = read_all([str(tmp_path / "l.jsonl")], max_line_bytes=100_000)
+    assert [p.text for p in pieces] == ["short", "after"]
+    assert acc.docs_skipped["line_too_long"].examples == [f"{tmp_path}/l.jsonl:2"]
+
+
+def test_long_jsonl_document_is_cut_not_lost(tmp_path: Path) -> None:
+    text = " ".join(["word"] * 1000)
+    (tmp_path / "l.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    pieces, acc = read_all([str(tmp_path / "l.jsonl")], max_doc_chars=1000)
+    assert "".join(p.text for p in pieces) == text and acc.docs_split.count == 1
+
+
+def test_text_field_is_configurable(tmp_path: Path) -> None:
+    (tmp_path / "l.jsonl").write_text('{"content": "here"}\n')
+    pieces, _ = read_all([str(tmp_path / "l.jsonl")], text_field="content")
+    assert [p.text for p in pieces] == ["here"]
+
+
+def test_discovery_errors_before_any_work(tmp_path: Path) -> None:
+    acc = corpus.Account()
+    with pytest.raises(UserError, match="no such file"):
+        corpus.discover([str(tmp_path / "nope.txt")], acc)
+    with pytest.raises(UserError, match="matches no file"):
+        corpus.discover([str(tmp_path / "*.jsonl")], acc)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(UserError, match="unsupported input type"):
+        corpus.discover([str(tmp_path / "x.csv")], acc)
+    with pytest.raises(UserError, match="unknown builtin"):
+        corpus.discover(["builtin:nope"], acc)
+
+
+def test_globs_and_folders_are_sorted_and_deduplicated(tmp_path: Path) -> None:
+    for name in ("b.txt", "a.txt", "sub/c.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    files = corpus.discover([str(tmp_path / "*.txt"), str(tmp_path)], corpus.Account())
+    assert [Path(f.path).relative_to(tmp_path).as_posix() for f in files] == ["a.txt", "b.txt", "sub/c.txt"]
