@@ -25,9 +25,10 @@ FORMAT = "bertforge.shards/1"
 
 
 def output_config(cfg: PrepConfig) -> dict:
-    """The config as the output depends on it: ``workers`` changes speed, never bytes."""
+    """The config as the output depends on it: ``workers`` changes speed, never bytes, and
+    ``output`` is where the folder was made, not what it holds (folders can be moved)."""
     d = to_dict(cfg)
-    d.pop("workers")
+    del d["workers"], d["output"]
     return d
 
 

@@ -106,7 +106,8 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
     state = out / STATE_DIR / "state.json"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output exists and is not a folder")
-    if state.is_file():
+    started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
+    if state.is_file() and started:
         old = json.loads(state.read_text())
         if old != fingerprint:
             for key in fingerprint:
@@ -120,7 +121,7 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
                     raise UserError(f"{out}: holds a prep made with a different {detail}; "
                                     "choose a new --output folder or delete this one")
         return (out / manifest.MANIFEST).is_file()
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != STATE_DIR for p in out.iterdir()):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(state, json.dumps(fingerprint, indent=1))
@@ -131,7 +132,6 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Pat
     """Reuse ``--tokenizer`` or the one a previous run trained, else train one on a sample."""
     path = out / manifest.TOKENIZER
     if cfg.tokenizer.path:
-        tokenizer.load(cfg.tokenizer.path)
         shutil.copyfile(cfg.tokenizer.path, path.with_name(f".{path.name}.tmp"))
         os.replace(path.with_name(f".{path.name}.tmp"), path)
     elif not path.is_file():
@@ -255,6 +255,8 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
     files = corpus.discover(cfg.input, discovered)
     if not files:
         raise UserError(f"input {cfg.input}: no .txt or .jsonl files found")
+    if cfg.tokenizer.path:
+        tokenizer.load(cfg.tokenizer.path)  # refuse a bad model before anything is written
     out = Path(cfg.output)
     fingerprint = _fingerprint(cfg, files)
     if _check_output(out, fingerprint):

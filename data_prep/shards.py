@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,17 +74,27 @@ class Packer:
 
 
 class _HashingFile:
-    """A write-only file that hashes what passes through it (so no shard is read twice)."""
+    """A write-only file that hashes what passes through it (so no shard is read twice).
+
+    Bytes past ``end`` (once set) are dropped: tar pads an archive to a 10 KiB record after its
+    end-of-archive marker, a tape-era convention that readers do not need and that would cost
+    up to 10 KiB per shard.
+    """
 
     def __init__(self, f: io.BufferedWriter) -> None:
         self.f = f
         self.sha = hashlib.sha256()
         self.size = 0
+        self.end: int | None = None
 
     def write(self, data: bytes) -> int:
+        n = len(data)
+        if self.end is not None:
+            data = data[: max(0, self.end - self.size)]
         self.sha.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        self.f.write(data)
+        return n
 
     def tell(self) -> int:
         return self.size
@@ -115,9 +126,11 @@ class ShardWriter:
         payload = io.BytesIO()
         np.lib.format.write_array(payload, block, allow_pickle=False)
         data = payload.getvalue()
-        if self._file is not None and self._file.size + len(data) + 512 > self.shard_bytes:
+        member = tarfile.BLOCKSIZE + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # header + padded data
+        # webdataset writes a tar stream ("w|") that buffers 10 KiB: the logical size is its offset
+        if self._tar is not None and self._tar.tarstream.offset + member + 2 * tarfile.BLOCKSIZE > self.shard_bytes:
             self._finish()
-        if self._file is None:
+        if self._tar is None:
             final = self._path(len(self.records))
             tmp = final.with_name(f".{final.name}.tmp")
             self._file = _HashingFile(open(tmp, "wb"))  # noqa: SIM115 - closed in _finish
@@ -131,7 +144,8 @@ class ShardWriter:
         self._pad += pads
 
     def _finish(self) -> None:
-        self._tar.close()  # writes the end-of-archive blocks; the file object stays open
+        self._file.end = self._tar.tarstream.offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive marker
+        self._tar.close()  # writes the marker (and the record padding that _HashingFile drops)
         self._file.flush()
         os.fsync(self._file.f.fileno())
         self._file.f.close()
@@ -151,7 +165,7 @@ class ShardWriter:
 
     def close(self) -> list[dict]:
         """Finish the open shard, if any; the records of all shards written."""
-        if self._file is not None:
+        if self._tar is not None:
             self._finish()
         return self.records
 

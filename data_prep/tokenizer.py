@@ -83,6 +83,12 @@ def train(lines: list[str], cfg: TokenizerConfig) -> bytes:
             raise UserError(
                 f"config key 'tokenizer.vocab_size' (--vocab-size): the input supports at most {m.group(2)} "
                 f"pieces, not {m.group(1)}; pass a smaller --vocab-size or more text") from None
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(err))
+        if m:
+            raise UserError(
+                f"config key 'tokenizer.vocab_size' (--vocab-size): {m.group(1)} is too small, the input's "
+                f"characters and the byte and special pieces need more than {m.group(2)}; pass a larger "
+                "--vocab-size or lower tokenizer.character_coverage") from None
         raise UserError(f"tokenizer training failed: {str(err).splitlines()[0]}") from None
     return model.getvalue()
 

@@ -1,0 +1,287 @@
+"""``bertforge prep`` end to end: real SentencePiece, real tar shards read back through webdataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data_prep.shards import read_blocks
+from data_prep.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from tests.conftest import REPO, run_cli
+
+
+def prep(*args: str, **kw) -> subprocess.CompletedProcess:
+    r = run_cli("prep", "--no-progress", *args, **kw)
+    return r
+
+
+def shard_docs(out: Path, split: str = "train") -> list[list[int]]:
+    """The documents' token ids, in order, as the shards hold them (via webdataset)."""
+    man = json.loads((out / "manifest.json").read_text())
+    flat: list[int] = []
+    for shard in man["splits"][split]["shards"]:
+        for block in read_blocks(out / shard["path"]):
+            assert block.shape[1] == man["seq_len"]
+            assert (block[:, 0] == CLS_ID).all()
+            flat.extend(int(t) for t in block[:, 1:].reshape(-1) if t != PAD_ID)
+    docs, cur = [], []
+    for t in flat:
+        if t == SEP_ID:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    assert cur == []
+    return docs
+
+
+def tree(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "prep_config.yaml"}
+
+
+def test_round_trip_gives_the_documents_tokens_in_order(tmp_path, corpus, sp_model) -> None:
+    root, docs = corpus
+    out = tmp_path / "ds"
+    r = prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--seq-len", "64",
+             "--workers", "2", "val_fraction=0")
+    assert r.returncode == 0, r.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    assert shard_docs(out) == [sp.encode(d) for d in docs]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["input"]["documents"] == {"read": len(docs), "written": len(docs), "skipped": {},
+                                         "split": {"count": 0, "examples": []},
+                                         "repaired_utf8": {"count": 0, "examples": []}}
+    assert man["tokenizer"]["vocab_size"] == 1000 and man["dtype"] == "uint16"
+    assert man["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert (out / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+    assert "split" in r.stdout and "documents:" in r.stdout  # the summary table
+    assert "workers: 2" in (out / "prep_config.yaml").read_text()
+
+
+def test_val_split_partitions_the_documents(tmp_path, corpus, sp_model) -> None:
+    root, docs = corpus
+    out = tmp_path / "ds"
+    r = prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "val_fraction=0.2")
+    assert r.returncode == 0, r.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    train, val = shard_docs(out, "train"), shard_docs(out, "val")
+    assert 0.1 * len(docs) < len(val) < 0.3 * len(docs)
+    assert sorted(map(tuple, train + val)) == sorted(tuple(sp.encode(d)) for d in docs)
+
+
+def test_same_bytes_whatever_the_worker_count(tmp_path, corpus, sp_model) -> None:
+    root, _ = corpus
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        r = prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--workers", workers,
+                 "unit_size=40KB", "shard_size=30KB", "block_size=4KB")
+        assert r.returncode == 0, r.stderr
+        outs.append(tree(out))
+    assert outs[0] == outs[1]
+    assert sum(k.startswith("train/") for k in outs[0]) > 6  # several units and shards were compared
+
+
+def test_tokenizer_training_is_deterministic_and_manifest_is_complete(tmp_path, corpus) -> None:
+    root, docs = corpus
+    trees = []
+    for workers, name in (("1", "a"), ("2", "b")):
+        out = tmp_path / name
+        r = prep("--input", str(root), "--output", str(out), "--vocab-size", "800", "--workers", workers,
+                 "tokenizer.sample_lines=5000")
+        assert r.returncode == 0, r.stderr
+        trees.append(tree(out))
+    assert trees[0] == trees[1]
+    man = json.loads(trees[0]["manifest.json"])
+    assert man["tokenizer"]["vocab_size"] == 800 and man["config"]["tokenizer"]["type"] == "unigram"
+    shards = man["splits"]["train"]["shards"] + man["splits"]["val"]["shards"]
+    assert all(set(s) >= {"path", "sequences", "tokens", "bytes", "sha256"} for s in shards)
+    import hashlib
+    assert all(hashlib.sha256((tmp_path / "a" / s["path"]).read_bytes()).hexdigest() == s["sha256"] for s in shards)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "a" / "tokenizer.model"))
+    assert [sp.id_to_piece(i) for i in range(5)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert sp.encode("[MASK]") != [4]  # a control symbol: text never turns into the mask token
+    assert man["input"]["documents"]["read"] == len(docs)
+
+
+def test_bpe_tokenizer(tmp_path, corpus) -> None:
+    root, docs = corpus
+    out = tmp_path / "bpe"
+    r = prep("--input", str(root / "a.txt"), "--output", str(out), "--vocab-size", "600", "--tokenizer-type", "bpe")
+    assert r.returncode == 0, r.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString((out / "tokenizer.model").read_bytes())
+    assert proto.trainer_spec.model_type == pb.TrainerSpec.BPE and proto.trainer_spec.byte_fallback
+    assert sp.encode("\u2603 snow")[1:4] != [1, 1, 1]  # byte fallback spells unseen characters, no [UNK]
+
+
+def test_bytes_on_disk_are_close_to_two_per_token(tmp_path, corpus, sp_model) -> None:
+    root, _ = corpus
+    out = tmp_path / "ds"
+    assert prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "val_fraction=0").returncode == 0
+    man = json.loads((out / "manifest.json").read_text())
+    train = man["splits"]["train"]
+    stored = train["tokens"] + train["pad_tokens"]
+    assert abs(train["bytes"] / stored - 2.0) < 0.05 * 2.0, train
+
+
+def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(10):  # ten files, one unit each
+        (root / f"part{i}.txt").write_text("\n\n".join(docs[i::10]))
+    common = ["--input", str(root), "--tokenizer", str(sp_model), "--workers", "1", "unit_size=1KB",
+              "shard_size=8KB", "block_size=2KB"]
+    full = tmp_path / "full"
+    assert prep(*common, "--output", str(full)).returncode == 0
+    n_units = json.loads((full / "manifest.json").read_text())["units"]
+    assert n_units == 10
+
+    out = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "prep", "--no-progress", *common, "--output",
+                             str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    third = out / ".prep" / "unit-00002.json"
+    deadline = time.time() + 120
+    while not third.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert third.exists() and not (out / "manifest.json").exists(), "prep finished before it could be killed"
+    # Nothing half-written is visible: every shard under its final name is a complete tar.
+    for shard in list(out.glob("train/*.tar")) + list(out.glob("val/*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                np.load(io.BytesIO(tar.extractfile(member).read()))
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("train/shard-0000[0-2]-*.tar")}
+    assert kept
+
+    r = prep(*common, "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "resuming: " in r.stderr and f"of {n_units} units already done" in r.stderr
+    assert {p: (out / "train" / p).stat().st_mtime_ns for p in kept} == kept  # finished units not redone
+    assert tree(out) == tree(full)
+    assert not list(out.rglob(".*.tmp"))
+
+    again = prep(*common, "--output", str(out))
+    assert again.returncode == 0 and "already complete" in again.stderr
+
+
+def test_a_document_longer_than_a_shard_spans_shards(tmp_path, sp_model) -> None:
+    words = " ".join(f"token{i % 97} word{i % 13}" for i in range(20_000))
+    (tmp_path / "long.txt").write_text("short doc before\n\n" + words + "\n\nshort doc after\n")
+    out = tmp_path / "ds"
+    r = prep("--input", str(tmp_path / "long.txt"), "--output", str(out), "--tokenizer", str(sp_model),
+             "shard_size=16KB", "block_size=4KB", "max_doc_chars=30000", "val_fraction=0")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert len(man["splits"]["train"]["shards"]) > 3
+    assert man["input"]["documents"]["read"] == 3 and man["input"]["documents"]["split"]["count"] == 1
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    got = shard_docs(out)
+    assert len(got) == 3 and got[0] == sp.encode("short doc before") and got[2] == sp.encode("short doc after")
+    assert sp.decode(got[1]) == words
+
+
+def test_bad_input_account_balances(tmp_path, sp_model) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b'{"text": "good one"}\n{oops\n{"txt": "x"}\n{"text": ""}\n{"text": "bad \xff"}\n')
+    (src / "b.txt").write_bytes(b"\x00\x01\x02binary")
+    (src / "c.txt").write_bytes(b"")
+    (src / "d.bin").write_bytes(b"??")
+    (src / "e.txt").write_bytes(b"plain doc\n\nanother\n")
+    out = tmp_path / "ds"
+    r = prep("--input", str(src), "--output", str(out), "--tokenizer", str(sp_model))
+    assert r.returncode == 0, r.stderr
+    acc = json.loads((out / "manifest.json").read_text())["input"]
+    docs = acc["documents"]
+    assert docs["read"] == 7 and docs["written"] == 4
+    assert {k: v["count"] for k, v in docs["skipped"].items()} == {"invalid_json": 1, "missing_field": 1, "empty": 1}
+    assert docs["read"] == docs["written"] + sum(v["count"] for v in docs["skipped"].values())
+    assert docs["skipped"]["invalid_json"]["examples"] == [f"{src}/a.jsonl:2"]
+    assert docs["repaired_utf8"]["examples"] == [f"{src}/a.jsonl:5"]
+    assert acc["files"]["skipped"]["binary_file"]["examples"] == [f"{src}/b.txt"]
+    assert acc["files"]["skipped"]["empty_file"]["examples"] == [f"{src}/c.txt"]
+    assert acc["files"]["ignored"]["unsupported_type"]["examples"] == [f"{src}/d.bin"]
+    assert "skipped invalid_json: 1" in r.stdout
+
+    strict = prep("--input", str(src), "--output", str(tmp_path / "strict"), "--tokenizer", str(sp_model), "--strict")
+    assert strict.returncode == 2
+    assert strict.stderr.strip().splitlines() == [f"bertforge: error: {src}/a.jsonl:2: invalid json (--strict)"]
+
+
+@pytest.mark.parametrize("case", ["missing", "not_empty", "bad_tokenizer", "other_config", "vocab_too_big"])
+def test_refusals_are_one_line_exit_2_before_any_work(tmp_path, corpus, sp_model, case) -> None:
+    root, _ = corpus
+    out = tmp_path / "ds"
+    args = ["--input", str(root / "a.txt"), "--output", str(out), "--tokenizer", str(sp_model)]
+    if case == "missing":
+        args[1] = str(tmp_path / "nope.txt")
+        needle = "nope.txt: no such file"
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "precious.txt").write_text("keep me")
+        needle = "not empty"
+    elif case == "bad_tokenizer":
+        bad = tmp_path / "bad.model"
+        bad.write_bytes(b"not a model")
+        args[-1] = str(bad)
+        needle = "bad.model: not a SentencePiece model"
+    elif case == "other_config":
+        assert prep(*args).returncode == 0
+        args += ["--seq-len", "64"]
+        needle = "config key 'seq_len'"
+    else:
+        args = ["--input", str(root / "a.txt"), "--output", str(out), "--vocab-size", "30000"]
+        needle = "tokenizer.vocab_size"
+    r = prep(*args)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("bertforge: error: ") and needle in errors[0], r.stderr
+    if case == "not_empty":
+        assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    if case in ("missing", "bad_tokenizer"):
+        assert not out.exists()
+    if case == "vocab_too_big":  # nothing was made, so a corrected command may reuse the folder
+        args[-1] = "1000"
+        again = prep(*args)
+        assert again.returncode == 0, again.stderr
+
+
+def test_inspect_decodes_samples(tmp_path, corpus, sp_model, docs) -> None:
+    root, ordered = corpus
+    out = tmp_path / "ds"
+    assert prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "val_fraction=0").returncode == 0
+    r = run_cli("inspect", str(out), "-n", "2")
+    assert r.returncode == 0, r.stderr
+    assert "train" in r.stdout and "tokens" in r.stdout
+    assert r.stdout.count("--- train sample") == 2
+    first_words = " ".join(ordered[0].split()[:3])
+    assert first_words in r.stdout
+    bad = run_cli("inspect", str(tmp_path))
+    assert bad.returncode == 2 and "manifest" in bad.stderr
+
+
+def test_builtin_corpus_is_the_default_and_needs_no_download(tmp_path) -> None:
+    out = tmp_path / "py"
+    r = prep(str(REPO / "configs/prep/python-docs.yaml"), f"output={out}", "--workers", "2", cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["inputs"][0]["path"] == "builtin:python-docs"
+    assert man["input"]["documents"]["read"] > 5000 and man["splits"]["val"]["sequences"] > 20
+    assert man["tokenizer"]["vocab_size"] == 8192
