@@ -62,9 +62,7 @@ def _python_docs() -> Iterator[tuple[str, str]]:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # a handful of stdlib files are templates, not Python 3 source
         nodes = [tree] + [
-            n
-            for n in ast.walk(tree)
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
         ]
         for node in nodes:
             doc = ast.get_docstring(node, clean=True)

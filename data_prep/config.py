@@ -80,9 +80,10 @@ class PrepConfig:
     into units; a unit is the grain of resume (a finished unit is never redone) and of SLURM
     job arrays. Packing restarts at each unit, so each unit ends with one padded sequence."""
 
-    max_doc_chars: int = 1_000_000
-    """Longer ``.txt`` documents are cut into pieces of at most this many characters (at
-    whitespace), packed back to back with no [SEP] between them, so memory stays bounded."""
+    read_size: str = "1MB"
+    """Bytes read and handed to a tokenizer worker at a time, cut at a document boundary. A
+    document longer than this is cut into pieces of at most this size (after whitespace),
+    packed back to back with no [SEP] between them, so memory stays bounded."""
 
     max_line_bytes: str = "64MB"
     """A ``.jsonl`` line longer than this is skipped (and counted) without being held in memory."""
@@ -108,21 +109,33 @@ class PrepConfig:
             raise UserError(f"config key 'seq_len': {self.seq_len} is outside [8, 1048576]")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"config key 'val_fraction': {self.val_fraction} is outside [0, 1)")
-        for key in ("shard_size", "block_size", "unit_size", "max_line_bytes"):
+        for key in ("shard_size", "block_size", "unit_size", "read_size", "max_line_bytes"):
             parse_size(getattr(self, key), key)
-        if self.max_doc_chars < 1:
-            raise UserError("config key 'max_doc_chars': must be positive")
+        if parse_size(self.read_size) < 1024:
+            raise UserError(f"config key 'read_size': '{self.read_size}' is below 1KB")
         if self.workers < 0:
             raise UserError(f"config key 'workers': {self.workers} is negative")
         tok = self.tokenizer
         if not 16 <= tok.vocab_size <= 1 << 31:
             raise UserError(f"config key 'tokenizer.vocab_size': {tok.vocab_size} is too small")
         if tok.sample_lines < 1 or tok.threads < 1 or tok.max_line_chars < 1:
-            raise UserError("config keys 'tokenizer.sample_lines', 'tokenizer.threads', 'tokenizer.max_line_chars' must be positive")
+            raise UserError(
+                "config keys 'tokenizer.sample_lines', 'tokenizer.threads', 'tokenizer.max_line_chars' must be positive"
+            )
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str, key: str = "size") -> int:

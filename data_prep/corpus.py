@@ -1,19 +1,27 @@
-"""Reading raw corpora: input discovery, streaming document readers, and the input account.
+"""Reading raw corpora: input discovery, chunked streaming readers, and the input account.
 
-Every reader streams in bounded memory, whatever the file or line size: lines are read with a
-length limit, long ``.txt`` documents are cut into pieces, and over-long ``.jsonl`` lines are
-skipped without being held. Nothing is dropped silently: each skipped document or file is
-counted in the :class:`Account` under a reason, with its first few ``file:line`` locations.
+Reading is split in two so that the costly part runs in the tokenizer workers:
+
+* :func:`chunks` (main process) streams each file's decompressed bytes and cuts them into
+  :class:`Chunk` s of about ``read_size`` bytes at document boundaries (a blank line in
+  ``.txt``, a newline in ``.jsonl``): a few C-speed byte searches per megabyte;
+* :func:`parse` (a worker) turns one chunk into document :class:`Piece` s: decoding, blank-line
+  splitting, JSON parsing, the train/val draw and the account of what it skipped.
+
+Memory stays bounded whatever the file, line or document size: a document longer than a
+chunk is cut into pieces, and a ``.jsonl`` line over ``max_line_bytes`` is skipped without
+being held. Nothing is dropped silently: each skipped document or file is counted in the
+:class:`Account` under a reason, with its first few ``file:line`` locations.
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
 import gzip
-import io
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +35,6 @@ from data_prep.errors import UserError
 KINDS = {".txt": "txt", ".jsonl": "jsonl"}
 COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
 EXAMPLES_PER_REASON = 5
-_CHUNK = 1 << 16  # bytes per bounded readline: long lines arrive in pieces of this size
 _SNIFF = 8192  # bytes looked at to tell a binary file (NUL bytes) from text
 
 
@@ -48,6 +55,7 @@ class Piece:
     text: str
     location: str
     last: bool = True
+    val: bool = False  # the document belongs to val/
 
 
 @dataclass
@@ -96,8 +104,11 @@ class Account:
             return {k: {"count": v.count, "examples": v.examples} for k, v in sorted(d.items())}
 
         return {
-            "files": {"read": self.files_read, "skipped": reasons(self.files_skipped),
-                      "ignored": reasons(self.files_ignored)},
+            "files": {
+                "read": self.files_read,
+                "skipped": reasons(self.files_skipped),
+                "ignored": reasons(self.files_ignored),
+            },
             "documents": {
                 "read": self.docs_read,
                 "written": self.docs_written,
@@ -191,9 +202,12 @@ def discover(specs: list[str], account: Account) -> list[InputFile]:
 
     for spec in specs:
         if builtin.is_builtin(spec):
-            if spec[len(builtin.BUILTIN_PREFIX):] not in builtin.CORPORA:
-                raise UserError(f"{spec}: unknown builtin corpus (known: "
-                                + ", ".join(builtin.BUILTIN_PREFIX + c for c in builtin.CORPORA) + ")")
+            if spec[len(builtin.BUILTIN_PREFIX) :] not in builtin.CORPORA:
+                raise UserError(
+                    f"{spec}: unknown builtin corpus (known: "
+                    + ", ".join(builtin.BUILTIN_PREFIX + c for c in builtin.CORPORA)
+                    + ")"
+                )
             if spec not in seen:
                 seen.add(spec)
                 files.append(InputFile(spec, "builtin", None, 0))
@@ -217,57 +231,64 @@ def discover(specs: list[str], account: Account) -> list[InputFile]:
     return files
 
 
+@dataclass(frozen=True)
+class ParseOptions:
+    """What a worker needs to parse chunks (a subset of :class:`~data_prep.config.PrepConfig`)."""
+
+    text_field: str = "text"
+    read_size: int = 1 << 20
+    val_fraction: float = 0.0
+    seed: int = 0
+    strict: bool = False
+
+
+@dataclass
+class Chunk:
+    """About ``read_size`` bytes of one file, cut at a document boundary where one exists."""
+
+    file: int  # index of the file in the input list (part of each document's identity)
+    path: str
+    kind: str  # "txt" | "jsonl" | "builtin"
+    data: bytes | list[tuple[str, str]]  # builtin: (location, text) pairs
+    line: int  # line number of data[0] (builtin: ordinal of the first document)
+    offset: int  # byte offset of data[0] in the decompressed file (builtin: ordinal)
+    cont: tuple[int, int] | None = None  # (offset, line) of the document data[0] continues, if any
+    open_end: bool = False  # the last document goes on in the next chunk
+
+
 def open_binary(f: InputFile) -> tuple[BinaryIO, BinaryIO]:
     """The decompressed byte stream of a file, and the raw file (whose ``tell`` is progress)."""
-    raw = open(f.path, "rb")  # noqa: SIM115 - closed by the caller through the returned stream
+    raw = open(f.path, "rb")  # noqa: SIM115 - closed by the caller
     if f.compression == "gz":
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if f.compression == "zst":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True), raw
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), raw
     return raw, raw
 
 
-_repairs = 0
+_SEP = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank (whitespace-only) lines
+_LEAD = re.compile(rb"(?:[ \t\r\f\v]*\n)+")  # blank lines before a document
 
 
-def _count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
-    global _repairs
-    _repairs += 1
-    return "\ufffd", err.end
-
-
-codecs.register_error("bertforge.count", _count_and_replace)
-
-
-def read_file(f: InputFile, account: Account, text_field: str, max_doc_chars: int,
-              max_line_bytes: int) -> Iterator[Piece]:
-    """Stream the documents of one input file, counting everything in ``account``.
-
-    A binary file (NUL bytes in its first 8 KiB), an empty one, or one whose compressed stream
-    is corrupt is counted under ``files.skipped``; documents read before a corruption are kept.
-    """
+def chunks(index: int, f: InputFile, account: Account, opts: ParseOptions, max_line_bytes: int) -> Iterator[Chunk]:
+    """Stream one file as chunks (main process). File-level outcomes go to ``account``:
+    ``files.read``, or ``files.skipped`` as binary_file, empty_file or corrupt_or_truncated."""
     if f.kind == "builtin":
         account.files_read += 1
-        for location, text in builtin.documents(f.path):
-            account.docs_read += 1
-            account.bytes_read += len(text.encode())
-            yield from _cut(text, location, account, max_doc_chars)
+        yield from _builtin_chunks(index, f, opts.read_size)
         return
     try:
         stream, raw = open_binary(f)
     except OSError as err:
         raise UserError(f"{f.path}: cannot be read ({err.strerror or err})") from None
-    docs_before = account.docs_read
+    state = {"text": False}
     try:
         head = stream.read(_SNIFF)
         if b"\x00" in head:
             account.skip_file("binary_file", f.path)
             return
-        body = io.BufferedReader(_Prefixed(head, stream), _CHUNK)
-        if f.kind == "txt":
-            yield from _read_txt(f.path, body, account, max_doc_chars)
-        else:
-            yield from _read_jsonl(f.path, body, account, text_field, max_doc_chars, max_line_bytes)
+        cut = _txt_chunks if f.kind == "txt" else _jsonl_chunks
+        yield from cut(index, f, head, stream, account, opts, max_line_bytes, state)
     except (EOFError, OSError, zstandard.ZstdError) as err:
         account.skip_file("corrupt_or_truncated", f"{f.path} ({type(err).__name__}: {err})")
         return
@@ -275,151 +296,227 @@ def read_file(f: InputFile, account: Account, text_field: str, max_doc_chars: in
         account.bytes_read += raw.tell()
         stream.close()
         raw.close()
-    if account.docs_read == docs_before:
-        account.skip_file("empty_file", f.path)
-    else:
+    if state["text"]:
         account.files_read += 1
+    else:
+        account.skip_file("empty_file", f.path)
 
 
-class _Prefixed(io.RawIOBase):
-    """A stream that first returns ``head`` (already sniffed) and then the rest of ``stream``."""
-
-    def __init__(self, head: bytes, stream: BinaryIO) -> None:
-        self.head = memoryview(head)
-        self.stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # noqa: ANN001 - buffer protocol
-        if self.head:
-            n = min(len(b), len(self.head))
-            b[:n] = self.head[:n]
-            self.head = self.head[n:]
-            return n
-        data = self.stream.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+def _fill(buf: bytes, stream: BinaryIO, size: int) -> tuple[bytes, bool]:
+    """Read until ``buf`` holds ``size`` bytes; True when the stream is exhausted."""
+    parts = [buf]
+    have = len(buf)
+    while have < size:
+        data = stream.read(size - have)
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        have += len(data)
+    return b"".join(parts), False
 
 
-def _cut_point(text: str, limit: int) -> int:
-    """Where to cut ``text`` (longer than ``limit``): after the last whitespace in its second half."""
-    cut = max(text.rfind(" ", limit // 2, limit), text.rfind("\n", limit // 2, limit))
-    return cut + 1 if cut > 0 else limit
-
-
-def _cut(text: str, location: str, account: Account, max_doc_chars: int) -> Iterator[Piece]:
-    """Yield a document whole, or in pieces of at most ``max_doc_chars`` cut after whitespace."""
-    if len(text) > max_doc_chars:
-        account.docs_split.add(location)
-    while len(text) > max_doc_chars:
-        cut = _cut_point(text, max_doc_chars)
-        yield Piece(text[:cut], location, last=False)
-        text = text[cut:]
-    yield Piece(text, location)
-
-
-def _read_txt(path: str, body: io.BufferedReader, account: Account, max_doc_chars: int) -> Iterator[Piece]:
-    """Documents separated by blank lines; a document over ``max_doc_chars`` is cut into pieces."""
-    decoder = codecs.getincrementaldecoder("utf-8")("bertforge.count")
-    parts: list[str] = []
-    size = start = lineno = 0
-    repaired = split = False
-    line_done = True
-
-    def finish() -> Piece:
-        account.docs_read += 1
-        if repaired:
-            account.docs_repaired.add(f"{path}:{start}")
-        return Piece("".join(parts).rstrip("\n"), f"{path}:{start}")
-
-    for chunk, ends in _lines(body):
-        if line_done:
-            lineno += 1
-        line_done = ends
-        before = _repairs
-        text = decoder.decode(chunk, final=False)
-        blank = ends and not text.strip()
-        if blank:
-            if parts or split:
-                yield finish()
-                parts, size, repaired, split = [], 0, False, False
-            continue
-        if not parts and not split:
-            start = lineno
-        repaired = repaired or _repairs != before
-        parts.append(text)
-        size += len(text)
-        if size > max_doc_chars:  # bounded memory: hand over a piece, keep reading the document
-            joined = "".join(parts)
-            if not split:
-                account.docs_split.add(f"{path}:{start}")
-            while len(joined) > max_doc_chars:
-                cut = _cut_point(joined, max_doc_chars)
-                yield Piece(joined[:cut], f"{path}:{start}", last=False)
-                joined = joined[cut:]
-            split = True
-            parts, size = [joined], len(joined)
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        parts.append(tail)
-    if parts and "".join(parts).strip() or split:
-        yield finish()
-
-
-def _lines(body: io.BufferedReader, limit: int = _CHUNK) -> Iterator[tuple[bytes, bool]]:
-    """Yield ``(chunk, ends_line)``: whole lines, or pieces of at most ``limit`` bytes of a long line."""
-    while chunk := body.readline(limit):
-        yield chunk, chunk.endswith(b"\n")
-
-
-def _read_jsonl(path: str, body: io.BufferedReader, account: Account, text_field: str,
-                max_doc_chars: int, max_line_bytes: int) -> Iterator[Piece]:
-    """One JSON object per line with the document's text under ``text_field``."""
-    lineno = 0
-    chunks: list[bytes] = []
-    size = 0
-    too_long = False
-    for chunk, ends in _lines(body):
-        if not too_long:
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_line_bytes:  # stop holding it; read on to the end of the line
-                too_long, chunks = True, []
-        if not ends:
-            continue
-        lineno += 1
-        location = f"{path}:{lineno}"
-        line, chunks, size = b"".join(chunks), [], 0
-        if too_long:
-            too_long = False
-            account.docs_read += 1
-            account.skip_doc("line_too_long", location)
-            continue
-        text = _parse_json_line(line, location, account, text_field)
-        if text is not None:
-            yield from _cut(text, location, account, max_doc_chars)
-    if chunks or too_long:  # a last line without a newline
-        lineno += 1
-        location = f"{path}:{lineno}"
-        if too_long:
-            account.docs_read += 1
-            account.skip_doc("line_too_long", location)
+def _txt_chunks(index, f, head, stream, account, opts, max_line_bytes, state) -> Iterator[Chunk]:  # noqa: ANN001
+    size = opts.read_size
+    buf, offset, line, cont, eof = head, 0, 1, None, False
+    while buf or not eof:
+        buf, eof = _fill(buf, stream, size + 1) if not eof else (buf, eof)
+        if not buf:
+            return
+        state["text"] = state["text"] or not buf.isspace()
+        if eof and len(buf) <= size:
+            yield Chunk(index, f.path, "txt", buf, line, offset, cont, False)
+            return
+        window = buf[: size + 1]
+        cut = window.rfind(b"\n\n")
+        while cut > 0:  # move back to the start of the separator ("\n  \n\n" holds "\n\n" at its end)
+            k = buf.rfind(b"\n", 0, cut)
+            if k < 0 or buf[k + 1 : cut].strip(b" \t\r\f\v"):
+                break
+            cut = k
+        if cut <= 0:  # separators made of whitespace-only lines are rarer: search for them only now
+            seps = list(_SEP.finditer(window))
+            if seps and seps[-1].start() > 0:
+                cut = seps[-1].start()
+            elif seps and seps[-1].end() < len(window):
+                cut = seps[-1].end()  # blank lines at the start: hand them over alone
+            else:
+                cut = -1
+        open_end = cut <= 0
+        if open_end:
+            cut = _force_cut(window, size)
+        data = buf[:cut]
+        yield Chunk(index, f.path, "txt", data, line, offset, cont, open_end)
+        if open_end:  # where the document that goes on began, exactly as parse() will see it
+            sep = _SEP.match(data) if cont else None  # a separator at 0 ends the continued document
+            if (cont is None and not data.isspace()) or sep:
+                lead = sep or _LEAD.match(data)
+                start = lead.end() if lead else 0
+                cont = (offset + start, line + data.count(b"\n", 0, start))
         else:
-            text = _parse_json_line(b"".join(chunks), location, account, text_field)
-            if text is not None:
-                yield from _cut(text, location, account, max_doc_chars)
+            cont = None
+        offset += cut
+        line += data.count(b"\n")
+        buf = buf[cut:]
 
 
-def _parse_json_line(line: bytes, location: str, account: Account, text_field: str) -> str | None:
-    """The document text of one JSON line, or None (counted under a reason) when it has none."""
-    if not line.strip():
-        return None  # blank lines are not documents
-    account.docs_read += 1
-    before = _repairs
-    text = line.decode("utf-8", "bertforge.count")
+_WS = frozenset(b" \t\r\f\v\n")
+
+
+def _force_cut(window: bytes, size: int) -> int:
+    """Where to cut a document longer than a chunk: after a space that follows a word.
+
+    The cut must fall where text precedes it on its line, so that no blank-line separator can
+    straddle two chunks; failing a space, between two non-space bytes of one UTF-8 character run.
+    """
+    i = window.rfind(b" ", size // 2, size)
+    while i > size // 2 and window[i - 1] in _WS:
+        i = window.rfind(b" ", size // 2, i)
+    if i > size // 2:
+        return i + 1
+    cut = size
+    while cut > 1 and ((window[cut] & 0xC0) == 0x80 or window[cut - 1] in _WS):
+        cut -= 1  # not inside a UTF-8 character, not after whitespace
+    return cut
+
+
+def _jsonl_chunks(index, f, head, stream, account, opts, max_line_bytes, state) -> Iterator[Chunk]:  # noqa: ANN001
+    size = opts.read_size
+    buf, offset, line, eof = head, 0, 1, False
+    while True:
+        if not eof:
+            buf, eof = _fill(buf, stream, size)
+        if not buf:
+            return
+        state["text"] = state["text"] or not buf.isspace()
+        cut = buf.rfind(b"\n") + 1 if not eof else len(buf)
+        if cut == 0:  # one line longer than a chunk: read on to its end, within max_line_bytes
+            while not eof and b"\n" not in buf[-size:] and len(buf) <= max_line_bytes:
+                buf, eof = _fill(buf, stream, len(buf) + size)
+            end = buf.find(b"\n")
+            if end < 0 and not eof or end > max_line_bytes:
+                account.docs_read += 1
+                account.skip_doc("line_too_long", f"{f.path}:{line}")
+                while end < 0 and not eof:  # drop it, never holding more than a chunk
+                    buf, eof = _fill(b"", stream, size)
+                    end = buf.find(b"\n")
+                offset += end + 1 if end >= 0 else len(buf)
+                line += 1
+                buf = buf[end + 1 :] if end >= 0 else b""
+                continue
+            cut = end + 1 if end >= 0 else len(buf)
+        data = buf[:cut]
+        yield Chunk(index, f.path, "jsonl", data, line, offset)
+        offset += cut
+        line += data.count(b"\n")
+        buf = buf[cut:]
+        if eof and not buf:
+            return
+
+
+def _builtin_chunks(index: int, f: InputFile, size: int) -> Iterator[Chunk]:
+    docs: list[tuple[str, str]] = []
+    chars = ordinal = 0
+    for doc in builtin.documents(f.path):
+        docs.append(doc)
+        chars += len(doc[1])
+        if chars >= size:
+            yield Chunk(index, f.path, "builtin", docs, ordinal, ordinal)
+            ordinal += len(docs)
+            docs, chars = [], 0
+    if docs:
+        yield Chunk(index, f.path, "builtin", docs, ordinal, ordinal)
+
+
+def is_val(opts: ParseOptions, file: int, offset: int) -> bool:
+    """The seeded train/val draw of the document that starts at ``offset`` of file ``file``.
+
+    A hash of the document's place, not a running random stream, so that any worker can draw
+    for any chunk and the result never depends on how work was divided.
+    """
+    if opts.val_fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{opts.seed}:{file}:{offset}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < opts.val_fraction * 2**64
+
+
+def parse(chunk: Chunk, opts: ParseOptions) -> tuple[list[Piece], Account]:
+    """A chunk's document pieces (with their train/val draw in ``Piece.val``) and its account."""
+    account = Account(strict=opts.strict)
+    if chunk.kind == "txt":
+        pieces = list(_parse_txt(chunk, account, opts))
+    elif chunk.kind == "jsonl":
+        pieces = list(_parse_jsonl(chunk, account, opts))
+    else:
+        pieces = []
+        for i, (location, text) in enumerate(chunk.data):
+            account.docs_read += 1
+            account.docs_written += 1
+            val = is_val(opts, chunk.file, chunk.offset + i)
+            pieces.extend(_cut(text, location, account, opts.read_size, val))
+    return pieces, account
+
+
+def _decode(data: bytes, location: str, account: Account) -> str:
     try:
-        obj = json.loads(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        account.docs_repaired.add(location)
+        return data.decode("utf-8", "replace")
+
+
+def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Iterator[Piece]:
+    data, line, pos = chunk.data, chunk.line, 0
+    seps = list(_SEP.finditer(data))
+    for k in range(len(seps) + 1):
+        end = seps[k].start() if k < len(seps) else len(data)
+        first, last = k == 0, k == len(seps)
+        if first and chunk.cont:  # the rest of a document begun in an earlier chunk
+            doc_offset, doc_line = chunk.cont
+            location = f"{chunk.path}:{doc_line}"
+        else:
+            lead = _LEAD.match(data, pos, end)
+            if lead:
+                line += data.count(b"\n", pos, lead.end())
+                pos = lead.end()
+            doc_offset, location = chunk.offset + pos, f"{chunk.path}:{line}"
+        body = data[pos:end]
+        if (first and chunk.cont) or (body and not body.isspace()):
+            if not (first and chunk.cont):
+                account.docs_read += 1
+                account.docs_written += 1
+            open_end = last and chunk.open_end
+            if open_end and not (first and chunk.cont):
+                account.docs_split.add(location)
+            text = _decode(body, location, account)
+            yield Piece(
+                text.rstrip("\n") if not open_end else text,
+                location,
+                not open_end,
+                is_val(opts, chunk.file, doc_offset),
+            )
+        if k < len(seps):
+            line += data.count(b"\n", pos, seps[k].end())
+            pos = seps[k].end()
+
+
+def _parse_jsonl(chunk: Chunk, account: Account, opts: ParseOptions) -> Iterator[Piece]:
+    offset = chunk.offset
+    for i, raw in enumerate(chunk.data.split(b"\n")):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue  # blank lines are not documents
+        location = f"{chunk.path}:{chunk.line + i}"
+        account.docs_read += 1
+        text = _json_text(raw, location, account, opts.text_field)
+        if text is not None:
+            account.docs_written += 1
+            yield from _cut(text, location, account, opts.read_size, is_val(opts, chunk.file, start))
+
+
+def _json_text(raw: bytes, location: str, account: Account, text_field: str) -> str | None:
+    """The document text of one JSON line, or None (counted under a reason) when it has none."""
+    try:
+        obj = json.loads(_decode(raw, location, account))
     except json.JSONDecodeError:
         account.skip_doc("invalid_json", location)
         return None
@@ -436,6 +533,15 @@ def _parse_json_line(line: bytes, location: str, account: Account, text_field: s
     if not value.strip():
         account.skip_doc("empty", location)
         return None
-    if _repairs != before:
-        account.docs_repaired.add(location)
     return value
+
+
+def _cut(text: str, location: str, account: Account, limit: int, val: bool) -> Iterator[Piece]:
+    """Yield a document whole, or in pieces of at most ``limit`` characters cut after whitespace."""
+    if len(text) > limit:
+        account.docs_split.add(location)
+    while len(text) > limit:
+        cut = max(text.rfind(" ", limit // 2, limit), text.rfind("\n", limit // 2, limit)) + 1 or limit
+        yield Piece(text[:cut], location, False, val)
+        text = text[cut:]
+    yield Piece(text, location, True, val)

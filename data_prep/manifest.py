@@ -32,8 +32,7 @@ def output_config(cfg: PrepConfig) -> dict:
     return d
 
 
-def build(cfg: PrepConfig, files: list[InputFile], discovered: Account, units: list[dict],
-          tok_path: Path) -> dict:
+def build(cfg: PrepConfig, files: list[InputFile], discovered: Account, units: list[dict], tok_path: Path) -> dict:
     """Join the units' records, in order, into the manifest."""
     account = Account()
     account.merge(discovered)
@@ -65,8 +64,16 @@ def build(cfg: PrepConfig, files: list[InputFile], discovered: Account, units: l
             for name, shards in splits.items()
         },
         "units": len(units),
-        "inputs": [{"path": f.path, "kind": f.kind, "compression": f.compression, "bytes": f.size,
-                    **({"source": builtin.describe()} if f.kind == "builtin" else {})} for f in files],
+        "inputs": [
+            {
+                "path": f.path,
+                "kind": f.kind,
+                "compression": f.compression,
+                "bytes": f.size,
+                **({"source": builtin.describe()} if f.kind == "builtin" else {}),
+            }
+            for f in files
+        ],
         "input": account.to_dict(),
         "config": output_config(cfg),
     }
@@ -86,19 +93,30 @@ def load(folder: str | Path) -> dict:
     return man
 
 
-def check(man: dict, folder: str | Path, *, vocab_size: int | None = None, seq_len: int | None = None,
-          tokenizer_sha256: str | None = None) -> None:
+def check(
+    man: dict,
+    folder: str | Path,
+    *,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    tokenizer_sha256: str | None = None,
+) -> None:
     """Refuse a manifest that disagrees with a consumer's config, naming the field."""
     path = Path(folder) / MANIFEST
     want = {"tokenizer.vocab_size": vocab_size, "seq_len": seq_len, "tokenizer.sha256": tokenizer_sha256}
-    have = {"tokenizer.vocab_size": man["tokenizer"]["vocab_size"], "seq_len": man["seq_len"],
-            "tokenizer.sha256": man["tokenizer"]["sha256"]}
+    have = {
+        "tokenizer.vocab_size": man["tokenizer"]["vocab_size"],
+        "seq_len": man["seq_len"],
+        "tokenizer.sha256": man["tokenizer"]["sha256"],
+    }
     for field, value in want.items():
         if value is not None and value != have[field]:
             raise UserError(f"{path}: field '{field}' is {have[field]!r} but the config expects {value!r}")
     if man["tokenizer"]["special_ids"] != tokenizer.special_ids():
-        raise UserError(f"{path}: field 'tokenizer.special_ids' is {man['tokenizer']['special_ids']}, "
-                        f"expected {tokenizer.special_ids()}")
+        raise UserError(
+            f"{path}: field 'tokenizer.special_ids' is {man['tokenizer']['special_ids']}, "
+            f"expected {tokenizer.special_ids()}"
+        )
 
 
 def summary(man: dict, seconds: float | None = None) -> str:
@@ -106,25 +124,40 @@ def summary(man: dict, seconds: float | None = None) -> str:
     rows = [("split", "shards", "sequences", "tokens", "pad", "bytes", "bytes/token")]
     for name, s in man["splits"].items():
         stored = s["tokens"] + s["pad_tokens"]
-        rows.append((name, f"{len(s['shards']):,}", f"{s['sequences']:,}", f"{s['tokens']:,}",
-                     f"{s['pad_tokens']:,}", f"{s['bytes']:,}", f"{s['bytes'] / stored:.3f}" if stored else "-"))
+        rows.append(
+            (
+                name,
+                f"{len(s['shards']):,}",
+                f"{s['sequences']:,}",
+                f"{s['tokens']:,}",
+                f"{s['pad_tokens']:,}",
+                f"{s['bytes']:,}",
+                f"{s['bytes'] / stored:.3f}" if stored else "-",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     tok = man["tokenizer"]
-    lines.append(f"tokenizer: {tok['type']}, {tok['vocab_size']:,} pieces, seq_len {man['seq_len']}, "
-                 f"dtype {man['dtype']}, sha256 {tok['sha256'][:12]}")
+    lines.append(
+        f"tokenizer: {tok['type']}, {tok['vocab_size']:,} pieces, seq_len {man['seq_len']}, "
+        f"dtype {man['dtype']}, sha256 {tok['sha256'][:12]}"
+    )
     acc = man["input"]
     docs = acc["documents"]
     skipped = sum(r["count"] for r in docs["skipped"].values())
-    lines.append(f"documents: {docs['read']:,} read = {docs['written']:,} written + {skipped:,} skipped"
-                 f"; {docs['split']['count']:,} split for length, {docs['repaired_utf8']['count']:,} with "
-                 "invalid UTF-8 replaced")
+    lines.append(
+        f"documents: {docs['read']:,} read = {docs['written']:,} written + {skipped:,} skipped"
+        f"; {docs['split']['count']:,} split for length, {docs['repaired_utf8']['count']:,} with "
+        "invalid UTF-8 replaced"
+    )
     for reason, r in docs["skipped"].items():
         lines.append(f"  skipped {reason}: {r['count']:,} (first at {', '.join(r['examples'][:3])})")
     files = acc["files"]
-    lines.append(f"files: {files['read']:,} read, "
-                 f"{sum(r['count'] for r in files['skipped'].values()):,} skipped, "
-                 f"{sum(r['count'] for r in files['ignored'].values()):,} ignored")
+    lines.append(
+        f"files: {files['read']:,} read, "
+        f"{sum(r['count'] for r in files['skipped'].values()):,} skipped, "
+        f"{sum(r['count'] for r in files['ignored'].values()):,} ignored"
+    )
     for kind in ("skipped", "ignored"):
         for reason, r in files[kind].items():
             lines.append(f"  {kind} {reason}: {r['count']:,} (first: {', '.join(r['examples'][:3])})")

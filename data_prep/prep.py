@@ -13,59 +13,24 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import random
 import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep import corpus, manifest, tokenizer
+from data_prep import corpus, encode, manifest, tokenizer
 from data_prep.config import PrepConfig, parse_size
 from data_prep.errors import UserError
 from data_prep.shards import Packer, ShardWriter, token_dtype
-from launch.config import to_dict, to_yaml
+from launch.config import to_yaml
 
 STATE_DIR = ".prep"
 BATCH_CHARS = 1 << 17  # text per task sent to a worker: large enough that IPC is noise
-
-
-@dataclass
-class Batch:
-    """Document pieces sent to a tokenizer worker, with where each one goes."""
-
-    texts: list[str]
-    lasts: list[bool]  # the piece ends its document: a [SEP] follows it
-    vals: list[bool]  # the document belongs to val/
-
-
-_sp: spm.SentencePieceProcessor | None = None
-_dtype: np.dtype | None = None
-
-
-def _init_worker(model: bytes, dtype: str) -> None:
-    global _sp, _dtype
-    _sp = spm.SentencePieceProcessor(model_proto=model)
-    _dtype = np.dtype(dtype)
-
-
-def encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int]:
-    """Tokenize a batch into the train and val token streams (documents each followed by [SEP])."""
-    ids = _sp.encode(batch.texts, return_type="numpy", num_threads=1)  # one thread: one core per worker
-    streams: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    sep = np.array([tokenizer.SEP_ID], dtype=np.int32)
-    for arr, last, val in zip(ids, batch.lasts, batch.vals):
-        streams[val].append(arr)
-        if last:
-            streams[val].append(sep)
-    train, val = (np.concatenate(s).astype(_dtype) if s else np.empty(0, _dtype) for s in streams)
-    return train, val, sum(len(t.encode()) for t in batch.texts)
 
 
 def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[int]]:
@@ -97,8 +62,11 @@ def _fingerprint(cfg: PrepConfig, files: list[corpus.InputFile]) -> dict:
         mtime = 0 if f.kind == "builtin" else os.stat(f.path).st_mtime_ns
         inputs.append([f.path, f.size, mtime])
     tok = cfg.tokenizer.path
-    return {"config": manifest.output_config(cfg), "inputs": inputs,
-            "tokenizer_sha256": tokenizer.sha256(tok) if tok else None}
+    return {
+        "config": manifest.output_config(cfg),
+        "inputs": inputs,
+        "tokenizer_sha256": tokenizer.sha256(tok) if tok else None,
+    }
 
 
 def _check_output(out: Path, fingerprint: dict) -> bool:
@@ -118,8 +86,10 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
                         detail = f"config key '{diff[0]}'" if diff else key
                     elif key == "inputs":
                         detail = "the input files (names, sizes or modification times)"
-                    raise UserError(f"{out}: holds a prep made with a different {detail}; "
-                                    "choose a new --output folder or delete this one")
+                    raise UserError(
+                        f"{out}: holds a prep made with a different {detail}; "
+                        "choose a new --output folder or delete this one"
+                    )
         return (out / manifest.MANIFEST).is_file()
     if out.exists() and any(p.name != STATE_DIR for p in out.iterdir()):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
@@ -137,11 +107,19 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Pat
     elif not path.is_file():
         t0 = time.perf_counter()
         scratch = corpus.Account(strict=cfg.strict)  # the real account is kept by the main pass
-        pieces = (p for f in files for p in corpus.read_file(
-            f, scratch, cfg.text_field, cfg.max_doc_chars, parse_size(cfg.max_line_bytes)))
+        opts = _parse_options(cfg)
+        pieces = (
+            p
+            for i, f in enumerate(files)
+            for chunk in corpus.chunks(i, f, scratch, opts, parse_size(cfg.max_line_bytes))
+            for p in corpus.parse(chunk, opts)[0]
+        )
         lines = tokenizer.sample_lines(tokenizer.texts_of(pieces), cfg.tokenizer)
-        print(f"prep: training a {cfg.tokenizer.type.value} tokenizer ({cfg.tokenizer.vocab_size} pieces) "
-              f"on {len(lines):,} sampled lines", file=sys.stderr)
+        print(
+            f"prep: training a {cfg.tokenizer.type.value} tokenizer ({cfg.tokenizer.vocab_size} pieces) "
+            f"on {len(lines):,} sampled lines",
+            file=sys.stderr,
+        )
         model = tokenizer.train(lines, cfg.tokenizer)
         _atomic_write_bytes(path, model)
         print(f"prep: tokenizer trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -155,68 +133,55 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _unit_pieces(unit: int, files: list[corpus.InputFile], cfg: PrepConfig,
-                 account: corpus.Account) -> Iterator[Batch]:
-    """The unit's document pieces, batched, each document drawn into train or val."""
-    rng = random.Random(f"{cfg.seed}:{unit}")
-    batch, chars, val = Batch([], [], []), 0, False
-    new_doc = True
-    for f in files:
-        for piece in corpus.read_file(f, account, cfg.text_field, cfg.max_doc_chars,
-                                      parse_size(cfg.max_line_bytes)):
-            if new_doc:
-                val = rng.random() < cfg.val_fraction
-                account.docs_written += 1
-            new_doc = piece.last
-            batch.texts.append(piece.text)
-            batch.lasts.append(piece.last)
-            batch.vals.append(val)
-            chars += len(piece.text)
-            if chars >= BATCH_CHARS:
-                yield batch
-                batch, chars = Batch([], [], []), 0
-    if batch.texts:
-        yield batch
+def _parse_options(cfg: PrepConfig) -> corpus.ParseOptions:
+    return corpus.ParseOptions(cfg.text_field, parse_size(cfg.read_size), cfg.val_fraction, cfg.seed, cfg.strict)
 
 
-def run_unit(unit: int, files: list[corpus.InputFile], cfg: PrepConfig, out: Path,
-             vocab_size: int, pool: mp.pool.Pool | None, bar: tqdm) -> dict:
+def run_unit(
+    unit: int,
+    files: list[tuple[int, corpus.InputFile]],
+    cfg: PrepConfig,
+    out: Path,
+    vocab_size: int,
+    pool: mp.pool.Pool | None,
+    bar: tqdm,
+) -> dict:
     """Tokenize, pack and write one unit; returns (and records) its shards and input account."""
     dtype = token_dtype(vocab_size)
     block_seqs = max(1, parse_size(cfg.block_size) // (cfg.seq_len * dtype.itemsize))
     account = corpus.Account(strict=cfg.strict)
     shard_bytes = parse_size(cfg.shard_size)
     splits = {
-        name: (Packer(cfg.seq_len, block_seqs, dtype),
-               ShardWriter(out / name, f"shard-{unit:05d}", shard_bytes, out))
+        name: (Packer(cfg.seq_len, block_seqs, dtype), ShardWriter(out / name, f"shard-{unit:05d}", shard_bytes, out))
         for name in ("train", "val")
     }
-
     t0, tokens = time.perf_counter(), 0
 
-    def consume(result: tuple[np.ndarray, np.ndarray, int]) -> None:
+    def consume(result: tuple[np.ndarray, np.ndarray, corpus.Account, int]) -> None:
         nonlocal tokens
         for (packer, writer), stream in zip(splits.values(), result[:2]):
             tokens += len(stream)
             for block in packer.add(stream):
                 writer.write(block)
-        bar.update(result[2])
+        account.merge(result[2])
+        bar.update(result[3])
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
-    batches = _unit_pieces(unit, files, cfg, account)
+    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
+    chunks = (c for i, f in files for c in corpus.chunks(i, f, account, opts, max_line))
     if pool is None:
-        for batch in batches:
-            consume(encode_batch(batch))
+        for chunk in chunks:
+            consume(encode.encode_chunk(chunk))
     else:
         pending: deque = deque()
         limit = 2 * pool._processes + 2  # bounded in flight: memory stays flat whatever the corpus
-        for batch in batches:
-            pending.append(pool.apply_async(encode_batch, (batch,)))
+        for chunk in chunks:
+            pending.append(pool.apply_async(encode.encode_chunk, (chunk,)))
             while len(pending) >= limit:
                 consume(pending.popleft().get())
         while pending:
             consume(pending.popleft().get())
-    record = {"unit": unit, "files": [f.path for f in files], "splits": {}, "input": account.to_dict()}
+    record = {"unit": unit, "files": [f.path for _, f in files], "splits": {}, "input": account.to_dict()}
     for name, (packer, writer) in splits.items():
         for block in packer.finish():
             writer.write(block)
@@ -273,16 +238,25 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
     todo = [u for u in range(len(units)) if u not in records]
     total = sum(files[i].size for u in todo for i in units[u])
     has_unknown_size = any(files[i].kind == "builtin" or files[i].compression for u in todo for i in units[u])
-    bar = tqdm(total=None if has_unknown_size else total, unit="B", unit_scale=True, desc="prep",
-               disable=not progress, mininterval=1.0, file=sys.stderr)
+    bar = tqdm(
+        total=None if has_unknown_size else total,
+        unit="B",
+        unit_scale=True,
+        desc="prep",
+        disable=not progress,
+        mininterval=1.0,
+        file=sys.stderr,
+    )
     pool = None
     if workers > 1 and todo:
-        pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok_path.read_bytes(), token_dtype(vocab_size).str))
+        pool = mp.get_context("spawn").Pool(
+            workers, encode.init, (tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg))
+        )
     else:
-        _init_worker(tok_path.read_bytes(), token_dtype(vocab_size).str)
+        encode.init(tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg))
     try:
         for u in todo:
-            records[u] = run_unit(u, [files[i] for i in units[u]], cfg, out, vocab_size, pool, bar)
+            records[u] = run_unit(u, [(i, files[i]) for i in units[u]], cfg, out, vocab_size, pool, bar)
     finally:
         bar.close()
         if pool is not None:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from data_prep.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
@@ -113,7 +112,7 @@ class ShardWriter:
     def __init__(self, folder: Path, prefix: str, shard_bytes: int, root: Path) -> None:
         self.folder, self.prefix, self.shard_bytes, self.root = folder, prefix, shard_bytes, root
         self.records: list[dict] = []
-        self._tar: wds.TarWriter | None = None
+        self._tar = None  # a webdataset.TarWriter while a shard is open
         self._file: _HashingFile | None = None
         self._blocks = self._sequences = self._tokens = self._pad = 0
         folder.mkdir(parents=True, exist_ok=True)
@@ -135,6 +134,8 @@ class ShardWriter:
             tmp = final.with_name(f".{final.name}.tmp")
             self._file = _HashingFile(open(tmp, "wb"))  # noqa: SIM115 - closed in _finish
             # Fixed owner, mode and mtime: the same tokens give byte-identical shards.
+            import webdataset as wds  # imports torch: kept out of module import time
+
             self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0.0, encoder=False)
         self._tar.write({"__key__": f"{self._blocks:06d}", MEMBER_SUFFIX: data})
         self._blocks += 1
@@ -151,15 +152,17 @@ class ShardWriter:
         self._file.f.close()
         final = self._path(len(self.records))
         os.replace(final.with_name(f".{final.name}.tmp"), final)
-        self.records.append({
-            "path": final.relative_to(self.root).as_posix(),
-            "sequences": self._sequences,
-            "tokens": self._tokens,
-            "pad_tokens": self._pad,
-            "blocks": self._blocks,
-            "bytes": self._file.size,
-            "sha256": self._file.sha.hexdigest(),
-        })
+        self.records.append(
+            {
+                "path": final.relative_to(self.root).as_posix(),
+                "sequences": self._sequences,
+                "tokens": self._tokens,
+                "pad_tokens": self._pad,
+                "blocks": self._blocks,
+                "bytes": self._file.size,
+                "sha256": self._file.sha.hexdigest(),
+            }
+        )
         self._tar = self._file = None
         self._blocks = self._sequences = self._tokens = self._pad = 0
 
@@ -172,6 +175,8 @@ class ShardWriter:
 
 def read_blocks(path: str | Path) -> Iterator[np.ndarray]:
     """The blocks of one shard, in order, read back through webdataset."""
+    import webdataset as wds
+
     for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode():
         yield sample[MEMBER_SUFFIX]
 

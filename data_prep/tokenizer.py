@@ -68,10 +68,14 @@ def train(lines: list[str], cfg: TokenizerConfig) -> bytes:
             vocab_size=cfg.vocab_size,
             character_coverage=cfg.character_coverage,
             byte_fallback=True,
-            pad_id=SPECIAL_TOKENS["[PAD]"], pad_piece="[PAD]",
-            unk_id=SPECIAL_TOKENS["[UNK]"], unk_piece="[UNK]",
-            bos_id=SPECIAL_TOKENS["[CLS]"], bos_piece="[CLS]",
-            eos_id=SPECIAL_TOKENS["[SEP]"], eos_piece="[SEP]",
+            pad_id=SPECIAL_TOKENS["[PAD]"],
+            pad_piece="[PAD]",
+            unk_id=SPECIAL_TOKENS["[UNK]"],
+            unk_piece="[UNK]",
+            bos_id=SPECIAL_TOKENS["[CLS]"],
+            bos_piece="[CLS]",
+            eos_id=SPECIAL_TOKENS["[SEP]"],
+            eos_piece="[SEP]",
             control_symbols=["[MASK]"],
             num_threads=cfg.threads,
             input_sentence_size=0,  # we already sampled
@@ -82,13 +86,15 @@ def train(lines: list[str], cfg: TokenizerConfig) -> bytes:
         if m:
             raise UserError(
                 f"config key 'tokenizer.vocab_size' (--vocab-size): the input supports at most {m.group(2)} "
-                f"pieces, not {m.group(1)}; pass a smaller --vocab-size or more text") from None
+                f"pieces, not {m.group(1)}; pass a smaller --vocab-size or more text"
+            ) from None
         m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(err))
         if m:
             raise UserError(
                 f"config key 'tokenizer.vocab_size' (--vocab-size): {m.group(1)} is too small, the input's "
                 f"characters and the byte and special pieces need more than {m.group(2)}; pass a larger "
-                "--vocab-size or lower tokenizer.character_coverage") from None
+                "--vocab-size or lower tokenizer.character_coverage"
+            ) from None
         raise UserError(f"tokenizer training failed: {str(err).splitlines()[0]}") from None
     return model.getvalue()
 
@@ -106,8 +112,10 @@ def load(path: str | Path) -> spm.SentencePieceProcessor:
     for piece, want in SPECIAL_TOKENS.items():
         got = sp.piece_to_id(piece)
         if got != want or sp.id_to_piece(want) != piece:
-            raise UserError(f"{path}: special token {piece} has id {got}, expected {want}; train the "
-                            "tokenizer with bertforge prep, or one with the same special ids")
+            raise UserError(
+                f"{path}: special token {piece} has id {got}, expected {want}; train the "
+                "tokenizer with bertforge prep, or one with the same special ids"
+            )
     return sp
 
 

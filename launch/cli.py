@@ -37,13 +37,18 @@ def _split_positional(items: list[str]) -> tuple[str | None, list[str]]:
 
 def _prep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "prep", help="raw text -> SentencePiece tokenizer -> packed WebDataset shards + manifest",
+        "prep",
+        help="raw text -> SentencePiece tokenizer -> packed WebDataset shards + manifest",
         description="Read .txt/.jsonl (optionally .gz/.zst) files, folders, globs or builtin:python-docs; "
         "train (or reuse) a SentencePiece tokenizer; write packed train/ and val/ tar shards and "
         "manifest.json to --output. Re-running the same command resumes an interrupted run.",
     )
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="a config file (e.g. configs/prep/python-docs.yaml) and dotted overrides")
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG.yaml] [key=value ...]",
+        help="a config file (e.g. configs/prep/python-docs.yaml) and dotted overrides",
+    )
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders, globs, or builtin:python-docs")
     p.add_argument("--output", metavar="DIR", help="dataset folder to write")
     p.add_argument("--vocab-size", type=int, metavar="N", help="tokenizer vocabulary size (default 32768)")
@@ -64,9 +69,16 @@ def _run_prep(ns: argparse.Namespace) -> int:
     from launch.config import load_config
 
     config, overrides = _split_positional(ns.args)
-    flags = {"input": ns.input, "output": ns.output, "seq_len": ns.seq_len, "workers": ns.workers,
-             "shard_size": ns.shard_size, "text_field": ns.text_field, "strict": ns.strict,
-             "tokenizer": {"vocab_size": ns.vocab_size, "path": ns.tokenizer, "type": ns.tokenizer_type}}
+    flags = {
+        "input": ns.input,
+        "output": ns.output,
+        "seq_len": ns.seq_len,
+        "workers": ns.workers,
+        "shard_size": ns.shard_size,
+        "text_field": ns.text_field,
+        "strict": ns.strict,
+        "tokenizer": {"vocab_size": ns.vocab_size, "path": ns.tokenizer, "type": ns.tokenizer_type},
+    }
     flags = {k: v for k, v in flags.items() if v is not None}
     flags["tokenizer"] = {k: v for k, v in flags["tokenizer"].items() if v is not None}
     cfg = load_config(PrepConfig, config, overrides, flags)
@@ -75,9 +87,12 @@ def _run_prep(ns: argparse.Namespace) -> int:
 
 
 def _inspect_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="print a dataset's manifest summary and decode a few samples",
-                       description="Print the summary of DIR/manifest.json and decode N packed sequences "
-                       "back to text ([SEP] marks document ends).")
+    p = sub.add_parser(
+        "inspect",
+        help="print a dataset's manifest summary and decode a few samples",
+        description="Print the summary of DIR/manifest.json and decode N packed sequences "
+        "back to text ([SEP] marks document ends).",
+    )
     p.add_argument("dir", metavar="DIR", help="a folder written by bertforge prep")
     p.add_argument("-n", "--samples", type=int, default=3, metavar="N", help="sequences to decode (default 3)")
     p.add_argument("--split", choices=["train", "val"], default="train", help="which split (default train)")

@@ -26,8 +26,9 @@ def _one_line(err: OmegaConfBaseException, source: str) -> str:
     return f"{where}config key '{key}': {msg}" if key else f"{where}{msg}"
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] = (),
-                values: dict | None = None) -> T:
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None
+) -> T:
     """Build a ``schema`` instance from its defaults, an optional YAML file and ``key=value`` overrides.
 
     ``values`` (a nested dict, from command-line flags) sits between the file and the overrides:

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run ``bertforge ARGS`` as a user would, in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
 
 
 def clean(text: str) -> str:
@@ -56,7 +57,7 @@ def corpus(tmp_path_factory, docs) -> tuple[Path, list[str]]:
         elif name.endswith(".zst"):
             data = zstandard.ZstdCompressor().compress(data)
         (root / name).write_bytes(data)
-    for name, chunk in sorted(zip(names, chunks)):
+    for _, chunk in sorted(zip(names, chunks)):
         ordered.extend(chunk)
     return root, ordered
 

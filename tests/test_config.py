@@ -14,7 +14,9 @@ from tests.conftest import REPO, run_cli
 SCHEMAS = {"prep": PrepConfig}
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix())
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix()
+)
 def test_every_config_file_loads(path: Path) -> None:
     schema = SCHEMAS[path.relative_to(REPO / "configs").parts[0]]
     cfg = load_config(schema, path)
@@ -34,13 +36,16 @@ def test_precedence_override_beats_flag_beats_file(tmp_path: Path) -> None:
     assert (cfg.seq_len, cfg.workers, cfg.tokenizer.vocab_size) == (64, 5, 700)
 
 
-@pytest.mark.parametrize("override, named", [
-    ("seq_len=abc", "seq_len"),
-    ("tokenizer.vocab_sise=10", "tokenizer.vocab_sise"),
-    ("nonsense=1", "nonsense"),
-    ("tokenizer.type=wordpiece", "tokenizer.type"),
-    ("strict=maybe", "strict"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("seq_len=abc", "seq_len"),
+        ("tokenizer.vocab_sise=10", "tokenizer.vocab_sise"),
+        ("nonsense=1", "nonsense"),
+        ("tokenizer.type=wordpiece", "tokenizer.type"),
+        ("strict=maybe", "strict"),
+    ],
+)
 def test_bad_override_names_the_key(override: str, named: str) -> None:
     with pytest.raises(UserError, match=rf"'{named}'"):
         load_config(PrepConfig, None, [override])
@@ -79,15 +84,18 @@ def test_cli_help_lists_subcommands() -> None:
         assert r.returncode == 0 and "usage: bertforge " + sub in r.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["prep", "--input", "builtin:python-docs", "--output", "x", "--seq-len", "abc"], "--seq-len"),
-    (["prep", "--input", "builtin:python-docs", "--output", "x", "seq_len=abc"], "seq_len"),
-    (["prep", "--input", "builtin:python-docs", "--output", "x", "tokenizer.vocab=5"], "tokenizer.vocab"),
-    (["prep", "--input", "builtin:python-docs", "--output", "x", "val_fraction=1.5"], "val_fraction"),
-    (["prep", "--output", "x"], "input"),
-    (["prep", "configs/prep/missing.yaml"], "missing.yaml"),
-    (["frobnicate"], "frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["prep", "--input", "builtin:python-docs", "--output", "x", "--seq-len", "abc"], "--seq-len"),
+        (["prep", "--input", "builtin:python-docs", "--output", "x", "seq_len=abc"], "seq_len"),
+        (["prep", "--input", "builtin:python-docs", "--output", "x", "tokenizer.vocab=5"], "tokenizer.vocab"),
+        (["prep", "--input", "builtin:python-docs", "--output", "x", "val_fraction=1.5"], "val_fraction"),
+        (["prep", "--output", "x"], "input"),
+        (["prep", "configs/prep/missing.yaml"], "missing.yaml"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
 def test_cli_bad_usage_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
     r = run_cli(*args, cwd=REPO)
     assert r.returncode == 2, r.stderr

@@ -13,11 +13,18 @@ from data_prep import corpus
 from data_prep.errors import UserError
 
 
-def read_all(paths: list[str], **kw) -> tuple[list[corpus.Piece], corpus.Account]:
-    acc = corpus.Account(strict=kw.pop("strict", False))
-    files = corpus.discover(paths, acc)
-    opts = {"text_field": "text", "max_doc_chars": 1000, "max_line_bytes": 1 << 20} | kw
-    pieces = [p for f in files for p in corpus.read_file(f, acc, **opts)]
+def read_all(
+    paths: list[str], read_size: int = 1000, max_line_bytes: int = 1 << 20, **kw
+) -> tuple[list[corpus.Piece], corpus.Account]:
+    """Chunk (as the main process does) and parse (as a worker does) every input, in order."""
+    acc = corpus.Account(strict=kw.get("strict", False))
+    opts = corpus.ParseOptions(read_size=read_size, **kw)
+    pieces = []
+    for i, f in enumerate(corpus.discover(paths, acc)):
+        for chunk in corpus.chunks(i, f, acc, opts, max_line_bytes):
+            got, part = corpus.parse(chunk, opts)
+            pieces += got
+            acc.merge(part)
     return pieces, acc
 
 
@@ -26,7 +33,8 @@ def messy(tmp_path: Path) -> Path:
     (tmp_path / "a.txt").write_bytes(b"first doc\nline two\n\n\n\nsecond doc\n  \nthird \xff doc\n")
     (tmp_path / "b.jsonl").write_bytes(
         b'{"text": "json doc"}\nnot json\n{"body": "x"}\n[1]\n{"text": 5}\n{"text": "  "}\n\n'
-        b'{"text": "bad \xfe utf"}\n{"text": "no newline at end"}')
+        b'{"text": "bad \xfe utf"}\n{"text": "no newline at end"}'
+    )
     (tmp_path / "c.txt").write_bytes(b"bin\x00ary")
     (tmp_path / "d.txt").write_bytes(b"")
     (tmp_path / "e.pdf").write_bytes(b"%PDF")
@@ -62,7 +70,7 @@ def test_strict_names_file_and_line(messy: Path) -> None:
 def test_huge_line_is_read_in_bounded_pieces(tmp_path: Path) -> None:
     words = " ".join(f"w{i}" for i in range(300_000))  # ~2 MB on one line, no newline anywhere
     (tmp_path / "big.txt").write_text(words)
-    pieces, acc = read_all([str(tmp_path / "big.txt")], max_doc_chars=100_000)
+    pieces, acc = read_all([str(tmp_path / "big.txt")], read_size=100_000)
     assert all(len(p.text) <= 100_000 for p in pieces) and len(pieces) > 15
     assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
     assert "".join(p.text for p in pieces) == words
@@ -80,7 +88,7 @@ def test_overlong_jsonl_line_is_skipped_and_counted(tmp_path: Path) -> None:
 def test_long_jsonl_document_is_cut_not_lost(tmp_path: Path) -> None:
     text = " ".join(["word"] * 1000)
     (tmp_path / "l.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    pieces, acc = read_all([str(tmp_path / "l.jsonl")], max_doc_chars=1000)
+    pieces, acc = read_all([str(tmp_path / "l.jsonl")], read_size=1000)
     assert "".join(p.text for p in pieces) == text and acc.docs_split.count == 1
 
 
@@ -109,3 +117,47 @@ def test_globs_and_folders_are_sorted_and_deduplicated(tmp_path: Path) -> None:
         (tmp_path / name).write_text(name)
     files = corpus.discover([str(tmp_path / "*.txt"), str(tmp_path)], corpus.Account())
     assert [Path(f.path).relative_to(tmp_path).as_posix() for f in files] == ["a.txt", "b.txt", "sub/c.txt"]
+
+
+def _random_txt(seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(rng.randrange(1, 300)):
+        kind = rng.random()
+        if kind < 0.25:
+            lines.append("")
+        elif kind < 0.35:
+            lines.append(rng.choice(["  \t", " ", "\t\t"]))  # whitespace-only lines also separate
+        elif kind < 0.45:
+            lines.append("x" * rng.randrange(1, 300))  # long runs without a space
+        else:
+            lines.append(" ".join(f"w{rng.randrange(50)}\u00e9" for _ in range(rng.randrange(1, 40))))
+    return "\n".join(lines) + rng.choice(["", "\n", "\n\n", " \n"])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunked_txt_reader_matches_a_plain_split(tmp_path: Path, seed: int) -> None:
+    """Documents, their line numbers and their train/val draw do not depend on where chunks fall."""
+    import re
+
+    text = _random_txt(seed)
+    (tmp_path / "r.txt").write_text(text)
+    blank_split = r"(?:^|(?<=\n))(?:[^\S\n]*\n)*([^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*)"
+    expected = [(m.group(1), text.count("\n", 0, m.start(1)) + 1) for m in re.finditer(blank_split, text)]
+    draws = None
+    for read in (16, 64, 333, 1 << 20):  # chunks smaller than many documents: pieces must join back
+        pieces, acc = read_all([str(tmp_path / "r.txt")], read_size=read, val_fraction=0.3)
+        docs, text_so_far, seen = [], "", set()
+        for p in pieces:
+            text_so_far += p.text
+            seen.add((p.location, p.val))
+            if p.last:
+                assert len(seen) == 1, seen  # every piece of a document: same location, same draw
+                docs.append((text_so_far.rstrip(), int(p.location.rsplit(":", 1)[1]), p.val))
+                text_so_far, seen = "", set()
+        assert [d[:2] for d in docs] == [(t.rstrip(), line) for t, line in expected], read
+        assert acc.docs_read == acc.docs_written == len(expected)
+        assert draws is None or draws == [d[2] for d in docs]
+        draws = [d[2] for d in docs]

@@ -47,22 +47,40 @@ def shard_docs(out: Path, split: str = "train") -> list[list[int]]:
 
 
 def tree(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "prep_config.yaml"}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "prep_config.yaml"
+    }
 
 
 def test_round_trip_gives_the_documents_tokens_in_order(tmp_path, corpus, sp_model) -> None:
     root, docs = corpus
     out = tmp_path / "ds"
-    r = prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--seq-len", "64",
-             "--workers", "2", "val_fraction=0")
+    r = prep(
+        "--input",
+        str(root),
+        "--output",
+        str(out),
+        "--tokenizer",
+        str(sp_model),
+        "--seq-len",
+        "64",
+        "--workers",
+        "2",
+        "val_fraction=0",
+    )
     assert r.returncode == 0, r.stderr
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     assert shard_docs(out) == [sp.encode(d) for d in docs]
     man = json.loads((out / "manifest.json").read_text())
-    assert man["input"]["documents"] == {"read": len(docs), "written": len(docs), "skipped": {},
-                                         "split": {"count": 0, "examples": []},
-                                         "repaired_utf8": {"count": 0, "examples": []}}
+    assert man["input"]["documents"] == {
+        "read": len(docs),
+        "written": len(docs),
+        "skipped": {},
+        "split": {"count": 0, "examples": []},
+        "repaired_utf8": {"count": 0, "examples": []},
+    }
     assert man["tokenizer"]["vocab_size"] == 1000 and man["dtype"] == "uint16"
     assert man["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     assert (out / "tokenizer.model").read_bytes() == sp_model.read_bytes()
@@ -86,8 +104,19 @@ def test_same_bytes_whatever_the_worker_count(tmp_path, corpus, sp_model) -> Non
     outs = []
     for workers in ("1", "2"):
         out = tmp_path / f"w{workers}"
-        r = prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--workers", workers,
-                 "unit_size=40KB", "shard_size=30KB", "block_size=4KB")
+        r = prep(
+            "--input",
+            str(root),
+            "--output",
+            str(out),
+            "--tokenizer",
+            str(sp_model),
+            "--workers",
+            workers,
+            "unit_size=40KB",
+            "shard_size=30KB",
+            "block_size=4KB",
+        )
         assert r.returncode == 0, r.stderr
         outs.append(tree(out))
     assert outs[0] == outs[1]
@@ -99,8 +128,17 @@ def test_tokenizer_training_is_deterministic_and_manifest_is_complete(tmp_path, 
     trees = []
     for workers, name in (("1", "a"), ("2", "b")):
         out = tmp_path / name
-        r = prep("--input", str(root), "--output", str(out), "--vocab-size", "800", "--workers", workers,
-                 "tokenizer.sample_lines=5000")
+        r = prep(
+            "--input",
+            str(root),
+            "--output",
+            str(out),
+            "--vocab-size",
+            "800",
+            "--workers",
+            workers,
+            "tokenizer.sample_lines=5000",
+        )
         assert r.returncode == 0, r.stderr
         trees.append(tree(out))
     assert trees[0] == trees[1]
@@ -109,6 +147,7 @@ def test_tokenizer_training_is_deterministic_and_manifest_is_complete(tmp_path, 
     shards = man["splits"]["train"]["shards"] + man["splits"]["val"]["shards"]
     assert all(set(s) >= {"path", "sequences", "tokens", "bytes", "sha256"} for s in shards)
     import hashlib
+
     assert all(hashlib.sha256((tmp_path / "a" / s["path"]).read_bytes()).hexdigest() == s["sha256"] for s in shards)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "a" / "tokenizer.model"))
     assert [sp.id_to_piece(i) for i in range(5)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -123,6 +162,7 @@ def test_bpe_tokenizer(tmp_path, corpus) -> None:
     assert r.returncode == 0, r.stderr
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     from sentencepiece import sentencepiece_model_pb2 as pb
+
     proto = pb.ModelProto()
     proto.ParseFromString((out / "tokenizer.model").read_bytes())
     assert proto.trainer_spec.model_type == pb.TrainerSpec.BPE and proto.trainer_spec.byte_fallback
@@ -132,7 +172,9 @@ def test_bpe_tokenizer(tmp_path, corpus) -> None:
 def test_bytes_on_disk_are_close_to_two_per_token(tmp_path, corpus, sp_model) -> None:
     root, _ = corpus
     out = tmp_path / "ds"
-    assert prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "val_fraction=0").returncode == 0
+    assert (
+        prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "val_fraction=0").returncode == 0
+    )
     man = json.loads((out / "manifest.json").read_text())
     train = man["splits"]["train"]
     stored = train["tokens"] + train["pad_tokens"]
@@ -144,8 +186,17 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     root.mkdir()
     for i in range(10):  # ten files, one unit each
         (root / f"part{i}.txt").write_text("\n\n".join(docs[i::10]))
-    common = ["--input", str(root), "--tokenizer", str(sp_model), "--workers", "1", "unit_size=1KB",
-              "shard_size=8KB", "block_size=2KB"]
+    common = [
+        "--input",
+        str(root),
+        "--tokenizer",
+        str(sp_model),
+        "--workers",
+        "1",
+        "unit_size=1KB",
+        "shard_size=8KB",
+        "block_size=2KB",
+    ]
     full = tmp_path / "full"
     assert prep(*common, "--output", str(full)).returncode == 0
     n_units = json.loads((full / "manifest.json").read_text())["units"]
@@ -153,8 +204,12 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
 
     out = tmp_path / "cut"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "prep", "--no-progress", *common, "--output",
-                             str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "prep", "--no-progress", *common, "--output", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     third = out / ".prep" / "unit-00002.json"
     deadline = time.time() + 120
     while not third.exists() and proc.poll() is None and time.time() < deadline:
@@ -185,8 +240,18 @@ def test_a_document_longer_than_a_shard_spans_shards(tmp_path, sp_model) -> None
     words = " ".join(f"token{i % 97} word{i % 13}" for i in range(20_000))
     (tmp_path / "long.txt").write_text("short doc before\n\n" + words + "\n\nshort doc after\n")
     out = tmp_path / "ds"
-    r = prep("--input", str(tmp_path / "long.txt"), "--output", str(out), "--tokenizer", str(sp_model),
-             "shard_size=16KB", "block_size=4KB", "max_doc_chars=30000", "val_fraction=0")
+    r = prep(
+        "--input",
+        str(tmp_path / "long.txt"),
+        "--output",
+        str(out),
+        "--tokenizer",
+        str(sp_model),
+        "shard_size=16KB",
+        "block_size=4KB",
+        "read_size=30000",
+        "val_fraction=0",
+    )
     assert r.returncode == 0, r.stderr
     man = json.loads((out / "manifest.json").read_text())
     assert len(man["splits"]["train"]["shards"]) > 3
@@ -266,7 +331,9 @@ def test_refusals_are_one_line_exit_2_before_any_work(tmp_path, corpus, sp_model
 def test_inspect_decodes_samples(tmp_path, corpus, sp_model, docs) -> None:
     root, ordered = corpus
     out = tmp_path / "ds"
-    assert prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "val_fraction=0").returncode == 0
+    assert (
+        prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "val_fraction=0").returncode == 0
+    )
     r = run_cli("inspect", str(out), "-n", "2")
     assert r.returncode == 0, r.stderr
     assert "train" in r.stdout and "tokens" in r.stdout

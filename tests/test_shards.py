@@ -33,7 +33,7 @@ def test_packer_makes_exact_sequences_with_cls_and_only_a_padded_tail() -> None:
     packer = Packer(seq_len=16, block_seqs=4, dtype=np.dtype(np.uint16))
     blocks = []
     for i in range(0, 50, 7):  # arbitrary batch boundaries
-        blocks += list(packer.add(docs_stream(docs[i:i + 7])))
+        blocks += list(packer.add(docs_stream(docs[i : i + 7])))
     assert all(b.shape == (4, 16) for b in blocks)
     blocks += list(packer.finish())
     seqs = np.concatenate(blocks)
