@@ -175,10 +175,15 @@ def run_unit(
     else:
         pending: deque = deque()
         limit = 2 * pool._processes + 2  # bounded in flight: memory stays flat whatever the corpus
-        for chunk in chunks:
-            pending.append(pool.apply_async(encode.encode_chunk, (chunk,)))
-            while len(pending) >= limit:
+        try:
+            for chunk in chunks:
+                pending.append(pool.apply_async(encode.encode_chunk, (chunk,)))
+                while len(pending) >= limit:
+                    consume(pending.popleft().get())
+        except UserError:  # the reader is ahead of the workers: an error earlier in the input wins
+            while pending:
                 consume(pending.popleft().get())
+            raise
         while pending:
             consume(pending.popleft().get())
     record = {"unit": unit, "files": [f.path for _, f in files], "splits": {}, "input": account.to_dict()}
