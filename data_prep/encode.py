@@ -31,14 +31,20 @@ def encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Account, int]:
     Each document is followed by [SEP] (a piece of a longer document is not). Returns the two
     streams, the chunk's input account, and its size in bytes (for the progress bar).
     """
-    pieces, account = parse(chunk, _opts)
-    ids = _sp.encode([p.text for p in pieces], return_type="numpy", num_threads=1)  # one core per worker
-    streams: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    sep = np.array([SEP_ID], dtype=np.int32)
-    for arr, piece in zip(ids, pieces):
-        streams[piece.val].append(arr)
-        if piece.last:
-            streams[piece.val].append(sep)
-    train, val = (np.concatenate(s).astype(_dtype) if s else np.empty(0, _dtype) for s in streams)
-    size = len(chunk.data) if isinstance(chunk.data, bytes) else sum(len(t) for _, t in chunk.data)
-    return train, val, account, size
+    doc = parse(chunk, _opts)
+    if not doc.texts:
+        empty = np.empty(0, _dtype)
+        return empty, empty, doc.account, _size(chunk)
+    ids = _sp.encode(doc.texts, return_type="numpy", num_threads=1)  # one core per worker
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    lasts = np.asarray(doc.lasts)
+    flat = np.concatenate(ids)
+    # a [SEP] after each document's last piece, then each token routed to its document's split
+    flat = np.insert(flat, np.cumsum(lengths)[lasts], SEP_ID).astype(_dtype)
+    to_val = np.repeat(doc.vals, lengths + lasts)
+    train, val = flat[~to_val], flat[to_val]
+    return train, val, doc.account, _size(chunk)
+
+
+def _size(chunk: Chunk) -> int:
+    return len(chunk.data) if isinstance(chunk.data, bytes) else sum(len(t) for _, t in chunk.data)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,9 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Pat
             p
             for i, f in enumerate(files)
             for chunk in corpus.chunks(i, f, scratch, opts, parse_size(cfg.max_line_bytes))
-            for p in corpus.parse(chunk, opts)[0]
+            for p in corpus.parse(chunk, opts).texts
         )
-        lines = tokenizer.sample_lines(tokenizer.texts_of(pieces), cfg.tokenizer)
+        lines = tokenizer.sample_lines(pieces, cfg.tokenizer)
         print(
             f"prep: training a {cfg.tokenizer.type.value} tokenizer ({cfg.tokenizer.vocab_size} pieces) "
             f"on {len(lines):,} sampled lines",
@@ -143,7 +144,7 @@ def run_unit(
     cfg: PrepConfig,
     out: Path,
     vocab_size: int,
-    pool: mp.pool.Pool | None,
+    pool: ProcessPoolExecutor | None,
     bar: tqdm,
 ) -> dict:
     """Tokenize, pack and write one unit; returns (and records) its shards and input account."""
@@ -174,18 +175,18 @@ def run_unit(
             consume(encode.encode_chunk(chunk))
     else:
         pending: deque = deque()
-        limit = 2 * pool._processes + 2  # bounded in flight: memory stays flat whatever the corpus
+        limit = 2 * pool._max_workers + 2  # bounded in flight: memory stays flat whatever the corpus
         try:
             for chunk in chunks:
-                pending.append(pool.apply_async(encode.encode_chunk, (chunk,)))
+                pending.append(pool.submit(encode.encode_chunk, chunk))
                 while len(pending) >= limit:
-                    consume(pending.popleft().get())
+                    consume(pending.popleft().result())
         except UserError:  # the reader is ahead of the workers: an error earlier in the input wins
             while pending:
-                consume(pending.popleft().get())
+                consume(pending.popleft().result())
             raise
         while pending:
-            consume(pending.popleft().get())
+            consume(pending.popleft().result())
     record = {"unit": unit, "files": [f.path for _, f in files], "splits": {}, "input": account.to_dict()}
     for name, (packer, writer) in splits.items():
         for block in packer.finish():
@@ -253,19 +254,20 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
         file=sys.stderr,
     )
     pool = None
+    init_args = (tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg))
     if workers > 1 and todo:
-        pool = mp.get_context("spawn").Pool(
-            workers, encode.init, (tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg))
-        )
+        # spawn, not fork: the parent may hold threads (tqdm's monitor) that a fork would copy mid-lock.
+        # A worker that dies (out of memory, killed) fails the run with BrokenProcessPool, never a hang.
+        pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), encode.init, init_args)
     else:
-        encode.init(tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg))
+        encode.init(*init_args)
     try:
         for u in todo:
             records[u] = run_unit(u, [(i, files[i]) for i in units[u]], cfg, out, vocab_size, pool, bar)
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path)
     _atomic_write(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
     _atomic_write(out / "prep_config.yaml", to_yaml(cfg))

@@ -1,6 +1,7 @@
 """Packing token streams into fixed-length sequences, and writing them as WebDataset tar shards.
 
-A shard is a plain tar file (readable by ``webdataset`` and ``tar``). Each member,
+A shard is a plain tar file, written with the standard library's ``tarfile`` and read with
+``webdataset`` (or ``tar``). Each member,
 ``NNNNNN.ids.npy``, is one block: a ``(n, seq_len)`` array of many sequences stored as
 uint16 where the vocabulary fits, so that bytes on disk stay close to 2 per token.
 Sequences are RoBERTa "full-sentences" style: ``[CLS]`` then documents back to back, each
@@ -112,7 +113,7 @@ class ShardWriter:
     def __init__(self, folder: Path, prefix: str, shard_bytes: int, root: Path) -> None:
         self.folder, self.prefix, self.shard_bytes, self.root = folder, prefix, shard_bytes, root
         self.records: list[dict] = []
-        self._tar = None  # a webdataset.TarWriter while a shard is open
+        self._tar: tarfile.TarFile | None = None
         self._file: _HashingFile | None = None
         self._blocks = self._sequences = self._tokens = self._pad = 0
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,18 +127,17 @@ class ShardWriter:
         np.lib.format.write_array(payload, block, allow_pickle=False)
         data = payload.getvalue()
         member = tarfile.BLOCKSIZE + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # header + padded data
-        # webdataset writes a tar stream ("w|") that buffers 10 KiB: the logical size is its offset
-        if self._tar is not None and self._tar.tarstream.offset + member + 2 * tarfile.BLOCKSIZE > self.shard_bytes:
+        if self._tar is not None and self._tar.offset + member + 2 * tarfile.BLOCKSIZE > self.shard_bytes:
             self._finish()
         if self._tar is None:
             final = self._path(len(self.records))
             tmp = final.with_name(f".{final.name}.tmp")
             self._file = _HashingFile(open(tmp, "wb"))  # noqa: SIM115 - closed in _finish
-            # Fixed owner, mode and mtime: the same tokens give byte-identical shards.
-            import webdataset as wds  # imports torch: kept out of module import time
-
-            self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0.0, encoder=False)
-        self._tar.write({"__key__": f"{self._blocks:06d}", MEMBER_SUFFIX: data})
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        # Fixed owner, mode and mtime: the same tokens give byte-identical shards.
+        info = tarfile.TarInfo(f"{self._blocks:06d}.{MEMBER_SUFFIX}")
+        info.size, info.mode, info.mtime = len(data), 0o444, 0
+        self._tar.addfile(info, io.BytesIO(data))
         self._blocks += 1
         self._sequences += len(block)
         pads = int(np.count_nonzero(block == PAD_ID))
@@ -145,7 +145,7 @@ class ShardWriter:
         self._pad += pads
 
     def _finish(self) -> None:
-        self._file.end = self._tar.tarstream.offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive marker
+        self._file.end = self._tar.offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive marker
         self._tar.close()  # writes the marker (and the record padding that _HashingFile drops)
         self._file.flush()
         os.fsync(self._file.f.fileno())

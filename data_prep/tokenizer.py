@@ -17,7 +17,7 @@ import hashlib
 import io
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -126,9 +126,3 @@ def sha256(path: str | Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def texts_of(pieces: Iterator) -> Iterator[str]:
-    """The text of each document piece (adapter from corpus readers to :func:`sample_lines`)."""
-    for piece in pieces:
-        yield piece.text

@@ -22,9 +22,9 @@ def read_all(
     pieces = []
     for i, f in enumerate(corpus.discover(paths, acc)):
         for chunk in corpus.chunks(i, f, acc, opts, max_line_bytes):
-            got, part = corpus.parse(chunk, opts)
-            pieces += got
-            acc.merge(part)
+            parsed = corpus.parse(chunk, opts)
+            pieces += parsed.pieces()
+            acc.merge(parsed.account)
     return pieces, acc
 
 
