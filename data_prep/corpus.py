@@ -252,7 +252,7 @@ class Chunk:
     data: bytes | list[tuple[str, str]]  # builtin: (location, text) pairs
     line: int  # line number of data[0] (builtin: ordinal of the first document)
     offset: int  # byte offset of data[0] in the decompressed file (builtin: ordinal)
-    cont: tuple[int, int] | None = None  # (offset, line) of the document data[0] continues, if any
+    cont: tuple[int, int] | None = None  # (doc_key, line) of the document data[0] continues, if any
     open_end: bool = False  # the last document goes on in the next chunk
 
 
@@ -346,12 +346,12 @@ def _txt_chunks(index, f, head, stream, account, opts, max_line_bytes, state) ->
             cut = _force_cut(window, size)
         data = buf[:cut]
         yield Chunk(index, f.path, "txt", data, line, offset, cont, open_end)
-        if open_end:  # where the document that goes on began, exactly as parse() will see it
-            sep = _SEP.match(data) if cont else None  # a separator at 0 ends the continued document
+        if open_end:  # which document goes on, named as parse() names it: (doc_key, first line)
+            sep = _SEP.match(data)  # a separator at 0 ends a continued document, or precedes a new one
             if (cont is None and not data.isspace()) or sep:
                 lead = sep or _LEAD.match(data)
                 start = lead.end() if lead else 0
-                cont = (offset + start, line + data.count(b"\n", 0, start))
+                cont = (doc_key(offset, 1 if sep else 0), line + data.count(b"\n", 0, start))
         else:
             cont = None
         offset += cut
@@ -486,35 +486,50 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
     return Parsed(texts, lasts, draw_val(opts, chunk.file, offsets), account, where.__getitem__)
 
 
+_SEP_STR = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # _SEP, on decoded text: the same boundaries
+_LEAD_STR = re.compile(r"(?:[ \t\r\f\v]*\n)+")
+_SEGMENT_BITS = 20  # a document's identity: (chunk offset << 20) + its segment's index in the chunk
+
+
+def doc_key(chunk_offset: int, segment: int) -> int:
+    """The identity of a ``.txt`` document (for its train/val draw): where its chunk starts and
+    which blank-line separated segment of the chunk it is. Chunking depends only on the config."""
+    return (chunk_offset << _SEGMENT_BITS) + segment
+
+
 def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
-    """Blank-line separated documents: one regex pass, then slicing; no per-line Python work."""
-    data = chunk.data
-    seps = [(m.start(), m.end()) for m in _SEP.finditer(data)]
-    starts = [0] + [e for _, e in seps]
-    ends = [b for b, _ in seps] + [len(data)]
+    """Blank-line separated documents: one decode and one regex split per chunk, no per-line work."""
+    try:
+        text = chunk.data.decode("utf-8")
+        repaired = False
+    except UnicodeDecodeError:
+        text = chunk.data.decode("utf-8", "replace")
+        repaired = True
+    segs = _SEP_STR.split(text)
     cont = chunk.cont is not None
-    if not cont:
-        lead = _LEAD.match(data, 0, ends[0])
-        if lead:
-            starts[0] = lead.end()
-    keep_first = cont or not _blank(data, starts[0], ends[0])
-    keep_last = len(starts) == 1 or not _blank(data, starts[-1], ends[-1])
-    if not keep_last:  # (a middle segment always holds text: the separator regex is greedy)
-        starts, ends = starts[:-1], ends[:-1]
-    if not keep_first and starts:
-        starts, ends = starts[1:], ends[1:]
-        cont = False
+    lead = 0
+    if not cont and (m := _LEAD_STR.match(segs[0])):
+        lead = m.end()
+        segs[0] = segs[0][lead:]
+    first = 0 if cont or (segs[0] and not segs[0].isspace()) else 1
+    last = len(segs) - 1
+    if last > 0 and (not segs[last] or segs[last].isspace()):
+        last -= 1  # (a middle segment always holds text: the separator regex is greedy)
+    texts = segs[first : last + 1]
+    cont = cont and first == 0
+    starts: list[int] = []
 
     def where(i: int) -> str:
         if i == 0 and cont:
             return f"{chunk.path}:{chunk.cont[1]}"
-        return f"{chunk.path}:{chunk.line + data.count(NEWLINE, 0, starts[i])}"
+        if not starts:  # on demand only: a location is needed for the account's examples
+            starts.extend([lead] + [m.end() for m in _SEP_STR.finditer(text)])
+        return f"{chunk.path}:{chunk.line + text.count(chr(10), 0, starts[first + i])}"
 
-    try:
-        data.decode("utf-8")
-        texts = [data[b:e].decode("utf-8") for b, e in zip(starts, ends)]
-    except UnicodeDecodeError:  # the slow path: find the documents that need repair
-        texts = [_decode(data[b:e], i, where, account) for i, (b, e) in enumerate(zip(starts, ends))]
+    if repaired:
+        for i, t in enumerate(texts):
+            if "\ufffd" in t:
+                account.docs_repaired.add(where(i))
     new_docs = len(texts) - cont
     account.docs_read += new_docs
     account.docs_written += new_docs
@@ -525,14 +540,10 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
             account.docs_split.add(where(len(texts) - 1))
     elif texts:
         texts[-1] = texts[-1].rstrip("\n")
-    offsets = [chunk.offset + b for b in starts]
-    if cont and offsets:
-        offsets[0] = chunk.cont[0]
-    return Parsed(texts, lasts, draw_val(opts, chunk.file, offsets), account, where)
-
-
-def _blank(data: bytes, start: int, end: int) -> bool:
-    return start >= end or data[start:end].isspace()
+    keys = doc_key(chunk.offset, np.arange(first, first + len(texts), dtype=np.uint64))
+    if cont:
+        keys[0] = chunk.cont[0]
+    return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where)
 
 
 def _decode(data: bytes, i: int, where: Callable[[int], str], account: Account) -> str:

@@ -7,3 +7,11 @@ class UserError(Exception):
     The command line prints it as one line (``bertforge: error: ...``) and exits with code 2,
     so the message must name what to fix: the file and line, the key, or the flag.
     """
+
+
+class RunError(Exception):
+    """A run that failed for a reason outside the user's input (a worker killed, a disk full).
+
+    The command line prints it as one line and exits with code 1; the message says what was
+    kept and how to go on.
+    """

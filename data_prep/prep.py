@@ -18,6 +18,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from data_prep import corpus, encode, manifest, tokenizer
 from data_prep.config import PrepConfig, parse_size
-from data_prep.errors import UserError
+from data_prep.errors import RunError, UserError
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
@@ -264,10 +265,15 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
     try:
         for u in todo:
             records[u] = run_unit(u, [(i, files[i]) for i in units[u]], cfg, out, vocab_size, pool, bar)
+    except BrokenProcessPool:
+        raise RunError(
+            "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "
+            "run the same command again to resume"
+        ) from None
     finally:
         bar.close()
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=sys.exc_info()[0] is None, cancel_futures=True)
     man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path)
     _atomic_write(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
     _atomic_write(out / "prep_config.yaml", to_yaml(cfg))

