@@ -11,8 +11,8 @@ times) it measures:
   processes, packing, tar writing, manifest), in a fresh process;
 
 and prints MB/s of each and the ratio prep / (raw x workers), whose ceiling is 1.0 (goal:
-at least 0.9). It also prints the peak RSS of the prep process and of its largest worker
-for each scale: memory must stay flat as the corpus grows. Timings on a shared machine are
+at least 0.9). It also prints the peak RSS (sampled every 20 ms) of the prep process and of
+its largest worker for each scale: memory must stay flat as the corpus grows. Timings on a shared machine are
 noisy; the ratio, measured side by side, is the figure to compare.
 """
 
@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import sentencepiece as spm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,17 +37,15 @@ from data_prep import builtin, tokenizer  # noqa: E402
 from data_prep.config import TokenizerConfig  # noqa: E402
 
 _RUN_PREP = """
-import json, resource, sys, time
+import json, sys, time
 from data_prep.config import PrepConfig, TokenizerConfig
 from data_prep.prep import prep
-cfg = PrepConfig(input=[sys.argv[1]], output=sys.argv[2], workers=int(sys.argv[3]),
-                 tokenizer=TokenizerConfig(path=sys.argv[4]))
-t0 = time.perf_counter()
-prep(cfg, progress=False)
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds,
-                  "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+if __name__ == "__main__":
+    cfg = PrepConfig(input=[sys.argv[1]], output=sys.argv[2], workers=int(sys.argv[3]),
+                     tokenizer=TokenizerConfig(path=sys.argv[4]))
+    t0 = time.perf_counter()
+    prep(cfg, progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 
@@ -59,16 +58,32 @@ def raw_encode_mb_s(sp: spm.SentencePieceProcessor, docs: list[str]) -> float:
     return size / 1e6 / (time.perf_counter() - t0)
 
 
-def run_prep(corpus: Path, out: Path, workers: int, model: Path) -> dict:
+def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path) -> dict:
+    """Run prep in a fresh process; sample the RSS of it and of its workers every 20 ms.
+
+    (getrusage's ru_maxrss would carry this benchmark's own size into the child across exec.)
+    """
+    script = tmp / "run_prep.py"
+    script.write_text(_RUN_PREP)  # a file, not -c: spawned workers re-import the main module by path
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run(
-        [sys.executable, "-c", _RUN_PREP, str(corpus), str(out), str(workers), str(model)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), str(workers), str(model)],
+                            stdout=subprocess.PIPE, env=env, text=True)
+    main_peak = worker_peak = 0
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            main_peak = max(main_peak, ps.memory_info().rss)
+            for child in ps.children(recursive=True):
+                worker_peak = max(worker_peak, child.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    out_text = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"prep failed with exit code {proc.returncode}")
+    res = json.loads(out_text.strip().splitlines()[-1])
+    res.update(rss_main_mb=main_peak / 2**20, rss_worker_mb=worker_peak / 2**20)
+    return res
 
 
 def main() -> None:
@@ -96,7 +111,7 @@ def main() -> None:
             size_mb = corpus.stat().st_size / 1e6
             file_docs = corpus.read_text().split("\n\n")  # the documents prep will see
             raw = raw_encode_mb_s(sp, file_docs)
-            res = run_prep(corpus, tmp / f"out{scale}", args.workers, model)
+            res = run_prep(tmp, corpus, tmp / f"out{scale}", args.workers, model)
             prep_rate = size_mb / res["seconds"]
             raw_after = raw_encode_mb_s(sp, file_docs)  # measured on both sides of prep: noise shows
             raw = (raw + raw_after) / 2
