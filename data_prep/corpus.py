@@ -275,7 +275,9 @@ def chunks(index: int, f: InputFile, account: Account, opts: ParseOptions, max_l
     ``files.read``, or ``files.skipped`` as binary_file, empty_file or corrupt_or_truncated."""
     if f.kind == "builtin":
         account.files_read += 1
-        yield from _builtin_chunks(index, f, opts.read_size)
+        for chunk in _builtin_chunks(index, f, opts.read_size):
+            account.bytes_read += sum(len(text.encode()) for _, text in chunk.data)
+            yield chunk
         return
     try:
         stream, raw = open_binary(f)

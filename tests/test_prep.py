@@ -351,4 +351,5 @@ def test_builtin_corpus_is_the_default_and_needs_no_download(tmp_path) -> None:
     man = json.loads((out / "manifest.json").read_text())
     assert man["inputs"][0]["path"] == "builtin:python-docs"
     assert man["input"]["documents"]["read"] > 5000 and man["splits"]["val"]["sequences"] > 20
-    assert man["tokenizer"]["vocab_size"] == 8192
+    assert man["tokenizer"]["vocab_size"] == 8192 and man["input"]["bytes_read"] > 2_000_000
+    assert len(man["splits"]["train"]["shards"]) >= 4  # enough for 2 ranks x 2 loader workers
