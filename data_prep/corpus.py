@@ -461,7 +461,10 @@ class Parsed:
 
     def pieces(self) -> list[Piece]:
         """The pieces as objects (for tests and the tokenizer sample, not the hot path)."""
-        return [Piece(t, self.where(i), last, bool(v)) for i, (t, last, v) in enumerate(zip(self.texts, self.lasts, self.vals))]
+        return [
+            Piece(t, self.where(i), last, bool(v))
+            for i, (t, last, v) in enumerate(zip(self.texts, self.lasts, self.vals))
+        ]
 
 
 def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:

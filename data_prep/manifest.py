@@ -7,7 +7,6 @@ special ids or sequence length disagree with its own config (:func:`check`).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import sentencepiece as spm
@@ -166,7 +165,3 @@ def summary(man: dict, seconds: float | None = None) -> str:
         tokens = sum(s["tokens"] for s in man["splits"].values())
         lines.append(f"time: {seconds:.1f}s, {mb / seconds:.2f} MB/s, {tokens / seconds:,.0f} tokens/s")
     return "\n".join(lines)
-
-
-def warn(msg: str) -> None:
-    print(f"bertforge: warning: {msg}", file=sys.stderr)

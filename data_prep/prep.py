@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -32,7 +31,6 @@ from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
 STATE_DIR = ".prep"
-BATCH_CHARS = 1 << 17  # text per task sent to a worker: large enough that IPC is noise
 
 
 def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[int]]:
@@ -48,10 +46,11 @@ def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[int]
     return units if units[0] else []
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write under a hidden ``.tmp`` name, sync, rename: the file is either absent or whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -93,7 +92,7 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
                         "choose a new --output folder or delete this one"
                     )
         return (out / manifest.MANIFEST).is_file()
-    if out.exists() and any(p.name != STATE_DIR for p in out.iterdir()):
+    if out.exists() and any(p.name != STATE_DIR and not p.name.endswith(".tmp") for p in out.iterdir()):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(state, json.dumps(fingerprint, indent=1))
@@ -104,8 +103,7 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Pat
     """Reuse ``--tokenizer`` or the one a previous run trained, else train one on a sample."""
     path = out / manifest.TOKENIZER
     if cfg.tokenizer.path:
-        shutil.copyfile(cfg.tokenizer.path, path.with_name(f".{path.name}.tmp"))
-        os.replace(path.with_name(f".{path.name}.tmp"), path)
+        _atomic_write(path, Path(cfg.tokenizer.path).read_bytes())
     elif not path.is_file():
         t0 = time.perf_counter()
         scratch = corpus.Account(strict=cfg.strict)  # the real account is kept by the main pass
@@ -123,16 +121,10 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Pat
             file=sys.stderr,
         )
         model = tokenizer.train(lines, cfg.tokenizer)
-        _atomic_write_bytes(path, model)
+        _atomic_write(path, model)
         print(f"prep: tokenizer trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     tokenizer.load(path)
     return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _parse_options(cfg: PrepConfig) -> corpus.ParseOptions:
@@ -233,7 +225,9 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
     fingerprint = _fingerprint(cfg, files)
     if _check_output(out, fingerprint):
         print(f"prep: {out} is already complete; nothing to do", file=sys.stderr)
-        return manifest.load(out)
+        man = manifest.load(out)
+        print(manifest.summary(man))
+        return man
     _remove_partial(out)
     tok_path = _tokenizer(cfg, files, out)
     vocab_size = spm.SentencePieceProcessor(model_file=str(tok_path)).vocab_size()

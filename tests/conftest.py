@@ -24,6 +24,21 @@ def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProce
     )
 
 
+def split_at_sep(tokens: list[int]) -> list[list[int]]:
+    """Token ids of packed sequences (with [CLS] and [PAD] removed) cut back into documents."""
+    from data_prep.tokenizer import SEP_ID
+
+    docs, cur = [], []
+    for t in tokens:
+        if t == SEP_ID:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    assert cur == [], "a document without its [SEP]"
+    return docs
+
+
 def clean(text: str) -> str:
     """A docstring as one .txt document: no blank lines inside it."""
     return "\n".join(line for line in text.split("\n") if line.strip())

@@ -17,8 +17,8 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.shards import read_blocks
-from data_prep.tokenizer import CLS_ID, PAD_ID, SEP_ID
-from tests.conftest import REPO, run_cli
+from data_prep.tokenizer import CLS_ID, PAD_ID
+from tests.conftest import REPO, run_cli, split_at_sep
 
 
 def prep(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -35,15 +35,7 @@ def shard_docs(out: Path, split: str = "train") -> list[list[int]]:
             assert block.shape[1] == man["seq_len"]
             assert (block[:, 0] == CLS_ID).all()
             flat.extend(int(t) for t in block[:, 1:].reshape(-1) if t != PAD_ID)
-    docs, cur = [], []
-    for t in flat:
-        if t == SEP_ID:
-            docs.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    assert cur == []
-    return docs
+    return split_at_sep(flat)
 
 
 def tree(out: Path) -> dict[str, bytes]:
@@ -353,3 +345,25 @@ def test_builtin_corpus_is_the_default_and_needs_no_download(tmp_path) -> None:
     assert man["input"]["documents"]["read"] > 5000 and man["splits"]["val"]["sequences"] > 20
     assert man["tokenizer"]["vocab_size"] == 8192 and man["input"]["bytes_read"] > 2_000_000
     assert len(man["splits"]["train"]["shards"]) >= 4  # enough for 2 ranks x 2 loader workers
+
+
+def test_manifest_check_names_the_field_that_disagrees(tmp_path, corpus, sp_model) -> None:
+    from data_prep import manifest
+    from data_prep.errors import UserError
+
+    root, _ = corpus
+    out = tmp_path / "ds"
+    assert prep("--input", str(root / "a.txt"), "--output", str(out), "--tokenizer", str(sp_model)).returncode == 0
+    man = manifest.load(out)
+    sha = man["tokenizer"]["sha256"]
+    manifest.check(man, out, vocab_size=1000, seq_len=128, tokenizer_sha256=sha)  # agrees: no error
+    for kwargs, field in [
+        ({"vocab_size": 32768}, "tokenizer.vocab_size"),
+        ({"seq_len": 512}, "seq_len"),
+        ({"tokenizer_sha256": "0" * 64}, "tokenizer.sha256"),
+    ]:
+        with pytest.raises(UserError, match=rf"manifest.json: field '{field}'"):
+            manifest.check(man, out, **kwargs)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"manifest.json:1: manifest is not valid JSON"):
+        manifest.load(out)

@@ -9,6 +9,7 @@ import numpy as np
 
 from data_prep.shards import Packer, ShardWriter, read_blocks
 from data_prep.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from tests.conftest import split_at_sep
 
 
 def docs_stream(docs: list[list[int]]) -> np.ndarray:
@@ -16,15 +17,7 @@ def docs_stream(docs: list[list[int]]) -> np.ndarray:
 
 
 def unpack(blocks: list[np.ndarray]) -> list[list[int]]:
-    flat = [int(t) for b in blocks for seq in b for t in seq[1:] if t != PAD_ID]
-    out, cur = [], []
-    for t in flat:
-        if t == SEP_ID:
-            out.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    return out
+    return split_at_sep([int(t) for b in blocks for seq in b for t in seq[1:] if t != PAD_ID])
 
 
 def test_packer_makes_exact_sequences_with_cls_and_only_a_padded_tail() -> None:
