@@ -317,7 +317,17 @@ def _fill(buf: bytes, stream: BinaryIO, size: int) -> tuple[bytes, bool]:
     return b"".join(parts), False
 
 
-def _txt_chunks(index, f, head, stream, account, opts, max_line_bytes, state) -> Iterator[Chunk]:  # noqa: ANN001
+def _txt_chunks(
+    index: int,
+    f: InputFile,
+    head: bytes,
+    stream: BinaryIO,
+    account: Account,
+    opts: ParseOptions,
+    max_line_bytes: int,
+    state: dict[str, bool],
+) -> Iterator[Chunk]:
+    """Chunks that end at a blank line, or inside a document longer than a chunk (``open_end``)."""
     size = opts.read_size
     buf, offset, line, cont, eof = head, 0, 1, None, False
     while buf or not eof:
@@ -381,7 +391,17 @@ def _force_cut(window: bytes, size: int) -> int:
     return cut
 
 
-def _jsonl_chunks(index, f, head, stream, account, opts, max_line_bytes, state) -> Iterator[Chunk]:  # noqa: ANN001
+def _jsonl_chunks(
+    index: int,
+    f: InputFile,
+    head: bytes,
+    stream: BinaryIO,
+    account: Account,
+    opts: ParseOptions,
+    max_line_bytes: int,
+    state: dict[str, bool],
+) -> Iterator[Chunk]:
+    """Chunks of whole lines; a line over ``max_line_bytes`` is skipped and counted, never held."""
     size = opts.read_size
     buf, offset, line, eof = head, 0, 1, False
     while True:
@@ -433,16 +453,18 @@ NEWLINE = b"\n"
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def draw_val(opts: ParseOptions, file: int, offsets: np.ndarray) -> np.ndarray:
-    """The seeded train/val draw of the documents that start at ``offsets`` of file ``file``.
+def draw_val(opts: ParseOptions, file: int, keys: np.ndarray | list[int]) -> np.ndarray:
+    """The seeded train/val draw of the documents of file ``file`` whose identities are ``keys``
+    (byte offset of a ``.jsonl`` line, :func:`doc_key` of a ``.txt`` document, ordinal of a
+    builtin one).
 
     A hash (splitmix64) of each document's place, not a running random stream, so that any
     worker can draw for any chunk and the result never depends on how work was divided.
     """
     if opts.val_fraction <= 0:
-        return np.zeros(len(offsets), dtype=bool)
-    key = (opts.seed * 0x9E3779B97F4A7C15 + (file + 1) * 0xD1B54A32D192ED03) % 2**64
-    x = np.asarray(offsets, dtype=np.uint64) + np.uint64(key)
+        return np.zeros(len(keys), dtype=bool)
+    salt = (opts.seed * 0x9E3779B97F4A7C15 + (file + 1) * 0xD1B54A32D192ED03) % 2**64
+    x = np.asarray(keys, dtype=np.uint64) + np.uint64(salt)
     x = (x ^ (x >> np.uint64(30))) * _MIX1
     x = (x ^ (x >> np.uint64(27))) * _MIX2
     x ^= x >> np.uint64(31)
@@ -493,13 +515,17 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
 
 _SEP_STR = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # _SEP, on decoded text: the same boundaries
 _LEAD_STR = re.compile(r"(?:[ \t\r\f\v]*\n)+")
-_SEGMENT_BITS = 20  # a document's identity: (chunk offset << 20) + its segment's index in the chunk
+_SEGMENT_BITS = 24  # a document's identity: (chunk offset << 24) + its segment's index in the chunk
 
 
-def doc_key(chunk_offset: int, segment: int) -> int:
+def doc_key(chunk_offset: int, segment: int | np.ndarray) -> int | np.ndarray:
     """The identity of a ``.txt`` document (for its train/val draw): where its chunk starts and
-    which blank-line separated segment of the chunk it is. Chunking depends only on the config."""
-    return (chunk_offset << _SEGMENT_BITS) + segment
+    which blank-line separated segment of the chunk it is. Chunking depends only on the config.
+    (Past 2^40 bytes the key wraps; it only feeds a hash, so that costs nothing.)"""
+    base = (chunk_offset << _SEGMENT_BITS) % 2**64
+    if isinstance(segment, np.ndarray):
+        return np.uint64(base) + segment.astype(np.uint64)  # uint64 arithmetic wraps
+    return (base + segment) % 2**64
 
 
 def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:

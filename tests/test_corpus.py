@@ -159,3 +159,15 @@ def test_chunked_txt_reader_matches_a_plain_split(tmp_path: Path, seed: int) -> 
         assert [d[:2] for d in docs] == [(t.rstrip(), line) for t, line in expected], read
         assert acc.docs_read == acc.docs_written == len(expected)
         assert 0 < sum(d[2] for d in docs) < len(docs) or len(docs) < 10
+
+
+def test_val_draw_is_seeded_and_respects_the_fraction() -> None:
+    import numpy as np
+
+    keys = np.arange(100_000)
+    a = corpus.draw_val(corpus.ParseOptions(val_fraction=0.05, seed=0), 0, keys)
+    assert 0.045 < a.mean() < 0.055
+    assert (a == corpus.draw_val(corpus.ParseOptions(val_fraction=0.05, seed=0), 0, keys)).all()
+    assert (a != corpus.draw_val(corpus.ParseOptions(val_fraction=0.05, seed=1), 0, keys)).any()
+    assert (a != corpus.draw_val(corpus.ParseOptions(val_fraction=0.05, seed=0), 1, keys)).any()
+    assert not corpus.draw_val(corpus.ParseOptions(val_fraction=0.0), 0, keys).any()
