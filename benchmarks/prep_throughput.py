@@ -8,7 +8,9 @@ times) it measures:
 * raw encode: one process, ``SentencePieceProcessor.encode`` over the documents in memory
   (one thread): the work that cannot be avoided;
 * prep: ``bertforge prep --tokenizer ...`` end to end (reading, ``workers`` tokenizer
-  processes, packing, tar writing, manifest), in a fresh process;
+  processes, packing, tar writing, manifest), in a fresh process, on two layouts of the same
+  text: one big file (the main process reads it and hands chunks to the workers) and one
+  file per copy (each worker reads, tokenizes and writes whole units);
 
 and prints MB/s of each and the ratio prep / (raw x workers), whose ceiling is 1.0 (goal:
 at least 0.9). It also prints the peak RSS (sampled every 20 ms) of the prep process and of
@@ -42,7 +44,7 @@ from data_prep.config import PrepConfig, TokenizerConfig
 from data_prep.prep import prep
 if __name__ == "__main__":
     cfg = PrepConfig(input=[sys.argv[1]], output=sys.argv[2], workers=int(sys.argv[3]),
-                     tokenizer=TokenizerConfig(path=sys.argv[4]))
+                     tokenizer=TokenizerConfig(path=sys.argv[4]), unit_size=sys.argv[5])
     t0 = time.perf_counter()
     prep(cfg, progress=False)
     print(json.dumps({"seconds": time.perf_counter() - t0}))
@@ -58,7 +60,7 @@ def raw_encode_mb_s(sp: spm.SentencePieceProcessor, docs: list[str]) -> float:
     return size / 1e6 / (time.perf_counter() - t0)
 
 
-def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path) -> dict:
+def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit_size: str) -> dict:
     """Run prep in a fresh process; sample the RSS of it and of its workers every 20 ms.
 
     (getrusage's ru_maxrss would carry this benchmark's own size into the child across exec.)
@@ -66,8 +68,8 @@ def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path) -> d
     script = tmp / "run_prep.py"
     script.write_text(_RUN_PREP)  # a file, not -c: spawned workers re-import the main module by path
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), str(workers), str(model)],
-                            stdout=subprocess.PIPE, env=env, text=True)
+    cmd = [sys.executable, str(script), str(corpus), str(out), str(workers), str(model), unit_size]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     main_peak = worker_peak = 0
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -80,7 +82,7 @@ def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path) -> d
         time.sleep(0.02)
     out_text = proc.stdout.read()
     if proc.returncode:
-        raise SystemExit(f"prep failed with exit code {proc.returncode}")
+        raise SystemExit(f"prep failed with exit code {proc.returncode}:\n{proc.stderr.read()}")
     res = json.loads(out_text.strip().splitlines()[-1])
     res.update(rss_main_mb=main_peak / 2**20, rss_worker_mb=worker_peak / 2**20)
     return res
@@ -101,24 +103,30 @@ def main() -> None:
         sp = spm.SentencePieceProcessor(model_file=str(model))
         print(f"machine: {os.cpu_count()} cores; prep workers: {args.workers}; tokenizer: unigram 8192")
         print(
-            f"{'corpus':>10} {'MB':>6} {'raw MB/s':>9} {'prep MB/s':>10} {'ratio':>6} "
+            f"{'corpus':>7} {'layout':>9} {'MB':>6} {'raw MB/s':>9} {'prep MB/s':>10} {'ratio':>6} "
             f"{'rss main MB':>12} {'rss worker MB':>14}"
         )
         for scale in args.scale:
-            corpus = tmp / f"corpus{scale}.txt"
-            text_docs = docs * scale
-            corpus.write_text("\n\n".join(text_docs) + "\n")
-            size_mb = corpus.stat().st_size / 1e6
-            file_docs = corpus.read_text().split("\n\n")  # the documents prep will see
-            raw = raw_encode_mb_s(sp, file_docs)
-            res = run_prep(tmp, corpus, tmp / f"out{scale}", args.workers, model)
-            prep_rate = size_mb / res["seconds"]
-            raw_after = raw_encode_mb_s(sp, file_docs)  # measured on both sides of prep: noise shows
-            raw = (raw + raw_after) / 2
-            print(
-                f"{scale:>9}x {size_mb:>6.1f} {raw:>9.2f} {prep_rate:>10.2f} "
-                f"{prep_rate / (raw * args.workers):>6.2f} {res['rss_main_mb']:>12.0f} {res['rss_worker_mb']:>14.0f}"
-            )
+            # one big file (the main process hands its chunks to the workers), or one file per
+            # copy, each its own unit (whole units go to the workers; the main process waits)
+            single = tmp / f"corpus{scale}.txt"
+            single.write_text("\n\n".join(docs * scale) + "\n")
+            many = tmp / f"corpus{scale}"
+            many.mkdir()
+            for k in range(scale):
+                (many / f"part{k:03d}.txt").write_text("\n\n".join(docs) + "\n")
+            size_mb = single.stat().st_size / 1e6
+            file_docs = single.read_text().split("\n\n")  # the documents prep will see
+            for layout, corpus, unit_size in (("1 file", single, "1GB"), (f"{scale} files", many, "1MB")):
+                raw = raw_encode_mb_s(sp, file_docs)
+                res = run_prep(tmp, corpus, tmp / f"out-{scale}-{unit_size}", args.workers, model, unit_size)
+                prep_rate = size_mb / res["seconds"]
+                raw = (raw + raw_encode_mb_s(sp, file_docs)) / 2  # measured on both sides of prep
+                print(
+                    f"{scale:>6}x {layout:>9} {size_mb:>6.1f} {raw:>9.2f} {prep_rate:>10.2f} "
+                    f"{prep_rate / (raw * args.workers):>6.2f} {res['rss_main_mb']:>12.0f} "
+                    f"{res['rss_worker_mb']:>14.0f}"
+                )
         print("ratio = prep MB/s / (raw single-process MB/s x workers); ceiling 1.0, goal >= 0.9")
 
 

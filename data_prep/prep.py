@@ -138,9 +138,13 @@ def run_unit(
     out: Path,
     vocab_size: int,
     pool: ProcessPoolExecutor | None,
-    bar: tqdm,
+    bar: tqdm | None = None,
 ) -> dict:
-    """Tokenize, pack and write one unit; returns (and records) its shards and input account."""
+    """Tokenize, pack and write one unit; returns (and records) its shards and input account.
+
+    With a ``pool``, the unit's chunks are tokenized by the pool's workers; without one, here
+    (in the main process, or inside a worker that was given the whole unit).
+    """
     dtype = token_dtype(vocab_size)
     block_seqs = max(1, parse_size(cfg.block_size) // (cfg.seq_len * dtype.itemsize))
     account = corpus.Account(strict=cfg.strict)
@@ -158,8 +162,9 @@ def run_unit(
             for block in packer.add(stream):
                 writer.write(block)
         account.merge(result[2])
-        bar.update(result[3])
-        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        if bar is not None:
+            bar.update(result[3])
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     chunks = (c for i, f in files for c in corpus.chunks(i, f, account, opts, max_line))
@@ -187,6 +192,32 @@ def run_unit(
         record["splits"][name] = writer.close()
     _atomic_write(out / STATE_DIR / f"unit-{unit:05d}.json", json.dumps(record, indent=1))
     return record
+
+
+def _run_units_in_workers(
+    todo: list[int],
+    units: list[list[int]],
+    files: list[corpus.InputFile],
+    cfg: PrepConfig,
+    out: Path,
+    vocab_size: int,
+    pool: ProcessPoolExecutor,
+    bar: tqdm,
+    records: dict[int, dict],
+) -> None:
+    """Many units: each worker reads, tokenizes, packs and writes whole units, so the main process
+    is idle and throughput scales with the workers. Results are taken in unit order, so the
+    first error in the input is the one reported."""
+    pending: deque = deque()
+    queue = deque(todo)
+    while queue or pending:
+        while queue and len(pending) < 2 * pool._max_workers:
+            u = queue.popleft()
+            unit_files = [(i, files[i]) for i in units[u]]
+            pending.append((u, pool.submit(run_unit, u, unit_files, cfg, out, vocab_size, None, None)))
+        u, future = pending.popleft()
+        records[u] = future.result()
+        bar.update(records[u]["input"]["bytes_read"])
 
 
 def _finished_units(out: Path, n_units: int) -> dict[int, dict]:
@@ -257,8 +288,14 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
     else:
         encode.init(*init_args)
     try:
-        for u in todo:
-            records[u] = run_unit(u, [(i, files[i]) for i in units[u]], cfg, out, vocab_size, pool, bar)
+        if pool is not None and len(todo) >= 2 * workers:
+            print(f"prep: {len(todo)} units over {workers} workers, whole units each", file=sys.stderr)
+            _run_units_in_workers(todo, units, files, cfg, out, vocab_size, pool, bar, records)
+        else:
+            if pool is not None:
+                print(f"prep: {len(todo)} unit(s), chunks over {workers} workers", file=sys.stderr)
+            for u in todo:
+                records[u] = run_unit(u, [(i, files[i]) for i in units[u]], cfg, out, vocab_size, pool, bar)
     except BrokenProcessPool:
         raise RunError(
             "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "

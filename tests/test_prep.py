@@ -91,28 +91,19 @@ def test_val_split_partitions_the_documents(tmp_path, corpus, sp_model) -> None:
     assert sorted(map(tuple, train + val)) == sorted(tuple(sp.encode(d)) for d in docs)
 
 
-def test_same_bytes_whatever_the_worker_count(tmp_path, corpus, sp_model) -> None:
+@pytest.mark.parametrize("unit_size, mode", [("1KB", "whole units each"), ("1GB", "chunks over 2 workers")])
+def test_same_bytes_whatever_the_worker_count(tmp_path, corpus, sp_model, unit_size, mode) -> None:
     root, _ = corpus
     outs = []
     for workers in ("1", "2"):
         out = tmp_path / f"w{workers}"
-        r = prep(
-            "--input",
-            str(root),
-            "--output",
-            str(out),
-            "--tokenizer",
-            str(sp_model),
-            "--workers",
-            workers,
-            "unit_size=40KB",
-            "shard_size=30KB",
-            "block_size=4KB",
-        )
+        args = ["--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--workers", workers]
+        r = prep(*args, f"unit_size={unit_size}", "shard_size=30KB", "block_size=4KB")
         assert r.returncode == 0, r.stderr
+        assert workers == "1" or mode in r.stderr  # both ways of sharing work with the workers ran
         outs.append(tree(out))
     assert outs[0] == outs[1]
-    assert sum(k.startswith("train/") for k in outs[0]) > 6  # several units and shards were compared
+    assert sum(k.startswith("train/") for k in outs[0]) > 6  # several shards were compared
 
 
 def test_tokenizer_training_is_deterministic_and_manifest_is_complete(tmp_path, corpus) -> None:
