@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -256,6 +257,92 @@ class Chunk:
     open_end: bool = False  # the last document goes on in the next chunk
 
 
+@dataclass(frozen=True)
+class Part:
+    """A piece of a unit's work: a whole input file, or a byte range of a large uncompressed one.
+
+    A range starts where a document starts (a blank line in ``.txt``, a line in ``.jsonl``),
+    so no document is ever split between two ranges; ``line`` is the line number at ``start``.
+    """
+
+    file: int  # index in the input list
+    start: int = 0
+    end: int | None = None  # None: to the end of the file
+    line: int = 1
+
+    def size(self, f: InputFile) -> int:
+        return (f.size if self.end is None else self.end) - self.start
+
+
+class _Window(io.RawIOBase):
+    """At most ``length`` bytes of a file, from where it is positioned."""
+
+    def __init__(self, raw: BinaryIO, length: int) -> None:
+        self.raw, self.left = raw, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - the buffer protocol
+        data = self.raw.read(min(len(b), self.left))
+        b[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
+def split_points(f: InputFile, unit_bytes: int) -> list[Part]:
+    """Cut a large uncompressed file into ranges of about ``unit_bytes`` at document starts.
+
+    Reads the file once to count lines (for ``file:line`` locations) and a little around each
+    cut to find the next blank line (``.txt``) or line start (``.jsonl``).
+    """
+    cuts = []
+    with open(f.path, "rb") as fh:
+        if b"\x00" in fh.read(_SNIFF):
+            return [Part(-1)]  # binary: not split, skipped whole by chunks()
+        target = unit_bytes
+        while target < f.size - unit_bytes // 2:
+            cut = _next_start(fh, target, f.kind)
+            if cut is None:
+                break
+            cuts.append(cut)
+            target = max(cut, target) + unit_bytes
+        parts, line, prev = [], 1, 0
+        fh.seek(0)
+        for cut in cuts + [None]:
+            parts.append(Part(-1, prev, cut, line))
+            if cut is not None:
+                line += _count_newlines(fh, prev, cut)
+                prev = cut
+    return parts
+
+
+def _next_start(fh: BinaryIO, target: int, kind: str) -> int | None:
+    """The first document boundary at or after ``target``, or None before the end of file."""
+    fh.seek(target)
+    buf = b""
+    while block := fh.read(1 << 20):
+        buf += block
+        if kind == "jsonl":
+            i = buf.find(b"\n")
+            if i >= 0:
+                return target + i + 1
+        else:
+            m = _SEP.search(buf)
+            if m and m.end() < len(buf):
+                return target + m.start()
+    return None
+
+
+def _count_newlines(fh: BinaryIO, start: int, end: int) -> int:
+    fh.seek(start)
+    n, left = 0, end - start
+    while left > 0 and (block := fh.read(min(left, 1 << 24))):
+        n += block.count(b"\n")
+        left -= len(block)
+    return n
+
+
 def open_binary(f: InputFile) -> tuple[BinaryIO, BinaryIO]:
     """The decompressed byte stream of a file, and the raw file (whose ``tell`` is progress)."""
     raw = open(f.path, "rb")  # noqa: SIM115 - closed by the caller
@@ -270,9 +357,11 @@ _SEP = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank (whitespace-on
 _LEAD = re.compile(rb"(?:[ \t\r\f\v]*\n)+")  # blank lines before a document
 
 
-def chunks(index: int, f: InputFile, account: Account, opts: ParseOptions, max_line_bytes: int) -> Iterator[Chunk]:
-    """Stream one file as chunks (main process). File-level outcomes go to ``account``:
-    ``files.read``, or ``files.skipped`` as binary_file, empty_file or corrupt_or_truncated."""
+def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_line_bytes: int) -> Iterator[Chunk]:
+    """Stream one file, or one range of it, as chunks. File-level outcomes go to ``account``
+    (by the part that starts the file): ``files.read``, or ``files.skipped`` as binary_file,
+    empty_file or corrupt_or_truncated."""
+    index = part.file
     if f.kind == "builtin":
         account.files_read += 1
         for chunk in _builtin_chunks(index, f, opts.read_size):
@@ -283,21 +372,26 @@ def chunks(index: int, f: InputFile, account: Account, opts: ParseOptions, max_l
         stream, raw = open_binary(f)
     except OSError as err:
         raise UserError(f"{f.path}: cannot be read ({err.strerror or err})") from None
+    if part.start or part.end is not None:  # a range of an uncompressed file
+        raw.seek(part.start)
+        stream = io.BufferedReader(_Window(raw, part.size(f)), 1 << 20)
     state = {"text": False}
     try:
         head = stream.read(_SNIFF)
-        if b"\x00" in head:
+        if b"\x00" in head and not part.start:
             account.skip_file("binary_file", f.path)
             return
         cut = _txt_chunks if f.kind == "txt" else _jsonl_chunks
-        yield from cut(index, f, head, stream, account, opts, max_line_bytes, state)
+        yield from cut(index, f, head, stream, account, opts, max_line_bytes, state, part.start, part.line)
     except (EOFError, OSError, zstandard.ZstdError) as err:
         account.skip_file("corrupt_or_truncated", f"{f.path} ({type(err).__name__}: {err})")
         return
     finally:
-        account.bytes_read += raw.tell()
+        account.bytes_read += raw.tell() - part.start
         stream.close()
         raw.close()
+    if part.start:
+        return  # the file was counted by its first range
     if state["text"]:
         account.files_read += 1
     else:
@@ -326,10 +420,12 @@ def _txt_chunks(
     opts: ParseOptions,
     max_line_bytes: int,
     state: dict[str, bool],
+    offset: int,
+    line: int,
 ) -> Iterator[Chunk]:
     """Chunks that end at a blank line, or inside a document longer than a chunk (``open_end``)."""
     size = opts.read_size
-    buf, offset, line, cont, eof = head, 0, 1, None, False
+    buf, cont, eof = head, None, False
     while buf or not eof:
         buf, eof = _fill(buf, stream, size + 1) if not eof else (buf, eof)
         if not buf:
@@ -400,10 +496,12 @@ def _jsonl_chunks(
     opts: ParseOptions,
     max_line_bytes: int,
     state: dict[str, bool],
+    offset: int,
+    line: int,
 ) -> Iterator[Chunk]:
     """Chunks of whole lines; a line over ``max_line_bytes`` is skipped and counted, never held."""
     size = opts.read_size
-    buf, offset, line, eof = head, 0, 1, False
+    buf, eof = head, False
     while True:
         if not eof:
             buf, eof = _fill(buf, stream, size)

@@ -1,6 +1,7 @@
 """``bertforge prep``: raw text -> SentencePiece tokenizer -> packed WebDataset shards + manifest.
 
-The input is cut into *units*: runs of whole files, in order, of about ``unit_size`` bytes.
+The input is cut into *units* of about ``unit_size`` bytes: runs of whole files, in order, or
+ranges of a large uncompressed file (cut where a document starts).
 Each unit is tokenized (in ``workers`` processes), packed and written as its own shards,
 then recorded in ``.prep/unit-NNNNN.json``; the manifest is the units' records joined in
 order. So the output is a function of the input and config alone (never of ``workers``),
@@ -10,6 +11,7 @@ each task its own units.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -33,16 +35,23 @@ from launch.config import to_yaml
 STATE_DIR = ".prep"
 
 
-def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[int]]:
-    """Group file indices, in order, into units of at least ``unit_bytes`` (the last may be smaller)."""
-    units: list[list[int]] = [[]]
-    size = 0
+def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[corpus.Part]]:
+    """Cut the input, in order, into units of about ``unit_bytes``: small files are grouped,
+    an uncompressed file over twice the size is cut into ranges at document starts."""
+    parts: list[corpus.Part] = []
     for i, f in enumerate(files):
+        if f.kind != "builtin" and f.compression is None and f.size > 2 * unit_bytes:
+            parts.extend(dataclasses.replace(p, file=i) for p in corpus.split_points(f, unit_bytes))
+        else:
+            parts.append(corpus.Part(i))
+    units: list[list[corpus.Part]] = [[]]
+    size = 0
+    for part in parts:
         if units[-1] and size >= unit_bytes:
             units.append([])
             size = 0
-        units[-1].append(i)
-        size += f.size
+        units[-1].append(part)
+        size += part.size(files[part.file])
     return units if units[0] else []
 
 
@@ -111,7 +120,7 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Pat
         pieces = (
             p
             for i, f in enumerate(files)
-            for chunk in corpus.chunks(i, f, scratch, opts, parse_size(cfg.max_line_bytes))
+            for chunk in corpus.chunks(corpus.Part(i), f, scratch, opts, parse_size(cfg.max_line_bytes))
             for p in corpus.parse(chunk, opts).texts
         )
         lines = tokenizer.sample_lines(pieces, cfg.tokenizer)
@@ -133,7 +142,7 @@ def _parse_options(cfg: PrepConfig) -> corpus.ParseOptions:
 
 def run_unit(
     unit: int,
-    files: list[tuple[int, corpus.InputFile]],
+    parts: list[tuple[corpus.Part, corpus.InputFile]],
     cfg: PrepConfig,
     out: Path,
     vocab_size: int,
@@ -167,7 +176,7 @@ def run_unit(
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
-    chunks = (c for i, f in files for c in corpus.chunks(i, f, account, opts, max_line))
+    chunks = (c for part, f in parts for c in corpus.chunks(part, f, account, opts, max_line))
     if pool is None:
         for chunk in chunks:
             consume(encode.encode_chunk(chunk))
@@ -185,7 +194,12 @@ def run_unit(
             raise
         while pending:
             consume(pending.popleft().result())
-    record = {"unit": unit, "files": [f.path for _, f in files], "splits": {}, "input": account.to_dict()}
+    record = {
+        "unit": unit,
+        "parts": [[f.path, p.start, p.end] for p, f in parts],
+        "splits": {},
+        "input": account.to_dict(),
+    }
     for name, (packer, writer) in splits.items():
         for block in packer.finish():
             writer.write(block)
@@ -196,7 +210,7 @@ def run_unit(
 
 def _run_units_in_workers(
     todo: list[int],
-    units: list[list[int]],
+    units: list[list[corpus.Part]],
     files: list[corpus.InputFile],
     cfg: PrepConfig,
     out: Path,
@@ -213,8 +227,8 @@ def _run_units_in_workers(
     while queue or pending:
         while queue and len(pending) < 2 * pool._max_workers:
             u = queue.popleft()
-            unit_files = [(i, files[i]) for i in units[u]]
-            pending.append((u, pool.submit(run_unit, u, unit_files, cfg, out, vocab_size, None, None)))
+            unit_parts = [(p, files[p.file]) for p in units[u]]
+            pending.append((u, pool.submit(run_unit, u, unit_parts, cfg, out, vocab_size, None, None)))
         u, future = pending.popleft()
         records[u] = future.result()
         bar.update(records[u]["input"]["bytes_read"])
@@ -268,8 +282,8 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
         print(f"prep: resuming: {len(records)} of {len(units)} units already done", file=sys.stderr)
     workers = cfg.workers or os.cpu_count() or 1
     todo = [u for u in range(len(units)) if u not in records]
-    total = sum(files[i].size for u in todo for i in units[u])
-    has_unknown_size = any(files[i].kind == "builtin" or files[i].compression for u in todo for i in units[u])
+    total = sum(p.size(files[p.file]) for u in todo for p in units[u])
+    has_unknown_size = any(files[p.file].kind == "builtin" or files[p.file].compression for u in todo for p in units[u])
     bar = tqdm(
         total=None if has_unknown_size else total,
         unit="B",
@@ -295,7 +309,7 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
             if pool is not None:
                 print(f"prep: {len(todo)} unit(s), chunks over {workers} workers", file=sys.stderr)
             for u in todo:
-                records[u] = run_unit(u, [(i, files[i]) for i in units[u]], cfg, out, vocab_size, pool, bar)
+                records[u] = run_unit(u, [(p, files[p.file]) for p in units[u]], cfg, out, vocab_size, pool, bar)
     except BrokenProcessPool:
         raise RunError(
             "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "

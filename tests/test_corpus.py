@@ -21,7 +21,7 @@ def read_all(
     opts = corpus.ParseOptions(read_size=read_size, **kw)
     pieces = []
     for i, f in enumerate(corpus.discover(paths, acc)):
-        for chunk in corpus.chunks(i, f, acc, opts, max_line_bytes):
+        for chunk in corpus.chunks(corpus.Part(i), f, acc, opts, max_line_bytes):
             parsed = corpus.parse(chunk, opts)
             pieces += parsed.pieces()
             acc.merge(parsed.account)
