@@ -1,6 +1,6 @@
 """Prep throughput: end-to-end ``bertforge prep`` against raw SentencePiece encoding, in one run.
 
-    python benchmarks/prep_throughput.py [--workers N] [--scale 1 4]
+    python benchmarks/prep_throughput.py [--workers N] [--scale 16 64] [--repeats 3]
 
 On the same text (the embedded python-docs corpus written out as .txt, repeated ``scale``
 times) it measures:
@@ -8,12 +8,15 @@ times) it measures:
 * raw encode: one process, ``SentencePieceProcessor.encode`` over the documents in memory
   (one thread): the work that cannot be avoided;
 * prep: ``bertforge prep --tokenizer ...`` end to end (reading, ``workers`` tokenizer
-  processes, packing, tar writing, manifest), in a fresh process, on two layouts of the same
-  text: one big file (the main process reads it and hands chunks to the workers) and one
-  file per copy (each worker reads, tokenizes and writes whole units);
+  processes, packing, tar writing, manifest), in a fresh process, on three layouts of the
+  same text: one big file as one unit (the main process reads it and hands chunks to the
+  workers), the same file cut into 16 MB ranges, and one file per copy (in both, each worker
+  reads, tokenizes and writes whole units while the main process waits);
 
 and prints MB/s of each and the ratio prep / (raw x workers), whose ceiling is 1.0 (goal:
-at least 0.9). It also prints the peak RSS (sampled every 20 ms) of the prep process and of
+at least 0.9). Beside it, raw encoding in ``workers`` processes at once shows what the cores
+give together (on a shared machine, often less than ``workers`` times one), and prep's share
+of that (vs xW) is what the pipeline itself loses. It also prints the peak RSS (sampled every 20 ms) of the prep process and of
 its largest worker for each scale: memory must stay flat as the corpus grows. Timings on a shared machine are
 noisy; the ratio, measured side by side, is the figure to compare.
 """
@@ -22,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -60,6 +66,37 @@ def raw_encode_mb_s(sp: spm.SentencePieceProcessor, docs: list[str]) -> float:
     return size / 1e6 / (time.perf_counter() - t0)
 
 
+_barrier = None
+
+
+def _init_share(barrier) -> None:  # noqa: ANN001 - a multiprocessing Barrier
+    global _barrier
+    _barrier = barrier
+
+
+def _encode_share(model: str, path: str) -> tuple[int, float]:
+    """One of W concurrent raw encoders: its share of the documents, timed once all are ready."""
+    sp = spm.SentencePieceProcessor(model_file=model)
+    docs = Path(path).read_text().split("\x1e")
+    _barrier.wait()
+    t0 = time.perf_counter()
+    for i in range(0, len(docs), 512):
+        sp.encode(docs[i : i + 512], num_threads=1)
+    return sum(len(d.encode()) for d in docs), time.perf_counter() - t0
+
+
+def raw_parallel_mb_s(tmp: Path, model: Path, docs: list[str], workers: int) -> float:
+    """Raw encode in ``workers`` processes at once: what this machine's cores give together."""
+    paths = []
+    for w in range(workers):
+        paths.append(tmp / f"share{w}.txt")
+        paths[-1].write_text("\x1e".join(docs[w::workers]))
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, ctx, _init_share, (ctx.Barrier(workers),)) as pool:
+        results = list(pool.map(_encode_share, [str(model)] * workers, map(str, paths)))
+    return sum(n for n, _ in results) / 1e6 / max(t for _, t in results)
+
+
 def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit_size: str) -> dict:
     """Run prep in a fresh process; sample the RSS of it and of its workers every 20 ms.
 
@@ -91,7 +128,8 @@ def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prep workers (default: all cores)")
-    ap.add_argument("--scale", type=int, nargs="+", default=[1, 4], help="corpus sizes, in copies of python-docs")
+    ap.add_argument("--scale", type=int, nargs="+", default=[16, 64], help="corpus sizes, in copies of python-docs")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept")
     args = ap.parse_args()
 
     docs = [text for _, text in builtin.python_docs()]
@@ -103,12 +141,10 @@ def main() -> None:
         sp = spm.SentencePieceProcessor(model_file=str(model))
         print(f"machine: {os.cpu_count()} cores; prep workers: {args.workers}; tokenizer: unigram 8192")
         print(
-            f"{'corpus':>7} {'layout':>9} {'MB':>6} {'raw MB/s':>9} {'prep MB/s':>10} {'ratio':>6} "
-            f"{'rss main MB':>12} {'rss worker MB':>14}"
+            f"{'corpus':>7} {'layout':>10} {'MB':>6} {'raw MB/s':>9} {'raw xW':>7} {'prep MB/s':>10} "
+            f"{'ratio':>6} {'vs xW':>6} {'rss main MB':>12} {'rss worker MB':>14}"
         )
         for scale in args.scale:
-            # one big file (the main process hands its chunks to the workers), or one file per
-            # copy, each its own unit (whole units go to the workers; the main process waits)
             single = tmp / f"corpus{scale}.txt"
             single.write_text("\n\n".join(docs * scale) + "\n")
             many = tmp / f"corpus{scale}"
@@ -117,17 +153,30 @@ def main() -> None:
                 (many / f"part{k:03d}.txt").write_text("\n\n".join(docs) + "\n")
             size_mb = single.stat().st_size / 1e6
             file_docs = single.read_text().split("\n\n")  # the documents prep will see
-            for layout, corpus, unit_size in (("1 file", single, "1GB"), (f"{scale} files", many, "1MB")):
-                raw = raw_encode_mb_s(sp, file_docs)
-                res = run_prep(tmp, corpus, tmp / f"out-{scale}-{unit_size}", args.workers, model, unit_size)
-                prep_rate = size_mb / res["seconds"]
-                raw = (raw + raw_encode_mb_s(sp, file_docs)) / 2  # measured on both sides of prep
+            layouts = (
+                ("1 file", single, "1GB"),  # one unit: the main process hands chunks to the workers
+                ("1 file/16M", single, "16MB"),  # cut into ranges of 16 MB: whole ranges to the workers
+                (f"{scale} files", many, "1MB"),  # one unit per file: whole files to the workers
+            )
+            for layout, corpus, unit_size in layouts:
+                # best of N, raw and prep interleaved: on a shared machine the best run is the one
+                # least disturbed, and interleaving exposes both to the same conditions
+                raw, raw_par, prep_rate, res = 0.0, 0.0, 0.0, {}
+                for rep in range(args.repeats):
+                    raw = max(raw, raw_encode_mb_s(sp, file_docs))
+                    raw_par = max(raw_par, raw_parallel_mb_s(tmp, model, file_docs, args.workers))
+                    out = tmp / f"out-{scale}-{unit_size}-{rep}"
+                    res_rep = run_prep(tmp, corpus, out, args.workers, model, unit_size)
+                    shutil.rmtree(out)
+                    if size_mb / res_rep["seconds"] > prep_rate:
+                        prep_rate, res = size_mb / res_rep["seconds"], res_rep
                 print(
-                    f"{scale:>6}x {layout:>9} {size_mb:>6.1f} {raw:>9.2f} {prep_rate:>10.2f} "
-                    f"{prep_rate / (raw * args.workers):>6.2f} {res['rss_main_mb']:>12.0f} "
-                    f"{res['rss_worker_mb']:>14.0f}"
+                    f"{scale:>6}x {layout:>10} {size_mb:>6.1f} {raw:>9.2f} {raw_par:>7.2f} {prep_rate:>10.2f} "
+                    f"{prep_rate / (raw * args.workers):>6.2f} {prep_rate / raw_par:>6.2f} "
+                    f"{res['rss_main_mb']:>12.0f} {res['rss_worker_mb']:>14.0f}"
                 )
         print("ratio = prep MB/s / (raw single-process MB/s x workers); ceiling 1.0, goal >= 0.9")
+        print("raw xW = raw encoding in W processes at once; vs xW = prep MB/s / raw xW")
 
 
 if __name__ == "__main__":
