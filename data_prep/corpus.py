@@ -290,7 +290,7 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def split_points(f: InputFile, unit_bytes: int) -> list[Part]:
+def split_points(index: int, f: InputFile, unit_bytes: int) -> list[Part]:
     """Cut a large uncompressed file into ranges of about ``unit_bytes`` at document starts.
 
     Reads the file once to count lines (for ``file:line`` locations) and a little around each
@@ -299,7 +299,7 @@ def split_points(f: InputFile, unit_bytes: int) -> list[Part]:
     cuts = []
     with open(f.path, "rb") as fh:
         if b"\x00" in fh.read(_SNIFF):
-            return [Part(-1)]  # binary: not split, skipped whole by chunks()
+            return [Part(index)]  # binary: not split, skipped whole by chunks()
         target = unit_bytes
         while target < f.size - unit_bytes // 2:
             cut = _next_start(fh, target, f.kind)
@@ -310,7 +310,7 @@ def split_points(f: InputFile, unit_bytes: int) -> list[Part]:
         parts, line, prev = [], 1, 0
         fh.seek(0)
         for cut in cuts + [None]:
-            parts.append(Part(-1, prev, cut, line))
+            parts.append(Part(index, prev, cut, line))
             if cut is not None:
                 line += _count_newlines(fh, prev, cut)
                 prev = cut
@@ -320,17 +320,18 @@ def split_points(f: InputFile, unit_bytes: int) -> list[Part]:
 def _next_start(fh: BinaryIO, target: int, kind: str) -> int | None:
     """The first document boundary at or after ``target``, or None before the end of file."""
     fh.seek(target)
-    buf = b""
+    base, buf = target, b""  # buf keeps a 4 KiB tail, so a separator across two reads is found
     while block := fh.read(1 << 20):
         buf += block
         if kind == "jsonl":
             i = buf.find(b"\n")
             if i >= 0:
-                return target + i + 1
+                return base + i + 1
         else:
             m = _SEP.search(buf)
             if m and m.end() < len(buf):
-                return target + m.start()
+                return base + m.start()
+        base, buf = base + max(0, len(buf) - 4096), buf[-4096:]
     return None
 
 

@@ -11,7 +11,6 @@ each task its own units.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +40,7 @@ def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[corp
     parts: list[corpus.Part] = []
     for i, f in enumerate(files):
         if f.kind != "builtin" and f.compression is None and f.size > 2 * unit_bytes:
-            parts.extend(dataclasses.replace(p, file=i) for p in corpus.split_points(f, unit_bytes))
+            parts.extend(corpus.split_points(i, f, unit_bytes))
         else:
             parts.append(corpus.Part(i))
     units: list[list[corpus.Part]] = [[]]
