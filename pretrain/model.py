@@ -1,0 +1,273 @@
+"""A BERT encoder for masked-language modelling. Imports torch only.
+
+Parameter names follow Hugging Face's ``BertForMaskedLM`` (``bert.embeddings.*``,
+``bert.encoder.layer.N.attention.self.query``, ``cls.predictions.*``), so that export is a
+mapping, not a rewrite. Attention goes through ``F.scaled_dot_product_attention`` (flash and
+memory-efficient kernels where the device has them); the input and output embeddings are
+tied; and the MLM head projects onto the vocabulary only at the positions asked for (the
+masked ones, 15% of tokens) rather than at every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label of a position that is not predicted (as in torch's cross_entropy)
+
+
+@dataclass
+class ModelConfig:
+    """The encoder's shape; ``vocab_size`` comes from the dataset's manifest."""
+
+    vocab_size: int = 32768
+    """Pieces in the tokenizer's vocabulary (the manifest's ``tokenizer.vocab_size``)."""
+
+    hidden_size: int = 768
+    """Width of every layer (BERT-base: 768)."""
+
+    num_layers: int = 12
+    """Transformer layers (BERT-base: 12)."""
+
+    num_heads: int = 12
+    """Attention heads; ``hidden_size`` must divide by it (BERT-base: 12 heads of 64)."""
+
+    intermediate_size: int = 3072
+    """Width of the feed-forward layer (BERT: 4 x hidden)."""
+
+    max_position: int = 512
+    """Learned position embeddings, the longest sequence the model can take."""
+
+    type_vocab_size: int = 2
+    """Segment (token type) embeddings: 2, as in BERT, so sentence-pair tasks can fine-tune."""
+
+    dropout: float = 0.1
+    """Dropout on embeddings, attention output and feed-forward output (BERT: 0.1)."""
+
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (BERT: 0.1)."""
+
+    pre_ln: bool = False
+    """LayerNorm before each sublayer (more stable at depth) instead of BERT's after."""
+
+    layer_norm_eps: float = 1e-12
+    """BERT's LayerNorm epsilon."""
+
+    initializer_range: float = 0.02
+    """Standard deviation of the normal initialisation (BERT: 0.02)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size {self.hidden_size} does not divide by model.num_heads {self.num_heads}"
+            )
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]  # all segment 0: no gather needed
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, h = x.shape
+
+        def heads(proj: nn.Linear) -> torch.Tensor:
+            return proj(x).view(b, t, self.num_heads, h // self.num_heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads(self.query),
+            heads(self.key),
+            heads(self.value),
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        return out.transpose(1, 2).reshape(b, t, h)
+
+
+class SelfOutput(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self = SelfAttention(cfg)
+        self.output = SelfOutput(cfg, cfg.hidden_size)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+
+class Layer(nn.Module):
+    """One transformer layer; post-LN (BERT) or pre-LN, with the same parameters either way."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = SelfOutput(cfg, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        att, ffn_in, ffn_out = self.attention.output, self.intermediate, self.output
+        if self.pre_ln:
+            x = x + att.dropout(att.dense(self.attention.self(att.LayerNorm(x), mask)))
+            return x + ffn_out.dropout(ffn_out.dense(F.gelu(ffn_in.dense(ffn_out.LayerNorm(x)))))
+        x = att.LayerNorm(x + att.dropout(att.dense(self.attention.self(x, mask))))
+        return ffn_out.LayerNorm(x + ffn_out.dropout(ffn_out.dense(F.gelu(ffn_in.dense(x)))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        # pre-LN needs a final norm; post-LN ends normalised already
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x if self.final_layer_norm is None else self.final_layer_norm(x)
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``(batch, seq, hidden)``; ``attention_mask`` is 1 for real tokens, 0 for padding."""
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):  # .all() syncs; packed data has no pad
+            mask = attention_mask[:, None, None, :].bool()  # broadcast over heads and queries
+        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+
+
+class PredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class LMPredictionHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = PredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decoder.weight = embeddings.weight  # tied input and output embeddings
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        t = self.transform
+        return self.decoder(t.LayerNorm(F.gelu(t.dense(hidden)))) + self.bias
+
+
+class MLMHeads(nn.Module):
+    def __init__(self, cfg: ModelConfig, embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.predictions = LMPredictionHead(cfg, embeddings)
+
+
+class BertForMaskedLM(nn.Module):
+    """The encoder with its MLM head, named as in Hugging Face (``bert.*``, ``cls.*``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        self.cls = MLMHeads(cfg, self.bert.embeddings.word_embeddings)
+        self.apply(self._init)
+
+    def _init(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Vocabulary logits: ``(n, vocab)`` at the flat ``positions`` (indices into batch x seq)
+        if given, else ``(batch, seq, vocab)`` at every position."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        if positions is None:
+            return self.cls.predictions(hidden)
+        return self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions])
+
+    def forward_loss(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean MLM cross-entropy over the positions whose label is not ``IGNORE_INDEX``.
+
+        Returns ``(loss, correct, count)``: the loss, and the number of right predictions and of
+        predicted positions (tensors, so that reading them costs no device sync here).
+        """
+        flat = labels.reshape(-1)
+        positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # nonzero syncs: its size is data-dependent
+        logits = self.forward(input_ids, attention_mask, positions=positions)
+        target = flat[positions]
+        loss = F.cross_entropy(logits.float(), target)
+        correct = (logits.argmax(-1) == target).sum()
+        return loss, correct, torch.tensor(len(positions), device=labels.device)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Parameters, counting the tied embedding once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, mask_fraction: float) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add),
+    counting the vocabulary projection only at the masked fraction of positions."""
+    h, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    per_layer = 2 * (4 * h * h + 2 * h * f) + 2 * 2 * seq_len * h  # projections + attention scores/values
+    head = mask_fraction * 2 * (h * h + h * cfg.vocab_size)
+    return 3 * (layers * per_layer + head)

@@ -1,0 +1,120 @@
+"""The model: the same logits as Hugging Face's BertForMaskedLM under the same weights, a head
+that projects only where asked, tied embeddings, and a file that imports torch alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.model import IGNORE_INDEX, BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
+from tests.conftest import REPO
+
+TINY = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=32)
+
+
+def hf_twin(model: BertForMaskedLM):
+    """A transformers BertForMaskedLM of the same shape holding our weights (a strict load)."""
+    from transformers import BertConfig
+    from transformers import BertForMaskedLM as HFBert
+
+    c = model.config
+    hf = HFBert(
+        BertConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            intermediate_size=c.intermediate_size,
+            max_position_embeddings=c.max_position,
+            type_vocab_size=c.type_vocab_size,
+            layer_norm_eps=c.layer_norm_eps,
+            hidden_act="gelu",
+        )
+    )
+    state = dict(model.state_dict())
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+def test_same_logits_as_transformers_with_padding() -> None:
+    torch.manual_seed(0)
+    model = BertForMaskedLM(TINY).eval()
+    hf = hf_twin(model)
+    ids = torch.randint(5, 300, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a padded tail
+    types = torch.zeros_like(ids)
+    types[:, 10:] = 1
+    with torch.no_grad():
+        ours = model(ids, mask, types)
+        theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-5)
+
+
+def test_head_projects_only_where_asked_and_loss_matches() -> None:
+    torch.manual_seed(1)
+    model = BertForMaskedLM(TINY).eval()
+    ids = torch.randint(5, 300, (2, 16))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 3], labels[1, 7], labels[1, 9] = 11, 22, 33
+    with torch.no_grad():
+        full = model(ids)
+        flat = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        picked = model(ids, positions=flat)
+        loss, correct, count = model.forward_loss(ids, labels)
+    assert picked.shape == (3, 300)
+    assert torch.allclose(picked, full.reshape(-1, 300)[flat], atol=1e-6)
+    expected = F.cross_entropy(full.reshape(-1, 300), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(loss, expected, atol=1e-6) and int(count) == 3
+    assert int(correct) == int((picked.argmax(-1) == labels.reshape(-1)[flat]).sum())
+
+
+def test_embeddings_are_tied_and_counted_once() -> None:
+    model = BertForMaskedLM(TINY)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert num_parameters(model) == sum(p.numel() for p in model.parameters())  # parameters() dedups too
+    assert num_parameters(model) < sum(p.numel() for p in model.state_dict().values())
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_trains_a_step_in_both_layer_norm_placements(pre_ln: bool) -> None:
+    torch.manual_seed(2)
+    model = BertForMaskedLM(ModelConfig(**{**TINY.__dict__, "pre_ln": pre_ln}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(5, 300, (4, 16))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, IGNORE_INDEX)
+    losses = []
+    for _ in range(5):
+        loss, _, _ = model.forward_loss(ids, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert (model.bert.encoder.final_layer_norm is not None) == pre_ln
+
+
+def test_bad_shape_names_the_keys() -> None:
+    with pytest.raises(ValueError, match="model.hidden_size 100 does not divide by model.num_heads 3"):
+        ModelConfig(hidden_size=100, num_heads=3)
+
+
+def test_flops_count_masked_positions_only() -> None:
+    mini = ModelConfig(vocab_size=32768, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
+    assert abs(flops_per_token(mini, seq_len=128, mask_fraction=0.15) / 27.9e6 - 1) < 0.01  # the issue's figure
+    assert flops_per_token(mini, 128, 1.0) > 2 * flops_per_token(mini, 128, 0.15)
+
+
+def test_model_file_imports_torch_alone() -> None:
+    code = (
+        "import sys; import pretrain.model; heavy = {'deepspeed', 'webdataset', 'transformers', 'sentencepiece'}; "
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
