@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from data_prep.config import TokenizerConfig
@@ -126,3 +127,13 @@ def sha256(path: str | Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def word_starts(sp: spm.SentencePieceProcessor) -> np.ndarray:
+    """A bool per vocabulary id: the piece begins a word ("▁..." or a special token).
+
+    Byte-fallback pieces count as continuations. Used by whole-word masking.
+    """
+    table = np.array([sp.id_to_piece(i).startswith("\u2581") for i in range(sp.vocab_size())])
+    table[: len(SPECIAL_TOKENS)] = True
+    return table
