@@ -35,6 +35,10 @@ class TokenizerConfig:
     """Lines drawn (reservoir sampling, seeded) from the whole input to train on: bounds the
     trainer's memory and time whatever the corpus size."""
 
+    sample_bytes: str = "2GB"
+    """Input read for the sample, taken evenly from the start of every unit: bounds the sample
+    pass's time on a corpus of any size (2 GB of text holds ~20M lines to draw from)."""
+
     max_line_chars: int = 4096
     """Sampled lines are cut to this length (SentencePiece's own per-sentence limit is 4192 bytes)."""
 
@@ -111,6 +115,7 @@ class PrepConfig:
             raise UserError(f"config key 'val_fraction': {self.val_fraction} is outside [0, 1)")
         for key in ("shard_size", "block_size", "unit_size", "read_size", "max_line_bytes"):
             parse_size(getattr(self, key), key)
+        parse_size(self.tokenizer.sample_bytes, "tokenizer.sample_bytes")
         if parse_size(self.read_size) < 1024:
             raise UserError(f"config key 'read_size': '{self.read_size}' is below 1KB")
         if self.workers < 0:

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -107,22 +108,32 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
     return False
 
 
-def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], out: Path) -> Path:
+def _sample_texts(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]]) -> Iterator[str]:
+    """Texts for the tokenizer's sample: the first ``tokenizer.sample_bytes / units`` bytes of
+    every unit, so that the pass is bounded in time as well as memory, and spread over the input."""
+    scratch = corpus.Account(strict=cfg.strict)  # the real account is kept by the main pass
+    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
+    per_unit = max(opts.read_size, parse_size(cfg.tokenizer.sample_bytes) // max(1, len(units)))
+    for unit in units:
+        taken = 0
+        for part in unit:
+            for chunk in corpus.chunks(part, files[part.file], scratch, opts, max_line):
+                yield from corpus.parse(chunk, opts).texts
+                taken += len(chunk.data) if isinstance(chunk.data, bytes) else sum(len(t) for _, t in chunk.data)
+                if taken >= per_unit:
+                    break
+            if taken >= per_unit:
+                break
+
+
+def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path) -> Path:
     """Reuse ``--tokenizer`` or the one a previous run trained, else train one on a sample."""
     path = out / manifest.TOKENIZER
     if cfg.tokenizer.path:
         _atomic_write(path, Path(cfg.tokenizer.path).read_bytes())
     elif not path.is_file():
         t0 = time.perf_counter()
-        scratch = corpus.Account(strict=cfg.strict)  # the real account is kept by the main pass
-        opts = _parse_options(cfg)
-        pieces = (
-            p
-            for i, f in enumerate(files)
-            for chunk in corpus.chunks(corpus.Part(i), f, scratch, opts, parse_size(cfg.max_line_bytes))
-            for p in corpus.parse(chunk, opts).texts
-        )
-        lines = tokenizer.sample_lines(pieces, cfg.tokenizer)
+        lines = tokenizer.sample_lines(_sample_texts(cfg, files, units), cfg.tokenizer)
         print(
             f"prep: training a {cfg.tokenizer.type.value} tokenizer ({cfg.tokenizer.vocab_size} pieces) "
             f"on {len(lines):,} sampled lines",
@@ -273,9 +284,9 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
         print(manifest.summary(man))
         return man
     _remove_partial(out)
-    tok_path = _tokenizer(cfg, files, out)
-    vocab_size = spm.SentencePieceProcessor(model_file=str(tok_path)).vocab_size()
     units = plan_units(files, parse_size(cfg.unit_size))
+    tok_path = _tokenizer(cfg, files, units, out)
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tok_path)).vocab_size()
     records = _finished_units(out, len(units))
     if records:
         print(f"prep: resuming: {len(records)} of {len(units)} units already done", file=sys.stderr)

@@ -401,3 +401,17 @@ def test_a_large_file_is_cut_into_ranges_at_document_starts(tmp_path, docs, sp_m
         assert acc["documents"]["read"] == len(docs) + 1
     else:
         assert acc["documents"]["read"] == len(docs)
+
+
+def test_tokenizer_sample_pass_is_bounded(tmp_path, corpus) -> None:
+    import re
+
+    root, _ = corpus
+    counts = []
+    for name, extra in (("all", []), ("bounded", ["tokenizer.sample_bytes=40KB", "read_size=4KB"])):
+        r = prep(
+            "--input", str(root), "--output", str(tmp_path / name), "--vocab-size", "500", "unit_size=30KB", *extra
+        )
+        assert r.returncode == 0, r.stderr
+        counts.append(int(re.search(r"on ([\d,]+) sampled lines", r.stderr).group(1).replace(",", "")))
+    assert counts[1] < counts[0] / 2  # read a little of every unit, not the whole input
