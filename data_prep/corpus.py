@@ -382,8 +382,12 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
         if b"\x00" in head and not part.start:
             account.skip_file("binary_file", f.path)
             return
-        cut = _txt_chunks if f.kind == "txt" else _jsonl_chunks
-        yield from cut(index, f, head, stream, account, opts, max_line_bytes, state, part.start, part.line)
+        if f.kind == "txt":
+            yield from _txt_chunks(index, f, head, stream, opts.read_size, state, part.start, part.line)
+        else:
+            yield from _jsonl_chunks(
+                index, f, head, stream, account, opts.read_size, max_line_bytes, state, part.start, part.line
+            )
     except (EOFError, OSError, zstandard.ZstdError) as err:
         account.skip_file("corrupt_or_truncated", f"{f.path} ({type(err).__name__}: {err})")
         return
@@ -413,19 +417,9 @@ def _fill(buf: bytes, stream: BinaryIO, size: int) -> tuple[bytes, bool]:
 
 
 def _txt_chunks(
-    index: int,
-    f: InputFile,
-    head: bytes,
-    stream: BinaryIO,
-    account: Account,
-    opts: ParseOptions,
-    max_line_bytes: int,
-    state: dict[str, bool],
-    offset: int,
-    line: int,
+    index: int, f: InputFile, head: bytes, stream: BinaryIO, size: int, state: dict[str, bool], offset: int, line: int
 ) -> Iterator[Chunk]:
     """Chunks that end at a blank line, or inside a document longer than a chunk (``open_end``)."""
-    size = opts.read_size
     buf, cont, eof = head, None, False
     while buf or not eof:
         buf, eof = _fill(buf, stream, size + 1) if not eof else (buf, eof)
@@ -494,14 +488,13 @@ def _jsonl_chunks(
     head: bytes,
     stream: BinaryIO,
     account: Account,
-    opts: ParseOptions,
+    size: int,
     max_line_bytes: int,
     state: dict[str, bool],
     offset: int,
     line: int,
 ) -> Iterator[Chunk]:
     """Chunks of whole lines; a line over ``max_line_bytes`` is skipped and counted, never held."""
-    size = opts.read_size
     buf, eof = head, False
     while True:
         if not eof:
