@@ -256,6 +256,11 @@ class Chunk:
     cont: tuple[int, int] | None = None  # (doc_key, line) of the document data[0] continues, if any
     open_end: bool = False  # the last document goes on in the next chunk
 
+    @property
+    def nbytes(self) -> int:
+        """Input bytes the chunk holds (characters, for the builtin corpus)."""
+        return len(self.data) if isinstance(self.data, bytes) else sum(len(t) for _, t in self.data)
+
 
 @dataclass(frozen=True)
 class Part:

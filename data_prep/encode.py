@@ -1,7 +1,7 @@
 """The tokenizer workers' side of prep: a chunk of raw input in, train and val token streams out.
 
 Kept apart from the rest of prep so that a worker process imports only numpy, sentencepiece
-and the corpus parser (webdataset pulls in torch, which costs seconds per worker).
+and the corpus parser, never webdataset (which pulls in torch: seconds per worker).
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_prep.corpus import Account, Chunk, ParseOptions, parse
-
-SEP_ID = 3  # data_prep.tokenizer.SEP_ID (not imported: the tokenizer module pulls in more)
+from data_prep.tokenizer import SEP_ID
 
 _sp: spm.SentencePieceProcessor | None = None
 _dtype: np.dtype | None = None
@@ -34,7 +33,7 @@ def encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Account, int]:
     doc = parse(chunk, _opts)
     if not doc.texts:
         empty = np.empty(0, _dtype)
-        return empty, empty, doc.account, _size(chunk)
+        return empty, empty, doc.account, chunk.nbytes
     ids = _sp.encode(doc.texts, return_type="numpy", num_threads=1)  # one core per worker
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     lasts = np.asarray(doc.lasts)
@@ -43,8 +42,4 @@ def encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Account, int]:
     flat = np.insert(flat, np.cumsum(lengths)[lasts], SEP_ID).astype(_dtype)
     to_val = np.repeat(doc.vals, lengths + lasts)
     train, val = flat[~to_val], flat[to_val]
-    return train, val, doc.account, _size(chunk)
-
-
-def _size(chunk: Chunk) -> int:
-    return len(chunk.data) if isinstance(chunk.data, bytes) else sum(len(t) for _, t in chunk.data)
+    return train, val, doc.account, chunk.nbytes

@@ -119,7 +119,7 @@ def _sample_texts(cfg: PrepConfig, files: list[corpus.InputFile], units: list[li
         for part in unit:
             for chunk in corpus.chunks(part, files[part.file], scratch, opts, max_line):
                 yield from corpus.parse(chunk, opts).texts
-                taken += len(chunk.data) if isinstance(chunk.data, bytes) else sum(len(t) for _, t in chunk.data)
+                taken += chunk.nbytes
                 if taken >= per_unit:
                     break
             if taken >= per_unit:

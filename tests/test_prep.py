@@ -415,3 +415,13 @@ def test_tokenizer_sample_pass_is_bounded(tmp_path, corpus) -> None:
         assert r.returncode == 0, r.stderr
         counts.append(int(re.search(r"on ([\d,]+) sampled lines", r.stderr).group(1).replace(",", "")))
     assert counts[1] < counts[0] / 2  # read a little of every unit, not the whole input
+
+
+def test_prep_imports_neither_torch_nor_deepspeed() -> None:
+    """data_prep never imports torch.distributed or deepspeed; its workers skip torch entirely."""
+    code = (
+        "import sys; import data_prep.prep, data_prep.encode; "
+        "print(sorted({'torch', 'deepspeed', 'webdataset'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
