@@ -177,7 +177,9 @@ def read_blocks(path: str | Path) -> Iterator[np.ndarray]:
     """The blocks of one shard, in order, read back through webdataset."""
     import webdataset as wds
 
-    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode():
+    # No node or worker splitting: the caller decides who reads which shard.
+    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+    for sample in dataset.decode():
         yield sample[MEMBER_SUFFIX]
 
 

@@ -1,0 +1,111 @@
+"""The shard reader: an endless, deterministic stream of masked batches for one rank.
+
+Every shard of the manifest is read by exactly one *slot* (a loader worker of a rank; there are
+``world x num_workers`` slots). The shard order is a seeded permutation per epoch, and the
+epochs are laid end to end, so slot ``s`` reads shards ``s, s + S, s + 2S, ...`` of that endless
+sequence: no slot ever starves, whatever the shard count, and every shard of an epoch is read
+once before any is read again. Inside a shard the sequences are shuffled with a seeded
+permutation (the shuffle buffer is the shard: ``block_size`` x the blocks of one shard).
+
+Batches are masked with a generator seeded by (seed, slot, batch number), so the stream is a
+pure function of the config and of how many batches were taken. That is all a resume needs:
+given the number of batches this rank consumed, each worker skips whole shards by their
+sequence counts from the manifest, reads at most the one shard it stops inside, and goes on
+with exactly the samples and masks the uninterrupted run would have produced.
+
+torch's DataLoader takes its batch ``i`` from worker ``i % num_workers`` (for an
+``IterableDataset`` with ``batch_size=None``); the roles of the workers are rotated on resume so
+that this order continues the interrupted one. A resume must keep ``world`` and ``num_workers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep import manifest as manifests
+from data_prep.shards import read_blocks
+from pretrain.masking import MaskingConfig, mask_batch
+
+
+class ShardStream(IterableDataset):
+    """Masked ``(input_ids, labels)`` batches of ``batch_size`` sequences for one rank, forever."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        split: str,
+        rank: int,
+        world: int,
+        num_workers: int,
+        batch_size: int,
+        seed: int,
+        masking: MaskingConfig,
+        vocab_size: int,
+        word_start: np.ndarray | None = None,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        man = manifests.load(self.folder)
+        self.shards = [(s["path"], s["sequences"]) for s in man["splits"][split]["shards"] if s["sequences"]]
+        if not self.shards:
+            raise ValueError(f"{self.folder}: the {split} split has no sequences")
+        self.rank, self.world, self.num_workers = rank, world, num_workers
+        self.batch_size, self.seed, self.masking = batch_size, seed, masking
+        self.vocab_size, self.word_start, self.start_batch = vocab_size, word_start, start_batch
+
+    def _shard_at(self, k: int) -> int:
+        """Index of the ``k``-th shard of the endless sequence of seeded epoch permutations."""
+        epoch, i = divmod(k, len(self.shards))
+        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))[i])
+
+    def slot_samples(self, slot: int, slots: int, skip: int) -> Iterator[np.ndarray]:
+        """The sequences slot ``slot`` of ``slots`` reads, after skipping the first ``skip``."""
+        k = slot
+        while True:
+            index = self._shard_at(k)
+            path, count = self.shards[index]
+            if skip >= count:  # skipped whole, by its count in the manifest: never read
+                skip -= count
+            else:
+                seqs = np.concatenate(list(read_blocks(self.folder / path)))
+                order = np.random.default_rng([self.seed, k, 1]).permutation(len(seqs))
+                for i in order[skip:]:
+                    yield seqs[i]
+                skip = 0
+            k += slots
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        workers = info.num_workers if info is not None else 1
+        # The loader takes its i-th batch from worker i % workers, and its i-th batch is the rank's
+        # batch start_batch + i: so worker w plays the part of the worker that gave batch start_batch + w.
+        role = (worker + self.start_batch) % workers
+        slot, slots = self.rank * workers + role, self.world * workers
+        done = (self.start_batch - role + workers - 1) // workers  # batches this role already gave
+        samples = self.slot_samples(slot, slots, done * self.batch_size)
+        n = done
+        while True:
+            ids = np.stack([next(samples) for _ in range(self.batch_size)])
+            rng = np.random.default_rng([self.seed, slot, n, 2])
+            inputs, labels = mask_batch(ids, rng, self.masking, self.vocab_size, self.word_start)
+            yield torch.from_numpy(inputs), torch.from_numpy(labels)
+            n += 1
+
+
+def build_loader(stream: ShardStream) -> DataLoader:
+    """A DataLoader over the stream's workers (batches are formed in the workers)."""
+    workers = stream.num_workers
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
