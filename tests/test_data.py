@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from data_prep.shards import read_blocks
 from pretrain.data import ShardStream, build_loader
 from pretrain.masking import MaskingConfig
 from tests.conftest import run_cli
@@ -51,8 +52,6 @@ def test_each_epoch_reads_every_sequence_once_over_all_slots(dataset) -> None:
     slots = 3
     everything = Counter()
     for path, _ in s.shards:
-        from data_prep.shards import read_blocks
-
         for block in read_blocks(dataset / path):
             everything.update(map(bytes, block))
     seen = Counter()
