@@ -68,6 +68,8 @@ def load_config(
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise UserError(_one_line(err, "")) from None
+    except ValueError as err:  # a dataclass's own check (__post_init__), which names its key
+        raise UserError(f"{path or 'config'}: {err}") from None
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,9 +9,10 @@ import pytest
 from data_prep.config import PrepConfig, parse_size
 from data_prep.errors import UserError
 from launch.config import load_config, to_yaml
+from pretrain.config import PretrainConfig, accumulation_steps, deepspeed_config
 from tests.conftest import REPO, run_cli
 
-SCHEMAS = {"prep": PrepConfig}
+SCHEMAS = {"prep": PrepConfig, "pretrain": PretrainConfig}
 
 
 @pytest.mark.parametrize(
@@ -102,3 +103,42 @@ def test_cli_bad_usage_is_one_line_exit_2(tmp_path: Path, args: list[str], needl
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bertforge: error:") and needle in lines[0], r.stderr
     assert not (REPO / "x").exists()
+
+
+def test_pretrain_contract_keys_exist_with_their_types() -> None:
+    overrides = [
+        "data.path=d",
+        "run.dir=r",
+        "train.max_steps=7",
+        "train.precision=fp16",
+        "train.zero_stage=3",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=8",
+        "optim.lr=2e-4",
+        "checkpoint.every=3",
+        "log.every=2",
+        "eval.every=4",
+    ]
+    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml", overrides)
+    assert (cfg.data.path, cfg.run.dir, cfg.train.max_steps, cfg.train.precision.value) == ("d", "r", 7, "fp16")
+    assert (cfg.train.zero_stage, cfg.train.global_batch_size, cfg.optim.lr, cfg.eval.every) == (3, 64, 2e-4, 4)
+    with pytest.raises(UserError, match="'train.precision'"):
+        load_config(PretrainConfig, None, ["train.precision=fp8"])
+    with pytest.raises(UserError, match="model.hidden_size 100 does not divide by model.num_heads 3"):
+        load_config(PretrainConfig, None, ["model.hidden_size=100", "model.num_heads=3"])
+
+
+def test_deepspeed_config_is_derived_with_a_passthrough() -> None:
+    cfg = load_config(
+        PretrainConfig,
+        REPO / "configs/pretrain/tiny.yaml",
+        ["train.precision=fp16", "deepspeed.zero_optimization.offload_optimizer.device=cpu"],
+    )
+    ds = deepspeed_config(cfg, world=2)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 1 == accumulation_steps(cfg.train, 2)
+    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
+    assert deepspeed_config(cfg, world=1)["gradient_accumulation_steps"] == 2
+    with pytest.raises(UserError, match="'train.global_batch_size' \\(16\\) must be a multiple"):
+        deepspeed_config(cfg, world=3)

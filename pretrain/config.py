@@ -1,0 +1,196 @@
+"""The pretraining stage's typed configuration (``bertforge pretrain``; presets in ``configs/pretrain/``).
+
+The keys ``data.path``, ``run.dir``, ``train.max_steps``, ``train.precision``,
+``train.zero_stage``, ``train.global_batch_size``, ``train.micro_batch_size``, ``optim.lr``,
+``checkpoint.every``, ``log.every`` and ``eval.every`` are a contract: docs and scripts rely on
+them. The DeepSpeed config is derived from this one (:func:`deepspeed_config`), with a
+``deepspeed:`` passthrough for expert keys, never kept as a second hand-written JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from data_prep.errors import UserError
+from pretrain.masking import MaskingConfig
+from pretrain.model import ModelConfig
+
+
+class Precision(Enum):
+    """Training number formats."""
+
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Schedule(Enum):
+    """Learning-rate decay after warmup."""
+
+    linear = "linear"
+    cosine = "cosine"
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read."""
+
+    path: str = ""
+    """The dataset folder written by ``bertforge prep`` (its manifest sets the vocabulary)."""
+
+    num_workers: int = 2
+    """Loader worker processes per rank; a resume must keep the same number."""
+
+    seed: int = 0
+    """Seed of the shard order, the in-shard shuffle and the masks."""
+
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch and numerics."""
+
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+
+    precision: Precision = Precision.bf16
+    """bf16 (the default on GPUs and on CPUs with AVX512-BF16), fp16 with dynamic loss scaling
+    (older GPUs), or fp32."""
+
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (and
+    gradients), 3 (and parameters)."""
+
+    global_batch_size: int = 256
+    """Sequences per optimizer step over all ranks (BERT: 256 at seq 512)."""
+
+    micro_batch_size: int = 32
+    """Sequences per rank per forward pass; gradient accumulation makes up the rest."""
+
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 turns it off)."""
+
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass: less memory, ~30% more compute."""
+
+    max_bad_steps: int = 5
+    """Non-finite losses in a row that stop the run (each one skips its step and is counted)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule."""
+
+    lr: float = 5e-4
+    """Peak learning rate, reached after warmup (RoBERTa-base: 6e-4 at batch 8k)."""
+
+    weight_decay: float = 0.01
+    """Decoupled weight decay, not applied to biases and LayerNorm weights."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas; 0.98 as in RoBERTa, steadier at large batch."""
+
+    eps: float = 1e-6
+    """Adam epsilon (RoBERTa: 1e-6)."""
+
+    warmup_steps: int = 100
+    """Linear warmup from 0 to ``lr``."""
+
+    schedule: Schedule = Schedule.linear
+    """Decay from ``lr`` to ``lr * min_lr_ratio`` at ``train.max_steps``."""
+
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a share of the peak."""
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save, and how many to keep."""
+
+    every: int = 500
+    """Save every this many steps (and at the end)."""
+
+    keep: int = 3
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+
+
+@dataclass
+class LogConfig:
+    """Console and TensorBoard logging."""
+
+    every: int = 10
+    """Log every this many steps (a loss read is a device sync: not every step)."""
+
+    peak_tflops: float = 0.0
+    """Peak matmul TFLOP/s for MFU; 0 means measure it at start (CPU) or use the GPU's table value."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on the val shards, with fixed masks so runs compare."""
+
+    every: int = 200
+    """Evaluate every this many steps (and at the end); 0 turns it off."""
+
+    batches: int = 20
+    """Val batches per evaluation."""
+
+
+@dataclass
+class RunConfig:
+    """The run folder: resolved config, TensorBoard events, checkpoints."""
+
+    dir: str = "runs/default"
+    """Restarting on the same folder resumes from its ``latest`` checkpoint."""
+
+
+@dataclass
+class PretrainConfig:
+    """``bertforge pretrain``: MLM pretraining of a BERT encoder with DeepSpeed."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Expert DeepSpeed keys merged over the derived config (offload, communication, ...)."""
+
+
+def accumulation_steps(train: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step on each rank; refuses a batch that does not divide."""
+    per_step = train.micro_batch_size * world
+    if train.micro_batch_size < 1 or train.global_batch_size % per_step:
+        raise UserError(
+            f"config key 'train.global_batch_size' ({train.global_batch_size}) must be a multiple of "
+            f"'train.micro_batch_size' ({train.micro_batch_size}) x ranks ({world})"
+        )
+    return train.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: PretrainConfig, world: int) -> dict:
+    """The DeepSpeed config, derived from the typed config, with ``cfg.deepspeed`` merged over it."""
+    train = cfg.train
+    if train.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"config key 'train.zero_stage': {train.zero_stage} is not 0, 1, 2 or 3")
+    derived = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(train, world),
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision is Precision.bf16},
+        # loss_scale 0 = dynamic loss scaling, starting at 2^16 and halving on overflow
+        "fp16": {"enabled": train.precision is Precision.fp16, "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,  # our own logger prints; DeepSpeed's would repeat it
+        "wall_clock_breakdown": False,
+    }
+    return OmegaConf.to_container(OmegaConf.merge(derived, cfg.deepspeed))
