@@ -674,11 +674,11 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
     return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where)
 
 
-def _decode(data: bytes, i: int, where: Callable[[int], str], account: Account) -> str:
+def _decode(data: bytes, location: str, account: Account) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        account.docs_repaired.add(where(i))
+        account.docs_repaired.add(location)
         return data.decode("utf-8", "replace")
 
 
@@ -699,7 +699,7 @@ def _jsonl_docs(chunk: Chunk, account: Account, opts: ParseOptions) -> Iterator[
 def _json_text(raw: bytes, location: str, account: Account, text_field: str) -> str | None:
     """The document text of one JSON line, or None (counted under a reason) when it has none."""
     try:
-        obj = json.loads(_decode(raw, 0, lambda _: location, account))
+        obj = json.loads(_decode(raw, location, account))
     except json.JSONDecodeError:
         account.skip_doc("invalid_json", location)
         return None

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import sentencepiece as spm
-
 from data_prep import builtin, tokenizer
 from data_prep.config import PrepConfig
 from data_prep.corpus import Account, InputFile
@@ -31,7 +29,9 @@ def output_config(cfg: PrepConfig) -> dict:
     return d
 
 
-def build(cfg: PrepConfig, files: list[InputFile], discovered: Account, units: list[dict], tok_path: Path) -> dict:
+def build(
+    cfg: PrepConfig, files: list[InputFile], discovered: Account, units: list[dict], tok_path: Path, vocab_size: int
+) -> dict:
     """Join the units' records, in order, into the manifest."""
     account = Account()
     account.merge(discovered)
@@ -40,16 +40,15 @@ def build(cfg: PrepConfig, files: list[InputFile], discovered: Account, units: l
         account.merge(Account.from_dict(unit["input"]))
         for name in splits:
             splits[name].extend(unit["splits"][name])
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     return {
         "format": FORMAT,
         "seq_len": cfg.seq_len,
-        "dtype": token_dtype(sp.vocab_size()).name,
+        "dtype": token_dtype(vocab_size).name,
         "tokenizer": {
             "file": TOKENIZER,
             "sha256": tokenizer.sha256(tok_path),
             "type": cfg.tokenizer.type.value if not cfg.tokenizer.path else "given",
-            "vocab_size": sp.vocab_size(),
+            "vocab_size": vocab_size,
             "special_ids": tokenizer.special_ids(),
         },
         "splits": {

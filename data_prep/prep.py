@@ -23,7 +23,6 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep import corpus, encode, manifest, tokenizer
@@ -142,7 +141,6 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[
         model = tokenizer.train(lines, cfg.tokenizer)
         _atomic_write(path, model)
         print(f"prep: tokenizer trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    tokenizer.load(path)
     return path
 
 
@@ -286,7 +284,7 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
     _remove_partial(out)
     units = plan_units(files, parse_size(cfg.unit_size))
     tok_path = _tokenizer(cfg, files, units, out)
-    vocab_size = spm.SentencePieceProcessor(model_file=str(tok_path)).vocab_size()
+    vocab_size = tokenizer.load(tok_path).vocab_size()  # also checks the special ids
     records = _finished_units(out, len(units))
     if records:
         print(f"prep: resuming: {len(records)} of {len(units)} units already done", file=sys.stderr)
@@ -329,7 +327,7 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
         bar.close()
         if pool is not None:
             pool.shutdown(wait=sys.exc_info()[0] is None, cancel_futures=True)
-    man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path)
+    man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path, vocab_size)
     _atomic_write(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
     _atomic_write(out / "prep_config.yaml", to_yaml(cfg))
     print(manifest.summary(man, seconds=time.perf_counter() - t0))

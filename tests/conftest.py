@@ -24,6 +24,21 @@ def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProce
     )
 
 
+def run_prep(*args: str, **kw) -> subprocess.CompletedProcess:
+    """``bertforge prep --no-progress ARGS``."""
+    return run_cli("prep", "--no-progress", *args, **kw)
+
+
+def heavy_imports(modules: str, heavy: set[str]) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after importing ``modules``."""
+    code = (
+        f"import json, sys; import {modules}; "
+        f"print(json.dumps(sorted(set({sorted(heavy)!r}) & {{m.split('.')[0] for m in sys.modules}})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(out.stdout)
+
+
 def split_at_sep(tokens: list[int]) -> list[list[int]]:
     """Token ids of packed sequences (with [CLS] and [PAD] removed) cut back into documents."""
     from data_prep.tokenizer import SEP_ID

@@ -12,16 +12,14 @@ import pytest
 from data_prep.shards import read_blocks
 from pretrain.data import ShardStream, build_loader
 from pretrain.masking import MaskingConfig
-from tests.conftest import run_cli
+from tests.conftest import run_prep
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, corpus, sp_model):
     root, _ = corpus
     out = tmp_path_factory.mktemp("data") / "ds"
-    r = run_cli(
-        "prep",
-        "--no-progress",
+    r = run_prep(
         "--input",
         str(root),
         "--output",

@@ -3,15 +3,12 @@ that projects only where asked, tied embeddings, and a file that imports torch a
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pretrain.model import IGNORE_INDEX, BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
-from tests.conftest import REPO
+from tests.conftest import heavy_imports
 
 TINY = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=32)
 
@@ -112,9 +109,4 @@ def test_flops_count_masked_positions_only() -> None:
 
 
 def test_model_file_imports_torch_alone() -> None:
-    code = (
-        "import sys; import pretrain.model; heavy = {'deepspeed', 'webdataset', 'transformers', 'sentencepiece'}; "
-        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_imports("pretrain.model", {"deepspeed", "webdataset", "transformers", "sentencepiece"}) == []

@@ -18,12 +18,9 @@ import sentencepiece as spm
 
 from data_prep.shards import read_blocks
 from data_prep.tokenizer import CLS_ID, PAD_ID
-from tests.conftest import REPO, run_cli, split_at_sep
+from tests.conftest import REPO, heavy_imports, run_cli, run_prep, split_at_sep
 
-
-def prep(*args: str, **kw) -> subprocess.CompletedProcess:
-    r = run_cli("prep", "--no-progress", *args, **kw)
-    return r
+prep = run_prep  # the command under test, as a user types it
 
 
 def shard_docs(out: Path, split: str = "train") -> list[list[int]]:
@@ -419,9 +416,4 @@ def test_tokenizer_sample_pass_is_bounded(tmp_path, corpus) -> None:
 
 def test_prep_imports_neither_torch_nor_deepspeed() -> None:
     """data_prep never imports torch.distributed or deepspeed; its workers skip torch entirely."""
-    code = (
-        "import sys; import data_prep.prep, data_prep.encode; "
-        "print(sorted({'torch', 'deepspeed', 'webdataset'} & {m.split('.')[0] for m in sys.modules}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_imports("data_prep.prep, data_prep.encode", {"torch", "deepspeed", "webdataset"}) == []
