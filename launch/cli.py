@@ -117,6 +117,68 @@ def _run_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="MLM pretraining with DeepSpeed ZeRO on the shards of bertforge prep",
+        description="Train a BERT encoder on DIR's shards (config key data.path) with DeepSpeed. "
+        "Started bare it runs --nproc ranks on this machine; under deepspeed, torchrun or srun it "
+        "takes its rank from the environment. Restarting on the same run.dir resumes from its latest "
+        "checkpoint. SIGTERM/SIGUSR1/SIGINT: finish the step, save, exit 0.",
+    )
+    p.add_argument(
+        "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="e.g. configs/pretrain/tiny.yaml optim.lr=2e-4"
+    )
+    p.add_argument("--nproc", type=int, metavar="N", help="ranks to start on this machine (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(ns: argparse.Namespace) -> int:
+    from launch import env, local
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.trainer import resolve
+
+    config, overrides = _split_positional(ns.args)
+    cfg = load_config(PretrainConfig, config, overrides)
+    ranks = env.detect()
+    if ranks.launcher != "none" and ns.nproc is not None:
+        raise UserError(f"--nproc is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
+    nproc = ns.nproc or 1
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be at least 1")
+    resolve(cfg, ranks.world if ranks.launcher != "none" else nproc)  # every check before a rank starts
+    progress = not ns.no_progress and sys.stderr.isatty()
+    if ranks.launcher == "none" and nproc > 1:
+        return local.run(["pretrain", *ns.args, *(["--no-progress"] if not progress else [])], nproc)
+    env.export(ranks)
+    from pretrain.trainer import train
+
+    return train(cfg, progress=progress)
+
+
+def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "consolidate",
+        help="gather a checkpoint's ZeRO shards into one fp32 safetensors file",
+        description="Write RUN/checkpoints/step_N/model.safetensors (fp32, ZeRO shards gathered, the tied "
+        "decoder weight left out) and model_config.json, from the latest checkpoint or --step N.",
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a run folder (config key run.dir of bertforge pretrain)")
+    p.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N (default: latest)")
+    p.add_argument("--output", metavar="FILE", help="where to write (default: inside the checkpoint folder)")
+    p.set_defaults(func=_run_consolidate)
+
+
+def _run_consolidate(ns: argparse.Namespace) -> int:
+    from pretrain.trainer import consolidate
+
+    path = consolidate(Path(ns.run_dir), ns.step, Path(ns.output) if ns.output else None)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bertforge`` argument parser with every subcommand."""
     parser = _Parser(prog="bertforge", description="Pretrain BERT-style encoders at cluster scale.")
@@ -124,13 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _prep_parser(sub)
     _inspect_parser(sub)
+    _pretrain_parser(sub)
+    _consolidate_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bertforge`` console script; returns the exit code."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    # argparse stops a nargs="*" positional at the first option: overrides after options land here
+    unknown = [x for x in extra if x.startswith("-") or not hasattr(ns, "args")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        ns.args = [*ns.args, *extra]
     try:
         return ns.func(ns)
     except UserError as err:

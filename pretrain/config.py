@@ -45,6 +45,12 @@ class DataConfig:
     num_workers: int = 2
     """Loader worker processes per rank; a resume must keep the same number."""
 
+    seq_len: int = 0
+    """Tokens per sequence; 0 takes the manifest's (a value given here must agree with it)."""
+
+    tokenizer_sha256: str = ""
+    """If set, the manifest's tokenizer checksum must equal it (pins a run to one tokenizer)."""
+
     seed: int = 0
     """Seed of the shard order, the in-shard shuffle and the masks."""
 
@@ -79,7 +85,18 @@ class TrainConfig:
     """Recompute each layer's activations in the backward pass: less memory, ~30% more compute."""
 
     max_bad_steps: int = 5
-    """Non-finite losses in a row that stop the run (each one skips its step and is counted)."""
+    """Non-finite losses in a row that stop the run. Each one skips its micro-batch on every rank
+    (with one micro-batch per step, the step) and is counted in ``train/bad_steps``."""
+
+    exit_at_step: int = 0
+    """Stop at this step, saving a checkpoint, as a stop signal would (0: never). Splits a run into
+    jobs that fit a time limit; the schedule still runs to ``max_steps``."""
+
+    seed: int = 0
+    """Seed of the weight initialisation (the same on every rank) and of dropout (per rank)."""
+
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (slower start, faster steps)."""
 
 
 @dataclass
@@ -127,7 +144,8 @@ class LogConfig:
     """Log every this many steps (a loss read is a device sync: not every step)."""
 
     peak_tflops: float = 0.0
-    """Peak matmul TFLOP/s for MFU; 0 means measure it at start (CPU) or use the GPU's table value."""
+    """Peak matmul TFLOP/s per rank for MFU; 0 measures it at start (a large matrix product in the
+    run's precision on each rank, so on a CPU it is the share of the cores a rank has)."""
 
 
 @dataclass
@@ -138,7 +156,10 @@ class EvalConfig:
     """Evaluate every this many steps (and at the end); 0 turns it off."""
 
     batches: int = 20
-    """Val batches per evaluation."""
+    """Val batches per rank per evaluation (of ``train.micro_batch_size`` sequences)."""
+
+    seed: int = 0
+    """Seed of the val masks, fixed apart from ``data.seed`` so that runs compare."""
 
 
 @dataclass
@@ -190,6 +211,7 @@ def deepspeed_config(cfg: PretrainConfig, world: int) -> dict:
         "bf16": {"enabled": train.precision is Precision.bf16},
         # loss_scale 0 = dynamic loss scaling, starting at 2^16 and halving on overflow
         "fp16": {"enabled": train.precision is Precision.fp16, "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW on CPU: DeepSpeed tests only its own
         "steps_per_print": 2**31 - 1,  # our own logger prints; DeepSpeed's would repeat it
         "wall_clock_breakdown": False,
     }

@@ -108,4 +108,7 @@ def build_loader(stream: ShardStream) -> DataLoader:
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(
+            0
+        ),  # the batches are seeded by the stream; keep torch's global RNG untouched
     )

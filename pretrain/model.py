@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # label of a position that is not predicted (as in torch's cross_entropy)
 
@@ -23,8 +24,9 @@ IGNORE_INDEX = -100  # label of a position that is not predicted (as in torch's 
 class ModelConfig:
     """The encoder's shape; ``vocab_size`` comes from the dataset's manifest."""
 
-    vocab_size: int = 32768
-    """Pieces in the tokenizer's vocabulary (the manifest's ``tokenizer.vocab_size``)."""
+    vocab_size: int = 0
+    """Pieces in the tokenizer's vocabulary; 0 takes the dataset manifest's ``tokenizer.vocab_size``
+    (a value given here must agree with it)."""
 
     hidden_size: int = 768
     """Width of every layer (BERT-base: 768)."""
@@ -60,6 +62,8 @@ class ModelConfig:
     """Standard deviation of the normal initialisation (BERT: 0.02)."""
 
     def __post_init__(self) -> None:
+        if self.vocab_size < 0:
+            raise ValueError(f"model.vocab_size {self.vocab_size} is negative")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size {self.hidden_size} does not divide by model.num_heads {self.num_heads}"
@@ -156,10 +160,14 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         # pre-LN needs a final norm; post-LN ends normalised already
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
+        self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
         return x if self.final_layer_norm is None else self.final_layer_norm(x)
 
 
@@ -213,6 +221,8 @@ class BertForMaskedLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (the trainer takes it from the dataset manifest)")
         self.config = cfg
         self.bert = BertModel(cfg)
         self.cls = MLMHeads(cfg, self.bert.embeddings.word_embeddings)
@@ -234,9 +244,14 @@ class BertForMaskedLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Vocabulary logits: ``(n, vocab)`` at the flat ``positions`` (indices into batch x seq)
-        if given, else ``(batch, seq, vocab)`` at every position."""
+        if given, else ``(batch, seq, vocab)`` at every position. With ``labels``, the training
+        step's ``(loss, correct, count)`` of :meth:`forward_loss` instead (the DeepSpeed engine
+        calls this method, so the loss goes through it)."""
+        if labels is not None:
+            return self.forward_loss(input_ids, labels, attention_mask)
         hidden = self.bert(input_ids, attention_mask, token_type_ids)
         if positions is None:
             return self.cls.predictions(hidden)
@@ -252,7 +267,8 @@ class BertForMaskedLM(nn.Module):
         """
         flat = labels.reshape(-1)
         positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # nonzero syncs: its size is data-dependent
-        logits = self.forward(input_ids, attention_mask, positions=positions)
+        hidden = self.bert(input_ids, attention_mask)
+        logits = self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions])
         target = flat[positions]
         loss = F.cross_entropy(logits.float(), target)
         correct = (logits.argmax(-1) == target).sum()

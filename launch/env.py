@@ -1,0 +1,55 @@
+"""Which rank this process is: from ``deepspeed``, ``torchrun`` or ``srun``, or a bare start.
+
+``deepspeed`` and ``torchrun`` set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; ``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``, which are
+mapped onto those names (the first node of the allocation is the rendezvous). The trainer reads
+only the torch names.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world: int
+    local_rank: int
+    launcher: str  # "torch" (deepspeed/torchrun/bertforge --nproc), "slurm", or "none" (a bare start)
+
+
+def detect(env: os._Environ | dict | None = None) -> Ranks:
+    """The ranks the environment describes, without changing it."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torch")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm")
+    return Ranks(0, 1, 0, "none")
+
+
+def _first_host(nodelist: str) -> str:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export(ranks: Ranks) -> None:
+    """Set the torch names for ``ranks`` in ``os.environ`` (for srun and for a bare start)."""
+    env = os.environ
+    if ranks.launcher == "slurm":
+        env.setdefault("MASTER_ADDR", _first_host(env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+    elif ranks.launcher == "none":
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world), LOCAL_RANK=str(ranks.local_rank))

@@ -1,0 +1,59 @@
+"""``--nproc N``: start N ranks of a stage on this machine, as ``torchrun`` would.
+
+Each rank is ``python -m launch.cli ARGS`` with ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set, and the cores shared out (``OMP_NUM_THREADS``).
+SIGTERM, SIGUSR1 and SIGINT are passed on to every rank (which finish the step, save and
+exit). If a rank dies, the others cannot go on (they would wait in a collective until it
+times out), so they are killed and the launcher exits with the dead rank's code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from launch.env import free_port
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def run(args: list[str], nproc: int) -> int:
+    """Run ``bertforge ARGS`` as ``nproc`` ranks; returns the exit code (the first failing rank's)."""
+    base = dict(os.environ)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc))
+    base.update(LOCAL_WORLD_SIZE=str(nproc))
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", *args], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}
+        )
+        for r in range(nproc)
+    ]
+
+    def forward(signum, _frame) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                for p in procs:
+                    p.wait()
+                code = failed[0]
+                return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,111 @@
+"""Checkpoint folders of a run: which one is ``latest``, the trainer's own state, keeping K.
+
+A run folder holds ``checkpoints/step_NNNNNNNN/`` folders, each with DeepSpeed's files (weights,
+optimizer and schedule state, one set per ZeRO shard), one ``rng_rankNNNNN.pt`` per rank and,
+written last, ``trainer_state.json`` (step, tokens, data position, config, manifest checksum).
+A checkpoint is complete once its ``trainer_state.json`` exists; only then does
+``checkpoints/latest`` (a one-line file, replaced atomically) name it. A crash or kill -9 at
+any moment of a save leaves ``latest`` naming the previous, complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE = "trainer_state.json"
+LATEST = "latest"
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def folder(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it is either the old file or the whole new one, even after a crash."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE).is_file()
+
+
+def latest(run_dir: Path) -> str | None:
+    """The tag ``latest`` names, or None for a fresh run; a ``latest`` naming an incomplete folder
+    is an error (it cannot happen through :func:`commit`)."""
+    pointer = folder(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not is_complete(folder(run_dir) / name):
+        raise FileNotFoundError(f"{pointer}: names '{name}', which has no {STATE}")
+    return name
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_rng(path: Path, rank: int) -> None:
+    target = path / f"rng_rank{rank:05d}.pt"
+    tmp = target.with_name(f".{target.name}.tmp")
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, target)
+
+
+def load_rng(path: Path, rank: int) -> None:
+    state = torch.load(path / f"rng_rank{rank:05d}.pt", weights_only=False)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def commit(run_dir: Path, name: str, state: dict, keep: int) -> list[str]:
+    """Rank 0, after every rank's files are written: the trainer state, then ``latest``, then
+    prune to the newest ``keep`` complete checkpoints. Returns the tags deleted."""
+    root = folder(run_dir)
+    write_atomic(root / name / STATE, (json.dumps(state, indent=1) + "\n").encode())
+    write_atomic(root / LATEST, f"{name}\n".encode())
+    complete = sorted(p.name for p in root.glob("step_*") if is_complete(p))
+    removed = [n for n in complete[: max(0, len(complete) - keep)] if n != name]
+    for n in removed:
+        shutil.rmtree(root / n, ignore_errors=True)
+    return removed
+
+
+def remove_incomplete(run_dir: Path) -> list[str]:
+    """Rank 0 at start: delete checkpoint folders a crash left half written."""
+    root = folder(run_dir)
+    gone = [p.name for p in sorted(root.glob("step_*")) if p.is_dir() and not is_complete(p)]
+    for n in gone:
+        shutil.rmtree(root / n, ignore_errors=True)
+    return gone
+
+
+def read_state(run_dir: Path, name: str) -> dict:
+    return json.loads((folder(run_dir) / name / STATE).read_text())

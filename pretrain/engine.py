@@ -1,0 +1,143 @@
+"""The DeepSpeed engine: the one module of bertforge that imports deepspeed.
+
+It starts the process group (NCCL on CUDA; gloo through DeepSpeed's CPU accelerator on a
+machine without GPUs), builds the engine from the typed config (:func:`deepspeed_config`),
+the AdamW optimizer and the learning-rate schedule, and wraps DeepSpeed's checkpoint
+save/load and its ZeRO-shard consolidation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # say so, rather than let DeepSpeed warn that it guessed
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+
+import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pretrain.config import OptimConfig, PretrainConfig, Schedule, deepspeed_config  # noqa: E402
+
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury ours
+deepspeed.utils.logger.setLevel(logging.WARNING)
+
+
+def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
+    """Join the process group that the environment describes (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) and return this rank's device."""
+    acc = get_accelerator()
+    deepspeed.init_distributed(
+        dist_backend=acc.communication_backend_name(),
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    if acc.device_name() == "cuda":
+        acc.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def describe() -> str:
+    """The accelerator and backend, for the start-up line."""
+    acc = get_accelerator()
+    return f"{acc.device_name()} accelerator, {acc.communication_backend_name()} backend"
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the matrices (and embeddings); not biases and LayerNorm weights (as BERT)."""
+    decay, plain = [], []
+    for _, p in model.named_parameters():  # the tied embedding once
+        (decay if p.ndim >= 2 else plain).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def _optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = _param_groups(model, optim.weight_decay)
+    kw = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
+    if device.type == "cuda":
+        try:  # DeepSpeed's fused multi-tensor Adam (AdamW mode), when its kernel builds here
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kw)
+        except Exception as err:  # noqa: BLE001 - no nvcc/ninja: torch's fused AdamW is as good
+            logging.getLogger("bertforge").warning("FusedAdam unavailable (%s); using torch AdamW(fused)", err)
+            return torch.optim.AdamW(groups, fused=True, **kw)
+    return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Learning rate at ``step`` as a share of the peak: linear warmup, then linear or cosine decay
+    to ``min_lr_ratio`` at ``max_steps``."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    span = max(1, max_steps - optim.warmup_steps)
+    done = min(1.0, (step - optim.warmup_steps) / span)
+    shape = 1.0 - done if optim.schedule is Schedule.linear else 0.5 * (1.0 + math.cos(math.pi * done))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+
+def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.device):
+    """The DeepSpeed engine around ``model``, with AdamW and the warmup/decay schedule."""
+    model.bert.encoder.activation_checkpointing = cfg.train.activation_checkpointing
+    optimizer = _optimizer(model.to(device), cfg.optim, device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.max_steps)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world)
+    )
+    return engine
+
+
+def loss_scale(engine) -> float | None:
+    """fp16's current dynamic loss scale (None in bf16 and fp32)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
+    return float(scale) if scale is not None else None
+
+
+def grad_norm(engine) -> float | None:
+    """The global gradient norm of the last step, where DeepSpeed computed one."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def save(engine, folder: Path, tag: str) -> None:
+    """DeepSpeed's part of a checkpoint (a collective: every rank calls it). ``latest`` is the
+    trainer's to write, once its own state is there too."""
+    engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+
+
+def load(engine, folder: Path, tag: str) -> None:
+    """Weights, optimizer and schedule state from ``folder/tag`` (a collective)."""
+    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{folder / tag}: DeepSpeed found no checkpoint there")
+
+
+def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of checkpoint ``folder/tag`` on CPU, ZeRO shards gathered (no process group needed)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    except (ValueError, FileNotFoundError):  # ZeRO stage 0 keeps whole weights in the model file
+        files = sorted((folder / tag).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}

@@ -1,0 +1,92 @@
+"""What a run reports: TensorBoard events and ``metrics.jsonl`` (rank 0), the measured matmul
+peak behind MFU, and memory.
+
+Scalars are logged under the tags ``train/*``, ``eval/*``, ``perf/*`` and ``memory/*``; the
+hyperparameters go to TensorBoard's HParams tab and the resolved config to its Text tab.
+A resumed run purges the events and lines past its checkpoint, so no step shows twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Matrix-product TFLOP/s of this process on ``device`` in ``dtype`` (the MFU denominator)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        a @ b
+    sync()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(4):
+            a @ b
+        runs += 4
+        sync()
+    return 2 * n**3 * runs / (time.perf_counter() - start) / 1e12
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated on the GPU, or the process's peak resident size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class Logger:
+    """Rank 0's sink for scalars: TensorBoard under ``RUN/tb`` and one JSON line per log in ``RUN/metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path, start_step: int, config: dict, config_yaml: str) -> None:
+        self.jsonl = Path(run_dir) / "metrics.jsonl"
+        if self.jsonl.exists():  # resumed: drop what the interrupted run logged past its checkpoint
+            keep = [ln for ln in self.jsonl.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
+            self.jsonl.write_text("".join(ln + "\n" for ln in keep))
+        self.writer = SummaryWriter(
+            log_dir=str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None
+        )
+        if not start_step:
+            metrics = {"eval/loss": float("nan"), "eval/perplexity": float("nan"), "eval/mlm_accuracy": float("nan")}
+            for summary in hparams(_flat(config), metrics):
+                self.writer.file_writer.add_summary(summary)
+            self.writer.add_text("config", f"```yaml\n{config_yaml}```")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        self.writer.close()

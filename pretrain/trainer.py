@@ -1,0 +1,442 @@
+"""The MLM train loop: shards -> masked batches -> DeepSpeed engine, with checkpoints, evaluation,
+TensorBoard and clean stops.
+
+:func:`resolve` checks everything that can be checked before a rank starts (config, manifest,
+shard files, the run folder's checkpoint) and is called by the command line before it starts
+any rank, then again by every rank. :func:`train` is one rank's whole run.
+
+Every micro-batch, the ranks agree (one small all-reduce) on two flags: a non-finite loss on
+some rank, and a stop signal on some rank. A non-finite loss is dropped on every rank before
+its backward pass (the next micro-batch takes its place) and counted; ``train.max_bad_steps``
+in a row end the run, leaving the last good checkpoint as ``latest``. SIGTERM, SIGUSR1 or
+SIGINT on any rank make all ranks finish the current step, save a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_prep import manifest as manifests
+from data_prep import tokenizer as tokenizers
+from data_prep.errors import RunError, UserError
+from launch.config import to_dict, to_yaml
+from pretrain import checkpoint as ckpt
+from pretrain.config import Precision, PretrainConfig, accumulation_steps, deepspeed_config
+from pretrain.data import ShardStream, build_loader
+from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
+
+# Keys a resumed run must share with its checkpoint (the rest, e.g. train.max_steps or log.every, may change).
+FIXED_KEYS = (
+    "data.seed",
+    "data.num_workers",
+    "data.seq_len",
+    "data.masking",
+    "model",
+    "train.precision",
+    "train.zero_stage",
+    "train.global_batch_size",
+    "train.micro_batch_size",
+    "train.seed",
+)
+
+DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str | None]:
+    """Check the config against the dataset and the run folder; fill in what the manifest decides.
+
+    Returns ``(cfg, manifest, latest checkpoint tag or None)``. Raises :class:`UserError` naming the
+    key, file or field at fault.
+    """
+    if not cfg.data.path:
+        raise UserError("config key 'data.path' is empty: give the folder bertforge prep wrote (data.path=DIR)")
+    folder = Path(cfg.data.path)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such dataset folder (config key 'data.path'); run bertforge prep first")
+    man = manifests.load(folder)
+    manifests.check(
+        man,
+        folder,
+        vocab_size=cfg.model.vocab_size or None,
+        seq_len=cfg.data.seq_len or None,
+        tokenizer_sha256=cfg.data.tokenizer_sha256 or None,
+    )
+    for split in ("train", "val"):
+        for shard in man["splits"][split]["shards"]:
+            if not (folder / shard["path"]).is_file():
+                raise UserError(f"{folder / shard['path']}: shard listed in {folder}/manifest.json is missing")
+    if not man["splits"]["train"]["sequences"]:
+        raise UserError(f"{folder}/manifest.json: field 'splits.train.sequences' is 0: nothing to train on")
+    cfg.model.vocab_size = man["tokenizer"]["vocab_size"]
+    cfg.data.seq_len = man["seq_len"]
+    if cfg.data.seq_len > cfg.model.max_position:
+        raise UserError(
+            f"config key 'model.max_position' ({cfg.model.max_position}) is below the data's seq_len ({cfg.data.seq_len})"
+        )
+    if cfg.data.num_workers < 0:
+        raise UserError(f"config key 'data.num_workers': {cfg.data.num_workers} is negative")
+    for key in ("train.max_steps", "checkpoint.every", "checkpoint.keep", "log.every"):
+        if _get(to_dict(cfg), key) < 1:
+            raise UserError(f"config key '{key}': must be at least 1")
+    deepspeed_config(cfg, world)  # refuses a batch that does not divide, a bad ZeRO stage
+
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: config key 'run.dir' names a file, not a folder")
+    try:
+        latest = ckpt.latest(run_dir)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    if latest is not None:
+        state = ckpt.read_state(run_dir, latest)
+        where = ckpt.folder(run_dir) / latest / ckpt.STATE
+        if state["world"] != world:
+            raise UserError(
+                f"{where}: the checkpoint was written by {state['world']} ranks, this run has {world} "
+                "(ZeRO shards and the data position are per rank): resume with the same number"
+            )
+        if state["manifest_sha256"] != tokenizers.sha256(folder / manifests.MANIFEST):
+            raise UserError(
+                f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "
+                "config key 'data.path' names other data than the run was trained on"
+            )
+        mine = to_dict(cfg)
+        for key in FIXED_KEYS:
+            if _get(state["config"], key) != _get(mine, key):
+                raise UserError(
+                    f"config key '{key}' is {_get(mine, key)!r} but the run in {run_dir} was started with "
+                    f"{_get(state['config'], key)!r} ({where}); use another run.dir for a new run"
+                )
+    return cfg, man, latest
+
+
+@dataclass
+class _Window:
+    """Sums over the micro-batches since the last log line (this rank's)."""
+
+    loss: float = 0.0  # sum of loss x predicted positions
+    correct: float = 0.0
+    count: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, loss: float, correct: float, count: float) -> None:
+        self.loss += loss * count
+        self.correct += correct
+        self.count += count
+
+
+class _Stop:
+    """Signal handlers that ask for a clean stop; a second SIGINT over 2 s later aborts."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.since = 0.0
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None and time.monotonic() - self.since > 2:
+            raise KeyboardInterrupt
+        if self.signal is None:
+            self.signal, self.since = signal.Signals(signum).name, time.monotonic()
+
+
+def _fault(kind: str, step: int) -> bool:
+    """Test hook: ``BERTFORGE_FAULT=kind@STEP`` (``kill`` after a step, ``kill-in-save`` inside a save)."""
+    want = os.environ.get("BERTFORGE_FAULT", "")
+    return want == f"{kind}@{step}"
+
+
+def _data_position(batches: int, rank: int, world: int, workers: int, micro: int) -> list[dict]:
+    """Where every loader worker of every rank stands: the slot it reads and the batches it gave."""
+    roles = max(1, workers)
+    out = []
+    for r in range(world):
+        for w in range(roles):
+            given = (batches - w + roles - 1) // roles
+            out.append({"rank": r, "worker": w, "slot": r * roles + w, "batches": given, "samples": given * micro})
+    return out
+
+
+def train(cfg: PretrainConfig, progress: bool = True) -> int:
+    """One rank's run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set by the launcher)."""
+    from pretrain import engine  # the one module that imports deepspeed
+    from pretrain.metrics import Logger, measure_peak_tflops, peak_memory_gb
+
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    cfg, man, latest = resolve(cfg, world)
+    device = engine.init_distributed(local_rank)
+    stop = _Stop()
+    say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
+    run_dir, root = Path(cfg.run.dir), ckpt.folder(Path(cfg.run.dir))
+    folder = Path(cfg.data.path)
+    accum = accumulation_steps(cfg.train, world)
+    micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
+
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for name in ckpt.remove_incomplete(run_dir):
+            say(f"removed the incomplete checkpoint {root / name} (an interrupted save)")
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    dist.barrier()
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = BertForMaskedLM(cfg.model)
+    if cfg.train.compile:
+        model.compile()
+    eng = engine.build(model, cfg, world, device)
+
+    step = batches = tokens = bad_total = 0
+    if latest is not None:
+        engine.load(eng, root, latest)
+        state = ckpt.read_state(run_dir, latest)
+        step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
+    if step >= cfg.train.max_steps:
+        say(f"{run_dir}: already complete at step {step} (train.max_steps={cfg.train.max_steps})")
+        dist.destroy_process_group()
+        return 0
+
+    word_start = None
+    if cfg.data.masking.whole_word:
+        word_start = tokenizers.word_starts(tokenizers.load(folder / man["tokenizer"]["file"]))
+    stream = ShardStream(
+        folder, "train", rank, world, cfg.data.num_workers, micro, cfg.data.seed,
+        cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches,
+    )  # fmt: skip
+    val = None
+    if cfg.eval.every and man["splits"]["val"]["sequences"]:
+        val = ShardStream(
+            folder, "val", rank, world, 0, micro, cfg.eval.seed, cfg.data.masking, cfg.model.vocab_size, word_start
+        )
+    elif cfg.eval.every:
+        say(f"{folder}: the val split is empty; evaluation is off")
+
+    peak = torch.tensor(cfg.log.peak_tflops or measure_peak_tflops(device, DTYPES[cfg.train.precision]), device=device)
+    dist.all_reduce(peak)  # the whole job's peak
+    flops = flops_per_token(cfg.model, seq_len, cfg.data.masking.probability)
+    tokens_per_step = cfg.train.global_batch_size * seq_len
+
+    logger = Logger(run_dir, step, to_dict(cfg), to_yaml(cfg)) if rank == 0 else None
+    say(
+        f"bertforge pretrain: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
+        f"{cfg.train.precision.value}; model {num_parameters(model) / 1e6:.2f}M parameters "
+        f"(L{cfg.model.num_layers} H{cfg.model.hidden_size} A{cfg.model.num_heads}), vocab {cfg.model.vocab_size:,}, "
+        f"seq_len {seq_len}; batch {cfg.train.global_batch_size} = {micro} x {world} rank(s) x {accum} accumulation; "
+        f"peak {peak.item():.2f} TFLOP/s; run folder {run_dir}"
+        + (f"; resuming from {latest} (step {step})" if latest else "")
+    )
+
+    def evaluate() -> dict[str, float]:
+        eng.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            it = iter(val)
+            for _ in range(cfg.eval.batches):
+                ids, labels = next(it)
+                loss, correct, count = eng(ids.to(device), labels=labels.to(device))
+                sums += torch.stack([loss.double() * count, correct.double(), count.double()])
+        dist.all_reduce(sums)
+        eng.train()
+        loss = (sums[0] / sums[2]).item()
+        return {
+            "eval/loss": loss,
+            "eval/mlm_accuracy": (sums[1] / sums[2]).item(),
+            "eval/perplexity": math.exp(min(loss, 50)),
+        }
+
+    def save(reason: str) -> None:
+        name = ckpt.tag(step)
+        engine.save(eng, root, name)
+        ckpt.save_rng(root / name, rank)
+        if _fault("kill-in-save", step) and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.barrier()
+        if rank == 0:
+            state = {
+                "step": step,
+                "batches": batches,
+                "tokens": tokens,
+                "bad_steps": bad_total,
+                "world": world,
+                "num_workers": cfg.data.num_workers,
+                "data_position": _data_position(batches, rank, world, cfg.data.num_workers, micro),
+                "manifest_sha256": tokenizers.sha256(folder / manifests.MANIFEST),
+                "config": to_dict(cfg),
+                "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            removed = ckpt.commit(run_dir, name, state, cfg.checkpoint.keep)
+            say(f"saved checkpoint {root / name} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
+        dist.barrier()
+
+    loader = build_loader(stream)
+    it = iter(loader)
+    window, bad_in_row, saved_at = _Window(), 0, step
+    bar = tqdm(
+        total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
+    )
+    flags = torch.zeros(2, device=device)
+    # The random state of dropout, set last: nothing above may draw from it after this
+    if latest is not None:
+        ckpt.load_rng(root / latest, rank)
+    else:
+        torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout differs per rank
+    try:
+        while step < cfg.train.max_steps:
+            start, good = time.perf_counter(), 0
+            while good < accum:
+                ids, labels = next(it)
+                batches += 1
+                loss, correct, count = eng(
+                    ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
+                )
+                value = loss.item()
+                flags[0], flags[1] = float(not math.isfinite(value)), float(stop.signal is not None)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[0]:
+                    bad_in_row += 1
+                    bad_total += 1
+                    say(
+                        f"step {step + 1}: non-finite loss on some rank; micro-batch {batches} skipped ({bad_in_row} in a row)"
+                    )
+                    if bad_in_row >= cfg.train.max_bad_steps:
+                        raise RunError(
+                            f"{bad_in_row} non-finite losses in a row at step {step + 1} (train.max_bad_steps="
+                            f"{cfg.train.max_bad_steps}); the last good checkpoint is {ckpt.latest(run_dir) or 'none'}; "
+                            "lower optim.lr or raise optim.warmup_steps"
+                        )
+                    continue
+                bad_in_row = 0
+                eng.backward(loss)
+                eng.step()
+                good += 1
+                window.add(value, correct.item(), count.item())
+            step += 1
+            tokens += tokens_per_step
+            window.seconds += time.perf_counter() - start
+            window.steps += 1
+            bar.update(1)
+            if _fault("kill", step):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            last = step == cfg.train.max_steps
+            if step % cfg.log.every == 0 or last:
+                sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
+                dist.all_reduce(sums)
+                memory = torch.tensor(peak_memory_gb(device), device=device)
+                dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+                rate = tokens_per_step * window.steps / window.seconds
+                scalars = {
+                    "train/loss": (sums[0] / sums[2]).item(),
+                    "train/mlm_accuracy": (sums[1] / sums[2]).item(),
+                    "train/lr": eng.get_lr()[0],
+                    "train/bad_steps": bad_total,
+                    "perf/tokens_per_sec": rate,
+                    "perf/step_time": window.seconds / window.steps,
+                    "perf/mfu": rate * flops / (peak.item() * 1e12),
+                    "memory/peak_gb": memory.item(),
+                    "train/tokens": tokens,
+                }
+                if (norm := engine.grad_norm(eng)) is not None:
+                    scalars["train/grad_norm"] = norm
+                if (scale := engine.loss_scale(eng)) is not None:
+                    scalars["train/loss_scale"] = scale
+                    scalars["train/overflow_steps"] = eng.skipped_steps
+                if val is not None and (step % cfg.eval.every == 0 or last):
+                    scalars.update(evaluate())
+                if logger:
+                    logger.log(step, scalars)
+                    say(
+                        f"step {step}/{cfg.train.max_steps} | loss {scalars['train/loss']:.4f} | "
+                        f"acc {scalars['train/mlm_accuracy']:.3f} | lr {scalars['train/lr']:.2e} | "
+                        + (f"gnorm {scalars['train/grad_norm']:.2f} | " if "train/grad_norm" in scalars else "")
+                        + f"{rate:,.0f} tok/s | mfu {scalars['perf/mfu']:.1%} | "
+                        f"{scalars['perf/step_time']:.3f} s/step | mem {scalars['memory/peak_gb']:.2f} GB"
+                        + (
+                            f" | eval loss {scalars['eval/loss']:.4f} ppl {scalars['eval/perplexity']:.1f}"
+                            if "eval/loss" in scalars
+                            else ""
+                        )
+                    )
+                window = _Window()
+            elif val is not None and step % cfg.eval.every == 0:
+                scalars = evaluate()
+                if logger:
+                    logger.log(step, scalars)
+                    say(f"step {step} | eval loss {scalars['eval/loss']:.4f} | ppl {scalars['eval/perplexity']:.1f}")
+
+            if flags[1] or step == cfg.train.exit_at_step:
+                save(
+                    f"train.exit_at_step={step}"
+                    if not flags[1]
+                    else f"stop requested by {stop.signal or 'another rank'}"
+                )
+                say(f"stopped at step {step} of {cfg.train.max_steps}; run the same command again to resume")
+                return 0
+            if step % cfg.checkpoint.every == 0 or last:
+                save("end of run" if last else f"every {cfg.checkpoint.every} steps")
+                saved_at = step
+        say(
+            f"done: {step} steps, {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
+        )
+        return 0
+    finally:
+        bar.close()
+        if logger:
+            logger.close()
+        del it, loader
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
+    """Write the fp32 weights of a checkpoint (``latest`` by default), ZeRO shards gathered, as
+    safetensors with the resolved model config beside them. Returns the file written."""
+    from safetensors.torch import save_file
+
+    from pretrain import engine
+
+    run_dir = Path(run_dir)
+    name = ckpt.tag(step) if step is not None else ckpt.latest(run_dir)
+    if name is None:
+        raise UserError(f"{ckpt.folder(run_dir)}: no checkpoint (no 'latest'); has the run saved one?")
+    if not ckpt.is_complete(ckpt.folder(run_dir) / name):
+        raise UserError(f"{ckpt.folder(run_dir) / name}: no complete checkpoint there")
+    state = ckpt.read_state(run_dir, name)
+    weights = engine.consolidated_state_dict(ckpt.folder(run_dir), name)
+    weights.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
+    output = Path(output) if output else ckpt.folder(run_dir) / name / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(output), metadata={"step": str(state["step"])})
+    (output.parent / "model_config.json").write_text(json.dumps(state["config"]["model"], indent=1) + "\n")
+    return output
+
+
+def load_consolidated(path: Path) -> BertForMaskedLM:
+    """A model from a file :func:`consolidate` wrote (and the ``model_config.json`` beside it)."""
+    from safetensors.torch import load_file
+
+    from pretrain.model import ModelConfig
+
+    path = Path(path)
+    model = BertForMaskedLM(ModelConfig(**json.loads((path.parent / "model_config.json").read_text())))
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if set(missing) - {"cls.predictions.decoder.weight"} or unexpected:
+        raise RunError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    return model
