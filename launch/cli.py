@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bertforge: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
-        print(f"bertforge: error: {err}", file=sys.stderr)
+        if not err.quiet:
+            print(f"bertforge: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bertforge: interrupted", file=sys.stderr)

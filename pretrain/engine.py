@@ -133,11 +133,27 @@ def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights of checkpoint ``folder/tag`` on CPU, ZeRO shards gathered (no process group needed)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    except (ValueError, FileNotFoundError):  # ZeRO stage 0 keeps whole weights in the model file
-        files = sorted((folder / tag).glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
+    files = sorted((folder / tag).glob("*mp_rank_*_model_states.pt"))  # ZeRO 3: zero_pp_rank_N_mp_rank_..
+    if not files:
+        raise FileNotFoundError(f"{folder / tag}: no DeepSpeed model states file")
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    if states.get("param_shapes") is not None:  # ZeRO 1-3: the fp32 master weights are sharded
+        return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag).items()}
+    # ZeRO 0: whole weights in the model file; in bf16/fp16 their fp32 masters sit in the optimizer's
+    # groups, in the order of _param_groups (matrices, then vectors; the tied embedding once)
+    module = states["module"]
+    masters = (states.get("optimizer") or {}).get("fp32_groups")
+    if not masters:
+        return {k: v.float() for k, v in module.items()}
+    seen, names = set(), []
+    for name, value in module.items():
+        if value.untyped_storage().data_ptr() not in seen:
+            seen.add(value.untyped_storage().data_ptr())
+            names.append(name)
+    order = [n for n in names if module[n].ndim >= 2] + [n for n in names if module[n].ndim < 2]
+    flat = [t for group in masters for t in group]
+    if [module[n].shape for n in order] != [t.shape for t in flat]:
+        raise ValueError(f"{folder / tag}: the optimizer's fp32 groups do not match the model's parameters")
+    out = {k: v.float() for k, v in module.items()}
+    out.update({n: t.float() for n, t in zip(order, flat)})
+    return out

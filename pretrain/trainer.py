@@ -36,13 +36,15 @@ from pretrain.config import Precision, PretrainConfig, accumulation_steps, deeps
 from pretrain.data import ShardStream, build_loader
 from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
 
-# Keys a resumed run must share with its checkpoint (the rest, e.g. train.max_steps or log.every, may change).
+# Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, log.every, ...)
+# may change. optim.* is fixed because the schedule's state comes from the checkpoint, not the config.
 FIXED_KEYS = (
+    "optim.",
     "data.seed",
     "data.num_workers",
     "data.seq_len",
-    "data.masking",
-    "model",
+    "data.masking.",
+    "model.",
     "train.precision",
     "train.zero_stage",
     "train.global_batch_size",
@@ -51,6 +53,14 @@ FIXED_KEYS = (
 )
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _get(d: dict, dotted: str):
@@ -117,12 +127,12 @@ def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str 
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "
                 "config key 'data.path' names other data than the run was trained on"
             )
-        mine = to_dict(cfg)
-        for key in FIXED_KEYS:
-            if _get(state["config"], key) != _get(mine, key):
+        mine, theirs = _leaves(to_dict(cfg)), _leaves(state["config"])
+        for key, value in mine.items():
+            if key.startswith(FIXED_KEYS) and theirs.get(key) != value:
                 raise UserError(
-                    f"config key '{key}' is {_get(mine, key)!r} but the run in {run_dir} was started with "
-                    f"{_get(state['config'], key)!r} ({where}); use another run.dir for a new run"
+                    f"config key '{key}' is {value!r} but the run in {run_dir} was started with "
+                    f"{theirs.get(key)!r} ({where}); use another run.dir for a new run"
                 )
     return cfg, man, latest
 
@@ -160,7 +170,9 @@ class _Stop:
 
 
 def _fault(kind: str, step: int) -> bool:
-    """Test hook: ``BERTFORGE_FAULT=kind@STEP`` (``kill`` after a step, ``kill-in-save`` inside a save)."""
+    """Test hook: ``BERTFORGE_FAULT=kind@STEP``: ``kill`` (SIGKILL every rank after the step),
+    ``kill-in-save`` (SIGKILL rank 0 inside the step's save), ``nan`` (a non-finite loss on the
+    last rank in the step's first micro-batch)."""
     want = os.environ.get("BERTFORGE_FAULT", "")
     return want == f"{kind}@{step}"
 
@@ -308,6 +320,8 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
                     ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
                 )
                 value = loss.item()
+                if _fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
+                    value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
                 flags[0], flags[1] = float(not math.isfinite(value)), float(stop.signal is not None)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[0]:
@@ -319,8 +333,9 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
                     if bad_in_row >= cfg.train.max_bad_steps:
                         raise RunError(
                             f"{bad_in_row} non-finite losses in a row at step {step + 1} (train.max_bad_steps="
-                            f"{cfg.train.max_bad_steps}); the last good checkpoint is {ckpt.latest(run_dir) or 'none'}; "
-                            "lower optim.lr or raise optim.warmup_steps"
+                            f"{cfg.train.max_bad_steps}); the last checkpoint is {ckpt.latest(run_dir) or 'none'}; "
+                            "lower optim.lr or raise optim.warmup_steps",
+                            quiet=rank != 0,
                         )
                     continue
                 bad_in_row = 0
@@ -333,8 +348,6 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
             window.seconds += time.perf_counter() - start
             window.steps += 1
             bar.update(1)
-            if _fault("kill", step):
-                os.kill(os.getpid(), signal.SIGKILL)
 
             last = step == cfg.train.max_steps
             if step % cfg.log.every == 0 or last:
@@ -393,6 +406,8 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
             if step % cfg.checkpoint.every == 0 or last:
                 save("end of run" if last else f"every {cfg.checkpoint.every} steps")
                 saved_at = step
+            if _fault("kill", step):
+                os.kill(os.getpid(), signal.SIGKILL)
         say(
             f"done: {step} steps, {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
         )

@@ -16,9 +16,9 @@ from data_prep.config import TokenizerConfig, TokenizerType
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """Run ``bertforge ARGS`` as a user would, in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run ``bertforge ARGS`` as a user would, in a fresh process (``env``: extra variables)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
     )

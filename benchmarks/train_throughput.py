@@ -1,0 +1,239 @@
+"""Training throughput: bertforge's training step against Hugging Face ``BertForMaskedLM``, in one run.
+
+    python benchmarks/train_throughput.py [--preset mini] [--steps 10] [--rounds 3] [--precision bf16 fp32]
+
+On one shape (the preset's layers, hidden size and heads; seq_len 128, micro batch 32,
+vocabulary 32768 by default) and the same masked batches it times, alternately in rounds:
+
+* ours: the trainer's real step: ``BertForMaskedLM`` (SDPA, masked-only head) inside the
+  DeepSpeed engine at world size 1 (``pretrain.engine.build``, the trainer's optimizer,
+  schedule and precision), forward + backward + step;
+* Hugging Face: ``transformers.BertForMaskedLM`` (SDPA attention) with ``torch.optim.AdamW``,
+  under ``torch.autocast`` for bf16, forward + backward + step;
+
+and prints tokens/s of each and the ratio, per precision, plus our MFU against the bf16 and
+fp32 matrix-product peaks it measures here. Model FLOPs count the vocabulary projection at
+the masked positions only (``pretrain.model.flops_per_token``).
+
+It also measures the shard reader (``--data``, default ``data/python-docs``, written by
+``make demo``): sequences per second through ``build_loader`` with the default worker count,
+as a multiple of the trainer's token rate; and, with ``--memory``, the peak memory per rank of
+``bertforge pretrain --nproc 2`` at ZeRO 0 and ZeRO 2 on the same model.
+Timings on a shared machine are noisy: compare the ratios, measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RANK", "0")
+os.environ.setdefault("WORLD_SIZE", "1")
+os.environ.setdefault("LOCAL_RANK", "0")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from launch.config import load_config  # noqa: E402
+from launch.env import free_port  # noqa: E402
+from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.masking import MaskingConfig, mask_batch  # noqa: E402
+from pretrain.metrics import measure_peak_tflops  # noqa: E402
+from pretrain.model import BertForMaskedLM, flops_per_token  # noqa: E402
+
+os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def batches(n: int, micro: int, seq: int, vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(5, vocab, size=(micro, seq))
+        ids[:, 0] = 2  # [CLS]
+        inputs, labels = mask_batch(ids, rng, MaskingConfig(), vocab)
+        out.append((torch.from_numpy(inputs), torch.from_numpy(labels)))
+    return out
+
+
+class Ours:
+    """The trainer's step: the engine from pretrain.engine.build, at world size 1."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        from pretrain import engine
+
+        self.device = engine.init_distributed(0)
+        torch.manual_seed(0)
+        self.engine = engine.build(BertForMaskedLM(cfg.model), cfg, 1, self.device)
+
+    def step(self, ids: torch.Tensor, labels: torch.Tensor) -> float:
+        loss, _, _ = self.engine(ids.to(self.device), labels=labels.to(self.device))
+        value = loss.item()  # the trainer reads it every micro-batch (the non-finite check)
+        self.engine.backward(loss)
+        self.engine.step()
+        return value
+
+
+class HuggingFace:
+    """transformers' BertForMaskedLM + torch AdamW, autocast for bf16."""
+
+    def __init__(self, cfg: PretrainConfig, dtype: torch.dtype, device: torch.device) -> None:
+        from transformers import BertConfig
+        from transformers import BertForMaskedLM as HFBert
+
+        m = cfg.model
+        conf = BertConfig(
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(0)
+        self.model = HFBert(conf).to(device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, foreach=True)
+        self.dtype, self.device = dtype, device
+
+    def step(self, ids: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = self.model(input_ids=ids.to(self.device), labels=labels.to(self.device)).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, data, device) -> float:
+    """Seconds for one pass over ``data`` (each batch one optimizer step)."""
+    sync(device)
+    start = time.perf_counter()
+    for ids, labels in data:
+        step(ids, labels)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def reader_rate(folder: Path, micro: int, workers: int, seconds: float = 10.0) -> float:
+    """Tokens per second the shard reader delivers to one rank (masked batches, ``workers`` processes)."""
+    from data_prep import manifest as manifests
+    from pretrain.data import ShardStream, build_loader
+
+    man = manifests.load(folder)
+    stream = ShardStream(folder, "train", 0, 1, workers, micro, 0, MaskingConfig(), man["tokenizer"]["vocab_size"])
+    it = iter(build_loader(stream))
+    for _ in range(2 * max(1, workers)):  # workers started, first shards read
+        next(it)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        n += 1
+    return n * micro * man["seq_len"] / (time.perf_counter() - start)
+
+
+def peak_memory(preset: str, data: Path, zero: int) -> float:
+    """memory/peak_gb (the largest rank) of a short ``bertforge pretrain --nproc 2`` run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "launch.cli", "pretrain", str(REPO / f"configs/pretrain/{preset}.yaml"),
+                "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={tmp}/run", "train.max_steps=4",
+                "log.every=4", "eval.every=0", "checkpoint.every=100", f"train.zero_stage={zero}",
+                "train.global_batch_size=64", "data.num_workers=1"]  # fmt: skip
+        subprocess.run(args, check=True, capture_output=True, cwd=REPO)
+        lines = (Path(tmp) / "run/metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["memory/peak_gb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mini", help="configs/pretrain/PRESET.yaml gives the shape (default mini)")
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--zero", type=int, default=None, help="ZeRO stage of our engine (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed pass")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating passes of each (the median is reported)")
+    ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--compile", action="store_true", help="our model under torch.compile (train.compile=true)")
+    ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards for the reader measurement")
+    ap.add_argument("--memory", action="store_true", help="also peak memory per rank, ZeRO 0 vs 2 (2 ranks)")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peaks = {
+        p: measure_peak_tflops(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[p], 2.0)
+        for p in ("bf16", "fp32")
+    }
+    print(f"device {device}, {torch.get_num_threads()} threads; measured matmul peak: "
+          f"bf16 {peaks['bf16']:.3f} TFLOP/s, fp32 {peaks['fp32']:.3f} TFLOP/s")  # fmt: skip
+    ours_rate = {}
+    for precision in args.precision:
+        overrides = [f"model.vocab_size={args.vocab}", f"train.micro_batch_size={args.micro_batch}",
+                     f"train.global_batch_size={args.micro_batch}", f"train.precision={precision}",
+                     f"train.compile={str(args.compile).lower()}", "model.max_position=512"]  # fmt: skip
+        if args.zero is not None:
+            overrides.append(f"train.zero_stage={args.zero}")
+        cfg = load_config(PretrainConfig, REPO / f"configs/pretrain/{args.preset}.yaml", overrides)
+        data = batches(args.steps, args.micro_batch, args.seq_len, args.vocab)
+        ours = Ours(cfg)
+        hf = HuggingFace(cfg, torch.bfloat16 if precision == "bf16" else torch.float32, device)
+        for step in (ours.step, hf.step):  # warm-up (and compilation)
+            for ids, labels in data[:3]:
+                step(ids, labels)
+        times = {"ours": [], "hf": []}
+        for _ in range(args.rounds):
+            times["ours"].append(timed(ours.step, data, device))
+            times["hf"].append(timed(hf.step, data, device))
+        tokens = args.steps * args.micro_batch * args.seq_len
+        rate = {k: tokens / statistics.median(v) for k, v in times.items()}
+        ours_rate[precision] = rate["ours"]
+        flops = flops_per_token(cfg.model, args.seq_len, cfg.data.masking.probability)
+        mfu = {p: rate["ours"] * flops / (peaks[p] * 1e12) for p in peaks}
+        print(
+            f"{precision}: ours {rate['ours']:,.0f} tok/s (ZeRO {cfg.train.zero_stage}"
+            f"{', compiled' if args.compile else ''}) | Hugging Face {rate['hf']:,.0f} tok/s | "
+            f"ratio {rate['ours'] / rate['hf']:.2f}x | our MFU {mfu['bf16']:.1%} of the bf16 peak, "
+            f"{mfu['fp32']:.1%} of the fp32 peak ({flops / 1e6:.1f} MFLOP/token)"
+        )
+        del ours, hf
+        import deepspeed.comm as dist
+
+        dist.destroy_process_group()
+        os.environ["MASTER_PORT"] = str(free_port())
+        import deepspeed.comm.comm as dscomm
+
+        dscomm.cdb = None  # a fresh process group for the next precision
+
+    if args.data.is_dir():
+        cfg = load_config(PretrainConfig, None, [])
+        rate = reader_rate(args.data, args.micro_batch, cfg.data.num_workers)
+        best = max(ours_rate.values())
+        print(f"shard reader ({cfg.data.num_workers} workers, {args.data}): {rate:,.0f} tok/s = "
+              f"{rate / best:.1f}x our fastest training rate")  # fmt: skip
+    else:
+        print(f"shard reader: skipped ({args.data} missing; run make demo first)")
+    if args.memory:
+        if not args.data.is_dir():
+            print("memory: skipped (needs --data)")
+            return
+        mem = {z: peak_memory(args.preset, args.data, z) for z in (0, 2)}
+        print(f"peak memory per rank, {args.preset}, 2 ranks (vocab of {args.data.name}): ZeRO 0 {mem[0]:.3f} GB, "
+              f"ZeRO 2 {mem[2]:.3f} GB ({mem[2] / mem[0]:.2f}x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The trainer end to end: real DeepSpeed ranks (2, gloo on the CPU accelerator) started by
+``bertforge pretrain --nproc 2``, real shards from prep, TensorBoard events read back."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from pretrain import checkpoint as ckpt
+from tests.conftest import REPO, run_cli, run_prep
+
+TINY = str(REPO / "configs/pretrain/tiny.yaml")
+TAGS = {
+    "train/loss",
+    "train/mlm_accuracy",
+    "train/lr",
+    "train/grad_norm",
+    "perf/tokens_per_sec",
+    "perf/mfu",
+    "perf/step_time",
+    "memory/peak_gb",
+    "eval/loss",
+    "eval/mlm_accuracy",
+    "eval/perplexity",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus, sp_model) -> Path:
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("pt") / "ds"
+    r = run_prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--seq-len", "64",
+                 "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def pretrain(dataset: Path, run: Path, *overrides: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """``bertforge pretrain tiny.yaml --nproc 2`` on the test dataset, 20 steps logged every step."""
+    args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}"]
+    args += ["train.max_steps=20", "log.every=1", "checkpoint.every=10", "eval.every=10", "eval.batches=2"]
+    return run_cli(*args, *overrides, env=env, **kw)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in metrics(run) if "train/loss" in m}
+
+
+def ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("zero", "precision"), [(1, "bf16"), (2, "bf16"), (3, "bf16"), (1, "fp32"), (2, "fp32"),
+                                                 (3, "fp32"), (0, "bf16")])  # fmt: skip
+def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision) -> None:
+    run = tmp_path / "run"
+    r = pretrain(dataset, run, f"train.zero_stage={zero}", f"train.precision={precision}", "train.max_steps=30",
+                 "optim.lr=3e-3", "checkpoint.every=30")  # fmt: skip
+    ok(r)
+    assert f"ZeRO {zero}, {precision}" in r.stdout
+    curve = list(losses(run).values())
+    assert len(curve) == 30 and all(math.isfinite(x) for x in curve)
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5, curve
+    assert ckpt.latest(run) == "step_00000030"
+    # the consolidated fp32 weights (ZeRO shards gathered) load into the model and give the logged eval loss
+    r = run_cli("consolidate", str(run))
+    ok(r)
+    from pretrain.data import ShardStream
+    from pretrain.masking import MaskingConfig
+    from pretrain.trainer import load_consolidated
+
+    model = load_consolidated(run / "checkpoints/step_00000030/model.safetensors").eval()
+    sums = np.zeros(3)
+    with torch.no_grad():
+        for rank in range(2):
+            it = iter(ShardStream(dataset, "val", rank, 2, 0, 8, 0, MaskingConfig(), 1000))
+            for _ in range(2):
+                ids, labels = next(it)
+                loss, correct, count = model.forward_loss(ids, labels)
+                sums += [loss.item() * count.item(), correct.item(), count.item()]
+    logged = metrics(run)[-1]["eval/loss"]
+    # fp32 training: the same numbers; bf16: the engine evaluated with bf16 weights
+    assert sums[0] / sums[2] == pytest.approx(logged, abs=1e-4 if precision == "fp32" else 0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> Path:
+    """20 uninterrupted steps in fp32 (ZeRO 2), the run the resumed ones must reproduce."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    ok(pretrain(dataset, run, "train.precision=fp32"))
+    return run
+
+
+def test_stop_and_resume_gives_the_same_losses(dataset, reference, tmp_path) -> None:
+    run = tmp_path / "run"
+    r = pretrain(dataset, run, "train.precision=fp32", "train.exit_at_step=10")
+    ok(r)
+    assert "stopped at step 10 of 20" in r.stdout
+    assert sorted(losses(run)) == list(range(1, 11))
+    r = pretrain(dataset, run, "train.precision=fp32")
+    ok(r)
+    assert "resuming from step_00000010 (step 10)" in r.stdout
+    assert losses(run) == losses(reference)  # exactly: same samples, masks, dropout and optimizer state
+    assert metrics(run)[-1]["eval/loss"] == metrics(reference)[-1]["eval/loss"]
+    state = ckpt.read_state(run, "step_00000020")
+    assert state["step"] == 20 and state["batches"] == 20 and state["tokens"] == 20 * 16 * 64
+    assert {(p["rank"], p["worker"]) for p in state["data_position"]} == {(0, 0), (1, 0)}
+    # a finished run says so and does nothing
+    r = pretrain(dataset, run, "train.precision=fp32")
+    ok(r)
+    assert "already complete at step 20" in r.stdout
+
+
+def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_losses(dataset, reference, tmp_path) -> None:
+    run = tmp_path / "run"
+    r = pretrain(dataset, run, "train.precision=fp32", env={"BERTFORGE_FAULT": "kill@13"})
+    assert r.returncode == 137, r.stderr[-2000:]  # SIGKILL, as a shell reports it
+    assert ckpt.latest(run) == "step_00000010"
+    assert max(losses(run)) == 13  # steps 11-13 were logged before the kill...
+    ok(pretrain(dataset, run, "train.precision=fp32"))
+    assert losses(run) == losses(reference)  # ...and replaced, not repeated, by the resumed run
+    assert [m["step"] for m in metrics(run) if "train/loss" in m] == list(range(1, 21))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(set(steps)) == list(range(1, 21)) and len(steps) == 20  # TensorBoard purged 11-13 too
+
+
+def test_kill_9_during_a_save_leaves_latest_usable(dataset, tmp_path) -> None:
+    run = tmp_path / "run"
+    r = pretrain(dataset, run, env={"BERTFORGE_FAULT": "kill-in-save@20"})
+    assert r.returncode == 137, r.stderr[-2000:]
+    assert ckpt.latest(run) == "step_00000010"
+    half = run / "checkpoints/step_00000020"
+    assert half.is_dir() and not ckpt.is_complete(half)  # DeepSpeed's files were there, the trainer's not
+    r = pretrain(dataset, run)
+    ok(r)
+    assert "removed the incomplete checkpoint" in r.stdout and "resuming from step_00000010" in r.stdout
+    assert ckpt.latest(run) == "step_00000020" and ckpt.is_complete(half)
+
+
+def test_event_file_holds_the_tags_and_hyperparameters(reference) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert TAGS <= tags, TAGS - tags
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["optim.lr"].number_value == pytest.approx(1e-3) and hparams["model.vocab_size"].number_value == 1000
+    assert "config/text_summary" in events.Tags()["tensors"]  # the resolved config, as YAML
+    loss = [e.value for e in events.Scalars("train/loss")]
+    assert loss == pytest.approx([m["train/loss"] for m in metrics(reference)], rel=1e-6)  # float32 in events
+    assert [e.step for e in events.Scalars("eval/loss")] == [10, 20]
+    lr = [e.value for e in events.Scalars("train/lr")]
+    assert max(lr) == pytest.approx(1e-3) and lr[-1] == 0.0  # warmup to the peak, linear decay to 0
+
+
+def test_fp16_logs_its_loss_scale(dataset, tmp_path) -> None:
+    run = tmp_path / "run"
+    ok(pretrain(dataset, run, "train.precision=fp16", "train.max_steps=4", "train.zero_stage=1"))
+    last = metrics(run)[-1]
+    assert last["train/loss_scale"] > 1 and math.isfinite(last["train/loss"])
+
+
+def test_a_non_finite_loss_is_skipped_and_counted(dataset, tmp_path) -> None:
+    run = tmp_path / "run"
+    r = pretrain(dataset, run, "train.max_steps=6", env={"BERTFORGE_FAULT": "nan@3"})
+    ok(r)
+    assert "step 3: non-finite loss on some rank; micro-batch 3 skipped (1 in a row)" in r.stdout
+    bad = {m["step"]: m["train/bad_steps"] for m in metrics(run) if "train/bad_steps" in m}
+    assert bad == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
+    assert ckpt.read_state(run, "step_00000006")["batches"] == 7  # the skipped batch was consumed
+
+
+def test_divergence_stops_the_run_keeping_the_last_checkpoint(dataset, tmp_path) -> None:
+    run = tmp_path / "run"  # a real divergence: step 1 at lr 1e6 leaves weights that give NaN
+    r = pretrain(dataset, run, "train.precision=fp32", "optim.lr=1e6", "optim.warmup_steps=1", "checkpoint.every=1",
+                 "train.max_bad_steps=3")  # fmt: skip
+    assert r.returncode == 1
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("bertforge: error")] == [
+        "bertforge: error: 3 non-finite losses in a row at step 2 (train.max_bad_steps=3); the last checkpoint is "
+        "step_00000001; lower optim.lr or raise optim.warmup_steps"
+    ]  # once, not once per rank
+    assert ckpt.latest(run) == "step_00000001"
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_path) -> None:
+    run = tmp_path / "run"
+    args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
+            "train.max_steps=100000", "log.every=1", "checkpoint.every=100000", "eval.every=0"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                break
+        ranks = psutil.Process(proc.pid).children()
+        assert len(ranks) == 2
+        ranks[1].send_signal(signal.SIGUSR1)  # one rank only, as a scheduler might
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stop requested by" in out and "run the same command again to resume" in out
+    name = ckpt.latest(run)
+    step = ckpt.read_state(run, name)["step"]
+    assert 3 <= step < 100000 and name == ckpt.tag(step)
+
+
+def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
+    dataset, reference, corpus, sp_model, tmp_path
+) -> None:
+    def fails(*overrides: str, run: Path = tmp_path / "new") -> str:
+        start = time.monotonic()
+        r = run_cli("pretrain", TINY, "--nproc", "2", f"data.path={dataset}", f"run.dir={run}", *overrides)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bertforge: error: "), r.stderr
+        assert "rank" not in r.stdout and time.monotonic() - start < 30
+        return lines[0]
+
+    assert "field 'tokenizer.vocab_size' is 1000 but the config expects 999" in fails("model.vocab_size=999")
+    assert "field 'seq_len' is 64 but the config expects 128" in fails("data.seq_len=128")
+    assert "field 'tokenizer.sha256'" in fails("data.tokenizer_sha256=abc")
+    assert "config key 'train.learning_rate'" in fails("train.learning_rate=1")
+    assert "config key 'train.zero_stage'" in fails("train.zero_stage=two")
+    assert "config key 'train.zero_stage': 4 is not 0, 1, 2 or 3" in fails("train.zero_stage=4")
+    assert "config key 'train.global_batch_size' (20)" in fails("train.global_batch_size=20")
+    assert "no such dataset folder (config key 'data.path')" in fails(f"data.path={tmp_path / 'nope'}")
+    assert "config key 'model.max_position' (32)" in fails("model.max_position=32")
+    # resuming a run with other data (same tokenizer and seq_len), another rank count or another model shape
+    other = tmp_path / "other"
+    root, _ = corpus
+    r = run_prep("--input", str(root), "--output", str(other), "--tokenizer", str(sp_model), "--seq-len", "64",
+                 "shard_size=48KB", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "field 'manifest_sha256' differs" in fails(f"data.path={other}", "train.precision=fp32", run=reference)
+    assert "config key 'model.hidden_size' is 32" in fails(
+        "model.hidden_size=32", "train.precision=fp32", run=reference
+    )
+    r = run_cli("pretrain", TINY, "--nproc", "1", f"data.path={dataset}", f"run.dir={reference}", "train.precision=fp32",
+                "train.global_batch_size=8")  # fmt: skip
+    assert r.returncode == 2 and "written by 2 ranks, this run has 1" in r.stderr
+
+
+def test_a_missing_shard_is_named(dataset, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    victim = sorted((copy / "train").glob("*.tar"))[1]
+    victim.unlink()
+    r = run_cli("pretrain", TINY, f"data.path={copy}", f"run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and f"{victim}: shard listed in {copy}/manifest.json is missing" in r.stderr
+
+
+def test_pretrain_help_lists_the_contract_keys() -> None:
+    r = run_cli("pretrain", "--help")
+    assert r.returncode == 0 and "--nproc" in r.stdout and "resumes" in r.stdout
