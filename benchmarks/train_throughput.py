@@ -98,6 +98,8 @@ class HuggingFace:
             num_attention_heads=m.num_heads,
             intermediate_size=m.intermediate_size,
             max_position_embeddings=m.max_position,
+            hidden_dropout_prob=m.dropout,
+            attention_probs_dropout_prob=m.attention_dropout,  # the same model: the same dropout
             attn_implementation="sdpa",
         )
         torch.manual_seed(0)
@@ -164,7 +166,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=32)
-    ap.add_argument("--zero", type=int, default=None, help="ZeRO stage of our engine (default: the preset's)")
+    ap.add_argument(
+        "--zero", type=int, default=0, help="ZeRO stage of our engine (default 0: one rank has nothing to shard)"
+    )
     ap.add_argument("--steps", type=int, default=10, help="steps per timed pass")
     ap.add_argument("--rounds", type=int, default=3, help="alternating passes of each (the median is reported)")
     ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
@@ -185,8 +189,7 @@ def main() -> None:
         overrides = [f"model.vocab_size={args.vocab}", f"train.micro_batch_size={args.micro_batch}",
                      f"train.global_batch_size={args.micro_batch}", f"train.precision={precision}",
                      f"train.compile={str(args.compile).lower()}", "model.max_position=512"]  # fmt: skip
-        if args.zero is not None:
-            overrides.append(f"train.zero_stage={args.zero}")
+        overrides.append(f"train.zero_stage={args.zero}")
         cfg = load_config(PretrainConfig, REPO / f"configs/pretrain/{args.preset}.yaml", overrides)
         data = batches(args.steps, args.micro_batch, args.seq_len, args.vocab)
         ours = Ours(cfg)
@@ -209,14 +212,7 @@ def main() -> None:
             f"ratio {rate['ours'] / rate['hf']:.2f}x | our MFU {mfu['bf16']:.1%} of the bf16 peak, "
             f"{mfu['fp32']:.1%} of the fp32 peak ({flops / 1e6:.1f} MFLOP/token)"
         )
-        del ours, hf
-        import deepspeed.comm as dist
-
-        dist.destroy_process_group()
-        os.environ["MASTER_PORT"] = str(free_port())
-        import deepspeed.comm.comm as dscomm
-
-        dscomm.cdb = None  # a fresh process group for the next precision
+        del ours, hf  # the process group stays: the next engine joins it
 
     if args.data.is_dir():
         cfg = load_config(PretrainConfig, None, [])

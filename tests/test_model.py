@@ -110,3 +110,30 @@ def test_flops_count_masked_positions_only() -> None:
 
 def test_model_file_imports_torch_alone() -> None:
     assert heavy_imports("pretrain.model", {"deepspeed", "webdataset", "transformers", "sentencepiece"}) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_loss_and_gradients_match_plain_cross_entropy(dtype) -> None:
+    from pretrain.model import Decoder
+
+    torch.manual_seed(0)
+    rows, hidden, vocab = 37, 16, 50  # 37 rows in chunks of 8: a ragged last chunk
+    h = torch.randn(rows, hidden, dtype=dtype, requires_grad=True)
+    dec = Decoder(hidden, vocab, bias=False).to(dtype)
+    dec.chunk = 8
+    bias = torch.randn(vocab, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, vocab, (rows,))
+    loss, correct = dec(h, bias, target)
+    (loss * 3).backward()  # a scaled loss (as fp16 loss scaling does) scales every gradient
+    got = [h.grad.clone(), dec.weight.grad.clone(), bias.grad.clone()]
+    for t in (h, dec.weight, bias):
+        t.grad = None
+    logits = F.linear(h, dec.weight, bias).float()
+    want_loss = F.cross_entropy(logits, target)
+    (want_loss * 3).backward()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(loss, want_loss.detach(), **tol)
+    assert correct.item() == (logits.argmax(-1) == target).sum().item()
+    for g, t in zip(got, (h, dec.weight, bias)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, t.grad, **tol)
