@@ -17,9 +17,11 @@ $(BIN)/bertforge: pyproject.toml
 
 setup: $(BIN)/bertforge  ## create .venv and install bertforge with its test extras
 
-demo: setup  ## the main job on the embedded corpus (today: the prep stage) and a look at its output
+demo: setup  ## the pipeline on the embedded corpus: prep, then 2-rank pretraining of the tiny preset
 	$(BIN)/bertforge prep configs/prep/python-docs.yaml
 	$(BIN)/bertforge inspect data/python-docs -n 2
+	$(BIN)/bertforge pretrain configs/pretrain/tiny.yaml --nproc 2
+	$(BIN)/bertforge consolidate runs/tiny
 
 test: setup  ## the whole test suite (real SentencePiece, real tar shards, real webdataset)
 	$(BIN)/python -m pytest -q
@@ -27,8 +29,9 @@ test: setup  ## the whole test suite (real SentencePiece, real tar shards, real 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: setup  ## prep throughput against raw SentencePiece, side by side
+bench: setup  ## prep against raw SentencePiece; our training step against Hugging Face's, side by side
 	$(BIN)/python benchmarks/prep_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py --memory
 
 clean:
-	rm -rf $(VENV) data *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) data runs *.egg-info .pytest_cache .ruff_cache

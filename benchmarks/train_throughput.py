@@ -155,7 +155,10 @@ def peak_memory(preset: str, data: Path, zero: int) -> float:
                 "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={tmp}/run", "train.max_steps=4",
                 "log.every=4", "eval.every=0", "checkpoint.every=100", f"train.zero_stage={zero}",
                 "train.global_batch_size=64", "data.num_workers=1"]  # fmt: skip
-        subprocess.run(args, check=True, capture_output=True, cwd=REPO)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        r = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env)
+        if r.returncode:
+            raise SystemExit(f"pretrain run failed ({r.returncode}): {r.stderr[-2000:]}")
         lines = (Path(tmp) / "run/metrics.jsonl").read_text().splitlines()
         return json.loads(lines[-1])["memory/peak_gb"]
 
@@ -171,7 +174,8 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=10, help="steps per timed pass")
     ap.add_argument("--rounds", type=int, default=3, help="alternating passes of each (the median is reported)")
-    ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--precision", nargs="*", default=["bf16", "fp32"], choices=["bf16", "fp32"],
+                    help="precisions to compare (none: skip the speed comparison)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="our model under torch.compile (train.compile=true)")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards for the reader measurement")
     ap.add_argument("--memory", action="store_true", help="also peak memory per rank, ZeRO 0 vs 2 (2 ranks)")
@@ -217,7 +221,7 @@ def main() -> None:
     if args.data.is_dir():
         cfg = load_config(PretrainConfig, None, [])
         rate = reader_rate(args.data, args.micro_batch, cfg.data.num_workers)
-        best = max(ours_rate.values())
+        best = max(ours_rate.values(), default=float("nan"))
         print(f"shard reader ({cfg.data.num_workers} workers, {args.data}): {rate:,.0f} tok/s = "
               f"{rate / best:.1f}x our fastest training rate")  # fmt: skip
     else:

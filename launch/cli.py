@@ -155,7 +155,8 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     env.export(ranks)
     from pretrain.trainer import train
 
-    return train(cfg, progress=progress)
+    train(cfg, progress=progress)
+    return 0
 
 
 def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
@@ -179,6 +180,86 @@ def _run_consolidate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _submit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="run a stage as a SLURM job (submitit), requeued on time-out or preemption",
+        description="Submit STAGE with its config and overrides to SLURM through submitit: one task per GPU "
+        "(or --tasks-per-node on CPU nodes), each a rank that reads its place from SLURM. Before the time "
+        "limit, or on preemption, every rank finishes its step and checkpoints, and the job is requeued "
+        "to resume from latest. Prints the job id, its log folder and how to watch it.",
+    )
+    p.add_argument("stage", choices=["pretrain"], help="the stage to run")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="as for the stage itself")
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="GPUs per node, one rank each")
+    p.add_argument("--tasks-per-node", type=int, metavar="T", help="ranks per node on CPU nodes (default: G or 1)")
+    p.add_argument("--cpus-per-task", type=int, metavar="C", help="cores per rank")
+    p.add_argument("--partition", metavar="P")
+    p.add_argument("--account", metavar="A")
+    p.add_argument("--qos", metavar="Q")
+    p.add_argument("--time", default="24:00:00", metavar="HH:MM:SS", help="time limit per job (default 24:00:00)")
+    p.add_argument("--constraint", metavar="C")
+    p.add_argument("--mem", metavar="M", help="memory per node, e.g. 200G")
+    p.add_argument("--exclusive", action="store_true", help="whole nodes")
+    p.add_argument("--job-name", default="bertforge", metavar="J")
+    p.add_argument("--max-timeouts", type=int, default=3, metavar="K", help="requeues after time-outs (default 3)")
+    p.add_argument("--log-dir", default="runs/slurm", metavar="D", help="submitit's folder; D/JOBID per job")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.set_defaults(func=_run_submit)
+
+
+def _run_submit(ns: argparse.Namespace) -> int:
+    from launch import submit
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.trainer import resolve
+
+    res = submit.Resources(
+        nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
+        cpus_per_task=ns.cpus_per_task, partition=ns.partition, account=ns.account, qos=ns.qos, time=ns.time,
+        constraint=ns.constraint, mem=ns.mem, exclusive=ns.exclusive, job_name=ns.job_name,
+        max_timeouts=ns.max_timeouts,
+    )  # fmt: skip
+    submit.check(res)
+    config, overrides = _split_positional(ns.args)
+    config = str(Path(config).resolve()) if config else None
+    cfg = load_config(PretrainConfig, config, overrides)
+    resolve(cfg, res.nodes * res.tasks())  # the config, data and run folder, checked here, before the queue
+    # the job runs from this folder: make relative paths absolute so its tasks find them anywhere
+    overrides = [*overrides, f"data.path={Path(cfg.data.path).resolve()}", f"run.dir={Path(cfg.run.dir).resolve()}"]
+    if ns.dry_run:
+        print(submit.dry_run_script(res, Path(ns.log_dir)))
+        return 0
+    job = submit.submit(ns.stage, config, overrides, res, Path(ns.log_dir), str(Path(cfg.run.dir).resolve()))
+    print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.tasks()} rank(s)")
+    print(f"logs: {Path(ns.log_dir).resolve() / job.job_id}")
+    print(f"watch: tensorboard --logdir {Path(cfg.run.dir).resolve() / 'tb'}")
+    return 0
+
+
+def _jobs_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jobs", help="list the jobs bertforge submit sent, with state and logs")
+    p.add_argument("--log-dir", default="runs/slurm", metavar="D", help="as given to submit (default runs/slurm)")
+    p.set_defaults(func=_run_jobs)
+
+
+def _run_jobs(ns: argparse.Namespace) -> int:
+    from launch import submit
+
+    jobs = submit.list_jobs(Path(ns.log_dir))
+    if not jobs:
+        print(f"no jobs submitted from {ns.log_dir}")
+        return 0
+    print(f"{'job':>8}  {'state':<10} {'stage':<9} {'ranks':>5}  submitted                  logs")
+    for job in jobs:
+        ranks = job["nodes"] * job["tasks_per_node"]
+        print(
+            f"{job['job_id']:>8}  {submit.job_state(job):<10} {job['stage']:<9} {ranks:>5}  {job['submitted']:<26} {job['log_dir']}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bertforge`` argument parser with every subcommand."""
     parser = _Parser(prog="bertforge", description="Pretrain BERT-style encoders at cluster scale.")
@@ -188,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect_parser(sub)
     _pretrain_parser(sub)
     _consolidate_parser(sub)
+    _submit_parser(sub)
+    _jobs_parser(sub)
     return parser
 
 

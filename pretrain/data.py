@@ -20,6 +20,7 @@ that this order continues the interrupted one. A resume must keep ``world`` and 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,14 @@ class ShardStream(IterableDataset):
             n += 1
 
 
+def _ignore_stop_signals(_worker: int) -> None:
+    """Loader workers leave stop signals to the trainer: SLURM and ``scancel --signal`` signal every
+    process of a job, and a worker dying of one would take the run down instead of letting it
+    finish its step and save."""
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def build_loader(stream: ShardStream) -> DataLoader:
     """A DataLoader over the stream's workers (batches are formed in the workers)."""
     workers = stream.num_workers
@@ -108,6 +117,7 @@ def build_loader(stream: ShardStream) -> DataLoader:
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_ignore_stop_signals,
         generator=torch.Generator().manual_seed(
             0
         ),  # the batches are seeded by the stream; keep torch's global RNG untouched

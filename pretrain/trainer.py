@@ -8,8 +8,10 @@ any rank, then again by every rank. :func:`train` is one rank's whole run.
 Every micro-batch, the ranks agree (one small all-reduce) on two flags: a non-finite loss on
 some rank, and a stop signal on some rank. A non-finite loss is dropped on every rank before
 its backward pass (the next micro-batch takes its place) and counted; ``train.max_bad_steps``
-in a row end the run, leaving the last good checkpoint as ``latest``. SIGTERM, SIGUSR1 or
-SIGINT on any rank make all ranks finish the current step, save a checkpoint and exit 0.
+in a row end the run, leaving the last good checkpoint as ``latest``. SIGTERM, SIGUSR1,
+SIGINT on any rank (or SIGUSR2, the signal submitit has SLURM send before a time limit) make
+all ranks finish the current step and save a checkpoint; :func:`train` then returns a
+:class:`Result` that says it stopped early, and the command exits 0.
 """
 
 from __future__ import annotations
@@ -138,6 +140,21 @@ def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str 
 
 
 @dataclass
+class Result:
+    """How a rank's run ended: the step reached, and whether a signal (or ``train.exit_at_step``)
+    stopped it early, after its checkpoint."""
+
+    step: int
+    max_steps: int
+    stopped_by: str | None = None
+    loss: float | None = None  # the last logged train/loss, averaged over ranks
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.max_steps
+
+
+@dataclass
 class _Window:
     """Sums over the micro-batches since the last log line (this rank's)."""
 
@@ -159,7 +176,7 @@ class _Stop:
     def __init__(self) -> None:
         self.signal: str | None = None
         self.since = 0.0
-        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, _frame) -> None:
@@ -188,7 +205,7 @@ def _data_position(batches: int, rank: int, world: int, workers: int, micro: int
     return out
 
 
-def train(cfg: PretrainConfig, progress: bool = True) -> int:
+def train(cfg: PretrainConfig, progress: bool = True) -> Result:
     """One rank's run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set by the launcher)."""
     from pretrain import engine  # the one module that imports deepspeed
     from pretrain.metrics import Logger, measure_peak_tflops, peak_memory_gb
@@ -224,7 +241,7 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
     if step >= cfg.train.max_steps:
         say(f"{run_dir}: already complete at step {step} (train.max_steps={cfg.train.max_steps})")
         dist.destroy_process_group()
-        return 0
+        return Result(step, cfg.train.max_steps)
 
     word_start = None
     if cfg.data.masking.whole_word:
@@ -300,7 +317,7 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
 
     loader = build_loader(stream)
     it = iter(loader)
-    window, bad_in_row, saved_at = _Window(), 0, step
+    window, bad_in_row, saved_at, last_loss = _Window(), 0, step, None
     bar = tqdm(
         total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
     )
@@ -367,6 +384,7 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
                     "memory/peak_gb": memory.item(),
                     "train/tokens": tokens,
                 }
+                last_loss = scalars["train/loss"]
                 if (norm := engine.grad_norm(eng)) is not None:
                     scalars["train/grad_norm"] = norm
                 if (scale := engine.loss_scale(eng)) is not None:
@@ -402,7 +420,7 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
                     else f"stop requested by {stop.signal or 'another rank'}"
                 )
                 say(f"stopped at step {step} of {cfg.train.max_steps}; run the same command again to resume")
-                return 0
+                return Result(step, cfg.train.max_steps, stop.signal or "another rank", last_loss)
             if step % cfg.checkpoint.every == 0 or last:
                 save("end of run" if last else f"every {cfg.checkpoint.every} steps")
                 saved_at = step
@@ -411,7 +429,7 @@ def train(cfg: PretrainConfig, progress: bool = True) -> int:
         say(
             f"done: {step} steps, {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
         )
-        return 0
+        return Result(step, cfg.train.max_steps, None, last_loss)
     finally:
         bar.close()
         if logger:

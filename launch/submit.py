@@ -1,0 +1,225 @@
+"""``bertforge submit``: run a stage as a SLURM job through submitit, and survive its time limits.
+
+The job's tasks (one per GPU, or ``--tasks-per-node`` on CPU nodes) each run
+:class:`StageJob`, which takes its rank from SLURM (``launch.env``) and calls the same stage
+entry as the command line. SLURM sends SIGUSR2 ahead of the time limit or on preemption
+(``--signal=USR2@...``, set by submitit); the trainer treats it as a stop request that every
+rank agrees on, finishes the step and saves a checkpoint. Rank 0 then hands over to submitit's
+own handler, which pickles the job (:meth:`StageJob.checkpoint`) and requeues it; the requeued
+job resumes from ``latest``. After ``--max-timeouts`` time-outs submitit stops requeueing, and
+the job ends with its message.
+
+Submitted jobs are recorded in ``LOG_DIR/jobs.jsonl`` for ``bertforge jobs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from data_prep.errors import RunError, UserError
+
+STAGES = ("pretrain",)
+
+
+@dataclass
+class Resources:
+    """What to ask SLURM for (``bertforge submit`` flags)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "24:00:00"
+    constraint: str | None = None
+    mem: str | None = None
+    exclusive: bool = False
+    job_name: str = "bertforge"
+    max_timeouts: int = 3
+    extra: dict = field(default_factory=dict)
+
+    def minutes(self) -> int:
+        """``--time`` (``[D-]HH:MM:SS``, ``HH:MM`` or minutes) in minutes."""
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d)(?::(\d\d))?|(\d+)", self.time)
+        if not m:
+            raise UserError(f"--time {self.time!r}: expected HH:MM:SS, D-HH:MM:SS or minutes")
+        if m.group(5):
+            return int(m.group(5))
+        days, hours, mins, secs = (int(g or 0) for g in m.groups()[:4])
+        return days * 1440 + hours * 60 + mins + (1 if secs else 0)
+
+    def tasks(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+def check(res: Resources) -> None:
+    """Refuse what SLURM would refuse, naming the flag, before anything is submitted."""
+    if res.nodes < 1:
+        raise UserError(f"--nodes {res.nodes}: must be at least 1")
+    if res.gpus_per_node < 0:
+        raise UserError(f"--gpus-per-node {res.gpus_per_node}: must not be negative")
+    if res.tasks_per_node is not None and res.tasks_per_node < 1:
+        raise UserError(f"--tasks-per-node {res.tasks_per_node}: must be at least 1")
+    if res.gpus_per_node and res.tasks_per_node and res.tasks_per_node != res.gpus_per_node:
+        raise UserError("--tasks-per-node must equal --gpus-per-node: one rank per GPU")
+    if res.max_timeouts < 0:
+        raise UserError(f"--max-timeouts {res.max_timeouts}: must not be negative")
+    res.minutes()
+    if not shutil.which("sinfo"):
+        return
+    rows = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True).stdout.split("\n")
+    sizes: dict[str, int] = {}
+    default = None
+    for row in filter(None, (r.split() for r in rows)):
+        name = row[0].rstrip("*")
+        default = name if row[0].endswith("*") else default
+        sizes[name] = sizes.get(name, 0) + int(row[1])
+    if res.partition is not None and sizes and res.partition not in sizes:
+        raise UserError(f"--partition {res.partition!r}: no such partition (this cluster has {', '.join(sizes)})")
+    part = res.partition or default
+    if part in sizes and res.nodes > sizes[part]:
+        raise UserError(f"--nodes {res.nodes}: partition {part!r} has {sizes[part]} node(s)")
+
+
+class StageJob:
+    """The callable each SLURM task runs: one rank of ``bertforge STAGE CONFIG overrides``.
+
+    submitit calls :meth:`checkpoint` (rank 0, after the trainer's own checkpoint) to get what
+    to run when the job is requeued: the same job, which resumes from ``latest``.
+    """
+
+    def __init__(self, stage: str, config: str | None, overrides: list[str]) -> None:
+        self.stage, self.config, self.overrides = stage, config, overrides
+
+    def __call__(self):  # noqa: ANN204
+        from launch import env
+        from launch.config import load_config
+
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint, requeue, exit
+        ranks = env.detect()
+        env.export(ranks)
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
+        if self.stage == "pretrain":
+            import torch
+
+            from pretrain.config import PretrainConfig
+            from pretrain.trainer import train
+
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+            cfg = load_config(PretrainConfig, self.config, self.overrides)
+            result = train(cfg, progress=False)
+        else:  # pragma: no cover - guarded by STAGES
+            raise UserError(f"stage {self.stage!r} cannot be submitted")
+        if result.stopped_by and not result.finished and ranks.rank == 0 and callable(requeue):
+            # every rank has saved: submitit's handler pickles this job (checkpoint) and requeues it
+            requeue(signal.SIGUSR2, None)
+        return result
+
+    def checkpoint(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config, self.overrides))
+
+
+def executor(res: Resources, folder: Path):  # noqa: ANN201
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=res.max_timeouts)
+    params = {
+        "nodes": res.nodes,
+        "ntasks_per_node": res.tasks(),
+        "time": res.minutes(),
+        "job_name": res.job_name,
+        "signal_delay_s": 120,  # SIGUSR2 two minutes before the limit: time to finish a step and save
+        "additional_parameters": dict(res.extra),
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for key in ("cpus_per_task", "partition", "account", "qos", "constraint", "mem"):
+        if getattr(res, key) is not None:
+            params[key] = getattr(res, key)
+    if res.exclusive:
+        params["exclusive"] = True
+    ex.update_parameters(**params)
+    return ex
+
+
+def dry_run_script(res: Resources, folder: Path) -> str:
+    """The sbatch script submitit would submit (nothing is submitted)."""
+    check(res)
+    ex = executor(res, Path(folder).resolve())
+    return ex._make_submission_file_text(f"{ex.python} -u -m submitit.core._submit {ex.folder}", "%j")
+
+
+def submit(stage: str, config: str | None, overrides: list[str], res: Resources, log_dir: Path, run_dir: str):  # noqa: ANN201
+    """Submit; returns the submitit job. Records it in ``log_dir/jobs.jsonl``."""
+    if not shutil.which("sbatch"):
+        raise UserError("sbatch not found: bertforge submit needs a SLURM cluster (see launch/slurm/local_cluster.sh)")
+    check(res)
+    log_dir = Path(log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ex = executor(res, log_dir)
+    with tempfile.TemporaryFile() as said:  # sbatch writes its refusal to our stderr: catch it
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            job = ex.submit(StageJob(stage, config, overrides))
+        except Exception as err:  # noqa: BLE001 - submitit wraps sbatch's failure in its own types
+            os.dup2(saved, 2)
+            said.seek(0)
+            lines = [ln for ln in said.read().decode(errors="replace").splitlines() if ln.strip()]
+            if lines:
+                raise UserError(f"sbatch refused the job: {lines[-1]}") from None
+            raise RunError(f"submission failed: {str(err).strip().splitlines()[-1]}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    record = {
+        "job_id": job.job_id,
+        "stage": stage,
+        "config": config,
+        "overrides": overrides,
+        "nodes": res.nodes,
+        "tasks_per_node": res.tasks(),
+        "log_dir": str(log_dir / job.job_id),
+        "run_dir": run_dir,
+        "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(log_dir / "jobs.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return job
+
+
+def job_state(record: dict) -> str:
+    """PENDING/RUNNING from squeue; after the job, COMPLETED or FAILED from submitit's result file."""
+    if shutil.which("squeue"):
+        out = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%T"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    result = Path(record["log_dir"]) / f"{record['job_id']}_0_result.pkl"
+    if result.is_file():
+        import pickle
+
+        with open(result, "rb") as f:
+            outcome, _ = pickle.load(f)
+        return "COMPLETED" if outcome == "success" else "FAILED"
+    return "UNKNOWN"
+
+
+def list_jobs(log_dir: Path) -> list[dict]:
+    path = Path(log_dir) / "jobs.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,126 @@
+"""``bertforge submit`` on a real SLURM cluster (launch/slurm/local_cluster.sh: slurmctld and two
+slurmd daemons as nodes n1 and n2). Skipped, with the reason, where no cluster answers."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain import checkpoint as ckpt
+from tests.conftest import REPO, run_cli
+
+
+def _cluster_up() -> str | None:
+    if not shutil.which("sbatch"):
+        return "no sbatch on this machine (start one with: sudo launch/slurm/local_cluster.sh)"
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    if r.returncode or not r.stdout.strip():
+        return f"sinfo finds no SLURM cluster ({r.stderr.strip()[:200]}); start one with launch/slurm/local_cluster.sh"
+    return None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_up()))]
+
+TINY = str(REPO / "configs/pretrain/tiny.yaml")
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus, sp_model) -> Path:
+    from tests.conftest import run_prep
+
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("slurm") / "ds"
+    r = run_prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--seq-len", "64",
+                 "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def submit(dataset: Path, run: Path, logs: Path, *extra: str) -> str:
+    r = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={run}", f"train.max_steps={STEPS}",
+                "log.every=10", "eval.every=0", "checkpoint.every=1000", "train.zero_stage=2", "train.precision=bf16",
+                "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "60",
+                "--log-dir", str(logs), *extra)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split()[2].rstrip(":")
+    assert f"logs: {logs / job}" in r.stdout and f"tensorboard --logdir {run / 'tb'}" in r.stdout
+    return job
+
+
+def result(logs: Path, job: str, timeout: float = 600, nudge: bool = False):
+    """Rank 0's return value, read from submitit's result file (sacct does not run here)."""
+    path = logs / job / f"{job}_0_result.pkl"
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, (logs / job / f"{job}_0_log.err").read_text()[-3000:]
+        if nudge:  # a requeued job is held ~120 s before it may start again
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(1)
+    time.sleep(0.5)
+    with open(path, "rb") as f:
+        outcome, value = pickle.load(f)
+    assert outcome == "success", value
+    return value
+
+
+def test_two_node_job_trains_and_checkpoints(dataset, tmp_path) -> None:
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    job = submit(dataset, run, logs)
+    res = result(logs, job)
+    assert res.step == STEPS and res.finished and res.stopped_by is None
+    assert ckpt.latest(run) == ckpt.tag(STEPS)
+    assert ckpt.read_state(run, ckpt.tag(STEPS))["world"] == 2
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    out = (logs / job / f"{job}_0_log.out").read_text()
+    assert "bertforge pretrain: 2 rank(s)" in out
+    listing = run_cli("jobs", "--log-dir", str(logs))
+    assert listing.returncode == 0 and f"{job}  COMPLETED" in listing.stdout
+    (tmp_path.parent / "reference.json").write_text(json.dumps({"loss": res.loss, "step": res.step}))
+
+
+def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, tmp_path) -> None:
+    import submitit
+
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    job = submit(dataset, run, logs)
+    log = logs / job / f"{job}_0_log.out"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "step 40/" in log.read_text()):
+        assert time.monotonic() < deadline, "the job did not reach step 40"
+        time.sleep(0.5)
+    submitit.SlurmJob(folder=logs / "%j", job_id=job)._interrupt()  # SIGTERM + USR2, as a preemption sends
+    res = result(logs, job, nudge=True)
+    text = log.read_text()
+    assert "stopped at step" in text and "resuming from step_" in text  # both incarnations wrote here
+    stopped = int(text.split("stopped at step ")[1].split()[0])
+    assert 40 <= stopped < STEPS
+    assert res.step == STEPS and res.stopped_by is None
+    reference = tmp_path.parent / "reference.json"
+    if not reference.exists():
+        pytest.skip("needs test_two_node_job_trains_and_checkpoints's loss to compare with")
+    assert res.loss == json.loads(reference.read_text())["loss"]  # the same samples, masks and steps
+
+
+def test_bad_options_are_refused_before_submitting(dataset, tmp_path) -> None:
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    for args, message in [
+        (["--nodes", "0"], "--nodes 0: must be at least 1"),
+        (["--partition", "nosuch"], "--partition 'nosuch': no such partition (this cluster has debug)"),
+        (["--time", "soon"], "--time 'soon': expected HH:MM:SS"),
+        (["--nodes", "3", "train.global_batch_size=24"], "--nodes 3: partition 'debug' has 2 node(s)"),
+        (["--mem", "100000T"], "sbatch refused the job"),  # what only sbatch knows
+        (["train.zero_stage=7"], "config key 'train.zero_stage': 7 is not 0, 1, 2 or 3"),
+    ]:
+        r = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={tmp_path / 'run'}",
+                    "--log-dir", str(tmp_path / "logs"), *args)  # fmt: skip
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert before == after and not (tmp_path / "logs" / "jobs.jsonl").exists()
