@@ -124,7 +124,15 @@ class StageJob:
             raise UserError(f"stage {self.stage!r} cannot be submitted")
         if result.stopped_by and not result.finished and ranks.rank == 0 and callable(requeue):
             # every rank has saved: submitit's handler pickles this job (checkpoint) and requeues it
-            requeue(signal.SIGUSR2, None)
+            from submitit.core.utils import UncompletedJobError
+
+            try:
+                requeue(signal.SIGUSR2, None)
+            except UncompletedJobError as err:  # it refuses after --max-timeouts time-outs
+                raise RunError(
+                    f"stopped at step {result.step} of {result.max_steps} and not requeued ({err}); the checkpoint is "
+                    "kept: submit the same command again to continue"
+                ) from None
         return result
 
     def checkpoint(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201

@@ -108,6 +108,32 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, 
     assert res.loss == json.loads(reference.read_text())["loss"]  # the same samples, masks and steps
 
 
+def test_a_job_out_of_time_outs_stops_with_a_clear_message(dataset, tmp_path) -> None:
+    import submitit
+
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    # under 10 minutes every signal counts as a time-out; with none allowed the first one ends it
+    job = submit(dataset, run, logs, "--time", "5", "--max-timeouts", "0")
+    log = logs / job / f"{job}_0_log.out"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "step 20/" in log.read_text()):
+        assert time.monotonic() < deadline, "the job did not reach step 20"
+        time.sleep(0.5)
+    submitit.SlurmJob(folder=logs / "%j", job_id=job)._interrupt(timeout=True)
+    path = logs / job / f"{job}_0_result.pkl"
+    while not path.exists():
+        assert time.monotonic() < deadline + 300, (logs / job / f"{job}_0_log.err").read_text()[-3000:]
+        time.sleep(1)
+    time.sleep(0.5)
+    with open(path, "rb") as f:
+        outcome, trace = pickle.load(f)
+    assert outcome == "error" and "not requeued (Job not requeued because: timed-out too many times.)" in trace
+    assert "submit the same command again to continue" in trace
+    step = int(log.read_text().split("stopped at step ")[1].split()[0])
+    assert ckpt.latest(run) == ckpt.tag(step)  # the checkpoint of the stop is there to continue from
+    assert f"{job}  FAILED" in run_cli("jobs", "--log-dir", str(logs)).stdout
+
+
 def test_bad_options_are_refused_before_submitting(dataset, tmp_path) -> None:
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     for args, message in [
