@@ -264,8 +264,14 @@ def _remove_partial(out: Path) -> None:
                 tmp.unlink()
 
 
-def prep(cfg: PrepConfig, progress: bool = True) -> dict:
-    """Run the prep stage; returns the manifest. Safe to re-run: finished units are kept."""
+def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = None) -> dict:
+    """Run the prep stage; returns the manifest. Safe to re-run: finished units are kept.
+
+    ``task=(i, n)`` runs one slice of a job array (``bertforge submit prep``): only the units
+    ``u`` with ``u % n == i``, and no manifest (a final plain run writes it from the units'
+    records, as a resumed run does). ``task=(0, 0)`` only plans the units and trains the
+    tokenizer, the step before the array. Returns ``{"units": [...]}`` for those.
+    """
     cfg.validate()
     t0 = time.perf_counter()
     discovered = corpus.Account(strict=cfg.strict)
@@ -281,15 +287,22 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
         man = manifest.load(out)
         print(manifest.summary(man))
         return man
-    _remove_partial(out)
+    if task is None:
+        _remove_partial(out)  # (not in an array task: the other tasks' files in flight are .tmp too)
     units = plan_units(files, parse_size(cfg.unit_size))
+    if task is not None and task[1] and not cfg.tokenizer.path and not (out / manifest.TOKENIZER).is_file():
+        raise RunError(f"{out}: no {manifest.TOKENIZER}: the tokenizer step (task 0/0) must run before the array")
     tok_path = _tokenizer(cfg, files, units, out)
+    if task == (0, 0):
+        return {"units": list(range(len(units)))}
     vocab_size = tokenizer.load(tok_path).vocab_size()  # also checks the special ids
     records = _finished_units(out, len(units))
     if records:
         print(f"prep: resuming: {len(records)} of {len(units)} units already done", file=sys.stderr)
     workers = cfg.workers or os.cpu_count() or 1
-    todo = [u for u in range(len(units)) if u not in records]
+    todo = [u for u in range(len(units)) if u not in records and (task is None or u % task[1] == task[0])]
+    if task is not None:
+        print(f"prep: array task {task[0]} of {task[1]}: {len(todo)} unit(s) to write", file=sys.stderr)
     total = sum(p.size(files[p.file]) for u in todo for p in units[u])
     has_unknown_size = any(files[p.file].kind == "builtin" or files[p.file].compression for u in todo for p in units[u])
     bar = tqdm(
@@ -327,6 +340,8 @@ def prep(cfg: PrepConfig, progress: bool = True) -> dict:
         bar.close()
         if pool is not None:
             pool.shutdown(wait=sys.exc_info()[0] is None, cancel_futures=True)
+    if task is not None:
+        return {"units": todo}
     man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path, vocab_size)
     _atomic_write(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
     _atomic_write(out / "prep_config.yaml", to_yaml(cfg))

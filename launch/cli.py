@@ -189,7 +189,7 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
         "limit, or on preemption, every rank finishes its step and checkpoints, and the job is requeued "
         "to resume from latest. Prints the job id, its log folder and how to watch it.",
     )
-    p.add_argument("stage", choices=["pretrain"], help="the stage to run")
+    p.add_argument("stage", choices=["pretrain", "prep"], help="the stage to run")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="as for the stage itself")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="GPUs per node, one rank each")
@@ -205,6 +205,7 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--job-name", default="bertforge", metavar="J")
     p.add_argument("--max-timeouts", type=int, default=3, metavar="K", help="requeues after time-outs (default 3)")
     p.add_argument("--log-dir", default="runs/slurm", metavar="D", help="submitit's folder; D/JOBID per job")
+    p.add_argument("--array", type=int, default=4, metavar="N", help="prep: array tasks, each a slice of the units")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.set_defaults(func=_run_submit)
 
@@ -224,6 +225,8 @@ def _run_submit(ns: argparse.Namespace) -> int:
     submit.check(res)
     config, overrides = _split_positional(ns.args)
     config = str(Path(config).resolve()) if config else None
+    if ns.stage == "prep":
+        return _submit_prep(ns, res, config, overrides)
     cfg = load_config(PretrainConfig, config, overrides)
     resolve(cfg, res.nodes * res.tasks())  # the config, data and run folder, checked here, before the queue
     # the job runs from this folder: make relative paths absolute so its tasks find them anywhere
@@ -235,6 +238,31 @@ def _run_submit(ns: argparse.Namespace) -> int:
     print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.tasks()} rank(s)")
     print(f"logs: {Path(ns.log_dir).resolve() / job.job_id}")
     print(f"watch: tensorboard --logdir {Path(cfg.run.dir).resolve() / 'tb'}")
+    return 0
+
+
+def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: list[str]) -> int:  # noqa: ANN001
+    from data_prep import corpus
+    from data_prep.config import PrepConfig
+    from launch import submit
+    from launch.config import load_config
+
+    cfg = load_config(PrepConfig, config, overrides)
+    cfg.validate()
+    if not corpus.discover(cfg.input, corpus.Account(strict=cfg.strict)):
+        raise UserError(f"input {cfg.input}: no .txt or .jsonl files found")
+    inputs = [i if i.startswith("builtin:") else str(Path(i).resolve()) for i in cfg.input]
+    overrides = [*overrides, f"input=[{','.join(inputs)}]", f"output={Path(cfg.output).resolve()}"]
+    if cfg.tokenizer.path:
+        overrides.append(f"tokenizer.path={Path(cfg.tokenizer.path).resolve()}")
+    if ns.dry_run:
+        print(submit.dry_run_script(res, Path(ns.log_dir)))
+        return 0
+    first, tasks, last = submit.submit_prep(config, overrides, res, ns.array, Path(ns.log_dir), cfg.output)
+    print(f"submitted jobs: tokenizer {first.job_id}, array {tasks[0].job_id.split('_')[0]} "
+          f"({len(tasks)} tasks), manifest {last.job_id}")  # fmt: skip
+    print(f"logs: {Path(ns.log_dir).resolve()}")
+    print(f"result: {Path(cfg.output).resolve() / 'manifest.json'} once job {last.job_id} ends")
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from data_prep.errors import RunError, UserError
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "prep")
 
 
 @dataclass
@@ -99,13 +99,23 @@ class StageJob:
     to run when the job is requeued: the same job, which resumes from ``latest``.
     """
 
-    def __init__(self, stage: str, config: str | None, overrides: list[str]) -> None:
-        self.stage, self.config, self.overrides = stage, config, overrides
+    def __init__(
+        self, stage: str, config: str | None, overrides: list[str], task: tuple[int, int] | None = None
+    ) -> None:
+        self.stage, self.config, self.overrides, self.task = stage, config, overrides, task
 
     def __call__(self):  # noqa: ANN204
         from launch import env
         from launch.config import load_config
 
+        if self.stage == "prep":  # one step of the prep chain; its units make it resumable as it is
+            from data_prep.config import PrepConfig
+            from data_prep.prep import prep
+
+            cfg = load_config(PrepConfig, self.config, self.overrides)
+            if not cfg.workers and os.environ.get("SLURM_CPUS_PER_TASK"):
+                cfg.workers = int(os.environ["SLURM_CPUS_PER_TASK"])
+            return prep(cfg, progress=False, task=self.task)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint, requeue, exit
         ranks = env.detect()
         env.export(ranks)
@@ -138,7 +148,7 @@ class StageJob:
     def checkpoint(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config, self.overrides))
+        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config, self.overrides, self.task))
 
 
 def executor(res: Resources, folder: Path):  # noqa: ANN201
@@ -171,19 +181,13 @@ def dry_run_script(res: Resources, folder: Path) -> str:
     return ex._make_submission_file_text(f"{ex.python} -u -m submitit.core._submit {ex.folder}", "%j")
 
 
-def submit(stage: str, config: str | None, overrides: list[str], res: Resources, log_dir: Path, run_dir: str):  # noqa: ANN201
-    """Submit; returns the submitit job. Records it in ``log_dir/jobs.jsonl``."""
-    if not shutil.which("sbatch"):
-        raise UserError("sbatch not found: bertforge submit needs a SLURM cluster (see launch/slurm/local_cluster.sh)")
-    check(res)
-    log_dir = Path(log_dir).resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    ex = executor(res, log_dir)
-    with tempfile.TemporaryFile() as said:  # sbatch writes its refusal to our stderr: catch it
+def _submitting(ex, submit_fn):  # noqa: ANN001, ANN202
+    """Call ``submit_fn()``; sbatch's refusal (written to our stderr) becomes one UserError line."""
+    with tempfile.TemporaryFile() as said:
         saved = os.dup(2)
         os.dup2(said.fileno(), 2)
         try:
-            job = ex.submit(StageJob(stage, config, overrides))
+            return submit_fn()
         except Exception as err:  # noqa: BLE001 - submitit wraps sbatch's failure in its own types
             os.dup2(saved, 2)
             said.seek(0)
@@ -194,20 +198,66 @@ def submit(stage: str, config: str | None, overrides: list[str], res: Resources,
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _record(log_dir: Path, job, stage: str, config, overrides, res: Resources, run_dir: str, ranks: int) -> None:  # noqa: ANN001
     record = {
         "job_id": job.job_id,
         "stage": stage,
         "config": config,
         "overrides": overrides,
         "nodes": res.nodes,
-        "tasks_per_node": res.tasks(),
-        "log_dir": str(log_dir / job.job_id),
+        "tasks_per_node": ranks // res.nodes,
+        "log_dir": str(job.paths.folder),
+        "result": str(job.paths.result_pickle),
         "run_dir": run_dir,
         "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     with open(log_dir / "jobs.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def submit(stage: str, config: str | None, overrides: list[str], res: Resources, log_dir: Path, run_dir: str):  # noqa: ANN201
+    """Submit a pretraining job; returns the submitit job. Recorded in ``log_dir/jobs.jsonl``."""
+    if not shutil.which("sbatch"):
+        raise UserError("sbatch not found: bertforge submit needs a SLURM cluster (see launch/slurm/local_cluster.sh)")
+    check(res)
+    log_dir = Path(log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ex = executor(res, log_dir)
+    job = _submitting(ex, lambda: ex.submit(StageJob(stage, config, overrides)))
+    _record(log_dir, job, stage, config, overrides, res, run_dir, res.nodes * res.tasks())
     return job
+
+
+def submit_prep(config: str | None, overrides: list[str], res: Resources, array: int, log_dir: Path, output: str):  # noqa: ANN201
+    """The prep chain: the tokenizer step, then an array of ``array`` tasks each writing the units
+    ``u % array == i``, then the manifest step, each waiting for the one before (``afterok``).
+    Returns the three submitit jobs (the array's first task for the array)."""
+    if not shutil.which("sbatch"):
+        raise UserError("sbatch not found: bertforge submit needs a SLURM cluster (see launch/slurm/local_cluster.sh)")
+    if array < 1:
+        raise UserError(f"--array {array}: must be at least 1")
+    one = Resources(**{**res.__dict__, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0})
+    check(one)
+    log_dir = Path(log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ex = executor(one, log_dir)
+    first = _submitting(ex, lambda: ex.submit(StageJob("prep", config, overrides, (0, 0))))
+    ex.update_parameters(additional_parameters={"dependency": f"afterok:{first.job_id}"}, array_parallelism=array)
+
+    def batch():  # noqa: ANN202
+        with ex.batch():
+            jobs = [ex.submit(StageJob("prep", config, overrides, (i, array))) for i in range(array)]
+        return jobs
+
+    tasks = _submitting(ex, batch)
+    array_id = tasks[0].job_id.split("_")[0]
+    ex.update_parameters(additional_parameters={"dependency": f"afterok:{array_id}"})
+    last = _submitting(ex, lambda: ex.submit(StageJob("prep", config, overrides, None)))
+    for job, ranks in ((first, 1), (tasks[0], array), (last, 1)):
+        _record(log_dir, job, "prep", config, overrides, one, output, ranks)
+    return first, tasks, last
 
 
 def job_state(record: dict) -> str:
@@ -216,7 +266,7 @@ def job_state(record: dict) -> str:
         out = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%T"], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
-    result = Path(record["log_dir"]) / f"{record['job_id']}_0_result.pkl"
+    result = Path(record["result"])
     if result.is_file():
         import pickle
 

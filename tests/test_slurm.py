@@ -150,3 +150,30 @@ def test_bad_options_are_refused_before_submitting(dataset, tmp_path) -> None:
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     assert before == after and not (tmp_path / "logs" / "jobs.jsonl").exists()
+
+
+def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_path) -> None:
+    from tests.conftest import run_prep
+
+    root, _ = corpus
+    opts = [f"tokenizer.path={sp_model}", "seq_len=64", "unit_size=16KB", "shard_size=8KB", "block_size=2KB"]
+    local = tmp_path / "local"
+    r = run_prep("--input", str(root), "--output", str(local), *opts)
+    assert r.returncode == 0, r.stderr
+    out, logs = tmp_path / "array", tmp_path / "logs"
+    r = run_cli("submit", "prep", f"input=[{root}]", f"output={out}", *opts, "--array", "3", "--cpus-per-task", "1",
+                "--time", "30", "--log-dir", str(logs))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.split("manifest ")[1].split()[0]
+    deadline = time.monotonic() + 600
+    while not (out / "manifest.json").exists():
+        assert time.monotonic() < deadline, subprocess.run(["squeue"], capture_output=True, text=True).stdout
+        time.sleep(1)
+    assert (out / "manifest.json").read_bytes() == (local / "manifest.json").read_bytes()
+    shards = sorted(p.relative_to(local) for p in local.rglob("*.tar"))
+    assert len(shards) > 3 and shards == sorted(p.relative_to(out) for p in out.rglob("*.tar"))
+    assert all((local / s).read_bytes() == (out / s).read_bytes() for s in shards)
+    said = "".join(p.read_text() for p in logs.rglob("*_log.err"))
+    written = [int(said.split(f"array task {i} of 3: ")[1].split()[0]) for i in range(3)]
+    assert min(written) >= 1 and f"resuming: {sum(written)} of {sum(written)} units already done" in said
+    assert (logs / last / f"{last}_0_result.pkl").exists()  # the manifest step ran as its own job
