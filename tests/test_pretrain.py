@@ -8,7 +8,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -231,12 +230,11 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
     dataset, reference, corpus, sp_model, tmp_path
 ) -> None:
     def fails(*overrides: str, run: Path = tmp_path / "new") -> str:
-        start = time.monotonic()
         r = run_cli("pretrain", TINY, "--nproc", "2", f"data.path={dataset}", f"run.dir={run}", *overrides)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("bertforge: error: "), r.stderr
-        assert "rank" not in r.stdout and time.monotonic() - start < 30
+        assert "rank" not in r.stdout  # refused by the launcher: no rank started
         return lines[0]
 
     assert "field 'tokenizer.vocab_size' is 1000 but the config expects 999" in fails("model.vocab_size=999")
