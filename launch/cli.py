@@ -180,6 +180,68 @@ def _run_consolidate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint as a Hugging Face folder (and ONNX) that loads without bertforge",
+        description="Gather a checkpoint's ZeRO shards and write a folder that transformers loads offline "
+        "(AutoTokenizer, AutoModelForMaskedLM): config.json, model.safetensors, tokenizer.json, a model card; "
+        "with --format hf,onnx also model.onnx (dynamic batch and sequence).",
+    )
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run folder (its latest) or RUN/checkpoints/step_N")
+    p.add_argument("--output", required=True, metavar="DIR", help="a new or empty folder")
+    p.add_argument("--format", default="hf", metavar="hf[,onnx]", help="hf (default), or hf,onnx")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (default fp32)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(ns: argparse.Namespace) -> int:
+    from pretrain.export import export
+
+    formats = [f.strip() for f in ns.format.split(",") if f.strip()]
+    out = export(Path(ns.source), Path(ns.output), formats, ns.dtype)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="MLM loss, accuracy, perplexity and speed of checkpoints or exports, side by side",
+        description="Evaluate one or more models (run folders, checkpoint folders or export folders) on the val "
+        "split of --data with fixed masks; two models (a teacher and a student) get a comparison line.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="run, checkpoint or export folders")
+    p.add_argument("--data", required=True, metavar="DIR", help="a folder written by bertforge prep")
+    p.add_argument("--batches", type=int, default=20, metavar="N", help="val batches (default 20)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="sequences per batch (default 32)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(ns: argparse.Namespace) -> int:
+    from pretrain.evaluate import evaluate, table
+
+    rows = [evaluate(Path(m), Path(ns.data), ns.batches, ns.batch_size) for m in ns.models]
+    print(table(rows))
+    return 0
+
+
+def _fill_mask_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fill-mask", help="the top predictions for each [MASK] in a text")
+    p.add_argument("model", metavar="MODEL", help="a run, checkpoint or export folder")
+    p.add_argument("text", help='e.g. "Return the [MASK] of items in a container."')
+    p.add_argument("-k", "--top-k", type=int, default=5, metavar="K")
+    p.set_defaults(func=_run_fill_mask)
+
+
+def _run_fill_mask(ns: argparse.Namespace) -> int:
+    from pretrain.evaluate import fill_mask
+
+    for i, preds in enumerate(fill_mask(Path(ns.model), ns.text, ns.top_k)):
+        print(f"[MASK] {i + 1}: " + ", ".join(f"{piece.replace(chr(0x2581), '')!r} {p:.3f}" for piece, p in preds))
+    return 0
+
+
 def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "submit",
@@ -297,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect_parser(sub)
     _pretrain_parser(sub)
     _consolidate_parser(sub)
+    _export_parser(sub)
+    _eval_parser(sub)
+    _fill_mask_parser(sub)
     _submit_parser(sub)
     _jobs_parser(sub)
     return parser

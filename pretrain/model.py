@@ -109,7 +109,11 @@ class SelfAttention(nn.Module):
             return proj(x).view(b, t, self.num_heads, h // self.num_heads).transpose(1, 2)
 
         # On CPUs the math kernel's backward is ~1.7x faster than the flash one at BERT's lengths
-        with sdpa_kernel(_CPU_ATTENTION) if x.device.type == "cpu" else nullcontext():
+        with (
+            sdpa_kernel(_CPU_ATTENTION)
+            if x.device.type == "cpu" and not torch.compiler.is_exporting()
+            else nullcontext()
+        ):
             out = F.scaled_dot_product_attention(
                 heads(self.query),
                 heads(self.key),
@@ -191,7 +195,10 @@ class BertModel(nn.Module):
     ) -> torch.Tensor:
         """Hidden states ``(batch, seq, hidden)``; ``attention_mask`` is 1 for real tokens, 0 for padding."""
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):  # .all() syncs; packed data has no pad
+        exporting = torch.compiler.is_exporting()  # (torch.export/ONNX: no data-dependent branch)
+        if attention_mask is not None and (
+            exporting or not bool(attention_mask.all())
+        ):  # .all() syncs; packed data has no pad
             mask = attention_mask[:, None, None, :].bool()  # broadcast over heads and queries
         return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
 

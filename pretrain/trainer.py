@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -225,6 +226,9 @@ def train(cfg: PretrainConfig, progress: bool = True) -> Result:
         for name in ckpt.remove_incomplete(run_dir):
             say(f"removed the incomplete checkpoint {root / name} (an interrupted save)")
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        tok = run_dir / "tokenizer.model"  # the run keeps its tokenizer: exports need no dataset folder
+        if not tok.is_file():
+            shutil.copyfile(folder / man["tokenizer"]["file"], tok)
     dist.barrier()
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -308,6 +312,7 @@ def train(cfg: PretrainConfig, progress: bool = True) -> Result:
                 "num_workers": cfg.data.num_workers,
                 "data_position": _data_position(batches, rank, world, cfg.data.num_workers, micro),
                 "manifest_sha256": tokenizers.sha256(folder / manifests.MANIFEST),
+                "tokenizer_sha256": man["tokenizer"]["sha256"],
                 "config": to_dict(cfg),
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }

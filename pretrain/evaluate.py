@@ -1,0 +1,106 @@
+"""``bertforge eval`` and ``bertforge fill-mask``: what a checkpoint or an export has learned.
+
+Evaluation uses the val split of a dataset folder with masks fixed by a seed (as the trainer's
+periodic evaluation does, on one rank), so numbers compare across runs, checkpoints, exports,
+teachers and students.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep import manifest as manifests
+from data_prep import tokenizer as tokenizers
+from data_prep.errors import UserError
+from pretrain.data import ShardStream
+from pretrain.export import load_any
+from pretrain.masking import MaskingConfig
+from pretrain.model import num_parameters
+
+
+def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, seed: int = 0) -> dict:
+    """MLM loss, accuracy and perplexity on ``data``'s val split, and forward throughput."""
+    model, tok, info = load_any(source)
+    man = manifests.load(data)
+    if man["tokenizer"]["vocab_size"] != model.config.vocab_size:
+        raise UserError(
+            f"{Path(data) / manifests.MANIFEST}: field 'tokenizer.vocab_size' is {man['tokenizer']['vocab_size']} "
+            f"but {source} has a vocabulary of {model.config.vocab_size}"
+        )
+    if tok.is_file() and tokenizers.sha256(tok) != man["tokenizer"]["sha256"]:
+        raise UserError(
+            f"{Path(data) / manifests.MANIFEST}: field 'tokenizer.sha256' differs from {source}'s tokenizer"
+        )
+    if not man["splits"]["val"]["sequences"]:
+        raise UserError(f"{Path(data) / manifests.MANIFEST}: the val split is empty")
+    stream = iter(ShardStream(data, "val", 0, 1, 0, batch_size, seed, MaskingConfig(), model.config.vocab_size))
+    data_batches = [next(stream) for _ in range(batches)]
+    sums = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for ids, labels in data_batches[:2]:  # warm-up for the timing
+            model(ids)
+        start = time.perf_counter()
+        for ids, _ in data_batches:
+            model(ids)
+        seconds = time.perf_counter() - start
+        for ids, labels in data_batches:
+            loss, correct, count = model.forward_loss(ids, labels)
+            sums += torch.tensor([loss.item() * count.item(), correct.item(), count.item()], dtype=torch.float64)
+    loss = (sums[0] / sums[2]).item()
+    tokens = batches * batch_size * man["seq_len"]
+    return {
+        "model": str(source),
+        "parameters": num_parameters(model),
+        "disk_mb": info["disk_bytes"] / 2**20,
+        "loss": loss,
+        "accuracy": (sums[1] / sums[2]).item(),
+        "perplexity": math.exp(min(loss, 50)),
+        "tokens_per_sec": tokens / seconds,
+        "ms_per_batch": 1000 * seconds / batches,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """Side by side; with two models, the second against the first (a student against its teacher)."""
+    head = (
+        f"{'model':<40} {'params':>10} {'disk MB':>8} {'loss':>7} {'acc':>7} {'ppl':>9} {'ms/batch':>9} {'tok/s':>10}"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['model'][-40:]:<40} {r['parameters'] / 1e6:>9.2f}M {r['disk_mb']:>8.1f} {r['loss']:>7.3f} "
+            f"{r['accuracy']:>7.3f} {r['perplexity']:>9.1f} {r['ms_per_batch']:>9.1f} {r['tokens_per_sec']:>10,.0f}"
+        )
+    if len(rows) == 2:
+        a, b = rows
+        lines.append(
+            f"second vs first: {b['parameters'] / a['parameters']:.0%} of the parameters, "
+            f"{b['accuracy'] / a['accuracy']:.1%} of the accuracy, {a['ms_per_batch'] / b['ms_per_batch']:.2f}x the speed"
+        )
+    return "\n".join(lines)
+
+
+def fill_mask(source: Path, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k pieces and probabilities for each ``[MASK]`` in ``text``."""
+    if "[MASK]" not in text:
+        raise UserError('fill-mask: the text has no [MASK] (e.g. "Return the [MASK] of items.")')
+    model, tok, _ = load_any(source)
+    sp = tokenizers.load(tok)
+    ids = [tokenizers.CLS_ID]
+    for i, part in enumerate(text.split("[MASK]")):
+        if i:
+            ids.append(tokenizers.MASK_ID)
+        ids += sp.encode(part.strip()) if part.strip() else []
+    ids.append(tokenizers.SEP_ID)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        probs = model(x)[0].softmax(-1)
+    out = []
+    for pos in [i for i, t in enumerate(ids) if t == tokenizers.MASK_ID]:
+        p, idx = probs[pos].topk(top_k)
+        out.append([(sp.id_to_piece(int(i)), float(q)) for q, i in zip(p, idx)])
+    return out

@@ -1,0 +1,271 @@
+"""``bertforge export``: a checkpoint as a folder people load without bertforge.
+
+The Hugging Face folder holds ``config.json`` (``BertForMaskedLM``), ``model.safetensors``
+(ZeRO shards gathered, fp32 or bf16), the tokenizer as ``tokenizer.json`` (the SentencePiece
+model converted by Hugging Face's own converter, byte fallback kept, ``[CLS] A [SEP]``
+templates) with ``tokenizer_config.json`` and ``special_tokens_map.json``, the SentencePiece
+model itself, and a model card. ``AutoTokenizer`` and ``AutoModelForMaskedLM`` load it offline
+with no remote code. ``--format onnx`` adds ``model.onnx`` (dynamic batch and sequence axes).
+
+Token ids agree with SentencePiece's except where two segmentations of a piece of text score
+exactly the same (runs of digits, now and then), where the two libraries break the tie
+differently; and a literal "[MASK]" in text is the mask token for Hugging Face (what its
+fill-mask expects) while bertforge's own pipeline treats text as text.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+from data_prep import manifest as manifests
+from data_prep import tokenizer as tokenizers
+from data_prep.errors import UserError
+from pretrain import checkpoint as ckpt
+from pretrain.model import BertForMaskedLM, ModelConfig, num_parameters
+
+TIED = "cls.predictions.decoder.weight"
+
+
+def resolve_checkpoint(source: Path) -> tuple[Path, str]:
+    """``(run_dir, tag)`` for a run folder (its ``latest``) or a checkpoint folder; errors name the path."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"{source}: no such run or checkpoint folder")
+    if (source / ckpt.STATE).is_file():  # a checkpoint folder: RUN/checkpoints/step_N
+        return source.parent.parent, source.name
+    if source.name.startswith("step_") and source.is_dir():
+        raise UserError(f"{source}: a partial checkpoint (no {ckpt.STATE}: its save did not finish)")
+    try:
+        tag = ckpt.latest(source)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    if tag is None:
+        raise UserError(f"{source}: neither a run folder with a complete checkpoint nor a checkpoint folder")
+    return source, tag
+
+
+def load_checkpoint(source: Path) -> tuple[BertForMaskedLM, dict, Path]:
+    """The fp32 model of a run or checkpoint folder, its trainer state, and its tokenizer file."""
+    from pretrain import engine
+
+    run_dir, tag = resolve_checkpoint(source)
+    state = ckpt.read_state(run_dir, tag)
+    try:
+        weights = engine.consolidated_state_dict(ckpt.folder(run_dir), tag)
+    except Exception as err:  # noqa: BLE001 - torch/DeepSpeed raise many kinds on a damaged file
+        raise UserError(
+            f"{ckpt.folder(run_dir) / tag}: cannot read the checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    model = BertForMaskedLM(ModelConfig(**state["config"]["model"]))
+    weights.pop(TIED, None)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) - {TIED} or unexpected:
+        raise UserError(
+            f"{ckpt.folder(run_dir) / tag}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    tok = run_dir / "tokenizer.model"
+    if not tok.is_file():  # runs from before the trainer copied it: the dataset's
+        tok = Path(state["config"]["data"]["path"]) / manifests.TOKENIZER
+    if not tok.is_file() or tokenizers.sha256(tok) != state.get("tokenizer_sha256", tokenizers.sha256(tok)):
+        raise UserError(f"{tok}: the run's tokenizer is missing or changed")
+    return model.eval(), {**state, "run_dir": str(run_dir), "tag": tag}, tok
+
+
+def hf_tokenizer(sp_model: Path):  # noqa: ANN201
+    """A ``tokenizers.Tokenizer`` equivalent to the SentencePiece model, with BERT's templates."""
+    from tokenizers import decoders, models, processors
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    sp = tokenizers.load(sp_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns that it drops byte fallback: put back below
+        tok = SpmConverter(
+            types.SimpleNamespace(vocab_file=str(sp_model), legacy=False, add_prefix_space=True)
+        ).converted()
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.vocab_size())]
+    if isinstance(tok.model, models.Unigram):
+        tok.model = models.Unigram(pieces, tokenizers.UNK_ID, byte_fallback=True)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    cls, sep = tokenizers.CLS_ID, tokenizers.SEP_ID
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return tok
+
+
+def _card(state: dict, man: dict | None, n_params: int, metrics: dict) -> str:
+    m = state["config"]["model"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [bert, fill-mask, bertforge]",
+        "---",
+        f"# BERT encoder, {m['num_layers']} layers x {m['hidden_size']} (bertforge)",
+        "",
+        f"A BERT-style masked-language model trained with bertforge: {m['num_layers']} layers, hidden size "
+        f"{m['hidden_size']}, {m['num_heads']} heads, intermediate size {m['intermediate_size']}, "
+        f"{'pre' if m['pre_ln'] else 'post'}-LayerNorm, vocabulary {m['vocab_size']:,}, "
+        f"{n_params / 1e6:.2f}M parameters (tied embeddings counted once).",
+        "",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline",
+        'fill = pipeline("fill-mask", model="THIS_FOLDER")',
+        'fill("Return the [MASK] of items in a container.")',
+        "```",
+        "",
+        "## Training",
+        f"- checkpoint `{state['tag']}`: {state['step']:,} steps, {state['tokens']:,} tokens",
+    ]
+    if "teacher" in state:
+        lines.append(f"- distilled from `{state['teacher']}`")
+    lines += ["", "## Evaluation (val split, fixed masks)"]
+    if metrics:
+        lines += [f"- {k}: {v:.4f}" for k, v in metrics.items()]
+    else:
+        lines.append("- none logged")
+    if man is not None:
+        lines += ["", "## Data", "```", manifests.summary(man), "```"]
+    lines += ["", "## Training config", "```json", json.dumps(state["config"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _last_eval(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    evals = [json.loads(ln) for ln in path.read_text().splitlines() if "eval/loss" in ln]
+    return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+
+
+def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") -> Path:
+    """Write the export folder; refuses an output folder that exists and is not empty."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig
+
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"{output}: exists and is not empty; choose a new --output (nothing was written)")
+    unknown = set(formats) - {"hf", "onnx"}
+    if unknown:
+        raise UserError(f"--format {','.join(sorted(unknown))}: expected hf and/or onnx")
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype {dtype}: expected fp32 or bf16")
+    model, state, tok_path = load_checkpoint(source)
+    cfg = model.config
+    folder = Path(state["config"]["data"]["path"])
+    man = manifests.load(folder) if (folder / manifests.MANIFEST).is_file() else None
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf = BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position,
+        type_vocab_size=cfg.type_vocab_size,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        layer_norm_eps=cfg.layer_norm_eps,
+        initializer_range=cfg.initializer_range,
+        pad_token_id=tokenizers.PAD_ID,
+        tie_word_embeddings=True,
+        architectures=["BertForMaskedLM"],
+    )
+    if cfg.pre_ln:
+        raise UserError(
+            "export: a pre-LN model has no Hugging Face BertForMaskedLM equivalent; train with model.pre_ln=false"
+        )
+    hf.save_pretrained(tmp)
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED}
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    seq_len = state["config"]["data"]["seq_len"] or cfg.max_position
+    hf_tokenizer(tok_path).save(str(tmp / "tokenizer.json"))
+    special = {
+        "unk_token": "[UNK]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position, **special}, indent=1) + "\n")  # fmt: skip
+    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=1) + "\n")
+    shutil.copyfile(tok_path, tmp / "spm.model")
+    (tmp / "README.md").write_text(_card(state, man, num_parameters(model), _last_eval(Path(state["run_dir"]))))
+    if "onnx" in formats:
+        try:
+            import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
+        except ImportError:
+            shutil.rmtree(tmp)
+            raise UserError("--format onnx needs the onnx extra: pip install 'bertforge[onnx]'") from None
+        export_onnx(model, tmp / "model.onnx", seq_len)
+    if output.exists():
+        output.rmdir()  # empty, checked above
+    tmp.rename(output)
+    return output
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: BertForMaskedLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+
+def export_onnx(model: BertForMaskedLM, path: Path, seq_len: int) -> None:
+    """``model.onnx``: inputs ``input_ids`` and ``attention_mask`` (batch, sequence), output ``logits``."""
+    ids = torch.full((2, seq_len), 5, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, seq_len // 2 :] = 0  # a padded row: the mask path is traced too
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=model.config.max_position)
+    torch.onnx.export(
+        _Logits(model.float().eval()),
+        (ids, mask),
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        dynamo=True,
+        external_data=False,
+    )
+
+
+def load_any(source: Path) -> tuple[BertForMaskedLM, Path, dict]:
+    """A model from a run folder, a checkpoint folder or an export folder: ``(model, tokenizer, info)``."""
+    source = Path(source)
+    if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        hf = json.loads((source / "config.json").read_text())
+        cfg = ModelConfig(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+            max_position=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
+            layer_norm_eps=hf["layer_norm_eps"],
+        )  # fmt: skip
+        model = BertForMaskedLM(cfg)
+        try:
+            weights = {k: v.float() for k, v in load_file(str(source / "model.safetensors")).items()}
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+            raise UserError(f"{source / 'model.safetensors'}: cannot read it ({err})") from None
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if set(missing) - {TIED} or unexpected:
+            raise UserError(f"{source / 'model.safetensors'}: weights do not fit config.json (missing {missing[:3]})")
+        tok = source / "spm.model"
+        return model.eval(), tok, {"kind": "export", "disk_bytes": (source / "model.safetensors").stat().st_size}
+    model, state, tok = load_checkpoint(source)
+    return model, tok, {"kind": "checkpoint", "disk_bytes": 4 * num_parameters(model), "state": state}

@@ -1,0 +1,145 @@
+"""Export, eval and fill-mask on a real 2-rank checkpoint: transformers and onnxruntime load the
+export offline and agree with the project's own model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli, run_prep
+
+TINY = str(REPO / "configs/pretrain/tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus, sp_model) -> tuple[Path, Path]:
+    """A dataset and a 2-rank ZeRO-3 fp32 run of 10 steps on it."""
+    root, _ = corpus
+    base = tmp_path_factory.mktemp("export")
+    data, run = base / "ds", base / "run"
+    r = run_prep("--input", str(root), "--output", str(data), "--tokenizer", str(sp_model), "--seq-len", "64",
+                 "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = run_cli("pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
+                "train.max_steps=10", "train.zero_stage=3", "train.precision=fp32", "optim.lr=3e-3", "eval.every=10",
+                "eval.batches=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return data, run
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    _, run = trained
+    out = tmp_path_factory.mktemp("out") / "model"
+    r = run_cli("export", str(run), "--output", str(out), "--format", "hf,onnx")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_transformers_loads_the_export_offline_with_the_same_ids_and_logits(trained, exported, docs) -> None:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from data_prep import tokenizer as tokenizers
+    from pretrain.export import load_checkpoint
+
+    _, run = trained
+    tok = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    hf = AutoModelForMaskedLM.from_pretrained(exported, local_files_only=True).eval()
+    assert type(hf).__name__ == "BertForMaskedLM"
+    # the special tokens survive, at the contract's ids
+    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    sp = tokenizers.load(exported / "spm.model")
+    texts = docs[:800] + ["Ünïcödé ✓ 漢字 🎉 with byte fallback", "  odd   spacing\tand\ttabs  "]
+    differ = [t for t in texts if tok(t)["input_ids"] != [2, *sp.encode(t), 3]]
+    # the two libraries break exact score ties differently (runs of digits): rare, and the text is the same
+    assert len(differ) <= len(texts) // 200, differ[:3]
+    for t in differ:
+        assert tok.decode(tok(t)["input_ids"], skip_special_tokens=True) == sp.decode(sp.encode(t))
+    ours, _, _ = load_checkpoint(run)
+    batch = tok([docs[0][:200], docs[1][:60], "Return the [MASK] of items."], padding=True, truncation=True,
+                max_length=64, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        theirs = hf(**batch).logits
+        mine = ours(batch["input_ids"], batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(theirs[real], mine[real], rtol=0, atol=1e-4)
+    card = (exported / "README.md").read_text()
+    assert "2 layers x 64" in card and "eval/mlm_accuracy" in card and "10 steps" in card
+
+
+def test_onnx_matches_pytorch_at_other_shapes(trained, exported) -> None:
+    import onnxruntime as ort
+
+    from pretrain.export import load_checkpoint
+
+    _, run = trained
+    ours, _, _ = load_checkpoint(run)
+    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch, seq in [(1, 7), (3, 64)]:  # neither is the traced (2, 64)
+        ids = torch.randint(5, 1000, (batch, seq))
+        mask = torch.ones_like(ids)
+        mask[0, seq // 2 :] = 0
+        got = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        with torch.no_grad():
+            want = ours(ids, mask).numpy()
+        real = mask.bool().numpy()
+        np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, exported) -> None:
+    data, run = trained
+    r = run_cli("eval", str(run), str(exported), "--data", str(data), "--batches", "4", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln.split() for ln in r.stdout.splitlines()[1:3]]
+    assert rows[0][3:6] == rows[1][3:6]  # loss, accuracy, perplexity: the same model either way
+    assert "100.0% of the accuracy" in r.stdout
+    r = run_cli("fill-mask", str(exported), "Return the [MASK] of items in a container.", "-k", "3")
+    assert r.returncode == 0 and r.stdout.startswith("[MASK] 1: "), r.stdout
+    probs = [float(p) for p in re.findall(r" (\d\.\d{3})(?:,|$)", r.stdout.strip())]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True), r.stdout
+    r = run_cli("fill-mask", str(exported), "no mask here")
+    assert r.returncode == 2 and "has no [MASK]" in r.stderr
+
+
+def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained, tmp_path) -> None:
+    _, run = trained
+
+    def refused(*args: str) -> str:
+        r = run_cli("export", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+        return lines[0]
+
+    assert "no such run or checkpoint folder" in refused(str(tmp_path / "nope"), "--output", str(tmp_path / "o1"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert "exists and is not empty" in refused(str(run), "--output", str(busy))
+    assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
+    assert "--format tflite" in refused(str(run), "--output", str(tmp_path / "o2"), "--format", "hf,tflite")
+    # a checkpoint whose save did not finish, and one whose weights file is damaged
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    step = copy / "checkpoints/step_00000010"
+    partial = copy / "checkpoints/step_00000020"
+    shutil.copytree(step, partial)
+    (partial / "trainer_state.json").unlink()
+    assert "a partial checkpoint" in refused(str(partial), "--output", str(tmp_path / "o3"))
+    for f in step.glob("*model_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    assert "cannot read the checkpoint" in refused(str(copy), "--output", str(tmp_path / "o4"))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert json.loads((step / "trainer_state.json").read_text())["step"] == 10
