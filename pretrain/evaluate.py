@@ -41,7 +41,7 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
     data_batches = [next(stream) for _ in range(batches)]
     sums = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
-        for ids, labels in data_batches[:2]:  # warm-up for the timing
+        for ids, _ in data_batches[:2]:  # warm-up for the timing
             model(ids)
         start = time.perf_counter()
         for ids, _ in data_batches:
