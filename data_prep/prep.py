@@ -290,9 +290,12 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
     if task is None:
         _remove_partial(out)  # (not in an array task: the other tasks' files in flight are .tmp too)
     units = plan_units(files, parse_size(cfg.unit_size))
-    if task is not None and task[1] and not cfg.tokenizer.path and not (out / manifest.TOKENIZER).is_file():
-        raise RunError(f"{out}: no {manifest.TOKENIZER}: the tokenizer step (task 0/0) must run before the array")
-    tok_path = _tokenizer(cfg, files, units, out)
+    if task is not None and task[1]:  # an array task reads the tokenizer step's file and never writes it
+        tok_path = out / manifest.TOKENIZER
+        if not tok_path.is_file():
+            raise RunError(f"{out}: no {manifest.TOKENIZER}: the tokenizer step (task 0/0) must run before the array")
+    else:
+        tok_path = _tokenizer(cfg, files, units, out)
     if task == (0, 0):
         return {"units": list(range(len(units)))}
     vocab_size = tokenizer.load(tok_path).vocab_size()  # also checks the special ids

@@ -134,6 +134,21 @@ def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_pretrain)
 
 
+def _distill_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a pretrained teacher into a smaller student (same trainer, shards and checkpoints)",
+        description="Train the student (config key model.*) on DIR's shards (data.path) against the frozen "
+        "teacher (distill.teacher: a run, checkpoint or export folder): temperature-scaled KL at masked "
+        "positions, the hard MLM loss and hidden-state cosine, weighted by distill.*. Ranks, resume, "
+        "signals and TensorBoard work as for pretrain.",
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="e.g. configs/distill/tiny.yaml")
+    p.add_argument("--nproc", type=int, metavar="N", help="ranks to start on this machine (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=_run_pretrain)
+
+
 def _run_pretrain(ns: argparse.Namespace) -> int:
     from launch import env, local
     from launch.config import load_config
@@ -141,7 +156,16 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     from pretrain.trainer import resolve
 
     config, overrides = _split_positional(ns.args)
-    cfg = load_config(PretrainConfig, config, overrides)
+    build = None
+    if ns.command == "distill":
+        from pretrain.distill import DistillConfig, build_student, load_teacher
+
+        cfg = load_config(DistillConfig, config, overrides)
+        resolve(cfg, 1)  # the data first: the teacher is checked against its manifest
+        load_teacher(cfg)
+        build = build_student
+    else:
+        cfg = load_config(PretrainConfig, config, overrides)
     ranks = env.detect()
     if ranks.launcher != "none" and ns.nproc is not None:
         raise UserError(f"--nproc is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
@@ -151,11 +175,11 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     resolve(cfg, ranks.world if ranks.launcher != "none" else nproc)  # every check before a rank starts
     progress = not ns.no_progress and sys.stderr.isatty()
     if ranks.launcher == "none" and nproc > 1:
-        return local.run(["pretrain", *ns.args, *(["--no-progress"] if not progress else [])], nproc)
+        return local.run([ns.command, *ns.args, *(["--no-progress"] if not progress else [])], nproc)
     env.export(ranks)
     from pretrain.trainer import train
 
-    train(cfg, progress=progress)
+    train(cfg, progress=progress, build_model=build)
     return 0
 
 
@@ -251,7 +275,7 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
         "limit, or on preemption, every rank finishes its step and checkpoints, and the job is requeued "
         "to resume from latest. Prints the job id, its log folder and how to watch it.",
     )
-    p.add_argument("stage", choices=["pretrain", "prep"], help="the stage to run")
+    p.add_argument("stage", choices=["pretrain", "distill", "prep"], help="the stage to run")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="as for the stage itself")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="GPUs per node, one rank each")
@@ -289,7 +313,15 @@ def _run_submit(ns: argparse.Namespace) -> int:
     config = str(Path(config).resolve()) if config else None
     if ns.stage == "prep":
         return _submit_prep(ns, res, config, overrides)
-    cfg = load_config(PretrainConfig, config, overrides)
+    if ns.stage == "distill":
+        from pretrain.distill import DistillConfig, load_teacher
+
+        cfg = load_config(DistillConfig, config, overrides)
+        resolve(cfg, res.nodes * res.tasks())
+        load_teacher(cfg)
+        overrides = [*overrides, f"distill.teacher={Path(cfg.distill.teacher).resolve()}"]
+    else:
+        cfg = load_config(PretrainConfig, config, overrides)
     resolve(cfg, res.nodes * res.tasks())  # the config, data and run folder, checked here, before the queue
     # the job runs from this folder: make relative paths absolute so its tasks find them anywhere
     overrides = [*overrides, f"data.path={Path(cfg.data.path).resolve()}", f"run.dir={Path(cfg.run.dir).resolve()}"]
@@ -358,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prep_parser(sub)
     _inspect_parser(sub)
     _pretrain_parser(sub)
+    _distill_parser(sub)
     _consolidate_parser(sub)
     _export_parser(sub)
     _eval_parser(sub)

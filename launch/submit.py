@@ -27,7 +27,7 @@ from pathlib import Path
 
 from data_prep.errors import RunError, UserError
 
-STAGES = ("pretrain", "prep")
+STAGES = ("pretrain", "distill", "prep")
 
 
 @dataclass
@@ -121,17 +121,20 @@ class StageJob:
         env.export(ranks)
         if os.environ.get("SLURM_CPUS_PER_TASK"):
             os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
-        if self.stage == "pretrain":
-            import torch
-
-            from pretrain.config import PretrainConfig
-            from pretrain.trainer import train
-
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-            cfg = load_config(PretrainConfig, self.config, self.overrides)
-            result = train(cfg, progress=False)
-        else:  # pragma: no cover - guarded by STAGES
+        if self.stage not in ("pretrain", "distill"):
             raise UserError(f"stage {self.stage!r} cannot be submitted")
+        import torch
+
+        from pretrain.config import PretrainConfig
+        from pretrain.trainer import train
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        if self.stage == "distill":
+            from pretrain.distill import DistillConfig, build_student
+
+            result = train(load_config(DistillConfig, self.config, self.overrides), False, build_student)
+        else:
+            result = train(load_config(PretrainConfig, self.config, self.overrides), progress=False)
         if result.stopped_by and not result.finished and ranks.rank == 0 and callable(requeue):
             # every rank has saved: submitit's handler pickles this job (checkpoint) and requeues it
             from submitit.core.utils import UncompletedJobError
@@ -261,11 +264,8 @@ def submit_prep(config: str | None, overrides: list[str], res: Resources, array:
 
 
 def job_state(record: dict) -> str:
-    """PENDING/RUNNING from squeue; after the job, COMPLETED or FAILED from submitit's result file."""
-    if shutil.which("squeue"):
-        out = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%T"], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
+    """COMPLETED or FAILED once submitit wrote the result (the job may linger in squeue a moment
+    longer); before that PENDING/RUNNING from squeue, else UNKNOWN."""
     result = Path(record["result"])
     if result.is_file():
         import pickle
@@ -273,6 +273,10 @@ def job_state(record: dict) -> str:
         with open(result, "rb") as f:
             outcome, _ = pickle.load(f)
         return "COMPLETED" if outcome == "success" else "FAILED"
+    if shutil.which("squeue"):
+        out = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%T"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
     return "UNKNOWN"
 
 

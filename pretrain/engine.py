@@ -140,7 +140,7 @@ def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{folder / tag}: no DeepSpeed model states file")
     states = torch.load(files[0], map_location="cpu", weights_only=False)
     if states.get("param_shapes") is not None:  # ZeRO 1-3: the fp32 master weights are sharded
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it gathered
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its prints, bars
             state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
         return {k: v.float() for k, v in state.items()}
     # ZeRO 0: whole weights in the model file; in bf16/fp16 their fp32 masters sit in the optimizer's

@@ -64,6 +64,7 @@ def load_checkpoint(source: Path) -> tuple[BertForMaskedLM, dict, Path]:
         ) from None
     model = BertForMaskedLM(ModelConfig(**state["config"]["model"]))
     weights.pop(TIED, None)
+    weights = {k: v for k, v in weights.items() if not k.startswith("distill_")}  # a student's projection
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if set(missing) - {TIED} or unexpected:
         raise UserError(
@@ -124,8 +125,11 @@ def _card(state: dict, man: dict | None, n_params: int, metrics: dict) -> str:
         "## Training",
         f"- checkpoint `{state['tag']}`: {state['step']:,} steps, {state['tokens']:,} tokens",
     ]
-    if "teacher" in state:
-        lines.append(f"- distilled from `{state['teacher']}`")
+    teacher = state["config"].get("distill", {}).get("teacher")
+    if teacher:
+        lines.append(
+            f"- distilled from `{teacher}` (its val accuracy is in the evaluation below as teacher_mlm_accuracy)"
+        )
     lines += ["", "## Evaluation (val split, fixed masks)"]
     if metrics:
         lines += [f"- {k}: {v:.4f}" for k, v in metrics.items()]

@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -165,10 +165,14 @@ class _Window:
     seconds: float = 0.0
     steps: int = 0
 
-    def add(self, loss: float, correct: float, count: float) -> None:
+    terms: dict = field(default_factory=dict)  # a model's extra loss terms (distillation), x positions
+
+    def add(self, loss: float, correct: float, count: float, terms: dict[str, float]) -> None:
         self.loss += loss * count
         self.correct += correct
         self.count += count
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v * count
 
 
 class _Stop:
@@ -206,8 +210,13 @@ def _data_position(batches: int, rank: int, world: int, workers: int, micro: int
     return out
 
 
-def train(cfg: PretrainConfig, progress: bool = True) -> Result:
-    """One rank's run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set by the launcher)."""
+def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Result:  # noqa: ANN001
+    """One rank's run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set by the launcher).
+
+    ``build_model(cfg, device)`` replaces the plain ``BertForMaskedLM`` (distillation does): its
+    ``forward(ids, labels=...)`` returns ``(loss, correct, count)`` and it may keep extra scalar
+    terms of the last forward in ``loss_terms`` (logged under their names; in eval mode,
+    ``teacher_correct`` becomes ``eval/teacher_mlm_accuracy``)."""
     from pretrain import engine  # the one module that imports deepspeed
     from pretrain.metrics import Logger, measure_peak_tflops, peak_memory_gb
 
@@ -232,7 +241,7 @@ def train(cfg: PretrainConfig, progress: bool = True) -> Result:
     dist.barrier()
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = BertForMaskedLM(cfg.model)
+    model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
     if cfg.train.compile:
         model.compile()
     eng = engine.build(model, cfg, world, device)
@@ -279,21 +288,25 @@ def train(cfg: PretrainConfig, progress: bool = True) -> Result:
 
     def evaluate() -> dict[str, float]:
         eng.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
         with torch.no_grad():
             it = iter(val)
             for _ in range(cfg.eval.batches):
                 ids, labels = next(it)
                 loss, correct, count = eng(ids.to(device), labels=labels.to(device))
-                sums += torch.stack([loss.double() * count, correct.double(), count.double()])
+                teacher = getattr(eng.module, "loss_terms", {}).get("teacher_correct", torch.zeros((), device=device))
+                sums += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
         dist.all_reduce(sums)
         eng.train()
         loss = (sums[0] / sums[2]).item()
-        return {
+        out = {
             "eval/loss": loss,
             "eval/mlm_accuracy": (sums[1] / sums[2]).item(),
             "eval/perplexity": math.exp(min(loss, 50)),
         }
+        if "teacher_correct" in getattr(eng.module, "loss_terms", {}):
+            out["eval/teacher_mlm_accuracy"] = (sums[3] / sums[2]).item()
+        return out
 
     def save(reason: str) -> None:
         name = ckpt.tag(step)
@@ -364,7 +377,8 @@ def train(cfg: PretrainConfig, progress: bool = True) -> Result:
                 eng.backward(loss)
                 eng.step()
                 good += 1
-                window.add(value, correct.item(), count.item())
+                terms = {k: v.item() for k, v in getattr(eng.module, "loss_terms", {}).items()}
+                window.add(value, correct.item(), count.item(), terms)
             step += 1
             tokens += tokens_per_step
             window.seconds += time.perf_counter() - start
@@ -389,6 +403,11 @@ def train(cfg: PretrainConfig, progress: bool = True) -> Result:
                     "memory/peak_gb": memory.item(),
                     "train/tokens": tokens,
                 }
+                names = sorted(window.terms)
+                if names:
+                    extra = torch.tensor([window.terms[k] for k in names], dtype=torch.float64, device=device)
+                    dist.all_reduce(extra)
+                    scalars.update({k: (v / sums[2]).item() for k, v in zip(names, extra)})
                 last_loss = scalars["train/loss"]
                 if (norm := engine.grad_norm(eng)) is not None:
                     scalars["train/grad_norm"] = norm

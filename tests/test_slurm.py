@@ -28,7 +28,7 @@ def _cluster_up() -> str | None:
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_up()))]
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
-STEPS = 150
+STEPS = 80
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +92,15 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, 
     job = submit(dataset, run, logs)
     log = logs / job / f"{job}_0_log.out"
     deadline = time.monotonic() + 300
-    while not (log.exists() and "step 40/" in log.read_text()):
-        assert time.monotonic() < deadline, "the job did not reach step 40"
+    while not (log.exists() and "step 20/" in log.read_text()):
+        assert time.monotonic() < deadline, "the job did not reach step 20"
         time.sleep(0.5)
     submitit.SlurmJob(folder=logs / "%j", job_id=job)._interrupt()  # SIGTERM + USR2, as a preemption sends
     res = result(logs, job, nudge=True)
     text = log.read_text()
     assert "stopped at step" in text and "resuming from step_" in text  # both incarnations wrote here
     stopped = int(text.split("stopped at step ")[1].split()[0])
-    assert 40 <= stopped < STEPS
+    assert 20 <= stopped < STEPS
     assert res.step == STEPS and res.stopped_by is None
     reference = tmp_path.parent / "reference.json"
     if not reference.exists():
@@ -149,7 +149,7 @@ def test_bad_options_are_refused_before_submitting(dataset, tmp_path) -> None:
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    assert before == after and not (tmp_path / "logs" / "jobs.jsonl").exists()
+    assert set(after.split()) <= set(before.split()) and not (tmp_path / "logs" / "jobs.jsonl").exists()
 
 
 def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_path) -> None:
@@ -168,6 +168,10 @@ def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_pa
     deadline = time.monotonic() + 600
     while not (out / "manifest.json").exists():
         assert time.monotonic() < deadline, subprocess.run(["squeue"], capture_output=True, text=True).stdout
+        for done in logs.rglob("*_result.pkl"):  # a step that failed stops the chain: say why, now
+            with open(done, "rb") as f:
+                outcome, value = pickle.load(f)
+            assert outcome == "success", f"{done.name}: {value}"
         time.sleep(1)
     assert (out / "manifest.json").read_bytes() == (local / "manifest.json").read_bytes()
     shards = sorted(p.relative_to(local) for p in local.rglob("*.tar"))

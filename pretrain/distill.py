@@ -1,0 +1,164 @@
+"""Knowledge distillation: a smaller student learns from a frozen, pretrained teacher.
+
+It runs on the trainer (``pretrain.trainer.train``) unchanged: the same shards, masking,
+DeepSpeed engine, checkpoints, resume and TensorBoard. Only the model differs: a
+:class:`Student`, a ``BertForMaskedLM`` (Hugging Face names, so it exports like any checkpoint)
+whose training forward also runs the teacher and returns
+
+    loss = kd_weight * T^2 * KL(teacher_T || student_T) at masked positions
+         + mlm_weight * cross-entropy against the true tokens
+         + cos_weight * (1 - cosine(student hidden, teacher hidden)) over all positions
+
+(DistilBERT's three terms). The teacher sits outside the engine: frozen, in eval mode, with no
+optimizer state, not sharded, not saved in the student's checkpoints. When the widths match,
+the student starts from the teacher (embeddings and head copied, and every other layer:
+student layer i from teacher layer ``i * L_teacher // L_student``); otherwise it starts at
+random and a learned projection maps its hidden states to the teacher's width for the
+cosine term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_prep.errors import UserError
+from pretrain.config import PretrainConfig
+from pretrain.model import IGNORE_INDEX, BertForMaskedLM, ModelConfig
+
+
+@dataclass
+class DistillSection:
+    """The teacher and the loss weights."""
+
+    teacher: str = ""
+    """The teacher: a pretraining run folder (its latest checkpoint), a checkpoint folder or an export folder."""
+
+    temperature: float = 2.0
+    """Softmax temperature of both distributions in the KD term (DistilBERT: 2)."""
+
+    kd_weight: float = 5.0
+    """Weight of the temperature-scaled KL term (DistilBERT: 5)."""
+
+    mlm_weight: float = 2.0
+    """Weight of the hard MLM cross-entropy (DistilBERT: 2)."""
+
+    cos_weight: float = 1.0
+    """Weight of the hidden-state cosine term (DistilBERT: 1)."""
+
+    init_from_teacher: bool = True
+    """Start from the teacher's embeddings, head and every other layer when the shapes allow."""
+
+
+@dataclass
+class DistillConfig(PretrainConfig):
+    """``bertforge distill``: pretraining's keys (``model`` is the student) plus ``distill``."""
+
+    distill: DistillSection = field(default_factory=DistillSection)
+
+
+def teacher_layers(teacher: int, student: int) -> list[int]:
+    """Which teacher layer each student layer starts from (every other one for half the depth)."""
+    return [i * teacher // student for i in range(student)]
+
+
+class Student(BertForMaskedLM):
+    """The student, with the frozen teacher beside it (not a submodule: no gradients, no optimizer
+    state, not in the checkpoint)."""
+
+    def __init__(self, cfg: ModelConfig, teacher: BertForMaskedLM, section: DistillSection) -> None:
+        super().__init__(cfg)
+        object.__setattr__(self, "teacher", teacher)  # unregistered on purpose
+        self.section = section
+        tw = teacher.config.hidden_size
+        self.distill_projection = nn.Linear(cfg.hidden_size, tw, bias=False) if cfg.hidden_size != tw else None
+        self.loss_terms: dict[str, torch.Tensor] = {}
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to()/.bfloat16() reach the teacher too
+        self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None, labels=None):  # noqa: ANN001, ANN201
+        if labels is None:
+            return super().forward(input_ids, attention_mask, token_type_ids, positions)
+        flat = labels.reshape(-1)
+        positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        target = flat[positions]
+        hidden = self.bert(input_ids, attention_mask)
+        logits = self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions]).float()
+        mlm = F.cross_entropy(logits, target)
+        correct = (logits.argmax(-1) == target).sum()
+        count = torch.tensor(len(positions), device=labels.device)
+        with torch.no_grad():
+            t_hidden = self.teacher.bert(input_ids, attention_mask)
+            t_logits = self.teacher.cls.predictions(t_hidden.reshape(-1, t_hidden.shape[-1])[positions]).float()
+        if not self.training:  # evaluation: the student's loss, and the teacher's accuracy beside it
+            self.loss_terms = {"teacher_correct": (t_logits.argmax(-1) == target).sum()}
+            return mlm, correct, count
+        s = self.section
+        temp = s.temperature
+        kd = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
+                      reduction="batchmean") * temp**2  # fmt: skip
+        student_h = hidden if self.distill_projection is None else self.distill_projection(hidden)
+        cos = (1 - F.cosine_similarity(student_h.float(), t_hidden.float(), dim=-1)).mean()
+        loss = s.kd_weight * kd + s.mlm_weight * mlm + s.cos_weight * cos
+        self.loss_terms = {
+            "distill/kd_loss": kd.detach(),
+            "distill/mlm_loss": mlm.detach(),
+            "distill/cos_loss": cos.detach(),
+        }
+        return loss, correct, count
+
+
+def init_from(student: BertForMaskedLM, teacher: BertForMaskedLM) -> list[int] | None:
+    """Copy the teacher's embeddings, head and chosen layers into the student where shapes match;
+    returns the teacher layers used, or None when the widths differ (the student stays random)."""
+    s, t = student.config, teacher.config
+    if (s.hidden_size, s.intermediate_size, s.num_heads) != (t.hidden_size, t.intermediate_size, t.num_heads):
+        return None
+    if s.num_layers > t.num_layers or s.max_position > t.max_position:
+        return None
+    chosen = teacher_layers(t.num_layers, s.num_layers)
+    with torch.no_grad():
+        student.bert.embeddings.load_state_dict(teacher.bert.embeddings.state_dict())
+        student.cls.load_state_dict(teacher.cls.state_dict())
+        for i, j in enumerate(chosen):
+            student.bert.encoder.layer[i].load_state_dict(teacher.bert.encoder.layer[j].state_dict())
+        if student.bert.encoder.final_layer_norm is not None and teacher.bert.encoder.final_layer_norm is not None:
+            student.bert.encoder.final_layer_norm.load_state_dict(teacher.bert.encoder.final_layer_norm.state_dict())
+    return chosen
+
+
+def load_teacher(cfg: DistillConfig) -> tuple[BertForMaskedLM, Path]:
+    """The teacher model and its tokenizer file; refuses one whose tokenizer is not the data's."""
+    from data_prep import manifest as manifests
+    from data_prep import tokenizer as tokenizers
+    from pretrain.export import load_any
+
+    if not cfg.distill.teacher:
+        raise UserError("config key 'distill.teacher' is empty: give a run, checkpoint or export folder")
+    teacher, tok, _ = load_any(Path(cfg.distill.teacher))
+    man = manifests.load(cfg.data.path)
+    if teacher.config.vocab_size != man["tokenizer"]["vocab_size"] or (
+        tok.is_file() and tokenizers.sha256(tok) != man["tokenizer"]["sha256"]
+    ):
+        raise UserError(
+            f"{Path(cfg.data.path) / manifests.MANIFEST}: field 'tokenizer.sha256' differs from the teacher's tokenizer "
+            f"({cfg.distill.teacher}): teacher and student must share one tokenizer (config key 'distill.teacher')"
+        )
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval(), tok
+
+
+def build_student(cfg: DistillConfig, device: torch.device) -> Student:
+    """The trainer's ``build_model`` for distillation (weights the same on every rank: the seed is set)."""
+    teacher, _ = load_teacher(cfg)
+    student = Student(cfg.model, teacher.to(device), cfg.distill)
+    if cfg.distill.init_from_teacher:
+        init_from(student, teacher)
+    return student
