@@ -17,11 +17,16 @@ $(BIN)/bertforge: pyproject.toml
 
 setup: $(BIN)/bertforge  ## create .venv and install bertforge with its test extras
 
-demo: setup  ## the pipeline on the embedded corpus: prep, then 2-rank pretraining of the tiny preset
+demo: setup  ## the whole pipeline on the embedded corpus: prep, pretrain, distill, export, eval, fill-mask
 	$(BIN)/bertforge prep configs/prep/python-docs.yaml
 	$(BIN)/bertforge inspect data/python-docs -n 2
 	$(BIN)/bertforge pretrain configs/pretrain/tiny.yaml --nproc 2
-	$(BIN)/bertforge consolidate runs/tiny
+	$(BIN)/bertforge distill configs/distill/tiny.yaml --nproc 2
+	rm -rf exports/tiny exports/tiny-student
+	$(BIN)/bertforge export runs/tiny --output exports/tiny --format hf,onnx
+	$(BIN)/bertforge export runs/tiny-student --output exports/tiny-student
+	$(BIN)/bertforge eval exports/tiny exports/tiny-student --data data/python-docs
+	$(BIN)/bertforge fill-mask exports/tiny "Return the [MASK] of items in a container."
 
 test: setup  ## the whole test suite (real SentencePiece, real tar shards, real webdataset)
 	$(BIN)/python -m pytest -q
@@ -34,4 +39,4 @@ bench: setup  ## prep against raw SentencePiece; our training step against Huggi
 	$(BIN)/python benchmarks/train_throughput.py --memory
 
 clean:
-	rm -rf $(VENV) data runs *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) data runs exports *.egg-info .pytest_cache .ruff_cache
