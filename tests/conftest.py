@@ -99,3 +99,14 @@ def sp_model(tmp_path_factory, docs) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tok.model"
     path.write_bytes(tokenizer.train(tokenizer.sample_lines(docs, cfg), cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, corpus, sp_model) -> Path:
+    """A dataset for the trainer tests: the corpus, the 1,000-piece tokenizer, seq_len 64, small shards."""
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("train_data") / "ds"
+    r = run_prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--seq-len", "64",
+                 "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return out

@@ -10,9 +10,10 @@ from data_prep.config import PrepConfig, parse_size
 from data_prep.errors import UserError
 from launch.config import load_config, to_yaml
 from pretrain.config import PretrainConfig, accumulation_steps, deepspeed_config
+from pretrain.distill import DistillConfig
 from tests.conftest import REPO, run_cli
 
-SCHEMAS = {"prep": PrepConfig, "pretrain": PretrainConfig}
+SCHEMAS = {"prep": PrepConfig, "pretrain": PretrainConfig, "distill": DistillConfig}
 
 
 @pytest.mark.parametrize(
@@ -79,8 +80,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
 
 def test_cli_help_lists_subcommands() -> None:
     out = run_cli("--help")
-    assert out.returncode == 0 and "prep" in out.stdout and "inspect" in out.stdout
-    for sub in ("prep", "inspect"):
+    subs = ("prep", "inspect", "pretrain", "distill", "consolidate", "export", "eval", "fill-mask", "submit", "jobs")
+    assert out.returncode == 0 and all(f"    {sub}" in out.stdout for sub in subs), out.stdout
+    for sub in subs:
         r = run_cli(sub, "--help")
         assert r.returncode == 0 and "usage: bertforge " + sub in r.stdout
 

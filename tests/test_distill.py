@@ -38,13 +38,8 @@ def test_the_student_starts_from_every_other_teacher_layer() -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory, corpus, sp_model) -> tuple[Path, Path]:
-    root, _ = corpus
-    base = tmp_path_factory.mktemp("distill")
-    data, run = base / "ds", base / "teacher"
-    r = run_prep("--input", str(root), "--output", str(data), "--tokenizer", str(sp_model), "--seq-len", "64",
-                 "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
-    assert r.returncode == 0, r.stderr
+def teacher_run(tmp_path_factory, train_data) -> tuple[Path, Path]:
+    data, run = train_data, tmp_path_factory.mktemp("distill") / "teacher"
     r = run_cli("pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
                 "train.max_steps=30", "optim.lr=3e-3", "eval.every=30", "eval.batches=2")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]

@@ -12,20 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, run_prep
+from tests.conftest import REPO, run_cli
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus, sp_model) -> tuple[Path, Path]:
+def trained(tmp_path_factory, train_data) -> tuple[Path, Path]:
     """A dataset and a 2-rank ZeRO-3 fp32 run of 10 steps on it."""
-    root, _ = corpus
-    base = tmp_path_factory.mktemp("export")
-    data, run = base / "ds", base / "run"
-    r = run_prep("--input", str(root), "--output", str(data), "--tokenizer", str(sp_model), "--seq-len", "64",
-                 "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    data, run = train_data, tmp_path_factory.mktemp("export") / "run"
     r = run_cli("pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
                 "train.max_steps=10", "train.zero_stage=3", "train.precision=fp32", "optim.lr=3e-3", "eval.every=10",
                 "eval.batches=2")  # fmt: skip

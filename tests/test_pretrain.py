@@ -35,13 +35,8 @@ TAGS = {
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, corpus, sp_model) -> Path:
-    root, _ = corpus
-    out = tmp_path_factory.mktemp("pt") / "ds"
-    r = run_prep("--input", str(root), "--output", str(out), "--tokenizer", str(sp_model), "--seq-len", "64",
-                 "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    return out
+def dataset(train_data) -> Path:
+    return train_data
 
 
 def pretrain(dataset: Path, run: Path, *overrides: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
