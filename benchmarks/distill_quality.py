@@ -1,0 +1,74 @@
+"""Distillation quality and speed: a half-depth student against its teacher, side by side.
+
+    python benchmarks/distill_quality.py [--steps 600] [--batch 64] [--data data/python-docs]
+
+Trains a ``mini`` teacher (4 layers x 256) on the embedded corpus's shards with ``bertforge
+pretrain``, distils it with ``bertforge distill`` into a student with half the layers (DistilBERT's
+recipe: every other teacher layer to start, 5 x KD(T=2) + 2 x MLM + 1 x cosine), trains a
+student of the same shape from scratch on plain MLM for the same steps as a baseline, then runs
+``bertforge eval`` on all three (val split, fixed masks, batched CPU inference) and prints the
+table: parameters, size, accuracy, latency; and the student's retained accuracy and speedup.
+Goals (issue 5): at least 97% of the teacher's accuracy, at least 1.8x faster, at least 40% fewer
+parameters. Runs go under ``--work`` (default ``runs/bench-distill``); a finished run is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cli(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"bertforge {' '.join(args[:2])} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps for the teacher and each student")
+    ap.add_argument("--batch", type=int, default=64, help="global batch (sequences)")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks per run")
+    ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards (make demo writes these)")
+    ap.add_argument("--work", type=Path, default=REPO / "runs/bench-distill")
+    args = ap.parse_args()
+    if not (args.data / "manifest.json").is_file():
+        cli("prep", str(REPO / "configs/prep/python-docs.yaml"), f"output={args.data}", "--no-progress")
+    common = [f"data.path={args.data}", f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
+              f"train.micro_batch_size={args.batch // args.nproc}", "data.num_workers=1", "log.every=50",
+              f"eval.every={args.steps}", "eval.batches=10", f"checkpoint.every={args.steps}",
+              f"optim.warmup_steps={max(1, args.steps // 10)}", "model.max_position=128", "--nproc", str(args.nproc),
+              "--no-progress"]  # fmt: skip
+    teacher, student, scratch = args.work / "teacher", args.work / "student", args.work / "scratch"
+    half = ["model.num_layers=2", "model.hidden_size=256", "model.num_heads=4", "model.intermediate_size=1024"]
+    print(f"teacher: mini, {args.steps} steps ...", flush=True)
+    cli("pretrain", str(REPO / "configs/pretrain/mini.yaml"), f"run.dir={teacher}", *common)
+    print("student: distilled, half the layers ...", flush=True)
+    cli("distill", str(REPO / "configs/distill/mini-half.yaml"), f"run.dir={student}", f"distill.teacher={teacher}",
+        *half, *common)  # fmt: skip
+    print("baseline: the student's shape, plain MLM from scratch ...", flush=True)
+    cli("pretrain", str(REPO / "configs/pretrain/mini.yaml"), f"run.dir={scratch}", *half, *common)
+
+    from pretrain.evaluate import evaluate, table
+
+    rows = [evaluate(run, args.data, batches=20, batch_size=32) for run in (teacher, student, scratch)]
+    print(table(rows[:2]))
+    t, s, b = rows
+    print(
+        f"baseline (same shape, no teacher): accuracy {b['accuracy']:.3f} = {b['accuracy'] / t['accuracy']:.1%} of the teacher's"
+    )
+    goals = [
+        ("retained accuracy >= 97%", s["accuracy"] / t["accuracy"] >= 0.97),
+        ("speedup >= 1.8x", t["ms_per_batch"] / s["ms_per_batch"] >= 1.8),
+        ("parameters >= 40% fewer", s["parameters"] <= 0.6 * t["parameters"]),
+    ]
+    print("goals: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in goals))
+
+
+if __name__ == "__main__":
+    main()
