@@ -199,7 +199,7 @@ def _fault(kind: str, step: int) -> bool:
     return want == f"{kind}@{step}"
 
 
-def _data_position(batches: int, rank: int, world: int, workers: int, micro: int) -> list[dict]:
+def _data_position(batches: int, world: int, workers: int, micro: int) -> list[dict]:
     """Where every loader worker of every rank stands: the slot it reads and the batches it gave."""
     roles = max(1, workers)
     out = []
@@ -323,7 +323,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "bad_steps": bad_total,
                 "world": world,
                 "num_workers": cfg.data.num_workers,
-                "data_position": _data_position(batches, rank, world, cfg.data.num_workers, micro),
+                "data_position": _data_position(batches, world, cfg.data.num_workers, micro),
                 "manifest_sha256": tokenizers.sha256(folder / manifests.MANIFEST),
                 "tokenizer_sha256": man["tokenizer"]["sha256"],
                 "config": to_dict(cfg),
