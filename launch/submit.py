@@ -135,7 +135,8 @@ class StageJob:
             result = train(load_config(DistillConfig, self.config, self.overrides), False, build_student)
         else:
             result = train(load_config(PretrainConfig, self.config, self.overrides), progress=False)
-        if result.stopped_by and not result.finished and ranks.rank == 0 and callable(requeue):
+        signalled = result.stopped_by not in (None, "train.exit_at_step")  # exit_at_step: the user's own stop
+        if signalled and not result.finished and ranks.rank == 0 and callable(requeue):
             # every rank has saved: submitit's handler pickles this job (checkpoint) and requeues it
             from submitit.core.utils import UncompletedJobError
 

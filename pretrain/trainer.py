@@ -147,7 +147,7 @@ class Result:
 
     step: int
     max_steps: int
-    stopped_by: str | None = None
+    stopped_by: str | None = None  # a signal's name, "another rank", or "train.exit_at_step"
     loss: float | None = None  # the last logged train/loss, averaged over ranks
 
     @property
@@ -444,7 +444,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     else f"stop requested by {stop.signal or 'another rank'}"
                 )
                 say(f"stopped at step {step} of {cfg.train.max_steps}; run the same command again to resume")
-                return Result(step, cfg.train.max_steps, stop.signal or "another rank", last_loss)
+                cause = (stop.signal or "another rank") if flags[1] else "train.exit_at_step"
+                return Result(step, cfg.train.max_steps, cause, last_loss)
             if step % cfg.checkpoint.every == 0 or last:
                 save("end of run" if last else f"every {cfg.checkpoint.every} steps")
                 saved_at = step
