@@ -87,21 +87,11 @@ class HuggingFace:
     """transformers' BertForMaskedLM + torch AdamW, autocast for bf16."""
 
     def __init__(self, cfg: PretrainConfig, dtype: torch.dtype, device: torch.device) -> None:
-        from transformers import BertConfig
         from transformers import BertForMaskedLM as HFBert
 
-        m = cfg.model
-        conf = BertConfig(
-            vocab_size=m.vocab_size,
-            hidden_size=m.hidden_size,
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_heads,
-            intermediate_size=m.intermediate_size,
-            max_position_embeddings=m.max_position,
-            hidden_dropout_prob=m.dropout,
-            attention_probs_dropout_prob=m.attention_dropout,  # the same model: the same dropout
-            attn_implementation="sdpa",
-        )
+        from pretrain.export import hf_config
+
+        conf = hf_config(cfg.model, attn_implementation="sdpa")  # the same model, the same dropout
         torch.manual_seed(0)
         self.model = HFBert(conf).to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, foreach=True)

@@ -102,6 +102,29 @@ def hf_tokenizer(sp_model: Path):  # noqa: ANN201
     return tok
 
 
+def hf_config(cfg: ModelConfig, **extra):  # noqa: ANN003, ANN201
+    """The ``transformers.BertConfig`` of a model config (``extra`` passed on, e.g. ``attn_implementation``)."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position,
+        type_vocab_size=cfg.type_vocab_size,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        layer_norm_eps=cfg.layer_norm_eps,
+        initializer_range=cfg.initializer_range,
+        pad_token_id=tokenizers.PAD_ID,
+        tie_word_embeddings=True,
+        architectures=["BertForMaskedLM"],
+        **extra,
+    )
+
+
 def _card(state: dict, man: dict | None, n_params: int, metrics: dict) -> str:
     m = state["config"]["model"]
     lines = [
@@ -152,7 +175,6 @@ def _last_eval(run_dir: Path) -> dict:
 def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") -> Path:
     """Write the export folder; refuses an output folder that exists and is not empty."""
     from safetensors.torch import save_file
-    from transformers import BertConfig
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -169,22 +191,7 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    hf = BertConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position,
-        type_vocab_size=cfg.type_vocab_size,
-        hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout,
-        layer_norm_eps=cfg.layer_norm_eps,
-        initializer_range=cfg.initializer_range,
-        pad_token_id=tokenizers.PAD_ID,
-        tie_word_embeddings=True,
-        architectures=["BertForMaskedLM"],
-    )
+    hf = hf_config(cfg)
     if cfg.pre_ln:
         raise UserError(
             "export: a pre-LN model has no Hugging Face BertForMaskedLM equivalent; train with model.pre_ln=false"
