@@ -16,6 +16,7 @@ fill-mask expects) while bertforge's own pipeline treats text as text.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import types
 import warnings
@@ -243,6 +244,13 @@ def export_onnx(model: BertForMaskedLM, path: Path, seq_len: int) -> None:
     mask = torch.ones_like(ids)
     mask[1, seq_len // 2 :] = 0  # a padded row: the mask path is traced too
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=model.config.max_position)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on ops this model does not use
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _onnx_export(model, ids, mask, path, batch, seq)
+
+
+def _onnx_export(model, ids, mask, path, batch, seq) -> None:  # noqa: ANN001
     torch.onnx.export(
         _Logits(model.float().eval()),
         (ids, mask),
