@@ -156,23 +156,24 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     from pretrain.trainer import resolve
 
     config, overrides = _split_positional(ns.args)
-    build = None
-    if ns.command == "distill":
-        from pretrain.distill import DistillConfig, build_student, load_teacher
-
-        cfg = load_config(DistillConfig, config, overrides)
-        resolve(cfg, 1)  # the data first: the teacher is checked against its manifest
-        load_teacher(cfg)
-        build = build_student
-    else:
-        cfg = load_config(PretrainConfig, config, overrides)
     ranks = env.detect()
     if ranks.launcher != "none" and ns.nproc is not None:
         raise UserError(f"--nproc is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
     nproc = ns.nproc or 1
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be at least 1")
-    resolve(cfg, ranks.world if ranks.launcher != "none" else nproc)  # every check before a rank starts
+    world = ranks.world if ranks.launcher != "none" else nproc
+    build = None
+    if ns.command == "distill":
+        from pretrain.distill import DistillConfig, build_student, load_teacher
+
+        cfg = load_config(DistillConfig, config, overrides)
+        resolve(cfg, world)  # the data first: the teacher is checked against its manifest
+        load_teacher(cfg)
+        build = build_student
+    else:
+        cfg = load_config(PretrainConfig, config, overrides)
+        resolve(cfg, world)  # every check before a rank starts
     progress = not ns.no_progress and sys.stderr.isatty()
     if ranks.launcher == "none" and nproc > 1:
         return local.run([ns.command, *ns.args, *(["--no-progress"] if not progress else [])], nproc)

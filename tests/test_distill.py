@@ -100,3 +100,20 @@ def test_a_teacher_with_another_tokenizer_is_refused(teacher_run, corpus, tmp_pa
     )
     r = run_cli("distill", DISTILL, f"data.path={other}", f"run.dir={tmp_path / 'run'}", "distill.teacher=")
     assert r.returncode == 2 and "config key 'distill.teacher'" in r.stderr
+
+
+def test_distillation_resumes_exactly(teacher_run, tmp_path) -> None:
+    data, teacher = teacher_run
+    common = ["--nproc", "2", "--no-progress", f"data.path={data}", f"distill.teacher={teacher}", "train.max_steps=8",
+              "log.every=1", "eval.every=0", "train.precision=fp32", "checkpoint.every=4"]  # fmt: skip
+
+    def losses(run: Path) -> dict[int, float]:
+        return {m["step"]: m["train/loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_cli("distill", DISTILL, f"run.dir={whole}", *common).returncode == 0
+    r = run_cli("distill", DISTILL, f"run.dir={split}", "train.exit_at_step=4", *common)
+    assert r.returncode == 0 and "stopped at step 4 of 8" in r.stdout, r.stderr[-2000:]
+    r = run_cli("distill", DISTILL, f"run.dir={split}", *common)
+    assert r.returncode == 0 and "resuming from step_00000004" in r.stdout, r.stderr[-2000:]
+    assert losses(split) == losses(whole) and len(losses(whole)) == 8  # the teacher's outputs are the same too
