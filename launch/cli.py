@@ -165,11 +165,11 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     world = ranks.world if ranks.launcher != "none" else nproc
     build = None
     if ns.command == "distill":
-        from pretrain.distill import DistillConfig, build_student, load_teacher
+        from pretrain.distill import DistillConfig, build_student, check_teacher
 
         cfg = load_config(DistillConfig, config, overrides)
         resolve(cfg, world)  # the data first: the teacher is checked against its manifest
-        load_teacher(cfg)
+        check_teacher(cfg)  # the tokenizer and vocabulary only: each rank loads the weights
         build = build_student
     else:
         cfg = load_config(PretrainConfig, config, overrides)
@@ -314,16 +314,13 @@ def _run_submit(ns: argparse.Namespace) -> int:
     config = str(Path(config).resolve()) if config else None
     if ns.stage == "prep":
         return _submit_prep(ns, res, config, overrides)
-    if ns.stage == "distill":
-        from pretrain.distill import DistillConfig, load_teacher
+    from pretrain.distill import DistillConfig, check_teacher
 
-        cfg = load_config(DistillConfig, config, overrides)
-        resolve(cfg, res.nodes * res.tasks())
-        load_teacher(cfg)
-        overrides = [*overrides, f"distill.teacher={Path(cfg.distill.teacher).resolve()}"]
-    else:
-        cfg = load_config(PretrainConfig, config, overrides)
+    cfg = load_config(DistillConfig if ns.stage == "distill" else PretrainConfig, config, overrides)
     resolve(cfg, res.nodes * res.tasks())  # the config, data and run folder, checked here, before the queue
+    if ns.stage == "distill":
+        check_teacher(cfg)  # the tokenizer and vocabulary only: each rank loads the weights
+        overrides = [*overrides, f"distill.teacher={Path(cfg.distill.teacher).resolve()}"]
     # the job runs from this folder: make relative paths absolute so its tasks find them anywhere
     overrides = [*overrides, f"data.path={Path(cfg.data.path).resolve()}", f"run.dir={Path(cfg.run.dir).resolve()}"]
     if ns.dry_run:

@@ -21,7 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,7 +47,6 @@ class Resources:
     exclusive: bool = False
     job_name: str = "bertforge"
     max_timeouts: int = 3
-    extra: dict = field(default_factory=dict)
 
     def minutes(self) -> int:
         """``--time`` (``[D-]HH:MM:SS``, ``HH:MM`` or minutes) in minutes."""
@@ -165,7 +164,7 @@ def executor(res: Resources, folder: Path):  # noqa: ANN201
         "time": res.minutes(),
         "job_name": res.job_name,
         "signal_delay_s": 120,  # SIGUSR2 two minutes before the limit: time to finish a step and save
-        "additional_parameters": dict(res.extra),
+        "additional_parameters": {},
     }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node

@@ -133,31 +133,39 @@ def init_from(student: BertForMaskedLM, teacher: BertForMaskedLM) -> list[int] |
     return chosen
 
 
-def load_teacher(cfg: DistillConfig) -> tuple[BertForMaskedLM, Path]:
-    """The teacher model and its tokenizer file; refuses one whose tokenizer is not the data's."""
+def check_teacher(cfg: DistillConfig) -> None:
+    """Refuse a missing teacher, or one whose tokenizer is not the data's (no weights are loaded)."""
     from data_prep import manifest as manifests
     from data_prep import tokenizer as tokenizers
-    from pretrain.export import load_any
+    from pretrain.export import describe
 
     if not cfg.distill.teacher:
         raise UserError("config key 'distill.teacher' is empty: give a run, checkpoint or export folder")
-    teacher, tok, _ = load_any(Path(cfg.distill.teacher))
+    vocab, tok = describe(Path(cfg.distill.teacher))
     man = manifests.load(cfg.data.path)
-    if teacher.config.vocab_size != man["tokenizer"]["vocab_size"] or (
+    if vocab != man["tokenizer"]["vocab_size"] or (
         tok.is_file() and tokenizers.sha256(tok) != man["tokenizer"]["sha256"]
     ):
         raise UserError(
             f"{Path(cfg.data.path) / manifests.MANIFEST}: field 'tokenizer.sha256' differs from the teacher's tokenizer "
             f"({cfg.distill.teacher}): teacher and student must share one tokenizer (config key 'distill.teacher')"
         )
+
+
+def load_teacher(cfg: DistillConfig) -> BertForMaskedLM:
+    """The checked teacher, frozen and in eval mode."""
+    from pretrain.export import load_any
+
+    check_teacher(cfg)
+    teacher, _, _ = load_any(Path(cfg.distill.teacher))
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.eval(), tok
+    return teacher.eval()
 
 
 def build_student(cfg: DistillConfig, device: torch.device) -> Student:
     """The trainer's ``build_model`` for distillation (weights the same on every rank: the seed is set)."""
-    teacher, _ = load_teacher(cfg)
+    teacher = load_teacher(cfg)
     student = Student(cfg.model, teacher.to(device), cfg.distill)
     if cfg.distill.init_from_teacher:
         init_from(student, teacher)

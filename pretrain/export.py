@@ -71,12 +71,27 @@ def load_checkpoint(source: Path) -> tuple[BertForMaskedLM, dict, Path]:
         raise UserError(
             f"{ckpt.folder(run_dir) / tag}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    return model.eval(), {**state, "run_dir": str(run_dir), "tag": tag}, _run_tokenizer(run_dir, state)
+
+
+def _run_tokenizer(run_dir: Path, state: dict) -> Path:
+    """The run's copy of its tokenizer (or, for runs from before the trainer kept one, the dataset's)."""
     tok = run_dir / "tokenizer.model"
-    if not tok.is_file():  # runs from before the trainer copied it: the dataset's
+    if not tok.is_file():
         tok = Path(state["config"]["data"]["path"]) / manifests.TOKENIZER
-    if not tok.is_file() or tokenizers.sha256(tok) != state.get("tokenizer_sha256", tokenizers.sha256(tok)):
+    if not tok.is_file() or state.get("tokenizer_sha256") not in (None, tokenizers.sha256(tok)):
         raise UserError(f"{tok}: the run's tokenizer is missing or changed")
-    return model.eval(), {**state, "run_dir": str(run_dir), "tag": tag}, tok
+    return tok
+
+
+def describe(source: Path) -> tuple[int, Path]:
+    """Vocabulary size and tokenizer file of a run, checkpoint or export folder, without loading weights."""
+    source = Path(source)
+    if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
+        return json.loads((source / "config.json").read_text())["vocab_size"], source / "spm.model"
+    run_dir, tag = resolve_checkpoint(source)
+    state = ckpt.read_state(run_dir, tag)
+    return state["config"]["model"]["vocab_size"], _run_tokenizer(run_dir, state)
 
 
 def hf_tokenizer(sp_model: Path):  # noqa: ANN201

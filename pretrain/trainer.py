@@ -66,12 +66,6 @@ def _leaves(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d[part]
-    return d
-
-
 def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str | None]:
     """Check the config against the dataset and the run folder; fill in what the manifest decides.
 
@@ -105,8 +99,9 @@ def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str 
         )
     if cfg.data.num_workers < 0:
         raise UserError(f"config key 'data.num_workers': {cfg.data.num_workers} is negative")
+    flat = _leaves(to_dict(cfg))
     for key in ("train.max_steps", "checkpoint.every", "checkpoint.keep", "log.every"):
-        if _get(to_dict(cfg), key) < 1:
+        if flat[key] < 1:
             raise UserError(f"config key '{key}': must be at least 1")
     deepspeed_config(cfg, world)  # refuses a batch that does not divide, a bad ZeRO stage
 
@@ -130,7 +125,7 @@ def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str 
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "
                 "config key 'data.path' names other data than the run was trained on"
             )
-        mine, theirs = _leaves(to_dict(cfg)), _leaves(state["config"])
+        mine, theirs = _leaves(to_dict(cfg)), _leaves(state["config"])  # (cfg filled in from the manifest)
         for key, value in mine.items():
             if key.startswith(FIXED_KEYS) and theirs.get(key) != value:
                 raise UserError(
@@ -191,12 +186,14 @@ class _Stop:
             self.signal, self.since = signal.Signals(signum).name, time.monotonic()
 
 
+_FAULT = os.environ.get("BERTFORGE_FAULT", "")  # read once: each rank is a fresh process
+
+
 def _fault(kind: str, step: int) -> bool:
     """Test hook: ``BERTFORGE_FAULT=kind@STEP``: ``kill`` (SIGKILL every rank after the step),
     ``kill-in-save`` (SIGKILL rank 0 inside the step's save), ``nan`` (a non-finite loss on the
     last rank in the step's first micro-batch)."""
-    want = os.environ.get("BERTFORGE_FAULT", "")
-    return want == f"{kind}@{step}"
+    return bool(_FAULT) and _FAULT == f"{kind}@{step}"  # (on the hot path: nothing when unset)
 
 
 def _data_position(batches: int, world: int, workers: int, micro: int) -> list[dict]:
@@ -229,6 +226,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     folder = Path(cfg.data.path)
     accum = accumulation_steps(cfg.train, world)
     micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
+    manifest_sha = tokenizers.sha256(folder / manifests.MANIFEST)  # once, for every checkpoint's state
 
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -324,7 +322,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "world": world,
                 "num_workers": cfg.data.num_workers,
                 "data_position": _data_position(batches, world, cfg.data.num_workers, micro),
-                "manifest_sha256": tokenizers.sha256(folder / manifests.MANIFEST),
+                "manifest_sha256": manifest_sha,
                 "tokenizer_sha256": man["tokenizer"]["sha256"],
                 "config": to_dict(cfg),
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
