@@ -267,6 +267,46 @@ def _run_fill_mask(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="a run's curves (loss, accuracy, learning rate, tokens/s, distillation terms) as a PNG",
+        description="Plot RUN/metrics.jsonl (the values the run sent to TensorBoard) into one PNG: loss, MLM "
+        "accuracy, learning rate and tokens/s; for a distillation run also each loss term and the student's "
+        "accuracy next to the teacher's.",
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a run folder of bertforge pretrain or distill")
+    p.add_argument("--output", metavar="PNG", help="where to write (default RUN/report.png)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(ns: argparse.Namespace) -> int:
+    from pretrain.report import report
+
+    print(f"wrote {report(Path(ns.run_dir), Path(ns.output) if ns.output else None)}")
+    return 0
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded corpus: prep, pretrain, distill, export, eval, fill-mask, report",
+        description="Run every stage on the embedded Python-docs corpus with 2 local ranks, writing data/, runs/ "
+        "and exports/ under the current folder (configs/prep/python-docs.yaml, configs/pretrain/demo.yaml, "
+        "configs/distill/demo.yaml). Running it again reuses every finished stage.",
+    )
+    p.add_argument("--nproc", type=int, default=2, metavar="N", help="ranks for pretraining and distillation (2)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(ns: argparse.Namespace) -> int:
+    from launch.demo import run
+
+    if ns.nproc < 1:
+        raise UserError(f"--nproc {ns.nproc}: must be at least 1")
+    return run(ns.nproc)
+
+
 def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "submit",
@@ -393,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _eval_parser(sub)
     _fill_mask_parser(sub)
+    _report_parser(sub)
+    _demo_parser(sub)
     _submit_parser(sub)
     _jobs_parser(sub)
     return parser

@@ -19,7 +19,7 @@ from data_prep.errors import UserError
 from pretrain.data import ShardStream
 from pretrain.export import load_any
 from pretrain.masking import MaskingConfig
-from pretrain.model import num_parameters
+from pretrain.model import IGNORE_INDEX, num_parameters
 
 
 def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, seed: int = 0) -> dict:
@@ -40,6 +40,9 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
     stream = iter(ShardStream(data, "val", 0, 1, 0, batch_size, seed, MaskingConfig(), model.config.vocab_size))
     data_batches = [next(stream) for _ in range(batches)]
     sums = torch.zeros(3, dtype=torch.float64)
+    # the best constant guess on these very positions: the floor a model must clearly beat
+    targets = torch.cat([labels[labels != IGNORE_INDEX] for _, labels in data_batches])
+    counts = torch.bincount(targets, minlength=model.config.vocab_size)
     with torch.no_grad():
         for ids, _ in data_batches[:2]:  # warm-up for the timing
             model(ids)
@@ -61,6 +64,9 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
         "perplexity": math.exp(min(loss, 50)),
         "tokens_per_sec": tokens / seconds,
         "ms_per_batch": 1000 * seconds / batches,
+        "baseline_accuracy": (counts.max() / counts.sum()).item(),
+        "baseline_token": int(counts.argmax()),
+        "tokenizer": str(tok),
     }
 
 
@@ -81,6 +87,14 @@ def table(rows: list[dict]) -> str:
             f"second vs first: {b['parameters'] / a['parameters']:.0%} of the parameters, "
             f"{b['accuracy'] / a['accuracy']:.1%} of the accuracy, {a['ms_per_batch'] / b['ms_per_batch']:.2f}x the speed"
         )
+    r = rows[0]
+    piece = f"id {r['baseline_token']}"
+    if Path(r["tokenizer"]).is_file():
+        piece = repr(tokenizers.load(Path(r["tokenizer"])).id_to_piece(r["baseline_token"]).replace("\u2581", ""))
+    lines.append(
+        f"baseline: always predicting the most frequent masked token ({piece}) gives acc "
+        f"{r['baseline_accuracy']:.3f} on the same positions"
+    )
     return "\n".join(lines)
 
 

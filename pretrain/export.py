@@ -207,7 +207,8 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    hf = hf_config(cfg)
+    # which checkpoint this is, for people and for make demo's reuse of a current export
+    hf = hf_config(cfg, bertforge={"run": state["run_dir"], "checkpoint": state["tag"], "step": state["step"]})
     if cfg.pre_ln:
         raise UserError(
             "export: a pre-LN model has no Hugging Face BertForMaskedLM equivalent; train with model.pre_ln=false"

@@ -110,3 +110,14 @@ def train_data(tmp_path_factory, corpus, sp_model) -> Path:
                  "shard_size=24KB", "block_size=4KB", "val_fraction=0.05")  # fmt: skip
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory, train_data) -> tuple[Path, Path]:
+    """``train_data`` and a 2-rank, 30-step run of the tiny preset on it (a teacher; a run to monitor)."""
+    data, run = train_data, tmp_path_factory.mktemp("distill") / "teacher"
+    r = run_cli("pretrain", str(REPO / "configs/pretrain/tiny.yaml"), "--nproc", "2", "--no-progress",
+                f"data.path={data}", f"run.dir={run}", "train.max_steps=30", "optim.lr=3e-3", "eval.every=30",
+                "eval.batches=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return data, run

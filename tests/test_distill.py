@@ -11,6 +11,7 @@ import torch
 
 from pretrain.distill import DistillSection, Student, init_from, teacher_layers
 from pretrain.model import BertForMaskedLM, ModelConfig
+from pretrain.report import panels, read_metrics
 from tests.conftest import REPO, run_cli, run_prep
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
@@ -35,15 +36,6 @@ def test_the_student_starts_from_every_other_teacher_layer() -> None:
                      DistillSection())  # fmt: skip
     assert init_from(narrow, teacher) is None and narrow.distill_projection.weight.shape == (32, 16)
     assert not any(p is q for p in narrow.parameters() for q in teacher.parameters())  # the teacher is not trained
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory, train_data) -> tuple[Path, Path]:
-    data, run = train_data, tmp_path_factory.mktemp("distill") / "teacher"
-    r = run_cli("pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
-                "train.max_steps=30", "optim.lr=3e-3", "eval.every=30", "eval.batches=2")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    return data, run
 
 
 def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, tmp_path) -> None:
@@ -85,6 +77,13 @@ def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, tmp_path) -
     assert f"distilled from `{teacher}`" in (tmp_path / "export/README.md").read_text()
     r = run_cli("eval", str(teacher), str(run), "--data", str(data), "--batches", "2", "--batch-size", "8")
     assert r.returncode == 0 and "second vs first: " in r.stdout, r.stderr[-2000:]
+    assert "baseline: always predicting the most frequent masked token" in r.stdout
+    # the report draws each loss term and the student's accuracy beside the teacher's
+    r = run_cli("report", str(run))
+    assert r.returncode == 0 and (run / "report.png").is_file(), r.stderr[-2000:]
+    drawn = dict(panels(read_metrics(run)))
+    assert [k for k, _ in drawn["distillation loss terms"]] == ["distill/kd_loss", "distill/mlm_loss", "distill/cos_loss"]
+    assert "eval/teacher_mlm_accuracy" in dict(drawn["MLM accuracy"])
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(teacher_run, corpus, tmp_path) -> None:

@@ -1,0 +1,86 @@
+"""``bertforge report``: a run's curves as one PNG, for people who would rather look than read.
+
+The curves come from ``RUN/metrics.jsonl``, the same records the trainer writes to TensorBoard
+(and purges past the checkpoint on a resume, so a resumed run plots one line, not two).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data_prep.errors import UserError
+
+# (title, [(metric key, label)]) per panel; a panel none of whose keys was logged is left out
+PANELS = [
+    ("loss", [("train/loss", "train"), ("eval/loss", "eval")]),
+    ("MLM accuracy", [("train/mlm_accuracy", "train"), ("eval/mlm_accuracy", "eval"),
+                      ("eval/teacher_mlm_accuracy", "teacher (eval)")]),  # fmt: skip
+    ("distillation loss terms", [("distill/kd_loss", "kd"), ("distill/mlm_loss", "mlm"), ("distill/cos_loss", "cos")]),
+    ("learning rate", [("train/lr", "lr")]),
+    ("tokens/s", [("perf/tokens_per_sec", "tokens/s")]),
+]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl``; a bad line is an error naming the file and line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {run_dir} a run folder of bertforge pretrain or distill?")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise UserError(f"{path}:{n}: a record needs an integer 'step'")
+        records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no records yet (the first comes at step log.every)")
+    return records
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The (steps, values) of one metric, in step order."""
+    pts = sorted((r["step"], float(r[key])) for r in records if key in r)
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def panels(records: list[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The panels worth drawing: each with the curves of it that the run logged."""
+    out = [(title, [(k, lbl) for k, lbl in keys if any(k in r for r in records)]) for title, keys in PANELS]
+    return [(title, keys) for title, keys in out if keys]
+
+
+def report(run_dir: Path, output: Path | None = None) -> Path:
+    """Write the PNG (default ``RUN/report.png``) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    drawn = panels(records)
+    fig, axes = plt.subplots(len(drawn), 1, figsize=(7, 2.4 * len(drawn)), sharex=True, squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], drawn):
+        for key, label in keys:
+            steps, values = series(records, key)
+            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)
+        if title.startswith("distillation") and all(v > 0 for k, _ in keys for v in series(records, k)[1]):
+            ax.set_yscale("log")  # the terms differ by orders of magnitude
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"{run_dir.resolve().name}: {records[-1]['step']:,} steps", fontsize=11)
+    fig.tight_layout()
+    output = Path(output) if output else run_dir / "report.png"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=90)
+    plt.close(fig)
+    return output

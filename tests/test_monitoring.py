@@ -1,0 +1,91 @@
+"""Monitoring a person can look at: the real TensorBoard server on a run folder, asked over HTTP
+for what the run logged, and ``bertforge report``'s PNG of the same curves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from launch.env import free_port
+from pretrain.report import panels, read_metrics
+from tests.conftest import run_cli
+
+TRAIN_TAGS = {"train/loss", "train/mlm_accuracy", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "eval/loss",
+              "eval/mlm_accuracy", "eval/perplexity"}  # fmt: skip
+
+
+def _get(port: int, path: str, **query: str):  # noqa: ANN202
+    url = f"http://127.0.0.1:{port}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture
+def tensorboard(teacher_run):  # noqa: ANN201
+    """``tensorboard --logdir RUN/tb`` on loopback and a free port; yields the port once it serves the run."""
+    _, run = teacher_run
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(run / "tb"), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"tensorboard exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            try:
+                if any(_get(port, "/data/plugin/scalars/tags").values()):
+                    break
+            except OSError:
+                pass  # not listening yet, or still loading
+            if time.monotonic() > deadline:
+                pytest.fail("tensorboard served no scalars within 90 s")
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_tensorboard_server_shows_what_the_run_logged(tensorboard, teacher_run) -> None:
+    _, run = teacher_run
+    tags = _get(tensorboard, "/data/plugin/scalars/tags")
+    assert list(tags) == ["."], tags  # one run: the events of rank 0 in RUN/tb
+    assert TRAIN_TAGS <= set(tags["."]), sorted(tags["."])
+    records = read_metrics(run)
+    for tag in sorted(TRAIN_TAGS):
+        served = _get(tensorboard, "/data/plugin/scalars/scalars", run=".", tag=tag)  # [[wall time, step, value]]
+        logged = [(r["step"], r[tag]) for r in records if tag in r]
+        assert [s for _, s, _ in served] == [s for s, _ in logged], tag
+        for (_, _, value), (step, want) in zip(served, logged):
+            assert value == pytest.approx(want, rel=1e-6), (tag, step)  # float32 in the event file
+
+
+def test_report_draws_the_runs_curves(teacher_run, tmp_path) -> None:
+    _, run = teacher_run
+    out = tmp_path / "curves.png"
+    r = run_cli("report", str(run), "--output", str(out))
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {out}", r.stderr
+    drawn = [title for title, _ in panels(read_metrics(run))]
+    assert drawn == ["loss", "MLM accuracy", "learning rate", "tokens/s"]  # no distillation terms in pretraining
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] == round(2.4 * 90 * len(drawn)) and image.shape[1] == 7 * 90
+    assert image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path) -> None:
+    r = run_cli("report", str(tmp_path))
+    assert r.returncode == 2 and f"{tmp_path / 'metrics.jsonl'}: not found" in r.stderr
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "train/loss": 1.0}\n{"step": 10, "train/loss": \n')
+    r = run_cli("report", str(tmp_path))
+    assert r.returncode == 2 and f"{tmp_path / 'metrics.jsonl'}:2: not JSON" in r.stderr
