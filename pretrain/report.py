@@ -14,8 +14,14 @@ from data_prep.errors import UserError
 # (title, [(metric key, label)]) per panel; a panel none of whose keys was logged is left out
 PANELS = [
     ("loss", [("train/loss", "train"), ("eval/loss", "eval")]),
-    ("MLM accuracy", [("train/mlm_accuracy", "train"), ("eval/mlm_accuracy", "eval"),
-                      ("eval/teacher_mlm_accuracy", "teacher (eval)")]),  # fmt: skip
+    (
+        "MLM accuracy",
+        [
+            ("train/mlm_accuracy", "train"),
+            ("eval/mlm_accuracy", "eval"),
+            ("eval/teacher_mlm_accuracy", "teacher (eval)"),
+        ],
+    ),  # fmt: skip
     ("distillation loss terms", [("distill/kd_loss", "kd"), ("distill/mlm_loss", "mlm"), ("distill/cos_loss", "cos")]),
     ("learning rate", [("train/lr", "lr")]),
     ("tokens/s", [("perf/tokens_per_sec", "tokens/s")]),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from pretrain.distill import DistillSection, Student, init_from, teacher_layers
@@ -82,7 +81,11 @@ def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, tmp_path) -
     r = run_cli("report", str(run))
     assert r.returncode == 0 and (run / "report.png").is_file(), r.stderr[-2000:]
     drawn = dict(panels(read_metrics(run)))
-    assert [k for k, _ in drawn["distillation loss terms"]] == ["distill/kd_loss", "distill/mlm_loss", "distill/cos_loss"]
+    assert [k for k, _ in drawn["distillation loss terms"]] == [
+        "distill/kd_loss",
+        "distill/mlm_loss",
+        "distill/cos_loss",
+    ]
     assert "eval/teacher_mlm_accuracy" in dict(drawn["MLM accuracy"])
 
 
