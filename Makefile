@@ -17,16 +17,8 @@ $(BIN)/bertforge: pyproject.toml
 
 setup: $(BIN)/bertforge  ## create .venv and install bertforge with its test extras
 
-demo: setup  ## the whole pipeline on the embedded corpus: prep, pretrain, distill, export, eval, fill-mask
-	$(BIN)/bertforge prep configs/prep/python-docs.yaml
-	$(BIN)/bertforge inspect data/python-docs -n 2
-	$(BIN)/bertforge pretrain configs/pretrain/tiny.yaml --nproc 2
-	$(BIN)/bertforge distill configs/distill/tiny.yaml --nproc 2
-	rm -rf exports/tiny exports/tiny-student
-	$(BIN)/bertforge export runs/tiny --output exports/tiny --format hf,onnx
-	$(BIN)/bertforge export runs/tiny-student --output exports/tiny-student
-	$(BIN)/bertforge eval exports/tiny exports/tiny-student --data data/python-docs
-	$(BIN)/bertforge fill-mask exports/tiny "Return the [MASK] of items in a container."
+demo: setup  ## the whole pipeline on the embedded corpus (bertforge demo); a second run reuses finished stages
+	$(BIN)/bertforge demo
 
 test: setup  ## the whole test suite (real SentencePiece, real tar shards, real webdataset)
 	$(BIN)/python -m pytest -q
@@ -34,9 +26,8 @@ test: setup  ## the whole test suite (real SentencePiece, real tar shards, real 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: setup  ## prep against raw SentencePiece; our training step against Hugging Face's, side by side
-	$(BIN)/python benchmarks/prep_throughput.py
-	$(BIN)/python benchmarks/train_throughput.py --memory
+bench: setup  ## every benchmark, side by side with its baseline, and one table (see benchmarks/run_all.py)
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) data runs exports *.egg-info .pytest_cache .ruff_cache

@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import record  # noqa: E402
+
 
 def cli(*args: str) -> None:
     r = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, capture_output=True, text=True)
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1, help="ranks per run")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards (make demo writes these)")
     ap.add_argument("--work", type=Path, default=REPO / "runs/bench-distill")
+    ap.add_argument("--json", type=Path, help="also append the figures as a JSON line to this file (make bench)")
     args = ap.parse_args()
     if not (args.data / "manifest.json").is_file():
         cli("prep", str(REPO / "configs/prep/python-docs.yaml"), f"output={args.data}", "--no-progress")
@@ -68,6 +71,10 @@ def main() -> None:
         ("parameters >= 40% fewer", s["parameters"] <= 0.6 * t["parameters"]),
     ]
     print("goals: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in goals))
+    record(args.json, bench="distill", steps=args.steps, batch=args.batch, teacher_acc=t["accuracy"],
+           student_acc=s["accuracy"], scratch_acc=b["accuracy"], floor_acc=t["baseline_accuracy"],
+           teacher_ms=t["ms_per_batch"], student_ms=s["ms_per_batch"], teacher_params=t["parameters"],
+           student_params=s["parameters"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import sentencepiece as spm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import record  # noqa: E402
 from data_prep import builtin, tokenizer  # noqa: E402
 from data_prep.config import TokenizerConfig  # noqa: E402
 
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prep workers (default: all cores)")
     ap.add_argument("--scale", type=int, nargs="+", default=[16, 64], help="corpus sizes, in copies of python-docs")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept")
+    ap.add_argument("--json", type=Path, help="also append each figure as a JSON line to this file (make bench)")
     args = ap.parse_args()
 
     docs = [text for _, text in builtin.python_docs()]
@@ -175,6 +177,9 @@ def main() -> None:
                     f"{prep_rate / (raw * args.workers):>6.2f} {prep_rate / raw_par:>6.2f} "
                     f"{res['rss_main_mb']:>12.0f} {res['rss_worker_mb']:>14.0f}"
                 )
+                record(args.json, bench="prep", scale=scale, layout=layout, mb=size_mb, workers=args.workers,
+                       prep_mb_s=prep_rate, raw_mb_s=raw, raw_parallel_mb_s=raw_par,
+                       rss_main_mb=res["rss_main_mb"], rss_worker_mb=res["rss_worker_mb"])  # fmt: skip
         print("ratio = prep MB/s / (raw single-process MB/s x workers); ceiling 1.0, goal >= 0.9")
         print("raw xW = raw encoding in W processes at once; vs xW = prep MB/s / raw xW")
 

@@ -44,6 +44,7 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import record  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.env import free_port  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
@@ -169,6 +170,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="our model under torch.compile (train.compile=true)")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards for the reader measurement")
     ap.add_argument("--memory", action="store_true", help="also peak memory per rank, ZeRO 0 vs 2 (2 ranks)")
+    ap.add_argument("--json", type=Path, help="also append each figure as a JSON line to this file (make bench)")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +208,8 @@ def main() -> None:
             f"ratio {rate['ours'] / rate['hf']:.2f}x | our MFU {mfu['bf16']:.1%} of the bf16 peak, "
             f"{mfu['fp32']:.1%} of the fp32 peak ({flops / 1e6:.1f} MFLOP/token)"
         )
+        record(args.json, bench="train", preset=args.preset, precision=precision, device=str(device),
+               ours_tok_s=rate["ours"], hf_tok_s=rate["hf"], mfu=mfu[precision], peak_tflops=peaks[precision])  # fmt: skip
         del ours, hf  # the process group stays: the next engine joins it
 
     if args.data.is_dir():
@@ -214,6 +218,7 @@ def main() -> None:
         best = max(ours_rate.values(), default=float("nan"))
         print(f"shard reader ({cfg.data.num_workers} workers, {args.data}): {rate:,.0f} tok/s = "
               f"{rate / best:.1f}x our fastest training rate")  # fmt: skip
+        record(args.json, bench="reader", reader_tok_s=rate, train_tok_s=best)
     else:
         print(f"shard reader: skipped ({args.data} missing; run make demo first)")
     if args.memory:
@@ -223,6 +228,7 @@ def main() -> None:
         mem = {z: peak_memory(args.preset, args.data, z) for z in (0, 2)}
         print(f"peak memory per rank, {args.preset}, 2 ranks (vocab of {args.data.name}): ZeRO 0 {mem[0]:.3f} GB, "
               f"ZeRO 2 {mem[2]:.3f} GB ({mem[2] / mem[0]:.2f}x)")  # fmt: skip
+        record(args.json, bench="memory", preset=args.preset, zero0_gb=mem[0], zero2_gb=mem[2])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ EXAMPLES = [
 ]
 
 
+def _config(name: str) -> str:
+    """A preset's path, relative to the current folder when it lies beneath it (as a user types it)."""
+    path = CONFIGS / name
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _cli(*argv: str) -> None:
     from launch.cli import main
 
@@ -69,9 +78,9 @@ def run(nproc: int = 2) -> int:
     t_run, s_run = Path(teacher.run.dir), Path(student.run.dir)
     t_out, s_out = Path("exports") / t_run.name, Path("exports") / s_run.name
     start = time.perf_counter()
-    _cli("prep", str(CONFIGS / PREP), "--no-progress")
-    _cli("pretrain", str(CONFIGS / TEACHER), "--nproc", str(nproc))
-    _cli("distill", str(CONFIGS / STUDENT), "--nproc", str(nproc))
+    _cli("prep", _config(PREP), "--no-progress")
+    _cli("pretrain", _config(TEACHER), "--nproc", str(nproc))
+    _cli("distill", _config(STUDENT), "--nproc", str(nproc))
     _export(t_run, t_out, "hf,onnx")
     _export(s_run, s_out, "hf")
 

@@ -138,3 +138,22 @@ def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained,
     assert "cannot read the checkpoint" in refused(str(copy), "--output", str(tmp_path / "o4"))
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     assert json.loads((step / "trainer_state.json").read_text())["step"] == 10
+
+
+def test_an_export_names_its_checkpoint_so_the_demo_reuses_only_a_current_one(trained, exported, tmp_path) -> None:
+    import shutil
+
+    from launch.demo import _export_is_current
+    from pretrain import checkpoint as ckpt
+
+    _, run = trained
+    made_from = json.loads((exported / "config.json").read_text())["bertforge"]
+    assert made_from == {"run": str(run), "checkpoint": "step_00000010", "step": 10}
+    assert _export_is_current(run, exported, onnx=True)
+    # a copy of the run whose latest checkpoint moved on: the export is stale
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    (moved / "checkpoints/step_00000010").rename(moved / "checkpoints/step_00000020")
+    ckpt.write_atomic(moved / "checkpoints/latest", b"step_00000020")
+    assert not _export_is_current(moved, exported, onnx=False)
+    assert not _export_is_current(run, tmp_path / "nothing", onnx=False)

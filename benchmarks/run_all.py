@@ -1,0 +1,95 @@
+"""``make bench``: every benchmark in one command, and one table of their figures.
+
+    python benchmarks/run_all.py [--quick] [--distill-steps 200]
+
+Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
+SentencePiece encoding), ``train_throughput.py --memory`` (our training step against Hugging
+Face ``BertForMaskedLM`` at the same shape and precision, with MFU; the shard reader against the
+trainer; memory per rank) and ``distill_quality.py`` (a half-depth student against its teacher),
+each printing its own detail, then one table: each figure beside its baseline, measured side by
+side in the same run, as a ratio, under a line that describes the machine. On a GPU the same
+command reports the GPU's figures. ``--quick`` shrinks every measurement (a smoke run of a few
+minutes; its figures are noisier). Nothing here is asserted: the figures are for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine  # noqa: E402
+
+
+def _run(script: str, *args: str, results: Path) -> None:
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(results)]
+    print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    if subprocess.run(cmd, cwd=REPO).returncode:
+        print(f"{script} failed; its figures are missing from the table", flush=True)
+    print(f"({script}: {time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def table(records: list[dict]) -> str:
+    """One row per figure: ours, the baseline it is measured against, their ratio."""
+    rows = [("figure", "ours", "baseline", "ratio")]
+    for r in (r for r in records if r["bench"] == "prep"):
+        rows.append((f"prep, {r['scale']}x corpus, {r['layout']} ({r['workers']} workers), MB/s",
+                     f"{r['prep_mb_s']:.2f}", f"raw encode x {r['workers']}: {r['raw_mb_s'] * r['workers']:.2f}",
+                     f"{r['prep_mb_s'] / (r['raw_mb_s'] * r['workers']):.2f}"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "train"):
+        rows.append((f"train step, {r['preset']} {r['precision']} ({r['device']}), tok/s", f"{r['ours_tok_s']:,.0f}",
+                     f"HF BertForMaskedLM: {r['hf_tok_s']:,.0f}", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x"))  # fmt: skip
+        rows.append(
+            (f"  MFU, {r['precision']}", f"{r['mfu']:.1%}", f"measured peak {r['peak_tflops']:.3f} TFLOP/s", "")
+        )
+    for r in (r for r in records if r["bench"] == "reader"):
+        rows.append(("shard reader, tok/s", f"{r['reader_tok_s']:,.0f}", f"trainer: {r['train_tok_s']:,.0f}",
+                     f"{r['reader_tok_s'] / r['train_tok_s']:.0f}x"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "memory"):
+        rows.append((f"peak memory per rank, {r['preset']}, ZeRO 2, GB", f"{r['zero2_gb']:.3f}",
+                     f"ZeRO 0: {r['zero0_gb']:.3f}", f"{r['zero2_gb'] / r['zero0_gb']:.2f}x"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "distill"):
+        rows.append((f"student val MLM accuracy ({r['steps']} steps)", f"{r['student_acc']:.3f}",
+                     f"teacher: {r['teacher_acc']:.3f}", f"{r['student_acc'] / r['teacher_acc']:.1%}"))  # fmt: skip
+        rows.append(("  same shape from scratch", f"{r['scratch_acc']:.3f}", f"most frequent token: {r['floor_acc']:.3f}",
+                     ""))  # fmt: skip
+        rows.append(("student inference, ms/batch", f"{r['student_ms']:.1f}", f"teacher: {r['teacher_ms']:.1f}",
+                     f"{r['teacher_ms'] / r['student_ms']:.2f}x faster"))  # fmt: skip
+        rows.append(("student parameters", f"{r['student_params'] / 1e6:.2f}M",
+                     f"teacher: {r['teacher_params'] / 1e6:.2f}M", f"{r['student_params'] / r['teacher_params']:.0%}"))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 or i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small measurements: a smoke run of a few minutes")
+    ap.add_argument("--distill-steps", type=int, default=200, help="steps of the distillation benchmark's runs")
+    args = ap.parse_args()
+    print(f"machine: {machine()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results.jsonl"
+        results.touch()
+        quick = args.quick
+        _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
+             results=results)  # fmt: skip
+        _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
+        steps = 20 if quick else args.distill_steps
+        _run("distill_quality.py", "--steps", str(steps), "--batch", "32",
+             "--work", str(REPO / f"runs/bench-distill-{steps}"), results=results)  # fmt: skip
+        records = [json.loads(line) for line in results.read_text().splitlines()]
+    print(f"\nmachine: {machine()}")
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()
