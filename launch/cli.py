@@ -287,6 +287,79 @@ def _run_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained or distilled encoder on labelled text (classification, pairs, regression)",
+        description="Train a classification (or regression) head on MODEL (a run, checkpoint or export folder) "
+        "with rows of --train (.jsonl, .csv or .tsv: finetune.text_field, finetune.label_field, optionally "
+        "finetune.text_pair_field), scoring --eval after each epoch (loss, accuracy, macro-F1). The best "
+        "epoch is written to RUN/model, a folder AutoModelForSequenceClassification loads. Ranks, precision, "
+        "ZeRO and TensorBoard as for pretrain; rerunning resumes after the last finished epoch.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a run, checkpoint or export folder")
+    p.add_argument("args", nargs="*", metavar="[key=value ...]", help="e.g. finetune.epochs=5 optim.lr=1e-4")
+    p.add_argument("--train", required=True, metavar="FILE", help="training rows (.jsonl, .csv, .tsv)")
+    p.add_argument("--eval", required=True, metavar="FILE", help="rows scored after each epoch")
+    p.add_argument("--config", metavar="CONFIG.yaml", help="default: configs/finetune/default.yaml")
+    p.add_argument("--nproc", type=int, metavar="N", help="ranks to start on this machine (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(ns: argparse.Namespace) -> int:
+    from launch import env, local
+    from launch.config import load_config
+    from pretrain.finetune import FinetuneConfig, check, run
+
+    _, overrides = _split_positional(ns.args)
+    config = ns.config or str(Path(__file__).resolve().parents[1] / "configs/finetune/default.yaml")
+    flags = [f"finetune.model={ns.model}", f"finetune.train_file={ns.train}", f"finetune.eval_file={ns.eval}"]
+    cfg = load_config(FinetuneConfig, config, [*flags, *overrides])
+    ranks = env.detect()
+    nproc = ns.nproc or 1
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be at least 1")
+    check(cfg)  # every file, field and label before a rank starts
+    progress = not ns.no_progress and sys.stderr.isatty()
+    if ranks.launcher == "none" and nproc > 1:
+        argv = ["finetune", ns.model, "--train", ns.train, "--eval", ns.eval, "--config", config, *ns.args]
+        return local.run([*argv, *(["--no-progress"] if not progress else [])], nproc)
+    env.export(ranks)
+    run(cfg, progress=progress)
+    return 0
+
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predictions with probabilities of a fine-tuned model, one JSON line per input row",
+        description="Read --input (.jsonl, .csv or .tsv) and write, for each row, its line, the predicted "
+        "label and every label's probability (or the value, for regression) as JSON lines.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a folder written by bertforge finetune (RUN/model)")
+    p.add_argument("--input", required=True, metavar="FILE", help="rows to predict")
+    p.add_argument("--output", default="-", metavar="FILE", help="where to write (default: standard output)")
+    p.add_argument("--text-field", default="text", metavar="KEY", help="the text field (default text)")
+    p.add_argument("--pair-field", metavar="KEY", help="the second text (default: the one the model was trained on)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(ns: argparse.Namespace) -> int:
+    from pretrain.finetune import predict
+
+    if ns.output == "-":
+        predict(Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field)
+        return 0
+    out = Path(ns.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as f:
+        n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field)
+    tmp.rename(out)
+    print(f"wrote {n:,} predictions to {out}", file=sys.stderr)
+    return 0
+
+
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -433,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _eval_parser(sub)
     _fill_mask_parser(sub)
+    _finetune_parser(sub)
+    _predict_parser(sub)
     _report_parser(sub)
     _demo_parser(sub)
     _submit_parser(sub)

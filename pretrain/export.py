@@ -118,6 +118,23 @@ def hf_tokenizer(sp_model: Path):  # noqa: ANN201
     return tok
 
 
+def write_tokenizer(folder: Path, tok_path: Path, max_length: int) -> None:
+    """The tokenizer files of a Hugging Face folder (``AutoTokenizer`` loads them) and the
+    SentencePiece model they came from (``spm.model``, which bertforge itself reads)."""
+    hf_tokenizer(tok_path).save(str(folder / "tokenizer.json"))
+    special = {
+        "unk_token": "[UNK]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, **special}, indent=1) + "\n")  # fmt: skip
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1) + "\n")
+    shutil.copyfile(tok_path, folder / "spm.model")
+
+
 def hf_config(cfg: ModelConfig, **extra):  # noqa: ANN003, ANN201
     """The ``transformers.BertConfig`` of a model config (``extra`` passed on, e.g. ``attn_implementation``)."""
     from transformers import BertConfig
@@ -136,9 +153,18 @@ def hf_config(cfg: ModelConfig, **extra):  # noqa: ANN003, ANN201
         initializer_range=cfg.initializer_range,
         pad_token_id=tokenizers.PAD_ID,
         tie_word_embeddings=True,
-        architectures=["BertForMaskedLM"],
-        **extra,
+        **{"architectures": ["BertForMaskedLM"], **extra},
     )
+
+
+def model_config(hf: dict) -> ModelConfig:
+    """The model config of a Hugging Face ``config.json`` (a BERT one, as :func:`hf_config` writes)."""
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+        max_position=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
+        layer_norm_eps=hf["layer_norm_eps"],
+    )  # fmt: skip
 
 
 def _card(state: dict, man: dict | None, n_params: int, metrics: dict) -> str:
@@ -219,18 +245,7 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})  # fmt: skip
     seq_len = state["config"]["data"]["seq_len"] or cfg.max_position
-    hf_tokenizer(tok_path).save(str(tmp / "tokenizer.json"))
-    special = {
-        "unk_token": "[UNK]",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "mask_token": "[MASK]",
-    }
-    (tmp / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position, **special}, indent=1) + "\n")  # fmt: skip
-    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=1) + "\n")
-    shutil.copyfile(tok_path, tmp / "spm.model")
+    write_tokenizer(tmp, tok_path, cfg.max_position)
     (tmp / "README.md").write_text(_card(state, man, num_parameters(model), _last_eval(Path(state["run_dir"]))))
     if "onnx" in formats:
         try:
@@ -286,13 +301,7 @@ def load_any(source: Path) -> tuple[BertForMaskedLM, Path, dict]:
         from safetensors.torch import load_file
 
         hf = json.loads((source / "config.json").read_text())
-        cfg = ModelConfig(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-            max_position=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
-            layer_norm_eps=hf["layer_norm_eps"],
-        )  # fmt: skip
-        model = BertForMaskedLM(cfg)
+        model = BertForMaskedLM(model_config(hf))
         try:
             weights = {k: v.float() for k, v in load_file(str(source / "model.safetensors")).items()}
         except Exception as err:  # noqa: BLE001 - a truncated or foreign file

@@ -1,0 +1,569 @@
+"""``bertforge finetune`` and ``bertforge predict``: the encoder on labelled text.
+
+A pretrained or distilled encoder (a run, a checkpoint or an export) gets a classification head
+(dropout and a linear layer on the pooled ``[CLS]`` state, as Hugging Face's
+``BertForSequenceClassification``) and is trained on a JSONL, CSV or TSV file of texts (or text
+pairs: ``[CLS] a [SEP] b [SEP]`` with segment ids) and labels, with the pretraining machinery:
+the same DeepSpeed engine, ranks, precision, AdamW with warmup and linear decay, checkpoints and
+TensorBoard. After each epoch the eval file gives loss, accuracy and macro-F1; the best epoch is
+written as a Hugging Face folder (``RUN/model``) that ``AutoModelForSequenceClassification``
+loads offline, with the label names in its config.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_prep import tokenizer as tokenizers
+from data_prep.errors import UserError
+from pretrain.config import PretrainConfig, TrainConfig
+from pretrain.model import BertModel, ModelConfig
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+BEST, STATE = "best", "finetune_state.json"
+
+
+class Task(Enum):
+    """What the head predicts."""
+
+    classification = "classification"
+    regression = "regression"
+
+
+@dataclass
+class FinetuneSection:
+    """The labelled data and the head."""
+
+    model: str = ""
+    """The encoder: a run folder, a checkpoint folder or an export folder (``bertforge finetune MODEL``)."""
+
+    train_file: str = ""
+    """Training rows: ``.jsonl``, ``.csv`` or ``.tsv`` (``--train``)."""
+
+    eval_file: str = ""
+    """Rows scored after each epoch; the best epoch is kept (``--eval``)."""
+
+    text_field: str = "text"
+    """The field (JSON key or CSV/TSV column) holding the text."""
+
+    text_pair_field: str = ""
+    """A second text field for sentence-pair tasks (``[CLS] a [SEP] b [SEP]``); empty: single texts."""
+
+    label_field: str = "label"
+    """The field holding the label (any string or number; a float for regression)."""
+
+    task: Task = Task.classification
+    """Single-label classification (any number of classes) or regression (one value, MSE)."""
+
+    epochs: int = 3
+    """Passes over the training rows."""
+
+    max_length: int = 128
+    """Tokens per row, specials included; longer rows are truncated (and counted)."""
+
+    warmup_ratio: float = 0.1
+    """Share of the steps spent warming up (sets ``optim.warmup_steps``)."""
+
+    classifier_dropout: float = 0.1
+    """Dropout on the pooled ``[CLS]`` state before the linear layer."""
+
+    skip_bad_rows: bool = False
+    """Skip (and count) rows with a missing field, an empty text or an unknown label, instead of
+    stopping at the first with an error naming its file and line."""
+
+    from_scratch: bool = False
+    """Start the encoder from random weights of the model's shape (a baseline for benchmarks)."""
+
+
+def _train_defaults() -> TrainConfig:
+    return TrainConfig(global_batch_size=32, micro_batch_size=16, max_steps=0)
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    """``bertforge finetune``: pretraining's engine keys (``train``, ``optim``, ``run``, ``log``) plus ``finetune``."""
+
+    train: TrainConfig = field(default_factory=_train_defaults)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+
+# ---- rows -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """The usable rows of a file, and the account of the rest."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list  # raw label values (str for classification, float for regression)
+    lines: list[int]
+    skipped: Counter
+
+
+def _records(path: Path):  # noqa: ANN202
+    """``(line number, dict)`` for each row of a JSONL, CSV or TSV file."""
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"{path}: unknown format '{path.suffix}' (expected .jsonl, .csv or .tsv)")
+    try:
+        f = open(path, newline="", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
+    with f:
+        try:
+            if kind == "jsonl":
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+                    if not isinstance(rec, dict):
+                        raise UserError(f"{path}:{n}: a row must be a JSON object")
+                    yield n, rec
+            else:
+                reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
+                for rec in reader:
+                    yield reader.line_num, rec
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Rows:
+    """The rows of ``path``; ``known`` (label -> id) refuses labels the training file lacks."""
+    path = Path(path)
+    rows = Rows([], [] if sec.text_pair_field else None, [], [], Counter())
+    fields = [sec.text_field] + ([sec.text_pair_field] if sec.text_pair_field else [])
+
+    def bad(n: int, reason: str, message: str) -> None:
+        if not sec.skip_bad_rows:
+            raise UserError(f"{path}:{n}: {message} (finetune.skip_bad_rows=true skips such rows and counts them)")
+        rows.skipped[reason] += 1
+
+    for n, rec in _records(path):
+        missing = [k for k in [*fields, sec.label_field] if rec.get(k) is None]
+        if missing:
+            bad(n, f"no field '{missing[0]}'", f"no field '{missing[0]}'")
+            continue
+        texts = [str(rec[k]) for k in fields]
+        empty = [k for k, t in zip(fields, texts) if not t.strip()]
+        if empty:
+            bad(n, f"empty '{empty[0]}'", f"field '{empty[0]}' is empty")
+            continue
+        raw = rec[sec.label_field]
+        if sec.task is Task.regression:
+            try:
+                label = float(raw)
+            except (TypeError, ValueError):
+                bad(n, "label not a number", f"label {raw!r} is not a number (finetune.task=regression)")
+                continue
+        else:
+            label = str(raw)
+            if known is not None and label not in known:
+                bad(n, "unknown label", f"label {label!r} is not among the training file's labels {sorted(known)}")
+                continue
+        rows.texts.append(texts[0])
+        if rows.pairs is not None:
+            rows.pairs.append(texts[1])
+        rows.labels.append(label)
+        rows.lines.append(n)
+    if not rows.texts:
+        raise UserError(f"{path}: no usable rows ({dict(rows.skipped) or 'the file is empty'})")
+    return rows
+
+
+def label_names(labels: list[str]) -> list[str]:
+    """The classes in a stable order: numerically when every label is an integer, else by name."""
+    names = set(labels)
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def encode(sp, rows: Rows, max_length: int) -> tuple[list[list[int]], list[list[int]], int]:  # noqa: ANN001
+    """Token ids and segment ids per row (``[CLS] a [SEP] (b [SEP])``), and how many were truncated."""
+    ids_out, types_out, truncated = [], [], 0
+    a_all = sp.encode(rows.texts)
+    b_all = sp.encode(rows.pairs) if rows.pairs is not None else [None] * len(a_all)
+    for a, b in zip(a_all, b_all):
+        room = max_length - (3 if b is not None else 2)
+        if len(a) + len(b or []) > room:
+            truncated += 1
+            if b is None:
+                a = a[:room]
+            else:  # longest first, as Hugging Face's "longest_first"
+                while len(a) + len(b) > room:
+                    if len(a) >= len(b):
+                        a = a[:-1]
+                    else:
+                        b = b[:-1]
+        ids = [tokenizers.CLS_ID, *a, tokenizers.SEP_ID]
+        types = [0] * len(ids)
+        if b is not None:
+            ids += [*b, tokenizers.SEP_ID]
+            types += [1] * (len(b) + 1)
+        ids_out.append(ids)
+        types_out.append(types)
+    return ids_out, types_out, truncated
+
+
+def collate(ids: list[list[int]], types: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad to the longest row: ``(input_ids, attention_mask, token_type_ids)``."""
+    n = max(len(x) for x in ids)
+    out = torch.full((len(ids), n), tokenizers.PAD_ID, dtype=torch.long)
+    seg = torch.zeros((len(ids), n), dtype=torch.long)
+    mask = torch.zeros((len(ids), n), dtype=torch.long)
+    for i, (x, t) in enumerate(zip(ids, types)):
+        out[i, : len(x)] = torch.tensor(x)
+        seg[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(x)] = 1
+    return out, mask, seg
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+
+class Pooler(nn.Module):
+    """Hugging Face's BERT pooler: a dense layer and tanh on the ``[CLS]`` state."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class BertForSequenceClassification(nn.Module):
+    """The encoder, its pooler and a linear head, named as in Hugging Face (``bert.*``, ``classifier.*``)."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.config, self.num_labels = cfg, num_labels
+        self.bert = BertModel(cfg)
+        self.bert.pooler = Pooler(cfg.hidden_size)  # bert.pooler.dense.*, as in transformers
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=cfg.initializer_range)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(batch, num_labels)``; with ``labels``, ``(loss, logits)`` (cross-entropy, or MSE
+        for one output)."""
+        pooled = self.bert.pooler(self.bert(input_ids, attention_mask, token_type_ids))
+        logits = self.classifier(self.dropout(pooled)).float()
+        if labels is None:
+            return logits
+        if self.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.float()), logits
+        return F.cross_entropy(logits, labels), logits
+
+
+def metrics(confusion: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and macro-F1 of a confusion matrix (rows: truth, columns: prediction)."""
+    c = confusion.double()
+    tp = c.diag()
+    precision = tp / c.sum(0).clamp(min=1)
+    recall = tp / c.sum(1).clamp(min=1)
+    f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
+    present = (c.sum(1) + c.sum(0)) > 0  # classes absent from truth and predictions do not count
+    return (tp.sum() / c.sum().clamp(min=1)).item(), f1[present].mean().item()
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def check(cfg: FinetuneConfig) -> None:
+    """Every check that needs no rank: the files, the fields, the labels, the model's tokenizer."""
+    from pretrain.export import describe
+
+    sec = cfg.finetune
+    for key in ("model", "train_file", "eval_file"):
+        if not getattr(sec, key):
+            raise UserError(f"config key 'finetune.{key}' is not set")
+    if not cfg.run.dir:
+        raise UserError("config key 'run.dir' is not set (where checkpoints, events and the model go)")
+    if sec.epochs < 1 or sec.max_length < 3 or not 0 <= sec.warmup_ratio < 1:
+        raise UserError(
+            "config keys 'finetune.epochs' >= 1, 'finetune.max_length' >= 3, 0 <= 'finetune.warmup_ratio' < 1"
+        )
+    _, tok = describe(Path(sec.model))
+    if not tok.is_file():
+        raise UserError(f"{sec.model}: its tokenizer ({tok.name}) is missing")
+    train_rows = read_rows(Path(sec.train_file), sec)
+    known = None
+    if sec.task is Task.classification:
+        names = label_names(train_rows.labels)
+        if len(names) < 2:
+            raise UserError(f"{sec.train_file}: one label only ({names[0]!r}); classification needs two or more")
+        known = {name: i for i, name in enumerate(names)}
+    read_rows(Path(sec.eval_file), sec, known)
+
+
+def _load_encoder(sec: FinetuneSection, num_labels: int, cfg: FinetuneConfig):  # noqa: ANN202
+    from pretrain.export import load_any
+
+    base, tok, _ = load_any(Path(sec.model))
+    model_cfg = ModelConfig(**{**base.config.__dict__, "dropout": cfg.model.dropout})
+    model = BertForSequenceClassification(model_cfg, num_labels, sec.classifier_dropout)
+    if not sec.from_scratch:
+        encoder = {k[len("bert.") :]: v for k, v in base.state_dict().items() if k.startswith("bert.")}
+        missing, unexpected = model.bert.load_state_dict(encoder, strict=False)
+        assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
+    return model, tok
+
+
+def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
+    """One rank's fine-tuning (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set by the launcher); returns
+    the best epoch's eval figures."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from pretrain import engine
+    from pretrain.config import accumulation_steps
+    from pretrain.metrics import Logger
+
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = engine.init_distributed(local_rank)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    sec = cfg.finetune
+    run_dir = Path(cfg.run.dir)
+    accum = accumulation_steps(cfg.train, world)
+    train_rows = read_rows(Path(sec.train_file), sec)
+    names = label_names(train_rows.labels) if sec.task is Task.classification else []
+    known = {name: i for i, name in enumerate(names)}
+    eval_rows = read_rows(Path(sec.eval_file), sec, known or None)
+    torch.manual_seed(cfg.train.seed)
+    model, tok = _load_encoder(sec, len(names) or 1, cfg)
+    sp = tokenizers.load(tok)
+    max_length = min(sec.max_length, model.config.max_position)
+    tr_ids, tr_types, tr_cut = encode(sp, train_rows, max_length)
+    ev_ids, ev_types, ev_cut = encode(sp, eval_rows, max_length)
+
+    def targets(rows: Rows) -> torch.Tensor:
+        if sec.task is Task.regression:
+            return torch.tensor(rows.labels, dtype=torch.float32)
+        return torch.tensor([known[x] for x in rows.labels], dtype=torch.long)
+
+    tr_y, ev_y = targets(train_rows), targets(eval_rows)
+    g = cfg.train.global_batch_size
+    steps_per_epoch = math.ceil(len(tr_ids) / g)
+    cfg.train.max_steps = steps_per_epoch * sec.epochs
+    cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
+    eng = engine.build(model, cfg, world, device)
+    state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else None
+    done = state["epoch"] if state else 0
+    if state and state["epoch"] >= sec.epochs:
+        say(f"{run_dir}: already complete ({state['epoch']} epochs; best epoch {state['best']['epoch']})")
+        return state["best"]
+    if state:
+        engine.load(eng, run_dir / "checkpoints", f"epoch_{done:03d}")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        logger = Logger(run_dir, done * steps_per_epoch, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                        OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # fmt: skip
+    for name, rows, cut in (("train", train_rows, tr_cut), ("eval", eval_rows, ev_cut)):
+        skipped = sum(rows.skipped.values())
+        say(f"{name}: {len(rows.texts):,} rows" + (f", {skipped:,} skipped {dict(rows.skipped)}" if skipped else "")
+            + f", {cut:,} truncated to {max_length} tokens")  # fmt: skip
+    say(f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
+        f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
+        + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}")  # fmt: skip
+    best = state["best"] if state else None
+    history = state["history"] if state else []
+    micro = cfg.train.micro_batch_size
+    for epoch in range(done + 1, sec.epochs + 1):
+        eng.train()
+        order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
+        order = order.repeat(math.ceil(steps_per_epoch * g / len(order)))[: steps_per_epoch * g]  # whole last batch
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not (progress and rank == 0), leave=False)
+        losses = []
+        for step in bar:
+            batch = order[step * g : (step + 1) * g]
+            for k in range(accum):
+                idx = batch[(k * world + rank) * micro : (k * world + rank + 1) * micro].tolist()
+                ids, mask, types = collate([tr_ids[i] for i in idx], [tr_types[i] for i in idx])
+                loss, _ = eng(ids.to(device), mask.to(device), types.to(device), tr_y[idx].to(device))
+                eng.backward(loss)
+                eng.step()
+                losses.append(loss.detach().float())
+            global_step = (epoch - 1) * steps_per_epoch + step + 1
+            if rank == 0 and global_step % cfg.log.every == 0:
+                logger.log(global_step, {"finetune/train_loss": torch.stack(losses[-accum:]).mean().item(),
+                                         "train/lr": eng.get_lr()[0]})  # fmt: skip
+        figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device)
+        figures["epoch"] = epoch
+        history.append(figures)
+        is_best = best is None or _better(figures, best, sec.task)
+        if is_best:
+            best = figures
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "epoch")
+        say(f"epoch {epoch}/{sec.epochs}: eval {shown}{' (best so far)' if is_best else ''}")
+        if rank == 0:
+            logger.log(epoch * steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"})
+        engine.save(eng, run_dir / "checkpoints", f"epoch_{epoch:03d}")
+        dist.barrier()
+        if rank == 0:
+            if is_best:
+                write_model(run_dir / "model", run_dir / "checkpoints", f"epoch_{epoch:03d}", model, tok, names, sec)
+            state = {"epoch": epoch, "best": best, "history": history, "labels": names}
+            (run_dir / STATE).write_text(json.dumps(state, indent=1) + "\n")
+        dist.barrier()
+    if rank == 0:
+        logger.close()
+        say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")
+    return best
+
+
+def _better(a: dict, b: dict, task: Task) -> bool:
+    if task is Task.regression:
+        return a["loss"] < b["loss"]
+    return (a["f1"], a["accuracy"]) > (b["f1"], b["accuracy"])
+
+
+def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device) -> dict:  # noqa: ANN001
+    """Loss, and accuracy and macro-F1 (classification), over every rank's share of the eval rows."""
+    import torch.distributed as dist
+
+    eng.eval()
+    k = max(num_labels, 1)
+    sums = torch.zeros(2 + k * k, dtype=torch.float64, device=device)  # loss sum, rows, confusion
+    mine = list(range(rank, len(ids), world))
+    with torch.no_grad():
+        for start in range(0, len(mine), micro):
+            idx = mine[start : start + micro]
+            x, mask, seg = collate([ids[i] for i in idx], [types[i] for i in idx])
+            loss, logits = eng(x.to(device), mask.to(device), seg.to(device), y[idx].to(device))
+            sums[0] += loss.double() * len(idx)
+            sums[1] += len(idx)
+            if num_labels:
+                flat = y[idx].to(device) * k + logits.argmax(-1)
+                sums[2:] += torch.bincount(flat, minlength=k * k).double()
+    dist.all_reduce(sums)
+    out = {"loss": (sums[0] / sums[1]).item()}
+    if num_labels:
+        out["accuracy"], out["f1"] = metrics(sums[2:].reshape(k, k).cpu())
+    eng.train()
+    return out
+
+
+def write_model(out: Path, folder: Path, tag: str, model, tok: Path, names: list[str], sec: FinetuneSection) -> None:  # noqa: ANN001
+    """The Hugging Face folder of checkpoint ``folder/tag``: config (labels included), weights, tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pretrain.engine import consolidated_state_dict
+    from pretrain.export import hf_config, write_tokenizer
+
+    weights = consolidated_state_dict(folder, tag)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    labels = names or ["value"]
+    hf = hf_config(
+        model.config,
+        architectures=["BertForSequenceClassification"],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type="regression" if sec.task is Task.regression else "single_label_classification",
+        classifier_dropout=sec.classifier_dropout,
+        bertforge={"checkpoint": tag, "text_pair_field": sec.text_pair_field, "max_length": sec.max_length},
+    )
+    hf.save_pretrained(tmp)
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+    )
+    write_tokenizer(tmp, tok, model.config.max_position)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# ---- predict ------------------------------------------------------------------------------------
+
+
+def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[str], Path, dict]:
+    """A folder written by ``bertforge finetune``: ``(model, label names, tokenizer, hf config)``."""
+    from safetensors.torch import load_file
+
+    from pretrain.export import model_config
+
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file() or not (folder / "model.safetensors").is_file():
+        raise UserError(f"{folder}: not a fine-tuned model folder (no config.json and model.safetensors)")
+    hf = json.loads(config.read_text())
+    if hf.get("architectures") != ["BertForSequenceClassification"]:
+        raise UserError(
+            f"{config}: 'architectures' is {hf.get('architectures')}, not a classifier of bertforge finetune"
+        )
+    tok = folder / "spm.model"
+    if not tok.is_file():
+        raise UserError(f"{tok}: the model's tokenizer is missing")
+    names = [hf["id2label"][str(i)] for i in range(len(hf["id2label"]))]
+    model = BertForSequenceClassification(model_config(hf), len(names), hf.get("classifier_dropout") or 0.0)
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{folder / 'model.safetensors'}: weights do not fit config.json (missing {missing[:3]})")
+    return model.eval(), names, tok, hf
+
+
+def predict(folder: Path, input_path: Path, output, text_field: str = "text", pair_field: str | None = None,
+            batch_size: int = 32) -> int:  # fmt: skip  # noqa: ANN001
+    """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count."""
+    model, names, tok, hf = load_classifier(folder)
+    pair = hf.get("bertforge", {}).get("text_pair_field", "") if pair_field is None else pair_field
+    max_length = hf.get("bertforge", {}).get("max_length", model.config.max_position)
+    rows = Rows([], [] if pair else None, [], [], Counter())
+    for n, rec in _records(Path(input_path)):
+        for key in [text_field] + ([pair] if pair else []):
+            if rec.get(key) is None or not str(rec[key]).strip():
+                raise UserError(f"{input_path}:{n}: field '{key}' is missing or empty")
+        rows.texts.append(str(rec[text_field]))
+        if pair:
+            rows.pairs.append(str(rec[pair]))
+        rows.lines.append(n)
+    ids, types, cut = encode(tokenizers.load(tok), rows, min(max_length, model.config.max_position))
+    regression = hf.get("problem_type") == "regression"
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            x, mask, seg = collate(ids[start : start + batch_size], types[start : start + batch_size])
+            logits = model(x, mask, seg)
+            for line, row in zip(rows.lines[start : start + batch_size], logits):
+                if regression:
+                    rec = {"line": line, "value": row.item()}
+                else:
+                    p = row.softmax(-1)
+                    rec = {"line": line, "label": names[int(p.argmax())],
+                           "probabilities": {name: round(q, 6) for name, q in zip(names, p.tolist())}}  # fmt: skip
+                output.write(json.dumps(rec) + "\n")
+    if cut:
+        print(f"predict: {cut:,} of {len(ids):,} rows truncated to {max_length} tokens", file=sys.stderr)
+    return len(ids)

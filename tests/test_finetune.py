@@ -1,0 +1,137 @@
+"""Fine-tuning on real components: a labelled task built from the Python docs, a teacher trained
+by bertforge pretrain, 2 DeepSpeed ranks, the Hugging Face folder loaded by transformers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.labelled import stdlib_packages
+from pretrain.finetune import FinetuneSection, Rows, encode, label_names, metrics
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> tuple[Path, Path]:
+    return stdlib_packages(tmp_path_factory.mktemp("task"), packages=("asyncio", "email", "logging"), per_package=60)
+
+
+def test_pairs_get_segment_ids_and_truncation_is_counted(sp_model) -> None:
+    from data_prep import tokenizer as tokenizers
+
+    sp = tokenizers.load(sp_model)
+    rows = Rows(["Return the value.", "word " * 50], ["A second text.", "short"], ["a", "b"], [1, 2], Counter())
+    ids, types, cut = encode(sp, rows, 16)
+    a, b = sp.encode("Return the value."), sp.encode("A second text.")
+    assert ids[0] == [2, *a, 3, *b, 3] and types[0] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert cut == 1 and len(ids[1]) == 16 and types[1].count(1) >= 2  # longest first: the pair keeps a share
+    assert label_names(["10", "9", "2"]) == ["2", "9", "10"] and label_names(["b", "a"]) == ["a", "b"]
+    acc, f1 = metrics(torch.tensor([[3, 1], [0, 0]]))  # truth 0 only; one wrong prediction of class 1
+    assert acc == 0.75 and f1 == pytest.approx((2 * 0.75 / 1.75 + 0) / 2)
+
+
+def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, task, tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from pretrain.finetune import collate, load_classifier
+
+    _, teacher = teacher_run
+    train, evaluate = task
+    run = tmp_path / "ft"
+    r = run_cli("finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--nproc", "2",
+                "--no-progress", f"run.dir={run}", "finetune.epochs=3", "optim.lr=2e-3", "log.every=1",
+                "train.global_batch_size=16", "train.micro_batch_size=8")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 rank(s)" in r.stdout and "classification over 3 labels" in r.stdout
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["finetune/train_loss"] for m in records if "finetune/train_loss" in m]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    evals = [m for m in records if "finetune/f1" in m]
+    assert len(evals) == 3 and all(0 <= m["finetune/accuracy"] <= 1 for m in evals)
+    state = json.loads((run / "finetune_state.json").read_text())
+    assert state["best"]["f1"] == max(m["finetune/f1"] for m in evals)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert {"finetune/loss", "finetune/accuracy", "finetune/f1", "finetune/train_loss"} <= set(events.Tags()["scalars"])
+
+    # the Hugging Face folder: transformers loads it offline, labels named, the same logits as ours
+    hf = AutoModelForSequenceClassification.from_pretrained(run / "model", local_files_only=True).eval()
+    assert hf.config.id2label == {0: "asyncio", 1: "email", 2: "logging"}
+    ours, names, tok, _ = load_classifier(run / "model")
+    rows = [json.loads(x) for x in evaluate.read_text().splitlines()][:12]
+    from data_prep import tokenizer as tokenizers
+
+    ids, types, _ = encode(tokenizers.load(tok), Rows([x["text"] for x in rows], None, [], [], Counter()), 128)
+    x, mask, seg = collate(ids, types)
+    with torch.no_grad():
+        want = ours(x, mask, seg)
+        got = hf(input_ids=x, attention_mask=mask, token_type_ids=seg).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    # predict: one line per row, with every label's probability, agreeing with the model
+    out = tmp_path / "pred.jsonl"
+    r = run_cli("predict", str(run / "model"), "--input", str(evaluate), "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    preds = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(preds) == len(evaluate.read_text().splitlines())
+    assert [p["label"] for p in preds[:12]] == [names[i] for i in want.argmax(-1).tolist()]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+
+    # rerunning the finished run does nothing and says so
+    r = run_cli("finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--no-progress",
+                f"run.dir={run}", "finetune.epochs=3", "train.global_batch_size=16", "train.micro_batch_size=8")  # fmt: skip
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
+
+
+def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teacher_run, task, tmp_path) -> None:
+    _, teacher = teacher_run
+    train, evaluate = task
+    lines = evaluate.read_text().splitlines()
+
+    def finetune(eval_file: Path, *extra: str, model: Path = teacher):  # noqa: ANN202
+        return run_cli("finetune", str(model), "--train", str(train), "--eval", str(eval_file), "--no-progress",
+                       f"run.dir={tmp_path / 'run'}", "finetune.epochs=1", *extra)  # fmt: skip
+
+    cases = {
+        "unknown.jsonl": (
+            lines[:2] + ['{"text": "Send a mail.", "label": "smtplib"}'],
+            ":3: label 'smtplib' is not among",
+        ),
+        "missing.jsonl": (lines[:1] + ['{"body": "no text field", "label": "email"}'], ":2: no field 'text'"),
+        "empty.jsonl": (['{"text": "  ", "label": "email"}'], ":1: field 'text' is empty"),
+        "broken.jsonl": (lines[:3] + ["{not json"], ":4: not JSON"),
+    }
+    for name, (content, message) in cases.items():
+        bad = tmp_path / name
+        bad.write_text("\n".join(content) + "\n")
+        r = finetune(bad)
+        assert r.returncode == 2 and f"{bad}{message}" in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = finetune(tmp_path / "absent.jsonl")
+    assert r.returncode == 2 and f"{tmp_path / 'absent.jsonl'}: cannot read it" in r.stderr
+    r = finetune(tmp_path / "rows.parquet")
+    assert r.returncode == 2 and "unknown format '.parquet'" in r.stderr
+    no_tok = tmp_path / "export"
+    assert run_cli("export", str(teacher), "--output", str(no_tok)).returncode == 0
+    (no_tok / "spm.model").unlink()
+    r = finetune(evaluate, model=no_tok)
+    assert r.returncode == 2 and "tokenizer (spm.model) is missing" in r.stderr, r.stderr
+    # CSV with skip_bad_rows: the bad rows are counted, the rest trains
+    csv_file = tmp_path / "eval.csv"
+    good = [json.loads(x) for x in lines[:6]]
+    body = "".join(f'"{g["text"]}",{g["label"]}\n'.replace('""', "") for g in good)
+    csv_file.write_text("text,label\n" + body + "Unknown one.,smtplib\n,email\n")
+    r = finetune(csv_file, "finetune.skip_bad_rows=true", "train.global_batch_size=32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "eval: 6 rows, 2 skipped {'unknown label': 1, \"empty 'text'\": 1}" in r.stdout, r.stdout
+
+
+def test_section_defaults_describe_the_contract() -> None:
+    sec = FinetuneSection()
+    assert (sec.text_field, sec.label_field, sec.text_pair_field, sec.epochs) == ("text", "label", "", 3)
