@@ -5,7 +5,8 @@
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
 SentencePiece encoding), ``train_throughput.py --memory`` (our training step against Hugging
 Face ``BertForMaskedLM`` at the same shape and precision, with MFU; the shard reader against the
-trainer; memory per rank) and ``distill_quality.py`` (a half-depth student against its teacher),
+trainer; memory per rank), ``distill_quality.py`` (a half-depth student against its teacher) and
+``finetune_quality.py`` (teacher, student, random init and bag of words on a labelled task),
 each printing its own detail, then one table: each figure beside its baseline, measured side by
 side in the same run, as a ratio, under a line that describes the machine. On a GPU the same
 command reports the GPU's figures. ``--quick`` shrinks every measurement (a smoke run of a few
@@ -65,6 +66,12 @@ def table(records: list[dict]) -> str:
                      f"{r['teacher_ms'] / r['student_ms']:.2f}x faster"))  # fmt: skip
         rows.append(("student parameters", f"{r['student_params'] / 1e6:.2f}M",
                      f"teacher: {r['teacher_params'] / 1e6:.2f}M", f"{r['student_params'] / r['teacher_params']:.0%}"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "finetune"):
+        rows.append(("fine-tuned teacher, accuracy (8 stdlib packages)", f"{r['teacher_acc']:.3f}",
+                     f"same shape, random init: {r['scratch_acc']:.3f}", f"{r['teacher_acc'] / r['scratch_acc']:.2f}x"))  # fmt: skip
+        rows.append(("fine-tuned student, accuracy", f"{r['student_acc']:.3f}", f"teacher: {r['teacher_acc']:.3f}",
+                     f"{r['student_acc'] / r['teacher_acc']:.1%}"))  # fmt: skip
+        rows.append(("  bag of words + logistic regression", f"{r['bow_acc']:.3f}", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 or i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)  # fmt: skip
@@ -86,6 +93,10 @@ def main() -> None:
         steps = 20 if quick else args.distill_steps
         _run("distill_quality.py", "--steps", str(steps), "--batch", "32",
              "--work", str(REPO / f"runs/bench-distill-{steps}"), results=results)  # fmt: skip
+        if (REPO / "exports/demo/config.json").is_file():
+            _run("finetune_quality.py", "--epochs", "1" if quick else "3", results=results)
+        else:
+            print("finetune_quality.py: skipped (run make demo first: it fine-tunes the demo's exports)")
         records = [json.loads(line) for line in results.read_text().splitlines()]
     print(f"\nmachine: {machine()}")
     print(table(records))

@@ -11,9 +11,10 @@ from data_prep.errors import UserError
 from launch.config import load_config, to_yaml
 from pretrain.config import PretrainConfig, accumulation_steps, deepspeed_config
 from pretrain.distill import DistillConfig
+from pretrain.finetune import FinetuneConfig
 from tests.conftest import REPO, run_cli
 
-SCHEMAS = {"prep": PrepConfig, "pretrain": PretrainConfig, "distill": DistillConfig}
+SCHEMAS = {"prep": PrepConfig, "pretrain": PretrainConfig, "distill": DistillConfig, "finetune": FinetuneConfig}
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
 
 def test_cli_help_lists_subcommands() -> None:
     out = run_cli("--help")
-    subs = ("prep", "inspect", "pretrain", "distill", "consolidate", "export", "eval", "fill-mask", "submit", "jobs")
+    subs = ("prep", "inspect", "pretrain", "distill", "consolidate", "export", "eval", "fill-mask", "finetune",
+            "predict", "report", "demo", "submit", "jobs")  # fmt: skip
     assert out.returncode == 0 and all(f"    {sub}" in out.stdout for sub in subs), out.stdout
     for sub in subs:
         r = run_cli(sub, "--help")
