@@ -25,7 +25,8 @@ def _cluster_up() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_up()))]
+_DOWN = _cluster_up()  # asked once: the reason must be the answer that skipped
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_DOWN is not None, reason=str(_DOWN))]
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
 STEPS = 80
