@@ -29,7 +29,7 @@ from torch import nn
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from pretrain.config import PretrainConfig, TrainConfig
-from pretrain.model import BertModel, ModelConfig
+from pretrain.model import BertModel, ModelConfig, init_weights
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 BEST, STATE = "best", "finetune_state.json"
@@ -259,11 +259,7 @@ class BertForSequenceClassification(nn.Module):
         self.bert.pooler = Pooler(cfg.hidden_size)  # bert.pooler.dense.*, as in transformers
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=cfg.initializer_range)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_weights(self, cfg.initializer_range)
 
     def forward(
         self,
@@ -333,7 +329,10 @@ def _load_encoder(sec: FinetuneSection, num_labels: int, cfg: FinetuneConfig):  
     if not sec.from_scratch:
         encoder = {k[len("bert.") :]: v for k, v in base.state_dict().items() if k.startswith("bert.")}
         missing, unexpected = model.bert.load_state_dict(encoder, strict=False)
-        assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
+        if unexpected or not all(k.startswith("pooler.") for k in missing):
+            raise UserError(
+                f"{sec.model}: its encoder weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     return model, tok
 
 
@@ -403,7 +402,7 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
         order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
         order = order.repeat(math.ceil(steps_per_epoch * g / len(order)))[: steps_per_epoch * g]  # whole last batch
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not (progress and rank == 0), leave=False)
-        losses = []
+        window = torch.zeros(2, device=device)  # rank 0's loss sum and micro-batches since the last log
         for step in bar:
             batch = order[step * g : (step + 1) * g]
             for k in range(accum):
@@ -412,11 +411,12 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
                 loss, _ = eng(ids.to(device), mask.to(device), types.to(device), tr_y[idx].to(device))
                 eng.backward(loss)
                 eng.step()
-                losses.append(loss.detach().float())
+                window += torch.stack([loss.detach().float(), torch.ones((), device=device)])
             global_step = (epoch - 1) * steps_per_epoch + step + 1
             if rank == 0 and global_step % cfg.log.every == 0:
-                logger.log(global_step, {"finetune/train_loss": torch.stack(losses[-accum:]).mean().item(),
-                                         "train/lr": eng.get_lr()[0]})  # fmt: skip
+                total, count = window.tolist()
+                logger.log(global_step, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
+                window.zero_()
         figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device)
         figures["epoch"] = epoch
         history.append(figures)

@@ -286,6 +286,18 @@ class MLMHeads(nn.Module):
         self.predictions = LMPredictionHead(cfg, embeddings)
 
 
+def init_weights(model: nn.Module, std: float) -> None:
+    """BERT's initialisation: normal(0, std) matrices and embeddings, zero biases, unit LayerNorms."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class BertForMaskedLM(nn.Module):
     """The encoder with its MLM head, named as in Hugging Face (``bert.*``, ``cls.*``)."""
 
@@ -296,17 +308,7 @@ class BertForMaskedLM(nn.Module):
         self.config = cfg
         self.bert = BertModel(cfg)
         self.cls = MLMHeads(cfg, self.bert.embeddings.word_embeddings)
-        self.apply(self._init)
-
-    def _init(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_weights(self, cfg.initializer_range)
 
     def forward(
         self,

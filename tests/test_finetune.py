@@ -3,6 +3,7 @@ by bertforge pretrain, 2 DeepSpeed ranks, the Hugging Face folder loaded by tran
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 from pathlib import Path
@@ -124,9 +125,11 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
     assert r.returncode == 2 and "tokenizer (spm.model) is missing" in r.stderr, r.stderr
     # CSV with skip_bad_rows: the bad rows are counted, the rest trains
     csv_file = tmp_path / "eval.csv"
-    good = [json.loads(x) for x in lines[:6]]
-    body = "".join(f'"{g["text"]}",{g["label"]}\n'.replace('""', "") for g in good)
-    csv_file.write_text("text,label\n" + body + "Unknown one.,smtplib\n,email\n")
+    with open(csv_file, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        out.writerows([g["text"], g["label"]] for g in map(json.loads, lines[:6]))
+        out.writerows([["Unknown one.", "smtplib"], ["", "email"]])
     r = finetune(csv_file, "finetune.skip_bad_rows=true", "train.global_batch_size=32")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "eval: 6 rows, 2 skipped {'unknown label': 1, \"empty 'text'\": 1}" in r.stdout, r.stdout
@@ -135,3 +138,25 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
 def test_section_defaults_describe_the_contract() -> None:
     sec = FinetuneSection()
     assert (sec.text_field, sec.label_field, sec.text_pair_field, sec.epochs) == ("text", "label", "", 3)
+
+
+def test_regression_trains_and_predicts_values(teacher_run, task, tmp_path) -> None:
+    _, teacher = teacher_run
+    rows = {}
+    for split, path in zip(("train", "eval"), task):  # a number per row: the text's length in hundreds
+        rows[split] = tmp_path / f"{split}.jsonl"
+        rows[split].write_text("".join(json.dumps({"text": r["text"], "label": len(r["text"]) / 100}) + "\n"
+                                       for r in map(json.loads, path.read_text().splitlines())))  # fmt: skip
+    run = tmp_path / "reg"
+    r = run_cli("finetune", str(teacher), "--train", str(rows["train"]), "--eval", str(rows["eval"]), "--no-progress",
+                f"run.dir={run}", "finetune.task=regression", "finetune.epochs=1", "optim.lr=1e-3")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "; regression;" in r.stdout and "eval loss" in r.stdout and "accuracy" not in r.stdout
+    config = json.loads((run / "model/config.json").read_text())
+    assert config["problem_type"] == "regression" and config["id2label"] == {"0": "value"}
+    r = run_cli("predict", str(run / "model"), "--input", str(rows["eval"]))
+    assert r.returncode == 0, r.stderr
+    preds = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(preds) == len(rows["eval"].read_text().splitlines()) and all(
+        isinstance(p["value"], float) for p in preds
+    )
