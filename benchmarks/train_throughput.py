@@ -5,15 +5,16 @@
 On one shape (the preset's layers, hidden size and heads; seq_len 128, micro batch 32,
 vocabulary 32768 by default) and the same masked batches it times, alternately in rounds:
 
-* ours: the trainer's real step: ``BertForMaskedLM`` (SDPA, masked-only head) inside the
+* ours: the trainer's real step: ``BertForMaskedLM`` (masked-only head) inside the
   DeepSpeed engine at world size 1 (``pretrain.engine.build``, the trainer's optimizer,
   schedule and precision), forward + backward + step;
 * Hugging Face: ``transformers.BertForMaskedLM`` (SDPA attention) with ``torch.optim.AdamW``,
   under ``torch.autocast`` for bf16, forward + backward + step;
 
 and prints tokens/s of each and the ratio, per precision, plus our MFU against the bf16 and
-fp32 matrix-product peaks it measures here. Model FLOPs count the vocabulary projection at
-the masked positions only (``pretrain.model.flops_per_token``).
+fp32 matrix-product peaks it measures here, between the timed rounds like the rates. Model
+FLOPs count the vocabulary projection at the masked positions only
+(``pretrain.model.flops_per_token``).
 
 It also measures the shard reader (``--data``, default ``data/python-docs``, written by
 ``make demo``): sequences per second through ``build_loader`` with the default worker count,
@@ -174,12 +175,8 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peaks = {
-        p: measure_peak_tflops(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[p], 2.0)
-        for p in ("bf16", "fp32")
-    }
-    print(f"device {device}, {torch.get_num_threads()} threads; measured matmul peak: "
-          f"bf16 {peaks['bf16']:.3f} TFLOP/s, fp32 {peaks['fp32']:.3f} TFLOP/s")  # fmt: skip
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    print(f"device {device}, {torch.get_num_threads()} threads")
     ours_rate = {}
     for precision in args.precision:
         overrides = [f"model.vocab_size={args.vocab}", f"train.micro_batch_size={args.micro_batch}",
@@ -193,20 +190,26 @@ def main() -> None:
         for step in (ours.step, hf.step):  # warm-up (and compilation)
             for ids, labels in data[:3]:
                 step(ids, labels)
-        times = {"ours": [], "hf": []}
+        # The matmul peaks are measured inside the rounds too, so that the MFU's denominator
+        # saw the same machine (a shared CPU's speed drifts by 2x over minutes)
+        times, peak_runs = {"ours": [], "hf": []}, {"bf16": [], "fp32": []}
         for _ in range(args.rounds):
             times["ours"].append(timed(ours.step, data, device))
             times["hf"].append(timed(hf.step, data, device))
+            for p, runs in peak_runs.items():
+                runs.append(measure_peak_tflops(device, dtypes[p], 1.0))
         tokens = args.steps * args.micro_batch * args.seq_len
         rate = {k: tokens / statistics.median(v) for k, v in times.items()}
+        peaks = {p: statistics.median(v) for p, v in peak_runs.items()}
         ours_rate[precision] = rate["ours"]
         flops = flops_per_token(cfg.model, args.seq_len, cfg.data.masking.probability)
         mfu = {p: rate["ours"] * flops / (peaks[p] * 1e12) for p in peaks}
         print(
             f"{precision}: ours {rate['ours']:,.0f} tok/s (ZeRO {cfg.train.zero_stage}"
             f"{', compiled' if args.compile else ''}) | Hugging Face {rate['hf']:,.0f} tok/s | "
-            f"ratio {rate['ours'] / rate['hf']:.2f}x | our MFU {mfu['bf16']:.1%} of the bf16 peak, "
-            f"{mfu['fp32']:.1%} of the fp32 peak ({flops / 1e6:.1f} MFLOP/token)"
+            f"ratio {rate['ours'] / rate['hf']:.2f}x | our MFU {mfu['bf16']:.1%} of the bf16 peak "
+            f"({peaks['bf16']:.3f} TFLOP/s), {mfu['fp32']:.1%} of the fp32 peak ({peaks['fp32']:.3f} TFLOP/s), "
+            f"{flops / 1e6:.1f} MFLOP/token; peaks: the median of {args.rounds} measurements between the rounds"
         )
         record(args.json, bench="train", preset=args.preset, precision=precision, device=str(device),
                ours_tok_s=rate["ours"], hf_tok_s=rate["hf"], mfu=mfu[precision], peak_tflops=peaks[precision])  # fmt: skip

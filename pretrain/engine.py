@@ -91,6 +91,8 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
 def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.device):
     """The DeepSpeed engine around ``model``, with AdamW and the warmup/decay schedule."""
     model.bert.encoder.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        model.compile()
     optimizer = _optimizer(model.to(device), cfg.optim, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.max_steps)

@@ -29,7 +29,7 @@ from torch import nn
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from pretrain.config import PretrainConfig, TrainConfig
-from pretrain.model import BertModel, ModelConfig, init_weights
+from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 BEST, STATE = "best", "finetune_state.json"
@@ -257,7 +257,7 @@ class BertForSequenceClassification(nn.Module):
         self.config, self.num_labels = cfg, num_labels
         self.bert = BertModel(cfg)
         self.bert.pooler = Pooler(cfg.hidden_size)  # bert.pooler.dense.*, as in transformers
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
         init_weights(self, cfg.initializer_range)
 

@@ -240,8 +240,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
-    if cfg.train.compile:
-        model.compile()
     eng = engine.build(model, cfg, world, device)
 
     step = batches = tokens = bad_total = 0

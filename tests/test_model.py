@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model import IGNORE_INDEX, BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
+from pretrain.model import (
+    IGNORE_INDEX,
+    BertForMaskedLM,
+    Dropout,
+    ModelConfig,
+    cpu_dropout,
+    flops_per_token,
+    num_parameters,
+)
 from tests.conftest import heavy_imports
 
 TINY = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=32)
@@ -137,3 +145,23 @@ def test_fused_head_loss_and_gradients_match_plain_cross_entropy(dtype) -> None:
     for g, t in zip(got, (h, dec.weight, bias)):
         assert g.dtype == dtype
         torch.testing.assert_close(g, t.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_the_asked_share_and_replays_with_the_seed(dtype) -> None:
+    x = torch.ones(1001, 999, dtype=dtype, requires_grad=True)  # an odd count: the two halves differ by one
+    torch.manual_seed(0)
+    y = cpu_dropout(x, 0.1)
+    kept = y.detach() != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002
+    assert torch.equal(y.detach()[kept], torch.full((int(kept.sum()),), 1 / 0.9, dtype=dtype))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, 2.0 * y.detach())  # the gradient passes where kept, scaled alike
+    flat = kept.flatten().float()
+    for a, b in ((flat[:-1], flat[1:]), (flat[: flat.numel() // 2], flat[flat.numel() // 2 : 2 * (flat.numel() // 2)])):
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01  # neighbours, and the two halves
+    torch.manual_seed(0)
+    assert torch.equal(cpu_dropout(x, 0.1), y)  # the same generator state, the same mask
+    assert not torch.equal(cpu_dropout(x, 0.1), y)
+    layer = Dropout(0.1).eval()
+    assert layer(x) is x
