@@ -28,7 +28,7 @@ from torch import nn
 
 from data_prep.errors import UserError
 from pretrain.config import PretrainConfig
-from pretrain.model import IGNORE_INDEX, BertForMaskedLM, ModelConfig
+from pretrain.model import BertForMaskedLM, ModelConfig, masked_positions
 
 
 @dataclass
@@ -85,17 +85,16 @@ class Student(BertForMaskedLM):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, positions=None, labels=None):  # noqa: ANN001, ANN201
         if labels is None:
             return super().forward(input_ids, attention_mask, token_type_ids, positions)
-        flat = labels.reshape(-1)
-        positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-        target = flat[positions]
+        positions, rows = masked_positions(labels)  # padded: the head's matrices keep a few shapes
+        target = labels.reshape(-1)[positions[:rows]]
         hidden = self.bert(input_ids, attention_mask)
-        logits = self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions]).float()
+        logits = self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions])[:rows].float()
         mlm = F.cross_entropy(logits, target)
         correct = (logits.argmax(-1) == target).sum()
-        count = torch.tensor(len(positions), device=labels.device)
+        count = torch.tensor(rows, device=labels.device)
         with torch.no_grad():
             t_hidden = self.teacher.bert(input_ids, attention_mask)
-            t_logits = self.teacher.cls.predictions(t_hidden.reshape(-1, t_hidden.shape[-1])[positions]).float()
+            t_logits = self.teacher.cls.predictions(t_hidden.reshape(-1, t_hidden.shape[-1])[positions])[:rows].float()
         if not self.training:  # evaluation: the student's loss, and the teacher's accuracy beside it
             self.loss_terms = {"teacher_correct": (t_logits.argmax(-1) == target).sum()}
             return mlm, correct, count

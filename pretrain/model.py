@@ -264,8 +264,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     backward pass only scales what the forward computed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk):  # noqa: ANN001, ANN205
-        rows = hidden.shape[0]
+    def forward(ctx, hidden, weight, bias, target, chunk, rows):  # noqa: ANN001, ANN205
+        # rows: the first ``rows`` rows are real; the rest (bucket padding) get no loss and no gradient
         grads = any(ctx.needs_input_grad[:3])
         logits = hidden @ weight.t()  # (rows, vocab) in the parameters' dtype; the bias is added per chunk
         bias32 = bias.float()
@@ -273,7 +273,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, rows, chunk):
-            part, t = logits[start : start + chunk], target[start : start + chunk, None]
+            end = min(start + chunk, rows)
+            part, t = logits[start:end], target[start:end, None]
             # fp32 logits of the chunk, bias included, in one pass (in place when already fp32)
             z = part.add_(bias32) if part.dtype == torch.float32 else torch.add(part, bias32)
             picked = z.gather(1, t)
@@ -289,6 +290,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if z.data_ptr() != part.data_ptr():  # (in fp32, z is the logits themselves)
                     part.copy_(z)  # the logits' own memory now holds their gradient
         if grads:
+            logits[rows:].zero_()
             ctx.save_for_backward(hidden, weight, logits, grad_b.to(bias.dtype))
         return loss / rows, correct
 
@@ -298,7 +300,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_loss.item() != 1.0:  # fp16 loss scaling, or a scaled loss
             grad_logits = grad_logits * grad_loss.to(grad_logits.dtype)
             grad_b = grad_b * grad_loss.to(grad_b.dtype)
-        return grad_logits @ weight, grad_logits.t() @ hidden, grad_b, None, None
+        return grad_logits @ weight, grad_logits.t() @ hidden, grad_b, None, None, None
 
 
 class Decoder(nn.Linear):
@@ -308,10 +310,12 @@ class Decoder(nn.Linear):
 
     chunk = 32  # rows per softmax pass: 32 x 32k fp32 logits, 4 MB, stay in cache
 
-    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, target: torch.Tensor | None = None):  # noqa: ANN201
+    def forward(  # noqa: ANN201
+        self, hidden: torch.Tensor, bias: torch.Tensor, target: torch.Tensor | None = None, rows: int | None = None
+    ):
         if target is None:
             return F.linear(hidden, self.weight, bias)
-        return _LinearCrossEntropy.apply(hidden, self.weight, bias, target, self.chunk)
+        return _LinearCrossEntropy.apply(hidden, self.weight, bias, target, self.chunk, hidden.shape[0] if rows is None else rows)
 
 
 class LMPredictionHead(nn.Module):
@@ -322,10 +326,10 @@ class LMPredictionHead(nn.Module):
         self.decoder.weight = embeddings.weight  # tied input and output embeddings
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, hidden: torch.Tensor, target: torch.Tensor | None = None):  # noqa: ANN201
-        """Logits, or with ``target`` the ``(loss, correct)`` of :class:`Decoder`."""
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor | None = None, rows: int | None = None):  # noqa: ANN201
+        """Logits, or with ``target`` the ``(loss, correct)`` of :class:`Decoder` over the first ``rows``."""
         t = self.transform
-        return self.decoder(t.LayerNorm(F.gelu(t.dense(hidden))), self.bias, target)
+        return self.decoder(t.LayerNorm(F.gelu(t.dense(hidden))), self.bias, target, rows)
 
 
 class MLMHeads(nn.Module):
@@ -385,11 +389,29 @@ class BertForMaskedLM(nn.Module):
         Returns ``(loss, correct, count)``: the loss, and the number of right predictions and of
         predicted positions (tensors, so that reading them costs no device sync here).
         """
-        flat = labels.reshape(-1)
-        positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # nonzero syncs: its size is data-dependent
+        positions, rows = masked_positions(labels)
         hidden = self.bert(input_ids, attention_mask)
-        loss, correct = self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions], flat[positions])
-        return loss, correct, torch.tensor(len(positions), device=labels.device)
+        target = labels.reshape(-1)[positions]
+        loss, correct = self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions], target, rows)
+        return loss, correct, torch.tensor(rows, device=labels.device)
+
+
+ROW_BUCKET = 32
+"""Predicted rows are padded to a multiple of this (see :func:`masked_positions`)."""
+
+
+def masked_positions(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The flat indices of the positions to predict (label not ``IGNORE_INDEX``), padded with
+    index 0 to a multiple of :data:`ROW_BUCKET`, and how many are real (the first ones).
+
+    The number of masked tokens differs from batch to batch; unpadded, every new count is a
+    new matrix shape for the head, and oneDNN (torch's bf16 matmul on CPUs) compiles and caches
+    a kernel per shape: a rank's memory grew by a gigabyte over a few hundred steps. Padded,
+    a run sees a handful of shapes, for at most ``ROW_BUCKET - 1`` extra rows of head work."""
+    positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # syncs: a data-dependent size
+    rows = len(positions)
+    pad = -rows % ROW_BUCKET
+    return (F.pad(positions, (0, pad)) if pad else positions), rows
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -9,11 +9,13 @@ import torch.nn.functional as F
 
 from pretrain.model import (
     IGNORE_INDEX,
+    ROW_BUCKET,
     BertForMaskedLM,
     Dropout,
     ModelConfig,
     cpu_dropout,
     flops_per_token,
+    masked_positions,
     num_parameters,
 )
 from tests.conftest import heavy_imports
@@ -145,6 +147,28 @@ def test_fused_head_loss_and_gradients_match_plain_cross_entropy(dtype) -> None:
     for g, t in zip(got, (h, dec.weight, bias)):
         assert g.dtype == dtype
         torch.testing.assert_close(g, t.grad, **tol)
+
+    # Padded to a row bucket (as masked_positions pads): the extra rows change nothing
+    for t in (dec.weight, bias):
+        t.grad = None
+    junk = torch.randn(11, hidden, dtype=dtype)
+    padded = torch.cat([h.detach(), junk]).requires_grad_()
+    loss_p, correct_p = dec(padded, bias, torch.cat([target, torch.zeros(11, dtype=target.dtype)]), rows=rows)
+    (loss_p * 3).backward()
+    assert torch.equal(loss_p, loss) and torch.equal(correct_p, correct)
+    assert torch.equal(padded.grad[:rows], got[0]) and not padded.grad[rows:].any()
+    torch.testing.assert_close(dec.weight.grad, got[1], **tol)  # (the same sums, in another blocking)
+    assert torch.equal(bias.grad, got[2])
+
+
+def test_masked_positions_pad_to_the_bucket() -> None:
+    labels = torch.full((2, 40), IGNORE_INDEX)
+    labels[0, 5], labels[1, 39] = 7, 8
+    positions, rows = masked_positions(labels)
+    assert rows == 2 and positions.tolist() == [5, 79] + [0] * (ROW_BUCKET - 2)
+    labels[:] = 1
+    positions, rows = masked_positions(labels)
+    assert rows == 80 and len(positions) == 96 and positions[:80].tolist() == list(range(80))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
