@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,14 +29,18 @@ from benchmarks.common import machine, record  # noqa: E402
 
 
 def finetune(model: Path, train: Path, evaluate: Path, run: Path, epochs: int, *extra: str) -> dict:
-    state = run / "finetune_state.json"
-    if not state.is_file() or json.loads(state.read_text())["epoch"] < epochs:
-        cmd = [sys.executable, "-m", "launch.cli", "finetune", str(model), "--train", str(train), "--eval",
-               str(evaluate), "--no-progress", f"run.dir={run}", f"finetune.epochs={epochs}", *extra]  # fmt: skip
+    """``bertforge finetune``; a finished run of the same model, files and settings is reused,
+    one of another (the demo re-run since) is replaced."""
+    cmd = [sys.executable, "-m", "launch.cli", "finetune", str(model), "--train", str(train), "--eval",
+           str(evaluate), "--no-progress", f"run.dir={run}", f"finetune.epochs={epochs}", *extra]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode == 2 and "use another run.dir" in r.stderr:
+        print(f"{run}: {r.stderr.strip().removeprefix('bertforge: error: ')}; starting it again", flush=True)
+        shutil.rmtree(run)
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"finetune {model} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(state.read_text())["best"]
+    if r.returncode:
+        raise SystemExit(f"finetune {model} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads((run / "finetune_state.json").read_text())["best"]
 
 
 def bag_of_words(train: Path, evaluate: Path, tok: Path, epochs: int = 60) -> dict:
@@ -84,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=REPO / "exports/demo")
     ap.add_argument("--student", type=Path, default=REPO / "exports/demo-student")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs of each encoder (default 6: all three converge)")
     ap.add_argument("--work", type=Path, default=REPO / "runs/bench-finetune")
     ap.add_argument("--json", type=Path, help="also append the figures as a JSON line to this file (make bench)")
     args = ap.parse_args()

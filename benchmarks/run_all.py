@@ -94,7 +94,7 @@ def main() -> None:
         _run("distill_quality.py", "--steps", str(steps), "--batch", "32",
              "--work", str(REPO / f"runs/bench-distill-{steps}"), results=results)  # fmt: skip
         if (REPO / "exports/demo/config.json").is_file():
-            _run("finetune_quality.py", "--epochs", "1" if quick else "3", results=results)
+            _run("finetune_quality.py", "--epochs", "1" if quick else "6", results=results)
         else:
             print("finetune_quality.py: skipped (run make demo first: it fine-tunes the demo's exports)")
         records = [json.loads(line) for line in results.read_text().splitlines()]

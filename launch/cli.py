@@ -320,7 +320,7 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     nproc = ns.nproc or 1
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be at least 1")
-    check(cfg)  # every file, field and label before a rank starts
+    check(cfg, ranks.world if ranks.launcher != "none" else nproc)  # every file, field and label before a rank starts
     progress = not ns.no_progress and sys.stderr.isatty()
     if ranks.launcher == "none" and nproc > 1:
         argv = ["finetune", ns.model, "--train", ns.train, "--eval", ns.eval, "--config", config, *ns.args]

@@ -78,6 +78,14 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
+def leaves(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a config dict's dotted keys."""
+    out = {}
+    for k, v in d.items():
+        out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML, the form written next to every output."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

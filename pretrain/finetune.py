@@ -28,6 +28,8 @@ from torch import nn
 
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
+from launch.config import leaves, to_dict
+from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig, TrainConfig
 from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
 
@@ -293,8 +295,73 @@ def metrics(confusion: torch.Tensor) -> tuple[float, float]:
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def check(cfg: FinetuneConfig) -> None:
-    """Every check that needs no rank: the files, the fields, the labels, the model's tokenizer."""
+# Keys a resumed fine-tuning run must share with the run in its folder (train.max_steps and
+# optim.warmup_steps are derived from finetune.epochs and the data)
+FIXED_KEYS = ("finetune.", "model.", "optim.", "train.precision", "train.zero_stage", "train.global_batch_size",
+              "train.micro_batch_size", "train.seed")  # fmt: skip
+DERIVED_KEYS = ("optim.warmup_steps",)
+
+
+def _model_identity(source: Path) -> str:
+    """sha256 of what MODEL names: an export's weights, or a checkpoint's trainer state (which
+    names its step, so that a run that trained on is another model)."""
+    from pretrain.export import resolve_checkpoint
+
+    if (source / "model.safetensors").is_file():
+        return tokenizers.sha256(source / "model.safetensors")
+    run_dir, tag = resolve_checkpoint(source)
+    return tokenizers.sha256(ckpt.folder(run_dir) / tag / ckpt.STATE)
+
+
+def inputs(cfg: FinetuneConfig, world: int) -> dict:
+    """What a run in ``run.dir`` must have been started with to be resumed: the model's and the
+    labelled files' checksums, the rank count, and the fixed config keys."""
+    sec = cfg.finetune
+    flat = leaves(to_dict(cfg))
+    return {
+        "model_sha256": _model_identity(Path(sec.model)),
+        "train_file_sha256": tokenizers.sha256(sec.train_file),
+        "eval_file_sha256": tokenizers.sha256(sec.eval_file),
+        "world": world,
+        "config": {k: v for k, v in flat.items() if k.startswith(FIXED_KEYS) and not k.startswith(DERIVED_KEYS)},
+    }
+
+
+def _check_resume(cfg: FinetuneConfig, world: int) -> None:
+    """A run folder holding another run (other model, files, rank count or fixed keys) is refused."""
+    path = Path(cfg.run.dir) / STATE
+    if not path.is_file():
+        return
+    state = json.loads(path.read_text())
+    theirs, mine = state.get("inputs"), inputs(cfg, world)
+    if theirs is None:
+        raise UserError(f"{path}: no field 'inputs' (written by an older bertforge); use another run.dir")
+    if state["epoch"] >= cfg.finetune.epochs:
+        mine.pop("world")  # a finished run loads nothing: any rank count may say so
+    for key, value in mine.items():
+        if key == "config":
+            for k, v in value.items():
+                if theirs["config"].get(k) != v:
+                    raise UserError(
+                        f"config key '{k}' is {v!r} but the run in {cfg.run.dir} was started with "
+                        f"{theirs['config'].get(k)!r} ({path}); use another run.dir for a new run"
+                    )
+        elif theirs.get(key) != value:
+            what = {
+                "world": f"{world} rank(s)",
+                "model_sha256": f"the model {cfg.finetune.model}",
+                "train_file_sha256": f"the file {cfg.finetune.train_file}",
+                "eval_file_sha256": f"the file {cfg.finetune.eval_file}",
+            }[key]
+            raise UserError(
+                f"{path}: field '{key}' differs: {what} is not what the run in {cfg.run.dir} was started with; "
+                "use another run.dir for a new run"
+            )
+
+
+def check(cfg: FinetuneConfig, world: int = 1) -> None:
+    """Every check that needs no rank: the files, the fields, the labels, the model's tokenizer,
+    and that a run already in ``run.dir`` is this one (``world`` ranks)."""
     from pretrain.export import describe
 
     sec = cfg.finetune
@@ -318,6 +385,7 @@ def check(cfg: FinetuneConfig) -> None:
             raise UserError(f"{sec.train_file}: one label only ({names[0]!r}); classification needs two or more")
         known = {name: i for i, name in enumerate(names)}
     read_rows(Path(sec.eval_file), sec, known)
+    _check_resume(cfg, world)
 
 
 def _load_encoder(sec: FinetuneSection, num_labels: int, cfg: FinetuneConfig):  # noqa: ANN202
@@ -374,6 +442,7 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
     steps_per_epoch = math.ceil(len(tr_ids) / g)
     cfg.train.max_steps = steps_per_epoch * sec.epochs
     cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
+    fingerprint = inputs(cfg, world) if rank == 0 else None  # what check() compares on a rerun
     eng = engine.build(model, cfg, world, device)
     state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else None
     done = state["epoch"] if state else 0
@@ -432,7 +501,7 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
         if rank == 0:
             if is_best:
                 write_model(run_dir / "model", run_dir / "checkpoints", f"epoch_{epoch:03d}", model, tok, names, sec)
-            state = {"epoch": epoch, "best": best, "history": history, "labels": names}
+            state = {"epoch": epoch, "best": best, "history": history, "labels": names, "inputs": fingerprint}
             (run_dir / STATE).write_text(json.dumps(state, indent=1) + "\n")
         dist.barrier()
     if rank == 0:

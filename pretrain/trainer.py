@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import RunError, UserError
-from launch.config import to_dict, to_yaml
+from launch.config import leaves, to_dict, to_yaml
 from pretrain import checkpoint as ckpt
 from pretrain.config import Precision, PretrainConfig, accumulation_steps, deepspeed_config
 from pretrain.data import ShardStream, build_loader
@@ -56,14 +56,6 @@ FIXED_KEYS = (
 )
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
-
-
-def _leaves(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out = {}
-    for k, v in d.items():
-        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str | None]:
@@ -99,7 +91,7 @@ def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str 
         )
     if cfg.data.num_workers < 0:
         raise UserError(f"config key 'data.num_workers': {cfg.data.num_workers} is negative")
-    flat = _leaves(to_dict(cfg))
+    flat = leaves(to_dict(cfg))
     for key in ("train.max_steps", "checkpoint.every", "checkpoint.keep", "log.every"):
         if flat[key] < 1:
             raise UserError(f"config key '{key}': must be at least 1")
@@ -125,7 +117,7 @@ def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str 
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "
                 "config key 'data.path' names other data than the run was trained on"
             )
-        mine, theirs = _leaves(to_dict(cfg)), _leaves(state["config"])  # (cfg filled in from the manifest)
+        mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])  # (cfg filled in from the manifest)
         for key, value in mine.items():
             if key.startswith(FIXED_KEYS) and theirs.get(key) != value:
                 raise UserError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -84,10 +85,27 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert [p["label"] for p in preds[:12]] == [names[i] for i in want.argmax(-1).tolist()]
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
 
-    # rerunning the finished run does nothing and says so
-    r = run_cli("finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--no-progress",
-                f"run.dir={run}", "finetune.epochs=3", "train.global_batch_size=16", "train.micro_batch_size=8")  # fmt: skip
+    # rerunning the finished run does nothing and says so (on any number of ranks)...
+    def rerun(model: Path = teacher, train: Path = train, *extra: str) -> subprocess.CompletedProcess:
+        return run_cli("finetune", str(model), "--train", str(train), "--eval", str(evaluate), "--no-progress",
+                       f"run.dir={run}", "finetune.epochs=3", "optim.lr=2e-3", "train.global_batch_size=16",
+                       "train.micro_batch_size=8", *extra)  # fmt: skip
+
+    r = rerun()
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
+    # ...but a run folder started from another model, other data or other settings is refused
+    state = run / "finetune_state.json"
+    earlier = teacher / "checkpoints/step_00000025"  # the teacher run's checkpoint before its last
+    r = rerun(earlier)
+    assert r.returncode == 2 and f"{state}: field 'model_sha256' differs: the model {earlier}" in r.stderr
+    changed = tmp_path / "train.jsonl"
+    changed.write_text(train.read_text() + train.read_text().splitlines()[0] + "\n")
+    r = rerun(teacher, changed)
+    assert r.returncode == 2 and f"field 'train_file_sha256' differs: the file {changed}" in r.stderr
+    r = rerun(teacher, train, "optim.lr=1e-3")
+    assert r.returncode == 2 and f"config key 'optim.lr' is 0.001 but the run in {run} was started with 0.002" in r.stderr
+    r = rerun(teacher, train, "finetune.epochs=4")  # unfinished now, so resuming: 1 rank cannot load 2 ranks' shards
+    assert r.returncode == 2 and "field 'world' differs: 1 rank(s) is not what the run" in r.stderr
 
 
 def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teacher_run, task, tmp_path) -> None:

@@ -91,6 +91,19 @@ def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision
     assert sums[0] / sums[2] == pytest.approx(logged, abs=1e-4 if precision == "fp32" else 0.05)
 
 
+def test_one_rank_at_zero_0_skips_the_all_reduce_and_learns_the_same(dataset, tmp_path) -> None:
+    """One rank at ZeRO 0 turns DeepSpeed's gradient all-reduce off (nothing to average): its
+    fp32 losses must match a one-rank ZeRO 1 run, whose optimizer reduces the gradients itself."""
+    curves = {}
+    for zero in (0, 1):
+        run = tmp_path / f"zero{zero}"
+        ok(pretrain(dataset, run, "--nproc", "1", f"train.zero_stage={zero}", "train.precision=fp32", "optim.lr=3e-3",
+                    "eval.every=0"))  # fmt: skip
+        curves[zero] = list(losses(run).values())
+    assert len(curves[0]) == 20 and np.mean(curves[0][-5:]) < np.mean(curves[0][:5]) - 0.3, curves[0]
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
     """20 uninterrupted steps in fp32 (ZeRO 2), the run the resumed ones must reproduce."""
