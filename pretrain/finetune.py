@@ -295,11 +295,12 @@ def metrics(confusion: torch.Tensor) -> tuple[float, float]:
 # ---- the run ------------------------------------------------------------------------------------
 
 
-# Keys a resumed fine-tuning run must share with the run in its folder (train.max_steps and
-# optim.warmup_steps are derived from finetune.epochs and the data)
+# Keys a resumed fine-tuning run must share with the run in its folder. Not compared: the paths of
+# the model and files (their checksums are: a rerun from another folder is the same run) and
+# optim.warmup_steps (derived from finetune.epochs and the data, as train.max_steps is)
 FIXED_KEYS = ("finetune.", "model.", "optim.", "train.precision", "train.zero_stage", "train.global_batch_size",
               "train.micro_batch_size", "train.seed")  # fmt: skip
-DERIVED_KEYS = ("optim.warmup_steps",)
+UNCOMPARED_KEYS = ("optim.warmup_steps", "finetune.model", "finetune.train_file", "finetune.eval_file")
 
 
 def _model_identity(source: Path) -> str:
@@ -323,7 +324,7 @@ def inputs(cfg: FinetuneConfig, world: int) -> dict:
         "train_file_sha256": tokenizers.sha256(sec.train_file),
         "eval_file_sha256": tokenizers.sha256(sec.eval_file),
         "world": world,
-        "config": {k: v for k, v in flat.items() if k.startswith(FIXED_KEYS) and not k.startswith(DERIVED_KEYS)},
+        "config": {k: v for k, v in flat.items() if k.startswith(FIXED_KEYS) and k not in UNCOMPARED_KEYS},
     }
 
 
