@@ -89,7 +89,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=REPO / "exports/demo")
     ap.add_argument("--student", type=Path, default=REPO / "exports/demo-student")
-    ap.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs of each encoder (default 6: all three converge)")
+    ap.add_argument(
+        "--epochs", type=int, default=6, help="fine-tuning epochs of each encoder (default 6: all three converge)"
+    )
     ap.add_argument("--work", type=Path, default=REPO / "runs/bench-finetune")
     ap.add_argument("--json", type=Path, help="also append the figures as a JSON line to this file (make bench)")
     args = ap.parse_args()

@@ -315,7 +315,9 @@ class Decoder(nn.Linear):
     ):
         if target is None:
             return F.linear(hidden, self.weight, bias)
-        return _LinearCrossEntropy.apply(hidden, self.weight, bias, target, self.chunk, hidden.shape[0] if rows is None else rows)
+        return _LinearCrossEntropy.apply(
+            hidden, self.weight, bias, target, self.chunk, hidden.shape[0] if rows is None else rows
+        )
 
 
 class LMPredictionHead(nn.Module):

@@ -107,7 +107,9 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     r = rerun(teacher, moved)
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
     r = rerun(teacher, train, "optim.lr=1e-3")
-    assert r.returncode == 2 and f"config key 'optim.lr' is 0.001 but the run in {run} was started with 0.002" in r.stderr
+    assert (
+        r.returncode == 2 and f"config key 'optim.lr' is 0.001 but the run in {run} was started with 0.002" in r.stderr
+    )
     r = rerun(teacher, train, "finetune.epochs=4")  # unfinished now, so resuming: 1 rank cannot load 2 ranks' shards
     assert r.returncode == 2 and "field 'world' differs: 1 rank(s) is not what the run" in r.stderr
 
