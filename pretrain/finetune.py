@@ -224,9 +224,19 @@ def encode(sp, rows: Rows, max_length: int) -> tuple[list[list[int]], list[list[
     return ids_out, types_out, truncated
 
 
-def collate(ids: list[list[int]], types: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad to the longest row: ``(input_ids, attention_mask, token_type_ids)``."""
-    n = max(len(x) for x in ids)
+LENGTH_BUCKET = 16
+"""Batches are padded to a multiple of this many tokens (see :func:`collate`)."""
+
+
+def collate(
+    ids: list[list[int]], types: list[list[int]], limit: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad to the longest row, rounded up to a multiple of :data:`LENGTH_BUCKET` (at most
+    ``limit``): ``(input_ids, attention_mask, token_type_ids)``. Rounded, a run sees a few batch
+    shapes rather than one per length: oneDNN (bf16 matrix products on CPUs) compiles and keeps
+    a kernel per shape, which costs time and memory at every new one."""
+    longest = max(len(x) for x in ids)
+    n = max(longest, min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, limit))
     out = torch.full((len(ids), n), tokenizers.PAD_ID, dtype=torch.long)
     seg = torch.zeros((len(ids), n), dtype=torch.long)
     mask = torch.zeros((len(ids), n), dtype=torch.long)
@@ -477,7 +487,7 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
             batch = order[step * g : (step + 1) * g]
             for k in range(accum):
                 idx = batch[(k * world + rank) * micro : (k * world + rank + 1) * micro].tolist()
-                ids, mask, types = collate([tr_ids[i] for i in idx], [tr_types[i] for i in idx])
+                ids, mask, types = collate([tr_ids[i] for i in idx], [tr_types[i] for i in idx], max_length)
                 loss, _ = eng(ids.to(device), mask.to(device), types.to(device), tr_y[idx].to(device))
                 eng.backward(loss)
                 eng.step()
@@ -487,7 +497,7 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
                 total, count = window.tolist()
                 logger.log(global_step, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
                 window.zero_()
-        figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device)
+        figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device, max_length)
         figures["epoch"] = epoch
         history.append(figures)
         is_best = best is None or _better(figures, best, sec.task)
@@ -517,8 +527,9 @@ def _better(a: dict, b: dict, task: Task) -> bool:
     return (a["f1"], a["accuracy"]) > (b["f1"], b["accuracy"])
 
 
-def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device) -> dict:  # noqa: ANN001
-    """Loss, and accuracy and macro-F1 (classification), over every rank's share of the eval rows."""
+def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device, limit) -> dict:  # noqa: ANN001
+    """Loss, and accuracy and macro-F1 (classification), over every rank's share of the eval rows
+    (batches padded to at most ``limit`` tokens)."""
     import torch.distributed as dist
 
     eng.eval()
@@ -528,7 +539,7 @@ def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device) -> dict
     with torch.no_grad():
         for start in range(0, len(mine), micro):
             idx = mine[start : start + micro]
-            x, mask, seg = collate([ids[i] for i in idx], [types[i] for i in idx])
+            x, mask, seg = collate([ids[i] for i in idx], [types[i] for i in idx], limit)
             loss, logits = eng(x.to(device), mask.to(device), seg.to(device), y[idx].to(device))
             sums[0] += loss.double() * len(idx)
             sums[1] += len(idx)
@@ -620,11 +631,12 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
         if pair:
             rows.pairs.append(str(rec[pair]))
         rows.lines.append(n)
-    ids, types, cut = encode(tokenizers.load(tok), rows, min(max_length, model.config.max_position))
+    limit = min(max_length, model.config.max_position)
+    ids, types, cut = encode(tokenizers.load(tok), rows, limit)
     regression = hf.get("problem_type") == "regression"
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            x, mask, seg = collate(ids[start : start + batch_size], types[start : start + batch_size])
+            x, mask, seg = collate(ids[start : start + batch_size], types[start : start + batch_size], limit)
             logits = model(x, mask, seg)
             for line, row in zip(rows.lines[start : start + batch_size], logits):
                 if regression:

@@ -70,7 +70,8 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     from data_prep import tokenizer as tokenizers
 
     ids, types, _ = encode(tokenizers.load(tok), Rows([x["text"] for x in rows], None, [], [], Counter()), 128)
-    x, mask, seg = collate(ids, types)
+    x, mask, seg = collate(ids, types, 128)
+    assert x.shape[1] % 16 == 0 and (mask.sum(1) == torch.tensor([len(r) for r in ids])).all()
     with torch.no_grad():
         want = ours(x, mask, seg)
         got = hf(input_ids=x, attention_mask=mask, token_type_ids=seg).logits
