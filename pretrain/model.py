@@ -257,7 +257,8 @@ class PredictionHeadTransform(nn.Module):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``target``, and the number of
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``target`` over the first
+    ``rows`` rows (the rest are bucket padding: no loss, no gradient), and the number of those
     rows whose target has the top logit. The softmax runs over row chunks small enough to stay
     in cache, in fp32 whatever the parameters' dtype; its gradient (softmax minus one-hot) is
     taken in the same pass, so the ``(rows, vocab)`` logits are never kept in fp32 and the
@@ -265,7 +266,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, chunk, rows):  # noqa: ANN001, ANN205
-        # rows: the first ``rows`` rows are real; the rest (bucket padding) get no loss and no gradient
         grads = any(ctx.needs_input_grad[:3])
         logits = hidden @ weight.t()  # (rows, vocab) in the parameters' dtype; the bias is added per chunk
         bias32 = bias.float()
