@@ -4,7 +4,7 @@
 
 On the labelled task of ``data_prep.labelled.stdlib_packages`` (which standard-library package a
 docstring comes from; 8 packages) it fine-tunes, the same way (``configs/finetune/default.yaml``,
-``--epochs``, one rank, bf16): the teacher, the student, and a randomly initialised model of the
+``--epochs``, one rank, precision auto): the teacher, the student, and a randomly initialised model of the
 teacher's shape (``finetune.from_scratch=true``), and trains a bag-of-words logistic regression
 (unigram counts over the same SentencePiece pieces, tf-idf weighted, AdamW, the best of its
 epochs on the eval file) as the baseline beside them. It prints each one's best eval accuracy and

@@ -12,7 +12,8 @@ vocabulary 32768 by default) and the same masked batches it times, alternately i
   under ``torch.autocast`` for bf16, forward + backward + step;
 
 and prints tokens/s of each and the ratio, per precision, plus our MFU against the bf16 and
-fp32 matrix-product peaks it measures here, between the timed rounds like the rates. Model
+fp32 matrix-product peaks it measures here, between the timed rounds like the rates (on a CPU
+without AVX512-BF16 or AMX, fp32 alone unless ``--precision bf16`` asks: bf16 is emulated). Model
 FLOPs count the vocabulary projection at the masked positions only
 (``pretrain.model.flops_per_token``).
 
@@ -48,7 +49,7 @@ import torch  # noqa: E402
 from benchmarks.common import record  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.env import free_port  # noqa: E402
-from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.config import PretrainConfig, cpu_has_bf16  # noqa: E402
 from pretrain.masking import MaskingConfig, mask_batch  # noqa: E402
 from pretrain.metrics import measure_peak_tflops  # noqa: E402
 from pretrain.model import BertForMaskedLM, flops_per_token  # noqa: E402
@@ -166,8 +167,9 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=10, help="steps per timed pass")
     ap.add_argument("--rounds", type=int, default=3, help="alternating passes of each (the median is reported)")
-    ap.add_argument("--precision", nargs="*", default=["bf16", "fp32"], choices=["bf16", "fp32"],
-                    help="precisions to compare (none: skip the speed comparison)")  # fmt: skip
+    ap.add_argument("--precision", nargs="*", choices=["bf16", "fp32"],
+                    help="precisions to compare (none: skip the speed comparison; default: bf16 and fp32, or fp32 "
+                         "alone on a CPU without AVX512-BF16 or AMX, where bf16 is emulated, ~100x slower)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="our model under torch.compile (train.compile=true)")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards for the reader measurement")
     ap.add_argument("--memory", action="store_true", help="also peak memory per rank, ZeRO 0 vs 2 (2 ranks)")
@@ -175,8 +177,13 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    native = ["bf16", "fp32"] if device.type == "cuda" or cpu_has_bf16() else ["fp32"]
+    if args.precision is None:
+        args.precision = native
+    dtypes = {p: {"bf16": torch.bfloat16, "fp32": torch.float32}[p] for p in native}
     print(f"device {device}, {torch.get_num_threads()} threads")
+    if "bf16" not in native:
+        print("bf16: not measured by default: this CPU has neither AVX512-BF16 nor AMX (bf16 products are emulated)")
     ours_rate = {}
     for precision in args.precision:
         overrides = [f"model.vocab_size={args.vocab}", f"train.micro_batch_size={args.micro_batch}",
@@ -192,7 +199,7 @@ def main() -> None:
                 step(ids, labels)
         # The matmul peaks are measured inside the rounds too, so that the MFU's denominator
         # saw the same machine (a shared CPU's speed drifts by 2x over minutes)
-        times, peak_runs = {"ours": [], "hf": []}, {"bf16": [], "fp32": []}
+        times, peak_runs = {"ours": [], "hf": []}, {p: [] for p in dtypes}
         for _ in range(args.rounds):
             times["ours"].append(timed(ours.step, data, device))
             times["hf"].append(timed(hf.step, data, device))
@@ -207,12 +214,14 @@ def main() -> None:
         print(
             f"{precision}: ours {rate['ours']:,.0f} tok/s (ZeRO {cfg.train.zero_stage}"
             f"{', compiled' if args.compile else ''}) | Hugging Face {rate['hf']:,.0f} tok/s | "
-            f"ratio {rate['ours'] / rate['hf']:.2f}x | our MFU {mfu['bf16']:.1%} of the bf16 peak "
-            f"({peaks['bf16']:.3f} TFLOP/s), {mfu['fp32']:.1%} of the fp32 peak ({peaks['fp32']:.3f} TFLOP/s), "
-            f"{flops / 1e6:.1f} MFLOP/token; peaks: the median of {args.rounds} measurements between the rounds"
+            f"ratio {rate['ours'] / rate['hf']:.2f}x | our MFU "
+            + ", ".join(f"{mfu[p]:.1%} of the {p} peak ({peaks[p]:.3f} TFLOP/s)" for p in peaks)
+            + f", {flops / 1e6:.1f} MFLOP/token; peaks: the median of {args.rounds} measurements between the rounds"
         )
+        peak = peaks.get(precision) or measure_peak_tflops(device, torch.bfloat16)  # an emulated bf16, asked for
         record(args.json, bench="train", preset=args.preset, precision=precision, device=str(device),
-               ours_tok_s=rate["ours"], hf_tok_s=rate["hf"], mfu=mfu[precision], peak_tflops=peaks[precision])  # fmt: skip
+               ours_tok_s=rate["ours"], hf_tok_s=rate["hf"], mfu=rate["ours"] * flops / (peak * 1e12),
+               peak_tflops=peak)  # fmt: skip
         del ours, hf  # the process group stays: the next engine joins it
 
     if args.data.is_dir():

@@ -430,7 +430,9 @@ def _run_submit(ns: argparse.Namespace) -> int:
     from pretrain.distill import DistillConfig, check_teacher
 
     cfg = load_config(DistillConfig if ns.stage == "distill" else PretrainConfig, config, overrides)
-    resolve(cfg, res.nodes * res.tasks())  # the config, data and run folder, checked here, before the queue
+    # the config, data and run folder, checked here, before the queue; the precision (auto, or one the
+    # nodes may lack) is resolved and checked by each rank on its node
+    resolve(cfg, res.nodes * res.tasks(), here=False)
     if ns.stage == "distill":
         check_teacher(cfg)  # the tokenizer and vocabulary only: each rank loads the weights
         overrides = [*overrides, f"distill.teacher={Path(cfg.distill.teacher).resolve()}"]

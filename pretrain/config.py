@@ -21,8 +21,9 @@ from pretrain.model import ModelConfig
 
 
 class Precision(Enum):
-    """Training number formats."""
+    """Training number formats; ``auto`` is resolved by :func:`resolve_precision` before training."""
 
+    auto = "auto"
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
@@ -64,9 +65,11 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to run."""
 
-    precision: Precision = Precision.bf16
-    """bf16 (the default on GPUs and on CPUs with AVX512-BF16), fp16 with dynamic loss scaling
-    (older GPUs), or fp32."""
+    precision: Precision = Precision.auto
+    """bf16, fp16 with dynamic loss scaling (older GPUs), fp32, or auto: what this machine runs
+    natively (bf16 on GPUs that have it and on CPUs with AVX512-BF16 or AMX, fp16 on older GPUs,
+    fp32 on other CPUs, where bf16 matrix products are emulated, up to 100x slower). The resolved
+    format is what the run folder's config records and what a resume must match."""
 
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (and
@@ -195,6 +198,57 @@ def accumulation_steps(train: TrainConfig, world: int) -> int:
             f"'train.micro_batch_size' ({train.micro_batch_size}) x ranks ({world})"
         )
     return train.global_batch_size // per_step
+
+
+def native_precision() -> tuple[Precision, str]:
+    """The fastest format this machine's hardware runs natively, and why (the device a rank
+    uses: the GPU where CUDA is available, else the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return Precision.bf16, f"{torch.cuda.get_device_name()} has bf16"
+        return Precision.fp16, f"{torch.cuda.get_device_name()} has no bf16"
+    if cpu_has_bf16():
+        return Precision.bf16, "this CPU has AVX512-BF16 or AMX"
+    return Precision.fp32, "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # an older torch: oneDNN's own test (true on any AVX512 CPU)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(train: TrainConfig) -> None:
+    """Replace ``train.precision: auto`` by :func:`native_precision`'s format; refuse fp16 where
+    the device has none (DeepSpeed would fail on every rank with a traceback)."""
+    import torch
+
+    if train.precision is Precision.auto:
+        train.precision = native_precision()[0]
+    elif train.precision is Precision.fp16 and not torch.cuda.is_available():
+        if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            raise UserError(
+                "config key 'train.precision': fp16 is not supported on this CPU (DeepSpeed refuses it): "
+                "use auto, bf16 or fp32"
+            )
+
+
+def precision_warning(precision: Precision) -> str | None:
+    """A line for the run's console when ``precision`` runs emulated on this machine, else None."""
+    import torch
+
+    if precision is Precision.bf16 and not torch.cuda.is_available() and not cpu_has_bf16():
+        return (
+            "warning: config key 'train.precision' is bf16, but this CPU has neither AVX512-BF16 nor AMX: "
+            "its bf16 matrix products are emulated, up to 100x slower than fp32 (train.precision=auto picks fp32)"
+        )
+    return None
 
 
 def deepspeed_config(cfg: PretrainConfig, world: int) -> dict:

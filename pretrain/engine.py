@@ -27,7 +27,7 @@ import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrain.config import OptimConfig, PretrainConfig, Schedule, deepspeed_config  # noqa: E402
+from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury ours
 deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -90,6 +90,8 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.device):
     """The DeepSpeed engine around ``model``, with AdamW and the warmup/decay schedule."""
+    if cfg.train.precision is Precision.auto:
+        raise ValueError("train.precision is still auto: resolve it first (pretrain.config.resolve_precision)")
     model.bert.encoder.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         model.compile()

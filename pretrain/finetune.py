@@ -30,7 +30,7 @@ from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from launch.config import leaves, to_dict
 from pretrain import checkpoint as ckpt
-from pretrain.config import PretrainConfig, TrainConfig
+from pretrain.config import PretrainConfig, TrainConfig, precision_warning, resolve_precision
 from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -396,6 +396,7 @@ def check(cfg: FinetuneConfig, world: int = 1) -> None:
             raise UserError(f"{sec.train_file}: one label only ({names[0]!r}); classification needs two or more")
         known = {name: i for i, name in enumerate(names)}
     read_rows(Path(sec.eval_file), sec, known)
+    resolve_precision(cfg.train)
     _check_resume(cfg, world)
 
 
@@ -474,6 +475,8 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
     say(f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
         f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
         + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}")  # fmt: skip
+    if warning := precision_warning(cfg.train.precision):
+        say(warning)
     best = state["best"] if state else None
     history = state["history"] if state else []
     micro = cfg.train.micro_batch_size

@@ -35,7 +35,14 @@ from data_prep import tokenizer as tokenizers
 from data_prep.errors import RunError, UserError
 from launch.config import leaves, to_dict, to_yaml
 from pretrain import checkpoint as ckpt
-from pretrain.config import Precision, PretrainConfig, accumulation_steps, deepspeed_config
+from pretrain.config import (
+    Precision,
+    PretrainConfig,
+    accumulation_steps,
+    deepspeed_config,
+    precision_warning,
+    resolve_precision,
+)
 from pretrain.data import ShardStream, build_loader
 from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
 
@@ -58,12 +65,16 @@ FIXED_KEYS = (
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
 
 
-def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str | None]:
-    """Check the config against the dataset and the run folder; fill in what the manifest decides.
+def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[PretrainConfig, dict, str | None]:
+    """Check the config against the dataset and the run folder; fill in what the manifest decides,
+    and (``here``: this machine is the one that trains) the precision ``auto`` stands for.
 
     Returns ``(cfg, manifest, latest checkpoint tag or None)``. Raises :class:`UserError` naming the
-    key, file or field at fault.
+    key, file or field at fault. ``here=False`` (``bertforge submit``, on a login node) leaves the
+    precision to each rank, which checks it again on its own node.
     """
+    if here:
+        resolve_precision(cfg.train)
     if not cfg.data.path:
         raise UserError("config key 'data.path' is empty: give the folder bertforge prep wrote (data.path=DIR)")
     folder = Path(cfg.data.path)
@@ -119,6 +130,8 @@ def resolve(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, dict, str 
             )
         mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])  # (cfg filled in from the manifest)
         for key, value in mine.items():
+            if key == "train.precision" and value == Precision.auto.value:
+                continue  # resolved and compared by each rank, on the machine that trains
             if key.startswith(FIXED_KEYS) and theirs.get(key) != value:
                 raise UserError(
                     f"config key '{key}' is {value!r} but the run in {run_dir} was started with "
@@ -273,6 +286,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         f"peak {peak.item():.2f} TFLOP/s; run folder {run_dir}"
         + (f"; resuming from {latest} (step {step})" if latest else "")
     )
+    if warning := precision_warning(cfg.train.precision):
+        say(warning)
 
     def evaluate() -> dict[str, float]:
         eng.eval()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
+from pretrain.config import cpu_has_bf16, native_precision
 from tests.conftest import REPO, run_cli, run_prep
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
@@ -66,6 +67,8 @@ def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision
                  "optim.lr=3e-3", "checkpoint.every=30")  # fmt: skip
     ok(r)
     assert f"ZeRO {zero}, {precision}" in r.stdout
+    emulated = precision == "bf16" and not cpu_has_bf16()  # said once, by rank 0
+    assert r.stdout.count("this CPU has neither AVX512-BF16 nor AMX: its bf16 matrix products are emulated") == emulated
     curve = list(losses(run).values())
     assert len(curve) == 30 and all(math.isfinite(x) for x in curve)
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5, curve
@@ -182,9 +185,17 @@ def test_event_file_holds_the_tags_and_hyperparameters(reference) -> None:
     assert max(lr) == pytest.approx(1e-3) and lr[-1] == 0.0  # warmup to the peak, linear decay to 0
 
 
-def test_fp16_logs_its_loss_scale(dataset, tmp_path) -> None:
+def test_fp16_logs_its_loss_scale_or_is_refused_where_the_cpu_has_none(dataset, tmp_path) -> None:
     run = tmp_path / "run"
-    ok(pretrain(dataset, run, "train.precision=fp16", "train.max_steps=4", "train.zero_stage=1"))
+    r = pretrain(dataset, run, "train.precision=fp16", "train.max_steps=4", "train.zero_stage=1")
+    if not torch.ops.mkldnn._is_mkldnn_fp16_supported():  # DeepSpeed's own test on a CPU
+        assert r.returncode == 2 and "rank" not in r.stdout, r.stderr[-2000:]
+        assert r.stderr.strip() == (
+            "bertforge: error: config key 'train.precision': fp16 is not supported on this CPU "
+            "(DeepSpeed refuses it): use auto, bf16 or fp32"
+        )
+        return
+    ok(r)
     last = metrics(run)[-1]
     assert last["train/loss_scale"] > 1 and math.isfinite(last["train/loss"])
 
@@ -193,6 +204,9 @@ def test_a_non_finite_loss_is_skipped_and_counted(dataset, tmp_path) -> None:
     run = tmp_path / "run"
     r = pretrain(dataset, run, "train.max_steps=6", env={"BERTFORGE_FAULT": "nan@3"})
     ok(r)
+    # the preset's precision is auto: the format this machine runs natively, recorded in the run folder
+    native = native_precision()[0].value
+    assert f"ZeRO 2, {native};" in r.stdout and f"precision: {native}" in (run / "config.yaml").read_text()
     assert "step 3: non-finite loss on some rank; micro-batch 3 skipped (1 in a row)" in r.stdout
     bad = {m["step"]: m["train/bad_steps"] for m in metrics(run) if "train/bad_steps" in m}
     assert bad == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}

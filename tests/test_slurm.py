@@ -39,7 +39,7 @@ def dataset(train_data) -> Path:
 
 def submit(dataset: Path, run: Path, logs: Path, *extra: str) -> str:
     r = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={run}", f"train.max_steps={STEPS}",
-                "log.every=10", "eval.every=0", "checkpoint.every=1000", "train.zero_stage=2", "train.precision=bf16",
+                "log.every=10", "eval.every=0", "checkpoint.every=1000", "train.zero_stage=2", "train.precision=auto",
                 "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "60",
                 "--log-dir", str(logs), *extra)  # fmt: skip
     assert r.returncode == 0, r.stderr
