@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,13 @@ import torch
 
 if not torch.cuda.is_available():  # say so, rather than let DeepSpeed warn that it guessed
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU shared-memory collective op at the first start (a minute on 2
+# cores) with whichever ninja the PATH finds first. The ninja installed beside this Python (a
+# DeepSpeed dependency) and a system one record build commands differently, so each switch
+# between callers with other PATHs rebuilt the op: always use this environment's.
+_BIN = os.path.dirname(sys.executable)
+if os.path.isfile(os.path.join(_BIN, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 import deepspeed  # noqa: E402
