@@ -168,12 +168,20 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
         from pretrain.distill import DistillConfig, build_student, check_teacher
 
         cfg = load_config(DistillConfig, config, overrides)
-        resolve(cfg, world)  # the data first: the teacher is checked against its manifest
+        _, _, latest = resolve(cfg, world)  # the data first: the teacher is checked against its manifest
         check_teacher(cfg)  # the tokenizer and vocabulary only: each rank loads the weights
         build = build_student
     else:
         cfg = load_config(PretrainConfig, config, overrides)
-        resolve(cfg, world)  # every check before a rank starts
+        _, _, latest = resolve(cfg, world)  # every check before a rank starts
+    if latest is not None and ranks.launcher == "none":
+        from pretrain import checkpoint as ckpt
+        from pretrain.trainer import already_complete
+
+        step = ckpt.read_state(Path(cfg.run.dir), latest)["step"]
+        if step >= cfg.train.max_steps:  # nothing to do: no rank need start (and load DeepSpeed) to say so
+            print(already_complete(Path(cfg.run.dir), step, cfg.train.max_steps))
+            return 0
     progress = not ns.no_progress and sys.stderr.isatty()
     if ranks.launcher == "none" and nproc > 1:
         return local.run([ns.command, *ns.args, *(["--no-progress"] if not progress else [])], nproc)

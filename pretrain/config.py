@@ -200,18 +200,14 @@ def accumulation_steps(train: TrainConfig, world: int) -> int:
     return train.global_batch_size // per_step
 
 
-def native_precision() -> tuple[Precision, str]:
-    """The fastest format this machine's hardware runs natively, and why (the device a rank
-    uses: the GPU where CUDA is available, else the CPU)."""
+def native_precision() -> Precision:
+    """The fastest format the hardware of a rank here runs natively: bf16 on a GPU that has it,
+    else fp16; on a CPU, bf16 with AVX512-BF16 or AMX, else fp32."""
     import torch
 
     if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return Precision.bf16, f"{torch.cuda.get_device_name()} has bf16"
-        return Precision.fp16, f"{torch.cuda.get_device_name()} has no bf16"
-    if cpu_has_bf16():
-        return Precision.bf16, "this CPU has AVX512-BF16 or AMX"
-    return Precision.fp32, "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated"
+        return Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
+    return Precision.bf16 if cpu_has_bf16() else Precision.fp32
 
 
 def cpu_has_bf16() -> bool:
@@ -230,7 +226,7 @@ def resolve_precision(train: TrainConfig) -> None:
     import torch
 
     if train.precision is Precision.auto:
-        train.precision = native_precision()[0]
+        train.precision = native_precision()
     elif train.precision is Precision.fp16 and not torch.cuda.is_available():
         if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
             raise UserError(

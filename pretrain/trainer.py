@@ -140,6 +140,11 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
     return cfg, man, latest
 
 
+def already_complete(run_dir: Path, step: int, max_steps: int) -> str:
+    """What a rerun of a finished run says (the launcher says it without starting a rank)."""
+    return f"{run_dir}: already complete at step {step} (train.max_steps={max_steps})"
+
+
 @dataclass
 class Result:
     """How a rank's run ended: the step reached, and whether a signal (or ``train.exit_at_step``)
@@ -253,7 +258,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         state = ckpt.read_state(run_dir, latest)
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
     if step >= cfg.train.max_steps:
-        say(f"{run_dir}: already complete at step {step} (train.max_steps={cfg.train.max_steps})")
+        say(already_complete(run_dir, step, cfg.train.max_steps))
         dist.destroy_process_group()
         return Result(step, cfg.train.max_steps)
 

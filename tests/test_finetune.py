@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_prep.errors import UserError
 from data_prep.labelled import stdlib_packages
-from pretrain.finetune import FinetuneSection, Rows, encode, label_names, metrics
-from tests.conftest import run_cli
+from launch.config import load_config
+from pretrain.finetune import FinetuneConfig, FinetuneSection, Rows, check, encode, label_names, metrics
+from tests.conftest import REPO, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +135,27 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
         "empty.jsonl": (['{"text": "  ", "label": "email"}'], ":1: field 'text' is empty"),
         "broken.jsonl": (lines[:3] + ["{not json"], ":4: not JSON"),
     }
-    for name, (content, message) in cases.items():
+
+    def refused(eval_file: Path) -> str:
+        """The launcher's checks in this process (each CLI start costs seconds of imports)."""
+        cfg = load_config(FinetuneConfig, REPO / "configs/finetune/default.yaml", [
+            f"finetune.model={teacher}", f"finetune.train_file={train}", f"finetune.eval_file={eval_file}",
+            f"run.dir={tmp_path / 'run'}", "finetune.epochs=1"])  # fmt: skip
+        with pytest.raises(UserError) as err:
+            check(cfg)
+        return str(err.value)
+
+    for n, (name, (content, message)) in enumerate(cases.items()):
         bad = tmp_path / name
         bad.write_text("\n".join(content) + "\n")
-        r = finetune(bad)
-        assert r.returncode == 2 and f"{bad}{message}" in r.stderr, (name, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = finetune(tmp_path / "absent.jsonl")
-    assert r.returncode == 2 and f"{tmp_path / 'absent.jsonl'}: cannot read it" in r.stderr
-    r = finetune(tmp_path / "rows.parquet")
-    assert r.returncode == 2 and "unknown format '.parquet'" in r.stderr
+        if n == 0:  # as a user meets it: one line, exit 2
+            r = finetune(bad)
+            assert r.returncode == 2 and f"{bad}{message}" in r.stderr, (name, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        else:
+            assert f"{bad}{message}" in refused(bad), name
+    assert f"{tmp_path / 'absent.jsonl'}: cannot read it" in refused(tmp_path / "absent.jsonl")
+    assert "unknown format '.parquet'" in refused(tmp_path / "rows.parquet")
     no_tok = tmp_path / "export"
     assert run_cli("export", str(teacher), "--output", str(no_tok)).returncode == 0
     (no_tok / "spm.model").unlink()

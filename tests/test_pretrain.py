@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from data_prep.errors import UserError
 from pretrain import checkpoint as ckpt
 from pretrain.config import cpu_has_bf16, native_precision
 from tests.conftest import REPO, run_cli, run_prep
@@ -133,7 +134,7 @@ def test_stop_and_resume_gives_the_same_losses(dataset, reference, tmp_path) -> 
     # a finished run says so and does nothing
     r = pretrain(dataset, run, "train.precision=fp32")
     ok(r)
-    assert "already complete at step 20" in r.stdout
+    assert "already complete at step 20" in r.stdout and "rank(s)" not in r.stdout  # said by the launcher
 
 
 def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_losses(dataset, reference, tmp_path) -> None:
@@ -206,7 +207,7 @@ def test_a_non_finite_loss_is_skipped_and_counted(dataset, tmp_path) -> None:
     r = pretrain(dataset, run, "train.max_steps=6", env={"BERTFORGE_FAULT": "nan@3"})
     ok(r)
     # the preset's precision is auto: the format this machine runs natively, recorded in the run folder
-    native = native_precision()[0].value
+    native = native_precision().value
     assert f"ZeRO 2, {native};" in r.stdout and f"precision: {native}" in (run / "config.yaml").read_text()
     assert "step 3: non-finite loss on some rank; micro-batch 3 skipped (1 in a row)" in r.stdout
     bad = {m["step"]: m["train/bad_steps"] for m in metrics(run) if "train/bad_steps" in m}
@@ -253,6 +254,7 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
     dataset, reference, corpus, sp_model, tmp_path
 ) -> None:
     def fails(*overrides: str, run: Path = tmp_path / "new") -> str:
+        """The CLI as a user meets it: one line, exit 2, no rank started."""
         r = run_cli("pretrain", TINY, "--nproc", "2", f"data.path={dataset}", f"run.dir={run}", *overrides)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
@@ -260,15 +262,25 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
         assert "rank" not in r.stdout  # refused by the launcher: no rank started
         return lines[0]
 
+    def refused(*overrides: str, run: Path = tmp_path / "new") -> str:
+        """The same checks in this process (each CLI start costs seconds of imports)."""
+        from launch.config import load_config
+        from pretrain.config import PretrainConfig
+        from pretrain.trainer import resolve
+
+        with pytest.raises(UserError) as err:
+            resolve(load_config(PretrainConfig, TINY, [f"data.path={dataset}", f"run.dir={run}", *overrides]), 2)
+        return str(err.value)
+
     assert "field 'tokenizer.vocab_size' is 1000 but the config expects 999" in fails("model.vocab_size=999")
-    assert "field 'seq_len' is 64 but the config expects 128" in fails("data.seq_len=128")
-    assert "field 'tokenizer.sha256'" in fails("data.tokenizer_sha256=abc")
+    assert "field 'seq_len' is 64 but the config expects 128" in refused("data.seq_len=128")
+    assert "field 'tokenizer.sha256'" in refused("data.tokenizer_sha256=abc")
     assert "config key 'train.learning_rate'" in fails("train.learning_rate=1")
-    assert "config key 'train.zero_stage'" in fails("train.zero_stage=two")
-    assert "config key 'train.zero_stage': 4 is not 0, 1, 2 or 3" in fails("train.zero_stage=4")
-    assert "config key 'train.global_batch_size' (20)" in fails("train.global_batch_size=20")
-    assert "no such dataset folder (config key 'data.path')" in fails(f"data.path={tmp_path / 'nope'}")
-    assert "config key 'model.max_position' (32)" in fails("model.max_position=32")
+    assert "config key 'train.zero_stage'" in refused("train.zero_stage=two")
+    assert "config key 'train.zero_stage': 4 is not 0, 1, 2 or 3" in refused("train.zero_stage=4")
+    assert "config key 'train.global_batch_size' (20)" in refused("train.global_batch_size=20")
+    assert "no such dataset folder (config key 'data.path')" in refused(f"data.path={tmp_path / 'nope'}")
+    assert "config key 'model.max_position' (32)" in refused("model.max_position=32")
     # resuming a run with other data (same tokenizer and seq_len), another rank count or another model shape
     other = tmp_path / "other"
     root, _ = corpus
@@ -276,7 +288,7 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
                  "shard_size=48KB", "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "field 'manifest_sha256' differs" in fails(f"data.path={other}", "train.precision=fp32", run=reference)
-    assert "config key 'model.hidden_size' is 32" in fails(
+    assert "config key 'model.hidden_size' is 32" in refused(
         "model.hidden_size=32", "train.precision=fp32", run=reference
     )
     r = run_cli("pretrain", TINY, "--nproc", "1", f"data.path={dataset}", f"run.dir={reference}", "train.precision=fp32",

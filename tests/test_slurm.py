@@ -128,20 +128,27 @@ def test_a_job_out_of_time_outs_stops_with_a_clear_message(dataset, tmp_path) ->
     assert f"{job}  FAILED" in run_cli("jobs", "--log-dir", str(logs)).stdout
 
 
-def test_bad_options_are_refused_before_submitting(dataset, tmp_path) -> None:
+def test_bad_options_are_refused_before_submitting(dataset, tmp_path, capsys) -> None:
+    from launch.cli import main
+
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    for args, message in [
+    for n, (args, message) in enumerate([
         (["--nodes", "0"], "--nodes 0: must be at least 1"),
         (["--partition", "nosuch"], "--partition 'nosuch': no such partition (this cluster has debug)"),
         (["--time", "soon"], "--time 'soon': expected HH:MM:SS"),
         (["--nodes", "3", "train.global_batch_size=24"], "--nodes 3: partition 'debug' has 2 node(s)"),
         (["--mem", "100000T"], "sbatch refused the job"),  # what only sbatch knows
         (["train.zero_stage=7"], "config key 'train.zero_stage': 7 is not 0, 1, 2 or 3"),
-    ]:
-        r = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={tmp_path / 'run'}",
-                    "--log-dir", str(tmp_path / "logs"), *args)  # fmt: skip
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+    ]):  # fmt: skip
+        argv = ["submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={tmp_path / 'run'}",
+                "--log-dir", str(tmp_path / "logs"), *args]  # fmt: skip
+        if n == 0 or args[0] == "--mem":  # as a user meets it, in a fresh process (sbatch's own stderr included)
+            r = run_cli(*argv)
+            code, err = r.returncode, r.stderr
+        else:  # the same entry point in this process (each CLI start costs seconds of imports)
+            code, err = main(argv), capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     assert set(after.split()) <= set(before.split()) and not (tmp_path / "logs" / "jobs.jsonl").exists()
 
