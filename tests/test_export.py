@@ -94,6 +94,27 @@ def test_onnx_matches_pytorch_at_other_shapes(trained, exported) -> None:
         np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
 
 
+def test_the_gathered_zero3_fp32_weights_give_the_trainers_own_eval_loss(trained) -> None:
+    """ZeRO 3 shards the parameters themselves: gathered back into one fp32 model, on the val
+    batches the trainer evaluated (2 per rank, its masking seed), they give its logged loss."""
+    from pretrain.data import ShardStream
+    from pretrain.export import load_checkpoint
+    from pretrain.masking import MaskingConfig
+
+    data, run = trained
+    model = load_checkpoint(run)[0].eval()
+    sums = np.zeros(3)
+    with torch.no_grad():
+        for rank in range(2):
+            it = iter(ShardStream(data, "val", rank, 2, 0, 8, 0, MaskingConfig(), model.config.vocab_size))
+            for _ in range(2):
+                ids, labels = next(it)
+                loss, correct, count = model.forward_loss(ids, labels)
+                sums += [loss.item() * count.item(), correct.item(), count.item()]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["eval/loss"]
+    assert sums[0] / sums[2] == pytest.approx(logged, abs=1e-4)
+
+
 def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, exported) -> None:
     data, run = trained
     r = run_cli("eval", str(run), str(exported), "--data", str(data), "--batches", "4", "--batch-size", "8")

@@ -60,9 +60,9 @@ def ok(r: subprocess.CompletedProcess) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
 
-# fp32 at ZeRO 1 and 2 train in other tests (the exact-resume reference is ZeRO 2, the one-rank
-# comparison ZeRO 1); here fp32 gets the stage whose consolidation gathers the parameters too
-@pytest.mark.parametrize(("zero", "precision"), [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (3, "fp32")])
+# fp32 trains at every stage in other tests (the exact-resume reference at ZeRO 2, the one-rank
+# comparison at 0 and 1, the export run at 3, whose gathered weights must give its eval loss to 1e-4)
+@pytest.mark.parametrize(("zero", "precision"), [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16")])
 def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision) -> None:
     run = tmp_path / "run"
     r = pretrain(dataset, run, f"train.zero_stage={zero}", f"train.precision={precision}", "train.max_steps=30",
@@ -92,8 +92,8 @@ def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision
                 loss, correct, count = model.forward_loss(ids, labels)
                 sums += [loss.item() * count.item(), correct.item(), count.item()]
     logged = metrics(run)[-1]["eval/loss"]
-    # fp32 training: the same numbers; bf16: the engine evaluated with bf16 weights
-    assert sums[0] / sums[2] == pytest.approx(logged, abs=1e-4 if precision == "fp32" else 0.05)
+    # the engine evaluated with bf16 weights (fp32 to 1e-4: test_export)
+    assert sums[0] / sums[2] == pytest.approx(logged, abs=0.05)
 
 
 def test_one_rank_at_zero_0_skips_the_all_reduce_and_learns_the_same(dataset, tmp_path) -> None:
