@@ -16,20 +16,17 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from pretrain.config import cpu_has_bf16
+
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """Matrix-product TFLOP/s of this process on ``device`` in ``dtype`` (the MFU denominator).
 
-    Products of 4096 squared on a GPU, 1024 on a CPU; 256 where a first small product shows the
-    format emulated (bf16 on a CPU without AVX512-BF16 or AMX: a 1024 product takes seconds)."""
+    Products of 4096 squared on a GPU, 1024 on a CPU; 256 for bf16 on a CPU without AVX512-BF16
+    or AMX, where it is emulated and a 1024 product takes seconds."""
     n = 4096 if device.type == "cuda" else 1024
-    if device.type == "cpu":
-        a = torch.randn(256, 256, dtype=dtype)
-        a @ a
-        start = time.perf_counter()
-        a @ a
-        if (time.perf_counter() - start) * (n / 256) ** 3 > 0.05:
-            n = 256
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+        n = 256
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
 
