@@ -8,6 +8,7 @@ code 2, before any work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -549,5 +550,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``bertforge`` console script (and ``python -m launch.cli``, how ranks start): :func:`main`,
+    then, when it succeeded or refused its input, an immediate exit.
+
+    By then every command has written, flushed and closed what it makes. The interpreter's own
+    teardown (freeing torch's, DeepSpeed's and inductor's modules object by object) would add 1 to
+    2.5 s on 2 cores to each command and to each rank of every run, and do nothing else. A run
+    that failed midway (exit 1) or was interrupted exits the ordinary way, which also waits for
+    any worker process still stopping.
+    """
+    code = main()
+    if code not in (0, 2):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

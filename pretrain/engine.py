@@ -9,6 +9,7 @@ save/load and its ZeRO-shard consolidation.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import math
@@ -22,10 +23,10 @@ import torch
 
 if not torch.cuda.is_available():  # say so, rather than let DeepSpeed warn that it guessed
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# DeepSpeed compiles its CPU shared-memory collective op at the first start (a minute on 2
-# cores) with whichever ninja the PATH finds first. The ninja installed beside this Python (a
-# DeepSpeed dependency) and a system one record build commands differently, so each switch
-# between callers with other PATHs rebuilt the op: always use this environment's.
+# DeepSpeed JIT-compiles its ops (FusedAdam on CUDA) with whichever ninja the PATH finds first.
+# The ninja installed beside this Python (a DeepSpeed dependency) and a system one record build
+# commands differently, so each switch between callers with other PATHs rebuilt the op (minutes):
+# always use this environment's.
 _BIN = os.path.dirname(sys.executable)
 if os.path.isfile(os.path.join(_BIN, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
@@ -45,6 +46,11 @@ def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
     """Join the process group that the environment describes (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) and return this rank's device."""
     acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce for its inference path
+        # (a minute on 2 cores at the first start on a machine, a ninja check at every start).
+        # Training never calls it: its collectives go through gloo. Not built, it is not used.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(
         dist_backend=acc.communication_backend_name(),
         auto_mpi_discovery=False,

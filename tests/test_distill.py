@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from pretrain.distill import DistillSection, Student, init_from, teacher_layers
@@ -37,29 +38,27 @@ def test_the_student_starts_from_every_other_teacher_layer() -> None:
     assert not any(p is q for p in narrow.parameters() for q in teacher.parameters())  # the teacher is not trained
 
 
-def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, tmp_path) -> None:
+# the student run of the tests below (fp32 and a checkpoint midway: the exact-resume reference too)
+STUDENT = ["--nproc", "2", "--no-progress", "train.max_steps=30", "log.every=1", "eval.every=30", "eval.batches=2",
+           "optim.lr=3e-3", "distill.init_from_teacher=false", "train.precision=fp32", "checkpoint.every=15"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def student(teacher_run, tmp_path_factory) -> tuple[Path, str]:
+    """30 steps of the tiny student, from scratch (a clear fall), on 2 ranks."""
+    data, teacher = teacher_run
+    run = tmp_path_factory.mktemp("student") / "run"
+    r = run_cli("distill", DISTILL, f"data.path={data}", f"run.dir={run}", f"distill.teacher={teacher}", *STUDENT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run, r.stdout
+
+
+def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, student, tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data, teacher = teacher_run
-    run = tmp_path / "student"
-    r = run_cli(
-        "distill",
-        DISTILL,
-        "--nproc",
-        "2",
-        "--no-progress",
-        f"data.path={data}",
-        f"run.dir={run}",
-        f"distill.teacher={teacher}",
-        "train.max_steps=30",
-        "log.every=1",
-        "eval.every=30",
-        "eval.batches=2",
-        "optim.lr=3e-3",
-        "distill.init_from_teacher=false",
-    )  # fmt: skip  (from scratch: a clear fall)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "model 0." in r.stdout and "(L1 H64 A2)" in r.stdout
+    run, stdout = student
+    assert "model 0." in stdout and "(L1 H64 A2)" in stdout
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     total = [m["train/loss"] for m in lines]
     assert sum(total[-5:]) / 5 < sum(total[:5]) / 5, total
@@ -104,18 +103,14 @@ def test_a_teacher_with_another_tokenizer_is_refused(teacher_run, corpus, tmp_pa
     assert r.returncode == 2 and "config key 'distill.teacher'" in r.stderr
 
 
-def test_distillation_resumes_exactly(teacher_run, tmp_path) -> None:
+def test_distillation_resumes_exactly(teacher_run, student, tmp_path) -> None:
     data, teacher = teacher_run
-    common = ["--nproc", "2", "--no-progress", f"data.path={data}", f"distill.teacher={teacher}", "train.max_steps=8",
-              "log.every=1", "eval.every=0", "train.precision=fp32", "checkpoint.every=4"]  # fmt: skip
-
-    def losses(run: Path) -> dict[int, float]:
-        return {m["step"]: m["train/loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert run_cli("distill", DISTILL, f"run.dir={whole}", *common).returncode == 0
-    r = run_cli("distill", DISTILL, f"run.dir={split}", "train.exit_at_step=4", *common)
-    assert r.returncode == 0 and "stopped at step 4 of 8" in r.stdout, r.stderr[-2000:]
-    r = run_cli("distill", DISTILL, f"run.dir={split}", *common)
-    assert r.returncode == 0 and "resuming from step_00000004" in r.stdout, r.stderr[-2000:]
-    assert losses(split) == losses(whole) and len(losses(whole)) == 8  # the teacher's outputs are the same too
+    whole, _ = student
+    split = tmp_path / "split"
+    common = [f"data.path={data}", f"run.dir={split}", f"distill.teacher={teacher}", *STUDENT]
+    r = run_cli("distill", DISTILL, "train.exit_at_step=15", *common)
+    assert r.returncode == 0 and "stopped at step 15 of 30" in r.stdout, r.stderr[-2000:]
+    r = run_cli("distill", DISTILL, *common)
+    assert r.returncode == 0 and "resuming from step_00000015" in r.stdout, r.stderr[-2000:]
+    losses = {run: [m["train/loss"] for m in read_metrics(run) if "train/loss" in m] for run in (whole, split)}
+    assert losses[split] == losses[whole] and len(losses[whole]) == 30  # the teacher's outputs are the same too

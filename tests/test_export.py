@@ -131,21 +131,26 @@ def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, expo
 
 
 def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained, tmp_path) -> None:
+    from data_prep.errors import UserError
+    from pretrain.export import export
+
     _, run = trained
 
-    def refused(*args: str) -> str:
-        r = run_cli("export", *args)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
-        return lines[0]
+    def refused(source: Path, output: Path, formats: str = "hf") -> str:
+        """export's checks in this process (each CLI start costs seconds of imports)."""
+        with pytest.raises(UserError) as err:
+            export(source, output, formats.split(","))
+        return str(err.value)
 
-    assert "no such run or checkpoint folder" in refused(str(tmp_path / "nope"), "--output", str(tmp_path / "o1"))
+    r = run_cli("export", str(tmp_path / "nope"), "--output", str(tmp_path / "o1"))  # as a user meets it
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "no such run or checkpoint folder" in r.stderr
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    assert "exists and is not empty" in refused(str(run), "--output", str(busy))
+    assert "exists and is not empty" in refused(run, busy)
     assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
-    assert "--format tflite" in refused(str(run), "--output", str(tmp_path / "o2"), "--format", "hf,tflite")
+    assert "--format tflite" in refused(run, tmp_path / "o2", "hf,tflite")
     # a checkpoint whose save did not finish, and one whose weights file is damaged
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -153,10 +158,10 @@ def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained,
     partial = copy / "checkpoints/step_00000020"
     shutil.copytree(step, partial)
     (partial / "trainer_state.json").unlink()
-    assert "a partial checkpoint" in refused(str(partial), "--output", str(tmp_path / "o3"))
+    assert "a partial checkpoint" in refused(partial, tmp_path / "o3")
     for f in step.glob("*model_states.pt"):
         f.write_bytes(f.read_bytes()[:100])
-    assert "cannot read the checkpoint" in refused(str(copy), "--output", str(tmp_path / "o4"))
+    assert "cannot read the checkpoint" in refused(copy, tmp_path / "o4")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     assert json.loads((step / "trainer_state.json").read_text())["step"] == 10
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -89,32 +88,38 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
 
     # rerunning the finished run does nothing and says so (on any number of ranks)...
-    def rerun(model: Path = teacher, train: Path = train, *extra: str) -> subprocess.CompletedProcess:
-        return run_cli("finetune", str(model), "--train", str(train), "--eval", str(evaluate), "--no-progress",
-                       f"run.dir={run}", "finetune.epochs=3", "optim.lr=2e-3", "train.global_batch_size=16",
-                       "train.micro_batch_size=8", *extra)  # fmt: skip
-
-    r = rerun()
+    common = ["finetune.epochs=3", "optim.lr=2e-3", "train.global_batch_size=16", "train.micro_batch_size=8"]
+    r = run_cli("finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--no-progress",
+                f"run.dir={run}", *common)  # fmt: skip
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
+
+    def checked(model: Path, train: Path, *extra: str, world: int = 1) -> None:
+        """The launcher's checks in this process (each CLI start costs seconds of imports)."""
+        cfg = load_config(FinetuneConfig, REPO / "configs/finetune/default.yaml", [
+            f"finetune.model={model}", f"finetune.train_file={train}", f"finetune.eval_file={evaluate}",
+            f"run.dir={run}", *common, *extra])  # fmt: skip
+        check(cfg, world)
+
+    def refused(model: Path, train: Path, *extra: str) -> str:
+        with pytest.raises(UserError) as err:
+            checked(model, train, *extra)
+        return str(err.value)
+
     # ...but a run folder started from another model, other data or other settings is refused
     state = run / "finetune_state.json"
     earlier = teacher / "checkpoints/step_00000025"  # the teacher run's checkpoint before its last
-    r = rerun(earlier)
-    assert r.returncode == 2 and f"{state}: field 'model_sha256' differs: the model {earlier}" in r.stderr
+    assert f"{state}: field 'model_sha256' differs: the model {earlier}" in refused(earlier, train)
     changed = tmp_path / "train.jsonl"
     changed.write_text(train.read_text() + train.read_text().splitlines()[0] + "\n")
-    r = rerun(teacher, changed)
-    assert r.returncode == 2 and f"field 'train_file_sha256' differs: the file {changed}" in r.stderr
+    assert f"field 'train_file_sha256' differs: the file {changed}" in refused(teacher, changed)
     moved = tmp_path / "moved.jsonl"  # the same rows under another name: the same run
     moved.write_text(train.read_text())
-    r = rerun(teacher, moved)
-    assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
-    r = rerun(teacher, train, "optim.lr=1e-3")
-    assert (
-        r.returncode == 2 and f"config key 'optim.lr' is 0.001 but the run in {run} was started with 0.002" in r.stderr
+    checked(teacher, moved)
+    assert f"config key 'optim.lr' is 0.001 but the run in {run} was started with 0.002" in refused(
+        teacher, train, "optim.lr=1e-3"
     )
-    r = rerun(teacher, train, "finetune.epochs=4")  # unfinished now, so resuming: 1 rank cannot load 2 ranks' shards
-    assert r.returncode == 2 and "field 'world' differs: 1 rank(s) is not what the run" in r.stderr
+    # unfinished now, so resuming: 1 rank cannot load 2 ranks' shards
+    assert "field 'world' differs: 1 rank(s) is not what the run" in refused(teacher, train, "finetune.epochs=4")
 
 
 def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teacher_run, task, tmp_path) -> None:
