@@ -83,12 +83,18 @@ def main() -> None:
     print(
         f"baseline (same shape, no teacher): accuracy {b['accuracy']:.3f} = {b['accuracy'] / t['accuracy']:.1%} of the teacher's"
     )
+    floor = t["baseline_accuracy"]
+    trained = t["accuracy"] > 2 * floor  # the demo's test: a teacher near the floor has nothing to pass on
     goals = [
-        ("retained accuracy >= 97%", s["accuracy"] / t["accuracy"] >= 0.97),
+        ("retained accuracy >= 97%", None if not trained else s["accuracy"] / t["accuracy"] >= 0.97),
         ("speedup >= 1.8x", t["ms_per_batch"] / s["ms_per_batch"] >= 1.8),
         ("parameters >= 40% fewer", s["parameters"] <= 0.6 * t["parameters"]),
     ]
-    print("goals: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in goals))
+    verdict = {True: "met", False: "NOT met", None: "not judged (teacher not clearly above the floor)"}
+    print("goals: " + ", ".join(f"{name}: {verdict[ok]}" for name, ok in goals))
+    if not trained:
+        print(f"the teacher's accuracy {t['accuracy']:.3f} is not twice the most-frequent-token floor {floor:.3f}: "
+              "train longer (--steps) before reading the retained accuracy")  # fmt: skip
     record(args.json, bench="distill", steps=args.steps, batch=args.batch, student=shape, teacher_acc=t["accuracy"],
            student_acc=s["accuracy"], scratch_acc=b["accuracy"], floor_acc=t["baseline_accuracy"],
            teacher_ms=t["ms_per_batch"], student_ms=s["ms_per_batch"], teacher_params=t["parameters"],

@@ -557,15 +557,27 @@ def run() -> None:
     By then every command has written, flushed and closed what it makes. The interpreter's own
     teardown (freeing torch's, DeepSpeed's and inductor's modules object by object) would add 1 to
     2.5 s on 2 cores to each command and to each rank of every run, and do nothing else. A run
-    that failed midway (exit 1) or was interrupted exits the ordinary way, which also waits for
-    any worker process still stopping.
+    that failed midway (exit 1), was interrupted, or still has a worker process or thread alive
+    exits the ordinary way, which waits for them.
     """
     code = main()
-    if code not in (0, 2):
+    if code not in (0, 2) or _still_running():
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _still_running() -> bool:
+    """Whether a worker process or a non-daemon thread is still alive (prep's pool after a refusal
+    midway, say): those need the ordinary exit, which waits for them to stop. An immediate exit
+    would leave them orphaned, holding the caller's output pipes open."""
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return True
+    mp = sys.modules.get("multiprocessing")
+    return mp is not None and bool(mp.active_children())
 
 
 if __name__ == "__main__":
