@@ -93,12 +93,12 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
                 f"run.dir={run}", *common)  # fmt: skip
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
 
-    def checked(model: Path, train: Path, *extra: str, world: int = 1) -> None:
+    def checked(model: Path, train: Path, *extra: str) -> None:
         """The launcher's checks in this process (each CLI start costs seconds of imports)."""
         cfg = load_config(FinetuneConfig, REPO / "configs/finetune/default.yaml", [
             f"finetune.model={model}", f"finetune.train_file={train}", f"finetune.eval_file={evaluate}",
             f"run.dir={run}", *common, *extra])  # fmt: skip
-        check(cfg, world)
+        check(cfg)  # one rank
 
     def refused(model: Path, train: Path, *extra: str) -> str:
         with pytest.raises(UserError) as err:
