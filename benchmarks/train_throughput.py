@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from benchmarks.common import record  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.env import free_port  # noqa: E402
-from pretrain.config import PretrainConfig, cpu_has_bf16  # noqa: E402
+from pretrain.config import Precision, PretrainConfig, native_precision  # noqa: E402
 from pretrain.masking import MaskingConfig, mask_batch  # noqa: E402
 from pretrain.metrics import measure_peak_tflops  # noqa: E402
 from pretrain.model import BertForMaskedLM, flops_per_token  # noqa: E402
@@ -177,13 +177,13 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    native = ["bf16", "fp32"] if device.type == "cuda" or cpu_has_bf16() else ["fp32"]
+    native = ["bf16", "fp32"] if native_precision() is Precision.bf16 else ["fp32"]
     if args.precision is None:
         args.precision = native
     dtypes = {p: {"bf16": torch.bfloat16, "fp32": torch.float32}[p] for p in native}
     print(f"device {device}, {torch.get_num_threads()} threads")
     if "bf16" not in native:
-        print("bf16: not measured by default: this CPU has neither AVX512-BF16 nor AMX (bf16 products are emulated)")
+        print("bf16: not measured by default: not native here (a CPU without AVX512-BF16 or AMX emulates it)")
     ours_rate = {}
     for precision in args.precision:
         overrides = [f"model.vocab_size={args.vocab}", f"train.micro_batch_size={args.micro_batch}",

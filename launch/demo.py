@@ -84,14 +84,14 @@ def run(nproc: int = 2) -> int:
     _export(t_run, t_out, "hf,onnx")
     _export(s_run, s_out, "hf")
 
-    from pretrain.evaluate import evaluate, fill_mask, table
+    from pretrain.evaluate import clearly_above_floor, evaluate, fill_mask, table
     from pretrain.report import report
 
     print(f"\n$ bertforge eval {t_out} {s_out} --data {teacher.data.path}")
     rows = [evaluate(m, Path(teacher.data.path)) for m in (t_out, s_out)]
     print(table(rows))
     floor, acc = rows[0]["baseline_accuracy"], rows[0]["accuracy"]
-    verdict = "clearly above" if acc > 2 * floor else "NOT clearly above"
+    verdict = "clearly above" if clearly_above_floor(rows[0]) else "NOT clearly above"
     print(f"teacher val MLM accuracy {acc:.3f} vs most-frequent-token {floor:.3f}: {verdict} the floor")
     for text in EXAMPLES:
         print(f'\n$ bertforge fill-mask {t_out} "{text}"')

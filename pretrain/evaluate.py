@@ -70,6 +70,12 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
     }
 
 
+def clearly_above_floor(row: dict) -> bool:
+    """Whether a model's accuracy (an :func:`evaluate` row) is at least twice the most-frequent-token
+    floor: below that it has learned too little to judge it, or to distil it, by."""
+    return row["accuracy"] > 2 * row["baseline_accuracy"]
+
+
 def table(rows: list[dict]) -> str:
     """Side by side; with two models, the second against the first (a student against its teacher)."""
     head = (

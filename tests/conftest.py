@@ -29,6 +29,17 @@ def run_prep(*args: str, **kw) -> subprocess.CompletedProcess:
     return run_cli("prep", "--no-progress", *args, **kw)
 
 
+def refusal(fn, *args, **kw) -> str:  # noqa: ANN001
+    """The message of the UserError that ``fn(*args, **kw)`` raises: a command's checks run in this
+    process, since each CLI start costs seconds of imports (each test keeps one CLI case for the
+    one-line, exit-2 contract)."""
+    from data_prep.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        fn(*args, **kw)
+    return str(err.value)
+
+
 def heavy_imports(modules: str, heavy: set[str]) -> list[str]:
     """Which of ``heavy`` a fresh interpreter has loaded after importing ``modules``."""
     code = (

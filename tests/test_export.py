@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, refusal, run_cli
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
 
@@ -131,16 +131,12 @@ def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, expo
 
 
 def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained, tmp_path) -> None:
-    from data_prep.errors import UserError
     from pretrain.export import export
 
     _, run = trained
 
     def refused(source: Path, output: Path, formats: str = "hf") -> str:
-        """export's checks in this process (each CLI start costs seconds of imports)."""
-        with pytest.raises(UserError) as err:
-            export(source, output, formats.split(","))
-        return str(err.value)
+        return refusal(export, source, output, formats.split(","))
 
     r = run_cli("export", str(tmp_path / "nope"), "--output", str(tmp_path / "o1"))  # as a user meets it
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]

@@ -11,11 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.errors import UserError
 from data_prep.labelled import stdlib_packages
 from launch.config import load_config
 from pretrain.finetune import FinetuneConfig, FinetuneSection, Rows, check, encode, label_names, metrics
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, refusal, run_cli
+
+
+def config(model: Path, train: Path, eval_file: Path, run: Path, *overrides: str) -> FinetuneConfig:
+    """What ``bertforge finetune MODEL --train TRAIN --eval EVAL run.dir=RUN OVERRIDES`` loads."""
+    return load_config(FinetuneConfig, REPO / "configs/finetune/default.yaml", [
+        f"finetune.model={model}", f"finetune.train_file={train}", f"finetune.eval_file={eval_file}", f"run.dir={run}",
+        *overrides])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +99,8 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
                 f"run.dir={run}", *common)  # fmt: skip
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr[-2000:]
 
-    def checked(model: Path, train: Path, *extra: str) -> None:
-        """The launcher's checks in this process (each CLI start costs seconds of imports)."""
-        cfg = load_config(FinetuneConfig, REPO / "configs/finetune/default.yaml", [
-            f"finetune.model={model}", f"finetune.train_file={train}", f"finetune.eval_file={evaluate}",
-            f"run.dir={run}", *common, *extra])  # fmt: skip
-        check(cfg)  # one rank
-
     def refused(model: Path, train: Path, *extra: str) -> str:
-        with pytest.raises(UserError) as err:
-            checked(model, train, *extra)
-        return str(err.value)
+        return refusal(check, config(model, train, evaluate, run, *common, *extra))  # at one rank
 
     # ...but a run folder started from another model, other data or other settings is refused
     state = run / "finetune_state.json"
@@ -114,7 +111,7 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert f"field 'train_file_sha256' differs: the file {changed}" in refused(teacher, changed)
     moved = tmp_path / "moved.jsonl"  # the same rows under another name: the same run
     moved.write_text(train.read_text())
-    checked(teacher, moved)
+    check(config(teacher, moved, evaluate, run, *common))
     assert f"config key 'optim.lr' is 0.001 but the run in {run} was started with 0.002" in refused(
         teacher, train, "optim.lr=1e-3"
     )
@@ -142,13 +139,7 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
     }
 
     def refused(eval_file: Path, model: Path = teacher) -> str:
-        """The launcher's checks in this process (each CLI start costs seconds of imports)."""
-        cfg = load_config(FinetuneConfig, REPO / "configs/finetune/default.yaml", [
-            f"finetune.model={model}", f"finetune.train_file={train}", f"finetune.eval_file={eval_file}",
-            f"run.dir={tmp_path / 'run'}", "finetune.epochs=1"])  # fmt: skip
-        with pytest.raises(UserError) as err:
-            check(cfg)
-        return str(err.value)
+        return refusal(check, config(model, train, eval_file, tmp_path / "run", "finetune.epochs=1"))
 
     for n, (name, (content, message)) in enumerate(cases.items()):
         bad = tmp_path / name
