@@ -58,7 +58,7 @@ def table(records: list[dict]) -> str:
         rows.append((f"peak memory per rank, {r['preset']}, ZeRO 2, GB", f"{r['zero2_gb']:.3f}",
                      f"ZeRO 0: {r['zero0_gb']:.3f}", f"{r['zero2_gb'] / r['zero0_gb']:.2f}x"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "distill"):
-        rows.append((f"student val MLM accuracy ({r['steps']} steps)", f"{r['student_acc']:.3f}",
+        rows.append((f"student val MLM accuracy ({r.get('student_steps', r['steps'])} steps)", f"{r['student_acc']:.3f}",
                      f"teacher: {r['teacher_acc']:.3f}", f"{r['student_acc'] / r['teacher_acc']:.1%}"))  # fmt: skip
         rows.append(("  same shape from scratch", f"{r['scratch_acc']:.3f}", f"most frequent token: {r['floor_acc']:.3f}",
                      ""))  # fmt: skip
@@ -93,8 +93,8 @@ def main() -> None:
              results=results)  # fmt: skip
         _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
         steps = 20 if quick else args.distill_steps
-        _run("distill_quality.py", "--steps", str(steps), "--batch", "32",
-             "--work", str(REPO / f"runs/bench-distill-{steps}"), results=results)  # fmt: skip
+        _run("distill_quality.py", "--steps", str(steps), "--work", str(REPO / f"runs/bench-distill-{steps}"),
+             results=results)  # fmt: skip
         if (REPO / "exports/demo/config.json").is_file():
             _run("finetune_quality.py", "--epochs", "1" if quick else "6", results=results)
         else:
