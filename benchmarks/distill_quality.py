@@ -10,7 +10,8 @@ teacher's ``--steps``), then runs
 ``bertforge eval`` on all three (val split, fixed masks, batched CPU inference) and prints the
 table: parameters, size, accuracy, latency; and the student's retained accuracy and speedup.
 Goals (issue 5): at least 97% of the teacher's accuracy, at least 1.8x faster, at least 40% fewer
-parameters. Runs go under ``--work`` (default ``runs/bench-distill``); a finished run is reused.
+parameters. Runs go under ``--work`` (default ``runs/bench-distill-STEPS``, one folder per teacher
+length); a finished run is reused.
 
 The student is 2 x 192 by default. With the corpus's vocabulary of 8,192, the embeddings are 40%
 of ``mini``, so a student of the teacher's width (``--student-hidden 256``: DistilBERT's recipe,
@@ -55,9 +56,10 @@ def main() -> None:
                     help="the student's width (heads of 64, FFN 4x); 256 is the teacher's: DistilBERT's recipe, "
                          "started from teacher layers, but with this vocabulary not 40%% smaller")  # fmt: skip
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards (make demo writes these)")
-    ap.add_argument("--work", type=Path, default=REPO / "runs/bench-distill")
+    ap.add_argument("--work", type=Path, help="run folders (default: runs/bench-distill-STEPS)")
     ap.add_argument("--json", type=Path, help="also append the figures as a JSON line to this file (make bench)")
     args = ap.parse_args()
+    args.work = args.work or REPO / f"runs/bench-distill-{args.steps}"
     if not (args.data / "manifest.json").is_file():
         cli("prep", str(REPO / "configs/prep/python-docs.yaml"), f"output={args.data}", "--no-progress")
 

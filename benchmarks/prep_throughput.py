@@ -18,15 +18,21 @@ at least 0.9). Beside it, raw encoding in ``workers`` processes at once shows wh
 give together (on a shared machine, often less than ``workers`` times one), and prep's share
 of that (vs xW) is what the pipeline itself loses. It also prints the peak RSS (sampled every 20 ms) of the prep process and of
 its largest worker for each scale: memory must stay flat as the corpus grows. Timings on a shared machine are
-noisy; the ratio, measured side by side, is the figure to compare.
+noisy; the ratio, measured side by side, is the figure to compare. Last, it runs prep once in
+this process under cProfile (one worker, the first scale's single file) and prints each stage's
+share of the time: the encode's share is what one process can give of the raw rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import io
 import json
 import multiprocessing as mp
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -43,7 +49,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import record  # noqa: E402
 from data_prep import builtin, tokenizer  # noqa: E402
-from data_prep.config import TokenizerConfig  # noqa: E402
+from data_prep.config import PrepConfig, TokenizerConfig  # noqa: E402
+from data_prep.prep import prep  # noqa: E402
 
 _RUN_PREP = """
 import json, sys, time
@@ -65,6 +72,51 @@ def raw_encode_mb_s(sp: spm.SentencePieceProcessor, docs: list[str]) -> float:
     for i in range(0, len(docs), 512):
         sp.encode(docs[i : i + 512], num_threads=1)
     return size / 1e6 / (time.perf_counter() - t0)
+
+
+# Where a one-process prep spends its time, by the project module that does the work: a function
+# elsewhere (a regex split, a numpy call, tarfile) counts for the module that called it.
+STAGES = (
+    ("encode (sentencepiece)", ("sentencepiece/",)),
+    ("parse: decode, split documents", ("data_prep/corpus.py",)),
+    ("ids to arrays, [SEP], train/val", ("data_prep/encode.py",)),
+    ("pack, tar, sha256, fsync", ("data_prep/shards.py",)),
+    ("units, setup, the rest", ("data_prep/", "launch/")),
+)
+
+
+def breakdown(corpus: Path, model: Path, out: Path) -> dict[str, float]:
+    """Run prep in this process with one worker under cProfile; each stage's share of the time."""
+    cfg = PrepConfig(input=[str(corpus)], output=str(out), workers=1, tokenizer=TokenizerConfig(path=str(model)))
+    profile = cProfile.Profile()
+    with contextlib.redirect_stdout(io.StringIO()):  # prep's summary table
+        profile.runcall(prep, cfg, progress=False)
+    shutil.rmtree(out)
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (cc, calls, tottime, cumtime, callers)
+    memo: dict[tuple, dict[str, float]] = {}
+
+    def stages_of(func: tuple, seen: frozenset = frozenset()) -> dict[str, float]:
+        """The stages a function's own time belongs to, as fractions (through its callers)."""
+        if func in memo:
+            return memo[func]
+        stage = next((name for name, keys in STAGES if any(k in func[0] for k in keys)), None)
+        callers = stats[func][4] if func in stats else {}
+        if stage is not None or func in seen or not callers:
+            return {stage or "units, setup, the rest": 1.0}
+        weights = {caller: tt or 1e-12 for caller, (_, _, tt, _) in callers.items()}
+        total, dist = sum(weights.values()), {}
+        for caller, w in weights.items():
+            for name, frac in stages_of(caller, seen | {func}).items():
+                dist[name] = dist.get(name, 0.0) + frac * w / total
+        memo[func] = dist
+        return dist
+
+    shares = {name: 0.0 for name, _ in STAGES}
+    for func, (_, _, tottime, _, _) in stats.items():
+        for name, frac in stages_of(func).items():
+            shares[name] += tottime * frac
+    total = sum(shares.values())
+    return {name: share / total for name, share in shares.items()}
 
 
 _barrier = None
@@ -182,6 +234,13 @@ def main() -> None:
                        rss_main_mb=res["rss_main_mb"], rss_worker_mb=res["rss_worker_mb"])  # fmt: skip
         print("ratio = prep MB/s / (raw single-process MB/s x workers); ceiling 1.0, goal >= 0.9")
         print("raw xW = raw encoding in W processes at once; vs xW = prep MB/s / raw xW")
+        # where the rest goes: while the encode runs at the raw rate, its share of one process's
+        # time is also the most that process can give of the raw rate
+        shares = breakdown(tmp / f"corpus{args.scale[0]}.txt", model, tmp / "out-profile")
+        print(f"one process, {args.scale[0]}x corpus, 1 file, share of the time by stage (cProfile):")
+        for name, share in shares.items():
+            print(f"  {name:<34} {share:>6.1%}")
+        record(args.json, bench="prep_stages", scale=args.scale[0], **shares)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,7 @@ def main() -> None:
              results=results)  # fmt: skip
         _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
         steps = 20 if quick else args.distill_steps
-        _run("distill_quality.py", "--steps", str(steps), "--work", str(REPO / f"runs/bench-distill-{steps}"),
-             results=results)  # fmt: skip
+        _run("distill_quality.py", "--steps", str(steps), results=results)
         if (REPO / "exports/demo/config.json").is_file():
             _run("finetune_quality.py", "--epochs", "1" if quick else "6", results=results)
         else:
