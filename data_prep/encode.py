@@ -45,8 +45,9 @@ def encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Account, int]:
     parts = []
     for i in range(0, len(doc.texts), _BATCH):
         ids = _sp.encode(doc.texts[i : i + _BATCH], num_threads=1)  # one core per worker
-        lengths[i : i + len(ids)] = [len(x) for x in ids]
-        parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=_dtype, count=sum(map(len, ids))))
+        counts = [len(x) for x in ids]
+        lengths[i : i + len(ids)] = counts
+        parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=_dtype, count=sum(counts)))
     flat = np.concatenate(parts)
     lasts = np.asarray(doc.lasts)
     # a [SEP] after each document's last piece, then each token routed to its document's split
