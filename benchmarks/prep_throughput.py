@@ -108,7 +108,8 @@ def breakdown(corpus: Path, model: Path, out: Path) -> dict[str, float]:
         for caller, w in weights.items():
             for name, frac in stages_of(caller, seen | {func}).items():
                 dist[name] = dist.get(name, 0.0) + frac * w / total
-        memo[func] = dist
+        if not seen:  # inside a recursion a cycle may have cut the answer short: keep only whole ones
+            memo[func] = dist
         return dist
 
     shares = {name: 0.0 for name, _ in STAGES}
