@@ -1,22 +1,28 @@
 """Distillation quality and speed: a half-depth student against its teacher, side by side.
 
-    python benchmarks/distill_quality.py [--steps 1000] [--student-steps N] [--batch 32] [--student-hidden 192]
+    python benchmarks/distill_quality.py [--steps 3000] [--student-steps 2000] [--batch 32]
+                                         [--student-hidden 192] [--recipe mini-narrow|mini-half] [--seed 0]
 
 Trains a ``mini`` teacher (4 layers x 256) on the embedded corpus's shards with ``bertforge
-pretrain``, distils it with ``bertforge distill`` into a student with half the layers (the
-``mini-half`` recipe: 5 x KD(T=2) + 2 x MLM + 1 x cosine), trains a student of the same shape
-from scratch on plain MLM for the same steps as a baseline (``--student-steps``, by default the
-teacher's ``--steps``), then runs
+pretrain``, distils it with ``bertforge distill`` into a student with half the layers, trains a
+student of the same shape from scratch on plain MLM for the same steps as a baseline, then runs
 ``bertforge eval`` on all three (val split, fixed masks, batched CPU inference) and prints the
 table: parameters, size, accuracy, latency; and the student's retained accuracy and speedup.
 Goals (issue 5): at least 97% of the teacher's accuracy, at least 1.8x faster, at least 40% fewer
 parameters. Runs go under ``--work`` (default ``runs/bench-distill-STEPS``, one folder per teacher
-length); a finished run is reused.
+length); a finished run is reused, so ``--student-steps``, ``--recipe`` or ``--seed`` alone trains
+only the student and its baseline. Training is deterministic on a CPU: a rerun gives the same
+accuracy, so a repeat of the result needs another ``--seed`` (the student's and the baseline's
+initial weights, batch order and masks; the teacher and the val masks stay fixed).
 
 The student is 2 x 192 by default. With the corpus's vocabulary of 8,192, the embeddings are 40%
-of ``mini``, so a student of the teacher's width (``--student-hidden 256``: DistilBERT's recipe,
-started from teacher layers 0 and 2) is only 29% smaller and 1.4x faster; the narrower one starts
-at random and learns the teacher's hidden states through a projection.
+of ``mini``, so a student of the teacher's width (``--student-hidden 256``, started from teacher
+layers 0 and 2) is only 29% smaller and 1.4x faster; the narrower one starts at random and learns
+the teacher's hidden states through a projection. The loss weights come from ``--recipe``, a preset
+in ``configs/distill/``: by default ``mini-narrow`` (KD and MLM weighted equally at T=1) for a
+narrower student and ``mini-half`` (DistilBERT's 5 x KD at T=2, 2 x MLM, 1 x cosine) for one of the
+teacher's width. The defaults take about two hours on a 2-core CPU: the teacher about an hour, the
+student and the baseline half an hour each.
 """
 
 from __future__ import annotations
@@ -47,14 +53,18 @@ def cli(*args: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps for the teacher")
-    ap.add_argument("--student-steps", type=int, help="optimizer steps for the distilled student and the baseline "
-                    "of its shape (default: --steps)")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=3000, help="optimizer steps for the teacher")
+    ap.add_argument("--student-steps", type=int, default=2000,
+                    help="optimizer steps for the distilled student and the baseline of its shape")
     ap.add_argument("--batch", type=int, default=32, help="global batch (sequences)")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per run")
     ap.add_argument("--student-hidden", type=int, default=192,
                     help="the student's width (heads of 64, FFN 4x); 256 is the teacher's: DistilBERT's recipe, "
                          "started from teacher layers, but with this vocabulary not 40%% smaller")  # fmt: skip
+    ap.add_argument("--recipe", choices=sorted(p.stem for p in (REPO / "configs/distill").glob("mini-*.yaml")),
+                    help="the distill preset whose loss weights the student uses (default: mini-half for a student "
+                         "of the teacher's width, mini-narrow for a narrower one)")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed of the student and its baseline")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards (make demo writes these)")
     ap.add_argument("--work", type=Path, help="run folders (default: runs/bench-distill-STEPS)")
     ap.add_argument("--json", type=Path, help="also append the figures as a JSON line to this file (make bench)")
@@ -73,10 +83,13 @@ def main() -> None:
     h = args.student_hidden
     if h % 64:
         raise SystemExit(f"--student-hidden {h}: must be a multiple of 64 (heads of 64)")
-    steps = args.student_steps or args.steps
-    # each student shape and length in its own run folders: a finished run is reused only for its own
-    shape = f"2x{h}" + ("" if steps == args.steps else f"-{steps}steps")
-    teacher, student, scratch = args.work / "teacher", args.work / f"student-{shape}", args.work / f"scratch-{shape}"
+    steps = args.student_steps
+    recipe = args.recipe or ("mini-half" if h == 256 else "mini-narrow")
+    # each student shape, length and recipe in its own run folders: a finished run is reused only for its own
+    shape = f"2x{h}-{steps}steps" + (f"-seed{args.seed}" if args.seed else "")
+    seeds = [f"train.seed={args.seed}", f"data.seed={args.seed}"]
+    teacher, scratch = args.work / "teacher", args.work / f"scratch-{shape}"
+    student = args.work / f"student-{recipe}-{shape}"
     half = [
         "model.num_layers=2",
         f"model.hidden_size={h}",
@@ -85,12 +98,12 @@ def main() -> None:
     ]
     print(f"teacher: mini, {args.steps} steps ...", flush=True)
     cli("pretrain", str(REPO / "configs/pretrain/mini.yaml"), f"run.dir={teacher}", *common(args.steps))
-    print(f"student: distilled, {steps} steps, half the layers (2x{h}" + (", from teacher layers 0 and 2) ..." if h == 256 else
-          ", narrower: random start, hidden states compared through a projection) ..."), flush=True)  # fmt: skip
-    cli("distill", str(REPO / "configs/distill/mini-half.yaml"), f"run.dir={student}", f"distill.teacher={teacher}",
-        *half, *common(steps))  # fmt: skip
+    print(f"student: distilled ({recipe}), {steps} steps, half the layers (2x{h}" + (", from teacher layers 0 and 2) ..."
+          if h == 256 else ", narrower: random start, hidden states compared through a projection) ..."), flush=True)  # fmt: skip
+    cli("distill", str(REPO / f"configs/distill/{recipe}.yaml"), f"run.dir={student}", f"distill.teacher={teacher}",
+        *half, *common(steps), *seeds)  # fmt: skip
     print(f"baseline: the student's shape, plain MLM from scratch, {steps} steps ...", flush=True)
-    cli("pretrain", str(REPO / "configs/pretrain/mini.yaml"), f"run.dir={scratch}", *half, *common(steps))
+    cli("pretrain", str(REPO / "configs/pretrain/mini.yaml"), f"run.dir={scratch}", *half, *common(steps), *seeds)
 
     from pretrain.evaluate import clearly_above_floor, evaluate, table
 
@@ -112,7 +125,7 @@ def main() -> None:
     if not trained:
         print(f"the teacher's accuracy {t['accuracy']:.3f} is not twice the most-frequent-token floor {floor:.3f}: "
               "train longer (--steps) before reading the retained accuracy")  # fmt: skip
-    record(args.json, bench="distill", steps=args.steps, student_steps=steps, batch=args.batch, student=shape, teacher_acc=t["accuracy"],
+    record(args.json, bench="distill", steps=args.steps, student_steps=steps, batch=args.batch, student=shape, recipe=recipe, seed=args.seed, teacher_acc=t["accuracy"],
            student_acc=s["accuracy"], scratch_acc=b["accuracy"], floor_acc=t["baseline_accuracy"],
            teacher_ms=t["ms_per_batch"], student_ms=s["ms_per_batch"], teacher_params=t["parameters"],
            student_params=s["parameters"])  # fmt: skip

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in one command, and one table of their figures.
 
-    python benchmarks/run_all.py [--quick] [--distill-steps 1000]
+    python benchmarks/run_all.py [--quick] [--distill-steps 3000] [--student-steps 2000]
 
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
 SentencePiece encoding), ``train_throughput.py --memory`` (our training step against Hugging
@@ -45,6 +45,13 @@ def table(records: list[dict]) -> str:
         rows.append((f"prep, {r['scale']}x corpus, {r['layout']} ({r['workers']} workers), MB/s",
                      f"{r['prep_mb_s']:.2f}", f"raw encode x {r['workers']}: {r['raw_mb_s'] * r['workers']:.2f}",
                      f"{r['prep_mb_s'] / (r['raw_mb_s'] * r['workers']):.2f}"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "prep_stages"):
+        # the other stages by their first words (prep_throughput.STAGES), the last one as "other"
+        others = [(name, share) for name, share in r.items() if name not in ("bench", "scale", "encode (sentencepiece)")]
+        rest = ", ".join(f"{'other' if i == len(others) - 1 else name.split(',')[0].split(':')[0]} {share:.0%}"
+                         for i, (name, share) in enumerate(others))  # fmt: skip
+        rows.append((f"  prep in one process, {r['scale']}x: share of time in the encode", f"{r['encode (sentencepiece)']:.0%}",
+                     rest, ""))  # fmt: skip
     for r in (r for r in records if r["bench"] == "train"):
         rows.append((f"train step, {r['preset']} {r['precision']} ({r['device']}), tok/s", f"{r['ours_tok_s']:,.0f}",
                      f"HF BertForMaskedLM: {r['hf_tok_s']:,.0f}", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x"))  # fmt: skip
@@ -58,8 +65,9 @@ def table(records: list[dict]) -> str:
         rows.append((f"peak memory per rank, {r['preset']}, ZeRO 2, GB", f"{r['zero2_gb']:.3f}",
                      f"ZeRO 0: {r['zero0_gb']:.3f}", f"{r['zero2_gb'] / r['zero0_gb']:.2f}x"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "distill"):
-        rows.append((f"student val MLM accuracy ({r.get('student_steps', r['steps'])} steps)", f"{r['student_acc']:.3f}",
-                     f"teacher: {r['teacher_acc']:.3f}", f"{r['student_acc'] / r['teacher_acc']:.1%}"))  # fmt: skip
+        rows.append((f"student val MLM accuracy ({r.get('recipe', 'mini-half')}, {r['student_steps']} steps)",
+                     f"{r['student_acc']:.3f}", f"teacher ({r['steps']} steps): {r['teacher_acc']:.3f}",
+                     f"{r['student_acc'] / r['teacher_acc']:.1%}"))  # fmt: skip
         rows.append(("  same shape from scratch", f"{r['scratch_acc']:.3f}", f"most frequent token: {r['floor_acc']:.3f}",
                      ""))  # fmt: skip
         rows.append(("student inference, ms/batch", f"{r['student_ms']:.1f}", f"teacher: {r['teacher_ms']:.1f}",
@@ -80,9 +88,10 @@ def table(records: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small measurements: a smoke run of a few minutes")
-    ap.add_argument("--distill-steps", type=int, default=1000,
-                    help="steps of the distillation benchmark's runs (its teacher leaves the unigram plateau "
-                         "after ~150; the accuracy goal is judged on a teacher clearly above it)")  # fmt: skip
+    ap.add_argument("--distill-steps", type=int, default=3000,
+                    help="the distillation benchmark's teacher steps (it leaves the unigram plateau after ~150; "
+                         "the accuracy goal is judged on a teacher clearly above it)")  # fmt: skip
+    ap.add_argument("--student-steps", type=int, default=2000, help="its student's and baseline's steps")
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,8 +101,8 @@ def main() -> None:
         _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
              results=results)  # fmt: skip
         _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
-        steps = 20 if quick else args.distill_steps
-        _run("distill_quality.py", "--steps", str(steps), results=results)
+        steps, student_steps = (20, 20) if quick else (args.distill_steps, args.student_steps)
+        _run("distill_quality.py", "--steps", str(steps), "--student-steps", str(student_steps), results=results)
         if (REPO / "exports/demo/config.json").is_file():
             _run("finetune_quality.py", "--epochs", "1" if quick else "6", results=results)
         else:

@@ -147,8 +147,9 @@ class LogConfig:
     """Log every this many steps (a loss read is a device sync: not every step)."""
 
     peak_tflops: float = 0.0
-    """Peak matmul TFLOP/s per rank for MFU; 0 measures it at start (a large matrix product in the
-    run's precision on each rank, so on a CPU it is the share of the cores a rank has)."""
+    """Peak matmul TFLOP/s per rank for MFU; 0 measures it at start and again at each evaluation,
+    keeping the best (a large matrix product in the run's precision on each rank, so on a CPU it is
+    the share of the cores a rank has; logged as ``perf/peak_tflops``)."""
 
 
 @dataclass

@@ -27,8 +27,9 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float
     n = 4096 if device.type == "cuda" else 1024
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
         n = 256
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # its own generator: measured again mid-run, it must leave the training RNG (dropout) untouched
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
 
     def sync() -> None:
         if device.type == "cuda":

@@ -58,7 +58,7 @@ def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, student, tm
 
     data, teacher = teacher_run
     run, stdout = student
-    assert "model 0." in stdout and "(L1 H64 A2)" in stdout
+    assert "bertforge distill: 2 rank(s)" in stdout and "model 0." in stdout and "(L1 H64 A2)" in stdout
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     total = [m["train/loss"] for m in lines]
     assert sum(total[-5:]) / 5 < sum(total[:5]) / 5, total

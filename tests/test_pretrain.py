@@ -27,6 +27,7 @@ TAGS = {
     "train/grad_norm",
     "perf/tokens_per_sec",
     "perf/mfu",
+    "perf/peak_tflops",
     "perf/step_time",
     "memory/peak_gb",
     "eval/loss",
@@ -187,6 +188,8 @@ def test_event_file_holds_the_tags_and_hyperparameters(reference) -> None:
     loss = [e.value for e in events.Scalars("train/loss")]
     assert loss == pytest.approx([m["train/loss"] for m in metrics(reference)], rel=1e-6)  # float32 in events
     assert [e.step for e in events.Scalars("eval/loss")] == [10, 20]
+    peaks = [e.value for e in events.Scalars("perf/peak_tflops")]  # measured again at each eval, the best kept
+    assert [e.step for e in events.Scalars("perf/peak_tflops")] == [10, 20] and 0 < peaks[0] <= peaks[1]
     lr = [e.value for e in events.Scalars("train/lr")]
     assert max(lr) == pytest.approx(1e-3) and lr[-1] == 0.0  # warmup to the peak, linear decay to 0
 
