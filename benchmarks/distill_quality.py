@@ -54,8 +54,12 @@ def cli(*args: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3000, help="optimizer steps for the teacher")
-    ap.add_argument("--student-steps", type=int, default=2000,
-                    help="optimizer steps for the distilled student and the baseline of its shape")
+    ap.add_argument(
+        "--student-steps",
+        type=int,
+        default=2000,
+        help="optimizer steps for the distilled student and the baseline of its shape",
+    )
     ap.add_argument("--batch", type=int, default=32, help="global batch (sequences)")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per run")
     ap.add_argument("--student-hidden", type=int, default=192,

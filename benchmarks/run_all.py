@@ -3,9 +3,10 @@
     python benchmarks/run_all.py [--quick] [--distill-steps 3000] [--student-steps 2000]
 
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
-SentencePiece encoding), ``train_throughput.py --memory`` (our training step against Hugging
-Face ``BertForMaskedLM`` at the same shape and precision, with MFU; the shard reader against the
-trainer; memory per rank), ``distill_quality.py`` (a half-depth student against its teacher) and
+SentencePiece encoding, and prep's time by stage in one process), ``train_throughput.py
+--memory`` (our training step against Hugging Face ``BertForMaskedLM`` at the same shape and
+precision, with MFU; the shard reader against the trainer; memory per rank),
+``distill_quality.py`` (a half-depth student against its teacher and its shape from scratch) and
 ``finetune_quality.py`` (teacher, student, random init and bag of words on a labelled task),
 each printing its own detail, then one table: each figure beside its baseline, measured side by
 side in the same run, as a ratio, under a line that describes the machine. On a GPU the same
@@ -47,7 +48,9 @@ def table(records: list[dict]) -> str:
                      f"{r['prep_mb_s'] / (r['raw_mb_s'] * r['workers']):.2f}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "prep_stages"):
         # the other stages by their first words (prep_throughput.STAGES), the last one as "other"
-        others = [(name, share) for name, share in r.items() if name not in ("bench", "scale", "encode (sentencepiece)")]
+        others = [
+            (name, share) for name, share in r.items() if name not in ("bench", "scale", "encode (sentencepiece)")
+        ]
         rest = ", ".join(f"{'other' if i == len(others) - 1 else name.split(',')[0].split(':')[0]} {share:.0%}"
                          for i, (name, share) in enumerate(others))  # fmt: skip
         rows.append((f"  prep in one process, {r['scale']}x: share of time in the encode", f"{r['encode (sentencepiece)']:.0%}",

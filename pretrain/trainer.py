@@ -279,7 +279,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
     def job_peak() -> float:
         """The whole job's peak: each rank's, summed."""
-        mine = torch.tensor(cfg.log.peak_tflops or measure_peak_tflops(device, DTYPES[cfg.train.precision]), device=device)
+        mine = torch.tensor(
+            cfg.log.peak_tflops or measure_peak_tflops(device, DTYPES[cfg.train.precision]), device=device
+        )
         dist.all_reduce(mine)
         return mine.item()
 
@@ -295,8 +297,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         f"{cfg.train.precision.value}; model {num_parameters(model) / 1e6:.2f}M parameters "
         f"(L{cfg.model.num_layers} H{cfg.model.hidden_size} A{cfg.model.num_heads}), vocab {cfg.model.vocab_size:,}, "
         f"seq_len {seq_len}; batch {cfg.train.global_batch_size} = {micro} x {world} rank(s) x {accum} accumulation; "
-        f"peak {peak:.2f} TFLOP/s; run folder {run_dir}"
-        + (f"; resuming from {latest} (step {step})" if latest else "")
+        f"peak {peak:.2f} TFLOP/s; run folder {run_dir}" + (f"; resuming from {latest} (step {step})" if latest else "")
     )
     if warning := precision_warning(cfg.train.precision):
         say(warning)
