@@ -286,14 +286,15 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         return mine.item()
 
     # A measured peak is measured again at each evaluation and the best kept: a shared host's speed
-    # drifts, and one slow first window (a data worker starting beside it) put MFU above 100%.
+    # drifts, and a peak measured once, while the host was slow, put a long run's MFU above 100%.
     peak = job_peak()
+    stage = "distill" if hasattr(cfg, "distill") else "pretrain"
     flops = flops_per_token(cfg.model, seq_len, cfg.data.masking.probability)
     tokens_per_step = cfg.train.global_batch_size * seq_len
 
     logger = Logger(run_dir, step, to_dict(cfg), to_yaml(cfg)) if rank == 0 else None
     say(
-        f"bertforge {'distill' if hasattr(cfg, 'distill') else 'pretrain'}: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
+        f"bertforge {stage}: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
         f"{cfg.train.precision.value}; model {num_parameters(model) / 1e6:.2f}M parameters "
         f"(L{cfg.model.num_layers} H{cfg.model.hidden_size} A{cfg.model.num_heads}), vocab {cfg.model.vocab_size:,}, "
         f"seq_len {seq_len}; batch {cfg.train.global_batch_size} = {micro} x {world} rank(s) x {accum} accumulation; "
