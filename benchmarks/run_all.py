@@ -47,14 +47,11 @@ def table(records: list[dict]) -> str:
                      f"{r['prep_mb_s']:.2f}", f"raw encode x {r['workers']}: {r['raw_mb_s'] * r['workers']:.2f}",
                      f"{r['prep_mb_s'] / (r['raw_mb_s'] * r['workers']):.2f}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "prep_stages"):
-        # the other stages by their first words (prep_throughput.STAGES), the last one as "other"
-        others = [
-            (name, share) for name, share in r.items() if name not in ("bench", "scale", "encode (sentencepiece)")
-        ]
+        # prep_throughput.STAGES in order: the encode first, the rest by their first words, the last as "other"
+        (_, encode), *others = [(name, share) for name, share in r.items() if name not in ("bench", "scale")]
         rest = ", ".join(f"{'other' if i == len(others) - 1 else name.split(',')[0].split(':')[0]} {share:.0%}"
                          for i, (name, share) in enumerate(others))  # fmt: skip
-        rows.append((f"  prep in one process, {r['scale']}x: share of time in the encode", f"{r['encode (sentencepiece)']:.0%}",
-                     rest, ""))  # fmt: skip
+        rows.append((f"  prep in one process, {r['scale']}x: share of time in the encode", f"{encode:.0%}", rest, ""))
     for r in (r for r in records if r["bench"] == "train"):
         rows.append((f"train step, {r['preset']} {r['precision']} ({r['device']}), tok/s", f"{r['ours_tok_s']:,.0f}",
                      f"HF BertForMaskedLM: {r['hf_tok_s']:,.0f}", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x"))  # fmt: skip

@@ -28,8 +28,8 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
         n = 256
     # its own generator: measured again mid-run, it must leave the training RNG (dropout) untouched
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen, device=device, dtype=dtype) for _ in range(2))
 
     def sync() -> None:
         if device.type == "cuda":
