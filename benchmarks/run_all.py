@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in one command, and one table of their figures.
 
-    python benchmarks/run_all.py [--quick] [--distill-steps 3000] [--student-steps 2000]
+    python benchmarks/run_all.py [--quick] [--distill-steps 3000] [--student-steps STEPS]
 
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
 SentencePiece encoding, and prep's time by stage in one process), ``train_throughput.py
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=3000,
                     help="the distillation benchmark's teacher steps (it leaves the unigram plateau after ~150; "
                          "the accuracy goal is judged on a teacher clearly above it)")  # fmt: skip
-    ap.add_argument("--student-steps", type=int, default=2000, help="its student's and baseline's steps")
+    ap.add_argument("--student-steps", type=int, help="its student's and baseline's steps (default: --distill-steps)")
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +102,12 @@ def main() -> None:
              results=results)  # fmt: skip
         _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
         steps, student_steps = (20, 20) if quick else (args.distill_steps, args.student_steps)
-        _run("distill_quality.py", "--steps", str(steps), "--student-steps", str(student_steps), results=results)
+        lengths = [
+            "--steps",
+            str(steps),
+            *(["--student-steps", str(student_steps)] if student_steps is not None else []),
+        ]
+        _run("distill_quality.py", *lengths, results=results)
         if (REPO / "exports/demo/config.json").is_file():
             _run("finetune_quality.py", "--epochs", "1" if quick else "6", results=results)
         else:
