@@ -8,6 +8,7 @@ whose training forward also runs the teacher and returns
     loss = kd_weight * T^2 * KL(teacher_T || student_T) at masked positions
          + mlm_weight * cross-entropy against the true tokens
          + cos_weight * (1 - cosine(student hidden, teacher hidden)) over all positions
+         + attn_weight * KL of the last layers' self-attention relations (MiniLM v2; off by default)
 
 (DistilBERT's three terms). The teacher sits outside the engine: frozen, in eval mode, with no
 optimizer state, not sharded, not saved in the student's checkpoints. When the widths match,
@@ -19,6 +20,7 @@ cosine term.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,13 @@ class DistillSection:
     cos_weight: float = 1.0
     """Weight of the hidden-state cosine term (DistilBERT: 1)."""
 
+    attn_weight: float = 0.0
+    """Weight of the self-attention relation term (MiniLM v2: the softmax of query-query, key-key and
+    value-value dot products in the last layer, KL to the teacher's, averaged); 0: off."""
+
+    relation_heads: int = 0
+    """Heads that term splits both widths into (it must divide both hidden sizes); 0: the student's."""
+
     init_from_teacher: bool = True
     """Start from the teacher's embeddings, head and every other layer when the shapes allow."""
 
@@ -73,6 +82,18 @@ class Student(BertForMaskedLM):
     def __init__(self, cfg: ModelConfig, teacher: BertForMaskedLM, section: DistillSection) -> None:
         super().__init__(cfg)
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose
+        self.relations: dict[str, tuple] = {}  # the last layers' attention inputs, when attn_weight > 0
+        if section.attn_weight > 0:
+            heads = section.relation_heads or cfg.num_heads
+            for who, model in (("student", self), ("teacher", teacher)):
+                if model.config.hidden_size % heads:
+                    raise UserError(f"config key 'distill.relation_heads': {heads} does not divide the {who}'s "
+                                    f"hidden size {model.config.hidden_size}")  # fmt: skip
+                attn = model.bert.encoder.layer[-1].attention.self
+                attn.register_forward_hook(
+                    lambda mod, args, out, who=who: self.relations.__setitem__(who, (mod, *args))
+                )
+            self.relation_heads = heads
         self.section = section
         tw = teacher.config.hidden_size
         self.distill_projection = nn.Linear(cfg.hidden_size, tw, bias=False) if cfg.hidden_size != tw else None
@@ -110,7 +131,30 @@ class Student(BertForMaskedLM):
             "distill/mlm_loss": mlm.detach(),
             "distill/cos_loss": cos.detach(),
         }
+        if s.attn_weight > 0:
+            attn = relation_loss(*self.relations["student"], *self.relations["teacher"], self.relation_heads)
+            loss = loss + s.attn_weight * attn
+            self.loss_terms["distill/attn_loss"] = attn.detach()
         return loss, correct, count
+
+
+def relation_loss(s_attn, s_x, s_mask, t_attn, t_x, t_mask, heads: int) -> torch.Tensor:  # noqa: ANN001
+    """MiniLM v2's self-attention relations: for each of query, key and value, the softmax over keys
+    of the scaled dot products within ``heads`` relation heads; the teacher's to the student's KL,
+    per query row, averaged over rows, heads and the three. Padded keys are masked out."""
+    total = torch.zeros((), device=s_x.device)
+    for proj in ("query", "key", "value"):
+        rel = []
+        for attn, x, mask, grad in ((s_attn, s_x, s_mask, True), (t_attn, t_x, t_mask, False)):
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                b, t, h = x.shape
+                v = getattr(attn, proj)(x).float().view(b, t, heads, h // heads).transpose(1, 2)
+                scores = v @ v.transpose(-1, -2) / math.sqrt(h // heads)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+                rel.append(F.log_softmax(scores, -1))
+        total = total + F.kl_div(rel[0], rel[1], log_target=True, reduction="none").sum(-1).mean()
+    return total / 3
 
 
 def init_from(student: BertForMaskedLM, teacher: BertForMaskedLM) -> list[int] | None:

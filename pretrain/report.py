@@ -22,7 +22,15 @@ PANELS = [
             ("eval/teacher_mlm_accuracy", "teacher (eval)"),
         ],
     ),  # fmt: skip
-    ("distillation loss terms", [("distill/kd_loss", "kd"), ("distill/mlm_loss", "mlm"), ("distill/cos_loss", "cos")]),
+    (
+        "distillation loss terms",
+        [
+            ("distill/kd_loss", "kd"),
+            ("distill/mlm_loss", "mlm"),
+            ("distill/cos_loss", "cos"),
+            ("distill/attn_loss", "attn"),
+        ],
+    ),
     ("learning rate", [("train/lr", "lr")]),
     ("tokens/s", [("perf/tokens_per_sec", "tokens/s")]),
 ]

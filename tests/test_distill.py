@@ -40,7 +40,33 @@ def test_the_student_starts_from_every_other_teacher_layer() -> None:
 
 # the student run of the tests below (fp32 and a checkpoint midway: the exact-resume reference too)
 STUDENT = ["--nproc", "2", "--no-progress", "train.max_steps=30", "log.every=1", "eval.every=30", "eval.batches=2",
-           "optim.lr=3e-3", "distill.init_from_teacher=false", "train.precision=fp32", "checkpoint.every=15"]  # fmt: skip
+           "optim.lr=3e-3", "distill.init_from_teacher=false", "train.precision=fp32", "checkpoint.every=15",
+           "distill.attn_weight=1"]  # fmt: skip
+
+
+def test_attention_relations_match_only_between_equal_models() -> None:
+    from data_prep.errors import UserError
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=16,
+                      dropout=0.0)  # fmt: skip
+    teacher = BertForMaskedLM(ModelConfig(**{**vars(cfg), "hidden_size": 48, "num_heads": 3, "intermediate_size": 96}))
+    student = Student(cfg, teacher, DistillSection(attn_weight=1.0))
+    ids, labels = torch.randint(5, 50, (2, 16)), torch.full((2, 16), -100)
+    labels[:, 3] = 7
+    student.train()
+    loss, _, _ = student(ids, labels=labels)
+    loss.backward()
+    assert student.loss_terms["distill/attn_loss"] > 0
+    assert student.bert.encoder.layer[-1].attention.self.query.weight.grad.abs().sum() > 0
+    # a student equal to its teacher has the teacher's relations: the term is zero
+    twin = Student(cfg, BertForMaskedLM(cfg), DistillSection(attn_weight=1.0))
+    twin.teacher.load_state_dict(twin.state_dict(), strict=False)
+    twin.train()
+    twin(ids, labels=labels)
+    assert float(twin.loss_terms["distill/attn_loss"]) < 1e-5
+    with pytest.raises(UserError, match="distill.relation_heads': 5 does not divide"):
+        Student(cfg, teacher, DistillSection(attn_weight=1.0, relation_heads=5))
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +88,14 @@ def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, student, tm
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     total = [m["train/loss"] for m in lines]
     assert sum(total[-5:]) / 5 < sum(total[:5]) / 5, total
-    for term in ("distill/kd_loss", "distill/mlm_loss", "distill/cos_loss"):
+    for term in ("distill/kd_loss", "distill/mlm_loss", "distill/cos_loss", "distill/attn_loss"):
         assert all(term in m for m in lines)
+    attn = [m["distill/attn_loss"] for m in lines]
+    assert all(0 < a < 1 for a in attn), attn  # a KL per row: near 0 while both start near uniform
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"distill/kd_loss", "distill/mlm_loss", "distill/cos_loss", "eval/mlm_accuracy",
+    assert {"distill/kd_loss", "distill/mlm_loss", "distill/cos_loss", "distill/attn_loss", "eval/mlm_accuracy",
             "eval/teacher_mlm_accuracy"} <= tags  # fmt: skip
     # the student exports like any checkpoint, with its teacher named in the card
     r = run_cli("export", str(run), "--output", str(tmp_path / "export"))
@@ -84,6 +112,7 @@ def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, student, tm
         "distill/kd_loss",
         "distill/mlm_loss",
         "distill/cos_loss",
+        "distill/attn_loss",
     ]
     assert "eval/teacher_mlm_accuracy" in dict(drawn["MLM accuracy"])
 
