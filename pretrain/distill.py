@@ -82,17 +82,19 @@ class Student(BertForMaskedLM):
     def __init__(self, cfg: ModelConfig, teacher: BertForMaskedLM, section: DistillSection) -> None:
         super().__init__(cfg)
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose
-        self.relations: dict[str, tuple] = {}  # the last layers' attention inputs, when attn_weight > 0
+        self.relations: dict[tuple[str, str], torch.Tensor | None] = {}  # last-layer q, k, v, mask (attn_weight > 0)
         if section.attn_weight > 0:
             heads = section.relation_heads or cfg.num_heads
             for who, model in (("student", self), ("teacher", teacher)):
                 if model.config.hidden_size % heads:
                     raise UserError(f"config key 'distill.relation_heads': {heads} does not divide the {who}'s "
                                     f"hidden size {model.config.hidden_size}")  # fmt: skip
+                # the projections the layer computes anyway, and its mask: nothing computed twice
                 attn = model.bert.encoder.layer[-1].attention.self
-                attn.register_forward_hook(
-                    lambda mod, args, out, who=who: self.relations.__setitem__(who, (mod, *args))
-                )
+                for name in ("query", "key", "value", "mask"):
+                    mod, pick = (attn, lambda args, out: args[1]) if name == "mask" else (getattr(attn, name), None)
+                    mod.register_forward_hook(lambda m, args, out, key=(who, name), pick=pick:
+                                              self.relations.__setitem__(key, pick(args, out) if pick else out))  # fmt: skip
             self.relation_heads = heads
         self.section = section
         tw = teacher.config.hidden_size
@@ -132,27 +134,28 @@ class Student(BertForMaskedLM):
             "distill/cos_loss": cos.detach(),
         }
         if s.attn_weight > 0:
-            attn = relation_loss(*self.relations["student"], *self.relations["teacher"], self.relation_heads)
+            attn = relation_loss(self.relations, self.relation_heads)
             loss = loss + s.attn_weight * attn
             self.loss_terms["distill/attn_loss"] = attn.detach()
         return loss, correct, count
 
 
-def relation_loss(s_attn, s_x, s_mask, t_attn, t_x, t_mask, heads: int) -> torch.Tensor:  # noqa: ANN001
+def relation_loss(captured: dict, heads: int) -> torch.Tensor:
     """MiniLM v2's self-attention relations: for each of query, key and value, the softmax over keys
     of the scaled dot products within ``heads`` relation heads; the teacher's to the student's KL,
-    per query row, averaged over rows, heads and the three. Padded keys are masked out."""
-    total = torch.zeros((), device=s_x.device)
+    per query row, averaged over rows, heads and the three. Padded keys are masked out. ``captured``
+    holds each model's last-layer projections and mask, keyed ``(who, name)``."""
+    total = 0.0
     for proj in ("query", "key", "value"):
         rel = []
-        for attn, x, mask, grad in ((s_attn, s_x, s_mask, True), (t_attn, t_x, t_mask, False)):
-            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                b, t, h = x.shape
-                v = getattr(attn, proj)(x).float().view(b, t, heads, h // heads).transpose(1, 2)
-                scores = v @ v.transpose(-1, -2) / math.sqrt(h // heads)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-                rel.append(F.log_softmax(scores, -1))
+        for who in ("student", "teacher"):
+            x, mask = captured[who, proj], captured[who, "mask"]
+            b, t, h = x.shape
+            v = x.float().view(b, t, heads, h // heads).transpose(1, 2)
+            scores = v @ v.transpose(-1, -2) / math.sqrt(h // heads)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            rel.append(F.log_softmax(scores, -1))
         total = total + F.kl_div(rel[0], rel[1], log_target=True, reduction="none").sum(-1).mean()
     return total / 3
 
