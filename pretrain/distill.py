@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,22 +85,24 @@ class Student(BertForMaskedLM):
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose
         self.relations: dict[tuple[str, str], torch.Tensor | None] = {}  # last-layer q, k, v, mask (attn_weight > 0)
         if section.attn_weight > 0:
-            heads = section.relation_heads or cfg.num_heads
+            heads = relation_heads(section, cfg, teacher.config.hidden_size)
             for who, model in (("student", self), ("teacher", teacher)):
-                if model.config.hidden_size % heads:
-                    raise UserError(f"config key 'distill.relation_heads': {heads} does not divide the {who}'s "
-                                    f"hidden size {model.config.hidden_size}")  # fmt: skip
                 # the projections the layer computes anyway, and its mask: nothing computed twice
                 attn = model.bert.encoder.layer[-1].attention.self
                 for name in ("query", "key", "value", "mask"):
-                    mod, pick = (attn, lambda args, out: args[1]) if name == "mask" else (getattr(attn, name), None)
-                    mod.register_forward_hook(lambda m, args, out, key=(who, name), pick=pick:
-                                              self.relations.__setitem__(key, pick(args, out) if pick else out))  # fmt: skip
+                    mod = attn if name == "mask" else getattr(attn, name)
+                    mod.register_forward_hook(partial(self._capture, (who, name)))
             self.relation_heads = heads
         self.section = section
         tw = teacher.config.hidden_size
         self.distill_projection = nn.Linear(cfg.hidden_size, tw, bias=False) if cfg.hidden_size != tw else None
         self.loss_terms: dict[str, torch.Tensor] = {}
+
+    def _capture(self, key: tuple[str, str], module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        """Forward hook: keep a last-layer projection (or the attention's mask, its second argument)
+        for the relation term; only while the student trains (evaluation has no use for them)."""
+        if self.training:
+            self.relations[key] = args[1] if key[1] == "mask" else out
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to()/.bfloat16() reach the teacher too
         self.teacher._apply(fn, recurse)
@@ -135,9 +138,26 @@ class Student(BertForMaskedLM):
         }
         if s.attn_weight > 0:
             attn = relation_loss(self.relations, self.relation_heads)
+            self.relations.clear()  # autograd keeps what the backward needs
             loss = loss + s.attn_weight * attn
             self.loss_terms["distill/attn_loss"] = attn.detach()
         return loss, correct, count
+
+
+def relation_heads(section: DistillSection, student: ModelConfig, teacher_width: int) -> int:
+    """The relation heads of the attention term (``distill.relation_heads``, or the student's heads),
+    refused unless they divide both hidden sizes."""
+    if section.relation_heads < 0:
+        raise UserError(
+            f"config key 'distill.relation_heads': {section.relation_heads} is negative (0: the student's heads)"
+        )
+    heads = section.relation_heads or student.num_heads
+    for who, width in (("student", student.hidden_size), ("teacher", teacher_width)):
+        if width % heads:
+            raise UserError(
+                f"config key 'distill.relation_heads': {heads} does not divide the {who}'s hidden size {width}"
+            )
+    return heads
 
 
 def relation_loss(captured: dict, heads: int) -> torch.Tensor:
@@ -180,16 +200,19 @@ def init_from(student: BertForMaskedLM, teacher: BertForMaskedLM) -> list[int] |
 
 
 def check_teacher(cfg: DistillConfig) -> None:
-    """Refuse a missing teacher, or one whose tokenizer is not the data's (no weights are loaded)."""
+    """Refuse a missing teacher, one whose tokenizer is not the data's, or relation heads that do not
+    divide both widths (no weights are loaded)."""
     from data_prep import manifest as manifests
     from data_prep import tokenizer as tokenizers
     from pretrain.export import describe
 
     if not cfg.distill.teacher:
         raise UserError("config key 'distill.teacher' is empty: give a run, checkpoint or export folder")
-    vocab, tok = describe(Path(cfg.distill.teacher))
+    shape, tok = describe(Path(cfg.distill.teacher))
+    if cfg.distill.attn_weight > 0:
+        relation_heads(cfg.distill, cfg.model, shape["hidden_size"])
     man = manifests.load(cfg.data.path)
-    if vocab != man["tokenizer"]["vocab_size"] or (
+    if shape["vocab_size"] != man["tokenizer"]["vocab_size"] or (
         tok.is_file() and tokenizers.sha256(tok) != man["tokenizer"]["sha256"]
     ):
         raise UserError(

@@ -84,14 +84,15 @@ def _run_tokenizer(run_dir: Path, state: dict) -> Path:
     return tok
 
 
-def describe(source: Path) -> tuple[int, Path]:
-    """Vocabulary size and tokenizer file of a run, checkpoint or export folder, without loading weights."""
+def describe(source: Path) -> tuple[dict, Path]:
+    """The model's shape (a dict with at least ``vocab_size`` and ``hidden_size``) and the tokenizer
+    file of a run, checkpoint or export folder, without loading weights."""
     source = Path(source)
     if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
-        return json.loads((source / "config.json").read_text())["vocab_size"], source / "spm.model"
+        return json.loads((source / "config.json").read_text()), source / "spm.model"
     run_dir, tag = resolve_checkpoint(source)
     state = ckpt.read_state(run_dir, tag)
-    return state["config"]["model"]["vocab_size"], _run_tokenizer(run_dir, state)
+    return state["config"]["model"], _run_tokenizer(run_dir, state)
 
 
 def hf_tokenizer(sp_model: Path):  # noqa: ANN201

@@ -38,10 +38,12 @@ def test_the_student_starts_from_every_other_teacher_layer() -> None:
     assert not any(p is q for p in narrow.parameters() for q in teacher.parameters())  # the teacher is not trained
 
 
-# the student run of the tests below (fp32 and a checkpoint midway: the exact-resume reference too)
+# the student run of the tests below (fp32 and a checkpoint midway: the exact-resume reference too), at
+# ZeRO 3 (parameters partitioned; the SLURM distillation test runs the preset's ZeRO 2), with the
+# attention-relation term, whose hooks sit on modules that ZeRO 3 gathers around
 STUDENT = ["--nproc", "2", "--no-progress", "train.max_steps=30", "log.every=1", "eval.every=30", "eval.batches=2",
            "optim.lr=3e-3", "distill.init_from_teacher=false", "train.precision=fp32", "checkpoint.every=15",
-           "distill.attn_weight=1"]  # fmt: skip
+           "train.zero_stage=3", "distill.attn_weight=1"]  # fmt: skip
 
 
 def test_attention_relations_match_only_between_equal_models() -> None:
@@ -67,6 +69,12 @@ def test_attention_relations_match_only_between_equal_models() -> None:
     assert float(twin.loss_terms["distill/attn_loss"]) < 1e-5
     with pytest.raises(UserError, match="distill.relation_heads': 5 does not divide"):
         Student(cfg, teacher, DistillSection(attn_weight=1.0, relation_heads=5))
+    with pytest.raises(UserError, match="distill.relation_heads': -1 is negative"):
+        Student(cfg, teacher, DistillSection(attn_weight=1.0, relation_heads=-1))
+    # evaluation keeps nothing for the term, and a training step lets go of what it kept
+    student.eval()
+    student(ids, labels=labels)
+    assert student.relations == {}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +92,8 @@ def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, student, tm
 
     data, teacher = teacher_run
     run, stdout = student
-    assert "bertforge distill: 2 rank(s)" in stdout and "model 0." in stdout and "(L1 H64 A2)" in stdout
+    assert "bertforge distill: 2 rank(s)" in stdout and "ZeRO 3" in stdout and "(L1 H64 A2)" in stdout
+    assert "model 0." in stdout
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     total = [m["train/loss"] for m in lines]
     assert sum(total[-5:]) / 5 < sum(total[:5]) / 5, total
@@ -117,9 +126,16 @@ def test_distillation_logs_each_term_and_the_loss_falls(teacher_run, student, tm
     assert "eval/teacher_mlm_accuracy" in dict(drawn["MLM accuracy"])
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(teacher_run, corpus, tmp_path) -> None:
+def test_a_teacher_that_does_not_fit_is_refused_before_ranks_start(teacher_run, corpus, tmp_path) -> None:
     root, _ = corpus
-    _, teacher = teacher_run
+    data, teacher = teacher_run
+    # relation heads that divide the student's width (48) but not the teacher's (64, read from its run)
+    r = run_cli("distill", DISTILL, f"data.path={data}", f"run.dir={tmp_path / 'heads'}", f"distill.teacher={teacher}",
+                "model.hidden_size=48", "model.num_heads=3", "distill.attn_weight=1", "distill.relation_heads=3")  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "config key 'distill.relation_heads': 3 does not divide the teacher's hidden size 64" in lines[0]
+    assert "rank(s)" not in r.stdout  # refused by the launcher: no rank started
     other = tmp_path / "other"
     r = run_prep("--input", str(root), "--output", str(other), "--vocab-size", "900", "--seq-len", "64")
     assert r.returncode == 0, r.stderr
