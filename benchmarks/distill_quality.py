@@ -22,7 +22,8 @@ layers 0 and 2) is only 29% smaller and 1.4x faster; the narrower one starts at 
 the teacher's hidden states through a projection. The loss weights come from ``--recipe``, a preset
 in ``configs/distill/``: by default ``mini-narrow`` (KD and MLM weighted equally at T=1) for a
 narrower student and ``mini-half`` (DistilBERT's 5 x KD at T=2, 2 x MLM, 1 x cosine) for one of the
-teacher's width; ``mini-narrow-attn`` is ``mini-narrow`` plus MiniLM v2's attention-relation term. The student and the baseline train for as many steps as the teacher unless
+teacher's width; ``mini-narrow-attn`` is ``mini-narrow`` plus MiniLM v2's attention-relation
+term. The student and the baseline train for as many steps as the teacher unless
 ``--student-steps`` says otherwise. The defaults take about three hours on a 2-core CPU: the
 teacher about an hour, the student 75 minutes (it runs the teacher's forward too), the baseline
 half an hour.
