@@ -102,12 +102,8 @@ def main() -> None:
              results=results)  # fmt: skip
         _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
         steps, student_steps = (20, 20) if quick else (args.distill_steps, args.student_steps)
-        lengths = [
-            "--steps",
-            str(steps),
-            *(["--student-steps", str(student_steps)] if student_steps is not None else []),
-        ]
-        _run("distill_quality.py", *lengths, results=results)
+        student = [] if student_steps is None else ["--student-steps", str(student_steps)]
+        _run("distill_quality.py", "--steps", str(steps), *student, results=results)
         if (REPO / "exports/demo/config.json").is_file():
             _run("finetune_quality.py", "--epochs", "1" if quick else "6", results=results)
         else:

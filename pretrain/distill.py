@@ -83,16 +83,16 @@ class Student(BertForMaskedLM):
     def __init__(self, cfg: ModelConfig, teacher: BertForMaskedLM, section: DistillSection) -> None:
         super().__init__(cfg)
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose
-        self.relations: dict[tuple[str, str], torch.Tensor | None] = {}  # last-layer q, k, v, mask (attn_weight > 0)
+        self.relations: dict[tuple[str, str], torch.Tensor | None] = {}  # last-layer q, k, v; mask (attn_weight > 0)
         if section.attn_weight > 0:
-            heads = relation_heads(section, cfg, teacher.config.hidden_size)
+            self.relation_heads = relation_heads(section, cfg, teacher.config.hidden_size)
             for who, model in (("student", self), ("teacher", teacher)):
-                # the projections the layer computes anyway, and its mask: nothing computed twice
+                # the projections the layer computes anyway: nothing computed twice
                 attn = model.bert.encoder.layer[-1].attention.self
-                for name in ("query", "key", "value", "mask"):
-                    mod = attn if name == "mask" else getattr(attn, name)
-                    mod.register_forward_hook(partial(self._capture, (who, name)))
-            self.relation_heads = heads
+                for name in ("query", "key", "value"):
+                    getattr(attn, name).register_forward_hook(partial(self._capture, (who, name)))
+            # the padding mask, the same for both models (they read the same batch): the student's
+            self.bert.encoder.layer[-1].attention.self.register_forward_hook(partial(self._capture, ("both", "mask")))
         self.section = section
         tw = teacher.config.hidden_size
         self.distill_projection = nn.Linear(cfg.hidden_size, tw, bias=False) if cfg.hidden_size != tw else None
@@ -164,12 +164,14 @@ def relation_loss(captured: dict, heads: int) -> torch.Tensor:
     """MiniLM v2's self-attention relations: for each of query, key and value, the softmax over keys
     of the scaled dot products within ``heads`` relation heads; the teacher's to the student's KL,
     per query row, averaged over rows, heads and the three. Padded keys are masked out. ``captured``
-    holds each model's last-layer projections and mask, keyed ``(who, name)``."""
+    holds each model's last-layer projections, keyed ``(who, name)``, and the padding mask (or None),
+    keyed ``("both", "mask")``."""
+    mask = captured["both", "mask"]
     total = 0.0
     for proj in ("query", "key", "value"):
         rel = []
         for who in ("student", "teacher"):
-            x, mask = captured[who, proj], captured[who, "mask"]
+            x = captured[who, proj]
             b, t, h = x.shape
             v = x.float().view(b, t, heads, h // heads).transpose(1, 2)
             scores = v @ v.transpose(-1, -2) / math.sqrt(h // heads)

@@ -67,6 +67,13 @@ def test_attention_relations_match_only_between_equal_models() -> None:
     twin.train()
     twin(ids, labels=labels)
     assert float(twin.loss_terms["distill/attn_loss"]) < 1e-5
+    # with padding: the padded keys are masked out of both models' relations (one mask, read once)
+    pad = torch.ones(2, 16, dtype=torch.long)
+    pad[:, 12:] = 0
+    twin(ids, pad, labels=labels)
+    assert float(twin.loss_terms["distill/attn_loss"]) < 1e-5
+    student(ids, pad, labels=labels)
+    assert 0 < float(student.loss_terms["distill/attn_loss"]) < float("inf")
     with pytest.raises(UserError, match="distill.relation_heads': 5 does not divide"):
         Student(cfg, teacher, DistillSection(attn_weight=1.0, relation_heads=5))
     with pytest.raises(UserError, match="distill.relation_heads': -1 is negative"):
