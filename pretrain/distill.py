@@ -84,6 +84,7 @@ class Student(BertForMaskedLM):
         super().__init__(cfg)
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose
         self.relations: dict[tuple[str, str], torch.Tensor | None] = {}  # last-layer q, k, v; mask (attn_weight > 0)
+        self._capturing = False  # True only inside a training forward (not in evaluation, nor in backward)
         if section.attn_weight > 0:
             self.relation_heads = relation_heads(section, cfg, teacher.config.hidden_size)
             for who, model in (("student", self), ("teacher", teacher)):
@@ -100,8 +101,10 @@ class Student(BertForMaskedLM):
 
     def _capture(self, key: tuple[str, str], module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         """Forward hook: keep a last-layer projection (or the attention's mask, its second argument)
-        for the relation term; only while the student trains (evaluation has no use for them)."""
-        if self.training:
+        for the relation term; only during a training forward: evaluation has no use for them, and
+        under activation checkpointing the backward's recomputation of the layer fires the hooks
+        again, which must not keep a second copy until the next step."""
+        if self._capturing:
             self.relations[key] = args[1] if key[1] == "mask" else out
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to()/.bfloat16() reach the teacher too
@@ -113,13 +116,18 @@ class Student(BertForMaskedLM):
             return super().forward(input_ids, attention_mask, token_type_ids, positions)
         positions, rows = masked_positions(labels)  # padded: the head's matrices keep a few shapes
         target = labels.reshape(-1)[positions[:rows]]
-        hidden = self.bert(input_ids, attention_mask)
+        self._capturing = self.training and self.section.attn_weight > 0
+        try:
+            hidden = self.bert(input_ids, attention_mask)
+            with torch.no_grad():
+                t_hidden = self.teacher.bert(input_ids, attention_mask)
+        finally:
+            self._capturing = False
         logits = self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions])[:rows].float()
         mlm = F.cross_entropy(logits, target)
         correct = (logits.argmax(-1) == target).sum()
         count = torch.tensor(rows, device=labels.device)
         with torch.no_grad():
-            t_hidden = self.teacher.bert(input_ids, attention_mask)
             t_logits = self.teacher.cls.predictions(t_hidden.reshape(-1, t_hidden.shape[-1])[positions])[:rows].float()
         if not self.training:  # evaluation: the student's loss, and the teacher's accuracy beside it
             self.loss_terms = {"teacher_correct": (t_logits.argmax(-1) == target).sum()}

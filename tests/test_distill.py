@@ -84,6 +84,35 @@ def test_attention_relations_match_only_between_equal_models() -> None:
     assert student.relations == {}
 
 
+def test_the_relation_term_under_activation_checkpointing_and_in_bf16() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=16,
+                      dropout=0.0)  # fmt: skip
+    teacher = BertForMaskedLM(ModelConfig(**{**vars(cfg), "num_layers": 3}))
+    ids, labels = torch.randint(5, 50, (2, 16)), torch.full((2, 16), -100)
+    labels[:, 3] = 7
+    runs = {}
+    for name in ("plain", "checkpointed", "bf16"):
+        torch.manual_seed(1)  # the same student weights each time
+        student = Student(cfg, copy.deepcopy(teacher), DistillSection(attn_weight=1.0))
+        student.bert.encoder.activation_checkpointing = name == "checkpointed"
+        if name == "bf16":
+            student.to(torch.bfloat16)  # the teacher too, as DeepSpeed's bf16 engine does
+        student.train()
+        loss, _, _ = student(ids, labels=labels)
+        loss.backward()
+        # the backward's recomputation of the last layer fires the hooks again: they keep nothing
+        assert student.relations == {}, name
+        grad = student.bert.encoder.layer[-1].attention.self.query.weight.grad.float()
+        runs[name] = (float(student.loss_terms["distill/attn_loss"]), grad)
+    (attn, grad), (ck_attn, ck_grad), (bf_attn, bf_grad) = runs.values()
+    assert attn > 0 and ck_attn == pytest.approx(attn, rel=1e-6)
+    assert torch.allclose(ck_grad, grad, rtol=1e-5, atol=1e-7)
+    assert bf_attn == pytest.approx(attn, rel=0.1) and torch.isfinite(bf_grad).all() and bf_grad.abs().sum() > 0
+
+
 @pytest.fixture(scope="module")
 def student(teacher_run, tmp_path_factory) -> tuple[Path, str]:
     """30 steps of the tiny student, from scratch (a clear fall), on 2 ranks."""
