@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# A short check of one CUDA node, in one command (a few minutes on one H200):
+#   1. the node: GPUs, driver; torch, CUDA, NCCL and DeepSpeed versions;
+#   2. NCCL, bf16, FusedAdam and resume: `bertforge pretrain` of the tiny preset in bf16, one rank
+#      per GPU through the project's own launcher (DeepSpeed over NCCL), 40 steps with a checkpoint
+#      at 20, then the same command to 60 steps, which resumes from the step-40 checkpoint;
+#   3. speed: benchmarks/train_throughput.py at PRESET (default base: BERT-base, seq 128, micro
+#      batch 32, vocabulary 32768) in bf16 and fp32 against Hugging Face's BertForMaskedLM, with
+#      our MFU against the matrix-product peaks it measures there, and the shard reader's rate.
+#
+#   bash benchmarks/gpu_check.sh [OUT]       # default runs/gpu-check
+#
+# Everything printed is also in OUT/gpu_check.log; the throughput figures in OUT/throughput.jsonl.
+# Runs from the checkout (PYTHONPATH), with the node's python3 (or $PYTHON). On a node without a
+# package index, run benchmarks/gpu_wheels.sh first where there is one and copy .whl/ along: the
+# wheels are installed under /tmp/bertforge-site. The data is data/python-docs (make demo writes
+# it; prepared here when missing). The exit status is 1 when any stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu-check}
+preset=${PRESET:-base}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+exec > >(tee "$out/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site=/tmp/bertforge-site
+  "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl || exit 2
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+stage() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+bertforge() { "$py" -m launch.cli "$@"; }
+
+stage "the node"
+nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
+"$py" - <<'EOF' || status=1
+import deepspeed
+import torch
+
+nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "none"
+gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}, DeepSpeed {deepspeed.__version__}; "
+      f"{len(gpus)} GPU(s) {gpus}; bf16: {torch.cuda.is_available() and torch.cuda.is_bf16_supported()}")
+EOF
+ranks=$("$py" -c "import torch; print(max(1, torch.cuda.device_count()))") || exit 1
+
+data=data/python-docs
+if [ ! -f "$data/manifest.json" ]; then
+  stage "prep of the embedded corpus"
+  bertforge prep configs/prep/python-docs.yaml --no-progress || exit 1
+fi
+
+run="$out/tiny-bf16"
+rm -rf "$run"
+tiny=(configs/pretrain/tiny.yaml "data.path=$data" "run.dir=$run" train.precision=bf16 checkpoint.every=20
+      log.every=10 eval.every=20 --nproc "$ranks" --no-progress)
+stage "bertforge pretrain, tiny, bf16, $ranks rank(s): 40 steps"
+bertforge pretrain "${tiny[@]}" train.max_steps=40 || status=1
+stage "the same run to 60 steps: resumes from its step-40 checkpoint"
+bertforge pretrain "${tiny[@]}" train.max_steps=60 || status=1
+"$py" - "$run" <<'EOF' || status=1
+import json, sys
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
+train = [r for r in rows if "train/loss" in r]
+evals = [r for r in rows if "eval/loss" in r]
+print("steps logged:", [r["step"] for r in train], "| eval loss:", [round(r["eval/loss"], 3) for r in evals])
+assert train[-1]["step"] == 60 and train[-1]["train/loss"] < train[0]["train/loss"], "the loss did not fall"
+EOF
+
+stage "train_throughput, $preset, bf16 and fp32"
+"$py" benchmarks/train_throughput.py --preset "$preset" --precision bf16 fp32 --steps "${STEPS:-20}" --rounds 3 \
+  --data "$data" --json "$out/throughput.jsonl" || status=1
+stage "done: exit status $status"
+exit $status
