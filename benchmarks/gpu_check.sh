@@ -66,7 +66,9 @@ rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
 train = [r for r in rows if "train/loss" in r]
 evals = [r for r in rows if "eval/loss" in r]
 print("steps logged:", [r["step"] for r in train], "| eval loss:", [round(r["eval/loss"], 3) for r in evals])
-assert train[-1]["step"] == 60 and train[-1]["train/loss"] < train[0]["train/loss"], "the loss did not fall"
+steps = [r["step"] for r in train]
+assert steps == sorted(set(steps)) and steps[-1] == 60, "the second run did not resume where the first stopped"
+assert train[-1]["train/loss"] < train[0]["train/loss"], "the loss did not fall"
 EOF
 
 stage "train_throughput, $preset, bf16 and fp32"
