@@ -235,7 +235,7 @@ def load_teacher(cfg: DistillConfig) -> BertForMaskedLM:
     """The checked teacher, frozen and in eval mode."""
     from pretrain.export import load_any
 
-    check_teacher(cfg)
+    check_teacher(cfg)  # again on the rank: a SLURM job may start hours after the login node's check
     teacher, _, _ = load_any(Path(cfg.distill.teacher))
     for p in teacher.parameters():
         p.requires_grad_(False)
