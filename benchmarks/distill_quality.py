@@ -20,13 +20,13 @@ The student is 2 x 192 by default. With the corpus's vocabulary of 8,192, the em
 of ``mini``, so a student of the teacher's width (``--student-hidden 256``, started from teacher
 layers 0 and 2) is only 29% smaller and 1.4x faster; the narrower one starts at random and learns
 the teacher's hidden states through a projection. The loss weights come from ``--recipe``, a preset
-in ``configs/distill/``: by default ``mini-narrow`` (KD and MLM weighted equally at T=1) for a
-narrower student and ``mini-half`` (DistilBERT's 5 x KD at T=2, 2 x MLM, 1 x cosine) for one of the
-teacher's width; ``mini-narrow-attn`` is ``mini-narrow`` plus MiniLM v2's attention-relation
-term. The student and the baseline train for as many steps as the teacher unless
-``--student-steps`` says otherwise. The defaults take about three hours on a 2-core CPU: the
-teacher about an hour, the student 75 minutes (it runs the teacher's forward too), the baseline
-half an hour.
+in ``configs/distill/``: by default ``mini-narrow-attn`` (KD and MLM weighted equally at T=1, plus
+MiniLM v2's attention-relation term) for a narrower student and ``mini-half`` (DistilBERT's 5 x KD
+at T=2, 2 x MLM, 1 x cosine) for one of the teacher's width; ``mini-narrow`` is
+``mini-narrow-attn`` without the relation term. The student and the baseline train for as many
+steps as the teacher unless ``--student-steps`` says otherwise. The defaults take about three
+hours on a 2-core CPU: the teacher about an hour, the student 65-75 minutes (it runs the
+teacher's forward too), the baseline half an hour.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
                          "started from teacher layers, but with this vocabulary not 40%% smaller")  # fmt: skip
     ap.add_argument("--recipe", choices=sorted(p.stem for p in (REPO / "configs/distill").glob("mini-*.yaml")),
                     help="the distill preset whose loss weights the student uses (default: mini-half for a student "
-                         "of the teacher's width, mini-narrow for a narrower one)")  # fmt: skip
+                         "of the teacher's width, mini-narrow-attn for a narrower one)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed of the student and its baseline")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards (make demo writes these)")
     ap.add_argument("--work", type=Path, help="run folders (default: runs/bench-distill-STEPS)")
@@ -93,7 +93,7 @@ def main() -> None:
     steps = args.steps if args.student_steps is None else args.student_steps
     if min(steps, args.steps) < 1:
         raise SystemExit(f"--steps {args.steps}, --student-steps {steps}: must be at least 1")
-    recipe = args.recipe or ("mini-half" if h == 256 else "mini-narrow")
+    recipe = args.recipe or ("mini-half" if h == 256 else "mini-narrow-attn")
     # each student shape, length and recipe in its own run folders: a finished run is reused only for its own
     shape = f"2x{h}-{steps}steps" + (f"-seed{args.seed}" if args.seed else "")
     seeds = [f"train.seed={args.seed}", f"data.seed={args.seed}"]
