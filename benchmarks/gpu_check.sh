@@ -61,8 +61,9 @@ bertforge pretrain "${tiny[@]}" train.max_steps=40 || status=1
 stage "the same run to 60 steps: resumes from its step-40 checkpoint"
 bertforge pretrain "${tiny[@]}" train.max_steps=60 || status=1
 "$py" - "$run" <<'EOF' || status=1
-import json, sys
-rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
+import sys
+from pretrain.report import read_metrics
+rows = read_metrics(sys.argv[1])
 train = [r for r in rows if "train/loss" in r]
 evals = [r for r in rows if "eval/loss" in r]
 print("steps logged:", [r["step"] for r in train], "| eval loss:", [round(r["eval/loss"], 3) for r in evals])

@@ -116,7 +116,7 @@ class Student(BertForMaskedLM):
             return super().forward(input_ids, attention_mask, token_type_ids, positions)
         positions, rows = masked_positions(labels)  # padded: the head's matrices keep a few shapes
         target = labels.reshape(-1)[positions[:rows]]
-        self._capturing = self.training and self.section.attn_weight > 0
+        self._capturing = self.training  # (the hooks exist only when attn_weight > 0)
         try:
             hidden = self.bert(input_ids, attention_mask)
             with torch.no_grad():
