@@ -13,8 +13,10 @@
 # Everything printed is also in OUT/gpu_check.log; the throughput figures in OUT/throughput.jsonl.
 # Runs from the checkout (PYTHONPATH), with the node's python3 (or $PYTHON). On a node without a
 # package index, run benchmarks/gpu_wheels.sh first where there is one and copy .whl/ along: the
-# wheels are installed under /tmp/bertforge-site. The data is data/python-docs (make demo writes
-# it; prepared here when missing). The exit status is 1 when any stage failed.
+# wheels are installed under /tmp/bertforge-site (when the python lacks a package they hold). The data is $DATA (default data/python-docs,
+# which make demo writes; prepared here when missing). The precision is the node's native one
+# (train.precision=auto: bf16 on a GPU that has it); on a machine without a GPU the same stages
+# run on the CPU (the test suite does so). The exit status is 1 when any stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-check}
@@ -23,7 +25,8 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
+needs='import deepspeed, webdataset, submitit, omegaconf, zstandard'
+if compgen -G ".whl/*.whl" >/dev/null && ! "$py" -c "$needs" 2>/dev/null; then
   site=/tmp/bertforge-site
   "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl || exit 2
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -34,7 +37,11 @@ stage() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 bertforge() { "$py" -m launch.cli "$@"; }
 
 stage "the node"
-nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
+else
+  echo "nvidia-smi: not found"
+fi
 "$py" - <<'EOF' || status=1
 import deepspeed
 import torch
@@ -46,7 +53,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}, DeepS
 EOF
 ranks=$("$py" -c "import torch; print(max(1, torch.cuda.device_count()))") || exit 1
 
-data=data/python-docs
+data=${DATA:-data/python-docs}
 if [ ! -f "$data/manifest.json" ]; then
   stage "prep of the embedded corpus"
   bertforge prep configs/prep/python-docs.yaml --no-progress || exit 1
@@ -54,15 +61,24 @@ fi
 
 run="$out/tiny-bf16"
 rm -rf "$run"
-tiny=(configs/pretrain/tiny.yaml "data.path=$data" "run.dir=$run" train.precision=bf16 checkpoint.every=20
+tiny=(configs/pretrain/tiny.yaml "data.path=$data" "run.dir=$run" train.precision=auto checkpoint.every=20
       log.every=10 eval.every=20 --nproc "$ranks" --no-progress)
-stage "bertforge pretrain, tiny, bf16, $ranks rank(s): 40 steps"
+stage "bertforge pretrain, tiny, native precision, $ranks rank(s): 40 steps"
 bertforge pretrain "${tiny[@]}" train.max_steps=40 || status=1
 stage "the same run to 60 steps: resumes from its step-40 checkpoint"
 bertforge pretrain "${tiny[@]}" train.max_steps=60 || status=1
 "$py" - "$run" <<'EOF' || status=1
 import sys
+
+import torch
+import yaml
+
 from pretrain.report import read_metrics
+
+precision = yaml.safe_load(open(f"{sys.argv[1]}/config.yaml"))["train"]["precision"]
+print("precision:", precision)
+if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    assert precision == "bf16", f"train.precision=auto resolved to {precision} on a GPU with bf16"
 rows = read_metrics(sys.argv[1])
 train = [r for r in rows if "train/loss" in r]
 evals = [r for r in rows if "eval/loss" in r]
@@ -72,8 +88,8 @@ assert steps == sorted(set(steps)) and steps[-1] == 60, "the second run did not 
 assert train[-1]["train/loss"] < train[0]["train/loss"], "the loss did not fall"
 EOF
 
-stage "train_throughput, $preset, bf16 and fp32"
-"$py" benchmarks/train_throughput.py --preset "$preset" --precision bf16 fp32 --steps "${STEPS:-20}" --rounds 3 \
+stage "train_throughput, $preset, bf16 and fp32 (fp32 alone on a CPU without bf16 units)"
+"$py" benchmarks/train_throughput.py --preset "$preset" --steps "${STEPS:-20}" --rounds 3 \
   --data "$data" --json "$out/throughput.jsonl" || status=1
 stage "done: exit status $status"
 exit $status
