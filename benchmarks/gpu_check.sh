@@ -13,13 +13,16 @@
 # Everything printed is also in OUT/gpu_check.log; the throughput figures in OUT/throughput.jsonl.
 # Runs from the checkout (PYTHONPATH), with the node's python3 (or $PYTHON). On a node without a
 # package index, run benchmarks/gpu_wheels.sh first where there is one and copy .whl/ along: the
-# wheels are installed under /tmp/bertforge-site (when the python lacks a package they hold). The data is $DATA (default data/python-docs,
-# which make demo writes; prepared here when missing). The precision is the node's native one
-# (train.precision=auto: bf16 on a GPU that has it); on a machine without a GPU the same stages
-# run on the CPU (the test suite does so). The exit status is 1 when any stage failed.
+# wheels are installed under /tmp/bertforge-site when the python lacks a package they hold. The
+# data is $DATA (default data/python-docs, which make demo writes; prepared when missing). The
+# precision is the node's native one (train.precision=auto: bf16 on a GPU that has it); on a
+# machine without a GPU the same stages run on the CPU (the test suite does so). PRESET and
+# STEPS (default 20 a timed pass) set the throughput shape. Exit status 1: a stage failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${1:-runs/gpu-check}
+repo=$(realpath "$(dirname "$0")/..")
+out=$(realpath -m "${1:-$repo/runs/gpu-check}")  # paths given are the caller's, before the cd
+data=$(realpath -m "${DATA:-$repo/data/python-docs}")
+cd "$repo"
 preset=${PRESET:-base}
 py=${PYTHON:-python3}
 mkdir -p "$out"
@@ -53,10 +56,9 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}, DeepS
 EOF
 ranks=$("$py" -c "import torch; print(max(1, torch.cuda.device_count()))") || exit 1
 
-data=${DATA:-data/python-docs}
 if [ ! -f "$data/manifest.json" ]; then
   stage "prep of the embedded corpus"
-  bertforge prep configs/prep/python-docs.yaml --no-progress || exit 1
+  bertforge prep configs/prep/python-docs.yaml "output=$data" --no-progress || exit 1
 fi
 
 run="$out/tiny-bf16"

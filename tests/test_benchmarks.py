@@ -18,8 +18,9 @@ from tests.conftest import REPO
 def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
     out = tmp_path / "check"
     env = {**os.environ, "PYTHON": sys.executable, "PRESET": "tiny", "STEPS": "2", "DATA": str(train_data)}
-    r = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), str(out)], env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    # OUT as the caller's relative path: the script resolves it before it moves to the checkout
+    r = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), "check"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
     log = (out / "gpu_check.log").read_text()
     assert r.returncode == 0, log[-3000:]
     assert "done: exit status 0" in log
