@@ -1,7 +1,9 @@
 """The tokenizer workers' side of prep: a chunk of raw input in, train and val token streams out.
 
-Kept apart from the rest of prep so that a worker process imports only numpy, sentencepiece
-and the corpus parser, never webdataset (which pulls in torch: seconds per worker).
+Kept apart from the rest of prep so that what a worker needs is numpy, sentencepiece and the
+corpus parser, never webdataset (which pulls in torch: seconds per process). The workers are
+forked from prep's process on Linux (they inherit these modules) and spawned elsewhere (they
+import them again).
 """
 
 from __future__ import annotations

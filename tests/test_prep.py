@@ -216,6 +216,43 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     assert again.returncode == 0 and "already complete" in again.stderr
 
 
+def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp_path, docs, sp_model) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(40):  # forty files of ~7 KB, a unit each: work queued for both workers
+        (root / f"part{i:02}.txt").write_text("\n\n".join(docs[i::40]))
+    common = ["--input", str(root), "--tokenizer", str(sp_model), "--workers", "2", "unit_size=4KB",
+              "shard_size=8KB", "block_size=2KB"]  # fmt: skip
+    out = tmp_path / "ds"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "prep", "--no-progress", *common, "--output", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.time() + 120
+    workers: list[str] = []
+    while proc.poll() is None and time.time() < deadline:
+        workers = children.read_text().split() if children.exists() else []
+        if len(workers) == 2 and (out / ".prep" / "unit-00001.json").exists():
+            break
+        time.sleep(0.002)
+    assert len(workers) == 2 and proc.poll() is None, "prep finished before a worker could be killed"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)  # a dead worker fails the run, even an idle one: no hang
+    assert proc.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a tokenizer worker died"), stderr
+    assert not (out / "manifest.json").exists()
+    r = prep(*common, "--output", str(out))
+    assert r.returncode == 0 and "resuming: " in r.stderr, r.stderr
+    full = tmp_path / "full"
+    assert prep(*common, "--output", str(full)).returncode == 0
+    assert tree(out) == tree(full)
+
+
 def test_a_document_longer_than_a_shard_spans_shards(tmp_path, sp_model) -> None:
     words = " ".join(f"token{i % 97} word{i % 13}" for i in range(20_000))
     (tmp_path / "long.txt").write_text("short doc before\n\n" + words + "\n\nshort doc after\n")
