@@ -248,11 +248,12 @@ def _run_units_in_workers(
 
 def _start_workers(workers: int, init_args: tuple) -> ProcessPoolExecutor:
     """The tokenizer worker processes, started now. On Linux by fork, while this process runs a
-    single Python thread (so before the progress bar's monitor thread: no lock is copied mid-use;
-    the native threads of OpenBLAS and of sentencepiece's trainer are idle then): a forked worker inherits numpy, sentencepiece and the parser already imported, where a
-    spawned one imported them again (on 36 MB, prep's rate went from 0.47-0.49 to 0.59-0.63 of
-    the raw encode x 2). Elsewhere, spawn. A worker that dies (out of memory, killed) fails the
-    run with BrokenProcessPool, never a hang."""
+    single Python thread (before the progress bar's monitor thread, so no lock is copied mid-use;
+    the native threads of OpenBLAS and of sentencepiece's trainer are idle then): a forked worker
+    inherits numpy, sentencepiece and the parser already imported, where a spawned one imported
+    them again (on 36 MB, prep's rate went from 0.46-0.49 to 0.59-0.63 of the raw encode x 2).
+    Elsewhere, spawn. A worker that dies (out of memory, killed) fails the run with
+    BrokenProcessPool, never a hang."""
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, context, encode.init, init_args)
     try:
