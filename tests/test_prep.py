@@ -161,6 +161,13 @@ def test_bytes_on_disk_are_close_to_two_per_token(tmp_path, corpus, sp_model) ->
     assert abs(train["bytes"] / stored - 2.0) < 0.05 * 2.0, train
 
 
+def start_prep(*args: str) -> subprocess.Popen:
+    """``bertforge prep ARGS`` in the background, its stderr piped (for a test to interrupt)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "launch.cli", "prep", "--no-progress", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) -> None:
     root = tmp_path / "in"
     root.mkdir()
@@ -183,19 +190,13 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     assert n_units >= 8
 
     out = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "prep", "--no-progress", *common, "--output", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_prep(*common, "--output", str(out))
     third = out / ".prep" / "unit-00002.json"
     deadline = time.time() + 120
     while not third.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert third.exists() and not (out / "manifest.json").exists(), "prep finished before it could be killed"
     # Nothing half-written is visible: every shard under its final name is a complete tar.
     for shard in list(out.glob("train/*.tar")) + list(out.glob("val/*.tar")):
@@ -224,14 +225,7 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     common = ["--input", str(root), "--tokenizer", str(sp_model), "--workers", "2", "unit_size=4KB",
               "shard_size=8KB", "block_size=2KB"]  # fmt: skip
     out = tmp_path / "ds"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "prep", "--no-progress", *common, "--output", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_prep(*common, "--output", str(out))
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.time() + 120
     workers: list[str] = []
