@@ -28,8 +28,9 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
-needs='import deepspeed, webdataset, submitit, omegaconf, zstandard'
-if compgen -G ".whl/*.whl" >/dev/null && ! "$py" -c "$needs" 2>/dev/null; then
+# the import names of the wheels' distributions (a wheel is NAME-VERSION-...whl; these import as NAME)
+needs=$(for w in .whl/*.whl; do [ -e "$w" ] && basename "$w" | cut -d- -f1; done | paste -sd, -)
+if [ -n "$needs" ] && ! "$py" -c "import $needs" 2>/dev/null; then
   site=/tmp/bertforge-site
   "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl || exit 2
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -61,7 +62,7 @@ if [ ! -f "$data/manifest.json" ]; then
   bertforge prep configs/prep/python-docs.yaml "output=$data" --no-progress || exit 1
 fi
 
-run="$out/tiny-bf16"
+run="$out/tiny"
 rm -rf "$run"
 tiny=(configs/pretrain/tiny.yaml "data.path=$data" "run.dir=$run" train.precision=auto checkpoint.every=20
       log.every=10 eval.every=20 --nproc "$ranks" --no-progress)
