@@ -173,11 +173,12 @@ def test_masked_positions_pad_to_the_bucket() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_drops_the_asked_share_and_replays_with_the_seed(dtype) -> None:
-    x = torch.ones(1001, 999, dtype=dtype, requires_grad=True)  # an odd count: the two halves differ by one
+    x = torch.ones(1001, 999, dtype=dtype, requires_grad=True)  # not a multiple of 4 (four masks a draw)
     torch.manual_seed(0)
     y = cpu_dropout(x, 0.1)
     kept = y.detach() != 0
     assert abs(kept.float().mean().item() - 0.9) < 0.002
+    assert cpu_dropout(x, 1 / 65536).detach().eq(0).sum() < 100  # the quantum: about 15 of 1M dropped
     assert torch.equal(y.detach()[kept], torch.full((int(kept.sum()),), 1 / 0.9, dtype=dtype))
     y.backward(torch.full_like(y, 2.0))
     assert torch.equal(x.grad, 2.0 * y.detach())  # the gradient passes where kept, scaled alike
