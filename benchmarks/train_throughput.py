@@ -135,7 +135,11 @@ class HuggingFaceProcess:
         self.proc = ctx.Process(target=_hf_process, args=(child, cfg, dtype, str(device)), daemon=True)
         self.proc.start()
         self.conn.send(data)
-        self.conn.recv()  # built and warmed up
+        try:
+            self.conn.recv()  # built and warmed up
+        except EOFError:
+            self.proc.join()
+            raise SystemExit(f"the Hugging Face baseline's process failed (exit code {self.proc.exitcode})") from None
 
     def timed(self) -> float:
         self.conn.send("run")

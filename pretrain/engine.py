@@ -43,6 +43,7 @@ deepspeed.utils.logger.setLevel(logging.WARNING)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_kept = False  # whether init_distributed applied keep_freed_memory (for the start-up line)
 
 
 def keep_freed_memory() -> bool:
@@ -71,9 +72,10 @@ def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
     """Join the process group that the environment describes (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) and return this rank's device (on a CPU, with
     :func:`keep_freed_memory` applied)."""
+    global _kept
     acc = get_accelerator()
     if acc.device_name() == "cpu":
-        keep_freed_memory()
+        _kept = keep_freed_memory()
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce for its inference path
         # (a minute on 2 cores at the first start on a machine, a ninja check at every start).
         # Training never calls it: its collectives go through gloo. Not built, it is not used.
@@ -93,7 +95,8 @@ def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
 def describe() -> str:
     """The accelerator and backend, for the start-up line."""
     acc = get_accelerator()
-    return f"{acc.device_name()} accelerator, {acc.communication_backend_name()} backend"
+    kept = ", malloc keeps freed memory" if _kept else ""
+    return f"{acc.device_name()} accelerator, {acc.communication_backend_name()} backend{kept}"
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -81,7 +81,8 @@ def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     seed = int(torch.empty((), dtype=torch.int64).random_())  # one draw of torch's generator
     bits = np.random.PCG64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit uniforms each
     lanes = torch.from_numpy(bits.view(np.int16)[:n])  # each uniform on [-32768, 32767]
-    return (lanes >= round(p * 65536) - 32768).view(shape)
+    drop = min(round(p * 65536), 65535)  # (a threshold of 32768 would wrap around in int16)
+    return (lanes >= drop - 32768).view(shape)
 
 
 class _CpuDropout(torch.autograd.Function):

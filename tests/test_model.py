@@ -179,6 +179,7 @@ def test_cpu_dropout_drops_the_asked_share_and_replays_with_the_seed(dtype) -> N
     kept = y.detach() != 0
     assert abs(kept.float().mean().item() - 0.9) < 0.002
     assert cpu_dropout(x, 1 / 65536).detach().eq(0).sum() < 100  # the quantum: about 15 of 1M dropped
+    assert cpu_dropout(x, 1 - 1e-6).detach().ne(0).sum() < 100  # nearly all dropped, not wrapped to none
     assert torch.equal(y.detach()[kept], torch.full((int(kept.sum()),), 1 / 0.9, dtype=dtype))
     y.backward(torch.full_like(y, 2.0))
     assert torch.equal(x.grad, 2.0 * y.detach())  # the gradient passes where kept, scaled alike
