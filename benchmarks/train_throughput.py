@@ -258,13 +258,14 @@ def main() -> None:
         ours_rate[precision] = rate["ours"]
         flops = flops_per_token(cfg.model, args.seq_len, cfg.data.masking.probability)
         mfu = {p: rate["ours"] * flops / (peaks[p] * 1e12) for p in peaks}
+        same_allocator = ""
+        if "hf_here" in rate:
+            same_allocator = (f" (in our process, with freed memory kept: {rate['hf_here']:,.0f} tok/s, "
+                              f"{rate['ours'] / rate['hf_here']:.2f}x)")  # fmt: skip
         print(
             f"{precision}: ours {rate['ours']:,.0f} tok/s (ZeRO {cfg.train.zero_stage}"
             f"{', compiled' if args.compile else ''}) | Hugging Face {rate['hf']:,.0f} tok/s | "
-            f"ratio {rate['ours'] / rate['hf']:.2f}x"
-            + (f" (in our process, with freed memory kept: {rate['hf_here']:,.0f} tok/s, "
-               f"{rate['ours'] / rate['hf_here']:.2f}x)" if "hf_here" in rate else "")  # fmt: skip
-            + " | our MFU "
+            f"ratio {rate['ours'] / rate['hf']:.2f}x{same_allocator} | our MFU "
             + ", ".join(f"{mfu[p]:.1%} of the {p} peak ({peaks[p]:.3f} TFLOP/s)" for p in peaks)
             + f", {flops / 1e6:.1f} MFLOP/token; peaks: the median of {args.rounds} measurements between the rounds"
         )
