@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import signal
 import subprocess
 import sys
@@ -337,7 +338,7 @@ print(before, keep_freed_memory(), faults())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
 def test_keep_freed_memory_lets_a_cpu_rank_reuse_its_large_tensors() -> None:
     """What init_distributed applies on a CPU: a freed 64 MB tensor's memory serves the next one,
     instead of a fresh mapping that page-faults in again (16,384 faults a tensor in 4 kB pages)."""
