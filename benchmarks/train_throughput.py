@@ -1,4 +1,4 @@
-"""Training throughput: bertforge's training step against Hugging Face ``BertForMaskedLM``, in one run.
+"""Training throughput: bertforge's training step against Hugging Face ``BertForMaskedLM``, side by side.
 
     python benchmarks/train_throughput.py [--preset mini] [--steps 10] [--rounds 3] [--precision bf16 fp32]
 
@@ -9,10 +9,11 @@ vocabulary 32768 by default) and the same masked batches it times, alternately i
   DeepSpeed engine at world size 1 (``pretrain.engine.build``, the trainer's optimizer,
   schedule and precision), forward + backward + step;
 * Hugging Face: ``transformers.BertForMaskedLM`` (SDPA attention) with ``torch.optim.AdamW``,
-  under ``torch.autocast`` for bf16, forward + backward + step, in a process of its own with
-  glibc's malloc as shipped (as its users run it; this process waits meanwhile); on a CPU, a
-  second time in this process, where the trainer has made malloc keep freed memory
-  (``pretrain.engine.keep_freed_memory``): the two codes under the same allocator;
+  under ``torch.autocast`` for bf16, forward + backward + step, in this process. On a CPU,
+  where the trainer has made this process's malloc keep freed memory
+  (``pretrain.engine.keep_freed_memory``), that is the two codes under the same allocator, and
+  Hugging Face also runs in a process of its own with glibc's malloc as shipped (as its users
+  run it; this process waits meanwhile): the ratio is reported against that one;
 
 and prints tokens/s of each and the ratio, per precision, plus our MFU against the bf16 and
 fp32 matrix-product peaks it measures here, between the timed rounds like the rates (on a CPU
@@ -235,31 +236,31 @@ def main() -> None:
         data = batches(args.steps, args.micro_batch, args.seq_len, args.vocab)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         ours = Ours(cfg)  # (on a CPU, its process now keeps freed memory: pretrain.engine.keep_freed_memory)
-        hf = HuggingFaceProcess(cfg, dtype, device, data)  # as its users run it
-        # on a CPU, also Hugging Face in this process, under our allocator setting: the code alone compared
-        hf_here = HuggingFace(cfg, dtype, device) if device.type == "cpu" else None
-        for step in (ours.step, hf_here.step if hf_here else None):  # warm-up (and compilation)
-            for ids, labels in data[:3] if step else ():
+        hf_here = HuggingFace(cfg, dtype, device)
+        # only a CPU rank changes malloc: there, Hugging Face as shipped needs a process of its own
+        hf = HuggingFaceProcess(cfg, dtype, device, data) if device.type == "cpu" else None
+        for step in (ours.step, hf_here.step):  # warm-up (and compilation)
+            for ids, labels in data[:3]:
                 step(ids, labels)
         # The matmul peaks are measured inside the rounds too, so that the MFU's denominator
         # saw the same machine (a shared CPU's speed drifts by 2x over minutes)
         times, peak_runs = {"ours": [], "hf": [], "hf_here": []}, {p: [] for p in dtypes}
         for _ in range(args.rounds):
             times["ours"].append(timed(ours.step, data, device))
-            times["hf"].append(hf.timed())
-            if hf_here:
-                times["hf_here"].append(timed(hf_here.step, data, device))
+            times["hf_here"].append(timed(hf_here.step, data, device))
+            times["hf"].append(hf.timed() if hf else times["hf_here"][-1])
             for p, runs in peak_runs.items():
                 runs.append(measure_peak_tflops(device, dtypes[p], 1.0))
-        hf.close()
+        if hf:
+            hf.close()
         tokens = args.steps * args.micro_batch * args.seq_len
-        rate = {k: tokens / statistics.median(v) for k, v in times.items() if v}
+        rate = {k: tokens / statistics.median(v) for k, v in times.items()}
         peaks = {p: statistics.median(v) for p, v in peak_runs.items()}
         ours_rate[precision] = rate["ours"]
         flops = flops_per_token(cfg.model, args.seq_len, cfg.data.masking.probability)
         mfu = {p: rate["ours"] * flops / (peaks[p] * 1e12) for p in peaks}
         same_allocator = ""
-        if "hf_here" in rate:
+        if hf:
             same_allocator = (f" (in our process, with freed memory kept: {rate['hf_here']:,.0f} tok/s, "
                               f"{rate['ours'] / rate['hf_here']:.2f}x)")  # fmt: skip
         print(
@@ -271,7 +272,7 @@ def main() -> None:
         )
         peak = peaks.get(precision) or measure_peak_tflops(device, torch.bfloat16)  # an emulated bf16, asked for
         record(args.json, bench="train", preset=args.preset, precision=precision, device=str(device),
-               ours_tok_s=rate["ours"], hf_tok_s=rate["hf"], hf_same_process_tok_s=rate.get("hf_here"),
+               ours_tok_s=rate["ours"], hf_tok_s=rate["hf"], hf_same_process_tok_s=rate["hf_here"] if hf else None,
                mfu=rate["ours"] * flops / (peak * 1e12), peak_tflops=peak)  # fmt: skip
         del ours, hf, hf_here  # the process group stays: the next engine joins it
 
