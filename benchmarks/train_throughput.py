@@ -16,9 +16,10 @@ vocabulary 32768 by default) and the same masked batches it times, alternately i
   run it; this process waits meanwhile): the ratio is reported against that one;
 
 and prints tokens/s of each and the ratio, per precision, plus our MFU against the bf16 and
-fp32 matrix-product peaks it measures here, between the timed rounds like the rates (on a CPU
-without AVX512-BF16 or AMX, fp32 alone unless ``--precision bf16`` asks: bf16 is emulated). Model
-FLOPs count the vocabulary projection at the masked positions only
+fp32 matrix-product peaks it measures here: each round's against the peak measured just before
+and just after our pass in it (a shared machine's speed drifts), the median of the rounds
+reported (on a CPU without AVX512-BF16 or AMX, fp32 alone unless ``--precision bf16`` asks:
+bf16 is emulated). Model FLOPs count the vocabulary projection at the masked positions only
 (``pretrain.model.flops_per_token``).
 
 It also measures the shard reader (``--data``, default ``data/python-docs``, written by
@@ -242,23 +243,27 @@ def main() -> None:
         for step in (ours.step, hf_here.step):  # warm-up (and compilation)
             for ids, labels in data[:3]:
                 step(ids, labels)
-        # The matmul peaks are measured inside the rounds too, so that the MFU's denominator
-        # saw the same machine (a shared CPU's speed drifts by 2x over minutes)
+        # A shared machine's speed drifts (by up to 2x over minutes), so each round's MFU takes
+        # the matmul peak measured just before and just after our pass, on the same machine
         times, peak_runs = {"ours": [], "hf": [], "hf_here": []}, {p: [] for p in dtypes}
+        round_mfu = {p: [] for p in dtypes}
+        flops = flops_per_token(cfg.model, args.seq_len, cfg.data.masking.probability)
+        tokens = args.steps * args.micro_batch * args.seq_len
         for _ in range(args.rounds):
+            before = {p: measure_peak_tflops(device, dtypes[p]) for p in dtypes}
             times["ours"].append(timed(ours.step, data, device))
+            for p in dtypes:
+                around = (before[p] + measure_peak_tflops(device, dtypes[p])) / 2
+                peak_runs[p].append(around)
+                round_mfu[p].append(tokens / times["ours"][-1] * flops / (around * 1e12))
             times["hf_here"].append(timed(hf_here.step, data, device))
             times["hf"].append(hf.timed() if hf else times["hf_here"][-1])
-            for p, runs in peak_runs.items():
-                runs.append(measure_peak_tflops(device, dtypes[p], 1.0))
         if hf:
             hf.close()
-        tokens = args.steps * args.micro_batch * args.seq_len
         rate = {k: tokens / statistics.median(v) for k, v in times.items()}
         peaks = {p: statistics.median(v) for p, v in peak_runs.items()}
         ours_rate[precision] = rate["ours"]
-        flops = flops_per_token(cfg.model, args.seq_len, cfg.data.masking.probability)
-        mfu = {p: rate["ours"] * flops / (peaks[p] * 1e12) for p in peaks}
+        mfu = {p: statistics.median(v) for p, v in round_mfu.items()}
         same_allocator = ""
         if hf:
             same_allocator = (f" (in our process, with freed memory kept: {rate['hf_here']:,.0f} tok/s, "
@@ -268,12 +273,17 @@ def main() -> None:
             f"{', compiled' if args.compile else ''}) | Hugging Face {rate['hf']:,.0f} tok/s | "
             f"ratio {rate['ours'] / rate['hf']:.2f}x{same_allocator} | our MFU "
             + ", ".join(f"{mfu[p]:.1%} of the {p} peak ({peaks[p]:.3f} TFLOP/s)" for p in peaks)
-            + f", {flops / 1e6:.1f} MFLOP/token; peaks: the median of {args.rounds} measurements between the rounds"
+            + f", {flops / 1e6:.1f} MFLOP/token; MFU: the median of {args.rounds} rounds, each against the peak "
+            "measured around it (rounds: " + ", ".join(f"{m:.1%}" for m in round_mfu.get(precision, [])) + ")"
         )
-        peak = peaks.get(precision) or measure_peak_tflops(device, torch.bfloat16)  # an emulated bf16, asked for
+        if precision in mfu:
+            peak, own_mfu = peaks[precision], mfu[precision]
+        else:  # an emulated bf16, asked for
+            peak = measure_peak_tflops(device, torch.bfloat16)
+            own_mfu = rate["ours"] * flops / (peak * 1e12)
         record(args.json, bench="train", preset=args.preset, precision=precision, device=str(device),
                ours_tok_s=rate["ours"], hf_tok_s=rate["hf"], hf_same_process_tok_s=rate["hf_here"] if hf else None,
-               mfu=rate["ours"] * flops / (peak * 1e12), peak_tflops=peak)  # fmt: skip
+               mfu=own_mfu, peak_tflops=peak)  # fmt: skip
         del ours, hf, hf_here  # the process group stays: the next engine joins it
 
     if args.data.is_dir():

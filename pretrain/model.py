@@ -7,7 +7,7 @@ memory-efficient kernels) on GPUs and under ``torch.compile``/export; on CPUs a 
 matmul-softmax-matmul, which trains 2.5x faster there in bf16 than SDPA's CPU kernels. The
 input and output embeddings are tied; the MLM head projects onto the vocabulary only at the
 positions asked for (the masked ones, 15% of tokens) rather than at every position; and
-dropout on CPUs draws its masks 2x faster than ``F.dropout`` (:func:`cpu_dropout`).
+dropout on CPUs draws its masks several times faster than ``F.dropout`` (:func:`cpu_dropout`).
 """
 
 from __future__ import annotations
@@ -75,20 +75,29 @@ class ModelConfig:
             )
 
 
-def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """A boolean keep mask with P(keep) = 1 - p (quantised to 1/65536), seeded by torch's generator."""
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _dropout_scale(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Dropout's multiplier in ``dtype``: ``1/(1-p)`` where kept, 0 where dropped, with P(keep) =
+    1 - p quantised to 1/65536, from 16-bit uniforms seeded by one draw of torch's generator.
+
+    Built as integers and viewed as ``dtype``: the keep flags times the bit pattern of
+    ``1/(1-p)`` (torch's bool-to-bf16 conversion alone took longer than drawing the bits)."""
     n = math.prod(shape)
     seed = int(torch.empty((), dtype=torch.int64).random_())  # one draw of torch's generator
-    bits = np.random.PCG64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit uniforms each
-    lanes = torch.from_numpy(bits.view(np.int16)[:n])  # each uniform on [-32768, 32767]
-    drop = min(round(p * 65536), 65535)  # (a threshold of 32768 would wrap around in int16)
-    return (lanes >= drop - 32768).view(shape)
+    bits = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit uniforms each
+    drop = min(round(p * 65536), 65535)  # of the 65536 values a uniform takes, how many drop
+    keep = torch.from_numpy(bits.view(np.uint16)[:n] >= drop).view(torch.uint8)
+    as_int = _INT_OF_SIZE[torch.finfo(dtype).bits // 8]
+    pattern = torch.tensor(1.0 / (1.0 - p), dtype=dtype).view(as_int).item()
+    return keep.to(as_int).mul_(pattern).view(dtype).view(shape)
 
 
 class _CpuDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):  # noqa: ANN001, ANN205
-        scale = _keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
+        scale = _dropout_scale(x.shape, p, x.dtype)
         ctx.save_for_backward(scale)
         return x * scale
 
@@ -99,15 +108,17 @@ class _CpuDropout(torch.autograd.Function):
 
 
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout (training mode) for CPU tensors, about 2x faster than ``F.dropout`` there.
+    """Dropout (training mode) for CPU tensors, several times faster than ``F.dropout`` there.
 
     torch's CPU Bernoulli draws one number per element from a serial generator (MT19937), and
     dropout was the largest cost of a CPU training step after the matrix products. Here one
-    draw of torch's generator seeds numpy's PCG64, whose raw 64-bit outputs give four
+    draw of torch's generator seeds numpy's SFC64, whose raw 64-bit outputs give four
     independent 16-bit uniforms each, so the keep probability is quantised to 1/65536 (p=0.1
-    drops 6554/65536): a mask in 1.1 ms against 1.8-2.5 for 15-bit uniforms drawn from torch's
-    generator itself (1M elements, 2 cores). The seed comes from torch's generator, so seeding,
-    checkpointed RNG states and activation recomputation reproduce the masks exactly."""
+    drops 6554/65536); the multiplier (``1/(1-p)`` or 0) is formed as integers and viewed as
+    the tensor's dtype (:func:`_dropout_scale`). Forward and backward of 1M bf16 elements take
+    1.2-1.3 ms on 2 cores, against 2.2 for the same masks made as booleans and converted and
+    7-9 ms for ``F.dropout``. The seed comes from torch's generator, so seeding, checkpointed
+    RNG states and activation recomputation reproduce the masks exactly."""
     return _CpuDropout.apply(x, p)
 
 
