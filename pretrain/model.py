@@ -295,15 +295,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = z.gather(1, t)
             top = z.amax(1, keepdim=True)
             correct += (picked >= top).sum()
-            z.sub_(top).exp_()
-            total = z.sum(1, keepdim=True)
-            loss += (top + total.log() - picked).sum()
+            # torch's fused softmax (its exp is faster than torch.exp's); the log-sum-exp comes from
+            # the top logit's probability, which is at least 1/vocab, so its log cannot underflow
+            probs = torch.softmax(z, 1)
+            loss += (top - probs.amax(1, keepdim=True).log() - picked).sum()
             if grads:
-                z.mul_((1.0 / rows) / total)  # softmax / rows: the gradient of the mean...
-                z.scatter_add_(1, t, torch.full_like(picked, -1.0 / rows))  # ...minus the one-hot
-                grad_b += z.sum(0)
-                if not fp32:  # (in fp32, z is the logits themselves)
-                    part.copy_(z)  # the logits' own memory now holds their gradient
+                probs.mul_(1.0 / rows)  # softmax / rows: the gradient of the mean...
+                probs.scatter_add_(1, t, torch.full_like(picked, -1.0 / rows))  # ...minus the one-hot
+                grad_b += probs.sum(0)
+                part.copy_(probs)  # the logits' own memory now holds their gradient
         if grads:
             logits[rows:].zero_()
             ctx.save_for_backward(hidden, weight, logits, grad_b.to(bias.dtype))
