@@ -161,6 +161,23 @@ def test_fused_head_loss_and_gradients_match_plain_cross_entropy(dtype) -> None:
     assert torch.equal(bias.grad, got[2])
 
 
+def test_fused_head_loss_stays_finite_where_the_target_probability_underflows() -> None:
+    """Logit gaps of hundreds: the target's softmax probability is 0 in fp32, the loss is not."""
+    from pretrain.model import Decoder
+
+    dec = Decoder(2, 4, bias=False)
+    with torch.no_grad():
+        dec.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    h = torch.tensor([[300.0, 0.0], [0.0, 150.0], [1.0, 2.0]], requires_grad=True)
+    target = torch.tensor([2, 3, 0])  # two confidently wrong rows: gaps of 600 and 300
+    loss, correct = dec(h, torch.zeros(4), target)
+    want = F.cross_entropy(F.linear(h, dec.weight), target)
+    assert torch.isfinite(loss) and correct.item() == 0
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-4)
+    loss.backward()
+    assert torch.isfinite(h.grad).all()
+
+
 def test_masked_positions_pad_to_the_bucket() -> None:
     labels = torch.full((2, 40), IGNORE_INDEX)
     labels[0, 5], labels[1, 39] = 7, 8
