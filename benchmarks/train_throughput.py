@@ -137,15 +137,18 @@ class HuggingFaceProcess:
         self.proc = ctx.Process(target=_hf_process, args=(child, cfg, dtype, str(device)), daemon=True)
         self.proc.start()
         self.conn.send(data)
+        self._answer()  # built and warmed up
+
+    def _answer(self):  # noqa: ANN202
         try:
-            self.conn.recv()  # built and warmed up
+            return self.conn.recv()
         except EOFError:
             self.proc.join()
             raise SystemExit(f"the Hugging Face baseline's process failed (exit code {self.proc.exitcode})") from None
 
     def timed(self) -> float:
         self.conn.send("run")
-        return self.conn.recv()
+        return self._answer()
 
     def close(self) -> None:
         self.conn.send("stop")

@@ -89,7 +89,7 @@ def _dropout_scale(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Ten
     bits = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit uniforms each
     drop = min(round(p * 65536), 65535)  # of the 65536 values a uniform takes, how many drop
     keep = torch.from_numpy(bits.view(np.uint16)[:n] >= drop).view(torch.uint8)
-    as_int = _INT_OF_SIZE[torch.finfo(dtype).bits // 8]
+    as_int = _INT_OF_SIZE[dtype.itemsize]
     pattern = torch.tensor(1.0 / (1.0 - p), dtype=dtype).view(as_int).item()
     return keep.to(as_int).mul_(pattern).view(dtype).view(shape)
 
