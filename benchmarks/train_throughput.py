@@ -16,11 +16,12 @@ vocabulary 32768 by default) and the same masked batches it times, alternately i
   run it; this process waits meanwhile): the ratio is reported against that one;
 
 and prints tokens/s of each and the ratio, per precision, plus our MFU against the bf16 and
-fp32 matrix-product peaks it measures here: each round's against the peak measured just before
-and just after our pass in it (a shared machine's speed drifts), the median of the rounds
-reported (on a CPU without AVX512-BF16 or AMX, fp32 alone unless ``--precision bf16`` asks:
-bf16 is emulated). Model FLOPs count the vocabulary projection at the masked positions only
-(``pretrain.model.flops_per_token``).
+fp32 matrix-product peaks it measures here: each round's against the higher of two peak
+readings taken just before and just after our pass in it (a shared machine's speed drifts; a
+dip during one reading must not make our MFU read high), the median of the rounds reported,
+each round printed with its peak (on a CPU without AVX512-BF16 or AMX, fp32 alone unless
+``--precision bf16`` asks: bf16 is emulated). Model FLOPs count the vocabulary projection at
+the masked positions only (``pretrain.model.flops_per_token``).
 
 It also measures the shard reader (``--data``, default ``data/python-docs``, written by
 ``make demo``): sequences per second through ``build_loader`` with the default worker count,
@@ -247,7 +248,9 @@ def main() -> None:
             for ids, labels in data[:3]:
                 step(ids, labels)
         # A shared machine's speed drifts (by up to 2x over minutes), so each round's MFU takes
-        # the matmul peak measured just before and just after our pass, on the same machine
+        # the matmul peak read just before and just after our pass, on the same machine: the
+        # higher reading (a neighbour's burst during one reading would otherwise lower the
+        # denominator and make our MFU read high: one run read 72% against a 0.279 peak)
         times, peak_runs = {"ours": [], "hf": [], "hf_here": []}, {p: [] for p in dtypes}
         round_mfu = {p: [] for p in dtypes}
         flops = flops_per_token(cfg.model, args.seq_len, cfg.data.masking.probability)
@@ -256,7 +259,7 @@ def main() -> None:
             before = {p: measure_peak_tflops(device, dtypes[p]) for p in dtypes}
             times["ours"].append(timed(ours.step, data, device))
             for p in dtypes:
-                around = (before[p] + measure_peak_tflops(device, dtypes[p])) / 2
+                around = max(before[p], measure_peak_tflops(device, dtypes[p]))
                 peak_runs[p].append(around)
                 round_mfu[p].append(tokens / times["ours"][-1] * flops / (around * 1e12))
             times["hf_here"].append(timed(hf_here.step, data, device))
@@ -271,13 +274,16 @@ def main() -> None:
         if hf:
             same_allocator = (f" (in our process, with freed memory kept: {rate['hf_here']:,.0f} tok/s, "
                               f"{rate['ours'] / rate['hf_here']:.2f}x)")  # fmt: skip
+        rounds = ", ".join(
+            f"{m:.1%} of {pk:.3f}" for m, pk in zip(round_mfu.get(precision, []), peak_runs.get(precision, []))
+        )
         print(
             f"{precision}: ours {rate['ours']:,.0f} tok/s (ZeRO {cfg.train.zero_stage}"
             f"{', compiled' if args.compile else ''}) | Hugging Face {rate['hf']:,.0f} tok/s | "
             f"ratio {rate['ours'] / rate['hf']:.2f}x{same_allocator} | our MFU "
             + ", ".join(f"{mfu[p]:.1%} of the {p} peak ({peaks[p]:.3f} TFLOP/s)" for p in peaks)
-            + f", {flops / 1e6:.1f} MFLOP/token; MFU: the median of {args.rounds} rounds, each against the peak "
-            "measured around it (rounds: " + ", ".join(f"{m:.1%}" for m in round_mfu.get(precision, [])) + ")"
+            + f", {flops / 1e6:.1f} MFLOP/token; MFU: the median of {args.rounds} rounds, each against the higher "
+            f"peak reading around it (rounds: {rounds})"
         )
         if precision in mfu:
             peak, own_mfu = peaks[precision], mfu[precision]
