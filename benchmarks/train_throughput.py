@@ -274,16 +274,17 @@ def main() -> None:
         if hf:
             same_allocator = (f" (in our process, with freed memory kept: {rate['hf_here']:,.0f} tok/s, "
                               f"{rate['ours'] / rate['hf_here']:.2f}x)")  # fmt: skip
-        rounds = ", ".join(
-            f"{m:.1%} of {pk:.3f}" for m, pk in zip(round_mfu.get(precision, []), peak_runs.get(precision, []))
-        )
+        rounds = ""  # an emulated bf16, asked for, has no rounds of its own
+        if precision in round_mfu:
+            pairs = zip(round_mfu[precision], peak_runs[precision])
+            rounds = " (rounds: " + ", ".join(f"{m:.1%} of {pk:.3f}" for m, pk in pairs) + ")"
         print(
             f"{precision}: ours {rate['ours']:,.0f} tok/s (ZeRO {cfg.train.zero_stage}"
             f"{', compiled' if args.compile else ''}) | Hugging Face {rate['hf']:,.0f} tok/s | "
             f"ratio {rate['ours'] / rate['hf']:.2f}x{same_allocator} | our MFU "
             + ", ".join(f"{mfu[p]:.1%} of the {p} peak ({peaks[p]:.3f} TFLOP/s)" for p in peaks)
             + f", {flops / 1e6:.1f} MFLOP/token; MFU: the median of {args.rounds} rounds, each against the higher "
-            f"peak reading around it (rounds: {rounds})"
+            f"peak reading around it{rounds}"
         )
         if precision in mfu:
             peak, own_mfu = peaks[precision], mfu[precision]

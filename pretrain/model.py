@@ -12,6 +12,7 @@ dropout on CPUs draws its masks several times faster than ``F.dropout`` (:func:`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -78,6 +79,12 @@ class ModelConfig:
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+@functools.cache
+def _scale_bits(p: float, dtype: torch.dtype) -> int:
+    """The bit pattern of ``1/(1-p)`` in ``dtype``, read as its same-width integer."""
+    return torch.tensor(1.0 / (1.0 - p), dtype=dtype).view(_INT_OF_SIZE[dtype.itemsize]).item()
+
+
 def _dropout_scale(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
     """Dropout's multiplier in ``dtype``: ``1/(1-p)`` where kept, 0 where dropped, with P(keep) =
     1 - p quantised to 1/65536, from 16-bit uniforms seeded by one draw of torch's generator.
@@ -89,9 +96,7 @@ def _dropout_scale(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Ten
     bits = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit uniforms each
     drop = min(round(p * 65536), 65535)  # of the 65536 values a uniform takes, how many drop
     keep = torch.from_numpy(bits.view(np.uint16)[:n] >= drop).view(torch.uint8)
-    as_int = _INT_OF_SIZE[dtype.itemsize]
-    pattern = torch.tensor(1.0 / (1.0 - p), dtype=dtype).view(as_int).item()
-    return keep.to(as_int).mul_(pattern).view(dtype).view(shape)
+    return keep.to(_INT_OF_SIZE[dtype.itemsize]).mul_(_scale_bits(p, dtype)).view(dtype).view(shape)
 
 
 class _CpuDropout(torch.autograd.Function):
