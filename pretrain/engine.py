@@ -34,6 +34,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated"
 
 import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config  # noqa: E402
@@ -121,6 +122,62 @@ def _optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, fused=True, **kw)  # one pass per tensor (torch has a CPU kernel too)
 
 
+class _MultiTensorStep(FP16_UnfusedOptimizer):
+    """DeepSpeed's wrapper for bf16 weights at ZeRO 0 around a torch optimizer (fp32 master
+    copies, non-finite gradients skip the step, the global norm clipped), stepped in a few
+    multi-tensor passes instead of several passes per parameter.
+
+    DeepSpeed's own ``step`` converts every gradient to fp32 twice (once for the norm, once for
+    the masters), checks each for inf/nan separately, and scales each by ``1/scale`` even when
+    that is 1: 31-35 ms a step at the ``mini`` shape on 2 CPU cores, against 21 here (the bf16
+    step 2.2% faster). The same decisions, from one fp32 copy of the gradients: their norm (a
+    non-finite gradient makes it non-finite, which skips the step as DeepSpeed does), the
+    clip factor by DeepSpeed's formula, the inner optimizer, the masters copied back. State and
+    checkpoints are DeepSpeed's (only ``step`` differs). :func:`build` switches an engine's
+    wrapper to this class where it applies (the unfused wrapper, no MoE, no model parallelism)."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        low = [p for group in self.fp16_groups for p in group]
+        masters = [p for group in self.fp32_groups for p in group]
+        for master, p in zip(masters, low):
+            master.grad = torch.zeros_like(master) if p.grad is None else p.grad.to(torch.float32)
+        grads = [m.grad for m in masters]
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+        if not math.isfinite(norm):  # an inf/nan gradient (or a norm beyond fp32)
+            return self._skip_invalid_grad_norm()
+        self.overflow, self._global_grad_norm = False, norm
+        self._update_scale(False)
+        scale = self.loss_scale_config.cur_scale
+        clip = (norm / scale + 1e-6) / self.clip_grad if self.clip_grad > 0 else 0.0
+        if clip > 1:
+            scale *= clip
+        if scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / scale)
+        self.optimizer.step()
+        for master in masters:
+            master.grad = None
+        with torch.no_grad():
+            torch._foreach_copy_(low, masters)
+        return self.overflow
+
+
+def _fast_unfused_step(engine) -> None:  # noqa: ANN001
+    """Give ``engine``'s optimizer :class:`_MultiTensorStep`'s ``step`` where DeepSpeed chose
+    its unfused wrapper for bf16 (ZeRO 0 with a torch optimizer: a CPU, or a GPU without
+    FusedAdam) in the configuration it was written for; anything else keeps DeepSpeed's (fp16's
+    dynamic loss scale included, which this machine's CPU cannot run to test)."""
+    opt = engine.optimizer
+    if (
+        type(opt) is FP16_UnfusedOptimizer
+        and opt.low_precision_dtype is torch.bfloat16
+        and not opt.fused_lamb_legacy
+        and opt.mpu is None
+        and not engine.has_moe_layers
+        and hasattr(opt, "loss_scale_config")
+    ):
+        opt.__class__ = _MultiTensorStep
+
+
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Learning rate at ``step`` as a share of the peak: linear warmup, then linear or cosine decay
     to ``min_lr_ratio`` at ``max_steps``."""
@@ -150,6 +207,7 @@ def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.devic
         # One rank has nothing to average: DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it with itself and copy it back, each step (2% of a CPU step)
         engine.enable_backward_allreduce = False
+    _fast_unfused_step(engine)
     return engine
 
 

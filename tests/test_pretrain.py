@@ -346,3 +346,80 @@ def test_keep_freed_memory_lets_a_cpu_rank_reuse_its_large_tensors() -> None:
     before, applied, after = out.stdout.split()
     assert applied == "True"
     assert int(before) >= 5 * 32 and int(after) * 10 < int(before), out.stdout  # (32: 2 MB pages, if THP)
+
+
+_STEPS = """
+import os, socket
+import torch
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from launch.config import load_config
+from pretrain import engine
+from pretrain.config import PretrainConfig
+from pretrain.model import BertForMaskedLM, IGNORE_INDEX
+
+cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["model.vocab_size=512", "train.zero_stage=0",
+    "train.precision=bf16", "train.global_batch_size=4", "train.micro_batch_size=4", "optim.lr=1e-2",
+    "model.dropout=0"])
+device = engine.init_distributed(0)
+engines = []
+for _ in range(2):
+    torch.manual_seed(0)
+    engines.append(engine.build(BertForMaskedLM(cfg.model), cfg, 1, device))
+ours, theirs = engines
+assert type(ours.optimizer).__name__ == "_MultiTensorStep", type(ours.optimizer)
+theirs.optimizer.__class__ = FP16_UnfusedOptimizer  # DeepSpeed's own step
+clipped = {id(ours): [], id(theirs): []}  # the gradients' norm as the inner optimizer gets them
+for e in engines:
+    def record(inner, args, kwargs, log=clipped[id(e)]):
+        grads = [p.grad.norm() for g in inner.param_groups for p in g["params"]]
+        log.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+    e.optimizer.optimizer.register_step_pre_hook(record)
+gen = torch.Generator().manual_seed(1)
+for step in range(6):
+    ids = torch.randint(5, 512, (4, 32), generator=gen)
+    labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.3, ids, IGNORE_INDEX)
+    for e in engines:
+        loss, _, _ = e(ids, labels=labels)
+        e.backward(loss)
+        if step == 3:  # an inf gradient: both must skip the step
+            next(e.module.parameters()).grad[0, 0] = float("inf")
+        e.step()
+    a, b = ours.optimizer, theirs.optimizer
+    print(step, a.overflow, b.overflow, a._global_grad_norm, b._global_grad_norm, ours.skipped_steps, theirs.skipped_steps)
+    # equal up to the order of the norm's sums, which Adam and the bf16 rounding amplify a little
+    # over the steps (lr 1e-2 moves a weight by about 1e-2 a step)
+    for x, y in zip(a.fp32_groups, b.fp32_groups):
+        for p, q in zip(x, y):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
+    for p, q in zip(ours.module.parameters(), theirs.module.parameters()):
+        assert p.dtype == q.dtype == torch.bfloat16
+        torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=1e-3)
+print("clipped", *clipped[id(ours)])
+print("clipped", *clipped[id(theirs)])
+"""
+
+
+def test_the_multi_tensor_step_decides_as_deepspeeds_own() -> None:
+    """At ZeRO 0 in bf16 the trainer steps DeepSpeed's unfused wrapper in multi-tensor
+    passes (pretrain.engine._MultiTensorStep): same fp32 masters, weights, gradient norms, and
+    the same skip of a step with an inf gradient, as DeepSpeed's own step on the same batches."""
+    out = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    ours_clipped, theirs_clipped = ([float(x) for x in line.split()[1:]] for line in lines if line.startswith("clipped"))
+    assert len(ours_clipped) == 5 and ours_clipped == pytest.approx(theirs_clipped, rel=1e-5)
+    rows = [line.split() for line in lines if line[:1].isdigit()]
+    assert len(rows) == 6
+    for step, ours_overflow, theirs_overflow, ours_norm, theirs_norm, ours_skipped, theirs_skipped in rows:
+        assert ours_overflow == theirs_overflow == ("True" if step == "3" else "False"), rows
+        assert ours_skipped == theirs_skipped == ("1" if int(step) >= 3 else "0")
+        if step != "3":
+            assert float(ours_norm) == pytest.approx(float(theirs_norm), rel=1e-5)
+            # clipped to train.grad_clip (1.0) before the optimizer (bf16's loss scale is 1)
+            assert ours_clipped.pop(0) == pytest.approx(min(1.0, float(ours_norm)), rel=1e-4)
+        else:
+            assert ours_norm == theirs_norm == "inf"
