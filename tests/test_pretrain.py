@@ -143,6 +143,19 @@ def test_stop_and_resume_gives_the_same_losses(dataset, reference, tmp_path) -> 
     assert "already complete at step 20" in r.stdout and "rank(s)" not in r.stdout  # said by the launcher
 
 
+def test_bf16_at_zero_0_resumes_to_the_same_losses(dataset, tmp_path) -> None:
+    """bf16 at ZeRO 0 steps through pretrain.engine._MultiTensorStep; its optimizer state (fp32
+    masters, Adam moments) goes through DeepSpeed's checkpoint and back unchanged."""
+    common = ("train.precision=bf16", "train.zero_stage=0", "eval.every=0")
+    ok(pretrain(dataset, tmp_path / "ref", *common))
+    run = tmp_path / "run"
+    ok(pretrain(dataset, run, *common, "train.exit_at_step=10"))
+    r = pretrain(dataset, run, *common)
+    ok(r)
+    assert "resuming from step_00000010 (step 10)" in r.stdout
+    assert len(losses(run)) == 20 and losses(run) == losses(tmp_path / "ref")
+
+
 def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_losses(dataset, reference, tmp_path) -> None:
     run = tmp_path / "run"
     r = pretrain(dataset, run, "train.precision=fp32", env={"BERTFORGE_FAULT": "kill@13"})
