@@ -423,7 +423,9 @@ def test_the_multi_tensor_step_decides_as_deepspeeds_own() -> None:
     out = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
-    ours_clipped, theirs_clipped = ([float(x) for x in line.split()[1:]] for line in lines if line.startswith("clipped"))
+    ours_clipped, theirs_clipped = (
+        [float(x) for x in line.split()[1:]] for line in lines if line.startswith("clipped")
+    )
     assert len(ours_clipped) == 5 and ours_clipped == pytest.approx(theirs_clipped, rel=1e-5)
     rows = [line.split() for line in lines if line[:1].isdigit()]
     assert len(rows) == 6
