@@ -2,8 +2,9 @@
 
 It starts the process group (NCCL on CUDA; gloo through DeepSpeed's CPU accelerator on a
 machine without GPUs), builds the engine from the typed config (:func:`deepspeed_config`),
-the AdamW optimizer and the learning-rate schedule, and wraps DeepSpeed's checkpoint
-save/load and its ZeRO-shard consolidation.
+the AdamW optimizer and the learning-rate schedule (in bf16 at ZeRO 0, DeepSpeed's
+mixed-precision wrapper stepped in multi-tensor passes: :class:`_MultiTensorStep`), and wraps
+DeepSpeed's checkpoint save/load and its ZeRO-shard consolidation.
 """
 
 from __future__ import annotations
