@@ -336,16 +336,17 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
         pool = _start_workers(workers, init_args)  # before the progress bar's thread exists
     else:
         encode.init(*init_args)
-    bar = tqdm(
-        total=None if has_unknown_size else total,
-        unit="B",
-        unit_scale=True,
-        desc="prep",
-        disable=not progress,
-        mininterval=1.0,
-        file=sys.stderr,
-    )
-    try:
+    bar = None
+    try:  # (from here on, whatever fails, the workers are shut down)
+        bar = tqdm(
+            total=None if has_unknown_size else total,
+            unit="B",
+            unit_scale=True,
+            desc="prep",
+            disable=not progress,
+            mininterval=1.0,
+            file=sys.stderr,
+        )
         if pool is not None and len(todo) >= 2 * workers:
             print(f"prep: {len(todo)} units over {workers} workers, whole units each", file=sys.stderr)
             _run_units_in_workers(todo, units, files, cfg, out, vocab_size, pool, bar, records)
@@ -357,7 +358,8 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.shutdown(wait=sys.exc_info()[0] is None, cancel_futures=True)
     if task is not None:
