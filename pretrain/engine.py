@@ -168,13 +168,13 @@ def _fast_unfused_step(engine) -> None:  # noqa: ANN001
     FusedAdam) in the configuration it was written for; anything else keeps DeepSpeed's (fp16's
     dynamic loss scale included, which this machine's CPU cannot run to test)."""
     opt = engine.optimizer
-    if (
+    if (  # (getattr: where another DeepSpeed version names these otherwise, its own step stays)
         type(opt) is FP16_UnfusedOptimizer
-        and opt.low_precision_dtype is torch.bfloat16
-        and not opt.fused_lamb_legacy
-        and opt.mpu is None
-        and not engine.has_moe_layers
+        and getattr(opt, "low_precision_dtype", None) is torch.bfloat16
         and hasattr(opt, "loss_scale_config")
+        and not getattr(opt, "fused_lamb_legacy", True)
+        and getattr(opt, "mpu", True) is None
+        and not getattr(engine, "has_moe_layers", True)
     ):
         opt.__class__ = _MultiTensorStep
 
