@@ -362,12 +362,10 @@ def test_keep_freed_memory_lets_a_cpu_rank_reuse_its_large_tensors() -> None:
 
 
 _STEPS = """
-import os, socket
+import os
 import torch
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+from launch.env import free_port
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from launch.config import load_config
 from pretrain import engine
@@ -385,9 +383,9 @@ for _ in range(2):
 ours, theirs = engines
 assert type(ours.optimizer).__name__ == "_MultiTensorStep", type(ours.optimizer)
 theirs.optimizer.__class__ = FP16_UnfusedOptimizer  # DeepSpeed's own step
-clipped = {id(ours): [], id(theirs): []}  # the gradients' norm as the inner optimizer gets them
-for e in engines:
-    def record(inner, args, kwargs, log=clipped[id(e)]):
+clipped = ([], [])  # (ours, theirs): the gradients' norm as the inner optimizer gets them
+for e, log in zip(engines, clipped):
+    def record(inner, args, kwargs, log=log):
         grads = [p.grad.norm() for g in inner.param_groups for p in g["params"]]
         log.append(float(torch.linalg.vector_norm(torch.stack(grads))))
     e.optimizer.optimizer.register_step_pre_hook(record)
@@ -411,8 +409,8 @@ for step in range(6):
     for p, q in zip(ours.module.parameters(), theirs.module.parameters()):
         assert p.dtype == q.dtype == torch.bfloat16
         torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=1e-3)
-print("clipped", *clipped[id(ours)])
-print("clipped", *clipped[id(theirs)])
+for log in clipped:
+    print("clipped", *log)
 """
 
 
