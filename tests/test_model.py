@@ -3,6 +3,11 @@ that projects only where asked, tied embeddings, and a file that imports torch a
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,12 +18,13 @@ from pretrain.model import (
     BertForMaskedLM,
     Dropout,
     ModelConfig,
+    _numpy,
     cpu_dropout,
     flops_per_token,
     masked_positions,
     num_parameters,
 )
-from tests.conftest import heavy_imports
+from tests.conftest import REPO, heavy_imports
 
 TINY = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=32)
 
@@ -118,8 +124,39 @@ def test_flops_count_masked_positions_only() -> None:
     assert flops_per_token(mini, 128, 1.0) > 2 * flops_per_token(mini, 128, 0.15)
 
 
+_WITHOUT_NUMPY = """
+import json, math, sys, warnings
+sys.modules["numpy"] = None  # 'import numpy' now fails, as where it is not installed
+warnings.simplefilter("ignore")  # (torch's warning that numpy is missing)
+import torch
+from pretrain.model import BertForMaskedLM, ModelConfig, _numpy, cpu_dropout
+x = torch.ones(1001, 999)
+torch.manual_seed(0)
+y = cpu_dropout(x, 0.1)
+torch.manual_seed(0)
+replays = torch.equal(cpu_dropout(x, 0.1), y)
+cfg = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=32)
+model = BertForMaskedLM(cfg).train()
+ids = torch.randint(5, 300, (2, 16))
+labels = torch.full_like(ids, -100)
+labels[:, 3] = ids[:, 3]
+loss, _, _ = model(ids, labels=labels)
+loss.backward()
+print(json.dumps({"numpy": _numpy() is not None, "dropped": (y == 0).float().mean().item(), "replays": replays,
+                  "loss": loss.item(), "grad": model.bert.embeddings.word_embeddings.weight.grad.abs().sum().item(),
+                  "kept_value": y.max().item()}))
+"""
+
+
 def test_model_file_imports_torch_alone() -> None:
     assert heavy_imports("pretrain.model", {"deepspeed", "webdataset", "transformers", "sentencepiece"}) == []
+    # numpy only speeds dropout up: without it the model trains, dropout drawn by torch
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_NUMPY], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    assert got["numpy"] is False and got["replays"] and abs(got["dropped"] - 0.1) < 0.002
+    assert got["kept_value"] == pytest.approx(1 / 0.9) and math.isfinite(got["loss"]) and got["grad"] > 0
+    assert _numpy() is not None  # here, with numpy installed, its faster generator
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
