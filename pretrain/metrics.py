@@ -23,8 +23,8 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float
     """Matrix-product TFLOP/s of this process on ``device`` in ``dtype`` (the MFU denominator).
 
     Products of 8192 squared on a GPU (large enough for a GPU's matrix units to approach their
-    rate: an H200 was measured at about 790 TFLOP/s in bf16 at that size; a smaller product would
-    give a lower peak and so an MFU that reads high), 1024 on a CPU; 256 for bf16 on a CPU without
+    rate; a smaller product would give a lower peak and so an MFU that reads high; not yet
+    measured on a GPU by this project), 1024 on a CPU; 256 for bf16 on a CPU without
     AVX512-BF16 or AMX, where it is emulated and a 1024 product takes seconds."""
     n = 8192 if device.type == "cuda" else 1024
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
