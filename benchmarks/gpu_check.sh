@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short check of one CUDA node, in one command (a few minutes on one H200):
+# A short check of one CUDA node, in one command (sized for a few minutes on one GPU; not yet run on one):
 #   1. the node: GPUs, driver; torch, CUDA, NCCL and DeepSpeed versions;
 #   2. NCCL, bf16, FusedAdam and resume: `bertforge pretrain` of the tiny preset in bf16, one rank
 #      per GPU through the project's own launcher (DeepSpeed over NCCL), 40 steps with a checkpoint
