@@ -98,14 +98,16 @@ def _numpy():  # noqa: ANN202
 
 
 def _keep_flags(n: int, drop: int, seed: int) -> torch.Tensor:
-    """``n`` booleans, each True with probability ``1 - drop/65536``: 16-bit uniforms compared
-    with ``drop``, from numpy's SFC64 seeded with ``seed`` (four uniforms per 64-bit output), or,
+    """``n`` booleans, each True with probability ``1 - drop/65536``: 16-bit uniforms (four per
+    64 random bits) compared with ``drop``, the bits from numpy's SFC64 seeded with ``seed``, or,
     without numpy, from a torch generator seeded with it (another stream of the same law)."""
     np = _numpy()
-    if np is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.empty(n, dtype=torch.int32).random_(0, 65536, generator=gen) >= drop
-    bits = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit uniforms each
+    if np is None:  # torch compares no uint16: int16 lanes, uniform on [-32768, 32767], shifted
+        bits = torch.empty(-(-n // 4), dtype=torch.int64).random_(
+            -(2**63), None, generator=torch.Generator().manual_seed(seed)
+        )
+        return bits.view(torch.int16)[:n] >= drop - 32768
+    bits = np.random.SFC64(seed).random_raw(-(-n // 4))
     return torch.from_numpy(bits.view(np.uint16)[:n] >= drop)
 
 

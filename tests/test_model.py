@@ -135,6 +135,7 @@ torch.manual_seed(0)
 y = cpu_dropout(x, 0.1)
 torch.manual_seed(0)
 replays = torch.equal(cpu_dropout(x, 0.1), y)
+edges = [int(cpu_dropout(x, 1 / 65536).eq(0).sum()), int(cpu_dropout(x, 1 - 1e-6).ne(0).sum())]
 cfg = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=32)
 model = BertForMaskedLM(cfg).train()
 ids = torch.randint(5, 300, (2, 16))
@@ -143,6 +144,7 @@ labels[:, 3] = ids[:, 3]
 loss, _, _ = model(ids, labels=labels)
 loss.backward()
 print(json.dumps({"numpy": _numpy() is not None, "dropped": (y == 0).float().mean().item(), "replays": replays,
+                  "edges": edges,
                   "loss": loss.item(), "grad": model.bert.embeddings.word_embeddings.weight.grad.abs().sum().item(),
                   "kept_value": y.max().item()}))
 """
@@ -155,6 +157,7 @@ def test_model_file_imports_torch_alone() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got["numpy"] is False and got["replays"] and abs(got["dropped"] - 0.1) < 0.002
+    assert 0 < got["edges"][0] < 100 and got["edges"][1] < 100  # the quantum (~15 of 1M), and nearly all
     assert got["kept_value"] == pytest.approx(1 / 0.9) and math.isfinite(got["loss"]) and got["grad"] > 0
     assert _numpy() is not None  # here, with numpy installed, its faster generator
 
