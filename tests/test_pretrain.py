@@ -362,10 +362,9 @@ def test_keep_freed_memory_lets_a_cpu_rank_reuse_its_large_tensors() -> None:
 
 
 _STEPS = """
-import os
 import torch
-from launch.env import free_port
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+from launch.env import Ranks, export
+export(Ranks(0, 1, 0, "none"))  # one rank, as a bare start: the launcher's own environment set-up
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from launch.config import load_config
 from pretrain import engine
