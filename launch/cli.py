@@ -23,6 +23,21 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _at_least(minimum: int):  # noqa: ANN202
+    """An argparse ``type`` for a count: an integer of at least ``minimum`` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    return parse
+
+
 def _split_positional(items: list[str]) -> tuple[str | None, list[str]]:
     """Positional arguments are an optional config file followed by ``key=value`` overrides."""
     config, overrides = None, []
@@ -95,7 +110,7 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
         "back to text ([SEP] marks document ends).",
     )
     p.add_argument("dir", metavar="DIR", help="a folder written by bertforge prep")
-    p.add_argument("-n", "--samples", type=int, default=3, metavar="N", help="sequences to decode (default 3)")
+    p.add_argument("-n", "--samples", type=_at_least(0), default=3, metavar="N", help="sequences to decode (default 3)")
     p.add_argument("--split", choices=["train", "val"], default="train", help="which split (default train)")
     p.set_defaults(func=_run_inspect)
 
@@ -130,7 +145,7 @@ def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="e.g. configs/pretrain/tiny.yaml optim.lr=2e-4"
     )
-    p.add_argument("--nproc", type=int, metavar="N", help="ranks to start on this machine (default 1)")
+    p.add_argument("--nproc", type=_at_least(1), metavar="N", help="ranks to start on this machine (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=_run_pretrain)
 
@@ -145,7 +160,7 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
         "signals and TensorBoard work as for pretrain.",
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="e.g. configs/distill/tiny.yaml")
-    p.add_argument("--nproc", type=int, metavar="N", help="ranks to start on this machine (default 1)")
+    p.add_argument("--nproc", type=_at_least(1), metavar="N", help="ranks to start on this machine (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=_run_pretrain)
 
@@ -161,8 +176,6 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     if ranks.launcher != "none" and ns.nproc is not None:
         raise UserError(f"--nproc is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
     nproc = ns.nproc or 1
-    if nproc < 1:
-        raise UserError(f"--nproc {nproc}: must be at least 1")
     world = ranks.world if ranks.launcher != "none" else nproc
     build = None
     if ns.command == "distill":
@@ -201,7 +214,7 @@ def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
         "decoder weight left out) and model_config.json, from the latest checkpoint or --step N.",
     )
     p.add_argument("run_dir", metavar="RUN", help="a run folder (config key run.dir of bertforge pretrain)")
-    p.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N (default: latest)")
+    p.add_argument("--step", type=_at_least(0), metavar="N", help="the checkpoint of step N (default: latest)")
     p.add_argument("--output", metavar="FILE", help="where to write (default: inside the checkpoint folder)")
     p.set_defaults(func=_run_consolidate)
 
@@ -247,8 +260,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="run, checkpoint or export folders")
     p.add_argument("--data", required=True, metavar="DIR", help="a folder written by bertforge prep")
-    p.add_argument("--batches", type=int, default=20, metavar="N", help="val batches (default 20)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="sequences per batch (default 32)")
+    p.add_argument("--batches", type=_at_least(1), default=20, metavar="N", help="val batches (default 20)")
+    p.add_argument("--batch-size", type=_at_least(1), default=32, metavar="B", help="sequences per batch (default 32)")
     p.set_defaults(func=_run_eval)
 
 
@@ -264,7 +277,7 @@ def _fill_mask_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fill-mask", help="the top predictions for each [MASK] in a text")
     p.add_argument("model", metavar="MODEL", help="a run, checkpoint or export folder")
     p.add_argument("text", help='e.g. "Return the [MASK] of items in a container."')
-    p.add_argument("-k", "--top-k", type=int, default=5, metavar="K")
+    p.add_argument("-k", "--top-k", type=_at_least(1), default=5, metavar="K")
     p.set_defaults(func=_run_fill_mask)
 
 
@@ -311,7 +324,7 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, metavar="FILE", help="training rows (.jsonl, .csv, .tsv)")
     p.add_argument("--eval", required=True, metavar="FILE", help="rows scored after each epoch")
     p.add_argument("--config", metavar="CONFIG.yaml", help="default: configs/finetune/default.yaml")
-    p.add_argument("--nproc", type=int, metavar="N", help="ranks to start on this machine (default 1)")
+    p.add_argument("--nproc", type=_at_least(1), metavar="N", help="ranks to start on this machine (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_finetune)
 
@@ -327,8 +340,6 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     cfg = load_config(FinetuneConfig, config, [*flags, *overrides])
     ranks = env.detect()
     nproc = ns.nproc or 1
-    if nproc < 1:
-        raise UserError(f"--nproc {nproc}: must be at least 1")
     check(cfg, ranks.world if ranks.launcher != "none" else nproc)  # every file, field and label before a rank starts
     progress = not ns.no_progress and sys.stderr.isatty()
     if ranks.launcher == "none" and nproc > 1:
@@ -377,15 +388,15 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
         "and exports/ under the current folder (configs/prep/python-docs.yaml, configs/pretrain/demo.yaml, "
         "configs/distill/demo.yaml). Running it again reuses every finished stage.",
     )
-    p.add_argument("--nproc", type=int, default=2, metavar="N", help="ranks for pretraining and distillation (2)")
+    p.add_argument(
+        "--nproc", type=_at_least(1), default=2, metavar="N", help="ranks for pretraining and distillation (2)"
+    )
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(ns: argparse.Namespace) -> int:
     from launch.demo import run
 
-    if ns.nproc < 1:
-        raise UserError(f"--nproc {ns.nproc}: must be at least 1")
     return run(ns.nproc)
 
 

@@ -109,6 +109,31 @@ def test_cli_bad_usage_is_one_line_exit_2(tmp_path: Path, args: list[str], needl
     assert not (REPO / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["pretrain", "configs/pretrain/tiny.yaml", "--nproc", "0"], "argument --nproc: 0: must be at least 1"),
+        (["distill", "configs/distill/demo.yaml", "--nproc", "-2"], "argument --nproc: -2: must be at least 1"),
+        (["demo", "--nproc", "0"], "argument --nproc: 0: must be at least 1"),
+        (["eval", "m", "--data", "d", "--batches", "0"], "argument --batches: 0: must be at least 1"),
+        (["eval", "m", "--data", "d", "--batch-size", "0"], "argument --batch-size: 0: must be at least 1"),
+        (["fill-mask", "m", "a [MASK]", "-k", "0"], "argument -k/--top-k: 0: must be at least 1"),
+        (["fill-mask", "m", "a [MASK]", "-k", "two"], "argument -k/--top-k: 'two' is not an integer"),
+        (["inspect", "d", "-n", "-1"], "argument -n/--samples: -1: must be at least 0"),
+        (["consolidate", "r", "--step", "-5"], "argument --step: -5: must be at least 0"),
+    ],
+)
+def test_counts_out_of_range_are_usage_errors(args: list[str], needle: str, capsys) -> None:
+    """A count flag below its least value is refused by the parser (before it had been read as 1, or had crashed
+    deep inside a stage); in this process, since nothing heavy is imported before parsing."""
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
 def test_pretrain_contract_keys_exist_with_their_types() -> None:
     overrides = [
         "data.path=d",
