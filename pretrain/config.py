@@ -160,7 +160,8 @@ class EvalConfig:
     """Evaluate every this many steps (and at the end); 0 turns it off."""
 
     batches: int = 20
-    """Val batches per rank per evaluation (of ``train.micro_batch_size`` sequences)."""
+    """Val batches per rank per evaluation (of ``train.micro_batch_size`` sequences); a val split
+    smaller than that is read again with other masks."""
 
     seed: int = 0
     """Seed of the val masks, fixed apart from ``data.seed`` so that runs compare."""

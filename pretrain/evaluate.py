@@ -38,21 +38,20 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
     if not man["splits"]["val"]["sequences"]:
         raise UserError(f"{Path(data) / manifests.MANIFEST}: the val split is empty")
     stream = iter(ShardStream(data, "val", 0, 1, 0, batch_size, seed, MaskingConfig(), model.config.vocab_size))
-    data_batches = [next(stream) for _ in range(batches)]
     sums = torch.zeros(3, dtype=torch.float64)
-    # the best constant guess on these very positions: the floor a model must clearly beat
-    targets = torch.cat([labels[labels != IGNORE_INDEX] for _, labels in data_batches])
-    counts = torch.bincount(targets, minlength=model.config.vocab_size)
-    with torch.no_grad():
-        for ids, _ in data_batches[:2]:  # warm-up for the timing
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.int64)  # masked targets, for the floor below
+    seconds = 0.0
+    with torch.no_grad():  # batch by batch (a val split smaller than the batches asked is read again, new masks)
+        for n in range(batches):
+            ids, labels = next(stream)
+            if n < 2:  # warm-up for the timing
+                model(ids)
+            start = time.perf_counter()
             model(ids)
-        start = time.perf_counter()
-        for ids, _ in data_batches:
-            model(ids)
-        seconds = time.perf_counter() - start
-        for ids, labels in data_batches:
+            seconds += time.perf_counter() - start
             loss, correct, count = model.forward_loss(ids, labels)
             sums += torch.tensor([loss.item() * count.item(), correct.item(), count.item()], dtype=torch.float64)
+            counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=model.config.vocab_size)
     loss = (sums[0] / sums[2]).item()
     tokens = batches * batch_size * man["seq_len"]
     return {
@@ -64,6 +63,9 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
         "perplexity": math.exp(min(loss, 50)),
         "tokens_per_sec": tokens / seconds,
         "ms_per_batch": 1000 * seconds / batches,
+        "sequences": batches * batch_size,
+        "val_sequences": man["splits"]["val"]["sequences"],
+        "masked": int(sums[2]),
         "baseline_accuracy": (counts.max() / counts.sum()).item(),
         "baseline_token": int(counts.argmax()),
         "tokenizer": str(tok),
@@ -94,6 +96,11 @@ def table(rows: list[dict]) -> str:
             f"{b['accuracy'] / a['accuracy']:.1%} of the accuracy, {a['ms_per_batch'] / b['ms_per_batch']:.2f}x the speed"
         )
     r = rows[0]
+    if r["sequences"] > r["val_sequences"]:
+        lines.append(
+            f"the val split holds {r['val_sequences']:,} sequences: the {r['sequences']:,} evaluated read it "
+            f"{r['sequences'] / r['val_sequences']:.1f} times, each time with other masks ({r['masked']:,} masked tokens)"
+        )
     piece = f"id {r['baseline_token']}"
     if Path(r["tokenizer"]).is_file():
         piece = repr(tokenizers.load(Path(r["tokenizer"])).id_to_piece(r["baseline_token"]).replace("\u2581", ""))

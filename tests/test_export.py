@@ -130,6 +130,35 @@ def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, expo
     assert r.returncode == 2 and "has no [MASK]" in r.stderr
 
 
+def test_eval_past_the_end_of_the_val_split_reads_it_again_with_other_masks_and_says_so(trained, exported) -> None:
+    """More sequences asked than the val split holds: the batches are streamed (memory stays flat, where they
+    had all been held at once), the split is read again with new masks, and the table says how often."""
+    from pretrain.data import ShardStream
+    from pretrain.evaluate import evaluate, table
+    from pretrain.export import load_any
+    from pretrain.masking import MaskingConfig
+
+    data, _ = trained
+    val = json.loads((data / "manifest.json").read_text())["splits"]["val"]["sequences"]
+    batches = val // 8 + 2  # one pass and then some
+    row = evaluate(exported, data, batches=batches, batch_size=8)
+    model = load_any(exported)[0]
+    it = iter(ShardStream(data, "val", 0, 1, 0, 8, 0, MaskingConfig(), model.config.vocab_size))
+    sums, seen = np.zeros(3), []
+    with torch.no_grad():
+        for _ in range(batches):
+            ids, labels = next(it)
+            loss, correct, count = model.forward_loss(ids, labels)
+            sums += [loss.item() * count.item(), correct.item(), count.item()]
+            seen.append(labels != -100)
+    assert (row["sequences"], row["val_sequences"], row["masked"]) == (8 * batches, val, int(sums[2]))
+    assert row["loss"] == pytest.approx(sums[0] / sums[2], rel=1e-6) and row["accuracy"] == sums[1] / sums[2]
+    masks = torch.cat(seen)
+    assert not any(torch.equal(masks[i], masks[j]) for i in range(val) for j in range(val, len(masks)))
+    assert f"the val split holds {val:,} sequences: the {8 * batches:,} evaluated read it" in table([row])
+    assert "the val split holds" not in table([evaluate(exported, data, batches=1, batch_size=8)])
+
+
 def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained, tmp_path) -> None:
     from pretrain.export import export
 
