@@ -559,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bertforge: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a path the system refuses (no such folder, read-only, disk full): one line
+        if err.filename is None:
+            raise
+        print(f"bertforge: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

@@ -488,11 +488,14 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
     """Write the fp32 weights of a checkpoint (``latest`` by default), ZeRO shards gathered, as
     safetensors with the resolved model config beside them. Returns the file written."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from pretrain import engine
 
     run_dir = Path(run_dir)
+    if output is not None and not Path(output).parent.is_dir():
+        raise UserError(f"--output {output}: no folder {Path(output).parent} to write it in")
     name = ckpt.tag(step) if step is not None else ckpt.latest(run_dir)
     if name is None:
         raise UserError(f"{ckpt.folder(run_dir)}: no checkpoint (no 'latest'); has the run saved one?")
@@ -502,8 +505,11 @@ def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
     weights = engine.consolidated_state_dict(ckpt.folder(run_dir), name)
     weights.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
     output = Path(output) if output else ckpt.folder(run_dir) / name / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(output), metadata={"step": str(state["step"])})
-    (output.parent / "model_config.json").write_text(json.dumps(state["config"]["model"], indent=1) + "\n")
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(output), metadata={"step": str(state["step"])})
+        (output.parent / "model_config.json").write_text(json.dumps(state["config"]["model"], indent=1) + "\n")
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder
+        raise RunError(f"{output}: could not write the consolidated weights: {err}") from None
     return output
 
 

@@ -159,7 +159,8 @@ def test_eval_past_the_end_of_the_val_split_reads_it_again_with_other_masks_and_
     assert "the val split holds" not in table([evaluate(exported, data, batches=1, batch_size=8)])
 
 
-def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained, tmp_path) -> None:
+def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained, tmp_path, capsys) -> None:
+    from launch.cli import main
     from pretrain.export import export
 
     _, run = trained
@@ -176,6 +177,11 @@ def test_bad_sources_and_outputs_are_refused_and_nothing_is_overwritten(trained,
     assert "exists and is not empty" in refused(run, busy)
     assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
     assert "--format tflite" in refused(run, tmp_path / "o2", "hf,tflite")
+    blocker = tmp_path / "a-file"  # a place the system refuses, found only by writing (any command: one line, exit 1)
+    blocker.write_text("")
+    assert main(["export", str(run), "--output", str(blocker / "model")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bertforge: error: {blocker}/") and "Not a directory" in lines[0]
     # a checkpoint whose save did not finish, and one whose weights file is damaged
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from data_prep.errors import RunError
 from pretrain import checkpoint as ckpt
 from pretrain.config import cpu_has_bf16, native_precision
 from tests.conftest import REPO, refusal, run_cli, run_prep
@@ -87,6 +88,11 @@ def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision
         assert r.stdout.strip() == f"wrote {run / 'checkpoints/step_00000030/model.safetensors'}"
     else:
         consolidate(run, None, None)
+        out = run / "elsewhere"
+        assert "no folder" in refusal(consolidate, run, None, out / "x.safetensors")  # checked before the gather
+        out.mkdir()
+        with pytest.raises(RunError, match="could not write the consolidated weights: .*Is a directory"):
+            consolidate(run, None, out)  # what only the write finds: one line, not the library's traceback
 
     model = load_consolidated(run / "checkpoints/step_00000030/model.safetensors").eval()
     sums = np.zeros(3)
