@@ -462,8 +462,9 @@ def masked_positions(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def num_parameters(model: nn.Module) -> int:
-    """Parameters, counting the tied embedding once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Parameters, counting the tied embedding once (under ZeRO 3, whose ranks each hold a slice of
+    every parameter, the whole: DeepSpeed keeps it as ``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, mask_fraction: float) -> float:

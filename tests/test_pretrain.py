@@ -70,6 +70,7 @@ def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision
     r = pretrain(dataset, run, f"train.zero_stage={zero}", f"train.precision={precision}", "train.max_steps=30",
                  "optim.lr=3e-3", "checkpoint.every=30")  # fmt: skip
     ok(r)
+    started = r.stdout
     assert f"ZeRO {zero}, {precision}" in r.stdout
     emulated = precision == "bf16" and not cpu_has_bf16()  # said once, by rank 0
     assert r.stdout.count("this CPU has neither AVX512-BF16 nor AMX: its bf16 matrix products are emulated") == emulated
@@ -95,6 +96,9 @@ def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision
             consolidate(run, None, out)  # what only the write finds: one line, not the library's traceback
 
     model = load_consolidated(run / "checkpoints/step_00000030/model.safetensors").eval()
+    from pretrain.model import num_parameters
+
+    assert f"model {num_parameters(model) / 1e6:.2f}M parameters" in started  # the whole, also under ZeRO 3
     sums = np.zeros(3)
     with torch.no_grad():
         for rank in range(2):
