@@ -5,7 +5,8 @@ Every shard of the manifest is read by exactly one *slot* (a loader worker of a 
 epochs are laid end to end, so slot ``s`` reads shards ``s, s + S, s + 2S, ...`` of that endless
 sequence: no slot ever starves, whatever the shard count, and every shard of an epoch is read
 once before any is read again. Inside a shard the sequences are shuffled with a seeded
-permutation (the shuffle buffer is the shard: ``block_size`` x the blocks of one shard).
+permutation (the shuffle buffer is the shard: ``block_size`` x the blocks of one shard). Each
+shard is checked against its sha256 in the manifest as it is opened (:class:`DamagedShard`).
 
 Batches are masked with a generator seeded by (seed, slot, batch number), so the stream is a
 pure function of the config and of how many batches were taken. That is all a resume needs:
@@ -29,8 +30,22 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import manifest as manifests
+from data_prep.errors import RunError
 from data_prep.shards import read_blocks
+from data_prep.tokenizer import sha256
 from pretrain.masking import MaskingConfig, mask_batch
+
+
+class DamagedShard(RunError):
+    """A shard whose bytes no longer match the manifest's checksum (checked as each shard is read).
+
+    Raised in a loader worker, it reaches the trainer re-made by torch from the worker's whole
+    traceback text: the message keeps only its own last line, so the command line still prints
+    one line."""
+
+    def __init__(self, message: str) -> None:
+        last = message.rstrip().rsplit("\n", 1)[-1]
+        super().__init__(last.removeprefix(f"{__name__}.{type(self).__name__}: "))
 
 
 class ShardStream(IterableDataset):
@@ -53,7 +68,9 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.folder = Path(folder)
         man = manifests.load(self.folder)
-        self.shards = [(s["path"], s["sequences"]) for s in man["splits"][split]["shards"] if s["sequences"]]
+        listed = [s for s in man["splits"][split]["shards"] if s["sequences"]]
+        self.shards = [(s["path"], s["sequences"]) for s in listed]
+        self.sha256 = [s["sha256"] for s in listed]
         if not self.shards:
             raise ValueError(f"{self.folder}: the {split} split has no sequences")
         self.rank, self.world, self.num_workers = rank, world, num_workers
@@ -74,7 +91,14 @@ class ShardStream(IterableDataset):
             if skip >= count:  # skipped whole, by its count in the manifest: never read
                 skip -= count
             else:
-                seqs = np.concatenate(list(read_blocks(self.folder / path)))
+                file = self.folder / path
+                if sha256(file) != self.sha256[index]:  # a damaged shard would feed ids beyond the vocabulary
+                    raise DamagedShard(
+                        f"{file}: its sha256 differs from {self.folder / manifests.MANIFEST}: damaged or changed "
+                        "since bertforge prep wrote it (restore it, or prep the data again); stopped, the last "
+                        "checkpoint kept"
+                    )
+                seqs = np.concatenate(list(read_blocks(file)))
                 order = np.random.default_rng([self.seed, k, 1]).permutation(len(seqs))
                 for i in order[skip:]:
                     yield seqs[i]
@@ -122,3 +146,13 @@ def build_loader(stream: ShardStream) -> DataLoader:
             0
         ),  # the batches are seeded by the stream; keep torch's global RNG untouched
     )
+
+
+def close_loader(it: Iterator) -> None:
+    """Stop the worker processes of a loader's iterator now, as its deletion would if nothing else
+    held it. An error raised in a worker (a damaged shard) holds the iterator in its traceback
+    until it is collected; at exit, multiprocessing would then send the workers SIGTERM, which
+    they ignore (:func:`_ignore_stop_signals`), and wait for them forever."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # torch's own, what the iterator's __del__ calls
+    if shutdown is not None:
+        shutdown()

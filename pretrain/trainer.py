@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +44,7 @@ from pretrain.config import (
     precision_warning,
     resolve_precision,
 )
-from pretrain.data import ShardStream, build_loader
+from pretrain.data import DamagedShard, ShardStream, build_loader, close_loader
 from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
 
 # Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, log.every, ...)
@@ -206,6 +207,28 @@ def _fault(kind: str, step: int) -> bool:
     return bool(_FAULT) and _FAULT == f"{kind}@{step}"  # (on the hot path: nothing when unset)
 
 
+def _next_batch(it: Iterator, micro: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, DamagedShard | None]:
+    """The next batch; or, where its shard is damaged, a stand-in batch (all [PAD]) and the error.
+
+    The rank goes on with the stand-in into the step's collectives (ZeRO 3 gathers parameters in
+    the forward pass) and raises the error through the flags all ranks reduce, so that they all
+    stop together and the error is printed by the rank (or ranks) that met it."""
+    try:
+        return *next(it), None
+    except DamagedShard as err:
+        ids = torch.zeros(micro, seq_len, dtype=torch.long)
+        return ids, ids.clone(), err
+
+
+def _damaged(err: DamagedShard | None, rank: int) -> RunError:
+    """What each rank raises once some rank met a damaged shard: the error there, a quiet copy elsewhere."""
+    return (
+        RunError(str(err), quiet=False)
+        if err
+        else RunError(f"rank {rank}: stopped with a rank whose shard is damaged", quiet=True)
+    )
+
+
 def _data_position(batches: int, world: int, workers: int, micro: int) -> list[dict]:
     """Where every loader worker of every rank stands: the slot it reads and the batches it gave."""
     roles = max(1, workers)
@@ -307,14 +330,20 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         nonlocal peak
         eng.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=device)
+        damaged = None
         with torch.no_grad():
             it = iter(val)
             for _ in range(cfg.eval.batches):
-                ids, labels = next(it)
+                if damaged is None:  # (after an error, the stand-in again: the stream has ended)
+                    ids, labels, damaged = _next_batch(it, micro, seq_len)
                 loss, correct, count = eng(ids.to(device), labels=labels.to(device))
                 teacher = getattr(eng.module, "loss_terms", {}).get("teacher_correct", torch.zeros((), device=device))
                 sums += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
+        bad = torch.tensor([float(damaged is not None)], device=device)
         dist.all_reduce(sums)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise _damaged(damaged, rank)
         eng.train()
         loss = (sums[0] / sums[2]).item()
         out = {
@@ -360,7 +389,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     bar = tqdm(
         total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
     )
-    flags = torch.zeros(2, device=device)
+    flags = torch.zeros(3, device=device)  # non-finite loss, stop signal, damaged shard: on any rank
     # The random state of dropout, set last: nothing above may draw from it after this
     if latest is not None:
         ckpt.load_rng(root / latest, rank)
@@ -370,7 +399,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         while step < cfg.train.max_steps:
             start, good = time.perf_counter(), 0
             while good < accum:
-                ids, labels = next(it)
+                ids, labels, damaged = _next_batch(it, micro, seq_len)
                 batches += 1
                 loss, correct, count = eng(
                     ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
@@ -379,7 +408,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 if _fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
                     value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
                 flags[0], flags[1] = float(not math.isfinite(value)), float(stop.signal is not None)
+                flags[2] = float(damaged is not None)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[2]:
+                    raise _damaged(damaged, rank)
                 if flags[0]:
                     bad_in_row += 1
                     bad_total += 1
@@ -480,6 +512,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         bar.close()
         if logger:
             logger.close()
+        close_loader(it)
         del it, loader
         if dist.is_initialized():
             dist.destroy_process_group()

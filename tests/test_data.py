@@ -95,3 +95,32 @@ def test_a_resume_reads_at_most_one_shard_per_worker(dataset, monkeypatch) -> No
     next(it)
     assert len(reads) == 1
     assert np.asarray(next(it)[0]).shape == (4, 32)
+
+
+def test_a_damaged_shard_is_named_in_one_line_in_this_process_and_from_a_loader_worker(dataset, tmp_path) -> None:
+    """The reader checks each shard's sha256 against the manifest as it opens it: the error names
+    the file, in one line also when torch re-raises it from a worker, and closing the loader then
+    stops its workers (which ignore SIGTERM; left to the exit, they had hung the rank)."""
+    import multiprocessing
+    import shutil
+
+    from pretrain.data import DamagedShard, close_loader
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    s = stream(copy)
+    victim = copy / s.shards[s._shard_at(0)][0]  # the first shard slot 0 reads
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 1  # one bit of a token id in the first member (its header is bytes 0-511)
+    victim.write_bytes(bytes(data))
+    expected = f"{victim}: its sha256 differs from {copy}/manifest.json: damaged or changed since bertforge prep"
+    with pytest.raises(DamagedShard) as err:
+        next(iter(s))
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    it = iter(build_loader(stream(copy, num_workers=1)))
+    with pytest.raises(DamagedShard) as err:
+        next(it)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    assert multiprocessing.active_children()
+    close_loader(it)
+    assert not multiprocessing.active_children()

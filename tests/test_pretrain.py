@@ -339,6 +339,41 @@ def test_a_missing_shard_is_named(dataset, tmp_path) -> None:
     assert r.returncode == 2 and f"{victim}: shard listed in {copy}/manifest.json is missing" in r.stderr
 
 
+def test_a_damaged_shard_stops_every_rank_keeping_the_last_checkpoint_and_resumes_once_restored(
+    dataset, tmp_path
+) -> None:
+    """A shard whose bytes changed after prep (its ids could lie beyond the vocabulary) is found by its
+    checksum when a rank reaches it: every rank stops at that step, the error is one line from the rank
+    that met it, and with the file restored the same command resumes from the last checkpoint."""
+    import shutil
+
+    from pretrain.data import ShardStream
+    from pretrain.masking import MaskingConfig
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    s = ShardStream(copy, "train", 1, 2, 1, 8, 0, MaskingConfig(), 1000)  # rank 1 of 2, one loader worker
+    first, second = (s.shards[s._shard_at(k)] for k in (1, 3))  # rank 1's first two shards
+    reached = first[1] // 8 + 1  # the step at which rank 1 starts on its second shard
+    victim = copy / second[0]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:512] + bytes(b ^ 0xFF for b in good[512:1024]) + good[1024:])
+    run = tmp_path / "run"
+    ends = f"train.max_steps={reached + 5}"
+    r = pretrain(copy, run, ends, "checkpoint.every=5", "data.num_workers=1", "eval.every=0", "data.seed=0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("bertforge: error")] == [
+        f"bertforge: error: {victim}: its sha256 differs from {copy}/manifest.json: damaged or changed since "
+        "bertforge prep wrote it (restore it, or prep the data again); stopped, the last checkpoint kept"
+    ]  # once: rank 0 stops with it, quietly
+    kept = int(ckpt.latest(run).split("_")[1])
+    assert kept == (reached - 1) // 5 * 5 and kept > 0 and max(losses(run)) == reached - 1  # the steps before it
+    victim.write_bytes(good)
+    r = pretrain(copy, run, ends, "checkpoint.every=5", "data.num_workers=1", "eval.every=0", "data.seed=0")
+    ok(r)
+    assert f"resuming from step_{kept:08d}" in r.stdout and ckpt.latest(run) == f"step_{reached + 5:08d}"
+
+
 def test_pretrain_help_lists_the_contract_keys() -> None:
     r = run_cli("pretrain", "--help")
     assert r.returncode == 0 and "--nproc" in r.stdout and "resumes" in r.stdout
