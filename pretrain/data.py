@@ -95,8 +95,7 @@ class ShardStream(IterableDataset):
                 if sha256(file) != self.sha256[index]:  # a damaged shard would feed ids beyond the vocabulary
                     raise DamagedShard(
                         f"{file}: its sha256 differs from {self.folder / manifests.MANIFEST}: damaged or changed "
-                        "since bertforge prep wrote it (restore it, or prep the data again); stopped, the last "
-                        "checkpoint kept"
+                        "since bertforge prep wrote it (restore it, or prep the data again)"
                     )
                 seqs = np.concatenate(list(read_blocks(file)))
                 order = np.random.default_rng([self.seed, k, 1]).permutation(len(seqs))

@@ -212,7 +212,7 @@ def _next_batch(it: Iterator, micro: int, seq_len: int) -> tuple[torch.Tensor, t
 
     The rank goes on with the stand-in into the step's collectives (ZeRO 3 gathers parameters in
     the forward pass) and raises the error through the flags all ranks reduce, so that they all
-    stop together and the error is printed by the rank (or ranks) that met it."""
+    stop together and the error is printed once, by the first rank that met it."""
     try:
         return *next(it), None
     except DamagedShard as err:
@@ -220,13 +220,12 @@ def _next_batch(it: Iterator, micro: int, seq_len: int) -> tuple[torch.Tensor, t
         return ids, ids.clone(), err
 
 
-def _damaged(err: DamagedShard | None, rank: int) -> RunError:
-    """What each rank raises once some rank met a damaged shard: the error there, a quiet copy elsewhere."""
-    return (
-        RunError(str(err), quiet=False)
-        if err
-        else RunError(f"rank {rank}: stopped with a rank whose shard is damaged", quiet=True)
-    )
+def _damaged(err: DamagedShard | None, first: int, rank: int, where: str, run_dir: Path) -> RunError:
+    """What each rank raises once some rank met a damaged shard (``where``: "at step N"): the error,
+    printed by the first rank that met it (``first``), a quiet copy on the others."""
+    if err is None or rank != first:
+        return RunError(f"rank {rank}: stopped with rank {first}, whose shard is damaged", quiet=True)
+    return RunError(f"{err}; every rank stopped {where}, the last checkpoint is {ckpt.latest(run_dir) or 'none'}")
 
 
 def _data_position(batches: int, world: int, workers: int, micro: int) -> list[dict]:
@@ -339,11 +338,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 loss, correct, count = eng(ids.to(device), labels=labels.to(device))
                 teacher = getattr(eng.module, "loss_terms", {}).get("teacher_correct", torch.zeros((), device=device))
                 sums += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
-        bad = torch.tensor([float(damaged is not None)], device=device)
+        bad = torch.tensor([float(world - rank if damaged else 0)], device=device)  # max: the first rank with one
         dist.all_reduce(sums)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            raise _damaged(damaged, rank)
+            raise _damaged(damaged, world - int(bad.item()), rank, f"evaluating at step {step}", run_dir)
         eng.train()
         loss = (sums[0] / sums[2]).item()
         out = {
@@ -389,7 +388,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     bar = tqdm(
         total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
     )
-    flags = torch.zeros(3, device=device)  # non-finite loss, stop signal, damaged shard: on any rank
+    flags = torch.zeros(3, device=device)  # non-finite loss, stop signal, damaged shard: on some rank
     # The random state of dropout, set last: nothing above may draw from it after this
     if latest is not None:
         ckpt.load_rng(root / latest, rank)
@@ -408,10 +407,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 if _fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
                     value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
                 flags[0], flags[1] = float(not math.isfinite(value)), float(stop.signal is not None)
-                flags[2] = float(damaged is not None)
+                flags[2] = float(world - rank if damaged else 0)  # max: the first rank that met a damaged shard
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[2]:
-                    raise _damaged(damaged, rank)
+                    raise _damaged(damaged, world - int(flags[2].item()), rank, f"at step {step + 1}", run_dir)
                 if flags[0]:
                     bad_in_row += 1
                     bad_total += 1

@@ -362,16 +362,25 @@ def test_a_damaged_shard_stops_every_rank_keeping_the_last_checkpoint_and_resume
     ends = f"train.max_steps={reached + 5}"
     r = pretrain(copy, run, ends, "checkpoint.every=5", "data.num_workers=1", "eval.every=0", "data.seed=0")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    kept = (reached - 1) // 5 * 5
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("bertforge: error")] == [
         f"bertforge: error: {victim}: its sha256 differs from {copy}/manifest.json: damaged or changed since "
-        "bertforge prep wrote it (restore it, or prep the data again); stopped, the last checkpoint kept"
+        f"bertforge prep wrote it (restore it, or prep the data again); every rank stopped at step {reached}, "
+        f"the last checkpoint is step_{kept:08d}"
     ]  # once: rank 0 stops with it, quietly
-    kept = int(ckpt.latest(run).split("_")[1])
-    assert kept == (reached - 1) // 5 * 5 and kept > 0 and max(losses(run)) == reached - 1  # the steps before it
+    assert ckpt.latest(run) == f"step_{kept:08d}" and kept > 0 and max(losses(run)) == reached - 1
     victim.write_bytes(good)
     r = pretrain(copy, run, ends, "checkpoint.every=5", "data.num_workers=1", "eval.every=0", "data.seed=0")
     ok(r)
     assert f"resuming from step_{kept:08d}" in r.stdout and ckpt.latest(run) == f"step_{reached + 5:08d}"
+    val = sorted((copy / "val").glob("*.tar"))  # and in the evaluation at the end (every rank reads val)
+    for shard in val:
+        shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    r = pretrain(copy, run, f"train.max_steps={reached + 10}", "data.num_workers=1", "eval.every=1000")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("bertforge: error")]
+    assert len(errors) == 1 and f"every rank stopped evaluating at step {reached + 10}, the last" in errors[0]
+    assert errors[0].startswith(f"bertforge: error: {val[0]}: its sha256 differs") or len(val) > 1, errors
 
 
 def test_pretrain_help_lists_the_contract_keys() -> None:
