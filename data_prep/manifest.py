@@ -117,6 +117,33 @@ def check(
         )
 
 
+def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, int, list[str]]:
+    """Check every file the manifest lists (the tokenizer and each shard) for its size and sha256.
+
+    Returns ``(files, bytes, problems)``: one line per file that is missing, of another size, or
+    of another checksum (damaged, or changed since prep wrote it)."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    listed = [(man["tokenizer"]["file"], None, man["tokenizer"]["sha256"])]
+    listed += [
+        (s["path"], s["bytes"], s["sha256"]) for split in ("train", "val") for s in man["splits"][split]["shards"]
+    ]
+    total = sum(size or 0 for _, size, _ in listed)
+    problems = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
+        for name, size, digest in listed:
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif size is not None and path.stat().st_size != size:
+                problems.append(f"{path}: {path.stat().st_size:,} bytes, the manifest says {size:,}")
+            elif tokenizer.sha256(path) != digest:
+                problems.append(f"{path}: sha256 differs from the manifest's (damaged, or changed after prep)")
+            bar.update(size or 0)
+    return len(listed), total, problems
+
+
 def summary(man: dict, seconds: float | None = None) -> str:
     """A human-readable table of a manifest: splits, tokenizer and the input account."""
     rows = [("split", "shards", "sequences", "tokens", "pad", "bytes", "bytes/token")]

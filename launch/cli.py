@@ -112,6 +112,11 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", metavar="DIR", help="a folder written by bertforge prep")
     p.add_argument("-n", "--samples", type=_at_least(0), default=3, metavar="N", help="sequences to decode (default 3)")
     p.add_argument("--split", choices=["train", "val"], default="train", help="which split (default train)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every shard and the tokenizer against the manifest's sizes and sha256 (exit 1 if any differs)",
+    )
     p.set_defaults(func=_run_inspect)
 
 
@@ -120,6 +125,13 @@ def _run_inspect(ns: argparse.Namespace) -> int:
 
     man = manifest.load(ns.dir)
     print(manifest.summary(man))
+    if ns.verify:
+        files, size, problems = manifest.verify(man, ns.dir, progress=sys.stderr.isatty())
+        for line in problems:
+            print(f"bertforge: error: {line}", file=sys.stderr)
+        if problems:
+            raise RunError(f"{ns.dir}: {len(problems)} of {files} files differ from the manifest", quiet=True)
+        print(f"verified: {files} files ({size / 1e6:,.1f} MB of shards) match the manifest's sizes and sha256")
     sp = tokenizer.load(Path(ns.dir) / man["tokenizer"]["file"])
     shown = 0
     for shard in man["splits"][ns.split]["shards"]:

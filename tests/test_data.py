@@ -124,3 +124,32 @@ def test_a_damaged_shard_is_named_in_one_line_in_this_process_and_from_a_loader_
     assert multiprocessing.active_children()
     close_loader(it)
     assert not multiprocessing.active_children()
+
+
+def test_inspect_verify_checks_every_file_against_the_manifest(dataset, tmp_path, capsys) -> None:
+    """``bertforge inspect DIR --verify``: a dataset copied to a cluster's storage checked before a
+    job starts; each file that is missing, of another size or of another checksum is named."""
+    import shutil
+
+    from launch.cli import main
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    files = 1 + sum(len(man["splits"][split]["shards"]) for split in ("train", "val"))
+    assert main(["inspect", str(copy), "--verify", "-n", "0"]) == 0
+    assert f"verified: {files} files (" in capsys.readouterr().out
+    train = [copy / s["path"] for s in man["splits"]["train"]["shards"]]
+    train[0].unlink()
+    train[1].write_bytes(train[1].read_bytes()[:-1])
+    data = bytearray(train[2].read_bytes())
+    data[1000] ^= 1
+    train[2].write_bytes(bytes(data))
+    assert main(["inspect", str(copy), "--verify", "-n", "0"]) == 1
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"bertforge: error: {train[0]}: missing",
+        f"bertforge: error: {train[1]}: {train[1].stat().st_size:,} bytes, the manifest says {train[1].stat().st_size + 1:,}",
+        f"bertforge: error: {train[2]}: sha256 differs from the manifest's (damaged, or changed after prep)",
+    ]
+    assert "verified" not in out.out
