@@ -406,8 +406,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 value = loss.item()
                 if _fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
                     value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
-                flags[0], flags[1] = float(not math.isfinite(value)), float(stop.signal is not None)
-                flags[2] = float(world - rank if damaged else 0)  # max: the first rank that met a damaged shard
+                # (the third: world - rank, so that the max names the first rank that met a damaged shard)
+                mine = [not math.isfinite(value), stop.signal is not None, world - rank if damaged else 0]
+                flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[2]:
                     raise _damaged(damaged, world - int(flags[2].item()), rank, f"at step {step + 1}", run_dir)
