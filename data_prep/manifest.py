@@ -134,10 +134,11 @@ def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, 
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
         for name, size, digest in listed:
             path = folder / name
-            if not path.is_file():
+            found = path.stat().st_size if path.is_file() else None
+            if found is None:
                 problems.append(f"{path}: missing")
-            elif size is not None and path.stat().st_size != size:
-                problems.append(f"{path}: {path.stat().st_size:,} bytes, the manifest says {size:,}")
+            elif size is not None and found != size:
+                problems.append(f"{path}: {found:,} bytes, the manifest says {size:,}")
             elif tokenizer.sha256(path) != digest:
                 problems.append(f"{path}: sha256 differs from the manifest's (damaged, or changed after prep)")
             bar.update(size or 0)

@@ -70,7 +70,7 @@ class ShardStream(IterableDataset):
         man = manifests.load(self.folder)
         listed = [s for s in man["splits"][split]["shards"] if s["sequences"]]
         self.shards = [(s["path"], s["sequences"]) for s in listed]
-        self.sha256 = [s["sha256"] for s in listed]
+        self.digests = [s["sha256"] for s in listed]  # each shard's sha256, as the manifest has it
         if not self.shards:
             raise ValueError(f"{self.folder}: the {split} split has no sequences")
         self.rank, self.world, self.num_workers = rank, world, num_workers
@@ -92,7 +92,7 @@ class ShardStream(IterableDataset):
                 skip -= count
             else:
                 file = self.folder / path
-                if sha256(file) != self.sha256[index]:  # a damaged shard would feed ids beyond the vocabulary
+                if sha256(file) != self.digests[index]:  # a damaged shard would feed ids beyond the vocabulary
                     raise DamagedShard(
                         f"{file}: its sha256 differs from {self.folder / manifests.MANIFEST}: damaged or changed "
                         "since bertforge prep wrote it (restore it, or prep the data again)"
