@@ -17,7 +17,9 @@
 # data is $DATA (default data/python-docs, which make demo writes; prepared when missing). The
 # precision is the node's native one (train.precision=auto: bf16 on a GPU that has it); on a
 # machine without a GPU the same stages run on the CPU (the test suite does so). PRESET and
-# STEPS (default 20 a timed pass) set the throughput shape. Exit status 1: a stage failed.
+# STEPS (default 20 a timed pass) set the throughput shape; BENCH_ARGS, more arguments for
+# benchmarks/train_throughput.py (the test suite's CPU run: a smaller batch, one round). Exit
+# status 1: a stage failed.
 set -uo pipefail
 repo=$(realpath "$(dirname "$0")/..")
 out=$(realpath -m "${1:-$repo/runs/gpu-check}")  # paths given are the caller's, before the cd
@@ -91,8 +93,9 @@ assert steps == sorted(set(steps)) and steps[-1] == 60, "the second run did not 
 assert train[-1]["train/loss"] < train[0]["train/loss"], "the loss did not fall"
 EOF
 
+read -ra bench_args <<< "${BENCH_ARGS:-}"
 stage "train_throughput, $preset, bf16 and fp32 (fp32 alone on a CPU without bf16 units)"
 "$py" benchmarks/train_throughput.py --preset "$preset" --steps "${STEPS:-20}" --rounds 3 \
-  --data "$data" --json "$out/throughput.jsonl" || status=1
+  --data "$data" --json "$out/throughput.jsonl" "${bench_args[@]}" || status=1
 stage "done: exit status $status"
 exit $status

@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="our model under torch.compile (train.compile=true)")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards for the reader measurement")
     ap.add_argument("--memory", action="store_true", help="also peak memory per rank, ZeRO 0 vs 2 (2 ranks)")
+    ap.add_argument("--reader-seconds", type=float, default=10.0, help="how long the reader is timed (default 10)")
     ap.add_argument("--json", type=Path, help="also append each figure as a JSON line to this file (make bench)")
     args = ap.parse_args()
 
@@ -298,7 +299,7 @@ def main() -> None:
 
     if args.data.is_dir():
         cfg = load_config(PretrainConfig, None, [])
-        rate = reader_rate(args.data, args.micro_batch, cfg.data.num_workers)
+        rate = reader_rate(args.data, args.micro_batch, cfg.data.num_workers, args.reader_seconds)
         best = max(ours_rate.values(), default=float("nan"))
         print(f"shard reader ({cfg.data.num_workers} workers, {args.data}): {rate:,.0f} tok/s = "
               f"{rate / best:.1f}x our fastest training rate")  # fmt: skip
