@@ -17,8 +17,16 @@ from tests.conftest import REPO
 @pytest.mark.slow
 def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
     out = tmp_path / "check"
-    env = {**os.environ, "PYTHON": sys.executable, "PRESET": "tiny", "STEPS": "2", "DATA": str(train_data),
-           "BENCH_ARGS": "--micro-batch 8 --rounds 1 --reader-seconds 2"}  # the stages run; the figures are not the point
+    # the stages must run; the figures are not the point here: a small batch, one round
+    bench = "--micro-batch 8 --rounds 1 --reader-seconds 2"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PRESET": "tiny",
+        "STEPS": "2",
+        "DATA": str(train_data),
+        "BENCH_ARGS": bench,
+    }
     # OUT as the caller's relative path: the script resolves it before it moves to the checkout
     r = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), "check"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
