@@ -19,7 +19,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"bertforge: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        where = "" if self.prog == "bertforge" else f"{self.prog}: "  # a subcommand's errors name it
+        print(f"bertforge: error: {where}{message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -288,7 +289,7 @@ def _run_eval(ns: argparse.Namespace) -> int:
 def _fill_mask_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fill-mask", help="the top predictions for each [MASK] in a text")
     p.add_argument("model", metavar="MODEL", help="a run, checkpoint or export folder")
-    p.add_argument("text", help='e.g. "Return the [MASK] of items in a container."')
+    p.add_argument("text", nargs="+", help='e.g. "Return the [MASK] of items in a container." (words are joined)')
     p.add_argument("-k", "--top-k", type=_at_least(1), default=5, metavar="K")
     p.set_defaults(func=_run_fill_mask)
 
@@ -296,7 +297,7 @@ def _fill_mask_parser(sub: argparse._SubParsersAction) -> None:
 def _run_fill_mask(ns: argparse.Namespace) -> int:
     from pretrain.evaluate import fill_mask
 
-    for i, preds in enumerate(fill_mask(Path(ns.model), ns.text, ns.top_k)):
+    for i, preds in enumerate(fill_mask(Path(ns.model), " ".join(ns.text), ns.top_k)):
         print(f"[MASK] {i + 1}: " + ", ".join(f"{piece.replace(chr(0x2581), '')!r} {p:.3f}" for piece, p in preds))
     return 0
 
@@ -546,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _submit_parser(sub)
     _jobs_parser(sub)
+    for p in sub.choices.values():  # so that an unknown option is reported by its own subcommand
+        p.set_defaults(parser=p)
     return parser
 
 
@@ -556,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     # argparse stops a nargs="*" positional at the first option: overrides after options land here
     unknown = [x for x in extra if x.startswith("-") or not hasattr(ns, "args")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        ns.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         ns.args = [*ns.args, *extra]
     try:

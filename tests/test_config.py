@@ -121,6 +121,12 @@ def test_cli_bad_usage_is_one_line_exit_2(tmp_path: Path, args: list[str], needl
         (["fill-mask", "m", "a [MASK]", "-k", "two"], "argument -k/--top-k: 'two' is not an integer"),
         (["inspect", "d", "-n", "-1"], "argument -n/--samples: -1: must be at least 0"),
         (["consolidate", "r", "--step", "-5"], "argument --step: -5: must be at least 0"),
+        # an unknown option is reported by its subcommand, which points at its own --help
+        (
+            ["pretrain", "c.yaml", "--bogus"],
+            "bertforge pretrain: unrecognized arguments: --bogus (see bertforge pretrain",
+        ),
+        (["frobnicate"], "bertforge: error: argument COMMAND: invalid choice: 'frobnicate'"),
     ],
 )
 def test_counts_out_of_range_are_usage_errors(args: list[str], needle: str, capsys) -> None:

@@ -126,6 +126,10 @@ def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, expo
     assert r.returncode == 0 and r.stdout.startswith("[MASK] 1: "), r.stdout
     probs = [float(p) for p in re.findall(r" (\d\.\d{3})(?:,|$)", r.stdout.strip())]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True), r.stdout
+    words = run_cli(
+        "fill-mask", str(exported), "Return", "the", "[MASK]", "of", "items", "in", "a", "container.", "-k", "3"
+    )
+    assert words.stdout == r.stdout, words.stderr  # the text unquoted: its words are joined
     r = run_cli("fill-mask", str(exported), "no mask here")
     assert r.returncode == 2 and "has no [MASK]" in r.stderr
 
