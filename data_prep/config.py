@@ -31,7 +31,7 @@ class TokenizerConfig:
     """Pieces in the vocabulary, special and byte-fallback pieces included (``--vocab-size``).
     32768 = 2^15: a multiple of 64 for GPU matrix shapes, and fits uint16 storage."""
 
-    sample_lines: int = 1_000_000
+    sample_lines: int = field(default=1_000_000, metadata={"range": "[1, inf)"})
     """Lines drawn (reservoir sampling, seeded) from the whole input to train on: bounds the
     trainer's memory and time whatever the corpus size."""
 
@@ -39,13 +39,13 @@ class TokenizerConfig:
     """Input read for the sample, taken evenly from the start of every unit: bounds the sample
     pass's time on a corpus of any size (2 GB of text holds ~20M lines to draw from)."""
 
-    max_line_chars: int = 4096
+    max_line_chars: int = field(default=4096, metadata={"range": "[1, inf)"})
     """Sampled lines are cut to this length (SentencePiece's own per-sentence limit is 4192 bytes)."""
 
-    character_coverage: float = 0.9995
+    character_coverage: float = field(default=0.9995, metadata={"range": "(0, 1]"})
     """Share of characters the vocabulary must cover; the rest go through byte fallback."""
 
-    threads: int = 4
+    threads: int = field(default=4, metadata={"range": "[1, inf)"})
     """Trainer threads. Fixed rather than taken from the machine because the unigram trainer's
     result depends on it: the same config must give the same tokenizer everywhere."""
 

@@ -1,12 +1,15 @@
 """Typed configuration: dataclass schema <- YAML file <- dotted overrides.
 
-OmegaConf's structured configs do the merging and the type checks; this module only turns
-their errors into one line that names the key (and the file it came from).
+OmegaConf's structured configs do the merging and the type checks; this module turns their
+errors into one line that names the key (and the file or override it came from), and refuses a
+number outside the interval its field declares (``field(metadata={"range": "[0, 1)"})``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +39,7 @@ def load_config(
     :class:`UserError` naming the key; a malformed override names the override.
     """
     merged = OmegaConf.structured(schema)
+    stages = []  # (where a value came from, the merge up to it): to name the source of a refusal
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -52,11 +56,13 @@ def load_config(
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as err:
             raise UserError(_one_line(err, str(path))) from None
+        stages.append((str(path), merged))
     if values:
         try:
             merged = OmegaConf.merge(merged, values)
         except OmegaConfBaseException as err:
             raise UserError(_one_line(err, "command-line flag")) from None
+        stages.append(("command-line flag", merged))
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UserError(f"override '{item}': expected key=value, e.g. data.seq_len=512")
@@ -64,12 +70,51 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise UserError(_one_line(err, f"override '{item}'")) from None
+        stages.append((f"override '{item}'", merged))
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise UserError(_one_line(err, "")) from None
     except ValueError as err:  # a dataclass's own check (__post_init__), which names its key
-        raise UserError(f"{path or 'config'}: {err}") from None
+        raise UserError(f"{_first_refused(stages)}: {err}") from None
+    check_ranges(cfg)
+    return cfg
+
+
+def _first_refused(stages: list) -> str:
+    """The file, flag or override whose value a dataclass's own check refuses: the first stage
+    that no longer builds."""
+    for where, merged in stages:
+        try:
+            OmegaConf.to_object(merged)
+        except ValueError:
+            return where
+    return "config"
+
+
+_INTERVAL = re.compile(r"([\[(])(-?[\d.e+-]+|-inf), *(-?[\d.e+-]+|inf)([\])])")
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Refuse, naming the key, a number (or a list's item) outside the interval its field's
+    ``metadata["range"]`` declares: ``"[1, inf)"``, ``"(0, 1)"``, ``"[0, 1]"``."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+        if "range" not in f.metadata:
+            continue
+        text = f.metadata["range"]
+        opening, low, high, closing = _INTERVAL.fullmatch(text).groups()
+        low, high = float(low), float(high)
+        for v in value if isinstance(value, list) else [value]:
+            above = v > low or (v == low and opening == "[")  # (false for a NaN)
+            below = v < high or (v == high and closing == "]")
+            if not (above and below):
+                if math.isinf(high):
+                    bound = f"at least {low:g}" if opening == "[" else f"above {low:g}"
+                    raise UserError(f"config key '{key}': {v}: must be {bound}")
+                raise UserError(f"config key '{key}': {v} is outside {text}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -43,10 +43,10 @@ class DataConfig:
     path: str = ""
     """The dataset folder written by ``bertforge prep`` (its manifest sets the vocabulary)."""
 
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"range": "[0, inf)"})
     """Loader worker processes per rank; a resume must keep the same number."""
 
-    seq_len: int = 0
+    seq_len: int = field(default=0, metadata={"range": "[0, inf)"})
     """Tokens per sequence; 0 takes the manifest's (a value given here must agree with it)."""
 
     tokenizer_sha256: str = ""
@@ -62,7 +62,7 @@ class DataConfig:
 class TrainConfig:
     """Steps, batch and numerics."""
 
-    max_steps: int = 1000
+    max_steps: int = field(default=1000, metadata={"range": "[0, inf)"})
     """Optimizer steps to run."""
 
     precision: Precision = Precision.auto
@@ -75,23 +75,23 @@ class TrainConfig:
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (and
     gradients), 3 (and parameters)."""
 
-    global_batch_size: int = 256
+    global_batch_size: int = field(default=256, metadata={"range": "[1, inf)"})
     """Sequences per optimizer step over all ranks (BERT: 256 at seq 512)."""
 
-    micro_batch_size: int = 32
+    micro_batch_size: int = field(default=32, metadata={"range": "[1, inf)"})
     """Sequences per rank per forward pass; gradient accumulation makes up the rest."""
 
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata={"range": "[0, inf)"})
     """Global gradient-norm clipping (0 turns it off)."""
 
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: less memory, ~30% more compute."""
 
-    max_bad_steps: int = 5
+    max_bad_steps: int = field(default=5, metadata={"range": "[1, inf)"})
     """Non-finite losses in a row that stop the run. Each one skips its micro-batch on every rank
     (with one micro-batch per step, the step) and is counted in ``train/bad_steps``."""
 
-    exit_at_step: int = 0
+    exit_at_step: int = field(default=0, metadata={"range": "[0, inf)"})
     """Stop at this step, saving a checkpoint, as a stop signal would (0: never). Splits a run into
     jobs that fit a time limit; the schedule still runs to ``max_steps``."""
 
@@ -106,36 +106,40 @@ class TrainConfig:
 class OptimConfig:
     """AdamW and its schedule."""
 
-    lr: float = 5e-4
+    lr: float = field(default=5e-4, metadata={"range": "[0, inf)"})
     """Peak learning rate, reached after warmup (RoBERTa-base: 6e-4 at batch 8k)."""
 
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata={"range": "[0, inf)"})
     """Decoupled weight decay, not applied to biases and LayerNorm weights."""
 
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98], metadata={"range": "[0, 1)"})
     """Adam betas; 0.98 as in RoBERTa, steadier at large batch."""
 
-    eps: float = 1e-6
+    eps: float = field(default=1e-6, metadata={"range": "[0, inf)"})
     """Adam epsilon (RoBERTa: 1e-6)."""
 
-    warmup_steps: int = 100
+    warmup_steps: int = field(default=100, metadata={"range": "[0, inf)"})
     """Linear warmup from 0 to ``lr``."""
 
     schedule: Schedule = Schedule.linear
     """Decay from ``lr`` to ``lr * min_lr_ratio`` at ``train.max_steps``."""
 
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = field(default=0.0, metadata={"range": "[0, 1]"})
     """Final learning rate as a share of the peak."""
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas {list(self.betas)}: two numbers are needed")
 
 
 @dataclass
 class CheckpointConfig:
     """When to save, and how many to keep."""
 
-    every: int = 500
+    every: int = field(default=500, metadata={"range": "[1, inf)"})
     """Save every this many steps (and at the end)."""
 
-    keep: int = 3
+    keep: int = field(default=3, metadata={"range": "[1, inf)"})
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
 
 
@@ -143,10 +147,10 @@ class CheckpointConfig:
 class LogConfig:
     """Console and TensorBoard logging."""
 
-    every: int = 10
+    every: int = field(default=10, metadata={"range": "[1, inf)"})
     """Log every this many steps (a loss read is a device sync: not every step)."""
 
-    peak_tflops: float = 0.0
+    peak_tflops: float = field(default=0.0, metadata={"range": "[0, inf)"})
     """Peak matmul TFLOP/s per rank for MFU; 0 measures it at start and again at each evaluation,
     keeping the best (a large matrix product in the run's precision on each rank, so on a CPU it is
     the share of the cores a rank has; logged as ``perf/peak_tflops``)."""
@@ -156,10 +160,10 @@ class LogConfig:
 class EvalConfig:
     """Periodic evaluation on the val shards, with fixed masks so runs compare."""
 
-    every: int = 200
+    every: int = field(default=200, metadata={"range": "[0, inf)"})
     """Evaluate every this many steps (and at the end); 0 turns it off."""
 
-    batches: int = 20
+    batches: int = field(default=20, metadata={"range": "[1, inf)"})
     """Val batches per rank per evaluation (of ``train.micro_batch_size`` sequences); a val split
     smaller than that is read again with other masks."""
 

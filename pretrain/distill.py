@@ -41,19 +41,19 @@ class DistillSection:
     teacher: str = ""
     """The teacher: a pretraining run folder (its latest checkpoint), a checkpoint folder or an export folder."""
 
-    temperature: float = 2.0
+    temperature: float = field(default=2.0, metadata={"range": "(0, inf)"})
     """Softmax temperature of both distributions in the KD term (DistilBERT: 2)."""
 
-    kd_weight: float = 5.0
+    kd_weight: float = field(default=5.0, metadata={"range": "[0, inf)"})
     """Weight of the temperature-scaled KL term (DistilBERT: 5)."""
 
-    mlm_weight: float = 2.0
+    mlm_weight: float = field(default=2.0, metadata={"range": "[0, inf)"})
     """Weight of the hard MLM cross-entropy (DistilBERT: 2)."""
 
-    cos_weight: float = 1.0
+    cos_weight: float = field(default=1.0, metadata={"range": "[0, inf)"})
     """Weight of the hidden-state cosine term (DistilBERT: 1)."""
 
-    attn_weight: float = 0.0
+    attn_weight: float = field(default=0.0, metadata={"range": "[0, inf)"})
     """Weight of the self-attention relation term (MiniLM v2: the softmax of query-query, key-key and
     value-value dot products in the last layer, KL to the teacher's, averaged); 0: off."""
 

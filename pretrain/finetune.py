@@ -69,16 +69,16 @@ class FinetuneSection:
     task: Task = Task.classification
     """Single-label classification (any number of classes) or regression (one value, MSE)."""
 
-    epochs: int = 3
+    epochs: int = field(default=3, metadata={"range": "[1, inf)"})
     """Passes over the training rows."""
 
-    max_length: int = 128
+    max_length: int = field(default=128, metadata={"range": "[3, inf)"})
     """Tokens per row, specials included; longer rows are truncated (and counted)."""
 
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = field(default=0.1, metadata={"range": "[0, 1)"})
     """Share of the steps spent warming up (sets ``optim.warmup_steps``)."""
 
-    classifier_dropout: float = 0.1
+    classifier_dropout: float = field(default=0.1, metadata={"range": "[0, 1)"})
     """Dropout on the pooled ``[CLS]`` state before the linear layer."""
 
     skip_bad_rows: bool = False
@@ -381,10 +381,6 @@ def check(cfg: FinetuneConfig, world: int = 1) -> None:
             raise UserError(f"config key 'finetune.{key}' is not set")
     if not cfg.run.dir:
         raise UserError("config key 'run.dir' is not set (where checkpoints, events and the model go)")
-    if sec.epochs < 1 or sec.max_length < 3 or not 0 <= sec.warmup_ratio < 1:
-        raise UserError(
-            "config keys 'finetune.epochs' >= 1, 'finetune.max_length' >= 3, 0 <= 'finetune.warmup_ratio' < 1"
-        )
     _, tok = describe(Path(sec.model))
     if not tok.is_file():
         raise UserError(f"{sec.model}: its tokenizer ({tok.name}) is missing")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,48 +30,46 @@ IGNORE_INDEX = -100  # label of a position that is not predicted (as in torch's 
 class ModelConfig:
     """The encoder's shape; ``vocab_size`` comes from the dataset's manifest."""
 
-    vocab_size: int = 0
+    vocab_size: int = field(default=0, metadata={"range": "[0, inf)"})
     """Pieces in the tokenizer's vocabulary; 0 takes the dataset manifest's ``tokenizer.vocab_size``
     (a value given here must agree with it)."""
 
-    hidden_size: int = 768
+    hidden_size: int = field(default=768, metadata={"range": "[1, inf)"})
     """Width of every layer (BERT-base: 768)."""
 
-    num_layers: int = 12
+    num_layers: int = field(default=12, metadata={"range": "[1, inf)"})
     """Transformer layers (BERT-base: 12)."""
 
-    num_heads: int = 12
+    num_heads: int = field(default=12, metadata={"range": "[1, inf)"})
     """Attention heads; ``hidden_size`` must divide by it (BERT-base: 12 heads of 64)."""
 
-    intermediate_size: int = 3072
+    intermediate_size: int = field(default=3072, metadata={"range": "[1, inf)"})
     """Width of the feed-forward layer (BERT: 4 x hidden)."""
 
-    max_position: int = 512
+    max_position: int = field(default=512, metadata={"range": "[1, inf)"})
     """Learned position embeddings, the longest sequence the model can take."""
 
-    type_vocab_size: int = 2
+    type_vocab_size: int = field(default=2, metadata={"range": "[1, inf)"})
     """Segment (token type) embeddings: 2, as in BERT, so sentence-pair tasks can fine-tune."""
 
-    dropout: float = 0.1
+    dropout: float = field(default=0.1, metadata={"range": "[0, 1)"})
     """Dropout on embeddings, attention output and feed-forward output (BERT: 0.1)."""
 
-    attention_dropout: float = 0.0
+    attention_dropout: float = field(default=0.0, metadata={"range": "[0, 1)"})
     """Dropout on attention probabilities (BERT: 0.1; MosaicBERT: 0.0, as here: it costs a random
     draw per score, ``heads x seq^2`` per sequence, and pretraining does not need it)."""
 
     pre_ln: bool = False
     """LayerNorm before each sublayer (more stable at depth) instead of BERT's after."""
 
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = field(default=1e-12, metadata={"range": "(0, inf)"})
     """BERT's LayerNorm epsilon."""
 
-    initializer_range: float = 0.02
+    initializer_range: float = field(default=0.02, metadata={"range": "[0, inf)"})
     """Standard deviation of the normal initialisation (BERT: 0.02)."""
 
-    def __post_init__(self) -> None:
-        if self.vocab_size < 0:
-            raise ValueError(f"model.vocab_size {self.vocab_size} is negative")
-        if self.hidden_size % self.num_heads:
+    def __post_init__(self) -> None:  # (the ranges above: bertforge's config loader checks them)
+        if self.num_heads > 0 and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size {self.hidden_size} does not divide by model.num_heads {self.num_heads}"
             )

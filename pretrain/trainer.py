@@ -101,12 +101,8 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         raise UserError(
             f"config key 'model.max_position' ({cfg.model.max_position}) is below the data's seq_len ({cfg.data.seq_len})"
         )
-    if cfg.data.num_workers < 0:
-        raise UserError(f"config key 'data.num_workers': {cfg.data.num_workers} is negative")
-    flat = leaves(to_dict(cfg))
-    for key in ("train.max_steps", "checkpoint.every", "checkpoint.keep", "log.every"):
-        if flat[key] < 1:
-            raise UserError(f"config key '{key}': must be at least 1")
+    if cfg.train.max_steps < 1:  # (0 is fine-tuning's "from the epochs")
+        raise UserError(f"config key 'train.max_steps': {cfg.train.max_steps}: must be at least 1")
     deepspeed_config(cfg, world)  # refuses a batch that does not divide, a bad ZeRO stage
 
     run_dir = Path(cfg.run.dir)

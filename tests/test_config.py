@@ -96,6 +96,7 @@ def test_cli_help_lists_subcommands() -> None:
         (["prep", "--input", "builtin:python-docs", "--output", "x", "seq_len=abc"], "seq_len"),
         (["prep", "--input", "builtin:python-docs", "--output", "x", "tokenizer.vocab=5"], "tokenizer.vocab"),
         (["prep", "--input", "builtin:python-docs", "--output", "x", "val_fraction=1.5"], "val_fraction"),
+        (["prep", "--input", "builtin:python-docs", "--output", "x", "tokenizer.threads=0"], "tokenizer.threads': 0"),
         (["prep", "--output", "x"], "input"),
         (["prep", "configs/prep/missing.yaml"], "missing.yaml"),
         (["frobnicate"], "frobnicate"),
@@ -159,8 +160,45 @@ def test_pretrain_contract_keys_exist_with_their_types() -> None:
     assert (cfg.train.zero_stage, cfg.train.global_batch_size, cfg.optim.lr, cfg.eval.every) == (3, 64, 2e-4, 4)
     with pytest.raises(UserError, match="'train.precision'"):
         load_config(PretrainConfig, None, ["train.precision=fp8"])
-    with pytest.raises(UserError, match="model.hidden_size 100 does not divide by model.num_heads 3"):
+    with pytest.raises(UserError, match="override 'model.hidden_size=100': model.hidden_size 100 does not divide by"):
         load_config(PretrainConfig, None, ["model.hidden_size=100", "model.num_heads=3"])
+
+
+@pytest.mark.parametrize(
+    "schema, override, message",
+    [
+        # each had reached the ranks, which died with a traceback (torch's AdamW, nn.Dropout), a
+        # ZeroDivisionError, a NaN loss, or had been taken as it was
+        (PretrainConfig, "optim.lr=-1", "config key 'optim.lr': -1.0: must be at least 0"),
+        (PretrainConfig, "model.dropout=1.5", "config key 'model.dropout': 1.5 is outside [0, 1)"),
+        (PretrainConfig, "model.attention_dropout=nan", "config key 'model.attention_dropout': nan is outside [0, 1)"),
+        (PretrainConfig, "model.num_heads=0", "config key 'model.num_heads': 0: must be at least 1"),
+        (PretrainConfig, "optim.betas=[0.9,1.0]", "config key 'optim.betas': 1.0 is outside [0, 1)"),
+        (PretrainConfig, "optim.betas=[0.9]", "override 'optim.betas=[0.9]': optim.betas [0.9]: two numbers"),
+        (PretrainConfig, "checkpoint.keep=0", "config key 'checkpoint.keep': 0: must be at least 1"),
+        (PretrainConfig, "data.num_workers=-1", "config key 'data.num_workers': -1: must be at least 0"),
+        # a value a dataclass's own check refuses is blamed on the override that set it, not the file
+        (PretrainConfig, "data.masking.probability=0", "config key 'data.masking.probability': 0.0 is outside (0, 1)"),
+        (PretrainConfig, "data.masking.replace_mask=0.95", "override 'data.masking.replace_mask=0.95': masking.repl"),
+        (DistillConfig, "distill.temperature=0", "config key 'distill.temperature': 0.0: must be above 0"),
+        (DistillConfig, "distill.kd_weight=-1", "config key 'distill.kd_weight': -1.0: must be at least 0"),
+        (FinetuneConfig, "finetune.warmup_ratio=1", "config key 'finetune.warmup_ratio': 1.0 is outside [0, 1)"),
+        (FinetuneConfig, "finetune.epochs=0", "config key 'finetune.epochs': 0: must be at least 1"),
+        (PrepConfig, "tokenizer.character_coverage=0", "config key 'tokenizer.character_coverage': 0.0 is outside"),
+    ],
+)
+def test_numbers_outside_their_range_are_refused_naming_the_key(schema, override: str, message: str) -> None:
+    preset = {PretrainConfig: "pretrain/tiny.yaml", DistillConfig: "distill/demo.yaml"}.get(schema)
+    with pytest.raises(UserError) as err:
+        load_config(schema, REPO / "configs" / preset if preset else None, [override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_the_closed_ends_of_the_ranges_are_accepted() -> None:
+    edges = ["optim.lr=0", "model.dropout=0", "optim.min_lr_ratio=1", "optim.betas=[0,0.999]", "data.num_workers=0",
+             "data.masking.replace_mask=1", "data.masking.replace_random=0", "distill.kd_weight=0"]  # fmt: skip
+    cfg = load_config(DistillConfig, None, edges)
+    assert (cfg.optim.lr, cfg.model.dropout, cfg.optim.min_lr_ratio, cfg.data.masking.replace_mask) == (0, 0, 1, 1)
 
 
 def test_deepspeed_config_is_derived_with_a_passthrough() -> None:
