@@ -268,7 +268,45 @@ def deepspeed_config(cfg: PretrainConfig, world: int) -> dict:
         # loss_scale 0 = dynamic loss scaling, starting at 2^16 and halving on overflow
         "fp16": {"enabled": train.precision is Precision.fp16, "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # torch's AdamW on CPU: DeepSpeed tests only its own
+        # with offload_optimizer, DeepSpeed refuses any optimizer but its JIT-built CPU Adam (a minute
+        # of compiling on first use); torch's fused AdamW has a vectorised CPU kernel too
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # our own logger prints; DeepSpeed's would repeat it
         "wall_clock_breakdown": False,
     }
     return OmegaConf.to_container(OmegaConf.merge(derived, cfg.deepspeed))
+
+
+def offloads_optimizer(cfg: PretrainConfig) -> bool:
+    """Whether the ``deepspeed:`` passthrough moves the optimizer to the CPU (or NVMe)."""
+    zero = cfg.deepspeed.get("zero_optimization")
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    return isinstance(offload, dict) and str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def check_deepspeed(cfg: PretrainConfig, world: int) -> None:
+    """Refuse, before any rank starts, a ``deepspeed:`` passthrough that DeepSpeed's own config
+    parser rejects (each rank would fail with a traceback), naming the key. Imports DeepSpeed
+    (about 2 s), so only when there is a passthrough."""
+    ds = deepspeed_config(cfg, world)
+    if not cfg.deepspeed:
+        return
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from launch.config import leaves
+
+    # DeepSpeed reads the world size from torch.distributed, not started here: it takes 1
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(ds)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        path = ".".join(str(part) for part in first["loc"])
+        keys = [
+            k for k in leaves(OmegaConf.to_container(OmegaConf.create(cfg.deepspeed))) if f".{k}".endswith(f".{path}")
+        ]
+        key = "deepspeed." + (keys[0] if keys else path)
+        raise UserError(f"config key '{key}': DeepSpeed refuses it ({err.title}: {first['msg']})") from None
+    except (ValueError, AssertionError, KeyError, TypeError) as err:
+        raise UserError(f"config key 'deepspeed': DeepSpeed refuses the config it gives ({err})") from None

@@ -38,7 +38,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config  # noqa: E402
+from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config, offloads_optimizer  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury ours
 deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -109,10 +109,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def _optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, optim: OptimConfig, device: torch.device, offload: bool) -> torch.optim.Optimizer:
     groups = _param_groups(model, optim.weight_decay)
     kw = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
-    if device.type == "cuda":
+    if device.type == "cuda" and not offload:  # (offloaded, the states and the step live on the CPU)
         try:  # DeepSpeed's fused multi-tensor Adam (AdamW mode), when its kernel builds here
             from deepspeed.ops.adam import FusedAdam
 
@@ -197,7 +197,7 @@ def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.devic
     model.bert.encoder.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         model.compile()
-    optimizer = _optimizer(model.to(device), cfg.optim, device)
+    optimizer = _optimizer(model.to(device), cfg.optim, device, offloads_optimizer(cfg))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.max_steps)
     )

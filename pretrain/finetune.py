@@ -30,7 +30,7 @@ from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from launch.config import leaves, to_dict
 from pretrain import checkpoint as ckpt
-from pretrain.config import PretrainConfig, TrainConfig, precision_warning, resolve_precision
+from pretrain.config import PretrainConfig, TrainConfig, check_deepspeed, precision_warning, resolve_precision
 from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -393,6 +393,7 @@ def check(cfg: FinetuneConfig, world: int = 1) -> None:
         known = {name: i for i, name in enumerate(names)}
     read_rows(Path(sec.eval_file), sec, known)
     resolve_precision(cfg.train)
+    check_deepspeed(cfg, world)  # a batch that does not divide by the ranks, a passthrough DeepSpeed refuses
     _check_resume(cfg, world)
 
 

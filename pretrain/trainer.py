@@ -40,7 +40,7 @@ from pretrain.config import (
     Precision,
     PretrainConfig,
     accumulation_steps,
-    deepspeed_config,
+    check_deepspeed,
     precision_warning,
     resolve_precision,
 )
@@ -103,7 +103,9 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         )
     if cfg.train.max_steps < 1:  # (0 is fine-tuning's "from the epochs")
         raise UserError(f"config key 'train.max_steps': {cfg.train.max_steps}: must be at least 1")
-    deepspeed_config(cfg, world)  # refuses a batch that does not divide, a bad ZeRO stage
+    check_deepspeed(
+        cfg, world
+    )  # refuses a batch that does not divide, a bad ZeRO stage, a passthrough DeepSpeed refuses
 
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():

@@ -14,6 +14,7 @@ from pretrain.distill import DistillConfig
 from pretrain.finetune import FinetuneConfig
 from tests.conftest import REPO, run_cli
 
+OFFLOAD = "deepspeed.zero_optimization.offload_optimizer.device=cpu"
 SCHEMAS = {"prep": PrepConfig, "pretrain": PretrainConfig, "distill": DistillConfig, "finetune": FinetuneConfig}
 
 
@@ -215,3 +216,25 @@ def test_deepspeed_config_is_derived_with_a_passthrough() -> None:
     assert deepspeed_config(cfg, world=1)["gradient_accumulation_steps"] == 2
     with pytest.raises(UserError, match="'train.global_batch_size' \\(16\\) must be a multiple"):
         deepspeed_config(cfg, world=3)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("deepspeed.zero_optimization.bogus=1", "'deepspeed.zero_optimization.bogus': DeepSpeed refuses it (DeepSpeedZeroConfig: Extra inputs"),
+        ("deepspeed.zero_optimization.offload_optimizer.device=gpu9", "'deepspeed.zero_optimization.offload_optimizer.device': DeepSpeed refuses"),
+        ("deepspeed.bf16.enabled=maybe", "'deepspeed.bf16.enabled': DeepSpeed refuses it (DeepSpeedBF16Config: Input should be a valid boolean"),
+    ],
+)  # fmt: skip
+def test_a_passthrough_deepspeed_refuses_is_refused_before_any_rank_starts(override: str, message: str) -> None:
+    """DeepSpeed's own parser, run by the launcher: each rank had died with a pydantic traceback."""
+    from pretrain.config import check_deepspeed, offloads_optimizer
+
+    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml", [override])
+    with pytest.raises(UserError) as err:
+        check_deepspeed(cfg, world=2)
+    assert str(err.value).startswith(f"config key {message}"), str(err.value)
+    fine = load_config(PretrainConfig, REPO / "configs/pretrain/tiny.yaml", [OFFLOAD])
+    check_deepspeed(fine, world=2)
+    assert offloads_optimizer(fine) and not offloads_optimizer(cfg)
+    assert deepspeed_config(fine, 2)["zero_force_ds_cpu_optimizer"] is False  # our AdamW, offloaded
