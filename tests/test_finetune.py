@@ -152,6 +152,11 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
             assert f"{bad}{message}" in refused(bad), name
     assert f"{tmp_path / 'absent.jsonl'}: cannot read it" in refused(tmp_path / "absent.jsonl")
     assert "unknown format '.parquet'" in refused(tmp_path / "rows.parquet")
+    # a batch the ranks do not divide: refused before they start (each had died in DeepSpeed's own check)
+    odd = config(teacher, train, evaluate, tmp_path / "run", "train.global_batch_size=24")
+    assert "'train.global_batch_size' (24) must be a multiple of 'train.micro_batch_size' (16) x ranks (2)" in refusal(
+        check, odd, 2
+    )
     from pretrain.export import export
 
     no_tok = export(teacher, tmp_path / "export", ["hf"])
