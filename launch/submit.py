@@ -7,7 +7,8 @@ entry as the command line. SLURM sends SIGUSR2 ahead of the time limit or on pre
 rank agrees on, finishes the step and saves a checkpoint. Rank 0 then hands over to submitit's
 own handler, which pickles the job (:meth:`StageJob.checkpoint`) and requeues it; the requeued
 job resumes from ``latest``. After ``--max-timeouts`` time-outs submitit stops requeueing, and
-the job ends with its message.
+the job ends with its message. A job cancelled with ``scancel`` (SIGTERM, the job no longer
+RUNNING) also stops at a checkpoint, and is not requeued.
 
 Submitted jobs are recorded in ``LOG_DIR/jobs.jsonl`` for ``bertforge jobs``.
 """
@@ -136,6 +137,10 @@ class StageJob:
             result = train(load_config(PretrainConfig, self.config, self.overrides), progress=False)
         signalled = result.stopped_by not in (None, "train.exit_at_step")  # exit_at_step: the user's own stop
         if signalled and not result.finished and ranks.rank == 0 and callable(requeue):
+            if _cancelled():
+                print(f"job cancelled: stopped at step {result.step} of {result.max_steps}, not requeued; the "
+                      "checkpoint is kept: submit the same command again to continue", flush=True)  # fmt: skip
+                return result
             # every rank has saved: submitit's handler pickles this job (checkpoint) and requeues it
             from submitit.core.utils import UncompletedJobError
 
@@ -152,6 +157,19 @@ class StageJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config, self.overrides, self.task))
+
+
+def _cancelled() -> bool:
+    """Whether SLURM is ending this job: ``scancel`` makes it COMPLETING at once, where a time
+    limit's or a preemption's signal (``--signal``, ``scancel --signal``) leaves it RUNNING. Where
+    squeue does not answer, not cancelled (the job is requeued, as before it asked)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    state = r.stdout.strip()
+    return r.returncode == 0 and state not in ("", "RUNNING")
 
 
 def executor(res: Resources, folder: Path):  # noqa: ANN201
@@ -264,15 +282,18 @@ def submit_prep(config: str | None, overrides: list[str], res: Resources, array:
 
 
 def job_state(record: dict) -> str:
-    """COMPLETED or FAILED once submitit wrote the result (the job may linger in squeue a moment
-    longer); before that PENDING/RUNNING from squeue, else UNKNOWN."""
+    """COMPLETED, STOPPED (cancelled before its last step, at a checkpoint) or FAILED once submitit
+    wrote the result (the job may linger in squeue a moment longer); before that PENDING/RUNNING
+    from squeue, else UNKNOWN."""
     result = Path(record["result"])
     if result.is_file():
         import pickle
 
         with open(result, "rb") as f:
-            outcome, _ = pickle.load(f)
-        return "COMPLETED" if outcome == "success" else "FAILED"
+            outcome, value = pickle.load(f)
+        if outcome != "success":
+            return "FAILED"
+        return "STOPPED" if getattr(value, "finished", True) is False else "COMPLETED"
     if shutil.which("squeue"):
         out = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%T"], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip():

@@ -102,6 +102,32 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, 
     assert res.loss == json.loads(reference.read_text())["loss"]  # the same samples, masks and steps
 
 
+def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_path) -> None:
+    """scancel: SIGTERM, as a preemption sends, but the job is no longer RUNNING. Rank 0 had requeued it
+    like a preempted job, so that it came back; now it saves, says so, and stays cancelled."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    job = submit(dataset, run, logs, "--nodes", "1")
+    log = logs / job / f"{job}_0_log.out"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "step 10/" in log.read_text()):
+        assert time.monotonic() < deadline, "the job did not reach step 10"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], check=True)
+    res = result(logs, job)
+    assert res.stopped_by == "SIGTERM" and 10 <= res.step < STEPS
+    assert f"job cancelled: stopped at step {res.step} of {STEPS}, not requeued" in log.read_text()
+    assert ckpt.latest(run) == ckpt.tag(res.step)
+    while state := subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True
+    ).stdout.strip():
+        assert state != "PENDING", "the cancelled job was requeued"
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    time.sleep(2)  # (a requeue would show it again)
+    assert not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+    assert f"{job}  STOPPED" in run_cli("jobs", "--log-dir", str(logs)).stdout
+
+
 def test_a_job_out_of_time_outs_stops_with_a_clear_message(dataset, tmp_path) -> None:
     import submitit
 
