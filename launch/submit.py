@@ -78,18 +78,27 @@ def check(res: Resources) -> None:
     res.minutes()
     if not shutil.which("sinfo"):
         return
-    rows = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True).stdout.split("\n")
+    rows = subprocess.run(["sinfo", "-h", "-o", "%P %D %c"], capture_output=True, text=True).stdout.split("\n")
     sizes: dict[str, int] = {}
+    cpus: dict[str, int] = {}  # the most CPUs a node of the partition has
     default = None
     for row in filter(None, (r.split() for r in rows)):
         name = row[0].rstrip("*")
         default = name if row[0].endswith("*") else default
         sizes[name] = sizes.get(name, 0) + int(row[1])
+        if len(row) > 2 and (digits := re.match(r"\d+", row[2])):  # ("4+" where nodes differ)
+            cpus[name] = max(cpus.get(name, 0), int(digits.group()))
     if res.partition is not None and sizes and res.partition not in sizes:
         raise UserError(f"--partition {res.partition!r}: no such partition (this cluster has {', '.join(sizes)})")
     part = res.partition or default
     if part in sizes and res.nodes > sizes[part]:
         raise UserError(f"--nodes {res.nodes}: partition {part!r} has {sizes[part]} node(s)")
+    need = res.tasks() * (res.cpus_per_task or 1)
+    if part in cpus and need > cpus[part]:  # SLURM would keep the job pending for ever (PartitionConfig)
+        raise UserError(
+            f"--cpus-per-task {res.cpus_per_task or 1} x {res.tasks()} task(s) per node: {need} CPUs, but no node "
+            f"of partition {part!r} has more than {cpus[part]}"
+        )
 
 
 class StageJob:

@@ -180,6 +180,8 @@ def test_bad_options_are_refused_before_submitting(dataset, tmp_path, capsys) ->
         (["--partition", "nosuch"], "--partition 'nosuch': no such partition (this cluster has debug)"),
         (["--time", "soon"], "--time 'soon': expected HH:MM:SS"),
         (["--nodes", "3", "train.global_batch_size=24"], "--nodes 3: partition 'debug' has 2 node(s)"),
+        # a job no node can hold: SLURM had accepted it, to stay pending for ever
+        (["--cpus-per-task", "64"], "--cpus-per-task 64 x 1 task(s) per node: 64 CPUs, but no node of partition 'debug' has more than"),
         (["--mem", "100000T"], "sbatch refused the job"),  # what only sbatch knows
         (["train.zero_stage=7"], "config key 'train.zero_stage': 7 is not 0, 1, 2 or 3"),
     ]):  # fmt: skip
