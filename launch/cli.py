@@ -311,7 +311,7 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
         "accuracy next to the teacher's.",
     )
     p.add_argument("run_dir", metavar="RUN", help="a run folder of bertforge pretrain or distill")
-    p.add_argument("--output", metavar="PNG", help="where to write (default RUN/report.png)")
+    p.add_argument("--output", metavar="PNG", help="where to write (default RUN/report.png; .svg or .pdf also)")
     p.set_defaults(func=_run_report)
 
 

@@ -75,8 +75,12 @@ def report(run_dir: Path, output: Path | None = None) -> Path:
 
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
     run_dir = Path(run_dir)
+    output = Path(output) if output else run_dir / "report.png"
+    if output.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():  # (matplotlib would raise, or add .png to the name)
+        raise UserError(f"{output}: not an image file name (end it with .png, .svg or .pdf)")
     records = read_metrics(run_dir)
     drawn = panels(records)
     fig, axes = plt.subplots(len(drawn), 1, figsize=(7, 2.4 * len(drawn)), sharex=True, squeeze=False)
@@ -93,7 +97,6 @@ def report(run_dir: Path, output: Path | None = None) -> Path:
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"{run_dir.resolve().name}: {records[-1]['step']:,} steps", fontsize=11)
     fig.tight_layout()
-    output = Path(output) if output else run_dir / "report.png"
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=90)
     plt.close(fig)

@@ -16,7 +16,7 @@ import pytest
 
 from launch.env import free_port
 from pretrain.report import panels, read_metrics
-from tests.conftest import run_cli
+from tests.conftest import refusal, run_cli
 
 TRAIN_TAGS = {"train/loss", "train/mlm_accuracy", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "eval/loss",
               "eval/mlm_accuracy", "eval/perplexity"}  # fmt: skip
@@ -89,3 +89,7 @@ def test_report_refuses_what_is_not_a_run(tmp_path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "train/loss": 1.0}\n{"step": 10, "train/loss": \n')
     r = run_cli("report", str(tmp_path))
     assert r.returncode == 2 and f"{tmp_path / 'metrics.jsonl'}:2: not JSON" in r.stderr
+    from pretrain.report import report
+
+    for name in ("curves.txt", "curves"):  # matplotlib had raised on the one, and named the other curves.png
+        assert "not an image file name (end it with .png" in refusal(report, tmp_path, tmp_path / name)
