@@ -385,10 +385,17 @@ def _run_predict(ns: argparse.Namespace) -> int:
         predict(Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field)
         return 0
     out = Path(ns.output)
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: no folder {out.parent}")
+    if out.exists() and Path(ns.input).exists() and out.samefile(ns.input):
+        raise UserError(f"--output {out} is the input file: choose another (nothing was written)")
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as f:
-        n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field)
-    tmp.rename(out)
+    try:
+        with open(tmp, "w") as f:
+            n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field)
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a refusal midway leaves no partial file
     print(f"wrote {n:,} predictions to {out}", file=sys.stderr)
     return 0
 

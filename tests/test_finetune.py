@@ -92,6 +92,18 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert len(preds) == len(evaluate.read_text().splitlines())
     assert [p["label"] for p in preds[:12]] == [names[i] for i in want.argmax(-1).tolist()]
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+    # the input named as the output: refused (it had been overwritten by the predictions), nothing written
+    rows = evaluate.read_bytes()
+    r = run_cli("predict", str(run / "model"), "--input", str(evaluate), "--output", str(evaluate))
+    assert r.returncode == 2 and "is the input file: choose another" in r.stderr and evaluate.read_bytes() == rows
+    from launch.cli import main
+
+    assert (
+        main(["predict", str(run / "model"), "--input", str(evaluate), "--output", str(tmp_path / "no/p.jsonl")]) == 2
+    )
+    assert main(["predict", str(run / "model"), "--input", str(evaluate), "--output", str(tmp_path / "p.jsonl"),
+                 "--text-field", "body"]) == 2  # fmt: skip
+    assert not list(tmp_path.glob("*p.jsonl*")), "a refusal midway left a file"
 
     # rerunning the finished run does nothing and says so (on any number of ranks)...
     common = ["finetune.epochs=3", "optim.lr=2e-3", "train.global_batch_size=16", "train.micro_batch_size=8"]
