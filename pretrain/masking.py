@@ -35,7 +35,9 @@ class MaskingConfig:
     whole_word: bool = False
     """Choose whole SentencePiece words rather than single pieces."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # (also built directly, where no config loader checks the ranges)
+        if not 0.0 < self.probability < 1.0:
+            raise ValueError(f"masking.probability {self.probability} is outside (0, 1)")
         if self.replace_mask < 0 or self.replace_random < 0 or self.replace_mask + self.replace_random > 1:
             raise ValueError("masking.replace_mask + masking.replace_random must lie in [0, 1]")
 

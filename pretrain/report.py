@@ -79,7 +79,9 @@ def report(run_dir: Path, output: Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     output = Path(output) if output else run_dir / "report.png"
-    if output.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():  # (matplotlib would raise, or add .png to the name)
+    if (
+        output.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes()
+    ):  # (matplotlib would raise, or add .png to the name)
         raise UserError(f"{output}: not an image file name (end it with .png, .svg or .pdf)")
     records = read_metrics(run_dir)
     drawn = panels(records)
