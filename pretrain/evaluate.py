@@ -37,6 +37,11 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
         )
     if not man["splits"]["val"]["sequences"]:
         raise UserError(f"{Path(data) / manifests.MANIFEST}: the val split is empty")
+    if man["seq_len"] > model.config.max_position:
+        raise UserError(
+            f"{Path(data) / manifests.MANIFEST}: field 'seq_len' is {man['seq_len']} but {source} takes at most "
+            f"{model.config.max_position} positions"
+        )
     stream = iter(ShardStream(data, "val", 0, 1, 0, batch_size, seed, MaskingConfig(), model.config.vocab_size))
     sums = torch.zeros(3, dtype=torch.float64)
     counts = torch.zeros(model.config.vocab_size, dtype=torch.int64)  # masked targets, for the floor below
@@ -123,6 +128,11 @@ def fill_mask(source: Path, text: str, top_k: int = 5) -> list[list[tuple[str, f
             ids.append(tokenizers.MASK_ID)
         ids += sp.encode(part.strip()) if part.strip() else []
     ids.append(tokenizers.SEP_ID)
+    if len(ids) > model.config.max_position:
+        raise UserError(
+            f"fill-mask: the text is {len(ids):,} tokens, {source} takes at most {model.config.max_position:,}"
+        )
+    top_k = min(top_k, model.config.vocab_size)
     x = torch.tensor([ids])
     with torch.no_grad():
         probs = model(x)[0].softmax(-1)

@@ -115,7 +115,7 @@ def test_the_gathered_zero3_fp32_weights_give_the_trainers_own_eval_loss(trained
     assert sums[0] / sums[2] == pytest.approx(logged, abs=1e-4)
 
 
-def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, exported) -> None:
+def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, exported, tmp_path) -> None:
     data, run = trained
     r = run_cli("eval", str(run), str(exported), "--data", str(data), "--batches", "4", "--batch-size", "8")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -132,6 +132,21 @@ def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, expo
     assert words.stdout == r.stdout, words.stderr  # the text unquoted: its words are joined
     r = run_cli("fill-mask", str(exported), "no mask here")
     assert r.returncode == 2 and "has no [MASK]" in r.stderr
+    # what had ended in an IndexError or a RuntimeError from torch
+    from pretrain.evaluate import evaluate, fill_mask
+
+    positions = json.loads((exported / "config.json").read_text())["max_position_embeddings"]
+    long = "word " * positions + "[MASK]"
+    assert f"takes at most {positions}" in refusal(fill_mask, exported, long)
+    everything = fill_mask(exported, "Return the [MASK] of items.", top_k=10**6)  # -k past the vocabulary: all
+    assert len(everything[0]) == json.loads((exported / "config.json").read_text())["vocab_size"]
+    longer = tmp_path / "longer"  # data of longer sequences than the model has positions
+    shutil.copytree(data, longer)
+    man = json.loads((longer / "manifest.json").read_text())
+    (longer / "manifest.json").write_text(json.dumps({**man, "seq_len": positions * 2}))
+    assert f"field 'seq_len' is {positions * 2} but {exported} takes at most {positions}" in refusal(
+        evaluate, exported, longer
+    )
 
 
 def test_eval_past_the_end_of_the_val_split_reads_it_again_with_other_masks_and_says_so(trained, exported) -> None:
