@@ -210,13 +210,24 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
             print(already_complete(Path(cfg.run.dir), step, cfg.train.max_steps))
             return 0
     progress = not ns.no_progress and sys.stderr.isatty()
-    if ranks.launcher == "none" and nproc > 1:
-        return local.run([ns.command, *ns.args, *(["--no-progress"] if not progress else [])], nproc)
-    env.export(ranks)
-    from pretrain.trainer import train
+    with _holding(cfg.run.dir, ranks):
+        if ranks.launcher == "none" and nproc > 1:
+            return local.run([ns.command, *ns.args, *(["--no-progress"] if not progress else [])], nproc)
+        env.export(ranks)
+        from pretrain.trainer import train
 
-    train(cfg, progress=progress, build_model=build)
-    return 0
+        train(cfg, progress=progress, build_model=build)
+        return 0
+
+
+def _holding(run_dir: str, ranks):  # noqa: ANN001, ANN202
+    """A bare start (no launcher around it) holds its run folder, so that a second start on the same
+    folder is refused (:func:`pretrain.checkpoint.holding`); a launcher's rank leaves that to it."""
+    from contextlib import nullcontext
+
+    from pretrain.checkpoint import holding
+
+    return holding(Path(run_dir)) if ranks.launcher == "none" else nullcontext()
 
 
 def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
@@ -355,12 +366,13 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     nproc = ns.nproc or 1
     check(cfg, ranks.world if ranks.launcher != "none" else nproc)  # every file, field and label before a rank starts
     progress = not ns.no_progress and sys.stderr.isatty()
-    if ranks.launcher == "none" and nproc > 1:
-        argv = ["finetune", ns.model, "--train", ns.train, "--eval", ns.eval, "--config", config, *ns.args]
-        return local.run([*argv, *(["--no-progress"] if not progress else [])], nproc)
-    env.export(ranks)
-    run(cfg, progress=progress)
-    return 0
+    with _holding(cfg.run.dir, ranks):
+        if ranks.launcher == "none" and nproc > 1:
+            argv = ["finetune", ns.model, "--train", ns.train, "--eval", ns.eval, "--config", config, *ns.args]
+            return local.run([*argv, *(["--no-progress"] if not progress else [])], nproc)
+        env.export(ranks)
+        run(cfg, progress=progress)
+        return 0
 
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -481,6 +493,7 @@ def _run_submit(ns: argparse.Namespace) -> int:
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0
+    submit.check_run_dir_free(Path(ns.log_dir), str(Path(cfg.run.dir).resolve()))
     job = submit.submit(ns.stage, config, overrides, res, Path(ns.log_dir), str(Path(cfg.run.dir).resolve()))
     print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.tasks()} rank(s)")
     print(f"logs: {Path(ns.log_dir).resolve() / job.job_id}")

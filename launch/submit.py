@@ -310,6 +310,19 @@ def job_state(record: dict) -> str:
     return "UNKNOWN"
 
 
+def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
+    """Refuse a job on a run folder that a job recorded in ``log_dir`` still queues or trains
+    (two jobs would write the same checkpoints)."""
+    for record in list_jobs(log_dir):
+        if record.get("run_dir") == run_dir and record["stage"] != "prep":
+            state = job_state(record)
+            if state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED"):
+                raise UserError(
+                    f"config key 'run.dir' {run_dir}: job {record['job_id']} ({state}) already trains there; "
+                    f"scancel {record['job_id']} first, or choose another run.dir"
+                )
+
+
 def list_jobs(log_dir: Path) -> list[dict]:
     path = Path(log_dir) / "jobs.jsonl"
     if not path.is_file():

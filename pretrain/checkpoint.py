@@ -6,21 +6,57 @@ written last, ``trainer_state.json`` (step, tokens, data position, config, manif
 A checkpoint is complete once its ``trainer_state.json`` exists; only then does
 ``checkpoints/latest`` (a one-line file, replaced atomically) name it. A crash or kill -9 at
 any moment of a save leaves ``latest`` naming the previous, complete checkpoint.
+
+A run started on this machine holds ``RUN/.lock`` (an exclusive ``flock``, released when its
+process ends, however it ends): a second start on the same folder is refused, not let write the
+same checkpoints (:func:`holding`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_prep.errors import UserError
+
 STATE = "trainer_state.json"
 LATEST = "latest"
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def holding(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this process while the block runs: refuse, naming the holder, when
+    another process holds it. Where the file system has no locks, nothing is held."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(
+                f"{run_dir}: another run is using this folder ({f.read().strip() or 'a bertforge process'}); "
+                "wait for it to end, or choose another run.dir"
+            ) from None
+        except OSError:  # (no locks here: an NFS mount without them)
+            yield
+            return
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
 
 
 def tag(step: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -284,6 +285,10 @@ def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_p
                 break
         ranks = psutil.Process(proc.pid).children()
         assert len(ranks) == 2
+        # while it runs, the same command again is refused, naming the run that holds the folder (two runs had
+        # written the same checkpoints)
+        again = run_cli(*args)
+        assert again.returncode == 2 and f"{run}: another run is using this folder (pid {proc.pid} on " in again.stderr
         ranks[1].send_signal(signal.SIGUSR1)  # one rank only, as a scheduler might
         out, err = proc.communicate(timeout=120)
     finally:
@@ -293,6 +298,8 @@ def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_p
     name = ckpt.latest(run)
     step = ckpt.read_state(run, name)["step"]
     assert 3 <= step < 100000 and name == ckpt.tag(step)
+    with ckpt.holding(run):  # free again once the run ended
+        assert f"pid {os.getpid()} on " in (run / ckpt.LOCK).read_text()
 
 
 def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(

@@ -106,16 +106,19 @@ def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_
     """scancel: SIGTERM, as a preemption sends, but the job is no longer RUNNING. Rank 0 had requeued it
     like a preempted job, so that it came back; now it saves, says so, and stays cancelled."""
     run, logs = tmp_path / "run", tmp_path / "logs"
-    job = submit(dataset, run, logs, "--nodes", "1")
+    job = submit(dataset, run, logs, "--nodes", "1", "train.max_steps=100000")
     log = logs / job / f"{job}_0_log.out"
     deadline = time.monotonic() + 300
     while not (log.exists() and "step 10/" in log.read_text()):
         assert time.monotonic() < deadline, "the job did not reach step 10"
         time.sleep(0.5)
+    # meanwhile a second job on the same run folder is refused (the two would write the same checkpoints)
+    again = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={run}", "--log-dir", str(logs))
+    assert again.returncode == 2 and f"job {job} (RUNNING) already trains there; scancel {job}" in again.stderr
     subprocess.run(["scancel", job], check=True)
     res = result(logs, job)
-    assert res.stopped_by == "SIGTERM" and 10 <= res.step < STEPS
-    assert f"job cancelled: stopped at step {res.step} of {STEPS}, not requeued" in log.read_text()
+    assert res.stopped_by == "SIGTERM" and 10 <= res.step < 100000
+    assert f"job cancelled: stopped at step {res.step} of 100000, not requeued" in log.read_text()
     assert ckpt.latest(run) == ckpt.tag(res.step)
     while state := subprocess.run(
         ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True
