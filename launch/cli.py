@@ -535,7 +535,11 @@ def _jobs_parser(sub: argparse._SubParsersAction) -> None:
 def _run_jobs(ns: argparse.Namespace) -> int:
     from launch import submit
 
-    jobs = submit.list_jobs(Path(ns.log_dir))
+    problems: list[str] = []
+    jobs = submit.list_jobs(Path(ns.log_dir), problems)
+    if problems:  # (the rest are listed)
+        print(f"bertforge jobs: skipped {len(problems)} line(s) that are not job records; first: {problems[0]}",
+              file=sys.stderr)  # fmt: skip
     if not jobs:
         print(f"no jobs submitted from {ns.log_dir}")
         return 0

@@ -323,8 +323,28 @@ def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
                 )
 
 
-def list_jobs(log_dir: Path) -> list[dict]:
+RECORD_KEYS = ("job_id", "stage", "nodes", "tasks_per_node", "log_dir", "result", "run_dir", "submitted")
+
+
+def list_jobs(log_dir: Path, problems: list[str] | None = None) -> list[dict]:
+    """The records of ``log_dir/jobs.jsonl``; a line that is not one (cut short by a full disk, say)
+    is left out and described in ``problems`` as ``FILE:LINE: reason``."""
     path = Path(log_dir) / "jobs.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    problems = [] if problems is None else problems
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"{path}:{n}: not JSON ({err.msg})")
+            continue
+        missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
+        if missing:
+            problems.append(f"{path}:{n}: not a job record (no {missing[0]!r})")
+            continue
+        records.append(record)
+    return records

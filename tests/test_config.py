@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,17 @@ def test_a_passthrough_deepspeed_refuses_is_refused_before_any_rank_starts(overr
     check_deepspeed(fine, world=2)
     assert offloads_optimizer(fine) and not offloads_optimizer(cfg)
     assert deepspeed_config(fine, 2)["zero_force_ds_cpu_optimizer"] is False  # our AdamW, offloaded
+
+
+def test_jobs_lists_the_records_it_can_read_and_counts_the_rest(tmp_path: Path, capsys) -> None:
+    """A jobs.jsonl line cut short (a full disk) or not a record: the listing had died with a traceback."""
+    from launch.cli import main
+
+    good = {"job_id": "999991", "stage": "pretrain", "nodes": 2, "tasks_per_node": 1, "log_dir": str(tmp_path / "j"),
+            "result": str(tmp_path / "j/none.pkl"), "run_dir": str(tmp_path / "run"), "submitted": "2026-12-03T12:00:00"}  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text('{"job_id": "1", "stage": "pretr\n[1]\n' + json.dumps(good) + "\n")
+    assert main(["jobs", "--log-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"skipped 2 line(s) that are not job records; first: {tmp_path / 'jobs.jsonl'}:1: not JSON" in err
+    rows = out.strip().splitlines()
+    assert len(rows) == 2 and rows[1].split()[:4] == ["999991", "UNKNOWN", "pretrain", "2"], rows
