@@ -211,7 +211,9 @@ def _last_eval(run_dir: Path) -> dict:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return {}
-    evals = [json.loads(ln) for ln in path.read_text().splitlines() if "eval/loss" in ln]
+    from pretrain.report import read_records
+
+    evals = [rec for _, rec in read_records(path)[0] if "eval/loss" in rec]
     return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
 
 

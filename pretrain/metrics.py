@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from pretrain.config import cpu_has_bf16
+from pretrain.report import read_records
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
@@ -80,8 +81,11 @@ class Logger:
     def __init__(self, run_dir: Path, start_step: int, config: dict, config_yaml: str) -> None:
         self.jsonl = Path(run_dir) / "metrics.jsonl"
         if self.jsonl.exists():  # resumed: drop what the interrupted run logged past its checkpoint
-            keep = [ln for ln in self.jsonl.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
-            self.jsonl.write_text("".join(ln + "\n" for ln in keep))
+            records, bad = read_records(self.jsonl)
+            if bad:  # (a line the interrupted run left half written had stopped every resume)
+                print(f"{self.jsonl}: dropped {len(bad)} line(s) that are not records; first: line {bad[0][0]}, "
+                      f"{bad[0][1]}", flush=True)  # fmt: skip
+            self.jsonl.write_text("".join(ln + "\n" for ln, rec in records if rec["step"] <= start_step))
         self.writer = SummaryWriter(
             log_dir=str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None
         )

@@ -36,22 +36,34 @@ PANELS = [
 ]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of ``RUN/metrics.jsonl``; a bad line is an error naming the file and line."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; is {run_dir} a run folder of bertforge pretrain or distill?")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+def read_records(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, str]]]:
+    """The lines of a ``metrics.jsonl`` with their records, and ``(line number, reason)`` for each
+    line that is not a record (one cut short by a full disk, or edited by hand)."""
+    records, bad = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+            bad.append((n, f"not JSON ({err.msg})"))
+            continue
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise UserError(f"{path}:{n}: a record needs an integer 'step'")
-        records.append(rec)
+            bad.append((n, "a record needs an integer 'step'"))
+            continue
+        records.append((line, rec))
+    return records, bad
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl``; a bad line is an error naming the file and line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {run_dir} a run folder of bertforge pretrain or distill?")
+    lines, bad = read_records(path)
+    if bad:
+        raise UserError(f"{path}:{bad[0][0]}: {bad[0][1]}")
+    records = [rec for _, rec in lines]
     if not records:
         raise UserError(f"{path}: no records yet (the first comes at step log.every)")
     return records

@@ -151,9 +151,12 @@ def test_stop_and_resume_gives_the_same_losses(dataset, reference, tmp_path) -> 
     ok(r)
     assert "stopped at step 10 of 20" in r.stdout
     assert sorted(losses(run)) == list(range(1, 11))
+    with open(run / "metrics.jsonl", "a") as f:  # a line cut short (a full disk): it had stopped every resume
+        f.write('{"step": 11, "train/lo')
     r = pretrain(dataset, run, "train.precision=fp32")
     ok(r)
     assert "resuming from step_00000010 (step 10)" in r.stdout
+    assert f"{run / 'metrics.jsonl'}: dropped 1 line(s) that are not records; first: line 11, not JSON" in r.stdout
     assert losses(run) == losses(reference)  # exactly: same samples, masks, dropout and optimizer state
     assert metrics(run)[-1]["eval/loss"] == metrics(reference)[-1]["eval/loss"]
     state = ckpt.read_state(run, "step_00000020")
