@@ -16,6 +16,7 @@ being held. Nothing is dropped silently: each skipped document or file is counte
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
@@ -387,11 +388,14 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
         if b"\x00" in head and not part.start:
             account.skip_file("binary_file", f.path)
             return
+        offset = part.start
+        if not part.start and head.startswith(codecs.BOM_UTF8):  # a byte-order mark (Windows tools) is not text
+            head, offset = head[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
         if f.kind == "txt":
-            yield from _txt_chunks(index, f, head, stream, opts.read_size, state, part.start, part.line)
+            yield from _txt_chunks(index, f, head, stream, opts.read_size, state, offset, part.line)
         else:
             yield from _jsonl_chunks(
-                index, f, head, stream, account, opts.read_size, max_line_bytes, state, part.start, part.line
+                index, f, head, stream, account, opts.read_size, max_line_bytes, state, offset, part.line
             )
     except (EOFError, OSError, zstandard.ZstdError) as err:
         account.skip_file("corrupt_or_truncated", f"{f.path} ({type(err).__name__}: {err})")

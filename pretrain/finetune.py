@@ -121,7 +121,7 @@ def _records(path: Path):  # noqa: ANN202
     if kind is None:
         raise UserError(f"{path}: unknown format '{path.suffix}' (expected .jsonl, .csv or .tsv)")
     try:
-        f = open(path, newline="", encoding="utf-8")  # noqa: SIM115 - closed below
+        f = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below (-sig: a BOM, as Excel writes, is not text)
     except OSError as err:
         raise UserError(f"{path}: cannot read it ({err.strerror})") from None
     with f:

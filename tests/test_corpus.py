@@ -98,6 +98,17 @@ def test_text_field_is_configurable(tmp_path: Path) -> None:
     assert [p.text for p in pieces] == ["here"]
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    """Files saved by Windows tools begin with a UTF-8 byte-order mark: the first JSON line had been skipped as
+    not JSON, and a .txt file's first document began with U+FEFF."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "m.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "n.txt.gz").write_bytes(gzip.compress(bom + b"one\n\ntwo\n"))
+    pieces, acc = read_all([str(tmp_path / "m.jsonl"), str(tmp_path / "n.txt.gz")])
+    assert [p.text for p in pieces] == ["first", "second", "one", "two"]
+    assert not acc.docs_skipped and acc.files_read == 2
+
+
 def test_discovery_errors_before_any_work(tmp_path: Path) -> None:
     acc = corpus.Account()
     with pytest.raises(UserError, match="no such file"):

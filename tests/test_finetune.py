@@ -211,3 +211,14 @@ def test_regression_trains_and_predicts_values(teacher_run, task, tmp_path) -> N
     assert len(preds) == len(rows["eval"].read_text().splitlines()) and all(
         isinstance(p["value"], float) for p in preds
     )
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark: the header's first column had read '\ufefftext', so
+    every row had lacked its 'text' field."""
+    from pretrain.finetune import read_rows
+
+    rows_file = tmp_path / "rows.csv"
+    rows_file.write_bytes(b"\xef\xbb\xbftext,label\nSend a mail.,email\nRead a file.,io\n")
+    rows = read_rows(rows_file, FinetuneSection())
+    assert (rows.texts, rows.labels, rows.lines) == (["Send a mail.", "Read a file."], ["email", "io"], [2, 3])
