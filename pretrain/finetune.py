@@ -115,8 +115,9 @@ class Rows:
     skipped: Counter
 
 
-def _records(path: Path):  # noqa: ANN202
-    """``(line number, dict)`` for each row of a JSONL, CSV or TSV file."""
+def _records(path: Path, columns: tuple[str, ...] = ()):  # noqa: ANN202
+    """``(line number, dict)`` for each row of a JSONL, CSV or TSV file; a CSV or TSV header that
+    lacks one of ``columns`` is refused at once (not row by row)."""
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"{path}: unknown format '{path.suffix}' (expected .jsonl, .csv or .tsv)")
@@ -139,6 +140,9 @@ def _records(path: Path):  # noqa: ANN202
                     yield n, rec
             else:
                 reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
+                absent = [c for c in columns if c not in (reader.fieldnames or [])]
+                if absent:
+                    raise UserError(f"{path}:1: no column {absent[0]!r} in the header {reader.fieldnames or []}")
                 for rec in reader:
                     yield reader.line_num, rec
         except UnicodeDecodeError as err:
@@ -156,7 +160,7 @@ def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Ro
             raise UserError(f"{path}:{n}: {message} (finetune.skip_bad_rows=true skips such rows and counts them)")
         rows.skipped[reason] += 1
 
-    for n, rec in _records(path):
+    for n, rec in _records(path, (*fields, sec.label_field)):
         missing = [k for k in [*fields, sec.label_field] if rec.get(k) is None]
         if missing:
             bad(n, f"no field '{missing[0]}'", f"no field '{missing[0]}'")
@@ -623,7 +627,7 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     pair = hf.get("bertforge", {}).get("text_pair_field", "") if pair_field is None else pair_field
     max_length = hf.get("bertforge", {}).get("max_length", model.config.max_position)
     rows = Rows([], [] if pair else None, [], [], Counter())
-    for n, rec in _records(Path(input_path)):
+    for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else []))):
         for key in [text_field] + ([pair] if pair else []):
             if rec.get(key) is None or not str(rec[key]).strip():
                 raise UserError(f"{input_path}:{n}: field '{key}' is missing or empty")

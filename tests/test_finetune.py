@@ -213,7 +213,7 @@ def test_regression_trains_and_predicts_values(teacher_run, task, tmp_path) -> N
     )
 
 
-def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path) -> None:
+def test_a_csv_header_is_read_with_a_byte_order_mark_and_checked_for_the_columns(tmp_path) -> None:
     """Excel's "CSV UTF-8" starts with a byte-order mark: the header's first column had read '\ufefftext', so
     every row had lacked its 'text' field."""
     from pretrain.finetune import read_rows
@@ -222,3 +222,7 @@ def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path) -> None:
     rows_file.write_bytes(b"\xef\xbb\xbftext,label\nSend a mail.,email\nRead a file.,io\n")
     rows = read_rows(rows_file, FinetuneSection())
     assert (rows.texts, rows.labels, rows.lines) == (["Send a mail.", "Read a file."], ["email", "io"], [2, 3])
+    # a header without the text column: refused at once, naming the header (not as each row's missing field)
+    rows_file.write_text("body\tlabel\nSend a mail.\temail\n")
+    tsv = rows_file.rename(tmp_path / "rows.tsv")
+    assert f"{tsv}:1: no column 'text' in the header ['body', 'label']" in refusal(read_rows, tsv, FinetuneSection())
