@@ -323,7 +323,7 @@ def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
                 )
 
 
-RECORD_KEYS = ("job_id", "stage", "nodes", "tasks_per_node", "log_dir", "result", "run_dir", "submitted")
+RECORD_KEYS = ("job_id", "stage", "nodes", "tasks_per_node", "log_dir", "result", "submitted")  # what jobs lists
 
 
 def list_jobs(log_dir: Path, problems: list[str] | None = None) -> list[dict]:
