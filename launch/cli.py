@@ -535,8 +535,7 @@ def _jobs_parser(sub: argparse._SubParsersAction) -> None:
 def _run_jobs(ns: argparse.Namespace) -> int:
     from launch import submit
 
-    problems: list[str] = []
-    jobs = submit.list_jobs(Path(ns.log_dir), problems)
+    jobs, problems = submit.list_jobs(Path(ns.log_dir))
     if problems:  # (the rest are listed)
         print(f"bertforge jobs: skipped {len(problems)} line(s) that are not job records; first: {problems[0]}",
               file=sys.stderr)  # fmt: skip

@@ -313,7 +313,7 @@ def job_state(record: dict) -> str:
 def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
     """Refuse a job on a run folder that a job recorded in ``log_dir`` still queues or trains
     (two jobs would write the same checkpoints)."""
-    for record in list_jobs(log_dir):
+    for record in list_jobs(log_dir)[0]:
         if record.get("run_dir") == run_dir and record["stage"] != "prep":
             state = job_state(record)
             if state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED"):
@@ -326,14 +326,14 @@ def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
 RECORD_KEYS = ("job_id", "stage", "nodes", "tasks_per_node", "log_dir", "result", "submitted")  # what jobs lists
 
 
-def list_jobs(log_dir: Path, problems: list[str] | None = None) -> list[dict]:
-    """The records of ``log_dir/jobs.jsonl``; a line that is not one (cut short by a full disk, say)
-    is left out and described in ``problems`` as ``FILE:LINE: reason``."""
+def list_jobs(log_dir: Path) -> tuple[list[dict], list[str]]:
+    """The records of ``log_dir/jobs.jsonl``, and ``FILE:LINE: reason`` for each line that is not
+    one (cut short by a full disk, say), left out."""
     path = Path(log_dir) / "jobs.jsonl"
+    records: list[dict] = []
+    problems: list[str] = []
     if not path.is_file():
-        return []
-    problems = [] if problems is None else problems
-    records = []
+        return records, problems
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -347,4 +347,4 @@ def list_jobs(log_dir: Path, problems: list[str] | None = None) -> list[dict]:
             problems.append(f"{path}:{n}: not a job record (no {missing[0]!r})")
             continue
         records.append(record)
-    return records
+    return records, problems

@@ -8,7 +8,7 @@ starts with "▁" and the pieces after it) instead of single pieces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,20 +22,20 @@ NUM_SPECIAL = len(SPECIAL_TOKENS)  # ids below this are special: never masked, n
 class MaskingConfig:
     """How positions are chosen for the MLM loss and what replaces them."""
 
-    probability: float = field(default=0.15, metadata={"range": "(0, 1)"})
+    probability: float = 0.15
     """Share of (non-special) tokens chosen for prediction (BERT: 15%; MosaicBERT used 30%)."""
 
-    replace_mask: float = field(default=0.8, metadata={"range": "[0, 1]"})
+    replace_mask: float = 0.8
     """Of the chosen tokens, the share replaced by [MASK] (BERT: 80%)."""
 
-    replace_random: float = field(default=0.1, metadata={"range": "[0, 1]"})
+    replace_random: float = 0.1
     """Of the chosen tokens, the share replaced by a random token (BERT: 10%; the rest, 10%,
     stay as they are, so the model cannot learn that only [MASK] needs predicting)."""
 
     whole_word: bool = False
     """Choose whole SentencePiece words rather than single pieces."""
 
-    def __post_init__(self) -> None:  # (also built directly, where no config loader checks the ranges)
+    def __post_init__(self) -> None:  # (its own checks: library code builds it directly)
         if not 0.0 < self.probability < 1.0:
             raise ValueError(f"masking.probability {self.probability} is outside (0, 1)")
         if self.replace_mask < 0 or self.replace_random < 0 or self.replace_mask + self.replace_random > 1:

@@ -103,9 +103,8 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         )
     if cfg.train.max_steps < 1:  # (0 is fine-tuning's "from the epochs")
         raise UserError(f"config key 'train.max_steps': {cfg.train.max_steps}: must be at least 1")
-    check_deepspeed(
-        cfg, world
-    )  # refuses a batch that does not divide, a bad ZeRO stage, a passthrough DeepSpeed refuses
+    # a batch that does not divide, a bad ZeRO stage, a passthrough DeepSpeed refuses
+    check_deepspeed(cfg, world)
 
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -218,9 +217,16 @@ def _next_batch(it: Iterator, micro: int, seq_len: int) -> tuple[torch.Tensor, t
         return ids, ids.clone(), err
 
 
-def _damaged(err: DamagedShard | None, first: int, rank: int, where: str, run_dir: Path) -> RunError:
-    """What each rank raises once some rank met a damaged shard (``where``: "at step N"): the error,
-    printed by the first rank that met it (``first``), a quiet copy on the others."""
+def _damage_flag(err: DamagedShard | None, rank: int, world: int) -> float:
+    """This rank's damaged-shard flag: ``world - rank`` where it met one, so that the MAX over the
+    ranks is nonzero when any did and names the first that did (:func:`_damaged` reads it)."""
+    return float(world - rank) if err is not None else 0.0
+
+
+def _damaged(err: DamagedShard | None, flag: float, rank: int, world: int, where: str, run_dir: Path) -> RunError:
+    """What each rank raises once the reduced :func:`_damage_flag` is nonzero (``where``: "at step
+    N"): the error, printed by the first rank that met it, a quiet copy on the others."""
+    first = world - int(flag)
     if err is None or rank != first:
         return RunError(f"rank {rank}: stopped with rank {first}, whose shard is damaged", quiet=True)
     return RunError(f"{err}; every rank stopped {where}, the last checkpoint is {ckpt.latest(run_dir) or 'none'}")
@@ -336,11 +342,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 loss, correct, count = eng(ids.to(device), labels=labels.to(device))
                 teacher = getattr(eng.module, "loss_terms", {}).get("teacher_correct", torch.zeros((), device=device))
                 sums += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
-        bad = torch.tensor([float(world - rank if damaged else 0)], device=device)  # max: the first rank with one
+        bad = torch.tensor([_damage_flag(damaged, rank, world)], device=device)
         dist.all_reduce(sums)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            raise _damaged(damaged, world - int(bad.item()), rank, f"evaluating at step {step}", run_dir)
+            raise _damaged(damaged, bad.item(), rank, world, f"evaluating at step {step}", run_dir)
         eng.train()
         loss = (sums[0] / sums[2]).item()
         out = {
@@ -404,12 +410,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 value = loss.item()
                 if _fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
                     value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
-                # (the third: world - rank, so that the max names the first rank that met a damaged shard)
-                mine = [not math.isfinite(value), stop.signal is not None, world - rank if damaged else 0]
+                mine = [not math.isfinite(value), stop.signal is not None, _damage_flag(damaged, rank, world)]
                 flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[2]:
-                    raise _damaged(damaged, world - int(flags[2].item()), rank, f"at step {step + 1}", run_dir)
+                    raise _damaged(damaged, flags[2].item(), rank, world, f"at step {step + 1}", run_dir)
                 if flags[0]:
                     bad_in_row += 1
                     bad_total += 1
