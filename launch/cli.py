@@ -235,7 +235,8 @@ def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
         "consolidate",
         help="gather a checkpoint's ZeRO shards into one fp32 safetensors file",
         description="Write RUN/checkpoints/step_N/model.safetensors (fp32, ZeRO shards gathered, the tied "
-        "decoder weight left out) and model_config.json, from the latest checkpoint or --step N.",
+        "decoder weight left out; the step and the model config in its metadata), from the latest checkpoint "
+        "or --step N.",
     )
     p.add_argument("run_dir", metavar="RUN", help="a run folder (config key run.dir of bertforge pretrain)")
     p.add_argument("--step", type=_at_least(0), metavar="N", help="the checkpoint of step N (default: latest)")

@@ -522,8 +522,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
 
 def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
-    """Write the fp32 weights of a checkpoint (``latest`` by default), ZeRO shards gathered, as
-    safetensors with the resolved model config beside them. Returns the file written."""
+    """Write the fp32 weights of a checkpoint (``latest`` by default), ZeRO shards gathered, as one
+    safetensors file whose metadata holds the step and the resolved model config (so that files of
+    several runs may share a folder). Written under a temporary name, then renamed: a crash leaves
+    no half file under the final name. Returns the file written."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -541,22 +543,30 @@ def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
     weights = engine.consolidated_state_dict(ckpt.folder(run_dir), name)
     weights.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
     output = Path(output) if output else ckpt.folder(run_dir) / name / "model.safetensors"
+    metadata = {"format": "pt", "step": str(state["step"]), "model_config": json.dumps(state["config"]["model"])}
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(output), metadata={"step": str(state["step"])})
-        (output.parent / "model_config.json").write_text(json.dumps(state["config"]["model"], indent=1) + "\n")
-    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, output)
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder, a folder at --output
+        tmp.unlink(missing_ok=True)
         raise RunError(f"{output}: could not write the consolidated weights: {err}") from None
     return output
 
 
 def load_consolidated(path: Path) -> BertForMaskedLM:
-    """A model from a file :func:`consolidate` wrote (and the ``model_config.json`` beside it)."""
+    """A model from a file :func:`consolidate` wrote (its model config is in the file's metadata)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from pretrain.model import ModelConfig
 
     path = Path(path)
-    model = BertForMaskedLM(ModelConfig(**json.loads((path.parent / "model_config.json").read_text())))
+    with safe_open(str(path), "pt") as f:
+        config = (f.metadata() or {}).get("model_config")
+    if config is None:
+        raise UserError(f"{path}: no model_config in its metadata: not a file bertforge consolidate wrote")
+    model = BertForMaskedLM(ModelConfig(**json.loads(config)))
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if set(missing) - {"cls.predictions.decoder.weight"} or unexpected:
         raise RunError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
