@@ -491,6 +491,8 @@ def _run_submit(ns: argparse.Namespace) -> int:
         overrides = [*overrides, f"distill.teacher={Path(cfg.distill.teacher).resolve()}"]
     # the job runs from this folder: make relative paths absolute so its tasks find them anywhere
     overrides = [*overrides, f"data.path={Path(cfg.data.path).resolve()}", f"run.dir={Path(cfg.run.dir).resolve()}"]
+    if cfg.train.init_from:
+        overrides.append(f"train.init_from={Path(cfg.train.init_from).resolve()}")
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0

@@ -98,6 +98,12 @@ class TrainConfig:
     seed: int = 0
     """Seed of the weight initialisation (the same on every rank) and of dropout (per rank)."""
 
+    init_from: str = ""
+    """Continued pretraining (``bertforge pretrain`` only): a run, checkpoint or export folder whose
+    weights start this run, on this data (its tokenizer must be the data's). Its shape replaces the
+    ``model.*`` shape keys (the dropouts stay this config's); the optimizer, schedule and step start
+    afresh. Empty: random initial weights."""
+
     compile: bool = False
     """Compile the model with ``torch.compile`` (slower start, faster steps)."""
 

@@ -385,6 +385,8 @@ def check(cfg: FinetuneConfig, world: int = 1) -> None:
             raise UserError(f"config key 'finetune.{key}' is not set")
     if not cfg.run.dir:
         raise UserError("config key 'run.dir' is not set (where checkpoints, events and the model go)")
+    if cfg.train.init_from:
+        raise UserError("config key 'train.init_from' is bertforge pretrain's: the encoder is finetune.model")
     _, tok = describe(Path(sec.model))
     if not tok.is_file():
         raise UserError(f"{sec.model}: its tokenizer ({tok.name}) is missing")

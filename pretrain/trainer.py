@@ -45,7 +45,7 @@ from pretrain.config import (
     resolve_precision,
 )
 from pretrain.data import DamagedShard, ShardStream, build_loader, close_loader
-from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
+from pretrain.model import BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
 
 # Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, log.every, ...)
 # may change. optim.* is fixed because the schedule's state comes from the checkpoint, not the config.
@@ -97,6 +97,8 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         raise UserError(f"{folder}/manifest.json: field 'splits.train.sequences' is 0: nothing to train on")
     cfg.model.vocab_size = man["tokenizer"]["vocab_size"]
     cfg.data.seq_len = man["seq_len"]
+    if cfg.train.init_from:
+        _take_initial_shape(cfg, man)
     if cfg.data.seq_len > cfg.model.max_position:
         raise UserError(
             f"config key 'model.max_position' ({cfg.model.max_position}) is below the data's seq_len ({cfg.data.seq_len})"
@@ -136,6 +138,40 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
                     f"{theirs.get(key)!r} ({where}); use another run.dir for a new run"
                 )
     return cfg, man, latest
+
+
+# What train.init_from decides of the model: all but the regularisation keys, which stay the config's.
+OWN_MODEL_KEYS = ("dropout", "attention_dropout", "initializer_range")
+
+
+def _take_initial_shape(cfg: PretrainConfig, man: dict) -> None:
+    """Continued pretraining: the model shape of ``train.init_from``, whose tokenizer must be the data's."""
+    from pretrain.export import describe, model_config
+
+    if type(cfg) is not PretrainConfig:  # distill starts from its teacher, finetune from finetune.model
+        raise UserError("config key 'train.init_from' is bertforge pretrain's (a student starts from its teacher)")
+    source = Path(cfg.train.init_from)
+    try:
+        shape, tok = describe(source)
+    except UserError as err:
+        raise UserError(f"config key 'train.init_from': {err}") from None
+    if not tok.is_file() or tokenizers.sha256(tok) != man["tokenizer"]["sha256"]:
+        raise UserError(
+            f"{Path(cfg.data.path) / manifests.MANIFEST}: field 'tokenizer.sha256' differs from the tokenizer of "
+            f"{source} (config key 'train.init_from'): continued pretraining needs data prepared with that tokenizer "
+            f"(bertforge prep --tokenizer {tok})"
+        )
+    theirs = model_config(shape) if "num_hidden_layers" in shape else ModelConfig(**shape)
+    for key in leaves(to_dict(theirs)):
+        if key not in OWN_MODEL_KEYS:
+            setattr(cfg.model, key, getattr(theirs, key))
+
+
+def _initial_weights(model: BertForMaskedLM, source: Path) -> None:
+    """Load the weights of a run, checkpoint or export folder (its shape is the model's: resolve saw to it)."""
+    from pretrain.export import load_any
+
+    model.load_state_dict(load_any(source)[0].state_dict())
 
 
 def already_complete(run_dir: Path, step: int, max_steps: int) -> str:
@@ -276,6 +312,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
+    if cfg.train.init_from and latest is None:  # (a resumed run takes its weights from its checkpoint)
+        _initial_weights(model, Path(cfg.train.init_from))
     eng = engine.build(model, cfg, world, device)
 
     step = batches = tokens = bad_total = 0
@@ -324,7 +362,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         f"{cfg.train.precision.value}; model {num_parameters(model) / 1e6:.2f}M parameters "
         f"(L{cfg.model.num_layers} H{cfg.model.hidden_size} A{cfg.model.num_heads}), vocab {cfg.model.vocab_size:,}, "
         f"seq_len {seq_len}; batch {cfg.train.global_batch_size} = {micro} x {world} rank(s) x {accum} accumulation; "
-        f"peak {peak:.2f} TFLOP/s; run folder {run_dir}" + (f"; resuming from {latest} (step {step})" if latest else "")
+        f"peak {peak:.2f} TFLOP/s; run folder {run_dir}"
+        + (f"; resuming from {latest} (step {step})" if latest else "")
+        + (f"; initial weights from {cfg.train.init_from}" if cfg.train.init_from and not latest else "")
     )
     if warning := precision_warning(cfg.train.precision):
         say(warning)
@@ -558,8 +598,6 @@ def load_consolidated(path: Path) -> BertForMaskedLM:
     """A model from a file :func:`consolidate` wrote (its model config is in the file's metadata)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from pretrain.model import ModelConfig
 
     path = Path(path)
     with safe_open(str(path), "pt") as f:

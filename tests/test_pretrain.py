@@ -356,6 +356,57 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
     assert r.returncode == 2 and "written by 2 ranks, this run has 1" in r.stderr
 
 
+def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedule(teacher_run, tmp_path) -> None:
+    """``train.init_from``: at learning rate 0 the new run evaluates as its source did (the same
+    weights), with the source's shape over the config's, from step 1; a restart resumes the new run;
+    a missing folder, another tokenizer, distill and finetune are refused, naming the key."""
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.distill import DistillConfig
+    from pretrain.export import export
+    from pretrain.finetune import FinetuneConfig, check
+    from pretrain.trainer import resolve
+
+    data, teacher = teacher_run
+    run = tmp_path / "continued"
+    args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
+            f"train.init_from={teacher}", "model.num_layers=5", "optim.lr=0", "log.every=1", "eval.every=2",
+            "eval.batches=2"]  # fmt: skip
+    r = run_cli(*args, "train.max_steps=2")
+    ok(r)
+    assert f"initial weights from {teacher}" in r.stdout and "(L2 H64 A2)" in r.stdout  # the teacher's shape
+    logged = metrics(run)
+    assert [m["step"] for m in logged if "train/loss" in m] == [1, 2] and logged[0]["train/lr"] == 0
+    evals = [[m["eval/loss"] for m in metrics(where) if "eval/loss" in m][-1] for where in (teacher, run)]
+    assert evals[1] == pytest.approx(evals[0], abs=1e-4), evals  # random weights: about ln(1000) = 6.9
+    r = run_cli(*args, "train.max_steps=3")
+    ok(r)
+    assert "resuming from step_00000002" in r.stdout and "initial weights" not in r.stdout
+
+    def refused(*overrides: str, kind: type = PretrainConfig) -> str:
+        overrides = [f"data.path={data}", f"run.dir={tmp_path / 'new'}", *overrides]
+        return refusal(lambda: resolve(load_config(kind, TINY, overrides), 2))
+
+    hf = export(teacher, tmp_path / "hf", ["hf"])  # an export folder: its shape read from config.json
+    cfg, _, _ = resolve(load_config(PretrainConfig, TINY, [f"data.path={data}", f"run.dir={tmp_path / 'new'}", f"train.init_from={hf}",
+                                                          "model.num_layers=5", "model.dropout=0.2"]), 2)  # fmt: skip
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.dropout) == (2, 64, 0.2)
+    with open(hf / "spm.model", "ab") as f:
+        f.write(b"\0")  # another tokenizer
+    assert f"field 'tokenizer.sha256' differs from the tokenizer of {hf} (config key 'train.init_from')" in refused(
+        f"train.init_from={hf}"
+    )
+    assert f"config key 'train.init_from': {tmp_path / 'nope'}: no such run" in refused(
+        f"train.init_from={tmp_path / 'nope'}"
+    )
+    assert "config key 'train.init_from' is bertforge pretrain's" in refused(
+        f"train.init_from={teacher}", kind=DistillConfig
+    )
+    ft = load_config(FinetuneConfig, None, ["finetune.model=m", "finetune.train_file=t.csv", "finetune.eval_file=e.csv",
+                                           "run.dir=r", f"train.init_from={teacher}"])  # fmt: skip
+    assert "config key 'train.init_from' is bertforge pretrain's" in refusal(check, ft)
+
+
 def test_a_missing_shard_is_named(dataset, tmp_path) -> None:
     import shutil
 
