@@ -101,7 +101,9 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         _take_initial_shape(cfg, man)
     if cfg.data.seq_len > cfg.model.max_position:
         raise UserError(
-            f"config key 'model.max_position' ({cfg.model.max_position}) is below the data's seq_len ({cfg.data.seq_len})"
+            f"config key 'model.max_position' ({cfg.model.max_position}"
+            + (f", the shape of train.init_from={cfg.train.init_from}" if cfg.train.init_from else "")
+            + f") is below the data's seq_len ({cfg.data.seq_len})"
         )
     if cfg.train.max_steps < 1:  # (0 is fine-tuning's "from the epochs")
         raise UserError(f"config key 'train.max_steps': {cfg.train.max_steps}: must be at least 1")
