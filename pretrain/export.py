@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import types
 import warnings
@@ -82,6 +83,18 @@ def _run_tokenizer(run_dir: Path, state: dict) -> Path:
     if not tok.is_file() or state.get("tokenizer_sha256") not in (None, tokenizers.sha256(tok)):
         raise UserError(f"{tok}: the run's tokenizer is missing or changed")
     return tok
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, leaving the file as readable as any other this process writes:
+    safetensors 0.8.1 and later create it 0600 whatever the umask (their issue #782), and a model
+    shared on a cluster's file system would not load for the rest of the team."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def describe(source: Path) -> tuple[dict, Path]:
@@ -219,8 +232,6 @@ def _last_eval(run_dir: Path) -> dict:
 
 def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") -> Path:
     """Write the export folder; refuses an output folder that exists and is not empty."""
-    from safetensors.torch import save_file
-
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"{output}: exists and is not empty; choose a new --output (nothing was written)")
@@ -245,8 +256,7 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     hf.save_pretrained(tmp)
     weights = {k: v for k, v in model.state_dict().items() if k != TIED}
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})  # fmt: skip
+    save_weights({k: v.to(torch_dtype) for k, v in weights.items()}, tmp / "model.safetensors", {"format": "pt"})
     seq_len = state["config"]["data"]["seq_len"] or cfg.max_position
     write_tokenizer(tmp, tok_path, cfg.max_position)
     (tmp / "README.md").write_text(_card(state, man, num_parameters(model), _last_eval(Path(state["run_dir"]))))

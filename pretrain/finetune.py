@@ -564,10 +564,8 @@ def write_model(out: Path, folder: Path, tag: str, model, tok: Path, names: list
     """The Hugging Face folder of checkpoint ``folder/tag``: config (labels included), weights, tokenizer."""
     import shutil
 
-    from safetensors.torch import save_file
-
     from pretrain.engine import consolidated_state_dict
-    from pretrain.export import hf_config, write_tokenizer
+    from pretrain.export import hf_config, save_weights, write_tokenizer
 
     weights = consolidated_state_dict(folder, tag)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -585,9 +583,7 @@ def write_model(out: Path, folder: Path, tag: str, model, tok: Path, names: list
         bertforge={"checkpoint": tag, "text_pair_field": sec.text_pair_field, "max_length": sec.max_length},
     )
     hf.save_pretrained(tmp)
-    save_file(
-        {k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
-    )
+    save_weights(weights, tmp / "model.safetensors", {"format": "pt"})
     write_tokenizer(tmp, tok, model.config.max_position)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

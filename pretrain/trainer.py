@@ -569,9 +569,9 @@ def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
     several runs may share a folder). Written under a temporary name, then renamed: a crash leaves
     no half file under the final name. Returns the file written."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     from pretrain import engine
+    from pretrain.export import save_weights
 
     run_dir = Path(run_dir)
     if output is not None and not Path(output).parent.is_dir():
@@ -588,7 +588,7 @@ def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
     metadata = {"format": "pt", "step": str(state["step"]), "model_config": json.dumps(state["config"]["model"])}
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+        save_weights(weights, tmp, metadata)
         os.replace(tmp, output)
     except (OSError, SafetensorError) as err:  # a full disk, a read-only folder, a folder at --output
         tmp.unlink(missing_ok=True)

@@ -205,6 +205,8 @@ def test_regression_trains_and_predicts_values(teacher_run, task, tmp_path) -> N
     assert "; regression;" in r.stdout and "eval loss" in r.stdout and "accuracy" not in r.stdout
     config = json.loads((run / "model/config.json").read_text())
     assert config["problem_type"] == "regression" and config["id2label"] == {"0": "value"}
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (run / "model").iterdir()}
+    assert set(modes.values()) == {modes["config.json"]}, modes  # model.safetensors too (see test_export)
     r = run_cli("predict", str(run / "model"), "--input", str(rows["eval"]))
     assert r.returncode == 0, r.stderr
     preds = [json.loads(x) for x in r.stdout.splitlines()]

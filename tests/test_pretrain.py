@@ -109,6 +109,7 @@ def test_zero_stages_train_and_the_loss_falls(dataset, tmp_path, zero, precision
         # a file of its own: the config in its metadata, nothing beside it that another run's file would overwrite
         assert consolidate(run, None, out / "a.safetensors") == out / "a.safetensors"
         assert sorted(p.name for p in out.iterdir()) == ["a.safetensors"]
+        assert (out / "a.safetensors").stat().st_mode & 0o777 == (run / "config.yaml").stat().st_mode & 0o777
         assert (
             load_consolidated(out / "a.safetensors").config
             == load_consolidated(run / "checkpoints/step_00000030/model.safetensors").config
