@@ -87,7 +87,7 @@ def _run_tokenizer(run_dir: Path, state: dict) -> Path:
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """safetensors' ``save_file``, leaving the file as readable as any other this process writes:
-    safetensors 0.8.1 and later create it 0600 whatever the umask (their issue #782), and a model
+    safetensors 0.8 creates it 0600 whatever the umask (their issue #782), and a model
     shared on a cluster's file system would not load for the rest of the team."""
     from safetensors.torch import save_file
 

@@ -44,7 +44,7 @@ def test_transformers_loads_the_export_offline_with_the_same_ids_and_logits(trai
     from pretrain.export import load_checkpoint
 
     _, run = trained
-    # every file as readable as the umask leaves any other (safetensors >= 0.8.1 made its own 0600: a team
+    # every file as readable as the umask leaves any other (safetensors 0.8 made its own 0600: a team
     # sharing the folder on a cluster could not load it)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in exported.iterdir()}
     assert set(modes.values()) == {modes["config.json"]}, modes
