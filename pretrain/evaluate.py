@@ -7,24 +7,70 @@ teachers and students.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from pretrain.data import ShardStream
-from pretrain.export import load_any
+from pretrain.export import load_any, model_config
 from pretrain.masking import MaskingConfig
-from pretrain.model import IGNORE_INDEX, num_parameters
+from pretrain.model import IGNORE_INDEX, BertForMaskedLM, num_parameters
+
+
+class OnnxMLM:
+    """An exported ``model.onnx`` (or ``model.int8.onnx``) under onnxruntime, behind what eval and
+    fill-mask call: ``model(ids)`` gives the logits, ``forward_loss`` the MLM loss at the masked
+    positions, as :class:`~pretrain.model.BertForMaskedLM` does."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        config = path.parent / "config.json"
+        if not config.is_file():
+            raise UserError(f"{path}: no config.json beside it: not a file of a folder bertforge export wrote")
+        self.config = model_config(json.loads(config.read_text()))
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on a damaged file
+            raise UserError(f"{path}: onnxruntime cannot load it ({type(err).__name__})") from None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+        return torch.from_numpy(logits)
+
+    def forward_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        keep = labels != IGNORE_INDEX
+        logits, target = self(input_ids)[keep], labels[keep]
+        return F.cross_entropy(logits, target), (logits.argmax(-1) == target).sum(), keep.sum()
+
+
+def load_model(source: Path) -> tuple[BertForMaskedLM | OnnxMLM, Path, dict]:
+    """What :func:`pretrain.export.load_any` loads, or an export's ``.onnx`` file: ``(model, tokenizer,
+    info)``; ``info["parameters"]`` counts the tied embedding once."""
+    source = Path(source)
+    if source.suffix != ".onnx":
+        model, tok, info = load_any(source)
+        return model, tok, {**info, "parameters": num_parameters(model)}
+    if not source.is_file():
+        raise UserError(f"{source}: no such ONNX file")
+    model = OnnxMLM(source)
+    with torch.device("meta"):  # the shape's parameter count, without allocating them
+        parameters = num_parameters(BertForMaskedLM(model.config))
+    return model, source.parent / "spm.model", {"kind": "onnx", "disk_bytes": source.stat().st_size,
+                                                "parameters": parameters}  # fmt: skip
 
 
 def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, seed: int = 0) -> dict:
     """MLM loss, accuracy and perplexity on ``data``'s val split, and forward throughput."""
-    model, tok, info = load_any(source)
+    model, tok, info = load_model(source)
     man = manifests.load(data)
     if man["tokenizer"]["vocab_size"] != model.config.vocab_size:
         raise UserError(
@@ -61,7 +107,7 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
     tokens = batches * batch_size * man["seq_len"]
     return {
         "model": str(source),
-        "parameters": num_parameters(model),
+        "parameters": info["parameters"],
         "disk_mb": info["disk_bytes"] / 2**20,
         "loss": loss,
         "accuracy": (sums[1] / sums[2]).item(),
@@ -120,7 +166,7 @@ def fill_mask(source: Path, text: str, top_k: int = 5) -> list[list[tuple[str, f
     """Top-k pieces and probabilities for each ``[MASK]`` in ``text``."""
     if "[MASK]" not in text:
         raise UserError('fill-mask: the text has no [MASK] (e.g. "Return the [MASK] of items.")')
-    model, tok, _ = load_any(source)
+    model, tok, _ = load_model(source)
     sp = tokenizers.load(tok)
     ids = [tokenizers.CLS_ID]
     for i, part in enumerate(text.split("[MASK]")):

@@ -235,9 +235,9 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"{output}: exists and is not empty; choose a new --output (nothing was written)")
-    unknown = set(formats) - {"hf", "onnx"}
+    unknown = set(formats) - {"hf", "onnx", "onnx-int8"}
     if unknown:
-        raise UserError(f"--format {','.join(sorted(unknown))}: expected hf and/or onnx")
+        raise UserError(f"--format {','.join(sorted(unknown))}: expected hf, onnx or onnx-int8")
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"--dtype {dtype}: expected fp32 or bf16")
     model, state, tok_path = load_checkpoint(source)
@@ -260,13 +260,18 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     seq_len = state["config"]["data"]["seq_len"] or cfg.max_position
     write_tokenizer(tmp, tok_path, cfg.max_position)
     (tmp / "README.md").write_text(_card(state, man, num_parameters(model), _last_eval(Path(state["run_dir"]))))
-    if "onnx" in formats:
+    if {"onnx", "onnx-int8"} & set(formats):
         try:
+            import onnxruntime  # noqa: F401 - the quantizer
             import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
         except ImportError:
             shutil.rmtree(tmp)
             raise UserError("--format onnx needs the onnx extra: pip install 'bertforge[onnx]'") from None
         export_onnx(model, tmp / "model.onnx", seq_len)
+        if "onnx-int8" in formats:
+            quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
+            if "onnx" not in formats:
+                (tmp / "model.onnx").unlink()
     if output.exists():
         output.rmdir()  # empty, checked above
     tmp.rename(output)
@@ -292,6 +297,21 @@ def export_onnx(model: BertForMaskedLM, path: Path, seq_len: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _onnx_export(model, ids, mask, path, batch, seq)
+
+
+def quantize_int8(source: Path, path: Path) -> None:
+    """``model.int8.onnx``: onnxruntime's dynamic quantization of ``source``, the weights of every
+    matrix product as int8 per output channel, the activations quantized as they come: about a
+    quarter of the size, for CPU inference (same inputs and output as ``model.onnx``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the graph (shape inference) first
+    try:
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
 
 
 def _onnx_export(model, ids, mask, path, batch, seq) -> None:  # noqa: ANN001

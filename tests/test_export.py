@@ -32,7 +32,7 @@ def trained(tmp_path_factory, train_data) -> tuple[Path, Path]:
 def exported(trained, tmp_path_factory) -> Path:
     _, run = trained
     out = tmp_path_factory.mktemp("out") / "model"
-    r = run_cli("export", str(run), "--output", str(out), "--format", "hf,onnx")
+    r = run_cli("export", str(run), "--output", str(out), "--format", "hf,onnx,onnx-int8")
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -96,6 +96,39 @@ def test_onnx_matches_pytorch_at_other_shapes(trained, exported) -> None:
             want = ours(ids, mask).numpy()
         real = mask.bool().numpy()
         np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_eval_and_fill_mask_of_the_onnx_files_and_the_int8_one_is_smaller_and_close(
+    trained, exported, tmp_path
+) -> None:
+    """``--format onnx-int8`` (dynamic int8 quantization): eval and fill-mask take an export's .onnx
+    files; model.onnx gives the folder's numbers, model.int8.onnx a fraction of the size for close ones."""
+    from pretrain.evaluate import evaluate, fill_mask
+
+    data, _ = trained
+    r = run_cli("eval", str(exported), str(exported / "model.onnx"), str(exported / "model.int8.onnx"),
+                "--data", str(data), "--batches", "4", "--batch-size", "8")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {ln.split()[0].rsplit("/", 1)[-1]: ln.split() for ln in r.stdout.splitlines()[1:4]}
+    folder, fp32, int8 = rows["model"], rows["model.onnx"], rows["model.int8.onnx"]
+    assert fp32[1] == folder[1] == int8[1]  # the parameters of the one shape
+    assert float(fp32[3]) == pytest.approx(float(folder[3]), abs=1e-3) and fp32[4] == folder[4]  # loss, acc
+    assert float(int8[3]) == pytest.approx(float(folder[3]), abs=0.1), rows
+    assert float(int8[4]) == pytest.approx(float(folder[4]), abs=0.05), rows
+    assert (exported / "model.int8.onnx").stat().st_size < 0.5 * (exported / "model.onnx").stat().st_size
+    text = "Return the [MASK] of items in a [MASK]."
+    assert [[w for w, _ in m] for m in fill_mask(exported / "model.onnx", text, 5)] == [
+        [w for w, _ in m] for m in fill_mask(exported, text, 5)
+    ]
+    assert len(fill_mask(exported / "model.int8.onnx", text, 3)[1]) == 3
+    assert f"{tmp_path / 'x.onnx'}: no such ONNX file" in refusal(evaluate, tmp_path / "x.onnx", data)
+    alone = tmp_path / "alone.onnx"
+    alone.write_bytes((exported / "model.onnx").read_bytes())
+    assert "no config.json beside it" in refusal(evaluate, alone, data)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    (damaged / "model.int8.onnx").write_bytes((exported / "model.int8.onnx").read_bytes()[:5000])
+    assert "onnxruntime cannot load it" in refusal(evaluate, damaged / "model.int8.onnx", data)
 
 
 def test_the_gathered_zero3_fp32_weights_give_the_trainers_own_eval_loss(trained) -> None:
