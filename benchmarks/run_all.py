@@ -5,7 +5,8 @@
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
 SentencePiece encoding, and prep's time by stage in one process), ``train_throughput.py
 --memory`` (our training step against Hugging Face ``BertForMaskedLM`` at the same shape and
-precision, with MFU; the shard reader against the trainer; memory per rank),
+precision, with MFU; the shard reader against the trainer; memory per rank), ``inference.py``
+(an export's ONNX files, fp32 and int8, under onnxruntime against PyTorch, at ``base``),
 ``distill_quality.py`` (a half-depth student against its teacher and its shape from scratch) and
 ``finetune_quality.py`` (teacher, student, random init and bag of words on a labelled task),
 each printing its own detail, then one table: each figure beside its baseline, measured side by
@@ -77,6 +78,14 @@ def table(records: list[dict]) -> str:
                      f"{r['teacher_ms'] / r['student_ms']:.2f}x faster"))  # fmt: skip
         rows.append(("student parameters", f"{r['student_params'] / 1e6:.2f}M",
                      f"teacher: {r['teacher_params'] / 1e6:.2f}M", f"{r['student_params'] / r['teacher_params']:.0%}"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "inference"):
+        shape = f"{r['preset']}, {r['batch']} x {r['seq']}"
+        rows.append((f"inference, {shape}, onnxruntime int8, ms/batch", f"{r['int8_ms']:.1f}",
+                     f"PyTorch fp32: {r['torch_ms']:.1f}", f"{r['torch_ms'] / r['int8_ms']:.2f}x faster"))  # fmt: skip
+        rows.append(("  onnxruntime fp32, ms/batch", f"{r['onnx_ms']:.1f}", f"PyTorch fp32: {r['torch_ms']:.1f}",
+                     f"{r['torch_ms'] / r['onnx_ms']:.2f}x faster"))  # fmt: skip
+        rows.append(("  model.int8.onnx, MB", f"{r['int8_mb']:.1f}", f"model.onnx: {r['onnx_mb']:.1f}",
+                     f"{r['int8_mb'] / r['onnx_mb']:.0%}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "finetune"):
         rows.append(("fine-tuned teacher, accuracy (8 stdlib packages)", f"{r['teacher_acc']:.3f}",
                      f"same shape, random init: {r['scratch_acc']:.3f}", f"{r['teacher_acc'] / r['scratch_acc']:.2f}x"))  # fmt: skip
@@ -104,6 +113,7 @@ def main() -> None:
         _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
              results=results)  # fmt: skip
         _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
+        _run("inference.py", *(["--preset", "mini", "--rounds", "2"] if quick else []), results=results)
         steps, student_steps = (20, 20) if quick else (args.distill_steps, args.student_steps)
         student = [] if student_steps is None else ["--student-steps", str(student_steps)]
         _run("distill_quality.py", "--steps", str(steps), *student, results=results)

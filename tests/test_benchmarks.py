@@ -46,3 +46,19 @@ def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
 
     rows = table(figures).splitlines()
     assert sum(line.startswith("  HF with malloc keeping freed memory") for line in rows) == len(train), rows
+
+
+@pytest.mark.slow
+def test_the_inference_benchmark_times_each_runtime_and_make_bench_tables_it(tmp_path) -> None:
+    from benchmarks.run_all import table
+
+    out = tmp_path / "figures.jsonl"
+    args = ["--preset", "tiny", "--vocab", "1000", "--batch", "2", "--seq", "16", "--rounds", "1", "--json", str(out)]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/inference.py"), *args], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (fig,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert fig["bench"] == "inference" and all(fig[k] > 0 for k in ("torch_ms", "onnx_ms", "int8_ms")), fig
+    assert fig["int8_mb"] < 0.5 * fig["onnx_mb"] and fig["onnx_agree"] > 0.9 and fig["int8_agree"] > 0.5, fig
+    rows = table([fig]).splitlines()
+    assert rows[1].startswith("inference, tiny, 2 x 16, onnxruntime int8, ms/batch") and len(rows) == 4, rows
