@@ -222,7 +222,8 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
 
 def _holding(run_dir: str, ranks):  # noqa: ANN001, ANN202
     """A bare start (no launcher around it) holds its run folder, so that a second start on the same
-    folder is refused (:func:`pretrain.checkpoint.holding`); a launcher's rank leaves that to it."""
+    folder is refused (:func:`pretrain.checkpoint.holding`); a launcher's ranks hold it in rank 0
+    (:func:`pretrain.checkpoint.hold_for_ranks`), which this process's own ranks leave to it."""
     from contextlib import nullcontext
 
     from pretrain.checkpoint import holding

@@ -7,9 +7,10 @@ A checkpoint is complete once its ``trainer_state.json`` exists; only then does
 ``checkpoints/latest`` (a one-line file, replaced atomically) name it. A crash or kill -9 at
 any moment of a save leaves ``latest`` naming the previous, complete checkpoint.
 
-A run started on this machine holds ``RUN/.lock`` (an exclusive ``flock``, released when its
-process ends, however it ends): a second start on the same folder is refused, not let write the
-same checkpoints (:func:`holding`).
+A run holds ``RUN/.lock`` (an exclusive ``flock``, released when its process ends, however it
+ends): a second start on the same folder is refused, not let write the same checkpoints. A bare
+start holds it in the process the user started (:func:`holding`), ranks started by a launcher
+(``deepspeed``, ``torchrun``, ``srun``, a SLURM job) in their rank 0 (:func:`hold_for_ranks`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ LOCK = ".lock"
 
 
 @contextlib.contextmanager
-def holding(run_dir: Path) -> Iterator[None]:
+def holding(run_dir: Path, ours: tuple[int, ...] = ()) -> Iterator[None]:
     """Hold the run folder for this process while the block runs: refuse, naming the holder, when
-    another process holds it. Where the file system has no locks, nothing is held."""
+    another process holds it, unless that is one of the pids ``ours`` on this host (the process
+    that started this one holds it for it). Where the file system has no locks, nothing is held."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK, "a+") as f:
@@ -46,8 +48,12 @@ def holding(run_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
+            holder = f.read().strip()
+            if any(holder.startswith(f"pid {pid} on {socket.gethostname()},") for pid in ours):
+                yield
+                return
             raise UserError(
-                f"{run_dir}: another run is using this folder ({f.read().strip() or 'a bertforge process'}); "
+                f"{run_dir}: another run is using this folder ({holder or 'a bertforge process'}); "
                 "wait for it to end, or choose another run.dir"
             ) from None
         except OSError:  # (no locks here: an NFS mount without them)
@@ -57,6 +63,29 @@ def holding(run_dir: Path) -> Iterator[None]:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         yield
+
+
+_HELD = contextlib.ExitStack()  # what rank 0 holds until its process ends
+
+
+def hold_for_ranks(run_dir: Path, rank: int, device: torch.device) -> None:
+    """Rank 0 holds the run folder until its process ends (unless the bertforge process that started
+    the ranks, or this one, holds it already); when another run holds it, every rank stops, the
+    refusal printed once, by rank 0. Call once the process group is up."""
+    import torch.distributed as dist
+
+    from data_prep.errors import RunError
+
+    refused = None
+    if rank == 0:
+        try:
+            _HELD.enter_context(holding(run_dir, ours=(os.getpid(), os.getppid())))
+        except UserError as err:
+            refused = err
+    flag = torch.tensor(float(refused is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise refused or RunError(f"rank {rank}: stopped with rank 0, whose run folder is in use", quiet=True)
 
 
 def tag(step: int) -> str:

@@ -435,6 +435,7 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     sec = cfg.finetune
     run_dir = Path(cfg.run.dir)
+    ckpt.hold_for_ranks(run_dir, rank, device)
     accum = accumulation_steps(cfg.train, world)
     train_rows = read_rows(Path(sec.train_file), sec)
     names = label_names(train_rows.labels) if sec.task is Task.classification else []

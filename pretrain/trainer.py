@@ -294,6 +294,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     cfg, man, latest = resolve(cfg, world)
     device = engine.init_distributed(local_rank)
+    ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
     stop = _Stop()
     say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
     run_dir, root = Path(cfg.run.dir), ckpt.folder(Path(cfg.run.dir))

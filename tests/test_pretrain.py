@@ -300,6 +300,13 @@ def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_p
         # written the same checkpoints)
         again = run_cli(*args)
         assert again.returncode == 2 and f"{run}: another run is using this folder (pid {proc.pid} on " in again.stderr
+        # and so are ranks a launcher starts (torchrun here; deepspeed, srun alike): every rank stops, rank 0 says why
+        launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                                   "launch.cli", *args[:2], *args[4:]], cwd=REPO, capture_output=True, text=True,
+                                  timeout=300)  # fmt: skip
+        said = [ln for ln in launched.stderr.splitlines() if ln.startswith("bertforge: error")]
+        assert launched.returncode != 0 and len(said) == 1, launched.stderr[-3000:]
+        assert said[0].startswith(f"bertforge: error: {run}: another run is using this folder (pid {proc.pid} on ")
         ranks[1].send_signal(signal.SIGUSR1)  # one rank only, as a scheduler might
         out, err = proc.communicate(timeout=120)
     finally:
