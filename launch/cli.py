@@ -153,7 +153,7 @@ def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a BERT encoder on DIR's shards (config key data.path) with DeepSpeed. "
         "Started bare it runs --nproc ranks on this machine; under deepspeed, torchrun or srun it "
         "takes its rank from the environment. Restarting on the same run.dir resumes from its latest "
-        "checkpoint. SIGTERM/SIGUSR1/SIGINT: finish the step, save, exit 0.",
+        "checkpoint. SIGTERM/SIGUSR1/SIGINT/SIGHUP: finish the step, save, exit 0.",
     )
     p.add_argument(
         "args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="e.g. configs/pretrain/tiny.yaml optim.lr=2e-4"

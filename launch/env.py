@@ -9,6 +9,7 @@ only the torch names.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -53,3 +54,22 @@ def export(ranks: Ranks) -> None:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
     env.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world), LOCAL_RANK=str(ranks.local_rank))
+
+
+def leave_terminal() -> None:
+    """After a hang-up (the terminal closed): whichever of stdout and stderr is a terminal now
+    writes to /dev/null, so that the lines of the stop that follows cannot fail with EIO. A file
+    or pipe they were sent to keeps its lines."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def hang_up_is_ignored() -> bool:
+    """Whether this process was started to ignore SIGHUP (``nohup``; inherited by the ranks): the
+    user asked the run to carry on when the terminal closes, and it does."""
+    return signal.getsignal(signal.SIGHUP) == signal.SIG_IGN

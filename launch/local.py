@@ -2,8 +2,8 @@
 
 Each rank is ``python -m launch.cli ARGS`` with ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set, and the cores shared out (``OMP_NUM_THREADS``).
-SIGTERM, SIGUSR1 and SIGINT are passed on to every rank (which finish the step, save and
-exit). If a rank dies, the others cannot go on (they would wait in a collective until it
+SIGTERM, SIGUSR1, SIGINT and SIGHUP are passed on to every rank (which finish the step, save and
+exit; after a hang-up, this process and the ranks write what a terminal would get to /dev/null). If a rank dies, the others cannot go on (they would wait in a collective until it
 times out), so they are killed and the launcher exits with the dead rank's code.
 """
 
@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
-from launch.env import free_port
+from launch.env import free_port, hang_up_is_ignored, leave_terminal
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 def run(args: list[str], nproc: int) -> int:
@@ -34,11 +34,14 @@ def run(args: list[str], nproc: int) -> int:
     ]
 
     def forward(signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            leave_terminal()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    handled = [s for s in FORWARDED if s != signal.SIGHUP or not hang_up_is_ignored()]  # nohup: carry on
+    previous = {s: signal.signal(s, forward) for s in handled}
     try:
         while True:
             codes = [p.poll() for p in procs]

@@ -127,7 +127,7 @@ def _ignore_stop_signals(_worker: int) -> None:
     """Loader workers leave stop signals to the trainer: SLURM and ``scancel --signal`` signal every
     process of a job, and a worker dying of one would take the run down instead of letting it
     finish its step and save."""
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
 
 

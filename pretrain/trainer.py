@@ -9,7 +9,7 @@ Every micro-batch, the ranks agree (one small all-reduce) on two flags: a non-fi
 some rank, and a stop signal on some rank. A non-finite loss is dropped on every rank before
 its backward pass (the next micro-batch takes its place) and counted; ``train.max_bad_steps``
 in a row end the run, leaving the last good checkpoint as ``latest``. SIGTERM, SIGUSR1,
-SIGINT on any rank (or SIGUSR2, the signal submitit has SLURM send before a time limit) make
+SIGINT, SIGHUP on any rank (or SIGUSR2, the signal submitit has SLURM send before a time limit) make
 all ranks finish the current step and save a checkpoint; :func:`train` then returns a
 :class:`Result` that says it stopped early, and the command exits 0.
 """
@@ -35,6 +35,7 @@ from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import RunError, UserError
 from launch.config import leaves, to_dict, to_yaml
+from launch.env import hang_up_is_ignored, leave_terminal
 from pretrain import checkpoint as ckpt
 from pretrain.config import (
     Precision,
@@ -217,15 +218,20 @@ class _Window:
 
 
 class _Stop:
-    """Signal handlers that ask for a clean stop; a second SIGINT over 2 s later aborts."""
+    """Signal handlers that ask for a clean stop; a second SIGINT over 2 s later aborts. SIGHUP (the
+    terminal closed) stops the same way, its output sent to /dev/null first, unless the run was
+    started under ``nohup``, which asked it to carry on."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self.since = 0.0
-        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
-            signal.signal(s, self._handle)
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP):
+            if s != signal.SIGHUP or not hang_up_is_ignored():
+                signal.signal(s, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            leave_terminal()
         if signum == signal.SIGINT and self.signal is not None and time.monotonic() - self.since > 2:
             raise KeyboardInterrupt
         if self.signal is None:

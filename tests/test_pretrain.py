@@ -10,6 +10,7 @@ import platform
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,56 @@ def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_p
     assert 3 <= step < 100000 and name == ckpt.tag(step)
     with ckpt.holding(run):  # free again once the run ended
         assert f"pid {os.getpid()} on " in (run / ckpt.LOCK).read_text()
+
+
+def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_running(dataset, tmp_path) -> None:
+    """The terminal of a bare start closes (SIGHUP to its process group, then the terminal gone): the ranks
+    save and exit 0, where they had died with the step's work lost; under nohup the run carries on."""
+    import pty
+    import select
+
+    def start(run: Path, nohup: bool = False) -> tuple[subprocess.Popen, int]:
+        """A 2-rank run in a session of its own on a pseudo-terminal, once it logged step 3; ``nohup``: with
+        SIGHUP ignored, as nohup starts it (nohup itself would also move the output to nohup.out)."""
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pretrain", TINY, "--nproc", "2",
+                                 f"data.path={dataset}", f"run.dir={run}", "train.max_steps=100000", "log.every=1",
+                                 "checkpoint.every=100000", "eval.every=0"], cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=slave, stderr=slave, start_new_session=True,
+                                preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None)  # fmt: skip
+        os.close(slave)
+        seen = b""
+        try:
+            while b"step 3/" not in seen:
+                ready, _, _ = select.select([master], [], [], 120)
+                assert ready and proc.poll() is None, seen[-2000:]
+                seen += os.read(master, 65536)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        return proc, master
+
+    run = tmp_path / "run"
+    proc, master = start(run)
+    try:
+        os.killpg(proc.pid, signal.SIGHUP)  # as the kernel does when a terminal hangs up
+        time.sleep(0.5)
+        os.close(master)  # and the terminal is gone: a write to it now fails
+        assert proc.wait(timeout=120) == 0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    step = ckpt.read_state(run, ckpt.latest(run))["step"]
+    assert 3 <= step < 100000 and max(losses(run)) == step
+    kept = tmp_path / "kept"
+    proc, master = start(kept, nohup=True)
+    try:
+        os.killpg(proc.pid, signal.SIGHUP)
+        time.sleep(3)
+        assert proc.poll() is None and ckpt.latest(kept) is None  # still training, nothing saved
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(master)
 
 
 def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
