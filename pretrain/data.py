@@ -38,14 +38,12 @@ from pretrain.masking import MaskingConfig, mask_batch
 
 class DamagedShard(RunError):
     """A shard whose bytes no longer match the manifest's checksum (checked as each shard is read).
+    A loader's worker sends it on as a :data:`DAMAGED` item (see :func:`build_loader`)."""
 
-    Raised in a loader worker, it reaches the trainer re-made by torch from the worker's whole
-    traceback text: the message keeps only its own last line, so the command line still prints
-    one line."""
 
-    def __init__(self, message: str) -> None:
-        last = message.rstrip().rsplit("\n", 1)[-1]
-        super().__init__(last.removeprefix(f"{__name__}.{type(self).__name__}: "))
+DAMAGED = "damaged shard"
+"""First element of the item a loader yields in place of a batch from a damaged shard; the second
+is the error's message, and the worker's stream ends there."""
 
 
 class ShardStream(IterableDataset):
@@ -131,11 +129,27 @@ def _ignore_stop_signals(_worker: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+class _Sent(IterableDataset):
+    """The stream as a loader's worker runs it: a damaged shard comes back as a :data:`DAMAGED`
+    item with the error's message (torch would re-raise it re-made from the traceback's text)."""
+
+    def __init__(self, stream: ShardStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple]:
+        try:
+            yield from self.stream
+        except DamagedShard as err:
+            yield DAMAGED, str(err)
+
+
 def build_loader(stream: ShardStream) -> DataLoader:
-    """A DataLoader over the stream's workers (batches are formed in the workers)."""
+    """A DataLoader over the stream's workers (batches are formed in the workers); a damaged shard's
+    error arrives as a :data:`DAMAGED` item."""
     workers = stream.num_workers
     return DataLoader(
-        stream,
+        _Sent(stream),
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -149,9 +163,10 @@ def build_loader(stream: ShardStream) -> DataLoader:
 
 def close_loader(it: Iterator) -> None:
     """Stop the worker processes of a loader's iterator now, as its deletion would if nothing else
-    held it. An error raised in a worker (a damaged shard) holds the iterator in its traceback
-    until it is collected; at exit, multiprocessing would then send the workers SIGTERM, which
-    they ignore (:func:`_ignore_stop_signals`), and wait for them forever."""
+    held it. An error that ends the trainer (a damaged shard, a divergence) holds the iterator, in
+    the trainer's frame, in its traceback until it is collected; at exit, multiprocessing would
+    then send the workers SIGTERM, which they ignore (:func:`_ignore_stop_signals`), and wait for
+    them forever."""
     shutdown = getattr(it, "_shutdown_workers", None)  # torch's own, what the iterator's __del__ calls
     if shutdown is not None:
         shutdown()

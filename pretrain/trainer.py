@@ -255,10 +255,14 @@ def _next_batch(it: Iterator, micro: int, seq_len: int) -> tuple[torch.Tensor, t
     the forward pass) and raises the error through the flags all ranks reduce, so that they all
     stop together and the error is printed once, by the first rank that met it."""
     try:
-        return *next(it), None
-    except DamagedShard as err:
-        ids = torch.zeros(micro, seq_len, dtype=torch.long)
-        return ids, ids.clone(), err
+        ids, labels = next(it)
+        if not isinstance(ids, str):
+            return ids, labels, None
+        err = DamagedShard(labels)  # (DAMAGED, message): from a loader's worker
+    except DamagedShard as e:  # from a stream read in this process (the evaluation's)
+        err = e
+    ids = torch.zeros(micro, seq_len, dtype=torch.long)
+    return ids, ids.clone(), err
 
 
 def _damage_flag(err: DamagedShard | None, rank: int, world: int) -> float:
