@@ -328,10 +328,10 @@ def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_runnin
     import select
 
     def start(run: Path, nohup: bool = False) -> tuple[subprocess.Popen, int]:
-        """A 2-rank run in a session of its own on a pseudo-terminal, once it logged step 3; ``nohup``: with
-        SIGHUP ignored, as nohup starts it (nohup itself would also move the output to nohup.out)."""
+        """A run in a session of its own on a pseudo-terminal, once it logged step 3: 2 ranks; ``nohup``: one,
+        with SIGHUP ignored, as nohup starts it (nohup itself would also move the output to nohup.out)."""
         master, slave = pty.openpty()
-        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pretrain", TINY, "--nproc", "2",
+        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pretrain", TINY, "--nproc", "1" if nohup else "2",
                                  f"data.path={dataset}", f"run.dir={run}", "train.max_steps=100000", "log.every=1",
                                  "checkpoint.every=100000", "eval.every=0"], cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=slave, stderr=slave, start_new_session=True,
