@@ -445,9 +445,10 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
         description="Submit STAGE with its config and overrides to SLURM through submitit: one task per GPU "
         "(or --tasks-per-node on CPU nodes), each a rank that reads its place from SLURM. Before the time "
         "limit, or on preemption, every rank finishes its step and checkpoints, and the job is requeued "
-        "to resume from latest. Prints the job id, its log folder and how to watch it.",
+        "to resume from latest (finetune: from its last epoch). Prints the job id, its log folder and how to "
+        "watch it.",
     )
-    p.add_argument("stage", choices=["pretrain", "distill", "prep"], help="the stage to run")
+    p.add_argument("stage", choices=["pretrain", "distill", "finetune", "prep"], help="the stage to run")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="as for the stage itself")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="GPUs per node, one rank each")
@@ -485,19 +486,27 @@ def _run_submit(ns: argparse.Namespace) -> int:
     config = str(Path(config).resolve()) if config else None
     if ns.stage == "prep":
         return _submit_prep(ns, res, config, overrides)
-    from pretrain.distill import DistillConfig, check_teacher
+    if ns.stage == "finetune":
+        from pretrain.finetune import FinetuneConfig, check
 
-    cfg = load_config(DistillConfig if ns.stage == "distill" else PretrainConfig, config, overrides)
-    # the config, data and run folder, checked here, before the queue; the precision (auto, or one the
-    # nodes may lack) is resolved and checked by each rank on its node
-    resolve(cfg, res.nodes * res.tasks(), here=False)
-    if ns.stage == "distill":
-        check_teacher(cfg)  # the tokenizer and vocabulary only: each rank loads the weights
-        overrides = [*overrides, f"distill.teacher={Path(cfg.distill.teacher).resolve()}"]
+        config = config or str(Path(__file__).resolve().parents[1] / "configs/finetune/default.yaml")
+        cfg = load_config(FinetuneConfig, config, overrides)
+        check(cfg, res.nodes * res.tasks())  # every file, field and label, before the queue
+        paths = {f"finetune.{k}": getattr(cfg.finetune, k) for k in ("model", "train_file", "eval_file")}
+    else:
+        from pretrain.distill import DistillConfig, check_teacher
+
+        cfg = load_config(DistillConfig if ns.stage == "distill" else PretrainConfig, config, overrides)
+        # the config, data and run folder, checked here, before the queue; the precision (auto, or one the
+        # nodes may lack) is resolved and checked by each rank on its node
+        resolve(cfg, res.nodes * res.tasks(), here=False)
+        paths = {"data.path": cfg.data.path, "train.init_from": cfg.train.init_from}
+        if ns.stage == "distill":
+            check_teacher(cfg)  # the tokenizer and vocabulary only: each rank loads the weights
+            paths["distill.teacher"] = cfg.distill.teacher
     # the job runs from this folder: make relative paths absolute so its tasks find them anywhere
-    overrides = [*overrides, f"data.path={Path(cfg.data.path).resolve()}", f"run.dir={Path(cfg.run.dir).resolve()}"]
-    if cfg.train.init_from:
-        overrides.append(f"train.init_from={Path(cfg.train.init_from).resolve()}")
+    paths["run.dir"] = cfg.run.dir
+    overrides = [*overrides, *(f"{key}={Path(path).resolve()}" for key, path in paths.items() if path)]
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from data_prep.errors import RunError, UserError
 
-STAGES = ("pretrain", "distill", "prep")
+STAGES = ("pretrain", "distill", "finetune", "prep")
 
 
 @dataclass
@@ -130,7 +130,7 @@ class StageJob:
         env.export(ranks)
         if os.environ.get("SLURM_CPUS_PER_TASK"):
             os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
-        if self.stage not in ("pretrain", "distill"):
+        if self.stage not in ("pretrain", "distill", "finetune"):
             raise UserError(f"stage {self.stage!r} cannot be submitted")
         import torch
 
@@ -138,6 +138,12 @@ class StageJob:
         from pretrain.trainer import train
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        if self.stage == "finetune":  # saved each epoch; a requeue (submitit's own, at once) resumes from the last
+            from pretrain.finetune import FinetuneConfig, check, run
+
+            cfg = load_config(FinetuneConfig, self.config, self.overrides)
+            check(cfg, ranks.world)  # again on the node: its precision (auto), and files hours after the login node's
+            return run(cfg, progress=False)
         if self.stage == "distill":
             from pretrain.distill import DistillConfig, build_student
 

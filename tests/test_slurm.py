@@ -174,6 +174,28 @@ def test_distillation_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
     assert {"distill/kd_loss", "distill/mlm_loss", "distill/cos_loss", "eval/teacher_mlm_accuracy"} <= last.keys()
 
 
+def test_fine_tuning_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
+    _, teacher = teacher_run
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"{w} item {i}", "label": w}) + "\n" for i in range(12)
+                            for w in ("alpha", "beta")))  # fmt: skip
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    r = run_cli("submit", "finetune", f"finetune.model={teacher}", f"finetune.train_file={rows}",
+                f"finetune.eval_file={rows}", f"run.dir={run}", "finetune.epochs=2", "train.global_batch_size=8",
+                "train.micro_batch_size=4", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1",
+                "--time", "60", "--log-dir", str(logs))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split()[2].rstrip(":")
+    best = result(logs, job)
+    assert 0 <= best["accuracy"] <= 1 and best["epoch"] in (1, 2), best
+    assert json.loads((run / "finetune_state.json").read_text())["epoch"] == 2
+    assert (run / "model/config.json").is_file() and "2 rank(s)" in (logs / job / f"{job}_0_log.out").read_text()
+    # checked before the queue, as the command itself checks
+    r = run_cli("submit", "finetune", f"finetune.model={teacher}", f"finetune.train_file={tmp_path / 'none.jsonl'}",
+                f"finetune.eval_file={rows}", f"run.dir={tmp_path / 'r2'}", "--log-dir", str(logs))  # fmt: skip
+    assert r.returncode == 2 and "none.jsonl" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_bad_options_are_refused_before_submitting(dataset, tmp_path, capsys) -> None:
     from launch.cli import main
 
