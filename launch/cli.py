@@ -491,7 +491,7 @@ def _run_submit(ns: argparse.Namespace) -> int:
 
         config = config or str(Path(__file__).resolve().parents[1] / "configs/finetune/default.yaml")
         cfg = load_config(FinetuneConfig, config, overrides)
-        check(cfg, res.nodes * res.tasks())  # every file, field and label, before the queue
+        check(cfg, res.nodes * res.tasks(), here=False)  # every file, field and label, before the queue
         paths = {f"finetune.{k}": getattr(cfg.finetune, k) for k in ("model", "train_file", "eval_file")}
     else:
         from pretrain.distill import DistillConfig, check_teacher

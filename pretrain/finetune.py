@@ -356,6 +356,8 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
     for key, value in mine.items():
         if key == "config":
             for k, v in value.items():
+                if k == "train.precision" and v == "auto":
+                    continue  # resolved and compared by each rank, on the node that trains
                 if theirs["config"].get(k) != v:
                     raise UserError(
                         f"config key '{k}' is {v!r} but the run in {cfg.run.dir} was started with "
@@ -374,9 +376,10 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
             )
 
 
-def check(cfg: FinetuneConfig, world: int = 1) -> None:
+def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
     """Every check that needs no rank: the files, the fields, the labels, the model's tokenizer,
-    and that a run already in ``run.dir`` is this one (``world`` ranks)."""
+    and that a run already in ``run.dir`` is this one (``world`` ranks). ``here=False`` (``bertforge
+    submit``, on a login node) leaves the precision to the nodes, as :func:`pretrain.trainer.resolve`."""
     from pretrain.export import describe
 
     sec = cfg.finetune
@@ -398,7 +401,8 @@ def check(cfg: FinetuneConfig, world: int = 1) -> None:
             raise UserError(f"{sec.train_file}: one label only ({names[0]!r}); classification needs two or more")
         known = {name: i for i, name in enumerate(names)}
     read_rows(Path(sec.eval_file), sec, known)
-    resolve_precision(cfg.train)
+    if here:
+        resolve_precision(cfg.train)
     check_deepspeed(cfg, world)  # a batch that does not divide by the ranks, a passthrough DeepSpeed refuses
     _check_resume(cfg, world)
 

@@ -180,9 +180,9 @@ def test_fine_tuning_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
     rows.write_text("".join(json.dumps({"text": f"{w} item {i}", "label": w}) + "\n" for i in range(12)
                             for w in ("alpha", "beta")))  # fmt: skip
     run, logs = tmp_path / "run", tmp_path / "logs"
-    r = run_cli("submit", "finetune", f"finetune.model={teacher}", f"finetune.train_file={rows}",
-                f"finetune.eval_file={rows}", f"run.dir={run}", "finetune.epochs=2", "train.global_batch_size=8",
-                "train.micro_batch_size=4", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1",
+    keys = [f"finetune.model={teacher}", f"finetune.train_file={rows}", f"finetune.eval_file={rows}", f"run.dir={run}",
+            "finetune.epochs=2", "train.global_batch_size=8", "train.micro_batch_size=4"]  # fmt: skip
+    r = run_cli("submit", "finetune", *keys, "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1",
                 "--time", "60", "--log-dir", str(logs))  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[2].rstrip(":")
@@ -190,6 +190,12 @@ def test_fine_tuning_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
     assert 0 <= best["accuracy"] <= 1 and best["epoch"] in (1, 2), best
     assert json.loads((run / "finetune_state.json").read_text())["epoch"] == 2
     assert (run / "model/config.json").is_file() and "2 rank(s)" in (logs / job / f"{job}_0_log.out").read_text()
+    from launch.config import load_config
+    from pretrain.finetune import FinetuneConfig, check
+
+    # the same command again: a login node leaves train.precision=auto to the nodes, where the run's state holds
+    # what they resolved (bf16 or fp32); it had been refused as another run
+    check(load_config(FinetuneConfig, str(REPO / "configs/finetune/default.yaml"), keys), 2, here=False)
     # checked before the queue, as the command itself checks
     r = run_cli("submit", "finetune", f"finetune.model={teacher}", f"finetune.train_file={tmp_path / 'none.jsonl'}",
                 f"finetune.eval_file={rows}", f"run.dir={tmp_path / 'r2'}", "--log-dir", str(logs))  # fmt: skip
