@@ -3,8 +3,9 @@
 Each rank is ``python -m launch.cli ARGS`` with ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set, and the cores shared out (``OMP_NUM_THREADS``).
 SIGTERM, SIGUSR1, SIGINT and SIGHUP are passed on to every rank (which finish the step, save and
-exit; after a hang-up, this process and the ranks write what a terminal would get to /dev/null). If a rank dies, the others cannot go on (they would wait in a collective until it
-times out), so they are killed and the launcher exits with the dead rank's code.
+exit; after a hang-up, this process and the ranks send what a terminal would get to /dev/null).
+If a rank dies, the others cannot go on (they would wait in a collective until it times out),
+so they are killed and the launcher exits with the dead rank's code.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Every micro-batch, the ranks agree (one small all-reduce) on two flags: a non-fi
 some rank, and a stop signal on some rank. A non-finite loss is dropped on every rank before
 its backward pass (the next micro-batch takes its place) and counted; ``train.max_bad_steps``
 in a row end the run, leaving the last good checkpoint as ``latest``. SIGTERM, SIGUSR1,
-SIGINT, SIGHUP on any rank (or SIGUSR2, the signal submitit has SLURM send before a time limit) make
-all ranks finish the current step and save a checkpoint; :func:`train` then returns a
+SIGINT, SIGHUP on any rank (or SIGUSR2, the signal submitit has SLURM send before a time
+limit) make all ranks finish the current step and save a checkpoint; :func:`train` then returns a
 :class:`Result` that says it stopped early, and the command exits 0.
 """
 
