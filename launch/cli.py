@@ -260,9 +260,12 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
         description="Gather a checkpoint's ZeRO shards and write a folder that transformers loads offline "
         "(AutoTokenizer, AutoModelForMaskedLM): config.json, model.safetensors, tokenizer.json, a model card; "
         "with --format hf,onnx also model.onnx (dynamic batch and sequence); onnx-int8 adds model.int8.onnx "
-        "(int8 weights, dynamic quantization: about a quarter of the size, for CPU inference).",
+        "(int8 weights, dynamic quantization: about a quarter of the size, for CPU inference). A fine-tuned model folder (RUN/model of "
+        "bertforge finetune) is copied with its ONNX files, which bertforge predict takes.",
     )
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run folder (its latest) or RUN/checkpoints/step_N")
+    p.add_argument(
+        "source", metavar="SOURCE", help="a run folder (its latest), RUN/checkpoints/step_N, or a fine-tuned RUN/model"
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="a new or empty folder")
     p.add_argument(
         "--format", default="hf", metavar="hf[,onnx][,onnx-int8]", help="hf (default), hf,onnx, hf,onnx,onnx-int8"
@@ -388,7 +391,11 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         description="Read --input (.jsonl, .csv or .tsv) and write, for each row, its line, the predicted "
         "label and every label's probability (or the value, for regression) as JSON lines.",
     )
-    p.add_argument("model", metavar="MODEL", help="a folder written by bertforge finetune (RUN/model)")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a folder written by bertforge finetune (RUN/model), or an ONNX file of its export",
+    )
     p.add_argument("--input", required=True, metavar="FILE", help="rows to predict")
     p.add_argument("--output", default="-", metavar="FILE", help="where to write (default: standard output)")
     p.add_argument("--text-field", default="text", metavar="KEY", help="the text field (default text)")
@@ -614,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bertforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # its reader went away (| head): what is left goes nowhere, quietly, as cat does
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe's reader left
     except OSError as err:  # a path the system refuses (no such folder, read-only, disk full): one line
         if err.filename is None:
             raise

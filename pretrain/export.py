@@ -231,7 +231,8 @@ def _last_eval(run_dir: Path) -> dict:
 
 
 def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") -> Path:
-    """Write the export folder; refuses an output folder that exists and is not empty."""
+    """Write the export folder; refuses an output folder that exists and is not empty. ``source``
+    is a run or checkpoint folder, or a fine-tuned model folder (:func:`export_classifier`)."""
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"{output}: exists and is not empty; choose a new --output (nothing was written)")
@@ -240,6 +241,16 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
         raise UserError(f"--format {','.join(sorted(unknown))}: expected hf, onnx or onnx-int8")
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"--dtype {dtype}: expected fp32 or bf16")
+    if {"onnx", "onnx-int8"} & set(formats):
+        try:
+            import onnxruntime  # noqa: F401 - the quantizer
+            import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
+        except ImportError:
+            raise UserError("--format onnx needs the onnx extra: pip install 'bertforge[onnx]'") from None
+    if (Path(source) / "config.json").is_file() and not (Path(source) / ckpt.STATE).is_file():
+        if json.loads((Path(source) / "config.json").read_text()).get("architectures") == ["BertForMaskedLM"]:
+            raise UserError(f"{source}: an export already; export its run or checkpoint folder (with --format onnx)")
+        return export_classifier(Path(source), output, formats)
     model, state, tok_path = load_checkpoint(source)
     cfg = model.config
     folder = Path(state["config"]["data"]["path"])
@@ -261,20 +272,55 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     write_tokenizer(tmp, tok_path, cfg.max_position)
     (tmp / "README.md").write_text(_card(state, man, num_parameters(model), _last_eval(Path(state["run_dir"]))))
     if {"onnx", "onnx-int8"} & set(formats):
-        try:
-            import onnxruntime  # noqa: F401 - the quantizer
-            import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
-        except ImportError:
-            shutil.rmtree(tmp)
-            raise UserError("--format onnx needs the onnx extra: pip install 'bertforge[onnx]'") from None
         export_onnx(model, tmp / "model.onnx", seq_len)
-        if "onnx-int8" in formats:
-            quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
-            if "onnx" not in formats:
-                (tmp / "model.onnx").unlink()
+    _finish(tmp, output, formats)
+    return output
+
+
+def _finish(tmp: Path, output: Path, formats: list[str]) -> None:
+    """The int8 file from ``tmp/model.onnx`` where asked (and the fp32 one kept only where asked),
+    then ``tmp`` renamed to ``output``."""
+    if "onnx-int8" in formats:
+        quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
+        if "onnx" not in formats:
+            (tmp / "model.onnx").unlink()
     if output.exists():
         output.rmdir()  # empty, checked above
     tmp.rename(output)
+
+
+def export_classifier(source: Path, output: Path, formats: list[str]) -> Path:
+    """A fine-tuned model folder (``bertforge finetune``'s ``RUN/model``) copied to ``output``, with
+    ``model.onnx`` (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``, dynamic batch and
+    sequence; output ``logits``, one per label) and/or ``model.int8.onnx`` as ``formats`` ask;
+    ``bertforge predict`` takes either file."""
+    from pretrain.finetune import load_classifier
+
+    model, _, _, _ = load_classifier(source)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.onnx"))
+    if {"onnx", "onnx-int8"} & set(formats):
+        ids = torch.full((2, 16), 5, dtype=torch.long)
+        mask, segments = torch.ones_like(ids), torch.zeros_like(ids)
+        mask[1, 8:] = 0
+        segments[0, 8:] = 1  # a pair: both segment ids traced
+        batch = torch.export.Dim("batch", min=1)
+        seq = torch.export.Dim("sequence", min=2, max=model.config.max_position)
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.float().eval(),
+                (ids, mask, segments),
+                str(tmp / "model.onnx"),
+                input_names=["input_ids", "attention_mask", "token_type_ids"],
+                output_names=["logits"],
+                dynamic_shapes={name: {0: batch, 1: seq} for name in ("input_ids", "attention_mask", "token_type_ids")},
+                dynamo=True,
+                external_data=False,
+            )
+    _finish(tmp, output, formats)
     return output
 
 

@@ -623,10 +623,33 @@ def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[s
     return model.eval(), names, tok, hf
 
 
+def _onnx_session(path: Path):  # noqa: ANN202
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on a damaged file
+        raise UserError(f"{path}: onnxruntime cannot load it ({type(err).__name__})") from None
+
+
 def predict(folder: Path, input_path: Path, output, text_field: str = "text", pair_field: str | None = None,
             batch_size: int = 32) -> int:  # fmt: skip  # noqa: ANN001
-    """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count."""
+    """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count.
+    ``folder`` is a fine-tuned model folder, or an ONNX file ``bertforge export`` wrote in one (run by
+    onnxruntime)."""
+    folder, onnx = Path(folder), None
+    if folder.suffix == ".onnx":
+        folder, onnx = folder.parent, _onnx_session(folder)
     model, names, tok, hf = load_classifier(folder)
+    forward = model
+    if onnx is not None:  # the same inputs, logits from the file
+
+        def forward(x, mask, seg):  # noqa: ANN001, ANN202
+            feed = {"input_ids": x.numpy(), "attention_mask": mask.numpy(), "token_type_ids": seg.numpy()}
+            return torch.from_numpy(onnx.run(["logits"], feed)[0])
+
     pair = hf.get("bertforge", {}).get("text_pair_field", "") if pair_field is None else pair_field
     max_length = hf.get("bertforge", {}).get("max_length", model.config.max_position)
     rows = Rows([], [] if pair else None, [], [], Counter())
@@ -644,7 +667,7 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
             x, mask, seg = collate(ids[start : start + batch_size], types[start : start + batch_size], limit)
-            logits = model(x, mask, seg)
+            logits = forward(x, mask, seg)
             for line, row in zip(rows.lines[start : start + batch_size], logits):
                 if regression:
                     rec = {"line": line, "value": row.item()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -104,6 +106,37 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert main(["predict", str(run / "model"), "--input", str(evaluate), "--output", str(tmp_path / "p.jsonl"),
                  "--text-field", "body"]) == 2  # fmt: skip
     assert not list(tmp_path.glob("*p.jsonl*")), "a refusal midway left a file"
+
+    # for serving: the classifier as ONNX and int8 ONNX (bertforge export), each taken by predict
+    import io
+
+    from pretrain.export import export
+    from pretrain.finetune import predict
+
+    served = export(run / "model", tmp_path / "served", ["hf", "onnx", "onnx-int8"])
+    assert {"config.json", "model.safetensors", "spm.model", "model.onnx", "model.int8.onnx"} <= {
+        p.name for p in served.iterdir()
+    }
+    answers = {}
+    for source in (served, served / "model.onnx", served / "model.int8.onnx"):
+        buffer = io.StringIO()
+        predict(source, evaluate, buffer)
+        answers[source.name] = [json.loads(x) for x in buffer.getvalue().splitlines()]
+    assert answers["served"] == preds  # the copied folder: the model itself
+    for p, q in zip(preds, answers["model.onnx"]):
+        assert p["label"] == q["label"] and all(
+            abs(p["probabilities"][k] - v) < 1e-4 for k, v in q["probabilities"].items()
+        )
+    agree = sum(p["label"] == q["label"] for p, q in zip(preds, answers["model.int8.onnx"])) / len(preds)
+    assert agree >= 0.9, agree
+    # predictions piped into a reader that stops early (| head): exit 141 quietly, as cat would, no traceback
+    many = tmp_path / "many.jsonl"
+    many.write_text(evaluate.read_text() * 40)  # more than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "predict", str(served / "model.int8.onnx"),
+                             "--input", str(many)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141 and proc.stderr.read() == b""
 
     # rerunning the finished run does nothing and says so (on any number of ranks)...
     common = ["finetune.epochs=3", "optim.lr=2e-3", "train.global_batch_size=16", "train.micro_batch_size=8"]
