@@ -97,12 +97,24 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.chmod(path, 0o666 & ~mask)
 
 
+def _masked_lm_config(folder: Path) -> dict:
+    """An export folder's ``config.json``; a fine-tuned classifier's folder is refused by name (it has
+    no masked-language head: its weights had been refused one by one)."""
+    hf = json.loads((folder / "config.json").read_text())
+    if hf.get("architectures", ["BertForMaskedLM"]) != ["BertForMaskedLM"]:
+        raise UserError(
+            f"{folder}: a fine-tuned {hf['architectures'][0]} (no masked-language head): give the run, checkpoint "
+            "or export it was fine-tuned from"
+        )
+    return hf
+
+
 def describe(source: Path) -> tuple[dict, Path]:
     """The model's shape (a dict with at least ``vocab_size`` and ``hidden_size``) and the tokenizer
     file of a run, checkpoint or export folder, without loading weights."""
     source = Path(source)
     if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
-        return json.loads((source / "config.json").read_text()), source / "spm.model"
+        return _masked_lm_config(source), source / "spm.model"
     run_dir, tag = resolve_checkpoint(source)
     state = ckpt.read_state(run_dir, tag)
     return state["config"]["model"], _run_tokenizer(run_dir, state)
@@ -250,6 +262,8 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     if (Path(source) / "config.json").is_file() and not (Path(source) / ckpt.STATE).is_file():
         if json.loads((Path(source) / "config.json").read_text()).get("architectures") == ["BertForMaskedLM"]:
             raise UserError(f"{source}: an export already; export its run or checkpoint folder (with --format onnx)")
+        if dtype != "fp32":
+            raise UserError(f"--dtype {dtype}: a fine-tuned model folder is copied as it is (its fp32 weights)")
         return export_classifier(Path(source), output, formats)
     model, state, tok_path = load_checkpoint(source)
     cfg = model.config
@@ -379,7 +393,7 @@ def load_any(source: Path) -> tuple[BertForMaskedLM, Path, dict]:
     if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        hf = json.loads((source / "config.json").read_text())
+        hf = _masked_lm_config(source)
         model = BertForMaskedLM(model_config(hf))
         try:
             weights = {k: v.float() for k, v in load_file(str(source / "model.safetensors")).items()}

@@ -129,6 +129,14 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
         )
     agree = sum(p["label"] == q["label"] for p, q in zip(preds, answers["model.int8.onnx"])) / len(preds)
     assert agree >= 0.9, agree
+    assert "--dtype bf16: a fine-tuned model folder is copied as it is" in refusal(
+        export, run / "model", tmp_path / "bf16", ["hf"], "bf16"
+    )
+    # a classifier has no masked-language head: named as such where an encoder to fine-tune is given (its
+    # weights had been refused one by one, on the rank)
+    assert f"{run / 'model'}: a fine-tuned BertForSequenceClassification (no masked-language head)" in refusal(
+        check, config(run / "model", train, evaluate, tmp_path / "again")
+    )
     # predictions piped into a reader that stops early (| head): exit 141 quietly, as cat would, no traceback
     many = tmp_path / "many.jsonl"
     many.write_text(evaluate.read_text() * 40)  # more than a pipe holds
