@@ -7,7 +7,6 @@ teachers and students.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from pretrain.data import ShardStream
-from pretrain.export import load_any, model_config
+from pretrain.export import load_any, masked_lm_config, model_config
 from pretrain.masking import MaskingConfig
 from pretrain.model import IGNORE_INDEX, BertForMaskedLM, num_parameters
 
@@ -32,10 +31,9 @@ class OnnxMLM:
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
-        config = path.parent / "config.json"
-        if not config.is_file():
+        if not (path.parent / "config.json").is_file():
             raise UserError(f"{path}: no config.json beside it: not a file of a folder bertforge export wrote")
-        self.config = model_config(json.loads(config.read_text()))
+        self.config = model_config(masked_lm_config(path.parent))  # (a classifier's file refused by name)
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on a damaged file

@@ -97,7 +97,7 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.chmod(path, 0o666 & ~mask)
 
 
-def _masked_lm_config(folder: Path) -> dict:
+def masked_lm_config(folder: Path) -> dict:
     """An export folder's ``config.json``; a fine-tuned classifier's folder is refused by name (it has
     no masked-language head: its weights had been refused one by one)."""
     hf = json.loads((folder / "config.json").read_text())
@@ -114,7 +114,7 @@ def describe(source: Path) -> tuple[dict, Path]:
     file of a run, checkpoint or export folder, without loading weights."""
     source = Path(source)
     if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
-        return _masked_lm_config(source), source / "spm.model"
+        return masked_lm_config(source), source / "spm.model"
     run_dir, tag = resolve_checkpoint(source)
     state = ckpt.read_state(run_dir, tag)
     return state["config"]["model"], _run_tokenizer(run_dir, state)
@@ -393,7 +393,7 @@ def load_any(source: Path) -> tuple[BertForMaskedLM, Path, dict]:
     if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        hf = _masked_lm_config(source)
+        hf = masked_lm_config(source)
         model = BertForMaskedLM(model_config(hf))
         try:
             weights = {k: v.float() for k, v in load_file(str(source / "model.safetensors")).items()}

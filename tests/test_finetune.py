@@ -137,6 +137,9 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert f"{run / 'model'}: a fine-tuned BertForSequenceClassification (no masked-language head)" in refusal(
         check, config(run / "model", train, evaluate, tmp_path / "again")
     )
+    from pretrain.evaluate import fill_mask
+
+    assert "(no masked-language head)" in refusal(fill_mask, served / "model.onnx", "a [MASK]")  # had: onnxruntime's
     # predictions piped into a reader that stops early (| head): exit 141 quietly, as cat would, no traceback
     many = tmp_path / "many.jsonl"
     many.write_text(evaluate.read_text() * 40)  # more than a pipe holds
