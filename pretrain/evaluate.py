@@ -18,7 +18,7 @@ from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from pretrain.data import ShardStream
-from pretrain.export import load_any, masked_lm_config, model_config
+from pretrain.export import load_any, masked_lm_config, model_config, onnx_session
 from pretrain.masking import MaskingConfig
 from pretrain.model import IGNORE_INDEX, BertForMaskedLM, num_parameters
 
@@ -29,15 +29,10 @@ class OnnxMLM:
     positions, as :class:`~pretrain.model.BertForMaskedLM` does."""
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
         if not (path.parent / "config.json").is_file():
             raise UserError(f"{path}: no config.json beside it: not a file of a folder bertforge export wrote")
         self.config = model_config(masked_lm_config(path.parent))  # (a classifier's file refused by name)
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on a damaged file
-            raise UserError(f"{path}: onnxruntime cannot load it ({type(err).__name__})") from None
+        self.session = onnx_session(path)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -58,7 +53,7 @@ def load_model(source: Path) -> tuple[BertForMaskedLM | OnnxMLM, Path, dict]:
         model, tok, info = load_any(source)
         return model, tok, {**info, "parameters": num_parameters(model)}
     if not source.is_file():
-        raise UserError(f"{source}: no such ONNX file")
+        raise UserError(f"{source}: no such ONNX file")  # (before config.json is looked for beside it)
     model = OnnxMLM(source)
     with torch.device("meta"):  # the shape's parameter count, without allocating them
         parameters = num_parameters(BertForMaskedLM(model.config))

@@ -359,6 +359,18 @@ def export_onnx(model: BertForMaskedLM, path: Path, seq_len: int) -> None:
         _onnx_export(model, ids, mask, path, batch, seq)
 
 
+def onnx_session(path: Path):  # noqa: ANN201
+    """An onnxruntime session (CPU) of an exported ``.onnx`` file; a missing or damaged file refused."""
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on a damaged file
+        raise UserError(f"{path}: onnxruntime cannot load it ({type(err).__name__})") from None
+
+
 def quantize_int8(source: Path, path: Path) -> None:
     """``model.int8.onnx``: onnxruntime's dynamic quantization of ``source``, the weights of every
     matrix product as int8 per output channel, the activations quantized as they come: about a

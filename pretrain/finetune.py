@@ -623,25 +623,16 @@ def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[s
     return model.eval(), names, tok, hf
 
 
-def _onnx_session(path: Path):  # noqa: ANN202
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise UserError(f"{path}: no such ONNX file")
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on a damaged file
-        raise UserError(f"{path}: onnxruntime cannot load it ({type(err).__name__})") from None
-
-
 def predict(folder: Path, input_path: Path, output, text_field: str = "text", pair_field: str | None = None,
             batch_size: int = 32) -> int:  # fmt: skip  # noqa: ANN001
     """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count.
     ``folder`` is a fine-tuned model folder, or an ONNX file ``bertforge export`` wrote in one (run by
     onnxruntime)."""
+    from pretrain.export import onnx_session
+
     folder, onnx = Path(folder), None
     if folder.suffix == ".onnx":
-        folder, onnx = folder.parent, _onnx_session(folder)
+        folder, onnx = folder.parent, onnx_session(folder)
     model, names, tok, hf = load_classifier(folder)
     forward = model
     if onnx is not None:  # the same inputs, logits from the file
