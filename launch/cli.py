@@ -446,6 +446,8 @@ def _run_demo(ns: argparse.Namespace) -> int:
 
 
 def _submit_parser(sub: argparse._SubParsersAction) -> None:
+    from launch.submit import STAGES  # (a light module: submitit is imported when a job is sent)
+
     p = sub.add_parser(
         "submit",
         help="run a stage as a SLURM job (submitit), requeued on time-out or preemption",
@@ -455,7 +457,7 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
         "to resume from latest (finetune: from its last epoch). Prints the job id, its log folder and how to "
         "watch it.",
     )
-    p.add_argument("stage", choices=["pretrain", "distill", "finetune", "prep"], help="the stage to run")
+    p.add_argument("stage", choices=STAGES, help="the stage to run")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="as for the stage itself")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="GPUs per node, one rank each")

@@ -29,10 +29,10 @@ class OnnxMLM:
     positions, as :class:`~pretrain.model.BertForMaskedLM` does."""
 
     def __init__(self, path: Path) -> None:
+        self.session = onnx_session(path)  # (a missing or damaged file refused)
         if not (path.parent / "config.json").is_file():
             raise UserError(f"{path}: no config.json beside it: not a file of a folder bertforge export wrote")
         self.config = model_config(masked_lm_config(path.parent))  # (a classifier's file refused by name)
-        self.session = onnx_session(path)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -52,8 +52,6 @@ def load_model(source: Path) -> tuple[BertForMaskedLM | OnnxMLM, Path, dict]:
     if source.suffix != ".onnx":
         model, tok, info = load_any(source)
         return model, tok, {**info, "parameters": num_parameters(model)}
-    if not source.is_file():
-        raise UserError(f"{source}: no such ONNX file")  # (before config.json is looked for beside it)
     model = OnnxMLM(source)
     with torch.device("meta"):  # the shape's parameter count, without allocating them
         parameters = num_parameters(BertForMaskedLM(model.config))

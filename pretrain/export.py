@@ -319,21 +319,7 @@ def export_classifier(source: Path, output: Path, formats: list[str]) -> Path:
         mask, segments = torch.ones_like(ids), torch.zeros_like(ids)
         mask[1, 8:] = 0
         segments[0, 8:] = 1  # a pair: both segment ids traced
-        batch = torch.export.Dim("batch", min=1)
-        seq = torch.export.Dim("sequence", min=2, max=model.config.max_position)
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model.float().eval(),
-                (ids, mask, segments),
-                str(tmp / "model.onnx"),
-                input_names=["input_ids", "attention_mask", "token_type_ids"],
-                output_names=["logits"],
-                dynamic_shapes={name: {0: batch, 1: seq} for name in ("input_ids", "attention_mask", "token_type_ids")},
-                dynamo=True,
-                external_data=False,
-            )
+        _write_onnx(model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": segments}, tmp / "model.onnx")
     _finish(tmp, output, formats)
     return output
 
@@ -352,11 +338,28 @@ def export_onnx(model: BertForMaskedLM, path: Path, seq_len: int) -> None:
     ids = torch.full((2, seq_len), 5, dtype=torch.long)
     mask = torch.ones_like(ids)
     mask[1, seq_len // 2 :] = 0  # a padded row: the mask path is traced too
-    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=model.config.max_position)
+    _write_onnx(_Logits(model), {"input_ids": ids, "attention_mask": mask}, path)
+
+
+def _write_onnx(module: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+    """``module`` in fp32 as ONNX, traced on ``example`` (its inputs, by name, in the order of its
+    forward) with dynamic batch and sequence axes up to the model's positions; output ``logits``."""
+    model = getattr(module, "model", module)  # (_Logits wraps the model)
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("sequence", min=2, max=model.config.max_position)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on ops this model does not use
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _onnx_export(model, ids, mask, path, batch, seq)
+        torch.onnx.export(
+            module.float().eval(),
+            tuple(example.values()),
+            str(path),
+            input_names=list(example),
+            output_names=["logits"],
+            dynamic_shapes={name: {0: batch, 1: seq} for name in example},
+            dynamo=True,
+            external_data=False,
+        )
 
 
 def onnx_session(path: Path):  # noqa: ANN201
@@ -384,19 +387,6 @@ def quantize_int8(source: Path, path: Path) -> None:
         quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.setLevel(level)
-
-
-def _onnx_export(model, ids, mask, path, batch, seq) -> None:  # noqa: ANN001
-    torch.onnx.export(
-        _Logits(model.float().eval()),
-        (ids, mask),
-        str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-        dynamo=True,
-        external_data=False,
-    )
 
 
 def load_any(source: Path) -> tuple[BertForMaskedLM, Path, dict]:
