@@ -17,8 +17,8 @@ from tests.conftest import REPO
 @pytest.mark.slow
 def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
     out = tmp_path / "check"
-    # the stages must run; the figures are not the point here: a small batch, one round
-    bench = "--micro-batch 8 --rounds 1 --reader-seconds 2"
+    # the stages must run; the figures are not the point here: a small vocabulary, batch and sequence, one round
+    bench = "--micro-batch 8 --vocab 1000 --seq-len 32 --rounds 1 --reader-seconds 2"
     env = {
         **os.environ,
         "PYTHON": sys.executable,
