@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.errors import UserError
+from data_prep.errors import RunError, UserError
 
 STATE = "trainer_state.json"
 LATEST = "latest"
@@ -161,6 +162,37 @@ def commit(run_dir: Path, name: str, state: dict, keep: int) -> list[str]:
     for n in removed:
         shutil.rmtree(root / n, ignore_errors=True)
     return removed
+
+
+def agree_written(
+    err: BaseException | None, path: Path, rank: int, world: int, device: torch.device, where: str, kept: str
+) -> None:
+    """A collective every rank calls once its part of a checkpoint is written, in place of a
+    barrier. Where a rank's write failed (a full disk, a quota, a file-size limit), every rank
+    raises :class:`RunError`: the first rank that failed with the reason, the free space and
+    what is kept (``kept``: "step_00000010"), the others quietly. Before, the rank that failed
+    left with a traceback (torch says "unexpected pos" for a full disk) and the others waited for
+    it in the next collective (under srun, until the timeout). ``where``: "at step 20"."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(world - rank) if err is not None else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    first = world - int(flag.item())
+    if rank != first:
+        raise RunError(f"rank {rank}: stopped with rank {first}, which could not write {path}", quiet=True)
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+    reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", reason)  # torch's source location, not news to a user
+    try:
+        free = shutil.disk_usage(path.parent).free
+        free = f"{free / 2**30:.1f} GB free there" if free >= 2**30 else f"{free / 2**20:.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    raise RunError(
+        f"could not write {path} (rank {rank}: {reason}; {free}); every rank stopped {where}; "
+        f"the last complete checkpoint is {kept}: make room and run the same command again to resume"
+    )
 
 
 def remove_incomplete(run_dir: Path) -> list[str]:

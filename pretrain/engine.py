@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():  # say so, rather than let DeepSpeed warn that it guessed
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -229,10 +230,21 @@ def grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def save(engine, folder: Path, tag: str) -> None:
+def save(engine, folder: Path, tag: str) -> OSError | RuntimeError | None:
     """DeepSpeed's part of a checkpoint (a collective: every rank calls it). ``latest`` is the
-    trainer's to write, once its own state is there too."""
-    engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    trainer's to write, once its own state is there too.
+
+    A write that fails on this rank (a full disk: torch raises a RuntimeError, "unexpected pos")
+    is returned, not raised, once this rank has joined the barrier ``save_checkpoint`` ends with:
+    its collectives all come before its writes, so the ranks whose writes succeeded wait in that
+    barrier, and the caller's next collective (:func:`pretrain.checkpoint.agree_written`) then
+    meets every rank."""
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as err:
+        dist.barrier()
+        return err
+    return None
 
 
 def load(engine, folder: Path, tag: str) -> None:

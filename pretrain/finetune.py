@@ -426,8 +426,8 @@ def _load_encoder(sec: FinetuneSection, num_labels: int, cfg: FinetuneConfig):  
 def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
     """One rank's fine-tuning (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set by the launcher); returns
     the best epoch's eval figures."""
-    import torch.distributed as dist
     from omegaconf import OmegaConf
+    from safetensors import SafetensorError
     from tqdm import tqdm
 
     from pretrain import engine
@@ -518,14 +518,21 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
         say(f"epoch {epoch}/{sec.epochs}: eval {shown}{' (best so far)' if is_best else ''}")
         if rank == 0:
             logger.log(epoch * steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"})
-        engine.save(eng, run_dir / "checkpoints", f"epoch_{epoch:03d}")
-        dist.barrier()
+        tag = f"epoch_{epoch:03d}"
+        failed = engine.save(eng, run_dir / "checkpoints", tag)  # a full disk: every rank stops, saying so
+        where, kept = f"after epoch {epoch}", f"epoch_{epoch - 1:03d}" if epoch > 1 else "none"
+        ckpt.agree_written(failed, run_dir / "checkpoints" / tag, rank, world, device, where, kept)
+        target = run_dir / "model"
         if rank == 0:
-            if is_best:
-                write_model(run_dir / "model", run_dir / "checkpoints", f"epoch_{epoch:03d}", model, tok, names, sec)
             state = {"epoch": epoch, "best": best, "history": history, "labels": names, "inputs": fingerprint}
-            (run_dir / STATE).write_text(json.dumps(state, indent=1) + "\n")
-        dist.barrier()
+            try:
+                if is_best:
+                    write_model(target, run_dir / "checkpoints", tag, model, tok, names, sec)
+                target = run_dir / STATE
+                ckpt.write_atomic(target, (json.dumps(state, indent=1) + "\n").encode())
+            except (OSError, RuntimeError, SafetensorError) as err:
+                failed = err
+        ckpt.agree_written(failed, target, rank, world, device, where, kept)
     if rank == 0:
         logger.close()
         say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")

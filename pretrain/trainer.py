@@ -415,12 +415,16 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         return out
 
     def save(reason: str) -> None:
-        name = ckpt.tag(step)
-        engine.save(eng, root, name)
-        ckpt.save_rng(root / name, rank)
+        name, kept, failed = ckpt.tag(step), ckpt.latest(run_dir) or "none", None
+        failed = engine.save(eng, root, name)
+        if failed is None:
+            try:
+                ckpt.save_rng(root / name, rank)
+            except (OSError, RuntimeError) as err:  # (torch.save: a RuntimeError for a full disk)
+                failed = err
         if _fault("kill-in-save", step) and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
-        dist.barrier()
+        ckpt.agree_written(failed, root / name, rank, world, device, f"at step {step}", kept)
         if rank == 0:
             state = {
                 "step": step,
@@ -435,9 +439,13 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "config": to_dict(cfg),
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            removed = ckpt.commit(run_dir, name, state, cfg.checkpoint.keep)
+            try:
+                removed = ckpt.commit(run_dir, name, state, cfg.checkpoint.keep)
+            except OSError as err:
+                failed = err
+        ckpt.agree_written(failed, root / name, rank, world, device, f"at step {step}", kept)
+        if rank == 0:
             say(f"saved checkpoint {root / name} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
-        dist.barrier()
 
     loader = build_loader(stream)
     it = iter(loader)

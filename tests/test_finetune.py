@@ -173,6 +173,19 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     )
     # unfinished now, so resuming: 1 rank cannot load 2 ranks' shards
     assert "field 'world' differs: 1 rank(s) is not what the run" in refused(teacher, train, "finetune.epochs=4")
+    # a save that fails (a full disk; here a file-size limit): every rank stops, one line says what is kept
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    full = tmp_path / "full"
+    r = run_cli("finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--no-progress", "--nproc",
+                "2", f"run.dir={full}", *common[1:], "finetune.epochs=1", preexec_fn=small_files, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"bertforge: error: could not write {full / 'checkpoints/epoch_001'} (rank 0: ")
+    assert "every rank stopped after epoch 1; the last complete checkpoint is none: make room" in r.stderr
+    assert not (full / "finetune_state.json").exists() and not (full / "model").exists()
 
 
 def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teacher_run, task, tmp_path) -> None:

@@ -207,14 +207,33 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_losses(dataset, re
     assert sorted(set(steps)) == list(range(1, 21)) and len(steps) == 20  # TensorBoard purged 11-13 too
 
 
-def test_kill_9_during_a_save_leaves_latest_usable(dataset, tmp_path) -> None:
+def limit_file_size(kib: int):  # noqa: ANN201
+    """A ``preexec_fn``: files of at most ``kib`` KiB (a write past it fails as on a full disk, EFBIG)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+
+
+def test_kill_9_during_a_save_leaves_latest_usable_and_a_failed_write_stops_every_rank(dataset, tmp_path) -> None:
     run = tmp_path / "run"
-    r = pretrain(dataset, run, env={"BERTFORGE_FAULT": "kill-in-save@20"})
+    common = ("train.zero_stage=0", "train.precision=fp32")  # ZeRO 0: rank 0 alone writes the weights and optimizer
+    r = pretrain(dataset, run, *common, env={"BERTFORGE_FAULT": "kill-in-save@20"})
     assert r.returncode == 137, r.stderr[-2000:]
     assert ckpt.latest(run) == "step_00000010"
     half = run / "checkpoints/step_00000020"
     assert half.is_dir() and not ckpt.is_complete(half)  # DeepSpeed's files were there, the trainer's not
-    r = pretrain(dataset, run)
+    # a write that fails (a full disk; here a file-size limit) on rank 0 alone: rank 1 had waited for it in
+    # DeepSpeed's last barrier for ever, rank 0 ended in torch's traceback ("unexpected pos")
+    r = pretrain(dataset, run, *common, preexec_fn=limit_file_size(512), timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "removed the incomplete checkpoint" in r.stdout and "resuming from step_00000010" in r.stdout
+    assert r.stderr.startswith(f"bertforge: error: could not write {half} (rank 0: ") and r.stderr.count("\n") == 1
+    assert r.stderr.rstrip().endswith(
+        "every rank stopped at step 20; the last complete checkpoint is step_00000010: make room and run the same "
+        "command again to resume"
+    ), r.stderr
+    assert ckpt.latest(run) == "step_00000010" and not ckpt.is_complete(half)
+    r = pretrain(dataset, run, *common)
     ok(r)
     assert "removed the incomplete checkpoint" in r.stdout and "resuming from step_00000010" in r.stdout
     assert ckpt.latest(run) == "step_00000020" and ckpt.is_complete(half)
