@@ -197,6 +197,9 @@ def executor(res: Resources, folder: Path):  # noqa: ANN201
         "time": res.minutes(),
         "job_name": res.job_name,
         "signal_delay_s": 120,  # SIGUSR2 two minutes before the limit: time to finish a step and save
+        # a task that fails or is killed (out of memory) ends the others at once: they would wait for it in their
+        # next collective until the process group's timeout (30 minutes of every node of the job)
+        "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {},
     }
     if res.gpus_per_node:
@@ -299,7 +302,8 @@ def submit_prep(config: str | None, overrides: list[str], res: Resources, array:
 def job_state(record: dict) -> str:
     """COMPLETED, STOPPED (cancelled before its last step, at a checkpoint) or FAILED once submitit
     wrote the result (the job may linger in squeue a moment longer); before that PENDING/RUNNING
-    from squeue, else UNKNOWN."""
+    from squeue; after it without a result (its tasks killed), sacct's state, or FAILED where
+    srun's report of a failed task is in the log; else UNKNOWN."""
     result = Path(record["result"])
     if result.is_file():
         import pickle
@@ -313,6 +317,16 @@ def job_state(record: dict) -> str:
         out = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%T"], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
+    if shutil.which("sacct"):  # where accounting runs: FAILED, CANCELLED, OUT_OF_MEMORY, NODE_FAIL, TIMEOUT
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-j", record["job_id"], "-o", "State"], capture_output=True, text=True
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    # without accounting: srun's own report of a task that failed or was killed (the others were then ended)
+    err = Path(record["log_dir"]) / f"{record['job_id']}_0_log.err"
+    if err.is_file() and re.search(r"^srun: error: \S+: tasks? [0-9,-]+: ", err.read_text(errors="replace"), re.M):
+        return "FAILED"
     return "UNKNOWN"
 
 

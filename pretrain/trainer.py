@@ -244,7 +244,9 @@ _FAULT = os.environ.get("BERTFORGE_FAULT", "")  # read once: each rank is a fres
 def _fault(kind: str, step: int) -> bool:
     """Test hook: ``BERTFORGE_FAULT=kind@STEP``: ``kill`` (SIGKILL every rank after the step),
     ``kill-in-save`` (SIGKILL rank 0 inside the step's save), ``nan`` (a non-finite loss on the
-    last rank in the step's first micro-batch)."""
+    last rank in the step's first micro-batch), ``lost-rank`` (SIGKILL the last rank after the
+    step, as the out-of-memory killer would, while the others wait, as ranks in an NCCL
+    collective wait for a dead peer until the timeout; gloo would notice it gone)."""
     return bool(_FAULT) and _FAULT == f"{kind}@{step}"  # (on the hot path: nothing when unset)
 
 
@@ -568,6 +570,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 saved_at = step
             if _fault("kill", step):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if _fault("lost-rank", step):
+                if rank == world - 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)
         say(
             f"done: {step} steps, {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
         )

@@ -37,11 +37,11 @@ def dataset(train_data) -> Path:
     return train_data
 
 
-def submit(dataset: Path, run: Path, logs: Path, *extra: str) -> str:
+def submit(dataset: Path, run: Path, logs: Path, *extra: str, env: dict | None = None) -> str:
     r = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={run}", f"train.max_steps={STEPS}",
                 "log.every=10", "eval.every=0", "checkpoint.every=1000", "train.zero_stage=2", "train.precision=auto",
                 "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "60",
-                "--log-dir", str(logs), *extra)  # fmt: skip
+                "--log-dir", str(logs), *extra, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[2].rstrip(":")
     assert f"logs: {logs / job}" in r.stdout and f"tensorboard --logdir {run / 'tb'}" in r.stdout
@@ -100,6 +100,23 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, 
     if not reference.exists():
         pytest.skip("needs test_two_node_job_trains_and_checkpoints's loss to compare with")
     assert res.loss == json.loads(reference.read_text())["loss"]  # the same samples, masks and steps
+
+
+def test_a_rank_that_dies_ends_the_job_at_once(dataset, tmp_path) -> None:
+    """The last rank is killed (as by the out-of-memory killer) while rank 0 waits for it, as ranks in an NCCL
+    collective wait for a dead peer until the process group's timeout: the job had held both nodes for the
+    30 minutes of that timeout; srun now ends it at once (--kill-on-bad-exit), and jobs says FAILED."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    job = submit(dataset, run, logs, env={"BERTFORGE_FAULT": "lost-rank@10"})
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+            assert time.monotonic() < deadline, "the job still holds its nodes: rank 0 waits for the dead rank"
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert "step 10/" in (logs / job / f"{job}_0_log.out").read_text()
+    assert f"{job}  FAILED" in run_cli("jobs", "--log-dir", str(logs)).stdout
 
 
 def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_path) -> None:
