@@ -148,11 +148,23 @@ OWN_MODEL_KEYS = ("dropout", "attention_dropout", "initializer_range")
 
 
 def _take_initial_shape(cfg: PretrainConfig, man: dict) -> None:
-    """Continued pretraining: the model shape of ``train.init_from``, whose tokenizer must be the data's."""
+    """Continued pretraining: the model shape of ``train.init_from``, whose tokenizer must be the data's;
+    once the run has a checkpoint, the shape it was started with (a source deleted since had
+    stopped every resume)."""
     from pretrain.export import describe, model_config
 
     if type(cfg) is not PretrainConfig:  # distill starts from its teacher, finetune from finetune.model
         raise UserError("config key 'train.init_from' is bertforge pretrain's (a student starts from its teacher)")
+    try:
+        resumed = ckpt.latest(Path(cfg.run.dir))
+    except FileNotFoundError:
+        resumed = None  # (resolve refuses it, naming the file)
+    if resumed is not None:  # the run's own shape: its weights come from its checkpoint, the source may be gone
+        saved = ckpt.read_state(Path(cfg.run.dir), resumed)["config"]["model"]
+        for key, value in saved.items():
+            if key not in OWN_MODEL_KEYS:
+                setattr(cfg.model, key, value)
+        return
     source = Path(cfg.train.init_from)
     try:
         shape, tok = describe(source)

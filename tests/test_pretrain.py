@@ -438,6 +438,8 @@ def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedu
     """``train.init_from``: at learning rate 0 the new run evaluates as its source did (the same
     weights), with the source's shape over the config's, from step 1; a restart resumes the new run;
     a missing folder, another tokenizer, distill and finetune are refused, naming the key."""
+    import shutil
+
     from launch.config import load_config
     from pretrain.config import PretrainConfig
     from pretrain.distill import DistillConfig
@@ -446,20 +448,28 @@ def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedu
     from pretrain.trainer import resolve
 
     data, teacher = teacher_run
+    source = tmp_path / "source"
+    shutil.copytree(teacher, source)
     run = tmp_path / "continued"
     args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
-            f"train.init_from={teacher}", "model.num_layers=5", "optim.lr=0", "log.every=1", "eval.every=2",
+            f"train.init_from={source}", "model.num_layers=5", "optim.lr=0", "log.every=1", "eval.every=2",
             "eval.batches=2"]  # fmt: skip
     r = run_cli(*args, "train.max_steps=2")
     ok(r)
-    assert f"initial weights from {teacher}" in r.stdout and "(L2 H64 A2)" in r.stdout  # the teacher's shape
+    assert f"initial weights from {source}" in r.stdout and "(L2 H64 A2)" in r.stdout  # the teacher's shape
     logged = metrics(run)
     assert [m["step"] for m in logged if "train/loss" in m] == [1, 2] and logged[0]["train/lr"] == 0
     evals = [[m["eval/loss"] for m in metrics(where) if "eval/loss" in m][-1] for where in (teacher, run)]
     assert evals[1] == pytest.approx(evals[0], abs=1e-4), evals  # random weights: about ln(1000) = 6.9
-    # the same command, further: resumes the new run (the source's shape again, as its checkpoint has it)
-    again = load_config(PretrainConfig, TINY, [a for a in args[5:] if "=" in a] + ["train.max_steps=3"])
-    assert resolve(again, 2)[2] == "step_00000002"
+
+    def resumed() -> tuple:
+        """The same command, further: resumes the new run, in the shape its checkpoint has."""
+        cfg, _, latest = resolve(load_config(PretrainConfig, TINY, [a for a in args[5:] if "=" in a] + ["train.max_steps=3"]), 2)  # fmt: skip
+        return latest, cfg.model.num_layers, cfg.model.hidden_size
+
+    assert resumed() == ("step_00000002", 2, 64)
+    shutil.rmtree(source)  # its source deleted to make room: the run no longer needs it (had: "no such run")
+    assert resumed() == ("step_00000002", 2, 64)
 
     def refused(*overrides: str, kind: type = PretrainConfig) -> str:
         overrides = [f"data.path={data}", f"run.dir={tmp_path / 'new'}", *overrides]
