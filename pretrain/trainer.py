@@ -429,7 +429,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         return out
 
     def save(reason: str) -> None:
-        name, kept, failed = ckpt.tag(step), ckpt.latest(run_dir) or "none", None
+        name, kept = ckpt.tag(step), ckpt.latest(run_dir) or "none"
         failed = engine.save(eng, root, name)
         if failed is None:
             try:
