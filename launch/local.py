@@ -5,7 +5,8 @@ Each rank is ``python -m launch.cli ARGS`` with ``RANK``, ``LOCAL_RANK``, ``WORL
 SIGTERM, SIGUSR1, SIGINT and SIGHUP are passed on to every rank (which finish the step, save and
 exit; after a hang-up, this process and the ranks send what a terminal would get to /dev/null).
 If a rank dies, the others cannot go on (they would wait in a collective until it times out),
-so they are killed and the launcher exits with the dead rank's code.
+so they are killed and the launcher exits with the dead rank's code; a rank killed by a signal
+(the out-of-memory killer's SIGKILL), which could not say so itself, is named in one line.
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ def run(args: list[str], nproc: int) -> int:
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
+                others = [p for p in procs if p.poll() is None]
+                for p in others:
+                    p.kill()
                 for p in procs:
                     p.wait()
-                code = failed[0]
+                rank, code = failed[0]
+                if code < 0:  # killed: the rank could say nothing itself (one that failed has said why)
+                    name = signal.Signals(-code).name
+                    print(f"bertforge: error: rank {rank} was killed by {name}"
+                          + (" (often the kernel's out-of-memory killer: see dmesg)" if name == "SIGKILL" else "")
+                          + (f"; stopped the other {len(others)} rank(s)" if others else "")
+                          + "; run the same command again to resume from the last checkpoint",
+                          file=sys.stderr, flush=True)  # fmt: skip
                 return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
             if all(c == 0 for c in codes):
                 return 0

@@ -219,6 +219,11 @@ def test_kill_9_during_a_save_leaves_latest_usable_and_a_failed_write_stops_ever
     common = ("train.zero_stage=0", "train.precision=fp32")  # ZeRO 0: rank 0 alone writes the weights and optimizer
     r = pretrain(dataset, run, *common, env={"BERTFORGE_FAULT": "kill-in-save@20"})
     assert r.returncode == 137, r.stderr[-2000:]
+    # the launcher names the rank and the signal (the output had just stopped, with exit code 137)
+    assert (
+        "bertforge: error: rank 0 was killed by SIGKILL (often the kernel's out-of-memory killer: see dmesg); "
+        "stopped the other 1 rank(s); run the same command again to resume from the last checkpoint\n"
+    ) in r.stderr
     assert ckpt.latest(run) == "step_00000010"
     half = run / "checkpoints/step_00000020"
     assert half.is_dir() and not ckpt.is_complete(half)  # DeepSpeed's files were there, the trainer's not
