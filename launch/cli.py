@@ -571,9 +571,10 @@ def _run_jobs(ns: argparse.Namespace) -> int:
     print(f"{'job':>8}  {'state':<10} {'stage':<9} {'ranks':>5}  submitted                  logs")
     for job in jobs:
         ranks = job["nodes"] * job["tasks_per_node"]
-        print(
-            f"{job['job_id']:>8}  {submit.job_state(job):<10} {job['stage']:<9} {ranks:>5}  {job['submitted']:<26} {job['log_dir']}"
-        )
+        state = submit.job_state(job)
+        print(f"{job['job_id']:>8}  {state:<10} {job['stage']:<9} {ranks:>5}  {job['submitted']:<26} {job['log_dir']}")
+        if state == "FAILED" and (why := submit.failure(job)):
+            print(f"{'':>10}{why}")  # under it, indented: the exception, or srun's report of the task that died
     return 0
 
 

@@ -330,6 +330,24 @@ def job_state(record: dict) -> str:
     return "UNKNOWN"
 
 
+def failure(record: dict) -> str | None:
+    """Why a job failed, in one line: the last line of the error rank 0's result holds (the
+    exception), else srun's report of the task that failed or was killed ("n2: task 1: Killed")."""
+    result = Path(record["result"])
+    if result.is_file():
+        import pickle
+
+        with open(result, "rb") as f:
+            outcome, value = pickle.load(f)
+        lines = [ln for ln in str(value).splitlines() if ln.strip()] if outcome != "success" else []
+        return lines[-1].strip() if lines else None
+    err = Path(record["log_dir"]) / f"{record['job_id']}_0_log.err"
+    if err.is_file():
+        said = re.search(r"^srun: error: (\S+: tasks? [0-9,-]+: .*)$", err.read_text(errors="replace"), re.M)
+        return said.group(1) if said else None
+    return None
+
+
 def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
     """Refuse a job on a run folder that a job recorded in ``log_dir`` still queues or trains
     (two jobs would write the same checkpoints)."""

@@ -116,7 +116,10 @@ def test_a_rank_that_dies_ends_the_job_at_once(dataset, tmp_path) -> None:
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     assert "step 10/" in (logs / job / f"{job}_0_log.out").read_text()
-    assert f"{job}  FAILED" in run_cli("jobs", "--log-dir", str(logs)).stdout
+    listing = run_cli("jobs", "--log-dir", str(logs)).stdout.splitlines()
+    state = next(i for i, line in enumerate(listing) if line.split()[0] == job)
+    assert listing[state].split()[1] == "FAILED"  # (it had said UNKNOWN: no result, and no sacct here)
+    assert listing[state + 1].strip().endswith(": task 1: Killed"), listing  # srun's report, under it
 
 
 def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_path) -> None:
@@ -171,7 +174,9 @@ def test_a_job_out_of_time_outs_stops_with_a_clear_message(dataset, tmp_path) ->
     assert "submit the same command again to continue" in trace
     step = int(log.read_text().split("stopped at step ")[1].split()[0])
     assert ckpt.latest(run) == ckpt.tag(step)  # the checkpoint of the stop is there to continue from
-    assert f"{job}  FAILED" in run_cli("jobs", "--log-dir", str(logs)).stdout
+    listing = run_cli("jobs", "--log-dir", str(logs)).stdout
+    assert f"{job}  FAILED" in listing  # and why, under it: the error's line
+    assert f"\n          data_prep.errors.RunError: stopped at step {step} of {STEPS} and not requeued" in listing
 
 
 def test_distillation_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
