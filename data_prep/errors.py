@@ -1,4 +1,12 @@
-"""The one error type that means "the user's input is wrong"."""
+"""The error types of the command line: the user's input is wrong (:class:`UserError`), a run
+failed for another reason (:class:`RunError`); and :func:`naming`, which puts a file's name on
+an OS error that had none."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -20,3 +28,15 @@ class RunError(Exception):
     def __init__(self, message: str, quiet: bool = False) -> None:
         super().__init__(message)
         self.quiet = quiet
+
+
+@contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """An ``OSError`` raised inside names ``path`` where the system named no file: a write's or a
+    flush's (a full disk, a quota), which the command line would otherwise show as a traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data_prep import corpus, encode, manifest, tokenizer
 from data_prep.config import PrepConfig, parse_size
-from data_prep.errors import RunError, UserError
+from data_prep.errors import RunError, UserError, naming
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
@@ -61,7 +61,7 @@ def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[corp
 def _atomic_write(path: Path, data: str | bytes) -> None:
     """Write under a hidden ``.tmp`` name, sync, rename: the file is either absent or whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with naming(tmp), open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import naming
 from data_prep.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 MEMBER_SUFFIX = "ids.npy"
@@ -93,7 +94,8 @@ class _HashingFile:
             data = data[: max(0, self.end - self.size)]
         self.sha.update(data)
         self.size += len(data)
-        self.f.write(data)
+        with naming(self.f.name):  # a full disk
+            self.f.write(data)
         return n
 
     def tell(self) -> int:
@@ -147,9 +149,10 @@ class ShardWriter:
     def _finish(self) -> None:
         self._file.end = self._tar.offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive marker
         self._tar.close()  # writes the marker (and the record padding that _HashingFile drops)
-        self._file.flush()
-        os.fsync(self._file.f.fileno())
-        self._file.f.close()
+        with naming(self._file.f.name):  # (a full disk may show only here, at the flush)
+            self._file.flush()
+            os.fsync(self._file.f.fileno())
+            self._file.f.close()
         final = self._path(len(self.records))
         os.replace(final.with_name(f".{final.name}.tmp"), final)
         self.records.append(

@@ -8,6 +8,7 @@ code 2, before any work starts.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -632,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a path the system refuses (no such folder, read-only, disk full): one line
         if err.filename is None:
             raise
-        print(f"bertforge: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        room = ": make room and run the same command again" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"bertforge: error: {err.filename}: {err.strerror or err}{room}", file=sys.stderr)
         return 1
 
 

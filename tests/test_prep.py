@@ -206,6 +206,16 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("train/shard-0000[0-2]-*.tar")}
     assert kept
 
+    # a rerun whose write fails (a full disk; here a file-size limit, which the tokenizer's copy meets first):
+    # one line naming the file, not the traceback (a write's OSError names no file); the next rerun finishes
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = prep(*common, "--output", str(out), preexec_fn=small_files)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == f"bertforge: error: {out}/.tokenizer.model.tmp: File too large", r.stderr
     r = prep(*common, "--output", str(out))
     assert r.returncode == 0, r.stderr
     assert "resuming: " in r.stderr and f"of {n_units} units already done" in r.stderr

@@ -53,3 +53,25 @@ def test_shard_writer_rolls_over_and_reads_back(tmp_path: Path) -> None:
         with tarfile.open(path) as tar:  # a plain tar, readable by any tool
             assert all(m.mtime == 0 and m.name.endswith(".ids.npy") for m in tar.getmembers())
     assert not list((tmp_path / "train").glob(".*"))
+
+
+def test_a_failed_shard_write_names_its_file(tmp_path: Path) -> None:
+    """A write that fails (a full disk; here a file-size limit on this process) raises an OSError that names the
+    shard, which the command line prints as one line; a write's own error names no file (it had been a traceback)."""
+    import errno
+    import resource
+
+    import pytest
+
+    writer = ShardWriter(tmp_path / "train", "shard-00000", shard_bytes=1 << 30, root=tmp_path)
+    block = np.full((64, 32), 7, dtype=np.uint16)  # 4 KiB and a header
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, hard))
+    try:
+        with pytest.raises(OSError) as failed:  # noqa: PT012 - the write that crosses the limit is not the first
+            for _ in range(8):
+                writer.write(block)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert failed.value.errno == errno.EFBIG
+    assert failed.value.filename == str(tmp_path / "train/.shard-00000-0000.tar.tmp")
