@@ -299,17 +299,34 @@ def submit_prep(config: str | None, overrides: list[str], res: Resources, array:
     return first, tasks, last
 
 
+def _result(record: dict) -> tuple[str, object] | None:
+    """Rank 0's ``(outcome, value)`` from submitit's result file, once written."""
+    result = Path(record["result"])
+    if not result.is_file():
+        return None
+    import pickle
+
+    with open(result, "rb") as f:
+        return pickle.load(f)
+
+
+def _srun_report(record: dict) -> str | None:
+    """srun's report, in the job's first log, of a task that failed or was killed ("n2: task 1:
+    Killed"; srun then ended the others)."""
+    err = Path(record["log_dir"]) / f"{record['job_id']}_0_log.err"
+    if not err.is_file():
+        return None
+    said = re.search(r"^srun: error: (\S+: tasks? [0-9,-]+: .*)$", err.read_text(errors="replace"), re.M)
+    return said.group(1) if said else None
+
+
 def job_state(record: dict) -> str:
     """COMPLETED, STOPPED (cancelled before its last step, at a checkpoint) or FAILED once submitit
     wrote the result (the job may linger in squeue a moment longer); before that PENDING/RUNNING
     from squeue; after it without a result (its tasks killed), sacct's state, or FAILED where
     srun's report of a failed task is in the log; else UNKNOWN."""
-    result = Path(record["result"])
-    if result.is_file():
-        import pickle
-
-        with open(result, "rb") as f:
-            outcome, value = pickle.load(f)
+    if (result := _result(record)) is not None:
+        outcome, value = result
         if outcome != "success":
             return "FAILED"
         return "STOPPED" if getattr(value, "finished", True) is False else "COMPLETED"
@@ -323,29 +340,17 @@ def job_state(record: dict) -> str:
         )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
-    # without accounting: srun's own report of a task that failed or was killed (the others were then ended)
-    err = Path(record["log_dir"]) / f"{record['job_id']}_0_log.err"
-    if err.is_file() and re.search(r"^srun: error: \S+: tasks? [0-9,-]+: ", err.read_text(errors="replace"), re.M):
-        return "FAILED"
-    return "UNKNOWN"
+    return "FAILED" if _srun_report(record) else "UNKNOWN"  # (without accounting)
 
 
 def failure(record: dict) -> str | None:
     """Why a job failed, in one line: the last line of the error rank 0's result holds (the
-    exception), else srun's report of the task that failed or was killed ("n2: task 1: Killed")."""
-    result = Path(record["result"])
-    if result.is_file():
-        import pickle
-
-        with open(result, "rb") as f:
-            outcome, value = pickle.load(f)
-        lines = [ln for ln in str(value).splitlines() if ln.strip()] if outcome != "success" else []
-        return lines[-1].strip() if lines else None
-    err = Path(record["log_dir"]) / f"{record['job_id']}_0_log.err"
-    if err.is_file():
-        said = re.search(r"^srun: error: (\S+: tasks? [0-9,-]+: .*)$", err.read_text(errors="replace"), re.M)
-        return said.group(1) if said else None
-    return None
+    exception), else srun's report of the task that failed or was killed."""
+    if (result := _result(record)) is None:
+        return _srun_report(record)
+    outcome, value = result
+    lines = [ln for ln in str(value).splitlines() if ln.strip()] if outcome != "success" else []
+    return lines[-1].strip() if lines else None
 
 
 def check_run_dir_free(log_dir: Path, run_dir: str) -> None:

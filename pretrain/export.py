@@ -97,11 +97,17 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.chmod(path, 0o666 & ~mask)
 
 
+def is_masked_lm(hf: dict) -> bool:
+    """Whether a ``config.json`` (as a dict) is a masked-language model's, as ``bertforge export``
+    writes it (one that names no architecture is taken for one)."""
+    return hf.get("architectures", ["BertForMaskedLM"]) == ["BertForMaskedLM"]
+
+
 def masked_lm_config(folder: Path) -> dict:
     """An export folder's ``config.json``; a fine-tuned classifier's folder is refused by name (it has
     no masked-language head: its weights had been refused one by one)."""
     hf = json.loads((folder / "config.json").read_text())
-    if hf.get("architectures", ["BertForMaskedLM"]) != ["BertForMaskedLM"]:
+    if not is_masked_lm(hf):
         raise UserError(
             f"{folder}: a fine-tuned {hf['architectures'][0]} (no masked-language head): give the run, checkpoint "
             "or export it was fine-tuned from"
@@ -260,7 +266,7 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
         except ImportError:
             raise UserError("--format onnx needs the onnx extra: pip install 'bertforge[onnx]'") from None
     if (Path(source) / "config.json").is_file() and not (Path(source) / ckpt.STATE).is_file():
-        if json.loads((Path(source) / "config.json").read_text()).get("architectures") == ["BertForMaskedLM"]:
+        if is_masked_lm(json.loads((Path(source) / "config.json").read_text())):
             raise UserError(f"{source}: an export already; export its run or checkpoint folder (with --format onnx)")
         if dtype != "fp32":
             raise UserError(f"--dtype {dtype}: a fine-tuned model folder is copied as it is (its fp32 weights)")

@@ -98,8 +98,16 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         raise UserError(f"{folder}/manifest.json: field 'splits.train.sequences' is 0: nothing to train on")
     cfg.model.vocab_size = man["tokenizer"]["vocab_size"]
     cfg.data.seq_len = man["seq_len"]
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: config key 'run.dir' names a file, not a folder")
+    try:
+        latest = ckpt.latest(run_dir)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    state = ckpt.read_state(run_dir, latest) if latest is not None else None
     if cfg.train.init_from:
-        _take_initial_shape(cfg, man)
+        _take_initial_shape(cfg, man, state)
     if cfg.data.seq_len > cfg.model.max_position:
         raise UserError(
             f"config key 'model.max_position' ({cfg.model.max_position}"
@@ -111,15 +119,7 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
     # a batch that does not divide, a bad ZeRO stage, a passthrough DeepSpeed refuses
     check_deepspeed(cfg, world)
 
-    run_dir = Path(cfg.run.dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: config key 'run.dir' names a file, not a folder")
-    try:
-        latest = ckpt.latest(run_dir)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
-    if latest is not None:
-        state = ckpt.read_state(run_dir, latest)
+    if state is not None:
         where = ckpt.folder(run_dir) / latest / ckpt.STATE
         if state["world"] != world:
             raise UserError(
@@ -147,36 +147,29 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
 OWN_MODEL_KEYS = ("dropout", "attention_dropout", "initializer_range")
 
 
-def _take_initial_shape(cfg: PretrainConfig, man: dict) -> None:
+def _take_initial_shape(cfg: PretrainConfig, man: dict, state: dict | None) -> None:
     """Continued pretraining: the model shape of ``train.init_from``, whose tokenizer must be the data's;
-    once the run has a checkpoint, the shape it was started with (a source deleted since had
-    stopped every resume)."""
+    once the run has a checkpoint (``state``, its trainer state), the shape it was started with (a
+    source deleted since had stopped every resume)."""
     from pretrain.export import describe, model_config
 
     if type(cfg) is not PretrainConfig:  # distill starts from its teacher, finetune from finetune.model
         raise UserError("config key 'train.init_from' is bertforge pretrain's (a student starts from its teacher)")
-    try:
-        resumed = ckpt.latest(Path(cfg.run.dir))
-    except FileNotFoundError:
-        resumed = None  # (resolve refuses it, naming the file)
-    if resumed is not None:  # the run's own shape: its weights come from its checkpoint, the source may be gone
-        saved = ckpt.read_state(Path(cfg.run.dir), resumed)["config"]["model"]
-        for key, value in saved.items():
-            if key not in OWN_MODEL_KEYS:
-                setattr(cfg.model, key, value)
-        return
-    source = Path(cfg.train.init_from)
-    try:
-        shape, tok = describe(source)
-    except UserError as err:
-        raise UserError(f"config key 'train.init_from': {err}") from None
-    if not tok.is_file() or tokenizers.sha256(tok) != man["tokenizer"]["sha256"]:
-        raise UserError(
-            f"{Path(cfg.data.path) / manifests.MANIFEST}: field 'tokenizer.sha256' differs from the tokenizer of "
-            f"{source} (config key 'train.init_from'): continued pretraining needs data prepared with that tokenizer "
-            f"(bertforge prep --tokenizer {tok})"
-        )
-    theirs = model_config(shape) if "num_hidden_layers" in shape else ModelConfig(**shape)
+    if state is not None:  # the run's own shape: its weights come from its checkpoint, the source may be gone
+        theirs = ModelConfig(**state["config"]["model"])
+    else:
+        source = Path(cfg.train.init_from)
+        try:
+            shape, tok = describe(source)
+        except UserError as err:
+            raise UserError(f"config key 'train.init_from': {err}") from None
+        if not tok.is_file() or tokenizers.sha256(tok) != man["tokenizer"]["sha256"]:
+            raise UserError(
+                f"{Path(cfg.data.path) / manifests.MANIFEST}: field 'tokenizer.sha256' differs from the tokenizer of "
+                f"{source} (config key 'train.init_from'): continued pretraining needs data prepared with that "
+                f"tokenizer (bertforge prep --tokenizer {tok})"
+            )
+        theirs = model_config(shape) if "num_hidden_layers" in shape else ModelConfig(**shape)
     for key in leaves(to_dict(theirs)):
         if key not in OWN_MODEL_KEYS:
             setattr(cfg.model, key, getattr(theirs, key))
@@ -429,7 +422,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         return out
 
     def save(reason: str) -> None:
-        name, kept = ckpt.tag(step), ckpt.latest(run_dir) or "none"
+        name, kept = ckpt.tag(step), ckpt.tag(saved_at) if saved_at else "none"  # (saved_at: the last one, below)
         failed = engine.save(eng, root, name)
         if failed is None:
             try:
