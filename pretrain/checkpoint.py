@@ -165,14 +165,22 @@ def commit(run_dir: Path, name: str, state: dict, keep: int) -> list[str]:
 
 
 def agree_written(
-    err: BaseException | None, path: Path, rank: int, world: int, device: torch.device, where: str, kept: str
+    err: BaseException | None,
+    path: Path,
+    rank: int,
+    world: int,
+    device: torch.device,
+    where: str,
+    kept: str,
+    then: str | None = None,
 ) -> None:
     """A collective every rank calls once its part of a checkpoint is written, in place of a
     barrier. Where a rank's write failed (a full disk, a quota, a file-size limit), every rank
     raises :class:`RunError`: the first rank that failed with the reason, the free space and
     what is kept (``kept``: "step_00000010"), the others quietly. Before, the rank that failed
     left with a traceback (torch says "unexpected pos" for a full disk) and the others waited for
-    it in the next collective (under srun, until the timeout). ``where``: "at step 20"."""
+    it in the next collective (under srun, until the timeout). ``where``: "at step 20"; ``then``:
+    what the user does next. The trainer agrees on its log the same way."""
     import torch.distributed as dist
 
     flag = torch.tensor([float(world - rank) if err is not None else 0.0], device=device)
@@ -185,13 +193,13 @@ def agree_written(
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
     reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", reason)  # torch's source location, not news to a user
     try:
-        free = shutil.disk_usage(path.parent).free
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
         free = f"{free / 2**30:.1f} GB free there" if free >= 2**30 else f"{free / 2**20:.1f} MB free there"
     except OSError:
         free = "free space unknown"
     raise RunError(
         f"could not write {path} (rank {rank}: {reason}; {free}); every rank stopped {where}; "
-        f"the last complete checkpoint is {kept}: make room and run the same command again to resume"
+        f"the last complete checkpoint is {kept}: {then or 'make room and run the same command again to resume'}"
     )
 
 

@@ -533,6 +533,9 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
             except (OSError, RuntimeError, SafetensorError) as err:
                 failed = err
         ckpt.agree_written(failed, target, rank, world, device, where, kept)
+        path, err = (logger.failed or (run_dir, None)) if rank == 0 else (run_dir, None)  # a full disk, say
+        then = "the run is complete; only its log is short" if epoch == sec.epochs else None
+        ckpt.agree_written(err, path, rank, world, device, where, tag, then)
     if rank == 0:
         logger.close()
         say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")

@@ -9,6 +9,7 @@ A resumed run purges the events and lines past its checkpoint, so no step shows 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -75,32 +76,69 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _quiet_writer_thread(args: threading.ExceptHookArgs, _default=threading.excepthook) -> None:
+    """TensorBoard writes its events in a thread, which dies on a failed write (a full disk) with a
+    traceback on stderr; the :class:`Logger` meets the same error at its next flush and the trainer
+    reports it in one line: the thread's traceback is left out."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+        return
+    _default(args)
+
+
 class Logger:
-    """Rank 0's sink for scalars: TensorBoard under ``RUN/tb`` and one JSON line per log in ``RUN/metrics.jsonl``."""
+    """Rank 0's sink for scalars: TensorBoard under ``RUN/tb`` and one JSON line per log in ``RUN/metrics.jsonl``.
+
+    A write that fails (a full disk, a quota) raises nothing: the logger stops writing and keeps
+    ``failed`` (the path, the error) for the trainer, which stops every rank at a checkpoint and
+    names the file. (It had raised on rank 0 alone, whose exit then waited for its loader workers
+    while the other ranks waited for it in their next collective: the run hung.)"""
 
     def __init__(self, run_dir: Path, start_step: int, config: dict, config_yaml: str) -> None:
-        self.jsonl = Path(run_dir) / "metrics.jsonl"
-        if self.jsonl.exists():  # resumed: drop what the interrupted run logged past its checkpoint
-            records, bad = read_records(self.jsonl)
-            if bad:  # (a line the interrupted run left half written had stopped every resume)
-                print(f"{self.jsonl}: dropped {len(bad)} line(s) that are not records; first: line {bad[0][0]}, "
-                      f"{bad[0][1]}", flush=True)  # fmt: skip
-            self.jsonl.write_text("".join(ln + "\n" for ln, rec in records if rec["step"] <= start_step))
-        self.writer = SummaryWriter(
-            log_dir=str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None
-        )
-        if not start_step:
-            metrics = {"eval/loss": float("nan"), "eval/perplexity": float("nan"), "eval/mlm_accuracy": float("nan")}
-            for summary in hparams(_flat(config), metrics):
-                self.writer.file_writer.add_summary(summary)
-            self.writer.add_text("config", f"```yaml\n{config_yaml}```")
+        self.jsonl, self.tb = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "tb"
+        self.failed: tuple[Path, OSError] | None = None
+        self.writer = None
+        threading.excepthook = _quiet_writer_thread
+        try:
+            if not start_step:
+                self.jsonl.write_text("")  # a new run: nothing from a run before it in this folder
+            elif self.jsonl.exists():  # resumed: drop what the interrupted run logged past its checkpoint
+                records, bad = read_records(self.jsonl)
+                if bad:  # (a line the interrupted run left half written had stopped every resume)
+                    print(f"{self.jsonl}: dropped {len(bad)} line(s) that are not records; first: line {bad[0][0]}, "
+                          f"{bad[0][1]}", flush=True)  # fmt: skip
+                self.jsonl.write_text("".join(ln + "\n" for ln, rec in records if rec["step"] <= start_step))
+        except OSError as err:
+            self.failed = (self.jsonl, err)
+            return
+        try:
+            self.writer = SummaryWriter(log_dir=str(self.tb), purge_step=start_step + 1 if start_step else None)
+            if not start_step:
+                metrics = dict.fromkeys(("eval/loss", "eval/perplexity", "eval/mlm_accuracy"), float("nan"))
+                for summary in hparams(_flat(config), metrics):
+                    self.writer.file_writer.add_summary(summary)
+                self.writer.add_text("config", f"```yaml\n{config_yaml}```")
+        except OSError as err:
+            self.failed = (self.tb, err)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.failed:
+            return
+        try:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        except OSError as err:
+            self.failed = (self.tb, err)
+            return
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+        except OSError as err:
+            self.failed = (self.jsonl, err)
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError as err:
+            self.failed = self.failed or (self.tb, err)

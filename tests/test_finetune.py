@@ -256,9 +256,16 @@ def test_regression_trains_and_predicts_values(teacher_run, task, tmp_path) -> N
         rows[split].write_text("".join(json.dumps({"text": r["text"], "label": len(r["text"]) / 100}) + "\n"
                                        for r in map(json.loads, path.read_text().splitlines())))  # fmt: skip
     run = tmp_path / "reg"
+    run.mkdir()  # its log on a full device (/dev/full: ENOSPC, as a full disk): the run ends saying so, once
+    (run / "metrics.jsonl").symlink_to("/dev/full")
     r = run_cli("finetune", str(teacher), "--train", str(rows["train"]), "--eval", str(rows["eval"]), "--no-progress",
                 f"run.dir={run}", "finetune.task=regression", "finetune.epochs=1", "optim.lr=1e-3")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"bertforge: error: could not write {run / 'metrics.jsonl'} (rank 0: No space left")
+    assert r.stderr.rstrip().endswith(
+        "every rank stopped after epoch 1; the last complete checkpoint is epoch_001: the run is complete; only its "
+        "log is short"
+    ), r.stderr
     assert "; regression;" in r.stdout and "eval loss" in r.stdout and "accuracy" not in r.stdout
     config = json.loads((run / "model/config.json").read_text())
     assert config["problem_type"] == "regression" and config["id2label"] == {"0": "value"}

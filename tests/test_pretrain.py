@@ -244,6 +244,27 @@ def test_kill_9_during_a_save_leaves_latest_usable_and_a_failed_write_stops_ever
     assert ckpt.latest(run) == "step_00000020" and ckpt.is_complete(half)
 
 
+def test_a_log_that_cannot_be_written_stops_every_rank_at_a_checkpoint(dataset, tmp_path) -> None:
+    # rank 0's metrics.jsonl on a full device (writes to /dev/full fail with ENOSPC, as on a full disk):
+    # rank 0 had left with a traceback, then waited for its loader workers at exit, the other rank for
+    # it in the next collective: the run hung. (A full disk under TensorBoard's events was tried by hand.)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")
+    r = pretrain(dataset, run, "train.max_steps=6", "log.every=3", "eval.every=0", timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"bertforge: error: could not write {run / 'metrics.jsonl'} (rank 0: No space left on")
+    assert r.stderr.count("\n") == 1 and r.stderr.rstrip().endswith(
+        "every rank stopped at step 3; the last complete checkpoint is step_00000003: make room and run the same "
+        "command again to resume"
+    ), r.stderr
+    assert ckpt.latest(run) == "step_00000003" and "saved checkpoint" in r.stdout
+    (run / "metrics.jsonl").unlink()
+    r = pretrain(dataset, run, "train.max_steps=6", "log.every=3", "eval.every=0")
+    ok(r)
+    assert "resuming from step_00000003" in r.stdout and [m["step"] for m in metrics(run)] == [6]
+
+
 def test_event_file_holds_the_tags_and_hyperparameters(reference) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
