@@ -351,7 +351,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         "with rows of --train (.jsonl, .csv or .tsv: finetune.text_field, finetune.label_field, optionally "
         "finetune.text_pair_field), scoring --eval after each epoch (loss, accuracy, macro-F1). The best "
         "epoch is written to RUN/model, a folder AutoModelForSequenceClassification loads. Ranks, precision, "
-        "ZeRO and TensorBoard as for pretrain; rerunning resumes after the last finished epoch.",
+        "ZeRO, TensorBoard and stop signals as for pretrain: SIGTERM/SIGUSR1/SIGINT/SIGHUP finish the step, "
+        "save, exit 0; rerunning resumes from the last checkpoint.",
     )
     p.add_argument("model", metavar="MODEL", help="a run, checkpoint or export folder")
     p.add_argument("args", nargs="*", metavar="[key=value ...]", help="e.g. finetune.epochs=5 optim.lr=1e-4")

@@ -138,13 +138,13 @@ class StageJob:
         from pretrain.trainer import train
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        if self.stage == "finetune":  # saved each epoch; a requeue (submitit's own, at once) resumes from the last
+        if self.stage == "finetune":
             from pretrain.finetune import FinetuneConfig, check, run
 
             cfg = load_config(FinetuneConfig, self.config, self.overrides)
             check(cfg, ranks.world)  # again on the node: its precision (auto), and files hours after the login node's
-            return run(cfg, progress=False)
-        if self.stage == "distill":
+            result = run(cfg, progress=False)
+        elif self.stage == "distill":
             from pretrain.distill import DistillConfig, build_student
 
             result = train(load_config(DistillConfig, self.config, self.overrides), False, build_student)

@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -423,9 +424,13 @@ def _load_encoder(sec: FinetuneSection, num_labels: int, cfg: FinetuneConfig):  
     return model, tok
 
 
-def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
-    """One rank's fine-tuning (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set by the launcher); returns
-    the best epoch's eval figures."""
+def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrain.trainer.Result)
+    """One rank's fine-tuning (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set by the launcher). Each
+    epoch ends in a checkpoint; a stop signal (SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, as for
+    pretraining) saves one after the step under way. A rerun resumes from the checkpoint the state
+    file names, exactly (the batch order is the epoch's, the random state is saved). Returns the
+    step reached, the signal that stopped it and the best epoch's eval figures."""
+    import torch.distributed as dist
     from omegaconf import OmegaConf
     from safetensors import SafetensorError
     from tqdm import tqdm
@@ -433,6 +438,7 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
     from pretrain import engine
     from pretrain.config import accumulation_steps
     from pretrain.metrics import Logger
+    from pretrain.trainer import Result, Stop
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = engine.init_distributed(local_rank)
@@ -464,17 +470,20 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
     cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
     fingerprint = inputs(cfg, world) if rank == 0 else None  # what check() compares on a rerun
     eng = engine.build(model, cfg, world, device)
+    root = run_dir / "checkpoints"
     state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else None
-    done = state["epoch"] if state else 0
+    done = state["epoch"] if state else 0  # epochs complete
     if state and state["epoch"] >= sec.epochs:
         say(f"{run_dir}: already complete ({state['epoch']} epochs; best epoch {state['best']['epoch']})")
-        return state["best"]
-    if state:
-        engine.load(eng, run_dir / "checkpoints", f"epoch_{done:03d}")
+        return Result(state.get("step", cfg.train.max_steps), cfg.train.max_steps, best=state["best"])
+    at = state.get("step", done * steps_per_epoch) if state else 0  # steps done (mid-epoch after a stop)
+    loaded = state.get("checkpoint", f"epoch_{done:03d}") if state else None
+    if loaded:
+        engine.load(eng, root, loaded)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        logger = Logger(run_dir, done * steps_per_epoch, OmegaConf.to_container(OmegaConf.structured(cfg)),
+        logger = Logger(run_dir, at, OmegaConf.to_container(OmegaConf.structured(cfg)),
                         OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # fmt: skip
     for name, rows, cut in (("train", train_rows, tr_cut), ("eval", eval_rows, ev_cut)):
         skipped = sum(rows.skipped.values())
@@ -482,17 +491,53 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
             + f", {cut:,} truncated to {max_length} tokens")  # fmt: skip
     say(f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
         f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
-        + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}")  # fmt: skip
+        + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}"
+        + (f"; resuming from {loaded} (step {at})" if loaded else ""))  # fmt: skip
     if warning := precision_warning(cfg.train.precision):
         say(warning)
     best = state["best"] if state else None
     history = state["history"] if state else []
     micro = cfg.train.micro_batch_size
+    stop, asked = Stop(), torch.zeros(1, device=device)
+
+    def save(tag: str, epoch: int, where: str, kept: str, model_too: bool) -> None:
+        """Every rank's part of checkpoint ``tag`` after step ``at`` (``epoch`` epochs complete:
+        DeepSpeed's files, the rank's random state), then rank 0's: the best model's folder where
+        ``model_too``, and the state naming the checkpoint, which makes it the one a rerun loads. A
+        write that fails stops every rank, saying so."""
+        failed = engine.save(eng, root, tag)  # a full disk: every rank stops, saying so
+        if failed is None:
+            try:
+                ckpt.save_rng(root / tag, rank)
+            except (OSError, RuntimeError) as err:  # (torch.save: a RuntimeError for a full disk)
+                failed = err
+        ckpt.agree_written(failed, root / tag, rank, world, device, where, kept)
+        target = run_dir / "model"
+        if rank == 0:
+            new = {"epoch": epoch, "step": at, "checkpoint": tag, "best": best, "history": history,
+                   "labels": names, "inputs": fingerprint}  # fmt: skip
+            try:
+                if model_too:
+                    write_model(target, root, tag, model, tok, names, sec)
+                target = run_dir / STATE
+                ckpt.write_atomic(target, (json.dumps(new, indent=1) + "\n").encode())
+            except (OSError, RuntimeError, SafetensorError) as err:
+                failed = err
+        ckpt.agree_written(failed, target, rank, world, device, where, kept)
+        path, err = (logger.failed or (run_dir, None)) if rank == 0 else (run_dir, None)  # a full disk, say
+        then = "the run is complete; only its log is short" if epoch == sec.epochs else None
+        ckpt.agree_written(err, path, rank, world, device, where, tag, then)
+
+    last = loaded or "none"  # the newest complete checkpoint
+    if loaded and (root / loaded / f"rng_rank{rank:05d}.pt").is_file():  # (older runs' epochs have none)
+        ckpt.load_rng(root / loaded, rank)  # dropout goes on as it would have
     for epoch in range(done + 1, sec.epochs + 1):
         eng.train()
         order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
         order = order.repeat(math.ceil(steps_per_epoch * g / len(order)))[: steps_per_epoch * g]  # whole last batch
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not (progress and rank == 0), leave=False)
+        first = at - (epoch - 1) * steps_per_epoch  # steps of this epoch done before a stop (0, but on a resume)
+        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", disable=not (progress and rank == 0),
+                   leave=False)  # fmt: skip
         window = torch.zeros(2, device=device)  # rank 0's loss sum and micro-batches since the last log
         for step in bar:
             batch = order[step * g : (step + 1) * g]
@@ -503,11 +548,23 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
                 eng.backward(loss)
                 eng.step()
                 window += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-            global_step = (epoch - 1) * steps_per_epoch + step + 1
-            if rank == 0 and global_step % cfg.log.every == 0:
+            at = (epoch - 1) * steps_per_epoch + step + 1
+            if rank == 0 and at % cfg.log.every == 0:
                 total, count = window.tolist()
-                logger.log(global_step, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
+                logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
                 window.zero_()
+            asked.fill_(stop.signal is not None)  # a stop signal on some rank: every rank saves here
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+            cause = (stop.signal or "another rank") if asked.item() else None
+            cause = cause or ("train.exit_at_step" if at == cfg.train.exit_at_step else None)
+            if cause and step + 1 < steps_per_epoch:  # (at an epoch's end, after the epoch's own save)
+                tag = ckpt.tag(at)
+                save(tag, epoch - 1, f"at step {at}", last, False)
+                say(f"saved checkpoint {root / tag} (stopped by {cause})")
+                say(f"stopped at step {at} of {cfg.train.max_steps} (in epoch {epoch}); run the same command again "
+                    "to resume")  # fmt: skip
+                _close(logger if rank == 0 else None)
+                return Result(at, cfg.train.max_steps, cause, best=best)
         figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device, max_length)
         figures["epoch"] = epoch
         history.append(figures)
@@ -519,27 +576,24 @@ def run(cfg: FinetuneConfig, progress: bool = False) -> dict:
         if rank == 0:
             logger.log(epoch * steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"})
         tag = f"epoch_{epoch:03d}"
-        failed = engine.save(eng, run_dir / "checkpoints", tag)  # a full disk: every rank stops, saying so
-        where, kept = f"after epoch {epoch}", f"epoch_{epoch - 1:03d}" if epoch > 1 else "none"
-        ckpt.agree_written(failed, run_dir / "checkpoints" / tag, rank, world, device, where, kept)
-        target = run_dir / "model"
-        if rank == 0:
-            state = {"epoch": epoch, "best": best, "history": history, "labels": names, "inputs": fingerprint}
-            try:
-                if is_best:
-                    write_model(target, run_dir / "checkpoints", tag, model, tok, names, sec)
-                target = run_dir / STATE
-                ckpt.write_atomic(target, (json.dumps(state, indent=1) + "\n").encode())
-            except (OSError, RuntimeError, SafetensorError) as err:
-                failed = err
-        ckpt.agree_written(failed, target, rank, world, device, where, kept)
-        path, err = (logger.failed or (run_dir, None)) if rank == 0 else (run_dir, None)  # a full disk, say
-        then = "the run is complete; only its log is short" if epoch == sec.epochs else None
-        ckpt.agree_written(err, path, rank, world, device, where, tag, then)
+        save(tag, epoch, f"after epoch {epoch}", last, is_best)
+        last = tag
+        if rank == 0:  # a stop's checkpoint inside the epoch is now behind the epoch's own
+            for old in root.glob("step_*"):
+                shutil.rmtree(old, ignore_errors=True)
+        if cause and epoch < sec.epochs:
+            say(f"stopped after epoch {epoch} of {sec.epochs} ({cause}); run the same command again to resume")
+            _close(logger if rank == 0 else None)
+            return Result(at, cfg.train.max_steps, cause, best=best)
     if rank == 0:
-        logger.close()
         say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")
-    return best
+    _close(logger if rank == 0 else None)
+    return Result(at, cfg.train.max_steps, best=best)
+
+
+def _close(logger) -> None:  # noqa: ANN001
+    if logger is not None:
+        logger.close()
 
 
 def _better(a: dict, b: dict, task: Task) -> bool:
@@ -577,8 +631,6 @@ def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device, limit) 
 
 def write_model(out: Path, folder: Path, tag: str, model, tok: Path, names: list[str], sec: FinetuneSection) -> None:  # noqa: ANN001
     """The Hugging Face folder of checkpoint ``folder/tag``: config (labels included), weights, tokenizer."""
-    import shutil
-
     from pretrain.engine import consolidated_state_dict
     from pretrain.export import hf_config, save_weights, write_tokenizer
 

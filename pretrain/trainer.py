@@ -196,6 +196,7 @@ class Result:
     max_steps: int
     stopped_by: str | None = None  # a signal's name, "another rank", or "train.exit_at_step"
     loss: float | None = None  # the last logged train/loss, averaged over ranks
+    best: dict | None = None  # fine-tuning: the best epoch's eval figures (loss, accuracy, f1, epoch)
 
     @property
     def finished(self) -> bool:
@@ -222,7 +223,7 @@ class _Window:
             self.terms[k] = self.terms.get(k, 0.0) + v * count
 
 
-class _Stop:
+class Stop:
     """Signal handlers that ask for a clean stop; a second SIGINT over 2 s later aborts. SIGHUP (the
     terminal closed) stops the same way, its output sent to /dev/null first, unless the run was
     started under ``nohup``, which asked it to carry on."""
@@ -312,7 +313,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     cfg, man, latest = resolve(cfg, world)
     device = engine.init_distributed(local_rank)
     ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
-    stop = _Stop()
+    stop = Stop()
     say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
     run_dir, root = Path(cfg.run.dir), ckpt.folder(Path(cfg.run.dir))
     folder = Path(cfg.data.path)

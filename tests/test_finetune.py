@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -65,6 +68,20 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert len(evals) == 3 and all(0 <= m["finetune/accuracy"] <= 1 for m in evals)
     state = json.loads((run / "finetune_state.json").read_text())
     assert state["best"]["f1"] == max(m["finetune/f1"] for m in evals)
+    # a stop inside an epoch (train.exit_at_step, as a stop signal would) saves there, and the rerun goes on
+    # from that step exactly (the epoch's order, the random state): the same log, to the bit, as the run that
+    # was not stopped. It had redone the whole epoch from its start.
+    steps = evals[0]["step"]  # per epoch
+    resumed = tmp_path / "resumed"
+    args = ["finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--nproc", "2", "--no-progress",
+            f"run.dir={resumed}", "finetune.epochs=3", "optim.lr=2e-3", "log.every=1", "train.global_batch_size=16",
+            "train.micro_batch_size=8"]  # fmt: skip
+    r = run_cli(*args, f"train.exit_at_step={steps + 2}")
+    assert r.returncode == 0 and f"stopped at step {steps + 2} of {3 * steps} (in epoch 2)" in r.stdout, r.stderr
+    r = run_cli(*args)
+    assert r.returncode == 0 and f"resuming from step_{steps + 2:08d} (step {steps + 2})" in r.stdout, r.stderr
+    assert (resumed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("*_0*")) == ["epoch_001", "epoch_002", "epoch_003"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"))
@@ -186,6 +203,39 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert r.stderr.startswith(f"bertforge: error: could not write {full / 'checkpoints/epoch_001'} (rank 0: ")
     assert "every rank stopped after epoch 1; the last complete checkpoint is none: make room" in r.stderr
     assert not (full / "finetune_state.json").exists() and not (full / "model").exists()
+
+
+def test_a_signal_on_one_rank_stops_fine_tuning_at_the_step_with_a_checkpoint(teacher_run, task, tmp_path) -> None:
+    _, teacher = teacher_run
+    train, evaluate = task
+    run = tmp_path / "ft"
+    args = ["finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--nproc", "2", "--no-progress",
+            f"run.dir={run}", "finetune.epochs=100", "train.global_batch_size=16", "train.micro_batch_size=8"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    said = []
+    try:
+        for line in proc.stdout:
+            said.append(line)
+            if line.startswith("epoch 1/100"):
+                break
+        ranks = psutil.Process(proc.pid).children()
+        assert len(ranks) == 2
+        ranks[1].send_signal(signal.SIGTERM)  # one rank only, as a scheduler might: both save, at the same step
+        out, err = proc.communicate(timeout=120)
+        out = "".join(said) + out
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    state = json.loads((run / "finetune_state.json").read_text())
+    tag, steps = state["checkpoint"], int(re.search(r"100 epochs x (\d+) steps", out).group(1))
+    if tag.startswith("step_"):  # inside an epoch (else at an epoch's last step, after its own save)
+        assert f"saved checkpoint {run / 'checkpoints' / tag} (stopped by another rank)" in out, out[-2000:]
+        assert f"stopped at step {state['step']} of {100 * steps} (in epoch {state['epoch'] + 1})" in out
+    else:
+        assert tag == f"epoch_{state['epoch']:03d}" and f"stopped after epoch {state['epoch']} of 100 (another" in out
+    assert "run the same command again to resume" in out and 0 < state["step"] < 100 * steps
+    assert len(list((run / "checkpoints" / tag).glob("rng_rank0000[01].pt"))) == 2  # each rank's dropout state
 
 
 def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teacher_run, task, tmp_path) -> None:

@@ -208,7 +208,7 @@ def test_fine_tuning_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
                 "--time", "60", "--log-dir", str(logs))  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[2].rstrip(":")
-    best = result(logs, job)
+    best = result(logs, job).best
     assert 0 <= best["accuracy"] <= 1 and best["epoch"] in (1, 2), best
     assert json.loads((run / "finetune_state.json").read_text())["epoch"] == 2
     assert (run / "model/config.json").is_file() and "2 rank(s)" in (logs / job / f"{job}_0_log.out").read_text()
