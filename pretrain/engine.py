@@ -39,6 +39,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config, offloads_optimizer  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury ours
@@ -230,8 +231,9 @@ def grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def save(engine, folder: Path, tag: str) -> OSError | RuntimeError | None:
-    """DeepSpeed's part of a checkpoint (a collective: every rank calls it). ``latest`` is the
+def save(engine, folder: Path, tag: str, rank: int) -> OSError | RuntimeError | None:
+    """This rank's files of a checkpoint: DeepSpeed's (a collective: every rank calls it), then
+    the rank's random state (dropout goes on as it would have on a resume). ``latest`` is the
     trainer's to write, once its own state is there too.
 
     A write that fails on this rank (a full disk: torch raises a RuntimeError, "unexpected pos")
@@ -243,6 +245,10 @@ def save(engine, folder: Path, tag: str) -> OSError | RuntimeError | None:
         engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
     except (OSError, RuntimeError) as err:
         dist.barrier()
+        return err
+    try:
+        ckpt.save_rng(folder / tag, rank)
+    except (OSError, RuntimeError) as err:  # (torch.save: a RuntimeError for a full disk)
         return err
     return None
 

@@ -505,12 +505,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         DeepSpeed's files, the rank's random state), then rank 0's: the best model's folder where
         ``model_too``, and the state naming the checkpoint, which makes it the one a rerun loads. A
         write that fails stops every rank, saying so."""
-        failed = engine.save(eng, root, tag)  # a full disk: every rank stops, saying so
-        if failed is None:
-            try:
-                ckpt.save_rng(root / tag, rank)
-            except (OSError, RuntimeError) as err:  # (torch.save: a RuntimeError for a full disk)
-                failed = err
+        failed = engine.save(eng, root, tag, rank)  # a full disk: every rank stops, saying so
         ckpt.agree_written(failed, root / tag, rank, world, device, where, kept)
         target = run_dir / "model"
         if rank == 0:

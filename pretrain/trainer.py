@@ -424,12 +424,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
     def save(reason: str) -> None:
         name, kept = ckpt.tag(step), ckpt.tag(saved_at) if saved_at else "none"  # (saved_at: the last one, below)
-        failed = engine.save(eng, root, name)
-        if failed is None:
-            try:
-                ckpt.save_rng(root / name, rank)
-            except (OSError, RuntimeError) as err:  # (torch.save: a RuntimeError for a full disk)
-                failed = err
+        failed = engine.save(eng, root, name, rank)
         if _fault("kill-in-save", step) and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         ckpt.agree_written(failed, root / name, rank, world, device, f"at step {step}", kept)
