@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data_prep import corpus, encode, manifest, tokenizer
 from data_prep.config import PrepConfig, parse_size
-from data_prep.errors import RunError, UserError, naming
+from data_prep.errors import RunError, UserError, write_atomic
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
@@ -56,16 +56,6 @@ def plan_units(files: list[corpus.InputFile], unit_bytes: int) -> list[list[corp
         units[-1].append(part)
         size += part.size(files[part.file])
     return units if units[0] else []
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write under a hidden ``.tmp`` name, sync, rename: the file is either absent or whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with naming(tmp), open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fingerprint(cfg: PrepConfig, files: list[corpus.InputFile]) -> dict:
@@ -107,7 +97,7 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
     if out.exists() and any(p.name != STATE_DIR and not p.name.endswith(".tmp") for p in out.iterdir()):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    _atomic_write(state, json.dumps(fingerprint, indent=1))
+    write_atomic(state, json.dumps(fingerprint, indent=1))
     return False
 
 
@@ -133,7 +123,7 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[
     """Reuse ``--tokenizer`` or the one a previous run trained, else train one on a sample."""
     path = out / manifest.TOKENIZER
     if cfg.tokenizer.path:
-        _atomic_write(path, Path(cfg.tokenizer.path).read_bytes())
+        write_atomic(path, Path(cfg.tokenizer.path).read_bytes())
     elif not path.is_file():
         t0 = time.perf_counter()
         lines = tokenizer.sample_lines(_sample_texts(cfg, files, units), cfg.tokenizer)
@@ -143,7 +133,7 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[
             file=sys.stderr,
         )
         model = tokenizer.train(lines, cfg.tokenizer)
-        _atomic_write(path, model)
+        write_atomic(path, model)
         print(f"prep: tokenizer trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return path
 
@@ -216,7 +206,7 @@ def run_unit(
         for block in packer.finish():
             writer.write(block)
         record["splits"][name] = writer.close()
-    _atomic_write(out / STATE_DIR / f"unit-{unit:05d}.json", json.dumps(record, indent=1))
+    write_atomic(out / STATE_DIR / f"unit-{unit:05d}.json", json.dumps(record, indent=1))
     return record
 
 
@@ -365,7 +355,7 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
     if task is not None:
         return {"units": todo}
     man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path, vocab_size)
-    _atomic_write(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
-    _atomic_write(out / "prep_config.yaml", to_yaml(cfg))
+    write_atomic(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
+    write_atomic(out / "prep_config.yaml", to_yaml(cfg))
     print(manifest.summary(man, seconds=time.perf_counter() - t0))
     return man

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.errors import RunError, UserError
+from data_prep.errors import RunError, UserError, write_atomic
 
 STATE = "trainer_state.json"
 LATEST = "latest"
@@ -95,21 +95,6 @@ def tag(step: int) -> str:
 
 def folder(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it is either the old file or the whole new one, even after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def is_complete(path: Path) -> bool:
