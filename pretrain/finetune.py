@@ -375,6 +375,13 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
                 f"{path}: field '{key}' differs: {what} is not what the run in {cfg.run.dir} was started with; "
                 "use another run.dir for a new run"
             )
+    if state["epoch"] < cfg.finetune.epochs:  # the checkpoint a resume loads (DeepSpeed had failed an assert)
+        found = Path(cfg.run.dir) / "checkpoints" / state.get("checkpoint", f"epoch_{state['epoch']:03d}")
+        if not any(found.glob("*model_states.pt")):
+            raise UserError(
+                f"{path}: names the checkpoint {found}, which is missing or has no weights: restore it, or use "
+                "another run.dir for a new run"
+            )
 
 
 def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:

@@ -190,6 +190,15 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     )
     # unfinished now, so resuming: 1 rank cannot load 2 ranks' shards
     assert "field 'world' differs: 1 rank(s) is not what the run" in refused(teacher, train, "finetune.epochs=4")
+    # a state naming a checkpoint that is gone (removed by hand) is refused before a rank starts (DeepSpeed had
+    # failed an assert on every rank)
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    stopped = {**json.loads(state.read_text()), "epoch": 1, "step": 5, "checkpoint": "step_00000005"}
+    (lost / state.name).write_text(json.dumps(stopped))
+    assert f"names the checkpoint {lost / 'checkpoints/step_00000005'}, which is missing or has no weights" in (
+        refusal(check, config(teacher, train, evaluate, lost, *common), 2)
+    )
     # a save that fails (a full disk; here a file-size limit): every rank stops, one line says what is kept
     import resource
 
