@@ -458,6 +458,13 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
     r = run_cli("pretrain", TINY, "--nproc", "1", f"data.path={dataset}", f"run.dir={reference}", "train.precision=fp32",
                 "train.global_batch_size=8")  # fmt: skip
     assert r.returncode == 2 and "written by 2 ranks, this run has 1" in r.stderr
+    # a latest naming a checkpoint removed by hand, whole or its weights only (DeepSpeed had failed an assert)
+    gone = tmp_path / "gone/checkpoints"
+    (gone / "step_00000010").mkdir(parents=True)
+    (gone / "latest").write_text("step_00000010\n")
+    assert f"{gone / 'latest'}: names 'step_00000010', which has no trainer_state.json" in refused(run=gone.parent)
+    (gone / "step_00000010" / ckpt.STATE).write_text((reference / "checkpoints/step_00000010" / ckpt.STATE).read_text())
+    assert "names 'step_00000010', which has no weights (DeepSpeed's *model_states.pt)" in refused(run=gone.parent)
 
 
 def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedule(teacher_run, tmp_path) -> None:
