@@ -487,6 +487,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     loaded = state.get("checkpoint", f"epoch_{done:03d}") if state else None
     if loaded:
         engine.load(eng, root, loaded)
+    logger = None  # rank 0's
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -526,7 +527,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
             except (OSError, RuntimeError, SafetensorError) as err:
                 failed = err
         ckpt.agree_written(failed, target, rank, world, device, where, kept)
-        path, err = (logger.failed or (run_dir, None)) if rank == 0 else (run_dir, None)  # a full disk, say
+        path, err = (logger and logger.failed) or (run_dir, None)  # rank 0's log: a full disk, say
         then = "the run is complete; only its log is short" if epoch == sec.epochs else None
         ckpt.agree_written(err, path, rank, world, device, where, tag, then)
 
@@ -551,7 +552,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 eng.step()
                 window += torch.stack([loss.detach().float(), torch.ones((), device=device)])
             at = (epoch - 1) * steps_per_epoch + step + 1
-            if rank == 0 and at % cfg.log.every == 0:
+            if logger and at % cfg.log.every == 0:
                 total, count = window.tolist()
                 logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
                 window.zero_()
@@ -565,7 +566,8 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 say(f"saved checkpoint {root / tag} (stopped by {cause})")
                 say(f"stopped at step {at} of {cfg.train.max_steps} (in epoch {epoch}); run the same command again "
                     "to resume")  # fmt: skip
-                _close(logger if rank == 0 else None)
+                if logger:
+                    logger.close()
                 return Result(at, cfg.train.max_steps, cause, best=best)
         figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device, max_length)
         figures["epoch"] = epoch
@@ -575,7 +577,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
             best = figures
         shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "epoch")
         say(f"epoch {epoch}/{sec.epochs}: eval {shown}{' (best so far)' if is_best else ''}")
-        if rank == 0:
+        if logger:
             logger.log(epoch * steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"})
         tag = f"epoch_{epoch:03d}"
         save(tag, epoch, f"after epoch {epoch}", last, is_best)
@@ -585,17 +587,13 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 shutil.rmtree(old, ignore_errors=True)
         if cause and epoch < sec.epochs:
             say(f"stopped after epoch {epoch} of {sec.epochs} ({cause}); run the same command again to resume")
-            _close(logger if rank == 0 else None)
+            if logger:
+                logger.close()
             return Result(at, cfg.train.max_steps, cause, best=best)
-    if rank == 0:
-        say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")
-    _close(logger if rank == 0 else None)
-    return Result(at, cfg.train.max_steps, best=best)
-
-
-def _close(logger) -> None:  # noqa: ANN001
-    if logger is not None:
+    say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")
+    if logger:
         logger.close()
+    return Result(at, cfg.train.max_steps, best=best)
 
 
 def _better(a: dict, b: dict, task: Task) -> bool:
