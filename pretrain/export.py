@@ -47,6 +47,10 @@ def resolve_checkpoint(source: Path) -> tuple[Path, str]:
         tag = ckpt.latest(source)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
+    from pretrain.finetune import fine_tuning_run
+
+    if tag is None and (said := fine_tuning_run(source)):
+        raise UserError(said)
     if tag is None:
         raise UserError(f"{source}: neither a run folder with a complete checkpoint nor a checkpoint folder")
     return source, tag

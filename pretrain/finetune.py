@@ -659,6 +659,13 @@ def write_model(out: Path, folder: Path, tag: str, model, tok: Path, names: list
 # ---- predict ------------------------------------------------------------------------------------
 
 
+def fine_tuning_run(folder: Path) -> str | None:
+    """What to say of a fine-tuning run's folder given where its model folder was meant."""
+    if (Path(folder) / STATE).is_file():
+        return f"{folder}: a fine-tuning run; its best model is the folder {Path(folder) / 'model'}"
+    return None
+
+
 def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[str], Path, dict]:
     """A folder written by ``bertforge finetune``: ``(model, label names, tokenizer, hf config)``."""
     from safetensors.torch import load_file
@@ -667,6 +674,8 @@ def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[s
 
     folder = Path(folder)
     config = folder / "config.json"
+    if said := fine_tuning_run(folder):
+        raise UserError(said)
     if not config.is_file() or not (folder / "model.safetensors").is_file():
         raise UserError(f"{folder}: not a fine-tuned model folder (no config.json and model.safetensors)")
     hf = json.loads(config.read_text())

@@ -154,6 +154,11 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert f"{run / 'model'}: a fine-tuned BertForSequenceClassification (no masked-language head)" in refusal(
         check, config(run / "model", train, evaluate, tmp_path / "again")
     )
+    # the run's folder where its model folder was meant: named as such (it had been "not a fine-tuned model
+    # folder" and "neither a run folder with a complete checkpoint nor a checkpoint folder")
+    said = f"{run}: a fine-tuning run; its best model is the folder {run / 'model'}"
+    assert said == refusal(predict, run, evaluate, io.StringIO())
+    assert said == refusal(export, run, tmp_path / "exported", ["hf"])
     from pretrain.evaluate import fill_mask
 
     assert "(no masked-language head)" in refusal(fill_mask, served / "model.onnx", "a [MASK]")  # had: onnxruntime's
