@@ -13,7 +13,11 @@ from data_prep.errors import UserError
 
 # (title, [(metric key, label)]) per panel; a panel none of whose keys was logged is left out
 PANELS = [
-    ("loss", [("train/loss", "train"), ("eval/loss", "eval")]),
+    (
+        "loss",
+        [("train/loss", "train"), ("eval/loss", "eval"), ("finetune/train_loss", "train"), ("finetune/loss", "eval")],
+    ),
+    ("fine-tuning eval", [("finetune/accuracy", "accuracy"), ("finetune/f1", "macro-F1")]),
     (
         "MLM accuracy",
         [
@@ -59,7 +63,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The records of ``RUN/metrics.jsonl``; a bad line is an error naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise UserError(f"{path}: not found; is {run_dir} a run folder of bertforge pretrain or distill?")
+        raise UserError(f"{path}: not found; is {run_dir} a run folder of bertforge pretrain, distill or finetune?")
     lines, bad = read_records(path)
     if bad:
         raise UserError(f"{path}:{bad[0][0]}: {bad[0][1]}")

@@ -82,6 +82,10 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert r.returncode == 0 and f"resuming from step_{steps + 2:08d} (step {steps + 2})" in r.stdout, r.stderr
     assert (resumed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
     assert sorted(p.name for p in (resumed / "checkpoints").glob("*_0*")) == ["epoch_001", "epoch_002", "epoch_003"]
+    from pretrain.report import panels, read_metrics, report
+
+    assert [title for title, _ in panels(read_metrics(run))] == ["loss", "fine-tuning eval", "learning rate"]
+    assert report(run).is_file()  # (it had drawn the learning rate alone)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"))
