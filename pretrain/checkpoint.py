@@ -37,6 +37,24 @@ LATEST = "latest"
 LOCK = ".lock"
 
 
+_LOCKS: set[int] = set()  # the descriptors of the run folders' locks this process holds
+
+
+def _let_go_in_child() -> None:
+    """A forked child (a loader worker) shares its parent's lock: after a kill -9 of the parent it
+    held the run folder until torch's watchdog ended it, seconds later, and an immediate restart
+    (torchrun's, a user's) was refused, naming the dead pid. Its copies now point at /dev/null."""
+    if _LOCKS:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in _LOCKS:
+            os.dup2(null, fd)
+        os.close(null)
+        _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 @contextlib.contextmanager
 def holding(run_dir: Path, ours: tuple[int, ...] = ()) -> Iterator[None]:
     """Hold the run folder for this process while the block runs: refuse, naming the holder, when
@@ -63,7 +81,11 @@ def holding(run_dir: Path, ours: tuple[int, ...] = ()) -> Iterator[None]:
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        yield
+        _LOCKS.add(f.fileno())
+        try:
+            yield
+        finally:
+            _LOCKS.discard(f.fileno())
 
 
 _HELD = contextlib.ExitStack()  # what rank 0 holds until its process ends

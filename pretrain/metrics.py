@@ -111,7 +111,7 @@ class Logger:
             self.failed = (self.jsonl, err)
             return
         try:
-            self.writer = SummaryWriter(log_dir=str(self.tb), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(log_dir=str(self.tb), purge_step=start_step + 1)  # (a new run: 1)
             if not start_step:
                 metrics = dict.fromkeys(("eval/loss", "eval/perplexity", "eval/mlm_accuracy"), float("nan"))
                 for summary in hparams(_flat(config), metrics):

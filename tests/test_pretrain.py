@@ -207,6 +207,28 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_losses(dataset, re
     assert sorted(set(steps)) == list(range(1, 21)) and len(steps) == 20  # TensorBoard purged 11-13 too
 
 
+def test_a_bare_run_killed_before_its_first_checkpoint_starts_again_at_once(dataset, tmp_path) -> None:
+    # one rank, no launcher: the process that holds the run folder is the one killed. Its loader worker had
+    # shared the lock and held it until torch's watchdog ended it, seconds later: a restart at once (a user's,
+    # torchrun's) was refused, naming the dead pid. And TensorBoard had shown the killed run's steps twice.
+    run = tmp_path / "run"
+    args = ["pretrain", TINY, "--nproc", "1", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
+            "train.max_steps=6", "log.every=1", "eval.every=0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BERTFORGE_FAULT": "kill@3"}
+    with (tmp_path / "out.txt").open("w") as out:  # (not a pipe: the orphaned worker would hold it, and the wait)
+        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env, stdout=out, stderr=out)
+        assert proc.wait(timeout=300) == -signal.SIGKILL and ckpt.latest(run) is None
+    with ckpt.holding(run):  # at once: the folder is free
+        pass
+    ok(run_cli(*args))
+    assert [m["step"] for m in metrics(run) if "train/loss" in m] == list(range(1, 7))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
+
+
 def limit_file_size(kib: int):  # noqa: ANN201
     """A ``preexec_fn``: files of at most ``kib`` KiB (a write past it fails as on a full disk, EFBIG)."""
     import resource
