@@ -22,6 +22,7 @@ that this order continues the interrupted one. A resume must keep ``world`` and 
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,18 @@ def build_loader(stream: ShardStream) -> DataLoader:
             0
         ),  # the batches are seeded by the stream; keep torch's global RNG untouched
     )
+
+
+def iterate(loader: DataLoader) -> Iterator:
+    """The loader's iterator, its workers started, without torch's SIGCHLD handler: that handler
+    raised a dead worker's error wherever the main thread stood (in a collective, in DeepSpeed's
+    step), past the trainer's agreement on data errors, and every rank ended in a traceback.
+    Without it, the next batch the rank asks for after its buffered ones raises it (within
+    torch's 5 s status check), where the trainer stops every rank in one line."""
+    it = iter(loader)
+    if loader.num_workers and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return it
 
 
 def close_loader(it: Iterator) -> None:

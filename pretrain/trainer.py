@@ -45,7 +45,7 @@ from pretrain.config import (
     precision_warning,
     resolve_precision,
 )
-from pretrain.data import DamagedShard, ShardStream, build_loader, close_loader
+from pretrain.data import DamagedShard, ShardStream, build_loader, close_loader, iterate
 from pretrain.model import BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
 
 # Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, log.every, ...)
@@ -256,8 +256,11 @@ def _fault(kind: str, step: int) -> bool:
     return bool(_FAULT) and _FAULT == f"{kind}@{step}"  # (on the hot path: nothing when unset)
 
 
-def _next_batch(it: Iterator, micro: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, DamagedShard | None]:
-    """The next batch; or, where its shard is damaged, a stand-in batch (all [PAD]) and the error.
+def _next_batch(
+    it: Iterator, micro: int, seq_len: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, RunError | None]:
+    """The next batch; or, where its shard is damaged or a loader worker died, a stand-in batch
+    (all [PAD]) and the error.
 
     The rank goes on with the stand-in into the step's collectives (ZeRO 3 gathers parameters in
     the forward pass) and raises the error through the flags all ranks reduce, so that they all
@@ -269,23 +272,34 @@ def _next_batch(it: Iterator, micro: int, seq_len: int) -> tuple[torch.Tensor, t
         err = DamagedShard(labels)  # (DAMAGED, message): from a loader's worker
     except DamagedShard as e:  # from a stream read in this process (the evaluation's)
         err = e
+    except RuntimeError as e:  # a loader worker killed (the out-of-memory killer takes the largest process)
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        err = RunError(
+            f"rank {rank}: a data loader worker died ({e}): often the kernel's out-of-memory killer (see dmesg; "
+            "fewer data.num_workers hold fewer shuffle buffers)"
+        )
     ids = torch.zeros(micro, seq_len, dtype=torch.long)
     return ids, ids.clone(), err
 
 
-def _damage_flag(err: DamagedShard | None, rank: int, world: int) -> float:
-    """This rank's damaged-shard flag: ``world - rank`` where it met one, so that the MAX over the
-    ranks is nonzero when any did and names the first that did (:func:`_damaged` reads it)."""
+def _damage_flag(err: RunError | None, rank: int, world: int) -> float:
+    """This rank's data flag: ``world - rank`` where its data failed (a damaged shard, a dead
+    loader worker), so that the MAX over the ranks is nonzero when any did and names the first
+    that did (:func:`_damaged` reads it)."""
     return float(world - rank) if err is not None else 0.0
 
 
-def _damaged(err: DamagedShard | None, flag: float, rank: int, world: int, where: str, run_dir: Path) -> RunError:
+def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: str, run_dir: Path) -> RunError:
     """What each rank raises once the reduced :func:`_damage_flag` is nonzero (``where``: "at step
     N"): the error, printed by the first rank that met it, a quiet copy on the others."""
     first = world - int(flag)
     if err is None or rank != first:
-        return RunError(f"rank {rank}: stopped with rank {first}, whose shard is damaged", quiet=True)
-    return RunError(f"{err}; every rank stopped {where}, the last checkpoint is {ckpt.latest(run_dir) or 'none'}")
+        return RunError(f"rank {rank}: stopped with rank {first}, whose data failed", quiet=True)
+    again = "" if isinstance(err, DamagedShard) else ": run the same command again to resume"
+    return RunError(
+        f"{err}; every rank stopped {where}, the last checkpoint is {ckpt.latest(run_dir) or 'none'}{again}"
+    )
 
 
 def _data_position(batches: int, world: int, workers: int, micro: int) -> list[dict]:
@@ -399,7 +413,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             it = iter(val)
             for _ in range(cfg.eval.batches):
                 if damaged is None:  # (after an error, the stand-in again: the stream has ended)
-                    ids, labels, damaged = _next_batch(it, micro, seq_len)
+                    ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
                 loss, correct, count = eng(ids.to(device), labels=labels.to(device))
                 teacher = getattr(eng.module, "loss_terms", {}).get("teacher_correct", torch.zeros((), device=device))
                 sums += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
@@ -451,7 +465,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             say(f"saved checkpoint {root / name} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
 
     loader = build_loader(stream)
-    it = iter(loader)
+    it = iterate(loader)
     window, bad_in_row, saved_at, last_loss = _Window(), 0, step, None
     bar = tqdm(
         total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
@@ -466,7 +480,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         while step < cfg.train.max_steps:
             start, good = time.perf_counter(), 0
             while good < accum:
-                ids, labels, damaged = _next_batch(it, micro, seq_len)
+                ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
                 batches += 1
                 loss, correct, count = eng(
                     ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)

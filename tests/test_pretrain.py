@@ -229,6 +229,31 @@ def test_a_bare_run_killed_before_its_first_checkpoint_starts_again_at_once(data
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
 
 
+def test_a_loader_worker_killed_stops_every_rank_in_one_line(dataset, tmp_path) -> None:
+    # the out-of-memory killer takes the largest process, often a loader worker (its shuffle buffer): torch's
+    # SIGCHLD handler raised its error wherever rank 1 stood and both ranks ended in tracebacks
+    run = tmp_path / "run"
+    args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
+            "train.max_steps=100000", "log.every=1", "checkpoint.every=5", "eval.every=0"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 6/"):
+                break
+        (worker,) = psutil.Process(proc.pid).children()[1].children()
+        worker.kill()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and err.count("\n") == 1, err[-3000:]
+    assert err.startswith(
+        f"bertforge: error: rank 1: a data loader worker died (DataLoader worker (pid(s) {worker.pid})"
+    )
+    assert "often the kernel's out-of-memory killer (see dmesg; fewer data.num_workers" in err
+    assert err.rstrip().endswith(f"the last checkpoint is {ckpt.latest(run)}: run the same command again to resume")
+
+
 def limit_file_size(kib: int):  # noqa: ANN201
     """A ``preexec_fn``: files of at most ``kib`` KiB (a write past it fails as on a full disk, EFBIG)."""
     import resource
