@@ -233,14 +233,8 @@ def test_a_loader_worker_killed_stops_every_rank_in_one_line(dataset, tmp_path) 
     # the out-of-memory killer takes the largest process, often a loader worker (its shuffle buffer): torch's
     # SIGCHLD handler raised its error wherever rank 1 stood and both ranks ended in tracebacks
     run = tmp_path / "run"
-    args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
-            "train.max_steps=100000", "log.every=1", "checkpoint.every=5", "eval.every=0"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc, _ = endless(dataset, run, "checkpoint.every=5", until="step 6/")
     try:
-        for line in proc.stdout:
-            if line.startswith("step 6/"):
-                break
         (worker,) = psutil.Process(proc.pid).children()[1].children()
         worker.kill()
         out, err = proc.communicate(timeout=120)
@@ -373,16 +367,23 @@ def test_divergence_stops_the_run_keeping_the_last_checkpoint(dataset, tmp_path)
     assert ckpt.latest(run) == "step_00000001"
 
 
-def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_path) -> None:
-    run = tmp_path / "run"
+def endless(dataset: Path, run: Path, *overrides: str, until: str) -> tuple[subprocess.Popen, list[str]]:
+    """``bertforge pretrain`` on 2 ranks without end, as a user starts it, once it printed a line
+    starting with ``until``: the process and its arguments."""
     args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
-            "train.max_steps=100000", "log.every=1", "checkpoint.every=100000", "eval.every=0"]  # fmt: skip
+            "train.max_steps=100000", "log.every=1", "eval.every=0", *overrides]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith(until):
+            break
+    return proc, args
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_path) -> None:
+    run = tmp_path / "run"
+    proc, args = endless(dataset, run, "checkpoint.every=100000", until="step 3/")
     try:
-        for line in proc.stdout:
-            if line.startswith("step 3/"):
-                break
         ranks = psutil.Process(proc.pid).children()
         assert len(ranks) == 2
         # while it runs, the same command again is refused, naming the run that holds the folder (two runs had
