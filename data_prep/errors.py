@@ -1,12 +1,10 @@
 """The error types of the command line: the user's input is wrong (:class:`UserError`), a run
-failed for another reason (:class:`RunError`); :func:`naming`, which puts a file's name on an
-OS error that had none; and :func:`write_atomic`, a file written whole or not at all, whose
-errors are named."""
+failed for another reason (:class:`RunError`); and :func:`naming`, which puts a file's name on
+an OS error that had none."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,20 +40,3 @@ def naming(path: Path | str) -> Iterator[None]:
         if err.filename is not None:
             raise
         raise OSError(err.errno, err.strerror, str(path)) from None
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``path`` so that it is either the old file or the whole new one, even after a crash:
-    a hidden ``.tmp`` file, synced, renamed over it, and the folder synced (prep's state and
-    manifest, a checkpoint's state and ``latest``). An error names the file (a full disk)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with naming(tmp), open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

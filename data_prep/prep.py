@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from data_prep import corpus, encode, manifest, tokenizer
 from data_prep.config import PrepConfig, parse_size
-from data_prep.errors import RunError, UserError, write_atomic
+from data_prep.errors import RunError, UserError
+from data_prep.files import LOCK, holding, write_atomic
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
@@ -94,7 +95,7 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
                         "choose a new --output folder or delete this one"
                     )
         return (out / manifest.MANIFEST).is_file()
-    if out.exists() and any(p.name != STATE_DIR and not p.name.endswith(".tmp") for p in out.iterdir()):
+    if out.exists() and any(p.name not in (STATE_DIR, LOCK) and not p.name.endswith(".tmp") for p in out.iterdir()):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     write_atomic(state, json.dumps(fingerprint, indent=1))
@@ -299,6 +300,22 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
         man = manifest.load(out)
         print(manifest.summary(man))
         return man
+    # one prep at a time writes the folder (two had written the same shards' .tmp files, and a second
+    # start removed the first's files in flight), or the tasks of one job array together
+    with holding(out, shared=task is not None, other="choose another --output"):
+        return _write(cfg, out, files, discovered, task, progress, t0)
+
+
+def _write(
+    cfg: PrepConfig,
+    out: Path,
+    files: list,
+    discovered: corpus.Account,
+    task: tuple[int, int] | None,
+    progress: bool,
+    t0: float,
+) -> dict:
+    """What :func:`prep` does once it holds the output folder."""
     if task is None:
         _remove_partial(out)  # (not in an array task: the other tasks' files in flight are .tmp too)
     units = plan_units(files, parse_size(cfg.unit_size))

@@ -223,11 +223,11 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
 
 def _holding(run_dir: str, ranks):  # noqa: ANN001, ANN202
     """A bare start (no launcher around it) holds its run folder, so that a second start on the same
-    folder is refused (:func:`pretrain.checkpoint.holding`); a launcher's ranks hold it in rank 0
+    folder is refused (:func:`data_prep.files.holding`); a launcher's ranks hold it in rank 0
     (:func:`pretrain.checkpoint.hold_for_ranks`), which this process's own ranks leave to it."""
     from contextlib import nullcontext
 
-    from pretrain.checkpoint import holding
+    from data_prep.files import holding
 
     return holding(Path(run_dir)) if ranks.launcher == "none" else nullcontext()
 

@@ -16,76 +16,21 @@ start holds it in the process the user started (:func:`holding`), ranks started 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
 import re
 import shutil
-import socket
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_prep.errors import RunError, UserError, write_atomic
+from data_prep.errors import RunError, UserError
+from data_prep.files import holding, write_atomic
 
 STATE = "trainer_state.json"
 LATEST = "latest"
-LOCK = ".lock"
-
-
-_LOCKS: set[int] = set()  # the descriptors of the run folders' locks this process holds
-
-
-def _let_go_in_child() -> None:
-    """A forked child (a loader worker) shares its parent's lock: after a kill -9 of the parent it
-    held the run folder until torch's watchdog ended it, seconds later, and an immediate restart
-    (torchrun's, a user's) was refused, naming the dead pid. Its copies now point at /dev/null."""
-    if _LOCKS:
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in _LOCKS:
-            os.dup2(null, fd)
-        os.close(null)
-        _LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_let_go_in_child)
-
-
-@contextlib.contextmanager
-def holding(run_dir: Path, ours: tuple[int, ...] = ()) -> Iterator[None]:
-    """Hold the run folder for this process while the block runs: refuse, naming the holder, when
-    another process holds it, unless that is one of the pids ``ours`` on this host (the process
-    that started this one holds it for it). Where the file system has no locks, nothing is held."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            if any(holder.startswith(f"pid {pid} on {socket.gethostname()},") for pid in ours):
-                yield
-                return
-            raise UserError(
-                f"{run_dir}: another run is using this folder ({holder or 'a bertforge process'}); "
-                "wait for it to end, or choose another run.dir"
-            ) from None
-        except OSError:  # (no locks here: an NFS mount without them)
-            yield
-            return
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        _LOCKS.add(f.fileno())
-        try:
-            yield
-        finally:
-            _LOCKS.discard(f.fileno())
 
 
 _HELD = contextlib.ExitStack()  # what rank 0 holds until its process ends

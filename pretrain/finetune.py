@@ -29,6 +29,7 @@ from torch import nn
 
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
+from data_prep.files import write_atomic
 from launch.config import leaves, to_dict
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig, TrainConfig, check_deepspeed, precision_warning, resolve_precision
@@ -523,7 +524,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 if model_too:
                     write_model(target, root, tag, model, tok, names, sec)
                 target = run_dir / STATE
-                ckpt.write_atomic(target, (json.dumps(new, indent=1) + "\n").encode())
+                write_atomic(target, (json.dumps(new, indent=1) + "\n").encode())
             except (OSError, RuntimeError, SafetensorError) as err:
                 failed = err
         ckpt.agree_written(failed, target, rank, world, device, where, kept)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,7 @@ import sentencepiece as spm
 
 from data_prep.shards import read_blocks
 from data_prep.tokenizer import CLS_ID, PAD_ID
-from tests.conftest import REPO, heavy_imports, run_cli, run_prep, split_at_sep
+from tests.conftest import REPO, heavy_imports, refusal, run_cli, run_prep, split_at_sep
 
 prep = run_prep  # the command under test, as a user types it
 
@@ -205,6 +206,23 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
                 np.load(io.BytesIO(tar.extractfile(member).read()))
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("train/shard-0000[0-2]-*.tar")}
     assert kept
+
+    # while another prep writes the folder, a second is refused (it had removed the first's files in flight,
+    # and both wrote the same shards' .tmp files); the tasks of one job array share it, never with a plain run
+    from data_prep.files import holding
+
+    with holding(out):
+        r = prep(*common, "--output", str(out))
+    (said,) = r.stderr.strip().splitlines()
+    assert (
+        r.returncode == 2
+        and said.startswith(
+            f"bertforge: error: {out}: another run is using this folder (pid {os.getpid()} on {socket.gethostname()}, since "
+        )
+        and said.endswith("); wait for it to end, or choose another --output")
+    ), r.stderr
+    with holding(out, shared=True), holding(out, shared=True):
+        assert "another run is using this folder (a bertforge process)" in refusal(holding(out).__enter__)
 
     # a rerun whose write fails (a full disk; here a file-size limit, which the tokenizer's copy meets first):
     # one line naming the file, not the traceback (a write's OSError names no file); the next rerun finishes

@@ -407,7 +407,7 @@ def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_p
     step = ckpt.read_state(run, name)["step"]
     assert 3 <= step < 100000 and name == ckpt.tag(step)
     with ckpt.holding(run):  # free again once the run ended
-        assert f"pid {os.getpid()} on " in (run / ckpt.LOCK).read_text()
+        assert f"pid {os.getpid()} on " in (run / ".lock").read_text()
 
 
 def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_running(dataset, tmp_path) -> None:
