@@ -9,7 +9,7 @@ any moment of a save leaves ``latest`` naming the previous, complete checkpoint.
 
 A run holds ``RUN/.lock`` (an exclusive ``flock``, released when its process ends, however it
 ends): a second start on the same folder is refused, not let write the same checkpoints. A bare
-start holds it in the process the user started (:func:`holding`), ranks started by a launcher
+start holds it in the process the user started (:func:`data_prep.files.holding`), ranks started by a launcher
 (``deepspeed``, ``torchrun``, ``srun``, a SLURM job) in their rank 0 (:func:`hold_for_ranks`).
 """
 
