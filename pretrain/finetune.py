@@ -532,7 +532,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         then = "the run is complete; only its log is short" if epoch == sec.epochs else None
         ckpt.agree_written(err, path, rank, world, device, where, tag, then)
 
-    last = loaded or "none"  # the newest complete checkpoint
+    last, cause = loaded or "none", None  # the newest complete checkpoint; what stopped the run
     if loaded and (root / loaded / f"rng_rank{rank:05d}.pt").is_file():  # (older runs' epochs have none)
         ckpt.load_rng(root / loaded, rank)  # dropout goes on as it would have
     for epoch in range(done + 1, sec.epochs + 1):
