@@ -272,8 +272,9 @@ def _next_batch(
         err = DamagedShard(labels)  # (DAMAGED, message): from a loader's worker
     except DamagedShard as e:  # from a stream read in this process (the evaluation's)
         err = e
-    except RuntimeError as e:  # a loader worker killed (the out-of-memory killer takes the largest process)
-        if not str(e).startswith("DataLoader worker"):
+    except (RuntimeError, ConnectionError, EOFError) as e:  # a loader worker killed (the out-of-memory killer
+        # takes the largest process): torch's report of it, or the connection it died in, a batch half sent
+        if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader worker"):
             raise
         err = RunError(
             f"rank {rank}: a data loader worker died ({e}): often the kernel's out-of-memory killer (see dmesg; "

@@ -237,9 +237,9 @@ def test_a_signal_on_one_rank_stops_fine_tuning_at_the_step_with_a_checkpoint(te
             said.append(line)
             if line.startswith("epoch 1/100"):
                 break
-        ranks = psutil.Process(proc.pid).children()
+        ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
         assert len(ranks) == 2
-        ranks[1].send_signal(signal.SIGTERM)  # one rank only, as a scheduler might: both save, at the same step
+        ranks["1"].send_signal(signal.SIGTERM)  # one rank only, as a scheduler might: both save, at the same step
         out, err = proc.communicate(timeout=120)
         out = "".join(said) + out
     finally:

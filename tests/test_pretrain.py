@@ -235,15 +235,16 @@ def test_a_loader_worker_killed_stops_every_rank_in_one_line(dataset, tmp_path) 
     run = tmp_path / "run"
     proc, _ = endless(dataset, run, "checkpoint.every=5", until="step 6/")
     try:
-        (worker,) = psutil.Process(proc.pid).children()[1].children()
+        (rank1,) = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+        (worker,) = rank1.children()
         worker.kill()
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 1 and err.count("\n") == 1, err[-3000:]
-    assert err.startswith(
-        f"bertforge: error: rank 1: a data loader worker died (DataLoader worker (pid(s) {worker.pid})"
-    )
+    # (torch names the worker; killed as it sent a batch, the connection reset is what the rank sees)
+    assert err.startswith("bertforge: error: rank 1: a data loader worker died ("), err
+    assert f"(DataLoader worker (pid(s) {worker.pid}) exited unexpectedly)" in err or "Connection reset" in err, err
     assert "often the kernel's out-of-memory killer (see dmesg; fewer data.num_workers" in err
     assert err.rstrip().endswith(f"the last checkpoint is {ckpt.latest(run)}: run the same command again to resume")
 
