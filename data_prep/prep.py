@@ -309,7 +309,7 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
 def _write(
     cfg: PrepConfig,
     out: Path,
-    files: list,
+    files: list[corpus.InputFile],
     discovered: corpus.Account,
     task: tuple[int, int] | None,
     progress: bool,
