@@ -68,6 +68,12 @@ def is_complete(path: Path) -> bool:
     return (path / STATE).is_file()
 
 
+def has_weights(path: Path) -> bool:
+    """Whether checkpoint folder ``path`` holds DeepSpeed's weights (``*model_states.pt``): a folder
+    emptied by hand had failed an assert inside DeepSpeed on every rank."""
+    return any(Path(path).glob("*model_states.pt"))
+
+
 def latest(run_dir: Path) -> str | None:
     """The tag ``latest`` names, or None for a fresh run; a ``latest`` naming an incomplete folder
     is an error (it cannot happen through :func:`commit`)."""
@@ -77,7 +83,7 @@ def latest(run_dir: Path) -> str | None:
     name = pointer.read_text().strip()
     if not is_complete(folder(run_dir) / name):
         raise FileNotFoundError(f"{pointer}: names '{name}', which has no {STATE}")
-    if not any((folder(run_dir) / name).glob("*model_states.pt")):  # (removed by hand: DeepSpeed failed an assert)
+    if not has_weights(folder(run_dir) / name):
         raise FileNotFoundError(f"{pointer}: names '{name}', which has no weights (DeepSpeed's *model_states.pt)")
     return name
 

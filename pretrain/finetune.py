@@ -378,7 +378,7 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
             )
     if state["epoch"] < cfg.finetune.epochs:  # the checkpoint a resume loads (DeepSpeed had failed an assert)
         found = Path(cfg.run.dir) / "checkpoints" / state.get("checkpoint", f"epoch_{state['epoch']:03d}")
-        if not any(found.glob("*model_states.pt")):
+        if not ckpt.has_weights(found):
             raise UserError(
                 f"{path}: names the checkpoint {found}, which is missing or has no weights: restore it, or use "
                 "another run.dir for a new run"

@@ -520,8 +520,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             window.steps += 1
             bar.update(1)
 
-            last = step == cfg.train.max_steps
-            logged = step % cfg.log.every == 0 or last or (val is not None and step % cfg.eval.every == 0)
+            last, scalars = step == cfg.train.max_steps, None  # (scalars: what this step logs, if any)
             if step % cfg.log.every == 0 or last:
                 sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
                 dist.all_reduce(sums)
@@ -573,14 +572,14 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     logger.log(step, scalars)
                     say(f"step {step} | eval loss {scalars['eval/loss']:.4f} | ppl {scalars['eval/perplexity']:.1f}")
 
-            if logged:  # rank 0's log could not be written (a full disk, a quota): every rank stops, saving
+            if scalars is not None:  # a step that logged: every rank learns whether rank 0's log was written
                 lost = torch.tensor([float(bool(logger and logger.failed))], device=device)
                 dist.all_reduce(lost, op=dist.ReduceOp.MAX)
-            if logged and lost.item():
-                save("the log could not be written")
-                path, err = logger.failed if logger else (run_dir, None)
-                then = "the run is complete; only its log is short" if last else None
-                ckpt.agree_written(err, path, rank, world, device, f"at step {step}", ckpt.tag(step), then)
+                if lost.item():  # a full disk, a quota: every rank stops, saving first
+                    save("the log could not be written")
+                    path, err = logger.failed if logger else (run_dir, None)
+                    then = "the run is complete; only its log is short" if last else None
+                    ckpt.agree_written(err, path, rank, world, device, f"at step {step}", ckpt.tag(step), then)
             if flags[1] or step == cfg.train.exit_at_step:
                 save(
                     f"train.exit_at_step={step}"
