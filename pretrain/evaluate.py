@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +79,14 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
         raise UserError(
             f"{Path(data) / manifests.MANIFEST}: field 'seq_len' is {man['seq_len']} but {source} takes at most "
             f"{model.config.max_position} positions"
+        )
+    logits = batch_size * man["seq_len"] * model.config.vocab_size * 4  # the timed pass's fp32 logits
+    available = psutil.virtual_memory().available
+    if logits > available / 2:  # (the kernel's out-of-memory killer had ended eval without a word)
+        raise UserError(
+            f"--batch-size {batch_size}: one batch's logits take {logits / 2**30:,.1f} GiB ({batch_size} x seq_len "
+            f"{man['seq_len']} x vocabulary {model.config.vocab_size:,} x 4 bytes), over half the memory available "
+            f"({available / 2**30:,.1f} GiB); pass a smaller --batch-size"
         )
     stream = iter(ShardStream(data, "val", 0, 1, 0, batch_size, seed, MaskingConfig(), model.config.vocab_size))
     sums = torch.zeros(3, dtype=torch.float64)

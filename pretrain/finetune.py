@@ -695,11 +695,18 @@ def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[s
     return model.eval(), names, tok, hf
 
 
+PREDICT_SLICE = 4096
+"""Rows ``bertforge predict`` reads, encodes and predicts at a time: its memory stays flat whatever
+the input's length (it had held every row's text and ids at once)."""
+
+
 def predict(folder: Path, input_path: Path, output, text_field: str = "text", pair_field: str | None = None,
-            batch_size: int = 32) -> int:  # fmt: skip  # noqa: ANN001
+            batch_size: int = 32, slice_rows: int = PREDICT_SLICE) -> int:  # fmt: skip  # noqa: ANN001
     """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count.
     ``folder`` is a fine-tuned model folder, or an ONNX file ``bertforge export`` wrote in one (run by
-    onnxruntime)."""
+    onnxruntime). Rows are read and predicted ``slice_rows`` at a time, so a bad row stops the run
+    after the earlier slices' lines were written (``bertforge predict --output`` writes its file
+    only once every row is predicted)."""
     from pretrain.export import onnx_session
 
     folder, onnx = Path(folder), None
@@ -715,6 +722,27 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
 
     pair = hf.get("bertforge", {}).get("text_pair_field", "") if pair_field is None else pair_field
     max_length = hf.get("bertforge", {}).get("max_length", model.config.max_position)
+    limit = min(max_length, model.config.max_position)
+    regression = hf.get("problem_type") == "regression"
+    sp = tokenizers.load(tok)
+    done = cut = 0
+
+    def run(rows: Rows) -> None:
+        nonlocal done, cut
+        ids, types, truncated = encode(sp, rows, limit)
+        with torch.no_grad():
+            for start in range(0, len(ids), batch_size):
+                x, mask, seg = collate(ids[start : start + batch_size], types[start : start + batch_size], limit)
+                for line, row in zip(rows.lines[start : start + batch_size], forward(x, mask, seg)):
+                    if regression:
+                        rec = {"line": line, "value": row.item()}
+                    else:
+                        p = row.softmax(-1)
+                        rec = {"line": line, "label": names[int(p.argmax())],
+                               "probabilities": {name: round(q, 6) for name, q in zip(names, p.tolist())}}  # fmt: skip
+                    output.write(json.dumps(rec) + "\n")
+        done, cut = done + len(ids), cut + truncated
+
     rows = Rows([], [] if pair else None, [], [], Counter())
     for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else []))):
         for key in [text_field] + ([pair] if pair else []):
@@ -724,21 +752,11 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
         if pair:
             rows.pairs.append(str(rec[pair]))
         rows.lines.append(n)
-    limit = min(max_length, model.config.max_position)
-    ids, types, cut = encode(tokenizers.load(tok), rows, limit)
-    regression = hf.get("problem_type") == "regression"
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            x, mask, seg = collate(ids[start : start + batch_size], types[start : start + batch_size], limit)
-            logits = forward(x, mask, seg)
-            for line, row in zip(rows.lines[start : start + batch_size], logits):
-                if regression:
-                    rec = {"line": line, "value": row.item()}
-                else:
-                    p = row.softmax(-1)
-                    rec = {"line": line, "label": names[int(p.argmax())],
-                           "probabilities": {name: round(q, 6) for name, q in zip(names, p.tolist())}}  # fmt: skip
-                output.write(json.dumps(rec) + "\n")
+        if len(rows.lines) == slice_rows:
+            run(rows)
+            rows = Rows([], [] if pair else None, [], [], Counter())
+    if rows.lines:
+        run(rows)
     if cut:
-        print(f"predict: {cut:,} of {len(ids):,} rows truncated to {max_length} tokens", file=sys.stderr)
-    return len(ids)
+        print(f"predict: {cut:,} of {done:,} rows truncated to {max_length} tokens", file=sys.stderr)
+    return done

@@ -129,6 +129,9 @@ def test_eval_and_fill_mask_of_the_onnx_files_and_the_int8_one_is_smaller_and_cl
     shutil.copytree(exported, damaged)
     (damaged / "model.int8.onnx").write_bytes((exported / "model.int8.onnx").read_bytes()[:5000])
     assert "onnxruntime cannot load it" in refusal(evaluate, damaged / "model.int8.onnx", data)
+    # a batch whose logits cannot fit: refused, sized (the out-of-memory killer had ended eval, exit 137, no word)
+    said = refusal(evaluate, exported, data, 1, 10**7)
+    assert said.startswith("--batch-size 10000000: one batch's logits take ") and "pass a smaller" in said, said
 
 
 def test_the_gathered_zero3_fp32_weights_give_the_trainers_own_eval_loss(trained) -> None:
