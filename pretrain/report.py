@@ -7,6 +7,7 @@ The curves come from ``RUN/metrics.jsonl``, the same records the trainer writes 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from data_prep.errors import UserError
@@ -60,16 +61,21 @@ def read_records(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, st
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of ``RUN/metrics.jsonl``; a bad line is an error naming the file and line."""
+    """The records of ``RUN/metrics.jsonl``. Lines that are not records (the last one cut short by a
+    full disk, one edited by hand) are skipped and counted on standard error, the first named by
+    file and line (they had refused the whole report, so a run whose log was cut short could not
+    be drawn); a file with no record at all is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found; is {run_dir} a run folder of bertforge pretrain, distill or finetune?")
     lines, bad = read_records(path)
-    if bad:
-        raise UserError(f"{path}:{bad[0][0]}: {bad[0][1]}")
     records = [rec for _, rec in lines]
     if not records:
-        raise UserError(f"{path}: no records yet (the first comes at step log.every)")
+        raise UserError(f"{path}:{bad[0][0]}: {bad[0][1]}" if bad else
+                        f"{path}: no records yet (the first comes at step log.every)")  # fmt: skip
+    if bad:
+        print(f"report: skipped {len(bad)} line(s) that are not records; first: {path}:{bad[0][0]}: {bad[0][1]}",
+              file=sys.stderr)  # fmt: skip
     return records
 
 

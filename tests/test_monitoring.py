@@ -83,13 +83,20 @@ def test_report_draws_the_runs_curves(teacher_run, tmp_path) -> None:
     assert image[..., :3].std() > 0.05  # drawn, not blank
 
 
-def test_report_refuses_what_is_not_a_run(tmp_path) -> None:
+def test_report_refuses_what_is_not_a_run(tmp_path, capfd) -> None:
     r = run_cli("report", str(tmp_path))
     assert r.returncode == 2 and f"{tmp_path / 'metrics.jsonl'}: not found" in r.stderr
-    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "train/loss": 1.0}\n{"step": 10, "train/loss": \n')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "train/loss": \n')
     r = run_cli("report", str(tmp_path))
-    assert r.returncode == 2 and f"{tmp_path / 'metrics.jsonl'}:2: not JSON" in r.stderr
+    assert r.returncode == 2 and f"{tmp_path / 'metrics.jsonl'}:1: not JSON" in r.stderr
     from pretrain.report import report
 
+    # a last line cut short (a full disk under the run): the records before it drawn, the line counted and named
+    # (it had refused the report)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "train/loss": 1.0}\n{"step": 10, "train/loss": 0.5}\n'
+                                            '{"step": 15, "train/lo')  # fmt: skip
+    assert report(tmp_path).is_file()
+    assert capfd.readouterr().err == (f"report: skipped 1 line(s) that are not records; first: "
+                                      f"{tmp_path / 'metrics.jsonl'}:3: not JSON (Unterminated string starting at)\n")  # fmt: skip
     for name in ("curves.txt", "curves"):  # matplotlib had raised on the one, and named the other curves.png
         assert "not an image file name (end it with .png" in refusal(report, tmp_path, tmp_path / name)
