@@ -3,7 +3,8 @@
 #   1. the node: GPUs, driver; torch, CUDA, NCCL and DeepSpeed versions;
 #   2. NCCL, bf16, FusedAdam and resume: `bertforge pretrain` of the tiny preset in bf16, one rank
 #      per GPU through the project's own launcher (DeepSpeed over NCCL), 40 steps with a checkpoint
-#      at 20, then the same command to 60 steps, which resumes from the step-40 checkpoint;
+#      at 20, then the same command to 60 steps, which resumes from the step-40 checkpoint; then
+#      `bertforge eval` of that run, which runs on the GPU by itself (--device auto);
 #   3. speed: benchmarks/train_throughput.py at PRESET (default base: BERT-base, seq 128, micro
 #      batch 32, vocabulary 32768) in bf16 and fp32 against Hugging Face's BertForMaskedLM, with
 #      our MFU against the matrix-product peaks it measures there, and the shard reader's rate.
@@ -92,6 +93,11 @@ steps = [r["step"] for r in train]
 assert steps == sorted(set(steps)) and steps[-1] == 60, "the second run did not resume where the first stopped"
 assert train[-1]["train/loss"] < train[0]["train/loss"], "the loss did not fall"
 EOF
+stage "bertforge eval of that run, --device auto (the GPU where there is one)"
+bertforge eval "$run" --data "$data" --batches 5 | tee "$out/eval.txt" || status=1
+if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  grep -q "^timed on cuda" "$out/eval.txt" || { echo "bertforge eval did not run on the GPU"; status=1; }
+fi
 
 read -ra bench_args <<< "${BENCH_ARGS:-}"
 stage "train_throughput, $preset, bf16 and fp32 (fp32 alone on a CPU without bf16 units)"

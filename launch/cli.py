@@ -296,13 +296,15 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="a folder written by bertforge prep")
     p.add_argument("--batches", type=_at_least(1), default=20, metavar="N", help="val batches (default 20)")
     p.add_argument("--batch-size", type=_at_least(1), default=32, metavar="B", help="sequences per batch (default 32)")
+    p.add_argument("--device", default="auto", metavar="D",
+                   help="cpu, cuda or cuda:N for the PyTorch weights (default auto: a CUDA GPU if there is one)")  # fmt: skip
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(ns: argparse.Namespace) -> int:
     from pretrain.evaluate import evaluate, table
 
-    rows = [evaluate(Path(m), Path(ns.data), ns.batches, ns.batch_size) for m in ns.models]
+    rows = [evaluate(Path(m), Path(ns.data), ns.batches, ns.batch_size, device=ns.device) for m in ns.models]
     print(table(rows))
     return 0
 
@@ -312,13 +314,15 @@ def _fill_mask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="a run, checkpoint or export folder, or an export's .onnx file")
     p.add_argument("text", nargs="+", help='e.g. "Return the [MASK] of items in a container." (words are joined)')
     p.add_argument("-k", "--top-k", type=_at_least(1), default=5, metavar="K")
+    p.add_argument("--device", default="auto", metavar="D",
+                   help="cpu, cuda or cuda:N for the PyTorch weights (default auto: a CUDA GPU if there is one)")  # fmt: skip
     p.set_defaults(func=_run_fill_mask)
 
 
 def _run_fill_mask(ns: argparse.Namespace) -> int:
     from pretrain.evaluate import fill_mask
 
-    for i, preds in enumerate(fill_mask(Path(ns.model), " ".join(ns.text), ns.top_k)):
+    for i, preds in enumerate(fill_mask(Path(ns.model), " ".join(ns.text), ns.top_k, ns.device)):
         print(f"[MASK] {i + 1}: " + ", ".join(f"{piece.replace(chr(0x2581), '')!r} {p:.3f}" for piece, p in preds))
     return 0
 
@@ -402,6 +406,8 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="-", metavar="FILE", help="where to write (default: standard output)")
     p.add_argument("--text-field", default="text", metavar="KEY", help="the text field (default text)")
     p.add_argument("--pair-field", metavar="KEY", help="the second text (default: the one the model was trained on)")
+    p.add_argument("--device", default="auto", metavar="D",
+                   help="cpu, cuda or cuda:N for the PyTorch weights (default auto: a CUDA GPU if there is one)")  # fmt: skip
     p.set_defaults(func=_run_predict)
 
 
@@ -409,7 +415,7 @@ def _run_predict(ns: argparse.Namespace) -> int:
     from pretrain.finetune import predict
 
     if ns.output == "-":
-        predict(Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field)
+        predict(Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field, device=ns.device)
         return 0
     out = Path(ns.output)
     if not out.parent.is_dir():
@@ -419,7 +425,7 @@ def _run_predict(ns: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with open(tmp, "w") as f:
-            n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field)
+            n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field, device=ns.device)
         tmp.rename(out)
     finally:
         tmp.unlink(missing_ok=True)  # a refusal midway leaves no partial file

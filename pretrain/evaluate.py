@@ -19,7 +19,7 @@ from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from pretrain.data import ShardStream
-from pretrain.export import load_any, masked_lm_config, model_config, onnx_session
+from pretrain.export import inference_device, load_any, masked_lm_config, model_config, onnx_session
 from pretrain.masking import MaskingConfig
 from pretrain.model import IGNORE_INDEX, BertForMaskedLM, num_parameters
 
@@ -60,8 +60,12 @@ def load_model(source: Path) -> tuple[BertForMaskedLM | OnnxMLM, Path, dict]:
                                                 "parameters": parameters}  # fmt: skip
 
 
-def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, seed: int = 0) -> dict:
-    """MLM loss, accuracy and perplexity on ``data``'s val split, and forward throughput."""
+def evaluate(
+    source: Path, data: Path, batches: int = 20, batch_size: int = 32, seed: int = 0, device: str = "auto"
+) -> dict:
+    """MLM loss, accuracy and perplexity on ``data``'s val split, and forward throughput, on
+    ``device`` (see :func:`~pretrain.export.inference_device`)."""
+    dev = inference_device(device, onnx=Path(source).suffix == ".onnx")
     model, tok, info = load_model(source)
     man = manifests.load(data)
     if man["tokenizer"]["vocab_size"] != model.config.vocab_size:
@@ -81,13 +85,25 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
             f"{model.config.max_position} positions"
         )
     logits = batch_size * man["seq_len"] * model.config.vocab_size * 4  # the timed pass's fp32 logits
-    available = psutil.virtual_memory().available
+    available = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else psutil.virtual_memory().available
     if logits > available / 2:  # (the kernel's out-of-memory killer had ended eval without a word)
         raise UserError(
             f"--batch-size {batch_size}: one batch's logits take {logits / 2**30:,.1f} GiB ({batch_size} x seq_len "
             f"{man['seq_len']} x vocabulary {model.config.vocab_size:,} x 4 bytes), over half the memory available "
-            f"({available / 2**30:,.1f} GiB); pass a smaller --batch-size"
+            f"on {dev} ({available / 2**30:,.1f} GiB); pass a smaller --batch-size"
         )
+    if isinstance(model, BertForMaskedLM):
+        model.to(dev)
+
+    def timed(ids: torch.Tensor) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # (kernels run ahead of the host: the clock waits for them)
+        start = time.perf_counter()
+        model(ids)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - start
+
     stream = iter(ShardStream(data, "val", 0, 1, 0, batch_size, seed, MaskingConfig(), model.config.vocab_size))
     sums = torch.zeros(3, dtype=torch.float64)
     counts = torch.zeros(model.config.vocab_size, dtype=torch.int64)  # masked targets, for the floor below
@@ -96,11 +112,9 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
         for n in range(batches):
             ids, labels = next(stream)
             if n < 2:  # warm-up for the timing
-                model(ids)
-            start = time.perf_counter()
-            model(ids)
-            seconds += time.perf_counter() - start
-            loss, correct, count = model.forward_loss(ids, labels)
+                model(ids.to(dev))
+            seconds += timed(ids.to(dev))
+            loss, correct, count = model.forward_loss(ids.to(dev), labels.to(dev))
             sums += torch.tensor([loss.item() * count.item(), correct.item(), count.item()], dtype=torch.float64)
             counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=model.config.vocab_size)
     loss = (sums[0] / sums[2]).item()
@@ -120,6 +134,7 @@ def evaluate(source: Path, data: Path, batches: int = 20, batch_size: int = 32, 
         "baseline_accuracy": (counts.max() / counts.sum()).item(),
         "baseline_token": int(counts.argmax()),
         "tokenizer": str(tok),
+        "device": str(dev),
     }
 
 
@@ -159,14 +174,23 @@ def table(rows: list[dict]) -> str:
         f"baseline: always predicting the most frequent masked token ({piece}) gives acc "
         f"{r['baseline_accuracy']:.3f} on the same positions"
     )
+    if len({row["device"] for row in rows}) == 1:
+        threads = f", {torch.get_num_threads()} threads" if r["device"] == "cpu" else ""
+        lines.append(f"timed on {r['device']}{threads}")
+    else:  # (an .onnx file runs on the CPU beside a folder on the GPU)
+        where = ", ".join(f"{row['model']} on {row['device']}" for row in rows)
+        lines.append(f"timed on different devices: {where}; their speeds do not compare")
     return "\n".join(lines)
 
 
-def fill_mask(source: Path, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+def fill_mask(source: Path, text: str, top_k: int = 5, device: str = "auto") -> list[list[tuple[str, float]]]:
     """Top-k pieces and probabilities for each ``[MASK]`` in ``text``."""
     if "[MASK]" not in text:
         raise UserError('fill-mask: the text has no [MASK] (e.g. "Return the [MASK] of items.")')
+    dev = inference_device(device, onnx=Path(source).suffix == ".onnx")
     model, tok, _ = load_model(source)
+    if isinstance(model, BertForMaskedLM):
+        model.to(dev)
     sp = tokenizers.load(tok)
     ids = [tokenizers.CLS_ID]
     for i, part in enumerate(text.split("[MASK]")):
@@ -179,9 +203,9 @@ def fill_mask(source: Path, text: str, top_k: int = 5) -> list[list[tuple[str, f
             f"fill-mask: the text is {len(ids):,} tokens, {source} takes at most {model.config.max_position:,}"
         )
     top_k = min(top_k, model.config.vocab_size)
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=dev if isinstance(model, BertForMaskedLM) else "cpu")
     with torch.no_grad():
-        probs = model(x)[0].softmax(-1)
+        probs = model(x)[0].float().softmax(-1).cpu()
     out = []
     for pos in [i for i, t in enumerate(ids) if t == tokenizers.MASK_ID]:
         p, idx = probs[pos].topk(top_k)

@@ -372,6 +372,29 @@ def _write_onnx(module: torch.nn.Module, example: dict[str, torch.Tensor], path:
         )
 
 
+def inference_device(name: str = "auto", onnx: bool = False) -> torch.device:
+    """Where ``eval``, ``fill-mask`` and ``predict`` run a PyTorch model (``--device``): ``auto`` is the
+    first CUDA GPU where there is one, else the CPU. A GPU asked for where there is none, or for an
+    ``.onnx`` file (onnxruntime runs it on the CPU here), is refused by name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and not onnx else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if onnx:
+            raise UserError(f"--device {name}: an .onnx file runs under onnxruntime on the CPU; give its folder to "
+                            "run the PyTorch weights on the GPU")  # fmt: skip
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this machine has no CUDA GPU that torch can use")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def onnx_session(path: Path):  # noqa: ANN201
     """An onnxruntime session (CPU) of an exported ``.onnx`` file; a missing or damaged file refused."""
     import onnxruntime as ort

@@ -701,24 +701,28 @@ the input's length (it had held every row's text and ids at once)."""
 
 
 def predict(folder: Path, input_path: Path, output, text_field: str = "text", pair_field: str | None = None,
-            batch_size: int = 32, slice_rows: int = PREDICT_SLICE) -> int:  # fmt: skip  # noqa: ANN001
+            batch_size: int = 32, slice_rows: int = PREDICT_SLICE, device: str = "auto") -> int:  # fmt: skip  # noqa: ANN001
     """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count.
     ``folder`` is a fine-tuned model folder, or an ONNX file ``bertforge export`` wrote in one (run by
     onnxruntime). Rows are read and predicted ``slice_rows`` at a time, so a bad row stops the run
     after the earlier slices' lines were written (``bertforge predict --output`` writes its file
-    only once every row is predicted)."""
-    from pretrain.export import onnx_session
+    only once every row is predicted). A PyTorch model runs on ``device`` (see
+    :func:`~pretrain.export.inference_device`)."""
+    from pretrain.export import inference_device, onnx_session
 
+    dev = inference_device(device, onnx=Path(folder).suffix == ".onnx")
     folder, onnx = Path(folder), None
     if folder.suffix == ".onnx":
         folder, onnx = folder.parent, onnx_session(folder)
     model, names, tok, hf = load_classifier(folder)
-    forward = model
-    if onnx is not None:  # the same inputs, logits from the file
 
-        def forward(x, mask, seg):  # noqa: ANN001, ANN202
+    def forward(x, mask, seg):  # noqa: ANN001, ANN202
+        if onnx is not None:  # the same inputs, logits from the file
             feed = {"input_ids": x.numpy(), "attention_mask": mask.numpy(), "token_type_ids": seg.numpy()}
             return torch.from_numpy(onnx.run(["logits"], feed)[0])
+        return model(x.to(dev), mask.to(dev), seg.to(dev)).float().cpu()
+
+    model.to(dev)
 
     pair = hf.get("bertforge", {}).get("text_pair_field", "") if pair_field is None else pair_field
     max_length = hf.get("bertforge", {}).get("max_length", model.config.max_position)

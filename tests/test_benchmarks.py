@@ -36,6 +36,8 @@ def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
     # the second pretrain command resumed: one run, logged up to step 60 without a repeat
     steps = [r["step"] for r in read_metrics(out / "tiny") if "train/loss" in r]
     assert steps == [10, 20, 30, 40, 50, 60], steps
+    # then eval of that run, on the device auto picked (here the CPU, on a GPU node the GPU)
+    assert (out / "eval.txt").read_text().splitlines()[-1].startswith("timed on cpu, ")
     figures = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
     train = [f for f in figures if f["bench"] == "train"]
     assert train and all(f["preset"] == "tiny" and f["ours_tok_s"] > 0 and f["hf_tok_s"] > 0 for f in train)

@@ -107,8 +107,9 @@ def test_eval_and_fill_mask_of_the_onnx_files_and_the_int8_one_is_smaller_and_cl
 
     data, _ = trained
     r = run_cli("eval", str(exported), str(exported / "model.onnx"), str(exported / "model.int8.onnx"),
-                "--data", str(data), "--batches", "4", "--batch-size", "8")  # fmt: skip
+                "--data", str(data), "--batches", "4", "--batch-size", "8", "--device", "cpu")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == f"timed on cpu, {torch.get_num_threads()} threads"
     rows = {ln.split()[0].rsplit("/", 1)[-1]: ln.split() for ln in r.stdout.splitlines()[1:4]}
     folder, fp32, int8 = rows["model"], rows["model.onnx"], rows["model.int8.onnx"]
     assert fp32[1] == folder[1] == int8[1]  # the parameters of the one shape
@@ -129,6 +130,15 @@ def test_eval_and_fill_mask_of_the_onnx_files_and_the_int8_one_is_smaller_and_cl
     shutil.copytree(exported, damaged)
     (damaged / "model.int8.onnx").write_bytes((exported / "model.int8.onnx").read_bytes()[:5000])
     assert "onnxruntime cannot load it" in refusal(evaluate, damaged / "model.int8.onnx", data)
+    # --device: a name torch does not know, a GPU for an .onnx file (onnxruntime runs it on the CPU here), a GPU
+    # where there is none: refused by name before any model is loaded
+    assert refusal(evaluate, exported, data, 1, 8, 0, "tpu") == "--device 'tpu': expected auto, cpu, cuda or cuda:N"
+    assert "an .onnx file runs under onnxruntime on the CPU" in refusal(
+        fill_mask, exported / "model.onnx", text, 5, "cuda"
+    )
+    if not torch.cuda.is_available():
+        said = "--device cuda:0: this machine has no CUDA GPU that torch can use"
+        assert refusal(evaluate, exported, data, 1, 8, 0, "cuda:0") == said
     # a batch whose logits cannot fit: refused, sized (the out-of-memory killer had ended eval, exit 137, no word)
     said = refusal(evaluate, exported, data, 1, 10**7)
     assert said.startswith("--batch-size 10000000: one batch's logits take ") and "pass a smaller" in said, said

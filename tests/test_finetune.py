@@ -147,7 +147,7 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     # read and predicted a slice of rows at a time (memory flat whatever the file's length): the same lines;
     # a bad row in the third slice stops the run there, the first two slices' lines written
     buffer = io.StringIO()
-    assert predict(served, evaluate, buffer, batch_size=2, slice_rows=5) == len(preds)
+    assert predict(served, evaluate, buffer, batch_size=2, slice_rows=5, device="cpu") == len(preds)
     assert [json.loads(x) for x in buffer.getvalue().splitlines()] == preds
     bad_row = tmp_path / "bad-row.jsonl"
     lines = evaluate.read_text().splitlines()
@@ -155,6 +155,9 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     buffer = io.StringIO()
     assert refusal(predict, served, bad_row, buffer, slice_rows=5) == f"{bad_row}:13: field 'text' is missing or empty"
     assert [json.loads(x) for x in buffer.getvalue().splitlines()] == preds[:10]
+    assert "runs under onnxruntime on the CPU" in refusal(
+        predict, served / "model.onnx", evaluate, buffer, device="cuda"
+    )
     for p, q in zip(preds, answers["model.onnx"]):
         assert p["label"] == q["label"] and all(
             abs(p["probabilities"][k] - v) < 1e-4 for k, v in q["probabilities"].items()
