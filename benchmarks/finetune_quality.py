@@ -9,8 +9,9 @@ teacher's shape (``finetune.from_scratch=true``), and trains a bag-of-words logi
 (unigram counts over the same SentencePiece pieces, tf-idf weighted, AdamW, the best of its
 epochs on the eval file) as the baseline beside them. It prints each one's best eval accuracy and
 macro-F1, the student's share of the teacher's accuracy (goal: at least 97%) and whether the
-teacher beats its random twin (the evidence that pretraining helps). Defaults: the models
-``make demo`` writes.
+teacher beats its random twin (the evidence that pretraining helps). Last, ``bertforge predict``'s
+rows/s with the fine-tuned teacher on the training rows, batched by length against the file's
+order. Defaults: the models ``make demo`` writes.
 """
 
 from __future__ import annotations
@@ -85,6 +86,33 @@ def bag_of_words(train: Path, evaluate: Path, tok: Path, epochs: int = 60) -> di
     return best
 
 
+def predict_speed(model: Path, rows: Path, rounds: int = 3) -> dict:
+    """``bertforge predict``'s rows/s on ``rows`` (docstrings: lengths from a few tokens to past the
+    limit), batching each slice's rows by length against batching them in the file's order (the
+    way it did before), alternately in this process, the best round of each; the lines written
+    must be the same."""
+    import contextlib
+    import io
+    import time
+
+    from pretrain.finetune import predict
+
+    best = {True: 0.0, False: 0.0}
+    out = {}
+    for _ in range(rounds):
+        for by_length in (False, True):
+            buffer = io.StringIO()
+            start = time.perf_counter()
+            with contextlib.redirect_stderr(io.StringIO()):  # (its count of truncated rows, each time)
+                n = predict(model, rows, buffer, by_length=by_length)
+            best[by_length] = max(best[by_length], n / (time.perf_counter() - start))
+            out[by_length] = buffer.getvalue()
+    labels = [[json.loads(line)["label"] for line in out[k].splitlines()] for k in (False, True)]
+    if labels[0] != labels[1]:
+        raise SystemExit("predict: batching by length changed a prediction")
+    return {"rows_s": best[True], "file_order_rows_s": best[False], "rows": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=REPO / "exports/demo")
@@ -119,8 +147,13 @@ def main() -> None:
     print(f"student keeps {s['accuracy'] / t['accuracy']:.1%} of the teacher's accuracy (goal >= 97%); "
           f"teacher vs random init: {t['accuracy']:.3f} vs {z['accuracy']:.3f} "
           f"({'pretraining helps' if t['accuracy'] > z['accuracy'] else 'pretraining does NOT help here'})")  # fmt: skip
+    speed = predict_speed(args.work / "teacher" / "model", train)
+    print(f"bertforge predict, the fine-tuned teacher on the {speed['rows']:,} training rows: "
+          f"{speed['rows_s']:,.0f} rows/s batched by length, {speed['file_order_rows_s']:,.0f} in the file's order "
+          f"({speed['rows_s'] / speed['file_order_rows_s']:.2f}x)")  # fmt: skip
     record(args.json, bench="finetune", bow_acc=bow["accuracy"], teacher_acc=t["accuracy"], student_acc=s["accuracy"],
-           scratch_acc=z["accuracy"], teacher_f1=t["f1"], student_f1=s["f1"])  # fmt: skip
+           scratch_acc=z["accuracy"], teacher_f1=t["f1"], student_f1=s["f1"], predict_rows_s=speed["rows_s"],
+           predict_file_order_rows_s=speed["file_order_rows_s"])  # fmt: skip
 
 
 if __name__ == "__main__":

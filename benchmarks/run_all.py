@@ -92,6 +92,10 @@ def table(records: list[dict]) -> str:
         rows.append(("fine-tuned student, accuracy", f"{r['student_acc']:.3f}", f"teacher: {r['teacher_acc']:.3f}",
                      f"{r['student_acc'] / r['teacher_acc']:.1%}"))  # fmt: skip
         rows.append(("  bag of words + logistic regression", f"{r['bow_acc']:.3f}", "", ""))
+        if "predict_rows_s" in r:  # (records written before it have none)
+            rows.append(("predict, rows/s (batched by length)", f"{r['predict_rows_s']:,.0f}",
+                         f"in the file's order: {r['predict_file_order_rows_s']:,.0f}",
+                         f"{r['predict_rows_s'] / r['predict_file_order_rows_s']:.2f}x"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 or i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)  # fmt: skip

@@ -406,6 +406,7 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="-", metavar="FILE", help="where to write (default: standard output)")
     p.add_argument("--text-field", default="text", metavar="KEY", help="the text field (default text)")
     p.add_argument("--pair-field", metavar="KEY", help="the second text (default: the one the model was trained on)")
+    p.add_argument("--batch-size", type=_at_least(1), default=32, metavar="B", help="rows per batch (default 32)")
     p.add_argument("--device", default="auto", metavar="D",
                    help="cpu, cuda or cuda:N for the PyTorch weights (default auto: a CUDA GPU if there is one)")  # fmt: skip
     p.set_defaults(func=_run_predict)
@@ -415,7 +416,9 @@ def _run_predict(ns: argparse.Namespace) -> int:
     from pretrain.finetune import predict
 
     if ns.output == "-":
-        predict(Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field, device=ns.device)
+        predict(
+            Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field, ns.batch_size, device=ns.device
+        )
         return 0
     out = Path(ns.output)
     if not out.parent.is_dir():
@@ -425,7 +428,9 @@ def _run_predict(ns: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with open(tmp, "w") as f:
-            n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field, device=ns.device)
+            n = predict(
+                Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field, ns.batch_size, device=ns.device
+            )
         tmp.rename(out)
     finally:
         tmp.unlink(missing_ok=True)  # a refusal midway leaves no partial file

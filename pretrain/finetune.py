@@ -701,13 +701,15 @@ the input's length (it had held every row's text and ids at once)."""
 
 
 def predict(folder: Path, input_path: Path, output, text_field: str = "text", pair_field: str | None = None,
-            batch_size: int = 32, slice_rows: int = PREDICT_SLICE, device: str = "auto") -> int:  # fmt: skip  # noqa: ANN001
+            batch_size: int = 32, slice_rows: int = PREDICT_SLICE, device: str = "auto",
+            by_length: bool = True) -> int:  # fmt: skip  # noqa: ANN001
     """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count.
     ``folder`` is a fine-tuned model folder, or an ONNX file ``bertforge export`` wrote in one (run by
     onnxruntime). Rows are read and predicted ``slice_rows`` at a time, so a bad row stops the run
     after the earlier slices' lines were written (``bertforge predict --output`` writes its file
-    only once every row is predicted). A PyTorch model runs on ``device`` (see
-    :func:`~pretrain.export.inference_device`)."""
+    only once every row is predicted). A slice's rows are batched by length (``by_length``; False,
+    in the file's order, is the benchmark's baseline): on rows of mixed lengths the batches hold far
+    less padding. A PyTorch model runs on ``device`` (see :func:`~pretrain.export.inference_device`)."""
     from pretrain.export import inference_device, onnx_session
 
     dev = inference_device(device, onnx=Path(folder).suffix == ".onnx")
@@ -734,17 +736,23 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     def run(rows: Rows) -> None:
         nonlocal done, cut
         ids, types, truncated = encode(sp, rows, limit)
+        # batches of rows of like length (less padding), the lines written in the file's order
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if by_length else range(len(ids))
+        logits: list = [None] * len(ids)
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
-                x, mask, seg = collate(ids[start : start + batch_size], types[start : start + batch_size], limit)
-                for line, row in zip(rows.lines[start : start + batch_size], forward(x, mask, seg)):
-                    if regression:
-                        rec = {"line": line, "value": row.item()}
-                    else:
-                        p = row.softmax(-1)
-                        rec = {"line": line, "label": names[int(p.argmax())],
-                               "probabilities": {name: round(q, 6) for name, q in zip(names, p.tolist())}}  # fmt: skip
-                    output.write(json.dumps(rec) + "\n")
+                batch = order[start : start + batch_size]
+                x, mask, seg = collate([ids[i] for i in batch], [types[i] for i in batch], limit)
+                for i, row in zip(batch, forward(x, mask, seg)):
+                    logits[i] = row
+        for line, row in zip(rows.lines, logits):
+            if regression:
+                rec = {"line": line, "value": row.item()}
+            else:
+                p = row.softmax(-1)
+                rec = {"line": line, "label": names[int(p.argmax())],
+                       "probabilities": {name: round(q, 6) for name, q in zip(names, p.tolist())}}  # fmt: skip
+            output.write(json.dumps(rec) + "\n")
         done, cut = done + len(ids), cut + truncated
 
     rows = Rows([], [] if pair else None, [], [], Counter())

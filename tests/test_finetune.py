@@ -149,6 +149,15 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     buffer = io.StringIO()
     assert predict(served, evaluate, buffer, batch_size=2, slice_rows=5, device="cpu") == len(preds)
     assert [json.loads(x) for x in buffer.getvalue().splitlines()] == preds
+    # batched in the file's order instead of by length (the benchmark's baseline): the same lines, in the same order
+    buffer = io.StringIO()
+    predict(served, evaluate, buffer, batch_size=4, by_length=False)
+    unsorted = [json.loads(x) for x in buffer.getvalue().splitlines()]
+    assert [p["line"] for p in unsorted] == [p["line"] for p in preds] == sorted(p["line"] for p in preds)
+    for p, q in zip(preds, unsorted):
+        assert p["label"] == q["label"] and all(
+            abs(p["probabilities"][k] - v) < 1e-5 for k, v in q["probabilities"].items()
+        )
     bad_row = tmp_path / "bad-row.jsonl"
     lines = evaluate.read_text().splitlines()
     bad_row.write_text("\n".join(lines[:12] + ['{"text": ""}'] + lines[12:]) + "\n")
