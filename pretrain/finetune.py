@@ -612,9 +612,16 @@ def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device, limit) 
     k = max(num_labels, 1)
     sums = torch.zeros(2 + k * k, dtype=torch.float64, device=device)  # loss sum, rows, confusion
     mine = list(range(rank, len(ids), world))
+    # every rank runs as many forwards as rank 0, whose share is the largest: under ZeRO 3 each forward
+    # gathers parameters from every rank (a rank with one batch fewer had gone on to the all-reduce below
+    # while rank 0 waited in its gather: the run hung)
     with torch.no_grad():
-        for start in range(0, len(mine), micro):
+        for start in range(0, math.ceil(len(ids) / world), micro):
             idx = mine[start : start + micro]
+            if not idx:  # out of rows: the same forward on a stand-in row, its result dropped
+                x, mask, seg = collate(ids[:1], types[:1], limit)
+                eng(x.to(device), mask.to(device), seg.to(device), y[:1].to(device))
+                continue
             x, mask, seg = collate([ids[i] for i in idx], [types[i] for i in idx], limit)
             loss, logits = eng(x.to(device), mask.to(device), seg.to(device), y[idx].to(device))
             sums[0] += loss.double() * len(idx)

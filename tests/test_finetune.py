@@ -4,7 +4,10 @@ by bertforge pretrain, 2 DeepSpeed ranks, the Hugging Face folder loaded by tran
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import os
 import re
 import signal
 import subprocess
@@ -18,7 +21,16 @@ import torch
 
 from data_prep.labelled import stdlib_packages
 from launch.config import load_config
-from pretrain.finetune import FinetuneConfig, FinetuneSection, Rows, check, encode, label_names, metrics
+from pretrain.finetune import (
+    FinetuneConfig,
+    FinetuneSection,
+    Rows,
+    check,
+    encode,
+    label_names,
+    metrics,
+    predict,
+)
 from tests.conftest import REPO, refusal, run_cli
 
 
@@ -277,6 +289,38 @@ def test_a_signal_on_one_rank_stops_fine_tuning_at_the_step_with_a_checkpoint(te
         assert tag == f"epoch_{state['epoch']:03d}" and f"stopped after epoch {state['epoch']} of 100 (another" in out
     assert "run the same command again to resume" in out and 0 < state["step"] < 100 * steps
     assert len(list((run / "checkpoints" / tag).glob("rng_rank0000[01].pt"))) == 2  # each rank's dropout state
+
+
+def test_under_zero3_every_rank_runs_as_many_eval_forwards(teacher_run, task, tmp_path) -> None:
+    """17 eval rows over 2 ranks in batches of 8: rank 0 has 2 batches, rank 1 one. Under ZeRO 3 each
+    forward gathers the parameters from every rank (DeepSpeed told here to keep none between uses, as
+    with a model past its 1e9 live-parameter default): rank 1 runs a stand-in forward beside rank 0's
+    second. It had gone on to the all-reduce while rank 0 waited in its gather: both waited for ever."""
+    _, teacher = teacher_run
+    train, evaluate = task
+    odd = tmp_path / "eval.jsonl"
+    odd.write_text("".join(evaluate.read_text().splitlines(keepends=True)[:17]))
+    run = tmp_path / "ft"
+    keep_none = ("deepspeed={zero_optimization: {stage3_max_live_parameters: 1, stage3_max_reuse_distance: 0, "
+                 "stage3_param_persistence_threshold: 0, stage3_prefetch_bucket_size: 0}}")  # fmt: skip
+    args = ["finetune", str(teacher), "--train", str(train), "--eval", str(odd), "--nproc", "2", "--no-progress",
+            f"run.dir={run}", "finetune.epochs=1", "train.zero_stage=3", keep_none, "train.global_batch_size=16",
+            "train.micro_batch_size=8"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # hung: the launcher and both ranks
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-2000:]
+    # the stand-in's result is dropped: the eval loss is the model's on the 17 rows, as predict's probabilities give
+    loss = float(re.search(r"epoch 1/1: eval loss ([0-9.]+)", out).group(1))
+    buffer = io.StringIO()
+    predict(run / "model", odd, buffer)
+    gold = [json.loads(x)["label"] for x in odd.read_text().splitlines()]
+    probs = [json.loads(x)["probabilities"] for x in buffer.getvalue().splitlines()]
+    assert loss == pytest.approx(sum(-math.log(p[g]) for p, g in zip(probs, gold)) / len(gold), abs=2e-4)
 
 
 def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teacher_run, task, tmp_path) -> None:
