@@ -252,7 +252,9 @@ def _fault(kind: str, step: int) -> bool:
     ``kill-in-save`` (SIGKILL rank 0 inside the step's save), ``nan`` (a non-finite loss on the
     last rank in the step's first micro-batch), ``lost-rank`` (SIGKILL the last rank after the
     step, as the out-of-memory killer would, while the others wait, as ranks in an NCCL
-    collective wait for a dead peer until the timeout; gloo would notice it gone)."""
+    collective wait for a dead peer until the timeout; gloo would notice it gone), ``stuck``
+    (every rank blocks the stop signals and sleeps after the step, as ranks blocked inside a
+    collective run no signal handler)."""
     return bool(_FAULT) and _FAULT == f"{kind}@{step}"  # (on the hot path: nothing when unset)
 
 
@@ -597,6 +599,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             if _fault("lost-rank", step):
                 if rank == world - 1:
                     os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)
+            if _fault("stuck", step):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
                 time.sleep(3600)
         say(
             f"done: {step} steps, {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
