@@ -46,18 +46,21 @@ class OnnxMLM:
         return F.cross_entropy(logits, target), (logits.argmax(-1) == target).sum(), keep.sum()
 
 
-def load_model(source: Path) -> tuple[BertForMaskedLM | OnnxMLM, Path, dict]:
-    """What :func:`pretrain.export.load_any` loads, or an export's ``.onnx`` file: ``(model, tokenizer,
-    info)``; ``info["parameters"]`` counts the tied embedding once."""
+def load_model(source: Path, device: str = "cpu") -> tuple[BertForMaskedLM | OnnxMLM, Path, dict]:
+    """What :func:`pretrain.export.load_any` loads, on ``device`` (see
+    :func:`~pretrain.export.inference_device`), or an export's ``.onnx`` file (on the CPU): ``(model,
+    tokenizer, info)``; ``info["parameters"]`` counts the tied embedding once, ``info["device"]``
+    is where it runs."""
     source = Path(source)
+    dev = inference_device(device, onnx=source.suffix == ".onnx")  # (refused before anything is loaded)
     if source.suffix != ".onnx":
         model, tok, info = load_any(source)
-        return model, tok, {**info, "parameters": num_parameters(model)}
+        return model.to(dev), tok, {**info, "parameters": num_parameters(model), "device": dev}
     model = OnnxMLM(source)
     with torch.device("meta"):  # the shape's parameter count, without allocating them
         parameters = num_parameters(BertForMaskedLM(model.config))
     return model, source.parent / "spm.model", {"kind": "onnx", "disk_bytes": source.stat().st_size,
-                                                "parameters": parameters}  # fmt: skip
+                                                "parameters": parameters, "device": dev}  # fmt: skip
 
 
 def evaluate(
@@ -65,8 +68,8 @@ def evaluate(
 ) -> dict:
     """MLM loss, accuracy and perplexity on ``data``'s val split, and forward throughput, on
     ``device`` (see :func:`~pretrain.export.inference_device`)."""
-    dev = inference_device(device, onnx=Path(source).suffix == ".onnx")
-    model, tok, info = load_model(source)
+    model, tok, info = load_model(source, device)
+    dev = info["device"]
     man = manifests.load(data)
     if man["tokenizer"]["vocab_size"] != model.config.vocab_size:
         raise UserError(
@@ -92,8 +95,6 @@ def evaluate(
             f"{man['seq_len']} x vocabulary {model.config.vocab_size:,} x 4 bytes), over half the memory available "
             f"on {dev} ({available / 2**30:,.1f} GiB); pass a smaller --batch-size"
         )
-    if isinstance(model, BertForMaskedLM):
-        model.to(dev)
 
     def timed(ids: torch.Tensor) -> float:
         if dev.type == "cuda":
@@ -111,10 +112,11 @@ def evaluate(
     with torch.no_grad():  # batch by batch (a val split smaller than the batches asked is read again, new masks)
         for n in range(batches):
             ids, labels = next(stream)
+            x = ids.to(dev)
             if n < 2:  # warm-up for the timing
-                model(ids.to(dev))
-            seconds += timed(ids.to(dev))
-            loss, correct, count = model.forward_loss(ids.to(dev), labels.to(dev))
+                model(x)
+            seconds += timed(x)
+            loss, correct, count = model.forward_loss(x, labels.to(dev))
             sums += torch.tensor([loss.item() * count.item(), correct.item(), count.item()], dtype=torch.float64)
             counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=model.config.vocab_size)
     loss = (sums[0] / sums[2]).item()
@@ -187,10 +189,7 @@ def fill_mask(source: Path, text: str, top_k: int = 5, device: str = "auto") -> 
     """Top-k pieces and probabilities for each ``[MASK]`` in ``text``."""
     if "[MASK]" not in text:
         raise UserError('fill-mask: the text has no [MASK] (e.g. "Return the [MASK] of items.")')
-    dev = inference_device(device, onnx=Path(source).suffix == ".onnx")
-    model, tok, _ = load_model(source)
-    if isinstance(model, BertForMaskedLM):
-        model.to(dev)
+    model, tok, info = load_model(source, device)
     sp = tokenizers.load(tok)
     ids = [tokenizers.CLS_ID]
     for i, part in enumerate(text.split("[MASK]")):
@@ -203,7 +202,7 @@ def fill_mask(source: Path, text: str, top_k: int = 5, device: str = "auto") -> 
             f"fill-mask: the text is {len(ids):,} tokens, {source} takes at most {model.config.max_position:,}"
         )
     top_k = min(top_k, model.config.vocab_size)
-    x = torch.tensor([ids], device=dev if isinstance(model, BertForMaskedLM) else "cpu")
+    x = torch.tensor([ids], device=info["device"])
     with torch.no_grad():
         probs = model(x)[0].float().softmax(-1).cpu()
     out = []

@@ -740,6 +740,9 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     sp = tokenizers.load(tok)
     done = cut = 0
 
+    def empty() -> Rows:
+        return Rows([], [] if pair else None, [], [], Counter())
+
     def run(rows: Rows) -> None:
         nonlocal done, cut
         ids, types, truncated = encode(sp, rows, limit)
@@ -762,7 +765,7 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
             output.write(json.dumps(rec) + "\n")
         done, cut = done + len(ids), cut + truncated
 
-    rows = Rows([], [] if pair else None, [], [], Counter())
+    rows = empty()
     for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else []))):
         for key in [text_field] + ([pair] if pair else []):
             if rec.get(key) is None or not str(rec[key]).strip():
@@ -773,7 +776,7 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
         rows.lines.append(n)
         if len(rows.lines) == slice_rows:
             run(rows)
-            rows = Rows([], [] if pair else None, [], [], Counter())
+            rows = empty()
     if rows.lines:
         run(rows)
     if cut:
