@@ -44,7 +44,7 @@ class DataConfig:
     """The dataset folder written by ``bertforge prep`` (its manifest sets the vocabulary)."""
 
     num_workers: int = field(default=2, metadata={"range": "[0, inf)"})
-    """Loader worker processes per rank; a resume must keep the same number."""
+    """Loader worker processes per rank (a resume with another number goes on from the first shard not read whole)."""
 
     seq_len: int = field(default=0, metadata={"range": "[0, inf)"})
     """Tokens per sequence; 0 takes the manifest's (a value given here must agree with it)."""

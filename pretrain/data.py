@@ -16,7 +16,14 @@ with exactly the samples and masks the uninterrupted run would have produced.
 
 torch's DataLoader takes its batch ``i`` from worker ``i % num_workers`` (for an
 ``IterableDataset`` with ``batch_size=None``); the roles of the workers are rotated on resume so
-that this order continues the interrupted one. A resume must keep ``world`` and ``num_workers``.
+that this order continues the interrupted one.
+
+A resume with another ``world`` or ``num_workers`` changes the slots: the new ones start at the
+first position of the endless shard sequence that some old slot had not read whole
+(:meth:`ShardStream.restart`), each from the start of its shard, so nothing is left unread and
+what the old slots had read at or past that position is read again (about a shard per slot at
+most, counted for the start-up line). Such a stream has an ``origin`` (that position) and a
+``generation`` (how many times the slots changed; its masks differ from earlier generations').
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class ShardStream(IterableDataset):
         vocab_size: int,
         word_start: np.ndarray | None = None,
         start_batch: int = 0,
+        origin: int = 0,
+        generation: int = 0,
     ) -> None:
         super().__init__()
         self.folder = Path(folder)
@@ -75,15 +84,44 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.num_workers = rank, world, num_workers
         self.batch_size, self.seed, self.masking = batch_size, seed, masking
         self.vocab_size, self.word_start, self.start_batch = vocab_size, word_start, start_batch
+        self.origin, self.generation = origin, generation
 
     def _shard_at(self, k: int) -> int:
         """Index of the ``k``-th shard of the endless sequence of seeded epoch permutations."""
         epoch, i = divmod(k, len(self.shards))
         return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))[i])
 
+    def restart(self, batches: int) -> tuple[int, int]:
+        """Where slots of another layout start once every rank took ``batches`` batches from this
+        layout: ``(position, again)``, the first position of the shard sequence that some slot had
+        not read whole, and how many sequences at or past it the slots had read (read again there)."""
+        roles = max(1, self.num_workers)  # (no loader workers: the rank's own process reads)
+        slots = self.world * roles
+        orders: dict[int, np.ndarray] = {}
+
+        def count(k: int) -> int:
+            epoch, i = divmod(k, len(self.shards))
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            return self.shards[int(orders[epoch][i])][1]
+
+        walks = []  # per slot: the positions it read (or is in) and how much of each
+        for slot in range(slots):
+            left = (batches - slot % roles + roles - 1) // roles * self.batch_size
+            k, read = self.origin + slot, []
+            while left > 0:
+                read.append((k, min(left, count(k))))
+                left -= count(k)
+                k += slots
+            unfinished = read[-1][0] if read and read[-1][1] < count(read[-1][0]) else k
+            walks.append((unfinished, read))
+        position = min(unfinished for unfinished, _ in walks)
+        again = sum(n for _, read in walks for k, n in read if k >= position)
+        return position, again
+
     def slot_samples(self, slot: int, slots: int, skip: int) -> Iterator[np.ndarray]:
         """The sequences slot ``slot`` of ``slots`` reads, after skipping the first ``skip``."""
-        k = slot
+        k = self.origin + slot
         while True:
             index = self._shard_at(k)
             path, count = self.shards[index]
@@ -114,9 +152,10 @@ class ShardStream(IterableDataset):
         done = (self.start_batch - role + workers - 1) // workers  # batches this role already gave
         samples = self.slot_samples(slot, slots, done * self.batch_size)
         n = done
+        later = [self.generation] if self.generation else []  # (the first generation's masks as they were)
         while True:
             ids = np.stack([next(samples) for _ in range(self.batch_size)])
-            rng = np.random.default_rng([self.seed, slot, n, 2])
+            rng = np.random.default_rng([self.seed, slot, n, 2, *later])
             inputs, labels = mask_batch(ids, rng, self.masking, self.vocab_size, self.word_start)
             yield torch.from_numpy(inputs), torch.from_numpy(labels)
             n += 1

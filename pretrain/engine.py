@@ -4,7 +4,8 @@ It starts the process group (NCCL on CUDA; gloo through DeepSpeed's CPU accelera
 machine without GPUs), builds the engine from the typed config (:func:`deepspeed_config`),
 the AdamW optimizer and the learning-rate schedule (in bf16 at ZeRO 0, DeepSpeed's
 mixed-precision wrapper stepped in multi-tensor passes: :class:`_MultiTensorStep`), and wraps
-DeepSpeed's checkpoint save/load and its ZeRO-shard consolidation.
+DeepSpeed's checkpoint save/load (and, for a resume on another number of ranks, its universal
+checkpoints: :func:`load_resharded`) and its ZeRO-shard consolidation.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import io
 import logging
 import math
 import os
+import shutil
 import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from torch import nn  # noqa: E402
 
+from data_prep.errors import RunError  # noqa: E402
 from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config, offloads_optimizer  # noqa: E402
 
@@ -192,8 +196,9 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
 
 
-def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.device):
-    """The DeepSpeed engine around ``model``, with AdamW and the warmup/decay schedule."""
+def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.device, resharding: bool = False):
+    """The DeepSpeed engine around ``model``, with AdamW and the warmup/decay schedule;
+    ``resharding``: it will load a checkpoint of another rank count (:func:`load_resharded`)."""
     if cfg.train.precision is Precision.auto:
         raise ValueError("train.precision is still auto: resolve it first (pretrain.config.resolve_precision)")
     model.bert.encoder.activation_checkpointing = cfg.train.activation_checkpointing
@@ -203,9 +208,10 @@ def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.devic
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.max_steps)
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world)
-    )
+    config = deepspeed_config(cfg, world)
+    if resharding:
+        config.setdefault("checkpoint", {})["load_universal"] = True
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if world == 1 and cfg.train.zero_stage == 0:
         # One rank has nothing to average: DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it with itself and copy it back, each step (2% of a CPU step)
@@ -258,6 +264,58 @@ def load(engine, folder: Path, tag: str) -> None:
     path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"{folder / tag}: DeepSpeed found no checkpoint there")
+
+
+UNIVERSAL = ".universal"
+"""Under a run's checkpoints folder: a checkpoint converted for a resume on another rank count,
+while the ranks load it."""
+
+
+def load_resharded(engine, folder: Path, tag: str, rank: int, device: torch.device) -> None:
+    """Load ``folder/tag``, which another number of ranks wrote at ZeRO 1-3, into ``engine``
+    (built with ``resharding=True``; a collective). ZeRO shards the optimizer state (and at ZeRO 3
+    the weights) by rank, so rank 0 first converts the checkpoint into DeepSpeed's universal
+    form (each parameter's fp32 weights and optimizer state whole, as many bytes again, under
+    ``folder/.universal/tag``), every rank takes its new shard from there, and rank 0 deletes
+    the conversion. A conversion that fails stops every rank, rank 0 saying why."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    place = folder / UNIVERSAL
+    failed = None
+    if rank == 0:
+        args = SimpleNamespace(
+            input_folder=str(folder / tag), output_folder=str(place / tag), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        )  # fmt: skip
+        try:
+            shutil.rmtree(place, ignore_errors=True)  # (what an interrupted start left)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its bars
+                ds_to_universal.main(args)
+        except Exception as err:  # noqa: BLE001 - DeepSpeed's converter asserts, raises RuntimeError, OSError...
+            failed = err
+    flag = torch.tensor(float(failed is not None), device=device)
+    dist.all_reduce(flag)
+    if flag.item():
+        if rank != 0:
+            raise RunError(f"rank {rank}: stopped with rank 0, which could not convert {folder / tag}", quiet=True)
+        detail = str(failed).strip().splitlines()[0] if str(failed).strip() else type(failed).__name__
+        raise RunError(f"{folder / tag}: DeepSpeed could not convert it for another rank count ({detail})")
+    inner = engine.optimizer.optimizer
+    decay = [group["weight_decay"] for group in inner.param_groups]
+    load(engine, place, tag)
+    if engine.zero_optimization_stage() == 3:
+        # DeepSpeed 0.19's ZeRO 3 universal load gives every group the first group's settings (the
+        # biases and LayerNorm weights decayed) and one `step` tensor to every group's state, which
+        # torch's fused AdamW then advances once per group: each wrong by a few units of 1e-5 in
+        # the loss a step later, growing. Each group gets its own weight decay and step back.
+        for group, value in zip(inner.param_groups, decay):
+            group["weight_decay"] = value
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(place, ignore_errors=True)
 
 
 def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:

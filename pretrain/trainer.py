@@ -53,7 +53,6 @@ from pretrain.model import BertForMaskedLM, ModelConfig, flops_per_token, num_pa
 FIXED_KEYS = (
     "optim.",
     "data.seed",
-    "data.num_workers",
     "data.seq_len",
     "data.masking.",
     "model.",
@@ -121,11 +120,6 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
 
     if state is not None:
         where = ckpt.folder(run_dir) / latest / ckpt.STATE
-        if state["world"] != world:
-            raise UserError(
-                f"{where}: the checkpoint was written by {state['world']} ranks, this run has {world} "
-                "(ZeRO shards and the data position are per rank): resume with the same number"
-            )
         if state["manifest_sha256"] != tokenizers.sha256(folder / manifests.MANIFEST):
             raise UserError(
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "
@@ -306,7 +300,8 @@ def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: st
 
 
 def _data_position(batches: int, world: int, workers: int, micro: int) -> list[dict]:
-    """Where every loader worker of every rank stands: the slot it reads and the batches it gave."""
+    """Where every loader worker of every rank stands: the slot it reads and the batches it gave
+    (since the data layout's start: ``batches`` counted from there)."""
     roles = max(1, workers)
     out = []
     for r in range(world):
@@ -352,13 +347,35 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
     if cfg.train.init_from and latest is None:  # (a resumed run takes its weights from its checkpoint)
         _initial_weights(model, Path(cfg.train.init_from))
-    eng = engine.build(model, cfg, world, device)
+    state = ckpt.read_state(run_dir, latest) if latest is not None else None
+    resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
+    eng = engine.build(model, cfg, world, device, resharding)
 
     step = batches = tokens = bad_total = 0
-    if latest is not None:
-        engine.load(eng, root, latest)
-        state = ckpt.read_state(run_dir, latest)
+    layout = {"generation": 0, "origin": 0, "batches": 0}  # the data slots' layout, since `batches`
+    changed = ""  # what a resume on another rank or worker count changed, for the start-up line
+    if state is not None:
+        if resharding:
+            engine.load_resharded(eng, root, latest, rank, device)
+        else:
+            engine.load(eng, root, latest)
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
+        layout = state.get("data_layout", layout)
+        was = (state["world"], state.get("num_workers", cfg.data.num_workers))
+        if was != (world, cfg.data.num_workers):
+            old = ShardStream(
+                folder, "train", 0, *was, micro, cfg.data.seed, cfg.data.masking, cfg.model.vocab_size,
+                origin=layout["origin"], generation=layout["generation"],
+            )  # fmt: skip
+            origin, again = old.restart(batches - layout["batches"])
+            layout = {"generation": layout["generation"] + 1, "origin": origin, "batches": batches}
+            shards = len(old.shards)
+            changed = (
+                f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
+                + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
+                + f"; the data goes on from shard {origin % shards + 1} of {shards} in epoch {origin // shards + 1}, "
+                f"{again:,} sequence(s) read again ({again / man['splits']['train']['sequences']:.1%} of an epoch)"
+            )
     if step >= cfg.train.max_steps:
         say(already_complete(run_dir, step, cfg.train.max_steps))
         dist.destroy_process_group()
@@ -369,7 +386,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         word_start = tokenizers.word_starts(tokenizers.load(folder / man["tokenizer"]["file"]))
     stream = ShardStream(
         folder, "train", rank, world, cfg.data.num_workers, micro, cfg.data.seed,
-        cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches,
+        cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches - layout["batches"],
+        origin=layout["origin"], generation=layout["generation"],
     )  # fmt: skip
     val = None
     if cfg.eval.every and man["splits"]["val"]["sequences"]:
@@ -401,7 +419,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         f"(L{cfg.model.num_layers} H{cfg.model.hidden_size} A{cfg.model.num_heads}), vocab {cfg.model.vocab_size:,}, "
         f"seq_len {seq_len}; batch {cfg.train.global_batch_size} = {micro} x {world} rank(s) x {accum} accumulation; "
         f"peak {peak:.2f} TFLOP/s; run folder {run_dir}"
-        + (f"; resuming from {latest} (step {step})" if latest else "")
+        + (f"; resuming from {latest} (step {step}){changed}" if latest else "")
         + (f"; initial weights from {cfg.train.init_from}" if cfg.train.init_from and not latest else "")
     )
     if warning := precision_warning(cfg.train.precision):
@@ -453,7 +471,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "bad_steps": bad_total,
                 "world": world,
                 "num_workers": cfg.data.num_workers,
-                "data_position": _data_position(batches, world, cfg.data.num_workers, micro),
+                "data_layout": layout,
+                "data_position": _data_position(batches - layout["batches"], world, cfg.data.num_workers, micro),
                 "manifest_sha256": manifest_sha,
                 "tokenizer_sha256": man["tokenizer"]["sha256"],
                 "config": to_dict(cfg),
@@ -475,10 +494,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     )
     flags = torch.zeros(3, device=device)  # non-finite loss, stop signal, damaged shard: on some rank
     # The random state of dropout, set last: nothing above may draw from it after this
-    if latest is not None:
+    if latest is not None and state["world"] == world:
         ckpt.load_rng(root / latest, rank)
-    else:
-        torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout differs per rank
+    else:  # dropout differs per rank (and, on another rank count, from the checkpoint's ranks)
+        torch.manual_seed(cfg.train.seed + 1 + rank + step * world)
     try:
         while step < cfg.train.max_steps:
             start, good = time.perf_counter(), 0

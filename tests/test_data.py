@@ -97,6 +97,36 @@ def test_a_resume_reads_at_most_one_shard_per_worker(dataset, monkeypatch) -> No
     assert np.asarray(next(it)[0]).shape == (4, 32)
 
 
+def test_other_slots_go_on_from_the_first_shard_not_read_whole_losing_nothing(dataset) -> None:
+    """A resume on another rank or worker count: 2 slots (1 rank x 2 workers) each read about a
+    shard and a half, then 1 slot goes on to the end of the epoch. Between them every sequence
+    of the epoch is read, and what is read twice is what ``restart`` says."""
+    old = stream(dataset, num_workers=2)
+    everything = Counter()
+    for path, _ in old.shards:
+        for block in read_blocks(dataset / path):
+            everything.update(map(bytes, block))
+    sizes = [old.shards[old._shard_at(k)][1] for k in range(len(old.shards))]  # epoch 1, in order
+    batches = 2 * round(1.5 * sizes[0] / old.batch_size)  # the rank's: half from each worker
+    read = Counter()
+    for slot in (0, 1):
+        it = old.slot_samples(slot, 2, 0)
+        read.update(bytes(next(it)) for _ in range(batches // 2 * old.batch_size))
+    position, again = old.restart(batches)
+    assert 0 < position < 4 and again > 0  # some shards read whole, some half: a real case
+    new = stream(dataset, origin=position, generation=1)
+    it = new.slot_samples(0, 1, 0)
+    read.update(bytes(next(it)) for _ in range(sum(sizes[position:])))  # to the end of epoch 1
+    assert not everything - read  # nothing lost
+    twice = read - everything
+    assert sum(twice.values()) == again
+    # the rank's batches come from there: where not masked, its first batch is those sequences
+    inputs, labels = (t.numpy() for t in next(iter(new)))
+    it = new.slot_samples(0, 1, 0)
+    ids = np.stack([next(it) for _ in range(new.batch_size)])
+    assert (inputs[labels == -100] == ids[labels == -100]).all() and (labels != -100).any()
+
+
 def test_a_damaged_shard_is_named_in_one_line_in_this_process_and_from_a_loader_worker(dataset, tmp_path) -> None:
     """The reader checks each shard's sha256 against the manifest as it opens it: the error names
     the file in one line, also as a loader's worker sends it on (an item, not torch's re-raise made
