@@ -4,10 +4,10 @@ Each rank is ``python -m launch.cli ARGS`` with ``RANK``, ``LOCAL_RANK``, ``WORL
 ``MASTER_ADDR`` and ``MASTER_PORT`` set, and the cores shared out (``OMP_NUM_THREADS``).
 SIGTERM, SIGUSR1, SIGINT and SIGHUP are passed on to every rank (which finish the step, save and
 exit; after a hang-up, this process and the ranks send what a terminal would get to /dev/null).
-A second SIGINT over 2 s after the first (Ctrl-C again) is passed on too (a rank then aborts),
-and the ranks still running 5 s later are killed: a rank blocked inside a collective (a hung
-run) runs no signal handler, and had kept the launcher waiting until the process group's
-30-minute timeout.
+A second SIGINT or SIGTERM over 2 s after the first (Ctrl-C again, ``kill`` again) is passed on
+too (a rank aborts on a second SIGINT), and the ranks still running 5 s later are killed: a rank
+blocked inside a collective (a hung run) runs no signal handler, and had kept the launcher
+waiting until the process group's 30-minute timeout.
 If a rank dies, the others cannot go on (they would wait in a collective until it times out),
 so they are killed and the launcher exits with the dead rank's code; a rank killed by a signal
 (the out-of-memory killer's SIGKILL), which could not say so itself, is named in one line.
@@ -39,15 +39,16 @@ def run(args: list[str], nproc: int) -> int:
         for r in range(nproc)
     ]
 
-    interrupted = {"first": 0.0, "kill_at": 0.0}  # the first SIGINT; when to kill ranks still running
+    # the first SIGINT or SIGTERM; when to kill the ranks still running, and for which signal
+    interrupted = {"first": 0.0, "kill_at": 0.0, "again": 0}
 
     def forward(signum, _frame) -> None:
         if signum == signal.SIGHUP:
             leave_terminal()
-        if signum == signal.SIGINT:
+        if signum in (signal.SIGINT, signal.SIGTERM):
             now = time.monotonic()
             if interrupted["first"] and now - interrupted["first"] > 2 and not interrupted["kill_at"]:
-                interrupted["kill_at"] = now + 5
+                interrupted["kill_at"], interrupted["again"] = now + 5, signum
             interrupted["first"] = interrupted["first"] or now
         for p in procs:
             if p.poll() is None:
@@ -82,10 +83,12 @@ def run(args: list[str], nproc: int) -> int:
                     procs[r].kill()
                 for p in procs:
                     p.wait()
-                print(f"bertforge: error: interrupted twice; killed rank(s) {', '.join(map(str, running))}, still "
-                      "running 5 s later (a rank blocked in a collective cannot stop itself); run the same command "
-                      "again to resume from the last checkpoint", file=sys.stderr, flush=True)  # fmt: skip
-                return 130
+                again = interrupted["again"]
+                print(f"bertforge: error: {'interrupted' if again == signal.SIGINT else 'terminated'} twice; killed "
+                      f"rank(s) {', '.join(map(str, running))}, still running 5 s later (a rank blocked in a "
+                      "collective cannot stop itself); run the same command again to resume from the last checkpoint",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                return 128 + again
             time.sleep(0.1)
     finally:
         for s, handler in previous.items():

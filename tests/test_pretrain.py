@@ -424,11 +424,12 @@ def endless(dataset: Path, run: Path, *overrides: str, until: str) -> tuple[subp
     return proc, args
 
 
-def test_interrupted_twice_the_launcher_kills_ranks_that_cannot_stop(dataset, tmp_path) -> None:
+@pytest.mark.parametrize(("signum", "said"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_interrupted_twice_the_launcher_kills_ranks_that_cannot_stop(dataset, tmp_path, signum, said) -> None:
     """Ranks where no signal handler runs (blocked inside a collective, as in a hung run; here the
-    ``stuck`` fault hook blocks the signals and sleeps): Ctrl-C twice kills them 5 s after the second
-    and says so in one line. The launcher had waited for them until the process group's 30-minute
-    timeout."""
+    ``stuck`` fault hook blocks the signals and sleeps): Ctrl-C (or ``kill``) twice kills them 5 s
+    after the second and says so in one line. The launcher had waited for them until the process
+    group's 30-minute timeout."""
     args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={tmp_path / 'run'}",
             "train.max_steps=100", "log.every=1", "eval.every=0"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "BERTFORGE_FAULT": "stuck@3"}
@@ -439,18 +440,18 @@ def test_interrupted_twice_the_launcher_kills_ranks_that_cannot_stop(dataset, tm
             if line.startswith("step 3/"):
                 break
         time.sleep(1)  # (the ranks are in the hook)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         time.sleep(2.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:  # the launcher still waiting: it and both ranks
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
-    said = [ln for ln in err.splitlines() if ln.startswith("bertforge: error")]
-    assert said == ["bertforge: error: interrupted twice; killed rank(s) 0, 1, still running 5 s later (a rank "
-                    "blocked in a collective cannot stop itself); run the same command again to resume from the "
-                    "last checkpoint"], err[-2000:]  # fmt: skip
+    assert proc.returncode == 128 + signum, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("bertforge: error")]
+    assert lines == [f"bertforge: error: {said} twice; killed rank(s) 0, 1, still running 5 s later (a rank "
+                     "blocked in a collective cannot stop itself); run the same command again to resume from the "
+                     "last checkpoint"], err[-2000:]  # fmt: skip
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_path) -> None:
