@@ -332,7 +332,7 @@ def _model_identity(source: Path) -> str:
 
 def inputs(cfg: FinetuneConfig, world: int) -> dict:
     """What a run in ``run.dir`` must have been started with to be resumed: the model's and the
-    labelled files' checksums, the rank count, and the fixed config keys."""
+    labelled files' checksums and the fixed config keys; and the rank count, which may change."""
     sec = cfg.finetune
     flat = leaves(to_dict(cfg))
     return {
@@ -345,7 +345,7 @@ def inputs(cfg: FinetuneConfig, world: int) -> dict:
 
 
 def _check_resume(cfg: FinetuneConfig, world: int) -> None:
-    """A run folder holding another run (other model, files, rank count or fixed keys) is refused."""
+    """A run folder holding another run (other model, files or fixed keys) is refused."""
     path = Path(cfg.run.dir) / STATE
     if not path.is_file():
         return
@@ -353,8 +353,7 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
     theirs, mine = state.get("inputs"), inputs(cfg, world)
     if theirs is None:
         raise UserError(f"{path}: no field 'inputs' (written by an older bertforge); use another run.dir")
-    if state["epoch"] >= cfg.finetune.epochs:
-        mine.pop("world")  # a finished run loads nothing: any rank count may say so
+    mine.pop("world")  # another rank count resumes too: the global batches are the same
     for key, value in mine.items():
         if key == "config":
             for k, v in value.items():
@@ -367,7 +366,6 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
                     )
         elif theirs.get(key) != value:
             what = {
-                "world": f"{world} rank(s)",
                 "model_sha256": f"the model {cfg.finetune.model}",
                 "train_file_sha256": f"the file {cfg.finetune.train_file}",
                 "eval_file_sha256": f"the file {cfg.finetune.eval_file}",
@@ -436,7 +434,9 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     """One rank's fine-tuning (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set by the launcher). Each
     epoch ends in a checkpoint; a stop signal (SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, as for
     pretraining) saves one after the step under way. A rerun resumes from the checkpoint the state
-    file names, exactly (the batch order is the epoch's, the random state is saved). Returns the
+    file names, exactly (the batch order is the epoch's, the random state is saved); on another
+    rank count, with the same global batches (split otherwise), the ZeRO state re-sharded and
+    dropout's random state afresh. Returns the
     step reached, the signal that stopped it and the best epoch's eval figures."""
     import torch.distributed as dist
     from omegaconf import OmegaConf
@@ -477,7 +477,6 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     cfg.train.max_steps = steps_per_epoch * sec.epochs
     cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
     fingerprint = inputs(cfg, world) if rank == 0 else None  # what check() compares on a rerun
-    eng = engine.build(model, cfg, world, device)
     root = run_dir / "checkpoints"
     state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else None
     done = state["epoch"] if state else 0  # epochs complete
@@ -486,7 +485,12 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         return Result(state.get("step", cfg.train.max_steps), cfg.train.max_steps, best=state["best"])
     at = state.get("step", done * steps_per_epoch) if state else 0  # steps done (mid-epoch after a stop)
     loaded = state.get("checkpoint", f"epoch_{done:03d}") if state else None
-    if loaded:
+    was = state["inputs"]["world"] if state else world  # the rank count that wrote it
+    resharding = loaded is not None and was != world and cfg.train.zero_stage > 0
+    eng = engine.build(model, cfg, world, device, resharding)
+    if resharding:
+        engine.load_resharded(eng, root, loaded, rank, device)
+    elif loaded:
         engine.load(eng, root, loaded)
     logger = None  # rank 0's
     if rank == 0:
@@ -501,7 +505,9 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     say(f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
         f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
         + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}"
-        + (f"; resuming from {loaded} (step {at})" if loaded else ""))  # fmt: skip
+        + (f"; resuming from {loaded} (step {at})" if loaded else "")
+        + (f", written by {was} rank(s)" + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}"
+           if resharding else "") if was != world else ""))  # fmt: skip
     if warning := precision_warning(cfg.train.precision):
         say(warning)
     best = state["best"] if state else None
@@ -533,8 +539,10 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         ckpt.agree_written(err, path, rank, world, device, where, tag, then)
 
     last, cause = loaded or "none", None  # the newest complete checkpoint; what stopped the run
-    if loaded and (root / loaded / f"rng_rank{rank:05d}.pt").is_file():  # (older runs' epochs have none)
+    if loaded and was == world and (root / loaded / f"rng_rank{rank:05d}.pt").is_file():  # (older runs' have none)
         ckpt.load_rng(root / loaded, rank)  # dropout goes on as it would have
+    elif loaded:  # on another rank count: afresh, another stream on each rank
+        torch.manual_seed(cfg.train.seed + 1 + rank + at * world)
     for epoch in range(done + 1, sec.epochs + 1):
         eng.train()
         order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,9 +91,22 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
             "train.micro_batch_size=8"]  # fmt: skip
     r = run_cli(*args, f"train.exit_at_step={steps + 2}")
     assert r.returncode == 0 and f"stopped at step {steps + 2} of {3 * steps} (in epoch 2)" in r.stdout, r.stderr
+    fewer = tmp_path / "fewer"  # the same stopped run, to go on with 1 rank (a job requeued on fewer nodes)
+    shutil.copytree(resumed, fewer)
     r = run_cli(*args)
     assert r.returncode == 0 and f"resuming from step_{steps + 2:08d} (step {steps + 2})" in r.stdout, r.stderr
     assert (resumed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    # on 1 rank: the same global batches (2 micro-batches each now), the ZeRO 2 optimizer state re-sharded
+    # through DeepSpeed's universal checkpoint: its Adam step count goes on from where the 2 ranks left it
+    r = run_cli(*[f"run.dir={fewer}" if a.startswith("run.dir=") else a for a in args], "--nproc", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from step_{steps + 2:08d} (step {steps + 2}), written by 2 rank(s), ZeRO 2 state re-sharded " \
+           "for 1" in r.stdout, r.stdout[-2000:]  # fmt: skip
+    optim = torch.load(next((fewer / "checkpoints/epoch_003").glob("*optim_states.pt")), weights_only=False)
+    adam = optim["optimizer_state_dict"]["base_optimizer_state"]
+    assert [int(x["step"]) for x in adam["state"].values()] == [3 * steps] * len(adam["state"])
+    logged = [json.loads(x)["step"] for x in (fewer / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in logged if x > steps + 2] and logged == sorted(logged)
     assert sorted(p.name for p in (resumed / "checkpoints").glob("*_0*")) == ["epoch_001", "epoch_002", "epoch_003"]
     from pretrain.report import panels, read_metrics, report
 
@@ -232,8 +246,7 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert f"config key 'optim.lr' is 0.001 but the run in {run} was started with 0.002" in refused(
         teacher, train, "optim.lr=1e-3"
     )
-    # unfinished now, so resuming: 1 rank cannot load 2 ranks' shards
-    assert "field 'world' differs: 1 rank(s) is not what the run" in refused(teacher, train, "finetune.epochs=4")
+    assert "config key 'finetune.epochs' is 4 but the run" in refused(teacher, train, "finetune.epochs=4")
     # a state naming a checkpoint that is gone (removed by hand) is refused before a rank starts (DeepSpeed had
     # failed an assert on every rank)
     lost = tmp_path / "lost"
