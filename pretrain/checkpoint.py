@@ -74,6 +74,20 @@ def has_weights(path: Path) -> bool:
     return any(Path(path).glob("*model_states.pt"))
 
 
+def missing_shards(path: Path, world: int, zero_stage: int, rng: bool = True) -> str | None:
+    """What of checkpoint ``path``'s per-rank files is missing, ``world`` ranks having written it
+    at ZeRO ``zero_stage``: "no ... file for rank(s) 1", or None. A rank short of its file had
+    stopped with a traceback from DeepSpeed, or from a converter on another rank count."""
+    kinds = [("optimizer shard (*optim_states.pt)", "*zero_pp_rank_{r}_mp_rank_*optim_states.pt")] * (zero_stage > 0)
+    kinds += [("weight shard (*model_states.pt)", "zero_pp_rank_{r}_mp_rank_*model_states.pt")] * (zero_stage == 3)
+    kinds += [("random state (rng_rankNNNNN.pt)", "rng_rank{r:05d}.pt")] * rng
+    for what, pattern in kinds:
+        ranks = [r for r in range(world) if not any(Path(path).glob(pattern.format(r=r)))]
+        if ranks:
+            return f"no {what} file for rank(s) {', '.join(map(str, ranks))} of the {world} that wrote it"
+    return None
+
+
 def latest(run_dir: Path) -> str | None:
     """The tag ``latest`` names, or None for a fresh run; a ``latest`` naming an incomplete folder
     is an error (it cannot happen through :func:`commit`)."""

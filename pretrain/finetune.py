@@ -381,6 +381,9 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
                 f"{path}: names the checkpoint {found}, which is missing or has no weights: restore it, or use "
                 "another run.dir for a new run"
             )
+        stage = theirs["config"].get("train.zero_stage", cfg.train.zero_stage)
+        if gap := ckpt.missing_shards(found, theirs["world"], stage, rng=False):  # (older runs' have no rng files)
+            raise UserError(f"{path}: names the checkpoint {found}: {gap}: restore it, or use another run.dir")
 
 
 def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:

@@ -120,6 +120,10 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
 
     if state is not None:
         where = ckpt.folder(run_dir) / latest / ckpt.STATE
+        if gap := ckpt.missing_shards(where.parent, state["world"], state["config"]["train"]["zero_stage"]):
+            raise UserError(
+                f"{where.parent}: {gap}: restore it, or name an earlier checkpoint in {ckpt.folder(run_dir) / ckpt.LATEST}"
+            )
         if state["manifest_sha256"] != tokenizers.sha256(folder / manifests.MANIFEST):
             raise UserError(
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "

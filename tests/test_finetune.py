@@ -256,6 +256,12 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert f"names the checkpoint {lost / 'checkpoints/step_00000005'}, which is missing or has no weights" in (
         refusal(check, config(teacher, train, evaluate, lost, *common), 2)
     )
+    # ...and so is one short of a rank's ZeRO shard (lost in a copy): a rank had stopped with a traceback
+    shutil.copytree(run / "checkpoints/epoch_001", lost / "checkpoints/step_00000005")
+    next((lost / "checkpoints/step_00000005").glob("*rank_1_*optim_states.pt")).unlink()
+    assert "step_00000005: no optimizer shard (*optim_states.pt) file for rank(s) 1 of the 2 that wrote it" in (
+        refusal(check, config(teacher, train, evaluate, lost, *common), 2)
+    )
     # a save that fails (a full disk; here a file-size limit): every rank stops, one line says what is kept
     import resource
 

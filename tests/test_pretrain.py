@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -575,6 +576,17 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
         "model.hidden_size=32", "train.precision=fp32", run=reference
     )
     assert "config key 'train.global_batch_size' (16)" in fails("--nproc", "3", "train.precision=fp32", run=reference)
+    # a checkpoint short of a rank's file (deleted, or lost in a copy to a cluster): named before a rank starts
+    # (the rank without it had stopped with a traceback, or another rank count's conversion with DeepSpeed's)
+    gap = tmp_path / "gap"
+    shutil.copytree(reference, gap)
+    (gap / "checkpoints/step_00000020/rng_rank00001.pt").unlink()
+    assert "step_00000020: no random state (rng_rankNNNNN.pt) file for rank(s) 1 of the 2 that wrote it: restore " \
+           f"it, or name an earlier checkpoint in {gap / 'checkpoints/latest'}" in refused("train.precision=fp32", run=gap)  # fmt: skip
+    next((gap / "checkpoints/step_00000020").glob("*rank_0_*optim_states.pt")).unlink()
+    assert "no optimizer shard (*optim_states.pt) file for rank(s) 0 of the 2" in refused(
+        "train.precision=fp32", run=gap
+    )
     # a latest naming a checkpoint removed by hand, whole or its weights only (DeepSpeed had failed an assert)
     gone = tmp_path / "gone/checkpoints"
     (gone / "step_00000010").mkdir(parents=True)
