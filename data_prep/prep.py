@@ -73,11 +73,14 @@ def _fingerprint(cfg: PrepConfig, files: list[corpus.InputFile]) -> dict:
     }
 
 
+def _foreign(out: Path) -> bool:
+    """Whether folder ``out`` holds anything but a prep's own files."""
+    return out.exists() and any(p.name not in (STATE_DIR, LOCK) and not p.name.endswith(".tmp") for p in out.iterdir())
+
+
 def _check_output(out: Path, fingerprint: dict) -> bool:
     """Prepare the output folder; True when it already holds this exact, finished prep."""
     state = out / STATE_DIR / "state.json"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output exists and is not a folder")
     started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
     if state.is_file() and started:
         old = json.loads(state.read_text())
@@ -95,7 +98,7 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
                         "choose a new --output folder or delete this one"
                     )
         return (out / manifest.MANIFEST).is_file()
-    if out.exists() and any(p.name not in (STATE_DIR, LOCK) and not p.name.endswith(".tmp") for p in out.iterdir()):
+    if _foreign(out):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     write_atomic(state, json.dumps(fingerprint, indent=1))
@@ -294,15 +297,20 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
     if cfg.tokenizer.path:
         tokenizer.load(cfg.tokenizer.path)  # refuse a bad model before anything is written
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output exists and is not a folder")
+    if not (out / STATE_DIR / "state.json").is_file() and _foreign(out):  # (refused before a lock file is made)
+        raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
     fingerprint = _fingerprint(cfg, files)
-    if _check_output(out, fingerprint):
-        print(f"prep: {out} is already complete; nothing to do", file=sys.stderr)
-        man = manifest.load(out)
-        print(manifest.summary(man))
-        return man
     # one prep at a time writes the folder (two had written the same shards' .tmp files, and a second
-    # start removed the first's files in flight), or the tasks of one job array together
+    # start removed the first's files in flight), or the tasks of one job array together; its
+    # fingerprint too (a second start with other settings had replaced the first's before being refused)
     with holding(out, shared=task is not None, other="choose another --output"):
+        if _check_output(out, fingerprint):
+            print(f"prep: {out} is already complete; nothing to do", file=sys.stderr)
+            man = manifest.load(out)
+            print(manifest.summary(man))
+            return man
         return _write(cfg, out, files, discovered, task, progress, t0)
 
 

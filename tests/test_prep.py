@@ -223,6 +223,13 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     ), r.stderr
     with holding(out, shared=True), holding(out, shared=True):
         assert "another run is using this folder (a bertforge process)" in refusal(holding(out).__enter__)
+    fresh = tmp_path / "fresh"  # a prep just begun (training its tokenizer, no unit done): its fingerprint is
+    with holding(fresh):  # kept (a second start with other settings had replaced it before being refused)
+        (fresh / ".prep").mkdir()
+        (fresh / ".prep/state.json").write_text('{"first": "prep"}')
+        r = prep(*common, "--output", str(fresh), "--seq-len", "32")
+    assert r.returncode == 2 and "another run is using this folder" in r.stderr, r.stderr
+    assert (fresh / ".prep/state.json").read_text() == '{"first": "prep"}'
 
     # a rerun whose write fails (a full disk; here a file-size limit, which the tokenizer's copy meets first):
     # one line naming the file, not the traceback (a write's OSError names no file); the next rerun finishes
