@@ -177,6 +177,13 @@ def test_a_job_out_of_time_outs_stops_with_a_clear_message(dataset, tmp_path) ->
     listing = run_cli("jobs", "--log-dir", str(logs)).stdout
     assert f"{job}  FAILED" in listing  # and why, under it: the error's line
     assert f"\n          data_prep.errors.RunError: stopped at step {step} of {STEPS} and not requeued" in listing
+    # submitted again on 1 node (where fewer are free): it goes on from that checkpoint on 1 rank, the ZeRO 2
+    # shards of the 2 that wrote it re-sharded, to the end
+    again = submit(dataset, run, logs, "--nodes", "1")
+    assert result(logs, again).step == STEPS
+    said = (logs / again / f"{again}_0_log.out").read_text()
+    assert f"resuming from {ckpt.tag(step)} (step {step}); written by 2 rank(s) x 1 loader worker(s), ZeRO 2 state " \
+           "re-sharded for 1; the data goes on from shard " in said, said[-3000:]  # fmt: skip
 
 
 def test_distillation_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
