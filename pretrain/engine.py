@@ -293,6 +293,7 @@ def load_resharded(engine, folder: Path, tag: str, rank: int, device: torch.devi
                 ds_to_universal.main(args)
         except Exception as err:  # noqa: BLE001 - DeepSpeed's converter asserts, raises RuntimeError, OSError...
             failed = err
+            shutil.rmtree(place, ignore_errors=True)  # (a full disk: what it wrote, freed at once)
     flag = torch.tensor(float(failed is not None), device=device)
     dist.all_reduce(flag)
     if flag.item():
