@@ -34,6 +34,7 @@ from launch.config import leaves, to_dict
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig, TrainConfig, check_deepspeed, precision_warning, resolve_precision
 from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
+from pretrain.trainer import ends_process_group
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 BEST, STATE = "best", "finetune_state.json"
@@ -433,6 +434,7 @@ def _load_encoder(sec: FinetuneSection, num_labels: int, cfg: FinetuneConfig):  
     return model, tok
 
 
+@ends_process_group
 def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrain.trainer.Result)
     """One rank's fine-tuning (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set by the launcher). Each
     epoch ends in a checkpoint; a stop signal (SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, as for

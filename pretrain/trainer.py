@@ -16,6 +16,7 @@ limit) make all ranks finish the current step and save a checkpoint; :func:`trai
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -315,6 +316,24 @@ def _data_position(batches: int, world: int, workers: int, micro: int) -> list[d
     return out
 
 
+def ends_process_group(run):  # noqa: ANN001, ANN201
+    """Decorator for a rank's whole run: the process group is destroyed on every way out of it,
+    an error's included. One left to the interpreter's teardown (after an error in loading a
+    checkpoint, say) now and then aborted the process there ("terminate called without an active
+    exception", SIGABRT) after its one-line error."""
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return run(*args, **kwargs)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return wrapper
+
+
+@ends_process_group
 def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Result:  # noqa: ANN001
     """One rank's run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set by the launcher).
 
@@ -382,7 +401,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             )
     if step >= cfg.train.max_steps:
         say(already_complete(run_dir, step, cfg.train.max_steps))
-        dist.destroy_process_group()
         return Result(step, cfg.train.max_steps)
 
     word_start = None
@@ -636,8 +654,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             logger.close()
         close_loader(it)
         del it, loader
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
