@@ -74,17 +74,34 @@ def has_weights(path: Path) -> bool:
     return any(Path(path).glob("*model_states.pt"))
 
 
-def missing_shards(path: Path, world: int, zero_stage: int, rng: bool = True) -> str | None:
-    """What of checkpoint ``path``'s per-rank files is missing, ``world`` ranks having written it
-    at ZeRO ``zero_stage``: "no ... file for rank(s) 1", or None. A rank short of its file had
-    stopped with a traceback from DeepSpeed, or from a converter on another rank count."""
+def file_sizes(path: Path) -> dict[str, int]:
+    """Each file of checkpoint folder ``path`` (but the trainer's state) and its size in bytes, for
+    the state to list (:func:`faulty_files` checks them before a resume)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file() and p.name != STATE}
+
+
+def faulty_files(path: Path, world: int, zero_stage: int, sizes: dict | None = None, rng: bool = True) -> str | None:
+    """What is wrong with checkpoint ``path``'s files, or None: against ``sizes`` where its state
+    lists them (:func:`file_sizes`), a file missing or of another size ("...: 1,000 bytes, 2,408 when
+    written"); else a per-rank file missing, ``world`` ranks having written it at ZeRO
+    ``zero_stage`` ("PATH: no ... file for rank(s) 1 of the 2 that wrote it"). A rank whose file was
+    missing or cut short (in a copy to a cluster's storage, say) had stopped with a traceback from
+    DeepSpeed, the other ranks with gloo's, or (on another rank count) the conversion failed."""
+    if sizes:
+        for name, size in sizes.items():
+            file = Path(path) / name
+            if not file.is_file():
+                return f"{file}: missing"
+            if file.stat().st_size != size:
+                return f"{file}: {file.stat().st_size:,} bytes, {size:,} when written"
+        return None
     kinds = [("optimizer shard (*optim_states.pt)", "*zero_pp_rank_{r}_mp_rank_*optim_states.pt")] * (zero_stage > 0)
     kinds += [("weight shard (*model_states.pt)", "zero_pp_rank_{r}_mp_rank_*model_states.pt")] * (zero_stage == 3)
     kinds += [("random state (rng_rankNNNNN.pt)", "rng_rank{r:05d}.pt")] * rng
     for what, pattern in kinds:
         ranks = [r for r in range(world) if not any(Path(path).glob(pattern.format(r=r)))]
         if ranks:
-            return f"no {what} file for rank(s) {', '.join(map(str, ranks))} of the {world} that wrote it"
+            return f"{path}: no {what} file for rank(s) {', '.join(map(str, ranks))} of the {world} that wrote it"
     return None
 
 

@@ -383,8 +383,9 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
                 "another run.dir for a new run"
             )
         stage = theirs["config"].get("train.zero_stage", cfg.train.zero_stage)
-        if gap := ckpt.missing_shards(found, theirs["world"], stage, rng=False):  # (older runs' have no rng files)
-            raise UserError(f"{path}: names the checkpoint {found}: {gap}: restore it, or use another run.dir")
+        # (no random state asked for: older runs' epochs have none)
+        if fault := ckpt.faulty_files(found, theirs["world"], stage, state.get("files"), rng=False):
+            raise UserError(f"{path}: names the checkpoint {found}: {fault}: restore it, or use another run.dir")
 
 
 def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
@@ -529,8 +530,8 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         ckpt.agree_written(failed, root / tag, rank, world, device, where, kept)
         target = run_dir / "model"
         if rank == 0:
-            new = {"epoch": epoch, "step": at, "checkpoint": tag, "best": best, "history": history,
-                   "labels": names, "inputs": fingerprint}  # fmt: skip
+            new = {"epoch": epoch, "step": at, "checkpoint": tag, "files": ckpt.file_sizes(root / tag), "best": best,
+                   "history": history, "labels": names, "inputs": fingerprint}  # fmt: skip
             try:
                 if model_too:
                     write_model(target, root, tag, model, tok, names, sec)

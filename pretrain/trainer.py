@@ -121,9 +121,10 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
 
     if state is not None:
         where = ckpt.folder(run_dir) / latest / ckpt.STATE
-        if gap := ckpt.missing_shards(where.parent, state["world"], state["config"]["train"]["zero_stage"]):
+        stage = state["config"]["train"]["zero_stage"]
+        if fault := ckpt.faulty_files(where.parent, state["world"], stage, state.get("files")):
             raise UserError(
-                f"{where.parent}: {gap}: restore it, or name an earlier checkpoint in {ckpt.folder(run_dir) / ckpt.LATEST}"
+                f"{fault}: restore it, or name an earlier checkpoint in {ckpt.folder(run_dir) / ckpt.LATEST}"
             )
         if state["manifest_sha256"] != tokenizers.sha256(folder / manifests.MANIFEST):
             raise UserError(
@@ -493,6 +494,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "bad_steps": bad_total,
                 "world": world,
                 "num_workers": cfg.data.num_workers,
+                "files": ckpt.file_sizes(root / name),  # (every rank's, all written by now)
                 "data_layout": layout,
                 "data_position": _data_position(batches - layout["batches"], world, cfg.data.num_workers, micro),
                 "manifest_sha256": manifest_sha,

@@ -22,6 +22,7 @@ import torch
 
 from data_prep.labelled import stdlib_packages
 from launch.config import load_config
+from pretrain import checkpoint as ckpt
 from pretrain.finetune import (
     FinetuneConfig,
     FinetuneSection,
@@ -256,9 +257,17 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert f"names the checkpoint {lost / 'checkpoints/step_00000005'}, which is missing or has no weights" in (
         refusal(check, config(teacher, train, evaluate, lost, *common), 2)
     )
-    # ...and so is one short of a rank's ZeRO shard (lost in a copy): a rank had stopped with a traceback
-    shutil.copytree(run / "checkpoints/epoch_001", lost / "checkpoints/step_00000005")
-    next((lost / "checkpoints/step_00000005").glob("*rank_1_*optim_states.pt")).unlink()
+    # ...and so is one short of a rank's ZeRO shard or with one cut short (in a copy): a rank had stopped with a
+    # traceback, the others with gloo's
+    copy = lost / "checkpoints/step_00000005"
+    shutil.copytree(run / "checkpoints/epoch_001", copy)
+    (lost / state.name).write_text(json.dumps({**stopped, "files": ckpt.file_sizes(copy)}))
+    shard = next(copy.glob("*rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert f"{shard}: 1,000 bytes, " in refusal(check, config(teacher, train, evaluate, lost, *common), 2)
+    shard.unlink()
+    assert f"{shard}: missing" in refusal(check, config(teacher, train, evaluate, lost, *common), 2)
+    (lost / state.name).write_text(json.dumps({k: v for k, v in stopped.items() if k != "files"}))  # (older)
     assert "step_00000005: no optimizer shard (*optim_states.pt) file for rank(s) 1 of the 2 that wrote it" in (
         refusal(check, config(teacher, train, evaluate, lost, *common), 2)
     )
