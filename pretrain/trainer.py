@@ -367,11 +367,14 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             shutil.copyfile(folder / man["tokenizer"]["file"], tok)
     dist.barrier()
 
+    state = ckpt.read_state(run_dir, latest) if latest is not None else None
+    if state is not None and state["step"] >= cfg.train.max_steps:  # (before building, loading, converting)
+        say(already_complete(run_dir, state["step"], cfg.train.max_steps))
+        return Result(state["step"], cfg.train.max_steps)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
     if cfg.train.init_from and latest is None:  # (a resumed run takes its weights from its checkpoint)
         _initial_weights(model, Path(cfg.train.init_from))
-    state = ckpt.read_state(run_dir, latest) if latest is not None else None
     resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
     eng = engine.build(model, cfg, world, device, resharding)
 
@@ -400,9 +403,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 + f"; the data goes on from shard {origin % shards + 1} of {shards} in epoch {origin // shards + 1}, "
                 f"{again:,} sequence(s) read again ({again / man['splits']['train']['sequences']:.1%} of an epoch)"
             )
-    if step >= cfg.train.max_steps:
-        say(already_complete(run_dir, step, cfg.train.max_steps))
-        return Result(step, cfg.train.max_steps)
 
     word_start = None
     if cfg.data.masking.whole_word:
