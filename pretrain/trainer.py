@@ -60,7 +60,6 @@ FIXED_KEYS = (
     "train.precision",
     "train.zero_stage",
     "train.global_batch_size",
-    "train.micro_batch_size",
     "train.seed",
 )
 
@@ -388,10 +387,14 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             engine.load(eng, root, latest)
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         layout = state.get("data_layout", layout)
-        was = (state["world"], state.get("num_workers", cfg.data.num_workers))
-        if was != (world, cfg.data.num_workers):
+        was = (
+            state["world"],
+            state.get("num_workers", cfg.data.num_workers),
+            state["config"]["train"]["micro_batch_size"],
+        )
+        if was != (world, cfg.data.num_workers, micro):
             old = ShardStream(
-                folder, "train", 0, *was, micro, cfg.data.seed, cfg.data.masking, cfg.model.vocab_size,
+                folder, "train", 0, *was, cfg.data.seed, cfg.data.masking, cfg.model.vocab_size,
                 origin=layout["origin"], generation=layout["generation"],
             )  # fmt: skip
             origin, again = old.restart(batches - layout["batches"])
@@ -399,6 +402,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             shards = len(old.shards)
             changed = (
                 f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
+                + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
                 + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
                 + f"; the data goes on from shard {origin % shards + 1} of {shards} in epoch {origin // shards + 1}, "
                 f"{again:,} sequence(s) read again ({again / man['splits']['train']['sequences']:.1%} of an epoch)"

@@ -179,11 +179,13 @@ def test_stop_and_resume_gives_the_same_losses(dataset, reference, tmp_path) -> 
 
 
 def rank_changes(dataset: Path, run: Path, zero: int) -> list[str]:
-    """8 fp32 steps: 3 on 2 ranks, 3 on 1, 2 on 2 ranks with 2 loader workers each; the start-up lines."""
+    """8 fp32 steps: 3 on 2 ranks, 3 on 1, 2 on 2 ranks with 2 loader workers each and micro-batches of 4 (8
+    before); the start-up lines."""
     common = ("train.precision=fp32", f"train.zero_stage={zero}", "train.max_steps=8", "eval.every=0")
     said = []
-    for nproc, extra in (("2", "train.exit_at_step=3"), ("1", "train.exit_at_step=6"), ("2", "data.num_workers=2")):
-        r = pretrain(dataset, run, *common, "--nproc", nproc, extra)
+    for nproc, *extra in (("2", "train.exit_at_step=3"), ("1", "train.exit_at_step=6"),
+                          ("2", "data.num_workers=2", "train.micro_batch_size=4")):  # fmt: skip
+        r = pretrain(dataset, run, *common, "--nproc", nproc, *extra)
         ok(r)
         said.append(next(line for line in r.stdout.splitlines() if line.startswith("bertforge pretrain: ")))
     return said
@@ -213,7 +215,8 @@ def test_a_run_resumes_on_another_rank_count_with_its_zero_shards_regathered(
     assert "resuming from step_00000003 (step 3); written by 2 rank(s) x 1 loader worker(s), ZeRO " \
            f"{zero} state re-sharded for 1; the data goes on from shard " in said[1], said[1]  # fmt: skip
     assert "sequence(s) read again (" in said[1] and "batch 16 = 8 x 1 rank(s) x 2 accumulation" in said[1]
-    assert f"written by 1 rank(s) x 1 loader worker(s), ZeRO {zero} state re-sharded for 2" in said[2], said[2]
+    assert f"written by 1 rank(s) x 1 loader worker(s) in micro-batches of 8, ZeRO {zero} state re-sharded for 2" \
+           in said[2] and "batch 16 = 4 x 2 rank(s) x 2 accumulation" in said[2], said[2]  # fmt: skip
     assert sorted(losses(run)) == list(range(1, 9))
     np.testing.assert_allclose(list(losses(run).values()), list(losses(rank_changes_at_zero_0).values()), rtol=1e-4)
     assert not (ckpt.folder(run) / ".universal").exists()  # the conversion, deleted once loaded
