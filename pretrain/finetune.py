@@ -316,7 +316,7 @@ def metrics(confusion: torch.Tensor) -> tuple[float, float]:
 # the model and files (their checksums are: a rerun from another folder is the same run) and
 # optim.warmup_steps (derived from finetune.epochs and the data, as train.max_steps is)
 FIXED_KEYS = ("finetune.", "model.", "optim.", "train.precision", "train.zero_stage", "train.global_batch_size",
-              "train.micro_batch_size", "train.seed")  # fmt: skip
+              "train.seed")  # fmt: skip
 UNCOMPARED_KEYS = ("optim.warmup_steps", "finetune.model", "finetune.train_file", "finetune.eval_file")
 
 

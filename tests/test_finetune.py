@@ -97,9 +97,10 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     r = run_cli(*args)
     assert r.returncode == 0 and f"resuming from step_{steps + 2:08d} (step {steps + 2})" in r.stdout, r.stderr
     assert (resumed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
-    # on 1 rank: the same global batches (2 micro-batches each now), the ZeRO 2 optimizer state re-sharded
+    # on 1 rank: the same global batches (4 micro-batches of 4 each now), the ZeRO 2 optimizer state re-sharded
     # through DeepSpeed's universal checkpoint: its Adam step count goes on from where the 2 ranks left it
-    r = run_cli(*[f"run.dir={fewer}" if a.startswith("run.dir=") else a for a in args], "--nproc", "1")
+    r = run_cli(*[f"run.dir={fewer}" if a.startswith("run.dir=") else a for a in args], "--nproc", "1",
+                "train.micro_batch_size=4")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from step_{steps + 2:08d} (step {steps + 2}), written by 2 rank(s), ZeRO 2 state re-sharded " \
            "for 1" in r.stdout, r.stdout[-2000:]  # fmt: skip
