@@ -4,6 +4,7 @@ each loss term logged, the student started from the chosen teacher layers."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -191,7 +192,18 @@ def test_distillation_resumes_exactly(teacher_run, student, tmp_path) -> None:
     common = [f"data.path={data}", f"run.dir={split}", f"distill.teacher={teacher}", *STUDENT]
     r = run_cli("distill", DISTILL, "train.exit_at_step=15", *common)
     assert r.returncode == 0 and "stopped at step 15 of 30" in r.stdout, r.stderr[-2000:]
+    fewer = tmp_path / "fewer"  # the same stopped run, to go on with 1 rank
+    shutil.copytree(split, fewer)
     r = run_cli("distill", DISTILL, *common)
     assert r.returncode == 0 and "resuming from step_00000015" in r.stdout, r.stderr[-2000:]
     losses = {run: [m["train/loss"] for m in read_metrics(run) if "train/loss" in m] for run in (whole, split)}
     assert losses[split] == losses[whole] and len(losses[whole]) == 30  # the teacher's outputs are the same too
+    # on 1 rank: the student's ZeRO 3 shards (its relation projection's too) re-sharded, Adam's step count going on
+    r = run_cli("distill", DISTILL, *[f"run.dir={fewer}" if a.startswith("run.dir=") else a for a in common],
+                "--nproc", "1")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from step_00000015 (step 15); written by 2 rank(s) x 1 loader worker(s), ZeRO 3 state " \
+           "re-sharded for 1" in r.stdout, r.stdout[-2000:]  # fmt: skip
+    optim = torch.load(next((fewer / "checkpoints/step_00000030").glob("*optim_states.pt")), weights_only=False)
+    adam = optim["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+    assert [int(x["step"]) for x in adam.values()] == [30] * len(adam)
