@@ -18,11 +18,11 @@ torch's DataLoader takes its batch ``i`` from worker ``i % num_workers`` (for an
 ``IterableDataset`` with ``batch_size=None``); the roles of the workers are rotated on resume so
 that this order continues the interrupted one.
 
-A resume with another ``world`` or ``num_workers`` changes the slots: the new ones start at the
-first position of the endless shard sequence that some old slot had not read whole
-(:meth:`ShardStream.restart`), each from the start of its shard, so nothing is left unread and
-what the old slots had read at or past that position is read again (about a shard per slot at
-most, counted for the start-up line). Such a stream has an ``origin`` (that position) and a
+A resume with another ``world``, ``num_workers`` or ``batch_size`` changes the layout: the new
+slots start at the first position of the endless shard sequence that some old slot had not read
+whole (:meth:`ShardStream.restart`), each from the start of its shard, so nothing is left unread
+and what the old slots had read at or past that position is read again (about a shard per slot
+at most, counted for the start-up line). Such a stream has an ``origin`` (that position) and a
 ``generation`` (how many times the slots changed; its masks differ from earlier generations').
 """
 
