@@ -688,8 +688,11 @@ def fine_tuning_run(folder: Path) -> str | None:
     return None
 
 
-def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[str], Path, dict]:
-    """A folder written by ``bertforge finetune``: ``(model, label names, tokenizer, hf config)``."""
+def load_classifier(
+    folder: Path, weights: bool = True
+) -> tuple[BertForSequenceClassification | None, list[str], Path, dict]:
+    """A folder written by ``bertforge finetune``: ``(model, label names, tokenizer, hf config)``;
+    without ``weights`` (an ONNX file beside them does the work), no model: ``None``."""
     from safetensors.torch import load_file
 
     from pretrain.export import model_config
@@ -709,6 +712,8 @@ def load_classifier(folder: Path) -> tuple[BertForSequenceClassification, list[s
     if not tok.is_file():
         raise UserError(f"{tok}: the model's tokenizer is missing")
     names = [hf["id2label"][str(i)] for i in range(len(hf["id2label"]))]
+    if not weights:
+        return None, names, tok, hf
     model = BertForSequenceClassification(model_config(hf), len(names), hf.get("classifier_dropout") or 0.0)
     missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     if missing or unexpected:
@@ -731,13 +736,13 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     only once every row is predicted). A slice's rows are batched by length (``by_length``; False,
     in the file's order, is the benchmark's baseline): on rows of mixed lengths the batches hold far
     less padding. A PyTorch model runs on ``device`` (see :func:`~pretrain.export.inference_device`)."""
-    from pretrain.export import inference_device, onnx_session
+    from pretrain.export import inference_device, model_config, onnx_session
 
     dev = inference_device(device, onnx=Path(folder).suffix == ".onnx")
     folder, onnx = Path(folder), None
     if folder.suffix == ".onnx":
         folder, onnx = folder.parent, onnx_session(folder)
-    model, names, tok, hf = load_classifier(folder)
+    model, names, tok, hf = load_classifier(folder, weights=onnx is None)  # (ONNX: PyTorch's weights unread)
 
     def forward(x, mask, seg):  # noqa: ANN001, ANN202
         if onnx is not None:  # the same inputs, logits from the file
@@ -745,11 +750,13 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
             return torch.from_numpy(onnx.run(["logits"], feed)[0])
         return model(x.to(dev), mask.to(dev), seg.to(dev)).float().cpu()
 
-    model.to(dev)
+    if onnx is None:
+        model.to(dev)
 
     pair = hf.get("bertforge", {}).get("text_pair_field", "") if pair_field is None else pair_field
-    max_length = hf.get("bertforge", {}).get("max_length", model.config.max_position)
-    limit = min(max_length, model.config.max_position)
+    positions = model_config(hf).max_position
+    max_length = hf.get("bertforge", {}).get("max_length", positions)
+    limit = min(max_length, positions)
     regression = hf.get("problem_type") == "regression"
     sp = tokenizers.load(tok)
     done = cut = 0

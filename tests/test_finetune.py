@@ -195,6 +195,14 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert "runs under onnxruntime on the CPU" in refusal(
         predict, served / "model.onnx", evaluate, buffer, device="cuda"
     )
+    # the ONNX file alone does the work: PyTorch's weights beside it are not read (they had been, a second copy)
+    weights = served / "model.safetensors"
+    kept = weights.read_bytes()
+    weights.write_bytes(b"not read")
+    buffer = io.StringIO()
+    predict(served / "model.onnx", evaluate, buffer)
+    weights.write_bytes(kept)
+    assert [json.loads(x) for x in buffer.getvalue().splitlines()] == answers["model.onnx"]
     for p, q in zip(preds, answers["model.onnx"]):
         assert p["label"] == q["label"] and all(
             abs(p["probabilities"][k] - v) < 1e-4 for k, v in q["probabilities"].items()
