@@ -142,6 +142,16 @@ def load_rng(path: Path, rank: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def restore_rng(path: Path, rank: int, same_ranks: bool, seed: int, step: int, world: int) -> None:
+    """Dropout's random state on a resume from checkpoint ``path``: the rank's own, which goes on as
+    it would have; on another rank count (or from a fine-tuning epoch that saved none, in older
+    runs) afresh, another stream on each rank (a fresh run's at step 0)."""
+    if same_ranks and (path / f"rng_rank{rank:05d}.pt").is_file():
+        load_rng(path, rank)
+    else:
+        torch.manual_seed(seed + 1 + rank + step * world)
+
+
 def commit(run_dir: Path, name: str, state: dict, keep: int) -> list[str]:
     """Rank 0, after every rank's files are written: the trainer state, then ``latest``, then
     prune to the newest ``keep`` complete checkpoints. Returns the tags deleted."""

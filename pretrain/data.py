@@ -28,6 +28,7 @@ at most, counted for the start-up line). Such a stream has an ``origin`` (that p
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from collections.abc import Iterator
@@ -52,6 +53,12 @@ class DamagedShard(RunError):
 DAMAGED = "damaged shard"
 """First element of the item a loader yields in place of a batch from a damaged shard; the second
 is the error's message, and the worker's stream ends there."""
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, shards: int) -> np.ndarray:
+    """The seeded shard order of one epoch (kept for the few epochs a reader walks through at once)."""
+    return np.random.default_rng([seed, epoch]).permutation(shards)
 
 
 class ShardStream(IterableDataset):
@@ -89,7 +96,7 @@ class ShardStream(IterableDataset):
     def _shard_at(self, k: int) -> int:
         """Index of the ``k``-th shard of the endless sequence of seeded epoch permutations."""
         epoch, i = divmod(k, len(self.shards))
-        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))[i])
+        return int(_epoch_order(self.seed, epoch, len(self.shards))[i])
 
     def restart(self, batches: int) -> tuple[int, int]:
         """Where slots of another layout start once every rank took ``batches`` batches from this
@@ -97,13 +104,9 @@ class ShardStream(IterableDataset):
         not read whole, and how many sequences at or past it the slots had read (read again there)."""
         roles = max(1, self.num_workers)  # (no loader workers: the rank's own process reads)
         slots = self.world * roles
-        orders: dict[int, np.ndarray] = {}
 
         def count(k: int) -> int:
-            epoch, i = divmod(k, len(self.shards))
-            if epoch not in orders:
-                orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            return self.shards[int(orders[epoch][i])][1]
+            return self.shards[self._shard_at(k)][1]
 
         walks = []  # per slot: the positions it read (or is in) and how much of each
         for slot in range(slots):

@@ -545,10 +545,8 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         ckpt.agree_written(err, path, rank, world, device, where, tag, then)
 
     last, cause = loaded or "none", None  # the newest complete checkpoint; what stopped the run
-    if loaded and was == world and (root / loaded / f"rng_rank{rank:05d}.pt").is_file():  # (older runs' have none)
-        ckpt.load_rng(root / loaded, rank)  # dropout goes on as it would have
-    elif loaded:  # on another rank count: afresh, another stream on each rank
-        torch.manual_seed(cfg.train.seed + 1 + rank + at * world)
+    if loaded:
+        ckpt.restore_rng(root / loaded, rank, was == world, cfg.train.seed, at, world)
     for epoch in range(done + 1, sec.epochs + 1):
         eng.train()
         order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))

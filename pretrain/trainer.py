@@ -387,11 +387,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             engine.load(eng, root, latest)
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         layout = state.get("data_layout", layout)
-        was = (
-            state["world"],
-            state.get("num_workers", cfg.data.num_workers),
-            state["config"]["train"]["micro_batch_size"],
-        )
+        then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
+        was = (state["world"], then["data"]["num_workers"], then["train"]["micro_batch_size"])
         if was != (world, cfg.data.num_workers, micro):
             old = ShardStream(
                 folder, "train", 0, *was, cfg.data.seed, cfg.data.masking, cfg.model.vocab_size,
@@ -522,10 +519,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     )
     flags = torch.zeros(3, device=device)  # non-finite loss, stop signal, damaged shard: on some rank
     # The random state of dropout, set last: nothing above may draw from it after this
-    if latest is not None and state["world"] == world:
-        ckpt.load_rng(root / latest, rank)
-    else:  # dropout differs per rank (and, on another rank count, from the checkpoint's ranks)
-        torch.manual_seed(cfg.train.seed + 1 + rank + step * world)
+    if latest is not None:
+        ckpt.restore_rng(root / latest, rank, state["world"] == world, cfg.train.seed, step, world)
+    else:  # dropout differs per rank
+        torch.manual_seed(cfg.train.seed + 1 + rank)
     try:
         while step < cfg.train.max_steps:
             start, good = time.perf_counter(), 0
