@@ -9,10 +9,12 @@ only the torch names.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -39,8 +41,24 @@ def _first_host(nodelist: str) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A TCP port free now on every address, for rank 0's store (the rendezvous), chosen below the
+    kernel's ephemeral range: a port from that range (what binding port 0 gives) could be handed to
+    any connection's local end, another run's gloo included, in the seconds before rank 0 binds it,
+    and the run would fail to start."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; macOS: 49152
+    low = max(low, 2048)
+    for port in random.Random().sample(range(low // 2, low), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:  # in use (or waiting out a closed connection)
+                continue
+            return port
+    with socket.socket() as s:  # 64 in use: the kernel's choice
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -49,7 +67,8 @@ def export(ranks: Ranks) -> None:
     env = os.environ
     if ranks.launcher == "slurm":
         env.setdefault("MASTER_ADDR", _first_host(env["SLURM_JOB_NODELIST"]))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        # every node derives the same port from the job id, below the kernel's ephemeral range
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 12000))
     elif ranks.launcher == "none":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))

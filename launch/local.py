@@ -29,7 +29,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 def run(args: list[str], nproc: int) -> int:
     """Run ``bertforge ARGS`` as ``nproc`` ranks; returns the exit code (the first failing rank's)."""
     base = dict(os.environ)
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc))
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=base.get("MASTER_PORT") or str(free_port()), WORLD_SIZE=str(nproc))
     base.update(LOCAL_WORLD_SIZE=str(nproc))
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     procs = [

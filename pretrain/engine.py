@@ -42,7 +42,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from data_prep.errors import RunError  # noqa: E402
+from data_prep.errors import RunError, UserError  # noqa: E402
 from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config, offloads_optimizer  # noqa: E402
 
@@ -88,12 +88,21 @@ def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
         # (a minute on 2 cores at the first start on a machine, a ninja check at every start).
         # Training never calls it: its collectives go through gloo. Not built, it is not used.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(
-        dist_backend=acc.communication_backend_name(),
-        auto_mpi_discovery=False,
-        verbose=False,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=acc.communication_backend_name(),
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except dist.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise UserError(
+            f"MASTER_PORT: rank 0 could not listen on {where} for the other ranks (another process holds that "
+            "port); set MASTER_PORT to a free port (--nproc without it picks one)"
+        ) from None
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
         return torch.device("cuda", local_rank)

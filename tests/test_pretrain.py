@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -686,6 +687,27 @@ def test_a_missing_shard_is_named(dataset, tmp_path) -> None:
     victim.unlink()
     r = run_cli("pretrain", TINY, f"data.path={copy}", f"run.dir={tmp_path / 'run'}")
     assert r.returncode == 2 and f"{victim}: shard listed in {copy}/manifest.json is missing" in r.stderr
+
+
+def test_a_rendezvous_port_in_use_is_named_in_one_line(dataset, tmp_path) -> None:
+    """The port --nproc picks lies below the kernel's ephemeral range (one from it could be taken by
+    any connection before rank 0 binds it); MASTER_PORT, where set, is used, and a port another
+    process holds is refused in one line naming it (it had been torch's traceback)."""
+    from launch.env import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    with socket.socket() as held:
+        held.bind(("", free_port()))
+        held.listen()
+        port = held.getsockname()[1]
+        assert port < low
+        env = {**os.environ, "MASTER_PORT": str(port)}
+        r = run_cli("pretrain", TINY, "--nproc", "2", f"data.path={dataset}", f"run.dir={tmp_path / 'run'}", env=env)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"bertforge: error: MASTER_PORT: rank 0 could not listen on 127.0.0.1:{port} for the other ranks (another "
+        "process holds that port); set MASTER_PORT to a free port (--nproc without it picks one)"
+    ], r.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_damaged_shard_stops_every_rank_keeping_the_last_checkpoint_and_resumes_once_restored(
