@@ -454,7 +454,7 @@ def test_interrupted_twice_the_launcher_kills_ranks_that_cannot_stop(dataset, tm
                 break
         time.sleep(1)  # (the ranks are in the hook)
         proc.send_signal(signum)
-        time.sleep(2.5)
+        time.sleep(4)  # (a second signal counts over 2 s after the first: a margin for a loaded machine)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
