@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass
@@ -41,16 +40,12 @@ def _first_host(nodelist: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port free now on every address, for rank 0's store (the rendezvous), chosen below the
-    kernel's ephemeral range: a port from that range (what binding port 0 gives) could be handed to
-    any connection's local end, another run's gloo included, in the seconds before rank 0 binds it,
-    and the run would fail to start."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default; macOS: 49152
-    low = max(low, 2048)
-    for port in random.Random().sample(range(low // 2, low), 64):
+    """A TCP port free now on every address, for rank 0's store (the rendezvous) under ``--nproc``:
+    one of 10000-19999, below both the kernel's ephemeral range (32768 up on Linux: a port from it,
+    what binding port 0 gives, could go to any connection's local end, another run's gloo
+    included, in the seconds before rank 0 binds it, and the run would fail to start) and the
+    ports SLURM jobs take (:data:`SLURM_PORTS`)."""
+    for port in random.Random().sample(range(10000, 20000), 64):
         with socket.socket() as s:
             try:
                 s.bind(("", port))
@@ -62,13 +57,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SLURM_PORTS = (20000, 10000)  # a job's port: 20000 + job id % 10000, the same on every node
+
+
 def export(ranks: Ranks) -> None:
     """Set the torch names for ``ranks`` in ``os.environ`` (for srun and for a bare start)."""
     env = os.environ
     if ranks.launcher == "slurm":
         env.setdefault("MASTER_ADDR", _first_host(env["SLURM_JOB_NODELIST"]))
-        # every node derives the same port from the job id, below the kernel's ephemeral range
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 12000))
+        base, span = SLURM_PORTS
+        env.setdefault("MASTER_PORT", str(base + int(env.get("SLURM_JOB_ID", 0)) % span))
     elif ranks.launcher == "none":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
