@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
 STATE_DIR = ".prep"
+_FAULT = os.environ.get("BERTFORGE_FAULT", "")  # test hook (read once): see run_unit
 WORKER_DIED = (
     "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "
     "run the same command again to resume"
@@ -200,6 +202,8 @@ def run_unit(
             raise
         while pending:
             consume(pending.popleft().result())
+    if _FAULT == f"kill-in-unit@{unit}":  # test hook: SIGKILL whoever writes unit N (the main process, or a
+        os.kill(os.getpid(), signal.SIGKILL)  # worker) with its shards' temporary files half written
     record = {
         "unit": unit,
         "parts": [[f.path, p.start, p.end] for p, f in parts],

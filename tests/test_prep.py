@@ -7,10 +7,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -162,13 +159,6 @@ def test_bytes_on_disk_are_close_to_two_per_token(tmp_path, corpus, sp_model) ->
     assert abs(train["bytes"] / stored - 2.0) < 0.05 * 2.0, train
 
 
-def start_prep(*args: str) -> subprocess.Popen:
-    """``bertforge prep ARGS`` in the background, its stderr piped (for a test to interrupt)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "launch.cli", "prep", "--no-progress", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
 def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) -> None:
     root = tmp_path / "in"
     root.mkdir()
@@ -190,15 +180,11 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     n_units = json.loads((full / "manifest.json").read_text())["units"]
     assert n_units >= 8
 
-    out = tmp_path / "cut"
-    proc = start_prep(*common, "--output", str(out))
-    third = out / ".prep" / "unit-00002.json"
-    deadline = time.time() + 120
-    while not third.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert third.exists() and not (out / "manifest.json").exists(), "prep finished before it could be killed"
+    out = tmp_path / "cut"  # kill -9 while it writes unit 3 (the fault hook: a kill timed from outside could
+    r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-unit@3"})  # miss
+    assert r.returncode == -signal.SIGKILL, r.stderr  # the window on a loaded machine)
+    assert (out / ".prep/unit-00002.json").exists() and not (out / ".prep/unit-00003.json").exists()
+    assert list(out.glob("train/.shard-00003-*.tar.tmp")) and not (out / "manifest.json").exists()
     # Nothing half-written is visible: every shard under its final name is a complete tar.
     for shard in list(out.glob("train/*.tar")) + list(out.glob("val/*.tar")):
         with tarfile.open(shard) as tar:
@@ -259,21 +245,11 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
         (root / f"part{i:02}.txt").write_text("\n\n".join(docs[i::40]))
     common = ["--input", str(root), "--tokenizer", str(sp_model), "--workers", "2", "unit_size=4KB",
               "shard_size=8KB", "block_size=2KB"]  # fmt: skip
-    out = tmp_path / "ds"
-    proc = start_prep(*common, "--output", str(out))
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.time() + 120
-    workers: list[str] = []
-    while proc.poll() is None and time.time() < deadline:
-        workers = children.read_text().split() if children.exists() else []
-        if len(workers) == 2 and (out / ".prep" / "unit-00001.json").exists():
-            break
-        time.sleep(0.002)
-    assert len(workers) == 2 and proc.poll() is None, "prep finished before a worker could be killed"
-    os.kill(int(workers[0]), signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=120)  # a dead worker fails the run, even an idle one: no hang
-    assert proc.returncode == 1, stderr
-    assert stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a tokenizer worker died"), stderr
+    out = tmp_path / "ds"  # the worker writing unit 5 is killed there (as by the out-of-memory killer): the
+    r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-unit@5"}, timeout=120)
+    assert r.returncode == 1 and "units over 2 workers, whole units each" in r.stderr, r.stderr  # run fails
+    assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a tokenizer worker died"), r.stderr
+    assert not (out / ".prep/unit-00005.json").exists()  # no hang
     assert not (out / "manifest.json").exists()
     r = prep(*common, "--output", str(out))
     assert r.returncode == 0 and "resuming: " in r.stderr, r.stderr
