@@ -29,6 +29,7 @@ from pretrain.finetune import (
     Rows,
     check,
     encode,
+    eval_batches,
     label_names,
     metrics,
     predict,
@@ -60,6 +61,24 @@ def test_pairs_get_segment_ids_and_truncation_is_counted(sp_model) -> None:
     assert label_names(["10", "9", "2"]) == ["2", "9", "10"] and label_names(["b", "a"]) == ["a", "b"]
     acc, f1 = metrics(torch.tensor([[3, 1], [0, 0]]))  # truth 0 only; one wrong prediction of class 1
     assert acc == 0.75 and f1 == pytest.approx((2 * 0.75 / 1.75 + 0) / 2)
+
+
+@pytest.mark.parametrize("rows, micro, world", [(23, 4, 3), (7, 8, 2), (2, 4, 3), (12, 3, 1)])
+def test_eval_batches_hold_rows_of_like_length_and_every_rank_as_many(rows, micro, world) -> None:
+    lengths = [int(n) for n in torch.randint(3, 129, (rows,), generator=torch.Generator().manual_seed(rows))]
+    per_rank = [eval_batches(lengths, micro, r, world) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # as many forwards on every rank (ZeRO 3 gathers in each)
+    seen = sorted(i for batches in per_rank for batch in batches for i in batch)
+    assert seen == list(range(rows)) and all(len(b) <= micro for bs in per_rank for b in bs)  # each row once
+    for batches in per_rank:  # length order within a rank: a batch's longest row is no longer than the next's
+        firsts = [lengths[b[0]] for b in batches if b]
+        assert firsts == sorted(firsts) and all(
+            lengths[b[-1]] <= lengths[c[0]] for b, c in zip(batches, batches[1:]) if c
+        )
+    padded = sum(len(b) * max(lengths[i] for i in b) for bs in per_rank for b in bs if b)
+    in_order = sum(len(b) * max(lengths[i] for i in b) for r in range(world)
+                   for b in (list(range(rows))[r::world][k : k + micro] for k in range(0, rows, micro)) if b)  # fmt: skip
+    assert padded <= in_order
 
 
 def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, task, tmp_path) -> None:
