@@ -113,6 +113,44 @@ def predict_speed(model: Path, rows: Path, rounds: int = 3) -> dict:
     return {"rows_s": best[True], "file_order_rows_s": best[False], "rows": n}
 
 
+def eval_speed(model: Path, evaluate: Path, batch: int = 32, rounds: int = 3) -> dict:
+    """The epoch-end evaluation's forwards over ``evaluate`` in the batches of
+    ``pretrain.finetune.eval_batches`` (rows in length order) against batches in the file's order
+    (the way it did before), alternately, the best round of each; the predictions must agree.
+    Also the tokens each pads its batches to."""
+    import time
+    from collections import Counter
+
+    import torch
+
+    from data_prep import tokenizer as tokenizers
+    from pretrain.finetune import Rows, collate, encode, eval_batches, load_classifier
+
+    net, _, tok, hf = load_classifier(model)
+    texts = [json.loads(line)["text"] for line in evaluate.read_text().splitlines()]
+    limit = hf["bertforge"]["max_length"]
+    ids, types, _ = encode(tokenizers.load(tok), Rows(texts, None, [], list(range(len(texts))), Counter()), limit)
+    orders = {
+        "file": [list(range(len(ids)))[k : k + batch] for k in range(0, len(ids), batch)],
+        "length": eval_batches([len(x) for x in ids], batch, 0, 1),
+    }
+    best, padded, labels = dict.fromkeys(orders, float("inf")), {}, {}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, batches in orders.items():
+                start, padded[name], labels[name] = time.perf_counter(), 0, {}
+                for idx in batches:
+                    x, mask, seg = collate([ids[i] for i in idx], [types[i] for i in idx], limit)
+                    labels[name].update(zip(idx, net(x, mask, seg).argmax(-1).tolist()))
+                    padded[name] += x.numel()
+                best[name] = min(best[name], time.perf_counter() - start)
+    if labels["file"] != labels["length"]:
+        raise SystemExit("eval: batching by length changed a prediction")
+    real = sum(map(len, ids))
+    return {"rows": len(ids), "length_s": best["length"], "file_s": best["file"],
+            "length_padded": padded["length"] / real, "file_padded": padded["file"] / real}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=REPO / "exports/demo")
@@ -151,9 +189,15 @@ def main() -> None:
     print(f"bertforge predict, the fine-tuned teacher on the {speed['rows']:,} training rows: "
           f"{speed['rows_s']:,.0f} rows/s batched by length, {speed['file_order_rows_s']:,.0f} in the file's order "
           f"({speed['rows_s'] / speed['file_order_rows_s']:.2f}x)")  # fmt: skip
+    ev = eval_speed(args.work / "teacher" / "model", evaluate)
+    print(f"fine-tuning's evaluation, the fine-tuned teacher on the {ev['rows']:,} eval rows: "
+          f"{ev['length_s'] * 1000:,.0f} ms in batches of rows in length order ({ev['length_padded']:.2f}x the real "
+          f"tokens padded), {ev['file_s'] * 1000:,.0f} ms in the file's order ({ev['file_padded']:.2f}x): "
+          f"{ev['file_s'] / ev['length_s']:.2f}x")  # fmt: skip
     record(args.json, bench="finetune", bow_acc=bow["accuracy"], teacher_acc=t["accuracy"], student_acc=s["accuracy"],
            scratch_acc=z["accuracy"], teacher_f1=t["f1"], student_f1=s["f1"], predict_rows_s=speed["rows_s"],
-           predict_file_order_rows_s=speed["file_order_rows_s"])  # fmt: skip
+           predict_file_order_rows_s=speed["file_order_rows_s"], eval_ms=ev["length_s"] * 1000,
+           eval_file_order_ms=ev["file_s"] * 1000)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -96,6 +96,10 @@ def table(records: list[dict]) -> str:
             rows.append(("predict, rows/s (batched by length)", f"{r['predict_rows_s']:,.0f}",
                          f"in the file's order: {r['predict_file_order_rows_s']:,.0f}",
                          f"{r['predict_rows_s'] / r['predict_file_order_rows_s']:.2f}x"))  # fmt: skip
+        if "eval_ms" in r:
+            rows.append(("fine-tuning's evaluation, ms (length order)", f"{r['eval_ms']:,.0f}",
+                         f"in the file's order: {r['eval_file_order_ms']:,.0f}",
+                         f"{r['eval_file_order_ms'] / r['eval_ms']:.2f}x faster"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 or i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)  # fmt: skip
