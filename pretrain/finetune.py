@@ -619,10 +619,10 @@ def eval_batches(lengths: list[int], micro: int, rank: int, world: int) -> list[
     """Rank ``rank``'s evaluation batches (row indices, at most ``micro`` each): the rows in length
     order, dealt out to the ranks, so that a batch holds rows of like length (on the fine-tuning
     benchmark's eval file, 1.33x the real tokens padded against 3.09x in the file's order: its
-    forwards 2.7x faster, ``benchmarks/finetune_quality.py``). Every rank gets as many batches as rank 0, whose share is the largest,
-    the last ones empty where it runs out: under ZeRO 3 each forward gathers parameters from
-    every rank (a rank with one batch fewer had gone on to the all-reduce while rank 0 waited in
-    its gather: the run hung)."""
+    forwards 2.6-2.7x faster, ``benchmarks/finetune_quality.py``). Every rank gets as many batches as
+    rank 0, whose share is the largest, the last ones empty where it runs out: under ZeRO 3 each
+    forward gathers parameters from every rank (a rank with one batch fewer had gone on to the
+    all-reduce while rank 0 waited in its gather: the run hung)."""
     mine = sorted(range(len(lengths)), key=lengths.__getitem__)[rank::world]
     return [mine[start : start + micro] for start in range(0, math.ceil(len(lengths) / world), micro)]
 
