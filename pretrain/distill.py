@@ -21,6 +21,7 @@ cosine term.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -231,12 +232,13 @@ def check_teacher(cfg: DistillConfig) -> None:
         )
 
 
-def load_teacher(cfg: DistillConfig) -> BertForMaskedLM:
-    """The checked teacher, frozen and in eval mode."""
+def load_teacher(cfg: DistillConfig, rank: int, device: torch.device) -> BertForMaskedLM:
+    """The checked teacher, frozen and in eval mode, read by rank 0 alone (a collective)."""
+    from pretrain import engine
     from pretrain.export import load_any
 
     check_teacher(cfg)  # again on the rank: a SLURM job may start hours after the login node's check
-    teacher, _, _ = load_any(Path(cfg.distill.teacher))
+    teacher = engine.first_rank_model(lambda: load_any(Path(cfg.distill.teacher))[0], rank, device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
@@ -244,7 +246,7 @@ def load_teacher(cfg: DistillConfig) -> BertForMaskedLM:
 
 def build_student(cfg: DistillConfig, device: torch.device) -> Student:
     """The trainer's ``build_model`` for distillation (weights the same on every rank: the seed is set)."""
-    teacher = load_teacher(cfg)
+    teacher = load_teacher(cfg, int(os.environ.get("RANK", 0)), device)
     student = Student(cfg.model, teacher.to(device), cfg.distill)
     if cfg.distill.init_from_teacher:
         init_from(student, teacher)

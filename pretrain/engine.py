@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -326,6 +327,42 @@ def load_resharded(engine, folder: Path, tag: str, rank: int, device: torch.devi
     dist.barrier()
     if rank == 0:
         shutil.rmtree(place, ignore_errors=True)
+
+
+def first_rank_model(read: Callable[[], nn.Module], rank: int, device: torch.device) -> nn.Module:
+    """The model ``read()`` gives (on the CPU), read by rank 0 alone and sent to the other ranks,
+    which build it from its config (``type(model)(model.config)``) and take its tensors by
+    broadcast: a run or checkpoint folder is consolidated from every optimizer shard, 1.4 GB and
+    3.4 s at ``base`` (a 2-rank ZeRO 2 checkpoint), once per rank of a node before. A read that
+    fails stops every rank, rank 0 saying why (its error as it is: a damaged file, exit 2)."""
+    model, failed = None, None
+    if rank == 0:
+        try:
+            model = read()
+        except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+            failed = err
+    flag = torch.tensor(float(failed is not None), device=device)
+    dist.all_reduce(flag)
+    if flag.item():
+        if rank != 0:
+            raise RunError(f"rank {rank}: stopped with rank 0, which could not read its model", quiet=True)
+        raise failed
+    box = [(type(model), model.config) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device)
+    if rank != 0:
+        kind, config = box[0]
+        model = kind(config)
+    seen = set()
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # the same order on every rank; a tied one once
+            if tensor.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(tensor.untyped_storage().data_ptr())
+            sent = tensor.to(device)  # (NCCL sends from the GPU; gloo from the CPU, in place)
+            dist.broadcast(sent, src=0)
+            if sent is not tensor:
+                tensor.copy_(sent)
+    return model
 
 
 def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:

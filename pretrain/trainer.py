@@ -174,11 +174,13 @@ def _take_initial_shape(cfg: PretrainConfig, man: dict, state: dict | None) -> N
             setattr(cfg.model, key, getattr(theirs, key))
 
 
-def _initial_weights(model: BertForMaskedLM, source: Path) -> None:
-    """Load the weights of a run, checkpoint or export folder (its shape is the model's: resolve saw to it)."""
+def _initial_weights(model: BertForMaskedLM, source: Path, rank: int, device: torch.device) -> None:
+    """Load the weights of a run, checkpoint or export folder (its shape is the model's: resolve
+    saw to it), read by rank 0 alone (a collective)."""
+    from pretrain import engine
     from pretrain.export import load_any
 
-    model.load_state_dict(load_any(source)[0].state_dict())
+    model.load_state_dict(engine.first_rank_model(lambda: load_any(source)[0], rank, device).state_dict())
 
 
 def already_complete(run_dir: Path, step: int, max_steps: int) -> str:
@@ -373,7 +375,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
     if cfg.train.init_from and latest is None:  # (a resumed run takes its weights from its checkpoint)
-        _initial_weights(model, Path(cfg.train.init_from))
+        _initial_weights(model, Path(cfg.train.init_from), rank, device)
     resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
     eng = engine.build(model, cfg, world, device, resharding)
 

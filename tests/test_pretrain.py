@@ -617,6 +617,58 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
     assert "names 'step_00000010', which has no weights (DeepSpeed's *model_states.pt)" in refused(run=gone.parent)
 
 
+_FIRST_RANK = """
+import os, sys, torch
+from data_prep.errors import RunError, UserError
+from pretrain import engine
+from pretrain.model import BertForMaskedLM, ModelConfig
+
+rank, out, fail = int(os.environ["RANK"]), sys.argv[1], sys.argv[2] == "fail"
+device = engine.init_distributed(rank)
+
+def read():
+    assert rank == 0, "read on another rank"
+    if fail:
+        raise UserError("a damaged file")
+    torch.manual_seed(7)
+    return BertForMaskedLM(ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+
+try:
+    torch.save(engine.first_rank_model(read, rank, device).state_dict(), f"{out}/rank{rank}.pt")
+except (UserError, RunError) as err:
+    print(type(err).__name__, err, getattr(err, "quiet", None))
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_model_read_on_the_first_rank_reaches_every_rank(tmp_path, fail) -> None:
+    """train.init_from and a distillation teacher are read by rank 0 alone (a checkpoint's
+    consolidation reads every optimizer shard) and broadcast; two real ranks on gloo. A failed
+    read stops both, rank 0 with its error, rank 1 quietly."""
+    from launch.env import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_RANK, str(tmp_path), "fail" if fail else "ok"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]  # fmt: skip
+    said = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], said
+    if fail:
+        assert [out.strip() for out, _ in said] == [
+            "UserError a damaged file None", "RunError rank 1: stopped with rank 0, which could not read its model True"
+        ], said  # fmt: skip
+        return
+    from pretrain.model import BertForMaskedLM, ModelConfig
+
+    torch.manual_seed(7)
+    want = BertForMaskedLM(ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got.keys() == want.state_dict().keys()
+        assert all(torch.equal(got[k], v) for k, v in want.state_dict().items()), r
+
+
 def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedule(teacher_run, tmp_path) -> None:
     """``train.init_from``: at learning rate 0 the new run evaluates as its source did (the same
     weights), with the source's shape over the config's, from step 1; a restart resumes the new run;
