@@ -115,7 +115,7 @@ def predict_speed(model: Path, rows: Path, rounds: int = 3) -> dict:
 
 def eval_speed(model: Path, evaluate: Path, batch: int = 32, rounds: int = 3) -> dict:
     """The epoch-end evaluation's forwards over ``evaluate`` in the batches of
-    ``pretrain.finetune.eval_batches`` (rows in length order) against batches in the file's order
+    ``pretrain.finetune.row_batches`` (rows in length order) against batches in the file's order
     (the way it did before), alternately, the best round of each; the predictions must agree.
     Also the tokens each pads its batches to."""
     import time
@@ -124,16 +124,14 @@ def eval_speed(model: Path, evaluate: Path, batch: int = 32, rounds: int = 3) ->
     import torch
 
     from data_prep import tokenizer as tokenizers
-    from pretrain.finetune import Rows, collate, encode, eval_batches, load_classifier
+    from pretrain.finetune import Rows, collate, encode, load_classifier, row_batches
 
     net, _, tok, hf = load_classifier(model)
     texts = [json.loads(line)["text"] for line in evaluate.read_text().splitlines()]
     limit = hf["bertforge"]["max_length"]
     ids, types, _ = encode(tokenizers.load(tok), Rows(texts, None, [], list(range(len(texts))), Counter()), limit)
-    orders = {
-        "file": [list(range(len(ids)))[k : k + batch] for k in range(0, len(ids), batch)],
-        "length": eval_batches([len(x) for x in ids], batch, 0, 1),
-    }
+    lengths = [len(x) for x in ids]
+    orders = {"file": row_batches(lengths, batch, by_length=False), "length": row_batches(lengths, batch)}
     best, padded, labels = dict.fromkeys(orders, float("inf")), {}, {}
     with torch.no_grad():
         for _ in range(rounds):

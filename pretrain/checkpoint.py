@@ -21,39 +21,49 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from data_prep.errors import RunError, UserError
+from data_prep.errors import RunError
 from data_prep.files import holding, write_atomic
 
 STATE = "trainer_state.json"
 LATEST = "latest"
 
 
+T = TypeVar("T")
 _HELD = contextlib.ExitStack()  # what rank 0 holds until its process ends
+
+
+def on_rank_0(work: Callable[[], T], rank: int, device: torch.device, why: str) -> T | None:
+    """``work()`` on rank 0 alone, a collective: its result there (None on the other ranks); where
+    it raises, every rank stops, rank 0 with its error, the others quietly ("rank 1: stopped with
+    rank 0, ``why``"), instead of waiting for rank 0 in their next collective."""
+    import torch.distributed as dist
+
+    result, failed = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - raised again below, once every rank knows
+            failed = err
+    flag = torch.tensor(float(failed is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise failed or RunError(f"rank {rank}: stopped with rank 0, {why}", quiet=True)
+    return result
 
 
 def hold_for_ranks(run_dir: Path, rank: int, device: torch.device) -> None:
     """Rank 0 holds the run folder until its process ends (unless the bertforge process that started
     the ranks, or this one, holds it already); when another run holds it, every rank stops, the
     refusal printed once, by rank 0. Call once the process group is up."""
-    import torch.distributed as dist
-
-    from data_prep.errors import RunError
-
-    refused = None
-    if rank == 0:
-        try:
-            _HELD.enter_context(holding(run_dir, ours=(os.getpid(), os.getppid())))
-        except UserError as err:
-            refused = err
-    flag = torch.tensor(float(refused is not None), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        raise refused or RunError(f"rank {rank}: stopped with rank 0, whose run folder is in use", quiet=True)
+    on_rank_0(lambda: _HELD.enter_context(holding(run_dir, ours=(os.getpid(), os.getppid()))), rank, device,
+              "whose run folder is in use")  # fmt: skip
 
 
 def tag(step: int) -> str:

@@ -291,8 +291,8 @@ def load_resharded(engine, folder: Path, tag: str, rank: int, device: torch.devi
     from deepspeed.checkpoint import ds_to_universal
 
     place = folder / UNIVERSAL
-    failed = None
-    if rank == 0:
+
+    def convert() -> None:
         args = SimpleNamespace(
             input_folder=str(folder / tag), output_folder=str(place / tag), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
@@ -302,15 +302,13 @@ def load_resharded(engine, folder: Path, tag: str, rank: int, device: torch.devi
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its bars
                 ds_to_universal.main(args)
         except Exception as err:  # noqa: BLE001 - DeepSpeed's converter asserts, raises RuntimeError, OSError...
-            failed = err
             shutil.rmtree(place, ignore_errors=True)  # (a full disk: what it wrote, freed at once)
-    flag = torch.tensor(float(failed is not None), device=device)
-    dist.all_reduce(flag)
-    if flag.item():
-        if rank != 0:
-            raise RunError(f"rank {rank}: stopped with rank 0, which could not convert {folder / tag}", quiet=True)
-        detail = str(failed).strip().splitlines()[0] if str(failed).strip() else type(failed).__name__
-        raise RunError(f"{folder / tag}: DeepSpeed could not convert it for another rank count ({detail})")
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RunError(
+                f"{folder / tag}: DeepSpeed could not convert it for another rank count ({detail})"
+            ) from None
+
+    ckpt.on_rank_0(convert, rank, device, f"which could not convert {folder / tag}")
     inner = engine.optimizer.optimizer
     decay = [group["weight_decay"] for group in inner.param_groups]
     load(engine, place, tag)
@@ -335,18 +333,7 @@ def first_rank_model(read: Callable[[], nn.Module], rank: int, device: torch.dev
     broadcast: a run or checkpoint folder is consolidated from every optimizer shard, 1.4 GB and
     3.4 s at ``base`` (a 2-rank ZeRO 2 checkpoint), once per rank of a node before. A read that
     fails stops every rank, rank 0 saying why (its error as it is: a damaged file, exit 2)."""
-    model, failed = None, None
-    if rank == 0:
-        try:
-            model = read()
-        except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
-            failed = err
-    flag = torch.tensor(float(failed is not None), device=device)
-    dist.all_reduce(flag)
-    if flag.item():
-        if rank != 0:
-            raise RunError(f"rank {rank}: stopped with rank 0, which could not read its model", quiet=True)
-        raise failed
+    model = ckpt.on_rank_0(read, rank, device, "which could not read its model")
     box = [(type(model), model.config) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0, device=device)
     if rank != 0:

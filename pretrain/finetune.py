@@ -615,15 +615,19 @@ def _better(a: dict, b: dict, task: Task) -> bool:
     return (a["f1"], a["accuracy"]) > (b["f1"], b["accuracy"])
 
 
-def eval_batches(lengths: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """Rank ``rank``'s evaluation batches (row indices, at most ``micro`` each): the rows in length
-    order, dealt out to the ranks, so that a batch holds rows of like length (on the fine-tuning
+def row_batches(
+    lengths: list[int], micro: int, rank: int = 0, world: int = 1, by_length: bool = True
+) -> list[list[int]]:
+    """Rank ``rank``'s batches of rows (indices, at most ``micro`` each; evaluation's, and with one
+    rank predict's): the rows in length order (``by_length``; else the file's, the benchmarks'
+    baseline), dealt out to the ranks, so that a batch holds rows of like length (on the fine-tuning
     benchmark's eval file, 1.33x the real tokens padded against 3.09x in the file's order: its
     forwards 2.6-2.7x faster, ``benchmarks/finetune_quality.py``). Every rank gets as many batches as
     rank 0, whose share is the largest, the last ones empty where it runs out: under ZeRO 3 each
     forward gathers parameters from every rank (a rank with one batch fewer had gone on to the
     all-reduce while rank 0 waited in its gather: the run hung)."""
-    mine = sorted(range(len(lengths)), key=lengths.__getitem__)[rank::world]
+    rows = sorted(range(len(lengths)), key=lengths.__getitem__) if by_length else list(range(len(lengths)))
+    mine = rows[rank::world]
     return [mine[start : start + micro] for start in range(0, math.ceil(len(lengths) / world), micro)]
 
 
@@ -636,7 +640,7 @@ def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device, limit) 
     k = max(num_labels, 1)
     sums = torch.zeros(2 + k * k, dtype=torch.float64, device=device)  # loss sum, rows, confusion
     with torch.no_grad():
-        for idx in eval_batches([len(x) for x in ids], micro, rank, world):
+        for idx in row_batches([len(x) for x in ids], micro, rank, world):
             if not idx:  # out of rows: the same forward on a stand-in row, its result dropped
                 x, mask, seg = collate(ids[:1], types[:1], limit)
                 eng(x.to(device), mask.to(device), seg.to(device), y[:1].to(device))
@@ -772,12 +776,9 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     def run(rows: Rows) -> None:
         nonlocal done, cut
         ids, types, truncated = encode(sp, rows, limit)
-        # batches of rows of like length (less padding), the lines written in the file's order
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if by_length else range(len(ids))
-        logits: list = [None] * len(ids)
+        logits: list = [None] * len(ids)  # (the lines written in the file's order)
         with torch.no_grad():
-            for start in range(0, len(ids), batch_size):
-                batch = order[start : start + batch_size]
+            for batch in row_batches([len(x) for x in ids], batch_size, by_length=by_length):
                 x, mask, seg = collate([ids[i] for i in batch], [types[i] for i in batch], limit)
                 for i, row in zip(batch, forward(x, mask, seg)):
                     logits[i] = row

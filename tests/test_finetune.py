@@ -29,10 +29,10 @@ from pretrain.finetune import (
     Rows,
     check,
     encode,
-    eval_batches,
     label_names,
     metrics,
     predict,
+    row_batches,
 )
 from tests.conftest import REPO, refusal, run_cli
 
@@ -66,7 +66,7 @@ def test_pairs_get_segment_ids_and_truncation_is_counted(sp_model) -> None:
 @pytest.mark.parametrize("rows, micro, world", [(23, 4, 3), (7, 8, 2), (2, 4, 3), (12, 3, 1)])
 def test_eval_batches_hold_rows_of_like_length_and_every_rank_as_many(rows, micro, world) -> None:
     lengths = [int(n) for n in torch.randint(3, 129, (rows,), generator=torch.Generator().manual_seed(rows))]
-    per_rank = [eval_batches(lengths, micro, r, world) for r in range(world)]
+    per_rank = [row_batches(lengths, micro, r, world) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1  # as many forwards on every rank (ZeRO 3 gathers in each)
     seen = sorted(i for batches in per_rank for batch in batches for i in batch)
     assert seen == list(range(rows)) and all(len(b) <= micro for bs in per_rank for b in bs)  # each row once
