@@ -637,6 +637,8 @@ try:
     torch.save(engine.first_rank_model(read, rank, device).state_dict(), f"{out}/rank{rank}.pt")
 except (UserError, RunError) as err:
     print(type(err).__name__, err, getattr(err, "quiet", None))
+finally:  # as a rank's run does (trainer.ends_process_group): one left to the interpreter's exit, after
+    torch.distributed.destroy_process_group()  # its peer had gone, now and then aborted it there (SIGABRT)
 """
 
 
