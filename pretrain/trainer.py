@@ -279,8 +279,9 @@ def _next_batch(
         # takes the largest process): torch's report of it, or the connection it died in, a batch half sent
         if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader worker"):
             raise
+        said = str(e).strip() or f"{type(e).__name__}: its connection ended in the middle of a batch"
         err = RunError(
-            f"rank {rank}: a data loader worker died ({e}): often the kernel's out-of-memory killer (see dmesg; "
+            f"rank {rank}: a data loader worker died ({said}): often the kernel's out-of-memory killer (see dmesg; "
             "fewer data.num_workers hold fewer shuffle buffers)"
         )
     ids = torch.zeros(micro, seq_len, dtype=torch.long)
