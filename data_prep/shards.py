@@ -176,13 +176,19 @@ class ShardWriter:
         return self.records
 
 
-def read_blocks(path: str | Path) -> Iterator[np.ndarray]:
-    """The blocks of one shard, in order, read back through webdataset."""
+def read_blocks(path: str | Path, data: bytes | None = None) -> Iterator[np.ndarray]:
+    """The blocks of one shard, in order, read back through webdataset: from the file, or from
+    ``data``, its bytes read already (the trainer reads a shard once, for its sha256 and its blocks)."""
     import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    # No node or worker splitting: the caller decides who reads which shard.
-    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    for sample in dataset.decode():
+    if data is None:  # no node or worker splitting: the caller decides who reads which shard
+        dataset = wds.WebDataset(
+            str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+        )
+    else:  # (tarfile_to_samples would open the url again: its expander and grouping alone)
+        dataset = group_by_keys(tar_file_expander([{"url": str(path), "stream": io.BytesIO(data)}]))
+    for sample in wds.decode()(dataset):
         yield sample[MEMBER_SUFFIX]
 
 

@@ -660,6 +660,9 @@ def run() -> None:
     that failed midway (exit 1), was interrupted, or still has a worker process or thread alive
     exits the ordinary way, which waits for them.
     """
+    from launch.env import outlive_terminal
+
+    outlive_terminal()
     code = main()
     if code not in (0, 2) or _still_running():
         sys.exit(code)

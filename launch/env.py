@@ -8,11 +8,14 @@ only the torch names.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -73,17 +76,47 @@ def export(ranks: Ranks) -> None:
     env.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world), LOCAL_RANK=str(ranks.local_rank))
 
 
-def leave_terminal() -> None:
-    """After a hang-up (the terminal closed): whichever of stdout and stderr is a terminal now
+TERMINALS = tuple(fd for fd in (1, 2) if os.isatty(fd))  # as this process started: a terminal that
+# hung up is no tty any more (isatty is False once its other end closed)
+
+
+def leave_terminal(fds: tuple[int, ...] = TERMINALS) -> None:
+    """After a hang-up (the terminal closed): whichever of stdout and stderr was a terminal now
     writes to /dev/null, so that the lines of the stop that follows cannot fail with EIO. A file
     or pipe they were sent to keeps its lines."""
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        for fd in (1, 2):
-            if os.isatty(fd):
-                os.dup2(null, fd)
+        for fd in fds:
+            os.dup2(null, fd)
     finally:
         os.close(null)
+
+
+class _Terminal(io.FileIO):
+    """A terminal's file descriptor that, once the terminal hung up, writes to /dev/null."""
+
+    def write(self, data) -> int:  # noqa: ANN001 - a bytes-like object
+        try:
+            return super().write(data)
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            leave_terminal((self.fileno(),))
+            return super().write(data)
+
+
+def outlive_terminal() -> None:
+    """``sys.stdout`` and ``sys.stderr``, where a terminal, write through :class:`_Terminal`: a line
+    written after the terminal closed (the kernel hangs it up before SIGHUP arrives, and a rank
+    blocked in a step runs its handler later still) goes nowhere instead of failing with EIO and
+    taking the rank down mid-step, its work lost."""
+    for fd, name in zip((1, 2), ("stdout", "stderr")):
+        old = getattr(sys, name)
+        if fd not in TERMINALS or not isinstance(old, io.TextIOWrapper) or old.fileno() != fd:
+            continue
+        old.flush()
+        raw = _Terminal(fd, "w", closefd=False)
+        setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(raw), old.encoding, old.errors, line_buffering=True))
 
 
 def hang_up_is_ignored() -> bool:

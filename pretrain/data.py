@@ -29,6 +29,7 @@ at most, counted for the start-up line). Such a stream has an ``origin`` (that p
 from __future__ import annotations
 
 import functools
+import hashlib
 import signal
 import threading
 from collections.abc import Iterator
@@ -41,7 +42,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_prep import manifest as manifests
 from data_prep.errors import RunError
 from data_prep.shards import read_blocks
-from data_prep.tokenizer import sha256
 from pretrain.masking import MaskingConfig, mask_batch
 
 
@@ -132,12 +132,16 @@ class ShardStream(IterableDataset):
                 skip -= count
             else:
                 file = self.folder / path
-                if sha256(file) != self.digests[index]:  # a damaged shard would feed ids beyond the vocabulary
+                data = file.read_bytes()  # read once: what is checked is what is parsed
+                if hashlib.sha256(data).hexdigest() != self.digests[index]:  # would feed ids beyond the vocabulary
                     raise DamagedShard(
                         f"{file}: its sha256 differs from {self.folder / manifests.MANIFEST}: damaged or changed "
                         "since bertforge prep wrote it (restore it, or prep the data again)"
                     )
-                seqs = np.concatenate(list(read_blocks(file)))
+                blocks = list(read_blocks(file, data))
+                del data  # (at most two copies of the shard at once, as before)
+                seqs = np.concatenate(blocks)
+                del blocks  # (the generator keeps its locals while it yields this shard)
                 order = np.random.default_rng([self.seed, k, 1]).permutation(len(seqs))
                 for i in order[skip:]:
                     yield seqs[i]

@@ -327,18 +327,25 @@ def load_resharded(engine, folder: Path, tag: str, rank: int, device: torch.devi
         shutil.rmtree(place, ignore_errors=True)
 
 
-def first_rank_model(read: Callable[[], nn.Module], rank: int, device: torch.device) -> nn.Module:
+def first_rank_model(
+    read: Callable[[], nn.Module], rank: int, device: torch.device, into: nn.Module | None = None
+) -> nn.Module:
     """The model ``read()`` gives (on the CPU), read by rank 0 alone and sent to the other ranks,
     which build it from its config (``type(model)(model.config)``) and take its tensors by
     broadcast: a run or checkpoint folder is consolidated from every optimizer shard, 1.4 GB and
-    3.4 s at ``base`` (a 2-rank ZeRO 2 checkpoint), once per rank of a node before. A read that
-    fails stops every rank, rank 0 saying why (its error as it is: a damaged file, exit 2)."""
+    3.4 s at ``base`` (a 2-rank ZeRO 2 checkpoint), once per rank of a node before. With ``into``
+    (given on every rank: a model of the read one's config) the tensors land in it and it is
+    returned, rank 0 copying its read into it: the other ranks build nothing. A read that fails
+    stops every rank, rank 0 saying why (its error as it is: a damaged file, exit 2)."""
     model = ckpt.on_rank_0(read, rank, device, "which could not read its model")
-    box = [(type(model), model.config) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0, device=device)
-    if rank != 0:
-        kind, config = box[0]
-        model = kind(config)
+    if into is None:
+        box = [(type(model), model.config) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=device)
+        if rank != 0:
+            kind, config = box[0]
+            model = kind(config)
+    elif rank != 0:
+        model = into
     seen = set()
     with torch.no_grad():
         for tensor in model.state_dict().values():  # the same order on every rank; a tied one once
@@ -349,7 +356,9 @@ def first_rank_model(read: Callable[[], nn.Module], rank: int, device: torch.dev
             dist.broadcast(sent, src=0)
             if sent is not tensor:
                 tensor.copy_(sent)
-    return model
+    if into is not None and model is not into:
+        into.load_state_dict(model.state_dict())
+    return into if into is not None else model
 
 
 def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -180,7 +180,7 @@ def _initial_weights(model: BertForMaskedLM, source: Path, rank: int, device: to
     from pretrain import engine
     from pretrain.export import load_any
 
-    model.load_state_dict(engine.first_rank_model(lambda: load_any(source)[0], rank, device).state_dict())
+    engine.first_rank_model(lambda: load_any(source)[0], rank, device, into=model)
 
 
 def already_complete(run_dir: Path, step: int, max_steps: int) -> str:

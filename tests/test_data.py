@@ -89,12 +89,38 @@ def test_a_resume_reads_at_most_one_shard_per_worker(dataset, monkeypatch) -> No
 
     reads = []
     real = data.read_blocks
-    monkeypatch.setattr(data, "read_blocks", lambda path: (reads.append(path), real(path))[1])
+    monkeypatch.setattr(data, "read_blocks", lambda path, *read: (reads.append(path), real(path, *read))[1])
     s = stream(dataset, start_batch=200)  # hundreds of sequences in: several shards skipped by count
     it = iter(s)
     next(it)
     assert len(reads) == 1
     assert np.asarray(next(it)[0]).shape == (4, 32)
+
+
+def test_a_shard_is_opened_once_for_its_sha256_and_its_blocks(dataset, monkeypatch) -> None:
+    """What the reader checks against the manifest is what it parses: one read of the file (two
+    before: a file changed between the check and the parse went through unchecked)."""
+    import builtins
+    import io
+
+    opened = Counter()
+    real = io.open
+
+    def counting(file, *args, **kwargs):  # noqa: ANN001, ANN202 - open's own signature
+        opened[str(file)] += 1
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting)  # pathlib's read_bytes
+    monkeypatch.setattr(builtins, "open", counting)  # webdataset's gopen
+    s = stream(dataset)
+    it = iter(s)
+    first = s.shards[s._shard_at(0)][1]
+    for _ in range(first // s.batch_size + 1):  # into the second shard
+        next(it)
+    shards = {str(dataset / path) for path, _ in s.shards}
+    assert {f: n for f, n in opened.items() if f in shards} == {
+        str(dataset / s.shards[s._shard_at(k)][0]): 1 for k in (0, 1)
+    }
 
 
 def test_other_slots_go_on_from_the_first_shard_not_read_whole_losing_nothing(dataset) -> None:

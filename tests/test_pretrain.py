@@ -500,8 +500,9 @@ def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_p
 
 
 def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_running(dataset, tmp_path) -> None:
-    """The terminal of a bare start closes (SIGHUP to its process group, then the terminal gone): the ranks
-    save and exit 0, where they had died with the step's work lost; under nohup the run carries on."""
+    """The terminal of a bare start closes (the terminal gone, then SIGHUP to its process group, the kernel's
+    order): the ranks write on into nothing, then save and exit 0, where they had died with the step's
+    work lost; under nohup the run carries on."""
     import pty
     import select
 
@@ -529,9 +530,10 @@ def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_runnin
     run = tmp_path / "run"
     proc, master = start(run)
     try:
+        os.close(master)  # the terminal is gone: a write to it now fails with EIO
+        time.sleep(2)  # (steps go on, each logging a line: a SIGHUP handled late, after some of them)
+        assert proc.poll() is None
         os.killpg(proc.pid, signal.SIGHUP)  # as the kernel does when a terminal hangs up
-        time.sleep(0.5)
-        os.close(master)  # and the terminal is gone: a write to it now fails
         assert proc.wait(timeout=120) == 0
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
@@ -625,18 +627,22 @@ from data_prep.errors import RunError, UserError
 from pretrain import engine
 from pretrain.model import BertForMaskedLM, ModelConfig
 
-rank, out, fail = int(os.environ["RANK"]), sys.argv[1], sys.argv[2] == "fail"
+rank, out, mode = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
+shape = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 device = engine.init_distributed(rank)
 
 def read():
     assert rank == 0, "read on another rank"
-    if fail:
+    if mode == "fail":
         raise UserError("a damaged file")
     torch.manual_seed(7)
-    return BertForMaskedLM(ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    return BertForMaskedLM(shape)
 
 try:
-    torch.save(engine.first_rank_model(read, rank, device).state_dict(), f"{out}/rank{rank}.pt")
+    into = BertForMaskedLM(shape) if mode == "into" else None  # (another seed's weights)
+    got = engine.first_rank_model(read, rank, device, into=into)
+    assert into is None or got is into
+    torch.save(got.state_dict(), f"{out}/rank{rank}.pt")
 except (UserError, RunError) as err:
     print(type(err).__name__, err, getattr(err, "quiet", None))
 finally:  # as a rank's run does (trainer.ends_process_group): one left to the interpreter's exit, after
@@ -644,21 +650,22 @@ finally:  # as a rank's run does (trainer.ends_process_group): one left to the i
 """
 
 
-@pytest.mark.parametrize("fail", [False, True])
-def test_a_model_read_on_the_first_rank_reaches_every_rank(tmp_path, fail) -> None:
+@pytest.mark.parametrize("mode", ["ok", "into", "fail"])
+def test_a_model_read_on_the_first_rank_reaches_every_rank(tmp_path, mode) -> None:
     """train.init_from and a distillation teacher are read by rank 0 alone (a checkpoint's
-    consolidation reads every optimizer shard) and broadcast; two real ranks on gloo. A failed
-    read stops both, rank 0 with its error, rank 1 quietly."""
+    consolidation reads every optimizer shard) and broadcast; two real ranks on gloo; ``into``
+    (init_from's: the run's model) takes the weights in place. A failed read stops both, rank 0
+    with its error, rank 1 quietly."""
     from launch.env import free_port
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_RANK, str(tmp_path), "fail" if fail else "ok"],
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_RANK, str(tmp_path), mode],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]  # fmt: skip
     said = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], said
-    if fail:
+    if mode == "fail":
         assert [out.strip() for out, _ in said] == [
             "UserError a damaged file None", "RunError rank 1: stopped with rank 0, which could not read its model True"
         ], said  # fmt: skip
