@@ -1,10 +1,11 @@
 """The error types of the command line: the user's input is wrong (:class:`UserError`), a run
-failed for another reason (:class:`RunError`); and :func:`naming`, which puts a file's name on
-an OS error that had none."""
+failed for another reason (:class:`RunError`); :func:`naming`, which puts a file's name on an
+OS error that had none; and :func:`fault`, the tests' hook for faults at a given point."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,3 +41,18 @@ def naming(path: Path | str) -> Iterator[None]:
         if err.filename is not None:
             raise
         raise OSError(err.errno, err.strerror, str(path)) from None
+
+
+_FAULT = os.environ.get("BERTFORGE_FAULT", "")  # read once: each rank and prep worker is a fresh process or a fork
+
+
+def fault(kind: str, at: int) -> bool:
+    """Test hook: whether ``BERTFORGE_FAULT`` is ``kind@AT``. The trainer's kinds, at step ``AT``:
+    ``kill`` (SIGKILL every rank after the step), ``kill-in-save`` (SIGKILL rank 0 inside the step's
+    save), ``nan`` (a non-finite loss on the last rank in the step's first micro-batch),
+    ``lost-rank`` (SIGKILL the last rank after the step, as the out-of-memory killer would, while
+    the others wait, as ranks in an NCCL collective wait for a dead peer until the timeout; gloo
+    would notice it gone), ``stuck`` (every rank blocks the stop signals and sleeps after the step,
+    as ranks blocked inside a collective run no signal handler). Prep's, at unit ``AT``:
+    ``kill-in-unit`` (SIGKILL the process writing the unit, its shards half written)."""
+    return bool(_FAULT) and _FAULT == f"{kind}@{at}"  # (on the hot path: nothing when unset)

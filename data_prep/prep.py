@@ -28,13 +28,12 @@ from tqdm import tqdm
 
 from data_prep import corpus, encode, manifest, tokenizer
 from data_prep.config import PrepConfig, parse_size
-from data_prep.errors import RunError, UserError
+from data_prep.errors import RunError, UserError, fault
 from data_prep.files import LOCK, holding, write_atomic
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
 STATE_DIR = ".prep"
-_FAULT = os.environ.get("BERTFORGE_FAULT", "")  # test hook (read once): see run_unit
 WORKER_DIED = (
     "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "
     "run the same command again to resume"
@@ -202,7 +201,7 @@ def run_unit(
             raise
         while pending:
             consume(pending.popleft().result())
-    if _FAULT == f"kill-in-unit@{unit}":  # test hook: SIGKILL whoever writes unit N (the main process, or a
+    if fault("kill-in-unit", unit):  # test hook: SIGKILL whoever writes unit N (the main process, or a
         os.kill(os.getpid(), signal.SIGKILL)  # worker) with its shards' temporary files half written
     record = {
         "unit": unit,

@@ -334,7 +334,7 @@ def first_rank_model(
     which build it from its config (``type(model)(model.config)``) and take its tensors by
     broadcast: a run or checkpoint folder is consolidated from every optimizer shard, 1.4 GB and
     3.4 s at ``base`` (a 2-rank ZeRO 2 checkpoint), once per rank of a node before. With ``into``
-    (given on every rank: a model of the read one's config) the tensors land in it and it is
+    (given on every rank: a model of the read one's config and dtype) the tensors land in it and it is
     returned, rank 0 copying its read into it: the other ranks build nothing. A read that fails
     stops every rank, rank 0 saying why (its error as it is: a damaged file, exit 2)."""
     model = ckpt.on_rank_0(read, rank, device, "which could not read its model")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
-from data_prep.errors import RunError, UserError
+from data_prep.errors import RunError, UserError, fault
 from launch.config import leaves, to_dict, to_yaml
 from launch.env import hang_up_is_ignored, leave_terminal
 from pretrain import checkpoint as ckpt
@@ -243,20 +243,6 @@ class Stop:
             raise KeyboardInterrupt
         if self.signal is None:
             self.signal, self.since = signal.Signals(signum).name, time.monotonic()
-
-
-_FAULT = os.environ.get("BERTFORGE_FAULT", "")  # read once: each rank is a fresh process
-
-
-def _fault(kind: str, step: int) -> bool:
-    """Test hook: ``BERTFORGE_FAULT=kind@STEP``: ``kill`` (SIGKILL every rank after the step),
-    ``kill-in-save`` (SIGKILL rank 0 inside the step's save), ``nan`` (a non-finite loss on the
-    last rank in the step's first micro-batch), ``lost-rank`` (SIGKILL the last rank after the
-    step, as the out-of-memory killer would, while the others wait, as ranks in an NCCL
-    collective wait for a dead peer until the timeout; gloo would notice it gone), ``stuck``
-    (every rank blocks the stop signals and sleeps after the step, as ranks blocked inside a
-    collective run no signal handler)."""
-    return bool(_FAULT) and _FAULT == f"{kind}@{step}"  # (on the hot path: nothing when unset)
 
 
 def _next_batch(
@@ -487,7 +473,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     def save(reason: str) -> None:
         name, kept = ckpt.tag(step), ckpt.tag(saved_at) if saved_at else "none"  # (saved_at: the last one, below)
         failed = engine.save(eng, root, name, rank)
-        if _fault("kill-in-save", step) and rank == 0:
+        if fault("kill-in-save", step) and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         ckpt.agree_written(failed, root / name, rank, world, device, f"at step {step}", kept)
         if rank == 0:
@@ -536,7 +522,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
                 )
                 value = loss.item()
-                if _fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
+                if fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
                     value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
                 mine = [not math.isfinite(value), stop.signal is not None, _damage_flag(damaged, rank, world)]
                 flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
@@ -641,13 +627,13 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             if step % cfg.checkpoint.every == 0 or last:
                 save("end of run" if last else f"every {cfg.checkpoint.every} steps")
                 saved_at = step
-            if _fault("kill", step):
+            if fault("kill", step):
                 os.kill(os.getpid(), signal.SIGKILL)
-            if _fault("lost-rank", step):
+            if fault("lost-rank", step):
                 if rank == world - 1:
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)
-            if _fault("stuck", step):
+            if fault("stuck", step):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
                 time.sleep(3600)
         say(

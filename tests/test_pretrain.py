@@ -508,13 +508,14 @@ def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_runnin
 
     def start(run: Path, nohup: bool = False) -> tuple[subprocess.Popen, int]:
         """A run in a session of its own on a pseudo-terminal, once it logged step 3: 2 ranks; ``nohup``: one,
-        with SIGHUP ignored, as nohup starts it (nohup itself would also move the output to nohup.out)."""
+        with SIGHUP ignored, as nohup starts it (nohup itself would also move the output to nohup.out). Else
+        SIGHUP as by default, whatever this process has (the suite run under nohup: ignored, inherited)."""
         master, slave = pty.openpty()
         proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pretrain", TINY, "--nproc", "1" if nohup else "2",
                                  f"data.path={dataset}", f"run.dir={run}", "train.max_steps=100000", "log.every=1",
                                  "checkpoint.every=100000", "eval.every=0"], cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=slave, stderr=slave, start_new_session=True,
-                                preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None)  # fmt: skip
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL))  # fmt: skip
         os.close(slave)
         seen = b""
         try:
