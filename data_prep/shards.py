@@ -182,14 +182,11 @@ def read_blocks(path: str | Path, data: bytes | None = None) -> Iterator[np.ndar
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    if data is None:  # no node or worker splitting: the caller decides who reads which shard
-        dataset = wds.WebDataset(
-            str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-        )
-    else:  # (tarfile_to_samples would open the url again: its expander and grouping alone)
-        dataset = group_by_keys(tar_file_expander([{"url": str(path), "stream": io.BytesIO(data)}]))
-    for sample in wds.decode()(dataset):
-        yield sample[MEMBER_SUFFIX]
+    # webdataset's tar expander and grouping over one stream (the caller decides who reads which
+    # shard: no node or worker splitting); the file streamed, or the bytes given
+    with io.BytesIO(data) if data is not None else open(path, "rb") as stream:  # noqa: SIM115
+        for sample in wds.decode()(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))):
+            yield sample[MEMBER_SUFFIX]
 
 
 def decode_sequence(sp, seq: np.ndarray) -> str:  # noqa: ANN001 - a SentencePieceProcessor

@@ -76,24 +76,10 @@ def export(ranks: Ranks) -> None:
     env.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world), LOCAL_RANK=str(ranks.local_rank))
 
 
-TERMINALS = tuple(fd for fd in (1, 2) if os.isatty(fd))  # as this process started: a terminal that
-# hung up is no tty any more (isatty is False once its other end closed)
-
-
-def leave_terminal(fds: tuple[int, ...] = TERMINALS) -> None:
-    """After a hang-up (the terminal closed): whichever of stdout and stderr was a terminal now
-    writes to /dev/null, so that the lines of the stop that follows cannot fail with EIO. A file
-    or pipe they were sent to keeps its lines."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in fds:
-            os.dup2(null, fd)
-    finally:
-        os.close(null)
-
-
 class _Terminal(io.FileIO):
-    """A terminal's file descriptor that, once the terminal hung up, writes to /dev/null."""
+    """A terminal's file descriptor that, once the terminal hung up (a write fails with EIO),
+    writes to /dev/null instead. A hung-up terminal is no tty any more (``isatty`` is False once its
+    other end closed), so the terminals are the process's at its start (:func:`outlive_terminal`)."""
 
     def write(self, data) -> int:  # noqa: ANN001 - a bytes-like object
         try:
@@ -101,18 +87,21 @@ class _Terminal(io.FileIO):
         except OSError as err:
             if err.errno != errno.EIO:
                 raise
-            leave_terminal((self.fileno(),))
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.fileno())
+            os.close(null)
             return super().write(data)
 
 
 def outlive_terminal() -> None:
     """``sys.stdout`` and ``sys.stderr``, where a terminal, write through :class:`_Terminal`: a line
-    written after the terminal closed (the kernel hangs it up before SIGHUP arrives, and a rank
-    blocked in a step runs its handler later still) goes nowhere instead of failing with EIO and
-    taking the rank down mid-step, its work lost."""
+    written after the terminal closed goes nowhere instead of failing with EIO and taking the
+    process down mid-step, its work lost. The kernel hangs a terminal up before its SIGHUP arrives,
+    and a rank blocked in a step runs its handler later still; the stop's own lines come after it.
+    A file or pipe they were sent to keeps its lines. Call first thing (the console script does)."""
     for fd, name in zip((1, 2), ("stdout", "stderr")):
         old = getattr(sys, name)
-        if fd not in TERMINALS or not isinstance(old, io.TextIOWrapper) or old.fileno() != fd:
+        if not os.isatty(fd) or not isinstance(old, io.TextIOWrapper) or old.fileno() != fd:
             continue
         old.flush()
         raw = _Terminal(fd, "w", closefd=False)

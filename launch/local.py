@@ -3,7 +3,8 @@
 Each rank is ``python -m launch.cli ARGS`` with ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set, and the cores shared out (``OMP_NUM_THREADS``).
 SIGTERM, SIGUSR1, SIGINT and SIGHUP are passed on to every rank (which finish the step, save and
-exit; after a hang-up, this process and the ranks send what a terminal would get to /dev/null).
+exit; after a hang-up, what this process and the ranks write to the closed terminal goes to
+/dev/null: :func:`launch.env.outlive_terminal`).
 A second SIGINT or SIGTERM over 2 s after the first (Ctrl-C again, ``kill`` again) is passed on
 too (a rank aborts on a second SIGINT), and the ranks still running 5 s later are killed: a rank
 blocked inside a collective (a hung run) runs no signal handler, and had kept the launcher
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from launch.env import free_port, hang_up_is_ignored, leave_terminal
+from launch.env import free_port, hang_up_is_ignored
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
@@ -43,8 +44,6 @@ def run(args: list[str], nproc: int) -> int:
     interrupted = {"first": 0.0, "kill_at": 0.0, "again": 0}
 
     def forward(signum, _frame) -> None:
-        if signum == signal.SIGHUP:
-            leave_terminal()
         if signum in (signal.SIGINT, signal.SIGTERM):
             now = time.monotonic()
             if interrupted["first"] and now - interrupted["first"] > 2 and not interrupted["kill_at"]:

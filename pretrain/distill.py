@@ -21,12 +21,12 @@ cosine term.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -246,7 +246,7 @@ def load_teacher(cfg: DistillConfig, rank: int, device: torch.device) -> BertFor
 
 def build_student(cfg: DistillConfig, device: torch.device) -> Student:
     """The trainer's ``build_model`` for distillation (weights the same on every rank: the seed is set)."""
-    teacher = load_teacher(cfg, int(os.environ.get("RANK", 0)), device)
+    teacher = load_teacher(cfg, dist.get_rank(), device)
     student = Student(cfg.model, teacher.to(device), cfg.distill)
     if cfg.distill.init_from_teacher:
         init_from(student, teacher)

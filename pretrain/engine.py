@@ -338,14 +338,14 @@ def first_rank_model(
     returned, rank 0 copying its read into it: the other ranks build nothing. A read that fails
     stops every rank, rank 0 saying why (its error as it is: a damaged file, exit 2)."""
     model = ckpt.on_rank_0(read, rank, device, "which could not read its model")
+    if rank != 0:
+        model = into
     if into is None:
         box = [(type(model), model.config) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0, device=device)
         if rank != 0:
             kind, config = box[0]
             model = kind(config)
-    elif rank != 0:
-        model = into
     seen = set()
     with torch.no_grad():
         for tensor in model.state_dict().values():  # the same order on every rank; a tied one once
@@ -356,9 +356,11 @@ def first_rank_model(
             dist.broadcast(sent, src=0)
             if sent is not tensor:
                 tensor.copy_(sent)
-    if into is not None and model is not into:
+    if into is None:
+        return model
+    if rank == 0:
         into.load_state_dict(model.state_dict())
-    return into if into is not None else model
+    return into
 
 
 def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import RunError, UserError, fault
 from launch.config import leaves, to_dict, to_yaml
-from launch.env import hang_up_is_ignored, leave_terminal
+from launch.env import hang_up_is_ignored
 from pretrain import checkpoint as ckpt
 from pretrain.config import (
     Precision,
@@ -226,8 +226,8 @@ class _Window:
 
 class Stop:
     """Signal handlers that ask for a clean stop; a second SIGINT over 2 s later aborts. SIGHUP (the
-    terminal closed) stops the same way, its output sent to /dev/null first, unless the run was
-    started under ``nohup``, which asked it to carry on."""
+    terminal closed: what is written to it goes to /dev/null, :func:`launch.env.outlive_terminal`)
+    stops the same way, unless the run was started under ``nohup``, which asked it to carry on."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -237,8 +237,6 @@ class Stop:
                 signal.signal(s, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        if signum == signal.SIGHUP:
-            leave_terminal()
         if signum == signal.SIGINT and self.signal is not None and time.monotonic() - self.since > 2:
             raise KeyboardInterrupt
         if self.signal is None:
