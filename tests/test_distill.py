@@ -13,7 +13,7 @@ import torch
 from pretrain.distill import DistillSection, Student, init_from, teacher_layers
 from pretrain.model import BertForMaskedLM, ModelConfig
 from pretrain.report import panels, read_metrics
-from tests.conftest import REPO, run_cli, run_prep
+from tests.conftest import PEAK, REPO, run_cli, run_prep
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
 DISTILL = str(REPO / "configs/distill/tiny.yaml")
@@ -44,7 +44,7 @@ def test_the_student_starts_from_every_other_teacher_layer() -> None:
 # attention-relation term, whose hooks sit on modules that ZeRO 3 gathers around
 STUDENT = ["--nproc", "2", "--no-progress", "train.max_steps=30", "log.every=1", "eval.every=30", "eval.batches=2",
            "optim.lr=3e-3", "distill.init_from_teacher=false", "train.precision=fp32", "checkpoint.every=15",
-           "train.zero_stage=3", "distill.attn_weight=1"]  # fmt: skip
+           "train.zero_stage=3", "distill.attn_weight=1", PEAK]  # fmt: skip
 
 
 def test_attention_relations_match_only_between_equal_models() -> None:

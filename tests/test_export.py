@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, refusal, run_cli
+from tests.conftest import PEAK, REPO, refusal, run_cli
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
 
@@ -23,7 +23,7 @@ def trained(tmp_path_factory, train_data) -> tuple[Path, Path]:
     data, run = train_data, tmp_path_factory.mktemp("export") / "run"
     r = run_cli("pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
                 "train.max_steps=10", "train.zero_stage=3", "train.precision=fp32", "optim.lr=3e-3", "eval.every=10",
-                "eval.batches=2")  # fmt: skip
+                "eval.batches=2", PEAK)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     return data, run
 

@@ -23,7 +23,7 @@ import torch
 from data_prep.errors import RunError
 from pretrain import checkpoint as ckpt
 from pretrain.config import cpu_has_bf16, native_precision
-from tests.conftest import REPO, refusal, run_cli, run_prep
+from tests.conftest import PEAK, REPO, refusal, run_cli, run_prep
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
 TAGS = {
@@ -48,9 +48,10 @@ def dataset(train_data) -> Path:
 
 
 def pretrain(dataset: Path, run: Path, *overrides: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    """``bertforge pretrain tiny.yaml --nproc 2`` on the test dataset, 20 steps logged every step."""
+    """``bertforge pretrain tiny.yaml --nproc 2`` on the test dataset, 20 steps logged every step
+    (the peak FLOP/s given, unless an override sets ``log.peak_tflops=0``)."""
     args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}"]
-    args += ["train.max_steps=20", "log.every=1", "checkpoint.every=10", "eval.every=10", "eval.batches=2"]
+    args += ["train.max_steps=20", "log.every=1", "checkpoint.every=10", "eval.every=10", "eval.batches=2", PEAK]
     return run_cli(*args, *overrides, env=env, **kw)
 
 
@@ -150,9 +151,10 @@ def test_one_rank_at_zero_0_skips_the_all_reduce_and_learns_the_same(dataset, tm
 
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
-    """20 uninterrupted steps in fp32 (ZeRO 2), the run the resumed ones must reproduce."""
+    """20 uninterrupted steps in fp32 (ZeRO 2), the run the resumed ones must reproduce (its peak
+    FLOP/s measured: the event file's test reads it)."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    ok(pretrain(dataset, run, "train.precision=fp32"))
+    ok(pretrain(dataset, run, "train.precision=fp32", "log.peak_tflops=0"))
     return run
 
 
@@ -269,7 +271,7 @@ def test_a_bare_run_killed_before_its_first_checkpoint_starts_again_at_once(data
     # torchrun's) was refused, naming the dead pid. And TensorBoard had shown the killed run's steps twice.
     run = tmp_path / "run"
     args = ["pretrain", TINY, "--nproc", "1", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
-            "train.max_steps=6", "log.every=1", "eval.every=0"]  # fmt: skip
+            "train.max_steps=6", "log.every=1", "eval.every=0", PEAK]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "BERTFORGE_FAULT": "kill@3"}
     with (tmp_path / "out.txt").open("w") as out:  # (not a pipe: the orphaned worker would hold it, and the wait)
         proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env, stdout=out, stderr=out)
@@ -430,7 +432,7 @@ def endless(dataset: Path, run: Path, *overrides: str, until: str) -> tuple[subp
     """``bertforge pretrain`` on 2 ranks without end, as a user starts it, once it printed a line
     starting with ``until``: the process and its arguments."""
     args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
-            "train.max_steps=100000", "log.every=1", "eval.every=0", *overrides]  # fmt: skip
+            "train.max_steps=100000", "log.every=1", "eval.every=0", PEAK, *overrides]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     for line in proc.stdout:
@@ -446,7 +448,7 @@ def test_interrupted_twice_the_launcher_kills_ranks_that_cannot_stop(dataset, tm
     after the second and says so in one line. The launcher had waited for them until the process
     group's 30-minute timeout."""
     args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={tmp_path / 'run'}",
-            "train.max_steps=100", "log.every=1", "eval.every=0"]  # fmt: skip
+            "train.max_steps=100", "log.every=1", "eval.every=0", PEAK]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "BERTFORGE_FAULT": "stuck@3"}
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
@@ -513,7 +515,7 @@ def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_runnin
         master, slave = pty.openpty()
         proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "pretrain", TINY, "--nproc", "1" if nohup else "2",
                                  f"data.path={dataset}", f"run.dir={run}", "train.max_steps=100000", "log.every=1",
-                                 "checkpoint.every=100000", "eval.every=0"], cwd=REPO, stdin=subprocess.DEVNULL,
+                                 "checkpoint.every=100000", "eval.every=0", PEAK], cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=slave, stderr=slave, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL))  # fmt: skip
         os.close(slave)
@@ -700,7 +702,7 @@ def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedu
     run = tmp_path / "continued"
     args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={data}", f"run.dir={run}",
             f"train.init_from={source}", "model.num_layers=5", "optim.lr=0", "log.every=1", "eval.every=2",
-            "eval.batches=2"]  # fmt: skip
+            "eval.batches=2", PEAK]  # fmt: skip
     r = run_cli(*args, "train.max_steps=2")
     ok(r)
     assert f"initial weights from {source}" in r.stdout and "(L2 H64 A2)" in r.stdout  # the teacher's shape

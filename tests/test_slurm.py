@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pretrain import checkpoint as ckpt
-from tests.conftest import REPO, run_cli
+from tests.conftest import PEAK, REPO, run_cli
 
 
 def _cluster_up() -> str | None:
@@ -39,7 +39,7 @@ def dataset(train_data) -> Path:
 
 def submit(dataset: Path, run: Path, logs: Path, *extra: str, env: dict | None = None) -> str:
     r = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={run}", f"train.max_steps={STEPS}",
-                "log.every=10", "eval.every=0", "checkpoint.every=1000", "train.zero_stage=2", "train.precision=auto",
+                "log.every=10", "eval.every=0", "checkpoint.every=1000", "train.zero_stage=2", "train.precision=auto", PEAK,
                 "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "60",
                 "--log-dir", str(logs), *extra, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -191,7 +191,7 @@ def test_distillation_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
     run, logs = tmp_path / "run", tmp_path / "logs"
     r = run_cli("submit", "distill", str(REPO / "configs/distill/tiny.yaml"), f"data.path={data}", f"run.dir={run}",
                 f"distill.teacher={teacher}", "train.max_steps=10", "log.every=5", "eval.every=10", "eval.batches=2",
-                "checkpoint.every=10", "train.precision=fp32", "--nodes", "2", "--tasks-per-node", "1",
+                "checkpoint.every=10", "train.precision=fp32", PEAK, "--nodes", "2", "--tasks-per-node", "1",
                 "--cpus-per-task", "1", "--time", "60", "--log-dir", str(logs))  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[2].rstrip(":")
