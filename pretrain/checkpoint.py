@@ -58,6 +58,17 @@ def on_rank_0(work: Callable[[], T], rank: int, device: torch.device, why: str) 
     return result
 
 
+def failure_flag(failed: bool, rank: int, world: int) -> float:
+    """This rank's part of a MAX all-reduce that tells every rank whether any failed, and which
+    first: ``world - rank`` where it failed, else 0 (:func:`first_failed` reads the result)."""
+    return float(world - rank) if failed else 0.0
+
+
+def first_failed(flag: float, world: int) -> int:
+    """The lowest rank that failed, from the MAX over the ranks of :func:`failure_flag` (nonzero)."""
+    return world - int(flag)
+
+
 def hold_for_ranks(run_dir: Path, rank: int, device: torch.device) -> None:
     """Rank 0 holds the run folder until its process ends (unless the bertforge process that started
     the ranks, or this one, holds it already); when another run holds it, every rank stops, the
@@ -194,11 +205,11 @@ def agree_written(
     what the user does next. The trainer agrees on its log the same way."""
     import torch.distributed as dist
 
-    flag = torch.tensor([float(world - rank) if err is not None else 0.0], device=device)
+    flag = torch.tensor([failure_flag(err is not None, rank, world)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
         return
-    first = world - int(flag.item())
+    first = first_failed(flag.item(), world)
     if rank != first:
         raise RunError(f"rank {rank}: stopped with rank {first}, which could not write {path}", quiet=True)
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]

@@ -272,17 +272,11 @@ def _next_batch(
     return ids, ids.clone(), err
 
 
-def _damage_flag(err: RunError | None, rank: int, world: int) -> float:
-    """This rank's data flag: ``world - rank`` where its data failed (a damaged shard, a dead
-    loader worker), so that the MAX over the ranks is nonzero when any did and names the first
-    that did (:func:`_damaged` reads it)."""
-    return float(world - rank) if err is not None else 0.0
-
-
 def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: str, run_dir: Path) -> RunError:
-    """What each rank raises once the reduced :func:`_damage_flag` is nonzero (``where``: "at step
-    N"): the error, printed by the first rank that met it, a quiet copy on the others."""
-    first = world - int(flag)
+    """What each rank raises once the reduced data flag (:func:`pretrain.checkpoint.failure_flag`:
+    a damaged shard, a dead loader worker) is nonzero (``where``: "at step N"): the error, printed
+    by the first rank that met it, a quiet copy on the others."""
+    first = ckpt.first_failed(flag, world)
     if err is None or rank != first:
         return RunError(f"rank {rank}: stopped with rank {first}, whose data failed", quiet=True)
     again = "" if isinstance(err, DamagedShard) else ": run the same command again to resume"
@@ -449,7 +443,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 loss, correct, count = eng(ids.to(device), labels=labels.to(device))
                 teacher = getattr(eng.module, "loss_terms", {}).get("teacher_correct", torch.zeros((), device=device))
                 sums += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
-        bad = torch.tensor([_damage_flag(damaged, rank, world)], device=device)
+        bad = torch.tensor([ckpt.failure_flag(damaged is not None, rank, world)], device=device)
         dist.all_reduce(sums)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
@@ -522,7 +516,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 value = loss.item()
                 if fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
                     value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
-                mine = [not math.isfinite(value), stop.signal is not None, _damage_flag(damaged, rank, world)]
+                mine = [
+                    not math.isfinite(value),
+                    stop.signal is not None,
+                    ckpt.failure_flag(damaged is not None, rank, world),
+                ]
                 flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[2]:
