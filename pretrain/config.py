@@ -107,6 +107,13 @@ class TrainConfig:
     compile: bool = False
     """Compile the model with ``torch.compile`` (slower start, faster steps)."""
 
+    collective_timeout_s: float = field(default=1800.0, metadata={"range": "[1, inf)"})
+    """Seconds a rank waits for the others in a collective (a gradient all-reduce, a barrier, the
+    start-up rendezvous) before every rank stops with an error: a rank that hangs (a stuck GPU, a
+    dead node) ends the run after this long instead of holding every device. Raise it where one
+    rank works alone while the others wait (rank 0 converts a checkpoint for another rank count:
+    minutes at ``large``); DeepSpeed's default is 1800."""
+
 
 @dataclass
 class OptimConfig:

@@ -455,7 +455,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     from pretrain.trainer import Result, Stop
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = engine.init_distributed(local_rank)
+    device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
     say = print if rank == 0 else (lambda *a, **k: None)
     sec = cfg.finetune
     run_dir = Path(cfg.run.dir)

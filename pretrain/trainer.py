@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -297,16 +298,34 @@ def _data_position(batches: int, world: int, workers: int, micro: int) -> list[d
     return out
 
 
+# How torch words a collective that waited out the process group's timeout: gloo's, NCCL's watchdog's,
+# and the start-up rendezvous's (a rank that never came)
+TIMED_OUT = re.compile(
+    r"Timed out waiting \d+ ?ms|collective operation timeout|Timed out after \d+ seconds waiting for clients"
+)
+
+
 def ends_process_group(run):  # noqa: ANN001, ANN201
-    """Decorator for a rank's whole run: the process group is destroyed on every way out of it,
-    an error's included. One left to the interpreter's teardown (after an error in loading a
-    checkpoint, say) now and then aborted the process there ("terminate called without an active
-    exception", SIGABRT) after its one-line error."""
+    """Decorator for a rank's whole run (``run(cfg, ...)``): the process group is destroyed on every
+    way out of it, an error's included. One left to the interpreter's teardown (after an error in
+    loading a checkpoint, say) now and then aborted the process there ("terminate called without an
+    active exception", SIGABRT) after its one-line error. A collective that waited
+    ``train.collective_timeout_s`` for a rank that hung (a stuck device, a dead node) becomes one
+    line naming that key, in place of torch's traceback; the launcher then stops the other ranks."""
 
     @functools.wraps(run)
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapper(cfg, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         try:
-            return run(*args, **kwargs)
+            return run(cfg, *args, **kwargs)
+        except RuntimeError as err:
+            if not TIMED_OUT.search(str(err)):
+                raise
+            rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+            raise RunError(
+                f"rank {rank}: waited {cfg.train.collective_timeout_s:g} s for the other ranks in a collective "
+                "(config key 'train.collective_timeout_s'): one of them is hung or gone; every rank stopped: run "
+                "the same command again to resume from the last checkpoint"
+            ) from None
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -327,7 +346,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     cfg, man, latest = resolve(cfg, world)
-    device = engine.init_distributed(local_rank)
+    device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
     ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
     stop = Stop()
     say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
@@ -630,6 +649,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)
             if fault("stuck", step):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+                time.sleep(3600)
+            if fault("hang", step) and rank == world - 1:
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
                 time.sleep(3600)
         say(

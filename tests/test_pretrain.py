@@ -471,6 +471,34 @@ def test_interrupted_twice_the_launcher_kills_ranks_that_cannot_stop(dataset, tm
                      "last checkpoint"], err[-2000:]  # fmt: skip
 
 
+def test_a_hung_rank_ends_the_run_after_the_collective_timeout_in_one_line(dataset, tmp_path) -> None:
+    """The last rank hangs after step 3 (the ``hang`` fault hook: its signals blocked, asleep, as
+    with a stuck device) while rank 0 goes on into step 4's collectives: after
+    ``train.collective_timeout_s`` rank 0 stops with one line naming that key (torch had printed a
+    traceback), the launcher kills the hung rank, and the step-2 checkpoint is what remains.
+    DeepSpeed's default timeout would have held both ranks for 30 minutes."""
+    run = tmp_path / "run"
+    args = ["pretrain", TINY, "--nproc", "2", "--no-progress", f"data.path={dataset}", f"run.dir={run}",
+            "train.max_steps=6", "log.every=1", "eval.every=0", "checkpoint.every=2", PEAK,
+            "train.collective_timeout_s=20"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BERTFORGE_FAULT": "hang@3"}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # the launcher still waiting: it and both ranks
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        "bertforge: error: rank 0: waited 20 s for the other ranks in a collective (config key "
+        "'train.collective_timeout_s'): one of them is hung or gone; every rank stopped: run the same command "
+        "again to resume from the last checkpoint"
+    ], err[-3000:]
+    assert "step 3/6" in out and "step 4/6" not in out
+    assert ckpt.latest(run) == "step_00000002"
+
+
 def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_path) -> None:
     run = tmp_path / "run"
     proc, args = endless(dataset, run, "checkpoint.every=100000", until="step 3/")
