@@ -53,7 +53,8 @@ def fault(kind: str, at: int) -> bool:
     ``lost-rank`` (SIGKILL the last rank after the step, as the out-of-memory killer would, while
     the others wait, as ranks in an NCCL collective wait for a dead peer until the timeout; gloo
     would notice it gone), ``stuck`` (every rank blocks the stop signals and sleeps after the step,
-    as ranks blocked inside a collective run no signal handler), ``hang`` (the last rank alone does so,
-    while the others go on into the next step's collectives, as with a GPU that stopped). Prep's, at unit ``AT``:
-    ``kill-in-unit`` (SIGKILL the process writing the unit, its shards half written)."""
+    as ranks blocked inside a collective run no signal handler), ``hang`` (the last rank alone does
+    so, while the others go on into the next step's collectives, as with a GPU that stopped).
+    Prep's, at unit ``AT``: ``kill-in-unit`` (SIGKILL the process writing the unit, its shards half
+    written)."""
     return bool(_FAULT) and _FAULT == f"{kind}@{at}"  # (on the hot path: nothing when unset)

@@ -298,10 +298,12 @@ def _data_position(batches: int, world: int, workers: int, micro: int) -> list[d
     return out
 
 
-# How torch words a collective that waited out the process group's timeout: gloo's, NCCL's watchdog's,
-# and the start-up rendezvous's (a rank that never came)
+# How torch words a wait that ran out the process group's timeout: a collective's (gloo's, NCCL's
+# watchdog's), and the start-up rendezvous's (rank 0 for a rank that never came, a rank for rank 0)
 TIMED_OUT = re.compile(
     r"Timed out waiting \d+ ?ms|collective operation timeout|Timed out after \d+ seconds waiting for clients"
+    r"|timed out after \d+ ?ms while trying to connect",
+    re.IGNORECASE,
 )
 
 
@@ -320,11 +322,15 @@ def ends_process_group(run):  # noqa: ANN001, ANN201
         except RuntimeError as err:
             if not TIMED_OUT.search(str(err)):
                 raise
-            rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+            if dist.is_initialized():
+                rank, where, why = dist.get_rank(), "in a collective", "one of them is hung or gone"
+            else:
+                rank, why = os.environ.get("RANK", "?"), "one of them did not start or cannot reach it"
+                where = f"at the start-up rendezvous ({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})"
             raise RunError(
-                f"rank {rank}: waited {cfg.train.collective_timeout_s:g} s for the other ranks in a collective "
-                "(config key 'train.collective_timeout_s'): one of them is hung or gone; every rank stopped: run "
-                "the same command again to resume from the last checkpoint"
+                f"rank {rank}: waited {cfg.train.collective_timeout_s:g} s for the other ranks {where} (config key "
+                f"'train.collective_timeout_s'): {why}; every rank stopped: run the same command again to resume "
+                "from the last checkpoint"
             ) from None
         finally:
             if dist.is_initialized():

@@ -499,6 +499,27 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout_in_one_line(datas
     assert ckpt.latest(run) == "step_00000002"
 
 
+def test_a_rank_missing_at_the_rendezvous_is_waited_for_as_long_as_the_collective_timeout(dataset, tmp_path) -> None:
+    """Ranks started by a launcher (torchrun, srun) of which one never comes, or cannot reach rank
+    0: rank 0 waits for it, and a rank waits for rank 0, ``train.collective_timeout_s``, then says so in
+    one line (torch had printed a traceback of its store). A rank that cannot connect also gets
+    torch's own C++ log of the failed connection above that line (its store logs it before raising)."""
+    from launch.env import free_port
+
+    port = str(free_port())
+    base = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    args = ("pretrain", TINY, "--no-progress", f"data.path={dataset}", "train.collective_timeout_s=3", PEAK)
+    for rank in ("0", "1"):
+        r = run_cli(*args, f"run.dir={tmp_path / rank}", env={**base, "RANK": rank, "LOCAL_RANK": rank}, timeout=120)
+        lines = r.stderr.splitlines() if rank == "0" else r.stderr.splitlines()[-1:]
+        assert r.returncode == 1 and lines == [
+            f"bertforge: error: rank {rank}: waited 3 s for the other ranks at the start-up rendezvous "
+            f"(127.0.0.1:{port}) (config key 'train.collective_timeout_s'): one of them did not start or cannot "
+            "reach it; every rank stopped: run the same command again to resume from the last checkpoint"
+        ], r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and r.stderr.count("bertforge: error") == 1
+
+
 def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_path) -> None:
     run = tmp_path / "run"
     proc, args = endless(dataset, run, "checkpoint.every=100000", until="step 3/")
