@@ -54,7 +54,9 @@ def fault(kind: str, at: int) -> bool:
     the others wait, as ranks in an NCCL collective wait for a dead peer until the timeout; gloo
     would notice it gone), ``stuck`` (every rank blocks the stop signals and sleeps after the step,
     as ranks blocked inside a collective run no signal handler), ``hang`` (the last rank alone does
-    so, while the others go on into the next step's collectives, as with a GPU that stopped).
+    so, while the others go on into the next step's collectives, as with a GPU that stopped),
+    ``abort`` (SIGABRT the last rank after the step, as NCCL's watchdog ends a rank whose collective
+    timed out).
     Prep's, at unit ``AT``: ``kill-in-unit`` (SIGKILL the process writing the unit, its shards half
     written)."""
     return bool(_FAULT) and _FAULT == f"{kind}@{at}"  # (on the hot path: nothing when unset)

@@ -11,7 +11,8 @@ blocked inside a collective (a hung run) runs no signal handler, and had kept th
 waiting until the process group's 30-minute timeout.
 If a rank dies, the others cannot go on (they would wait in a collective until it times out),
 so they are killed and the launcher exits with the dead rank's code; a rank killed by a signal
-(the out-of-memory killer's SIGKILL), which could not say so itself, is named in one line.
+(the out-of-memory killer's SIGKILL, NCCL's watchdog's SIGABRT), which could not say so itself, is
+named in one line with the signal's usual sender, and counts as the cause before any rank's error.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ import time
 from launch.env import free_port, hang_up_is_ignored
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+KILLERS = {  # who usually sends a signal that kills a rank, said after its name
+    "SIGKILL": " (often the kernel's out-of-memory killer: see dmesg)",
+    "SIGABRT": " (on a GPU often NCCL's watchdog, after a collective waited train.collective_timeout_s: see "
+    "that rank's last lines)",
+}
 
 
 def run(args: list[str], nproc: int) -> int:
-    """Run ``bertforge ARGS`` as ``nproc`` ranks; returns the exit code (the first failing rank's)."""
+    """Run ``bertforge ARGS`` as ``nproc`` ranks; returns the exit code (the first failing rank's,
+    one killed by a signal before one that exited with an error)."""
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=base.get("MASTER_PORT") or str(free_port()), WORLD_SIZE=str(nproc))
     base.update(LOCAL_WORLD_SIZE=str(nproc))
@@ -58,7 +65,8 @@ def run(args: list[str], nproc: int) -> int:
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            # a rank killed by a signal first: the others' errors (a peer gone) follow from it
+            failed = sorted(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), key=lambda rc: rc[1] >= 0)
             if failed:
                 others = [p for p in procs if p.poll() is None]
                 for p in others:
@@ -68,8 +76,7 @@ def run(args: list[str], nproc: int) -> int:
                 rank, code = failed[0]
                 if code < 0:  # killed: the rank could say nothing itself (one that failed has said why)
                     name = signal.Signals(-code).name
-                    print(f"bertforge: error: rank {rank} was killed by {name}"
-                          + (" (often the kernel's out-of-memory killer: see dmesg)" if name == "SIGKILL" else "")
+                    print(f"bertforge: error: rank {rank} was killed by {name}" + KILLERS.get(name, "")
                           + (f"; stopped the other {len(others)} rank(s)" if others else "")
                           + "; run the same command again to resume from the last checkpoint",
                           file=sys.stderr, flush=True)  # fmt: skip

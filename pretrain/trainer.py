@@ -657,6 +657,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             if fault("stuck", step):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
                 time.sleep(3600)
+            if fault("abort", step) and rank == world - 1:
+                os.abort()
             if fault("hang", step) and rank == world - 1:
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
                 time.sleep(3600)

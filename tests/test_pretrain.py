@@ -499,6 +499,19 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout_in_one_line(datas
     assert ckpt.latest(run) == "step_00000002"
 
 
+def test_a_rank_ended_by_sigabrt_is_named_with_what_usually_sends_it(dataset, tmp_path) -> None:
+    """On a GPU, NCCL's watchdog ends a rank whose collective timed out with SIGABRT, before the
+    one-line error above could be raised (the ``abort`` fault hook does the same to the last rank):
+    the launcher names the signal and its usual sender, and the key."""
+    r = pretrain(dataset, tmp_path / "run", "train.max_steps=4", "eval.every=0", env={"BERTFORGE_FAULT": "abort@2"})
+    assert r.returncode == 134, r.stderr[-2000:]
+    assert (
+        "bertforge: error: rank 1 was killed by SIGABRT (on a GPU often NCCL's watchdog, after a collective waited "
+        "train.collective_timeout_s: see that rank's last lines); stopped the other 1 rank(s); run the same command "
+        "again to resume from the last checkpoint\n"
+    ) in r.stderr
+
+
 def test_a_rank_missing_at_the_rendezvous_is_waited_for_as_long_as_the_collective_timeout(dataset, tmp_path) -> None:
     """Ranks started by a launcher (torchrun, srun) of which one never comes, or cannot reach rank
     0: rank 0 waits for it, and a rank waits for rank 0, ``train.collective_timeout_s``, then says so in
