@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -77,10 +78,18 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+# How torch words a rendezvous that ran out its timeout: rank 0's store waiting for a rank that never
+# came, a rank's connection to rank 0's store
+RENDEZVOUS_TIMED_OUT = re.compile(
+    r"Timed out after \d+ seconds waiting for clients|timed out after \d+ ?ms while trying to connect", re.I
+)
+
+
 def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
     """Join the process group that the environment describes (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) and return this rank's device (on a CPU, with
-    :func:`keep_freed_memory` applied)."""
+    ``MASTER_ADDR``, ``MASTER_PORT``) within ``timeout_s`` (``train.collective_timeout_s``, also
+    every collective's) and return this rank's device (on a CPU, with :func:`keep_freed_memory`
+    applied). A port in use, or a rank missing at the rendezvous, is said in one line."""
     global _kept
     acc = get_accelerator()
     if acc.device_name() == "cpu":
@@ -96,14 +105,20 @@ def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
             verbose=False,
             timeout=timedelta(seconds=timeout_s),
         )
-    except dist.DistNetworkError as err:
-        if "EADDRINUSE" not in str(err):
-            raise
+    except dist.DistError as err:  # (the store's: DistNetworkError, DistStoreError)
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        raise UserError(
-            f"MASTER_PORT: rank 0 could not listen on {where} for the other ranks (another process holds that "
-            "port); set MASTER_PORT to a free port (--nproc without it picks one)"
-        ) from None
+        if "EADDRINUSE" in str(err):
+            raise UserError(
+                f"MASTER_PORT: rank 0 could not listen on {where} for the other ranks (another process holds that "
+                "port); set MASTER_PORT to a free port (--nproc without it picks one)"
+            ) from None
+        if RENDEZVOUS_TIMED_OUT.search(str(err)):
+            raise RunError(
+                f"rank {os.environ.get('RANK')}: waited {timeout_s:g} s for the other ranks at the start-up rendezvous "
+                f"({where}) (config key 'train.collective_timeout_s'): one of them did not start or cannot reach "
+                "it; every rank stopped: run the same command again to resume from the last checkpoint"
+            ) from None
+        raise
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
         return torch.device("cuda", local_rank)

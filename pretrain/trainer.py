@@ -298,13 +298,9 @@ def _data_position(batches: int, world: int, workers: int, micro: int) -> list[d
     return out
 
 
-# How torch words a wait that ran out the process group's timeout: a collective's (gloo's, NCCL's
-# watchdog's), and the start-up rendezvous's (rank 0 for a rank that never came, a rank for rank 0)
-TIMED_OUT = re.compile(
-    r"Timed out waiting \d+ ?ms|collective operation timeout|Timed out after \d+ seconds waiting for clients"
-    r"|timed out after \d+ ?ms while trying to connect",
-    re.IGNORECASE,
-)
+# How torch words a collective that ran out the process group's timeout: gloo's, NCCL's watchdog's
+# (the rendezvous's: pretrain.engine.init_distributed)
+TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms|collective operation timeout", re.IGNORECASE)
 
 
 def ends_process_group(run):  # noqa: ANN001, ANN201
@@ -320,17 +316,12 @@ def ends_process_group(run):  # noqa: ANN001, ANN201
         try:
             return run(cfg, *args, **kwargs)
         except RuntimeError as err:
-            if not TIMED_OUT.search(str(err)):
+            if not (dist.is_initialized() and TIMED_OUT.search(str(err))):
                 raise
-            if dist.is_initialized():
-                rank, where, why = dist.get_rank(), "in a collective", "one of them is hung or gone"
-            else:
-                rank, why = os.environ.get("RANK", "?"), "one of them did not start or cannot reach it"
-                where = f"at the start-up rendezvous ({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})"
             raise RunError(
-                f"rank {rank}: waited {cfg.train.collective_timeout_s:g} s for the other ranks {where} (config key "
-                f"'train.collective_timeout_s'): {why}; every rank stopped: run the same command again to resume "
-                "from the last checkpoint"
+                f"rank {dist.get_rank()}: waited {cfg.train.collective_timeout_s:g} s for the other ranks in a "
+                "collective (config key 'train.collective_timeout_s'): one of them is hung or gone; every rank "
+                "stopped: run the same command again to resume from the last checkpoint"
             ) from None
         finally:
             if dist.is_initialized():
@@ -654,12 +645,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 if rank == world - 1:
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)
-            if fault("stuck", step):
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
-                time.sleep(3600)
             if fault("abort", step) and rank == world - 1:
                 os.abort()
-            if fault("hang", step) and rank == world - 1:
+            if fault("stuck", step) or (fault("hang", step) and rank == world - 1):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
                 time.sleep(3600)
         say(
