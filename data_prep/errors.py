@@ -14,8 +14,13 @@ class UserError(Exception):
     """A bad path, option, config key or input record.
 
     The command line prints it as one line (``bertforge: error: ...``) and exits with code 2,
-    so the message must name what to fix: the file and line, the key, or the flag.
+    so the message must name what to fix: the file and line, the key, or the flag. ``quiet``, as
+    for :class:`RunError`: a copy on the other ranks of a refusal that rank 0 prints.
     """
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class RunError(Exception):

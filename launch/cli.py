@@ -190,26 +190,27 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     if ranks.launcher != "none" and ns.nproc is not None:
         raise UserError(f"--nproc is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
     nproc = ns.nproc or 1
-    world = ranks.world if ranks.launcher != "none" else nproc
     build = None
     if ns.command == "distill":
         from pretrain.distill import DistillConfig, build_student, check_teacher
 
         cfg = load_config(DistillConfig, config, overrides)
-        _, _, latest = resolve(cfg, world)  # the data first: the teacher is checked against its manifest
-        check_teacher(cfg)  # the tokenizer and vocabulary only: each rank loads the weights
         build = build_student
     else:
         cfg = load_config(PretrainConfig, config, overrides)
-        _, _, latest = resolve(cfg, world)  # every check before a rank starts
-    if latest is not None and ranks.launcher == "none":
-        from pretrain import checkpoint as ckpt
-        from pretrain.trainer import already_complete
+    # Every check before a rank starts; a launcher's ranks (srun, torchrun) leave them to rank 0 (train).
+    if ranks.launcher == "none":
+        _, _, latest = resolve(cfg, nproc)  # the data first: the teacher is checked against its manifest
+        if build:
+            check_teacher(cfg)  # the tokenizer and vocabulary only: rank 0 loads the weights
+        if latest is not None:
+            from pretrain import checkpoint as ckpt
+            from pretrain.trainer import already_complete
 
-        step = ckpt.read_state(Path(cfg.run.dir), latest)["step"]
-        if step >= cfg.train.max_steps:  # nothing to do: no rank need start (and load DeepSpeed) to say so
-            print(already_complete(Path(cfg.run.dir), step, cfg.train.max_steps))
-            return 0
+            step = ckpt.read_state(Path(cfg.run.dir), latest)["step"]
+            if step >= cfg.train.max_steps:  # nothing to do: no rank need start (and load DeepSpeed) to say so
+                print(already_complete(Path(cfg.run.dir), step, cfg.train.max_steps))
+                return 0
     progress = not ns.no_progress and sys.stderr.isatty()
     with _holding(cfg.run.dir, ranks):
         if ranks.launcher == "none" and nproc > 1:
@@ -379,7 +380,8 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     cfg = load_config(FinetuneConfig, config, [*flags, *overrides])
     ranks = env.detect()
     nproc = ns.nproc or 1
-    check(cfg, ranks.world if ranks.launcher != "none" else nproc)  # every file, field and label before a rank starts
+    if ranks.launcher == "none":  # every file, field and label before a rank starts (a launcher's: on rank 0, in run)
+        check(cfg, nproc)
     progress = not ns.no_progress and sys.stderr.isatty()
     with _holding(cfg.run.dir, ranks):
         if ranks.launcher == "none" and nproc > 1:
@@ -628,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except UserError as err:
-        print(f"bertforge: error: {err}", file=sys.stderr)
+        if not err.quiet:
+            print(f"bertforge: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
         if not err.quiet:

@@ -139,11 +139,10 @@ class StageJob:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         if self.stage == "finetune":
-            from pretrain.finetune import FinetuneConfig, check, run
+            from pretrain.finetune import FinetuneConfig, run
 
-            cfg = load_config(FinetuneConfig, self.config, self.overrides)
-            check(cfg, ranks.world)  # again on the node: its precision (auto), and files hours after the login node's
-            result = run(cfg, progress=False)
+            # checked again by rank 0 (run): the precision auto stands for, the files hours after the login node's
+            result = run(load_config(FinetuneConfig, self.config, self.overrides), progress=False)
         elif self.stage == "distill":
             from pretrain.distill import DistillConfig, build_student
 

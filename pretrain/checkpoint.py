@@ -28,7 +28,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from data_prep.errors import RunError
+from data_prep.errors import RunError, UserError
 from data_prep.files import holding, write_atomic
 
 STATE = "trainer_state.json"
@@ -42,7 +42,8 @@ _HELD = contextlib.ExitStack()  # what rank 0 holds until its process ends
 def on_rank_0(work: Callable[[], T], rank: int, device: torch.device, why: str) -> T | None:
     """``work()`` on rank 0 alone, a collective: its result there (None on the other ranks); where
     it raises, every rank stops, rank 0 with its error, the others quietly ("rank 1: stopped with
-    rank 0, ``why``"), instead of waiting for rank 0 in their next collective."""
+    rank 0, ``why``") and with the same exit code (2 for a :class:`UserError`, else 1), instead of
+    waiting for rank 0 in their next collective."""
     import torch.distributed as dist
 
     result, failed = None, None
@@ -51,11 +52,22 @@ def on_rank_0(work: Callable[[], T], rank: int, device: torch.device, why: str) 
             result = work()
         except Exception as err:  # noqa: BLE001 - raised again below, once every rank knows
             failed = err
-    flag = torch.tensor(float(failed is not None), device=device)
+    code = 0.0 if failed is None else 2.0 if isinstance(failed, UserError) else 1.0
+    flag = torch.tensor(code, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
-        raise failed or RunError(f"rank {rank}: stopped with rank 0, {why}", quiet=True)
+        kind = UserError if flag.item() == 2 else RunError
+        raise failed or kind(f"rank {rank}: stopped with rank 0, {why}", quiet=True)
     return result
+
+
+def from_rank_0(work: Callable[[], T], rank: int, device: torch.device, why: str) -> T:
+    """:func:`on_rank_0`, its result then sent to every rank (pickled: a config, a manifest)."""
+    import torch.distributed as dist
+
+    box = [on_rank_0(work, rank, device, why)]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
 
 
 def failure_flag(failed: bool, rank: int, world: int) -> float:

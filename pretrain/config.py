@@ -305,12 +305,13 @@ def check_deepspeed(cfg: PretrainConfig, world: int) -> None:
     if not cfg.deepspeed:
         return
     import pydantic
+    import torch.distributed as dist
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from launch.config import leaves
 
-    # DeepSpeed reads the world size from torch.distributed, not started here: it takes 1
-    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    if not dist.is_initialized():  # (a rank's checks run in its process group) DeepSpeed then takes a world of 1
+        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
     try:
         DeepSpeedConfig(ds)
     except pydantic.ValidationError as err:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_prep.errors import UserError
+from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.model import BertForMaskedLM, ModelConfig, masked_positions
 
@@ -237,7 +238,8 @@ def load_teacher(cfg: DistillConfig, rank: int, device: torch.device) -> BertFor
     from pretrain import engine
     from pretrain.export import load_any
 
-    check_teacher(cfg)  # again on the rank: a SLURM job may start hours after the login node's check
+    # again on the node, by rank 0: a SLURM job may start hours after the login node's check
+    ckpt.on_rank_0(lambda: check_teacher(cfg), rank, device, "which refused the teacher")
     teacher = engine.first_rank_model(lambda: load_any(Path(cfg.distill.teacher))[0], rank, device)
     for p in teacher.parameters():
         p.requires_grad_(False)

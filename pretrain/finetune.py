@@ -456,6 +456,13 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
+
+    # rank 0 alone checks the files and the run (as pretrain.trainer.train) and sends the config it resolved
+    def checked() -> FinetuneConfig:
+        check(cfg, world)
+        return cfg
+
+    cfg = ckpt.from_rank_0(checked, rank, device, "which refused the run")
     say = print if rank == 0 else (lambda *a, **k: None)
     sec = cfg.finetune
     run_dir = Path(cfg.run.dir)

@@ -342,8 +342,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     from pretrain.metrics import Logger, measure_peak_tflops, peak_memory_gb
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    cfg, man, latest = resolve(cfg, world)
     device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
+    # Rank 0 alone checks the data and the checkpoint (it stats every shard and checkpoint file:
+    # a run's ranks all doing so at once burden a parallel file system's metadata servers) and
+    # sends the config it resolved, so that every rank runs the same (the precision auto stood for).
+    cfg, man, latest = ckpt.from_rank_0(lambda: resolve(cfg, world), rank, device, "which refused the run")
     ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
     stop = Stop()
     say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)

@@ -732,7 +732,7 @@ def test_a_model_read_on_the_first_rank_reaches_every_rank(tmp_path, mode) -> No
     assert [p.returncode for p in procs] == [0, 0], said
     if mode == "fail":
         assert [out.strip() for out, _ in said] == [
-            "UserError a damaged file None", "RunError rank 1: stopped with rank 0, which could not read its model True"
+            "UserError a damaged file False", "UserError rank 1: stopped with rank 0, which could not read its model True"
         ], said  # fmt: skip
         return
     from pretrain.model import BertForMaskedLM, ModelConfig
@@ -806,15 +806,39 @@ def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedu
     assert "config key 'train.init_from' is bertforge pretrain's" in refusal(check, ft)
 
 
-def test_a_missing_shard_is_named(dataset, tmp_path) -> None:
-    import shutil
+def test_a_missing_shard_is_named_once_by_rank_0_which_alone_checks_for_a_launchers_ranks(dataset, tmp_path) -> None:
+    """A bare start checks before any rank starts. Ranks a launcher started (torchrun, srun: here
+    two processes with RANK set) leave the checks to rank 0, which stats every shard and checkpoint
+    file (all ranks at once had burdened a parallel file system's metadata servers) and sends the
+    config it resolved: its refusal is printed once (it had been by every rank), every rank exits 2;
+    and every rank runs rank 0's config: rank 1 does not look at its own (it names the damaged copy)."""
+    from launch.env import free_port
 
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
     victim = sorted((copy / "train").glob("*.tar"))[1]
     victim.unlink()
+    line = f"bertforge: error: {victim}: shard listed in {copy}/manifest.json is missing"
     r = run_cli("pretrain", TINY, f"data.path={copy}", f"run.dir={tmp_path / 'run'}")
-    assert r.returncode == 2 and f"{victim}: shard listed in {copy}/manifest.json is missing" in r.stderr
+    assert r.returncode == 2 and line in r.stderr.splitlines()
+
+    def ranks(*data: Path) -> list[tuple[int, str]]:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        args = ["pretrain", TINY, "--no-progress", f"run.dir={tmp_path / 'run'}", "train.max_steps=2", "eval.every=0"]
+        procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args, PEAK, f"data.path={path}"], cwd=REPO,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, text=True) for r, path in enumerate(data)]  # fmt: skip
+        return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+
+    (code0, err0), (code1, err1) = ranks(copy, dataset)
+    assert (code0, code1) == (2, 2), err0[-2000:] + err1[-2000:]
+    assert err0.splitlines() == [line] and "bertforge: error" not in err1 and "Traceback" not in err1, err1[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    (code0, err0), (code1, err1) = ranks(dataset, copy)
+    assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
+    state = ckpt.read_state(tmp_path / "run", ckpt.latest(tmp_path / "run"))
+    assert state["step"] == 2 and state["world"] == 2 and state["config"]["data"]["path"] == str(dataset)
 
 
 def test_a_rendezvous_port_in_use_is_named_in_one_line(dataset, tmp_path) -> None:
