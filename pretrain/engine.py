@@ -116,7 +116,8 @@ def init_distributed(local_rank: int, timeout_s: float = 1800) -> torch.device:
             raise RunError(
                 f"rank {os.environ.get('RANK')}: waited {timeout_s:g} s for the other ranks at the start-up rendezvous "
                 f"({where}) (config key 'train.collective_timeout_s'): one of them did not start or cannot reach "
-                "it; every rank stopped: run the same command again to resume from the last checkpoint"
+                "it (every rank needs the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE); this rank stopped before "
+                "training: start them all again"
             ) from None
         raise
     if acc.device_name() == "cuda":

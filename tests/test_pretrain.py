@@ -528,7 +528,8 @@ def test_a_rank_missing_at_the_rendezvous_is_waited_for_as_long_as_the_collectiv
         assert r.returncode == 1 and lines == [
             f"bertforge: error: rank {rank}: waited 3 s for the other ranks at the start-up rendezvous "
             f"(127.0.0.1:{port}) (config key 'train.collective_timeout_s'): one of them did not start or cannot "
-            "reach it; every rank stopped: run the same command again to resume from the last checkpoint"
+            "reach it (every rank needs the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE); this rank stopped before "
+            "training: start them all again"
         ], r.stderr[-3000:]
         assert "Traceback" not in r.stderr and r.stderr.count("bertforge: error") == 1
 
