@@ -168,6 +168,17 @@ class LogConfig:
     keeping the best (a large matrix product in the run's precision on each rank, so on a CPU it is
     the share of the cores a rank has; logged as ``perf/peak_tflops``)."""
 
+    profile_from: int = field(default=0, metadata={"range": "[0, inf)"})
+    """Profile ``profile_steps`` steps from this one with torch.profiler (0: off), after one
+    warm-up step: each rank of ``profile_ranks`` writes a Chrome trace (Perfetto, chrome://tracing)
+    and its busiest operators under ``RUN/profile/step_NNNNNNNN/``. Costs time while it runs only."""
+
+    profile_steps: int = field(default=2, metadata={"range": "[1, inf)"})
+    """Steps profiled (each one's forward, backward, optimizer step, logging and saving)."""
+
+    profile_ranks: list[int] = field(default_factory=lambda: [0], metadata={"range": "[0, inf)"})
+    """Ranks that profile (a trace each; every rank of a large job would write hundreds)."""
+
 
 @dataclass
 class EvalConfig:

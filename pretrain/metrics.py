@@ -9,6 +9,7 @@ A resumed run purges the events and lines past its checkpoint, so no step shows 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from data_prep.files import write_atomic
 from pretrain.config import cpu_has_bf16
 from pretrain.report import read_records
 
@@ -64,6 +66,69 @@ def peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class StepProfiler:
+    """torch.profiler over steps ``log.profile_from`` to ``+ log.profile_steps - 1`` on the ranks of
+    ``log.profile_ranks``, after one warm-up step where there is one (the profiler's start, and on
+    a GPU CUPTI's, stay out of the trace). Each writes into ``RUN/profile/step_NNNNNNNN/``
+    ``rankNNNNN.trace.json.gz``, a Chrome trace (Perfetto, chrome://tracing; the steps are its
+    ``ProfilerStep#1``, ``#2``, ...), and ``rankNNNNN.ops.txt``, the operators by self time. A run
+    resumed past ``log.profile_from`` profiles nothing. A write that fails (a full disk) is said on
+    that rank's stderr, and the run goes on."""
+
+    def __init__(self, log, run_dir: Path, rank: int, device: torch.device, step: int) -> None:  # noqa: ANN001
+        self.first, self.last = log.profile_from, log.profile_from + log.profile_steps - 1
+        self.folder = Path(run_dir) / "profile" / f"step_{self.first:08d}"
+        self.name, self.ranks = f"rank{rank:05d}", log.profile_ranks
+        self.runs = bool(log.profile_from) and step < self.first
+        self.wanted = self.runs and rank in log.profile_ranks
+        self.cuda = device.type == "cuda"
+        self.prof: torch.profiler.profile | None = None
+        self.after(step)
+
+    def after(self, done: int) -> str | None:
+        """Call with the steps done, after each step; returns, after the last profiled one, the line
+        that says where the profiles are."""
+        if self.prof is None:
+            if self.wanted and self.first - 2 <= done < self.first:  # the warm-up step or the first one is next
+                self.wanted = False
+                activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * self.cuda
+                plan = torch.profiler.schedule(wait=0, warmup=self.first - 1 - done, active=self.last - self.first + 1)
+                self.prof = torch.profiler.profile(
+                    activities=activities,
+                    schedule=plan,
+                    on_trace_ready=self._write,
+                    record_shapes=True,
+                    acc_events=True,
+                )
+                self.prof.start()
+        else:
+            self.prof.step()  # (after the last step: the trace is written)
+            if done >= self.last:
+                self.prof.stop()
+                self.prof = None
+        if self.runs and done == self.last:
+            ranks = ", ".join(map(str, self.ranks))
+            return (
+                f"profiled steps {self.first}-{self.last} on rank(s) {ranks}: {self.folder}/rankNNNNN.trace.json.gz "
+                "(open it in https://ui.perfetto.dev) and rankNNNNN.ops.txt (the operators by self time)"
+            )
+        return None
+
+    def _write(self, prof: torch.profiler.profile) -> None:
+        trace, ops = self.folder / f"{self.name}.trace.json.gz", self.folder / f"{self.name}.ops.txt"
+        by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{self.name}.tmp.json.gz"  # (its suffix says gzip to torch)
+            prof.export_chrome_trace(str(tmp))
+            tmp.replace(trace)
+            table = prof.key_averages().table(sort_by=by, row_limit=30)
+            write_atomic(ops, f"steps {self.first}-{self.last}, {self.name}, by {by}\n{table}\n")
+        except OSError as err:
+            print(f"bertforge: warning: {self.name}: could not write its profile ({err}); the run goes on",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

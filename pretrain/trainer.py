@@ -116,6 +116,13 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         )
     if cfg.train.max_steps < 1:  # (0 is fine-tuning's "from the epochs")
         raise UserError(f"config key 'train.max_steps': {cfg.train.max_steps}: must be at least 1")
+    if cfg.log.profile_from and cfg.log.profile_from + cfg.log.profile_steps - 1 > cfg.train.max_steps:
+        raise UserError(
+            f"config key 'log.profile_from' ({cfg.log.profile_from}) with log.profile_steps={cfg.log.profile_steps} "
+            f"profiles past train.max_steps ({cfg.train.max_steps})"
+        )
+    if beyond := [r for r in cfg.log.profile_ranks if r >= world]:
+        raise UserError(f"config key 'log.profile_ranks': rank {beyond[0]} of a run of {world} rank(s)")
     # a batch that does not divide, a bad ZeRO stage, a passthrough DeepSpeed refuses
     check_deepspeed(cfg, world)
 
@@ -339,7 +346,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     terms of the last forward in ``loss_terms`` (logged under their names; in eval mode,
     ``teacher_correct`` becomes ``eval/teacher_mlm_accuracy``)."""
     from pretrain import engine  # the one module that imports deepspeed
-    from pretrain.metrics import Logger, measure_peak_tflops, peak_memory_gb
+    from pretrain.metrics import Logger, StepProfiler, measure_peak_tflops, peak_memory_gb
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
@@ -523,6 +530,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         ckpt.restore_rng(root / latest, rank, state["world"] == world, cfg.train.seed, step, world)
     else:  # dropout differs per rank
         torch.manual_seed(cfg.train.seed + 1 + rank)
+    profiler = StepProfiler(cfg.log, run_dir, rank, device, step)
     try:
         while step < cfg.train.max_steps:
             start, good = time.perf_counter(), 0
@@ -642,6 +650,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             if step % cfg.checkpoint.every == 0 or last:
                 save("end of run" if last else f"every {cfg.checkpoint.every} steps")
                 saved_at = step
+            if said := profiler.after(step):  # (a profiled step ends here: its log, evaluation and save in it)
+                say(said)
             if fault("kill", step):
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault("lost-rank", step):

@@ -158,7 +158,13 @@ def reference(dataset, tmp_path_factory) -> Path:
     return run
 
 
-def test_stop_and_resume_gives_the_same_losses(dataset, reference, tmp_path) -> None:
+def test_stop_and_resume_gives_the_same_losses_with_profiled_steps(dataset, reference, tmp_path) -> None:
+    """10 steps, stop, 10 more: the losses of 20 uninterrupted steps, exactly. The resumed run also
+    profiles steps 12-13 on both ranks (log.profile_*), which changes no loss: each rank writes a
+    Chrome trace (read back: the two steps, the model's products, gloo's collectives) and its
+    operators by self time."""
+    import gzip
+
     run = tmp_path / "run"
     r = pretrain(dataset, run, "train.precision=fp32", "train.exit_at_step=10")
     ok(r)
@@ -166,9 +172,22 @@ def test_stop_and_resume_gives_the_same_losses(dataset, reference, tmp_path) -> 
     assert sorted(losses(run)) == list(range(1, 11))
     with open(run / "metrics.jsonl", "a") as f:  # a line cut short (a full disk): it had stopped every resume
         f.write('{"step": 11, "train/lo')
-    r = pretrain(dataset, run, "train.precision=fp32")
+    profile = ("log.profile_from=12", "log.profile_steps=2", "log.profile_ranks=[0,1]")
+    r = pretrain(dataset, run, "train.precision=fp32", *profile)
     ok(r)
     assert "resuming from step_00000010 (step 10)" in r.stdout
+    folder = run / "profile/step_00000012"
+    assert f"profiled steps 12-13 on rank(s) 0, 1: {folder}/rankNNNNN.trace.json.gz (open it in " in r.stdout
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"rank0000{r}.{kind}" for r in (0, 1) for kind in ("ops.txt", "trace.json.gz")
+    ]
+    for rank in (0, 1):
+        events = json.loads(gzip.decompress((folder / f"rank0000{rank}.trace.json.gz").read_bytes()))["traceEvents"]
+        names = {e.get("name") for e in events}
+        assert sorted(n for n in names if n.startswith("ProfilerStep#")) == ["ProfilerStep#1", "ProfilerStep#2"]
+        assert {"aten::mm", "aten::addmm", "c10d::allreduce_"} <= names, rank
+        ops = (folder / f"rank0000{rank}.ops.txt").read_text()
+        assert ops.startswith(f"steps 12-13, rank0000{rank}, by self_cpu_time_total\n") and "aten::mm" in ops
     assert f"{run / 'metrics.jsonl'}: dropped 1 line(s) that are not records; first: line 11, not JSON" in r.stdout
     assert losses(run) == losses(reference)  # exactly: same samples, masks, dropout and optimizer state
     assert metrics(run)[-1]["eval/loss"] == metrics(reference)[-1]["eval/loss"]
@@ -646,6 +665,10 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
     assert "config key 'train.global_batch_size' (20)" in refused("train.global_batch_size=20")
     assert "no such dataset folder (config key 'data.path')" in refused(f"data.path={tmp_path / 'nope'}")
     assert "config key 'model.max_position' (32)" in refused("model.max_position=32")
+    assert "config key 'log.profile_from' (20) with log.profile_steps=2 profiles past train.max_steps (20)" in refused(
+        "log.profile_from=20", "train.max_steps=20"
+    )
+    assert "config key 'log.profile_ranks': rank 2 of a run of 2 rank(s)" in refused("log.profile_ranks=[0,2]")
     # resuming a run with other data (same tokenizer and seq_len), a rank count the batch does not divide or
     # another model shape
     other = tmp_path / "other"
