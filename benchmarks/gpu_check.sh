@@ -3,8 +3,9 @@
 #   1. the node: GPUs, driver; torch, CUDA, NCCL and DeepSpeed versions;
 #   2. NCCL, bf16, FusedAdam and resume: `bertforge pretrain` of the tiny preset in bf16, one rank
 #      per GPU through the project's own launcher (DeepSpeed over NCCL), 40 steps with a checkpoint
-#      at 20, then the same command to 60 steps, which resumes from the step-40 checkpoint; then
-#      `bertforge eval` of that run, which runs on the GPU by itself (--device auto);
+#      at 20, then the same command to 60 steps, which resumes from the step-40 checkpoint (and
+#      profiles steps 50-51: the busiest operators, by GPU time); then `bertforge eval` of that
+#      run, which runs on the GPU by itself (--device auto);
 #   3. speed: benchmarks/train_throughput.py at PRESET (default base: BERT-base, seq 128, micro
 #      batch 32, vocabulary 32768) in bf16 and fp32 against Hugging Face's BertForMaskedLM, with
 #      our MFU against the matrix-product peaks it measures there, and the shard reader's rate.
@@ -71,8 +72,9 @@ tiny=(configs/pretrain/tiny.yaml "data.path=$data" "run.dir=$run" train.precisio
       log.every=10 eval.every=20 --nproc "$ranks" --no-progress)
 stage "bertforge pretrain, tiny, native precision, $ranks rank(s): 40 steps"
 bertforge pretrain "${tiny[@]}" train.max_steps=40 || status=1
-stage "the same run to 60 steps: resumes from its step-40 checkpoint"
-bertforge pretrain "${tiny[@]}" train.max_steps=60 || status=1
+stage "the same run to 60 steps: resumes from its step-40 checkpoint, profiling steps 50-51 on rank 0"
+bertforge pretrain "${tiny[@]}" train.max_steps=60 log.profile_from=50 || status=1
+head -n 16 "$run/profile/step_00000050/rank00000.ops.txt" || status=1
 "$py" - "$run" <<'EOF' || status=1
 import sys
 
