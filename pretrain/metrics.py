@@ -72,8 +72,9 @@ class StepProfiler:
     """torch.profiler over steps ``log.profile_from`` to ``+ log.profile_steps - 1`` on the ranks of
     ``log.profile_ranks``, after one warm-up step where there is one (the profiler's start, and on
     a GPU CUPTI's, stay out of the trace). Each writes into ``RUN/profile/step_NNNNNNNN/``
-    ``rankNNNNN.trace.json.gz``, a Chrome trace (Perfetto, chrome://tracing; the steps are its
-    ``ProfilerStep#1``, ``#2``, ...), and ``rankNNNNN.ops.txt``, the operators by self time. A run
+    ``rankNNNNN.trace.json.gz``, a Chrome trace (Perfetto, chrome://tracing; a step is a
+    ``ProfilerStep#k`` span, k counted from the warm-up step as 0), and ``rankNNNNN.ops.txt``, the
+    operators by self time. A run
     resumed past ``log.profile_from`` profiles nothing. A write that fails (a full disk) is said on
     that rank's stderr, and the run goes on."""
 
