@@ -169,9 +169,10 @@ class LogConfig:
     the share of the cores a rank has; logged as ``perf/peak_tflops``)."""
 
     profile_from: int = field(default=0, metadata={"range": "[0, inf)"})
-    """Profile ``profile_steps`` steps from this one with torch.profiler (0: off), after one
-    warm-up step: each rank of ``profile_ranks`` writes a Chrome trace (Perfetto, chrome://tracing)
-    and its busiest operators under ``RUN/profile/step_NNNNNNNN/``. Costs time while it runs only."""
+    """Profile ``profile_steps`` steps from this one with torch.profiler (0: off; pretrain, distill,
+    finetune), after one warm-up step: each rank of ``profile_ranks`` writes a Chrome trace
+    (Perfetto, chrome://tracing) and its busiest operators under ``RUN/profile/step_NNNNNNNN/``.
+    Costs time while it runs only."""
 
     profile_steps: int = field(default=2, metadata={"range": "[1, inf)"})
     """Steps profiled (each one's forward, backward, optimizer step, logging and saving)."""
@@ -306,6 +307,18 @@ def offloads_optimizer(cfg: PretrainConfig) -> bool:
     zero = cfg.deepspeed.get("zero_optimization")
     offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
     return isinstance(offload, dict) and str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def check_profile(log: LogConfig, max_steps: int, world: int) -> None:
+    """Refuse ``log.profile_*`` that would profile past the run's last step (no trace would be
+    written) or on a rank the run does not have, naming the key."""
+    if log.profile_from and log.profile_from + log.profile_steps - 1 > max_steps:
+        raise UserError(
+            f"config key 'log.profile_from' ({log.profile_from}) with log.profile_steps={log.profile_steps} "
+            f"profiles past train.max_steps ({max_steps})"
+        )
+    if beyond := [r for r in log.profile_ranks if r >= world]:
+        raise UserError(f"config key 'log.profile_ranks': rank {beyond[0]} of a run of {world} rank(s)")
 
 
 def check_deepspeed(cfg: PretrainConfig, world: int) -> None:

@@ -32,7 +32,14 @@ from data_prep.errors import UserError
 from data_prep.files import write_atomic
 from launch.config import leaves, to_dict
 from pretrain import checkpoint as ckpt
-from pretrain.config import PretrainConfig, TrainConfig, check_deepspeed, precision_warning, resolve_precision
+from pretrain.config import (
+    PretrainConfig,
+    TrainConfig,
+    check_deepspeed,
+    check_profile,
+    precision_warning,
+    resolve_precision,
+)
 from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
 from pretrain.trainer import ends_process_group
 
@@ -413,6 +420,8 @@ def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
             raise UserError(f"{sec.train_file}: one label only ({names[0]!r}); classification needs two or more")
         known = {name: i for i, name in enumerate(names)}
     read_rows(Path(sec.eval_file), sec, known)
+    steps = math.ceil(len(train_rows.labels) / cfg.train.global_batch_size) * sec.epochs  # (as run's max_steps)
+    check_profile(cfg.log, steps, world)
     if here:
         resolve_precision(cfg.train)
     check_deepspeed(cfg, world)  # a batch that does not divide by the ranks, a passthrough DeepSpeed refuses
@@ -451,7 +460,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
 
     from pretrain import engine
     from pretrain.config import accumulation_steps
-    from pretrain.metrics import Logger
+    from pretrain.metrics import Logger, StepProfiler
     from pretrain.trainer import Result, Stop
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -552,6 +561,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         ckpt.agree_written(err, path, rank, world, device, where, tag, then)
 
     last, cause = loaded or "none", None  # the newest complete checkpoint; what stopped the run
+    profiler = StepProfiler(cfg.log, run_dir, rank, device, at)
     if loaded:
         ckpt.restore_rng(root / loaded, rank, was == world, cfg.train.seed, at, world)
     for epoch in range(done + 1, sec.epochs + 1):
@@ -576,6 +586,8 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 total, count = window.tolist()
                 logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
                 window.zero_()
+            if said := profiler.after(at):
+                say(said)
             asked.fill_(stop.signal is not None)  # a stop signal on some rank: every rank saves here
             dist.all_reduce(asked, op=dist.ReduceOp.MAX)
             cause = (stop.signal or "another rank") if asked.item() else None

@@ -44,6 +44,7 @@ from pretrain.config import (
     PretrainConfig,
     accumulation_steps,
     check_deepspeed,
+    check_profile,
     precision_warning,
     resolve_precision,
 )
@@ -116,13 +117,7 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         )
     if cfg.train.max_steps < 1:  # (0 is fine-tuning's "from the epochs")
         raise UserError(f"config key 'train.max_steps': {cfg.train.max_steps}: must be at least 1")
-    if cfg.log.profile_from and cfg.log.profile_from + cfg.log.profile_steps - 1 > cfg.train.max_steps:
-        raise UserError(
-            f"config key 'log.profile_from' ({cfg.log.profile_from}) with log.profile_steps={cfg.log.profile_steps} "
-            f"profiles past train.max_steps ({cfg.train.max_steps})"
-        )
-    if beyond := [r for r in cfg.log.profile_ranks if r >= world]:
-        raise UserError(f"config key 'log.profile_ranks': rank {beyond[0]} of a run of {world} rank(s)")
+    check_profile(cfg.log, cfg.train.max_steps, world)
     # a batch that does not divide, a bad ZeRO stage, a passthrough DeepSpeed refuses
     check_deepspeed(cfg, world)
 

@@ -91,9 +91,14 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     run = tmp_path / "ft"
     r = run_cli("finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--nproc", "2",
                 "--no-progress", f"run.dir={run}", "finetune.epochs=3", "optim.lr=2e-3", "log.every=1",
-                "train.global_batch_size=16", "train.micro_batch_size=8")  # fmt: skip
+                "train.global_batch_size=16", "train.micro_batch_size=8", "log.profile_from=3",
+                "log.profile_ranks=[1]")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 rank(s)" in r.stdout and "classification over 3 labels" in r.stdout
+    # steps 3-4 profiled on rank 1 alone (the resumed run below, which profiles nothing, logs the same)
+    assert f"profiled steps 3-4 on rank(s) 1: {run / 'profile/step_00000003'}/rankNNNNN.trace.json.gz" in r.stdout
+    assert sorted(p.name for p in (run / "profile/step_00000003").iterdir()) == ["rank00001.ops.txt",
+                                                                                 "rank00001.trace.json.gz"]  # fmt: skip
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [m["finetune/train_loss"] for m in records if "finetune/train_loss" in m]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
@@ -416,6 +421,11 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
     odd = config(teacher, train, evaluate, tmp_path / "run", "train.global_batch_size=24")
     assert "'train.global_batch_size' (24) must be a multiple of 'train.micro_batch_size' (16) x ranks (2)" in refusal(
         check, odd, 2
+    )
+    # a profile past the last step (the steps come from the rows and the epochs)
+    late = config(teacher, train, evaluate, tmp_path / "run", "finetune.epochs=1", "log.profile_from=1000")
+    assert "config key 'log.profile_from' (1000) with log.profile_steps=2 profiles past train.max_steps (" in refusal(
+        check, late
     )
     from pretrain.export import export
 
