@@ -292,6 +292,22 @@ def load(engine, folder: Path, tag: str) -> None:
         raise FileNotFoundError(f"{folder / tag}: DeepSpeed found no checkpoint there")
 
 
+def take_optim_keys(engine, optim: OptimConfig) -> None:
+    """After a resume: the config's optimizer keys over those DeepSpeed restored from the checkpoint
+    (each param group's rate, betas, eps and weight decay; the schedule's base rate), so that a run
+    resumed with another ``optim.lr`` (after a loss spike, say) runs at it from its next step, its
+    Adam moments kept. The rate in use is the schedule's at the restored step, as the schedule sets
+    it (the same value where nothing changed; under a changed ``train.max_steps``, the new decay's)."""
+    schedule = engine.lr_scheduler
+    schedule.base_lrs = [optim.lr for _ in schedule.base_lrs]
+    lr = optim.lr * schedule.lr_lambdas[0](schedule.last_epoch)
+    for i, group in enumerate(schedule.optimizer.param_groups):
+        group.update(lr=lr, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        if i == 0:  # the decayed matrices (:func:`_param_groups`; biases and LayerNorm weights: none)
+            group["weight_decay"] = optim.weight_decay
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
+
+
 UNIVERSAL = ".universal"
 """Under a run's checkpoints folder: a checkpoint converted for a resume on another rank count,
 while the ranks load it."""

@@ -51,10 +51,9 @@ from pretrain.config import (
 from pretrain.data import DamagedShard, ShardStream, build_loader, close_loader, iterate
 from pretrain.model import BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
 
-# Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, log.every, ...)
-# may change. optim.* is fixed because the schedule's state comes from the checkpoint, not the config.
+# Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, optim.*,
+# log.every, ...) may change (optim.*: engine.take_optim_keys puts them over the checkpoint's).
 FIXED_KEYS = (
-    "optim.",
     "data.seed",
     "data.seq_len",
     "data.masking.",
@@ -381,12 +380,16 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
     step = batches = tokens = bad_total = 0
     layout = {"generation": 0, "origin": 0, "batches": 0}  # the data slots' layout, since `batches`
-    changed = ""  # what a resume on another rank or worker count changed, for the start-up line
+    changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
     if state is not None:
         if resharding:
             engine.load_resharded(eng, root, latest, rank, device)
         else:
             engine.load(eng, root, latest)
+        engine.take_optim_keys(eng, cfg.optim)
+        mine, theirs = leaves(to_dict(cfg.optim), "optim."), leaves(state["config"]["optim"], "optim.")
+        if moved := [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]:
+            changed += f"; from here {', '.join(moved)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         layout = state.get("data_layout", layout)
         then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
@@ -399,7 +402,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             origin, again = old.restart(batches - layout["batches"])
             layout = {"generation": layout["generation"] + 1, "origin": origin, "batches": batches}
             shards = len(old.shards)
-            changed = (
+            changed += (
                 f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
                 + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
                 + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")

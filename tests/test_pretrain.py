@@ -254,6 +254,32 @@ def test_a_run_resumes_on_another_rank_count_with_its_zero_shards_regathered(
         assert not (ckpt.folder(run) / ".universal").exists()
 
 
+def test_a_resume_takes_the_optimizer_keys_of_its_config(dataset, reference, tmp_path) -> None:
+    """After a loss spike one resumes from an earlier checkpoint at a lower rate: optim.* may change
+    on a resume, and the config's keys win over those DeepSpeed restores from the checkpoint (each
+    param group's rate and weight decay, the schedule's base rate: the old rate had gone on, which is
+    why such a change had been refused). The weights and Adam moments are the checkpoint's: step 11's
+    loss is the reference's, to the bit; from there the rate is half the reference's at each step."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "checkpoints/latest").write_text("step_00000010\n")
+    r = pretrain(dataset, run, "train.precision=fp32", "optim.lr=5e-4", "optim.weight_decay=0.1")
+    ok(r)
+    assert (
+        "resuming from step_00000010 (step 10); from here optim.lr 0.001 -> 0.0005, optim.weight_decay 0.01 -> 0.1 "
+        "(the checkpoint's Adam moments kept)"
+    ) in r.stdout
+    new, old = metrics(run), metrics(reference)
+    lr = {m["step"]: m["train/lr"] for m in new if "train/lr" in m}
+    assert [lr[s] for s in range(11, 21)] == pytest.approx([m["train/lr"] / 2 for m in old[10:20]], rel=1e-9, abs=0)
+    ours, theirs = losses(run), losses(reference)
+    assert [ours[s] for s in range(1, 12)] == [theirs[s] for s in range(1, 12)]
+    assert all(ours[s] != theirs[s] for s in range(12, 21))
+    for shard in sorted((run / "checkpoints/step_00000020").glob("*optim_states.pt")):  # what the run went on with
+        groups = torch.load(shard, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+        assert [(g["weight_decay"], g["initial_lr"]) for g in groups] == [(0.1, 5e-4), (0.0, 5e-4)], shard
+
+
 def test_bf16_at_zero_0_resumes_to_the_same_losses(dataset, tmp_path) -> None:
     """bf16 at ZeRO 0 steps through pretrain.engine._MultiTensorStep; its optimizer state (fp32
     masters, Adam moments) goes through DeepSpeed's checkpoint and back unchanged."""
