@@ -560,7 +560,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                         raise RunError(
                             f"{bad_in_row} non-finite losses in a row at step {step + 1} (train.max_bad_steps="
                             f"{cfg.train.max_bad_steps}); the last checkpoint is {ckpt.latest(run_dir) or 'none'}; "
-                            "lower optim.lr or raise optim.warmup_steps",
+                            "lower optim.lr or raise optim.warmup_steps and run the same command again: a resume takes them",
                             quiet=rank != 0,
                         )
                     continue

@@ -468,7 +468,7 @@ def test_divergence_stops_the_run_keeping_the_last_checkpoint(dataset, tmp_path)
     assert r.returncode == 1
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("bertforge: error")] == [
         "bertforge: error: 3 non-finite losses in a row at step 2 (train.max_bad_steps=3); the last checkpoint is "
-        "step_00000001; lower optim.lr or raise optim.warmup_steps"
+        "step_00000001; lower optim.lr or raise optim.warmup_steps and run the same command again: a resume takes them"
     ]  # once, not once per rank
     assert ckpt.latest(run) == "step_00000001"
 
