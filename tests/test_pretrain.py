@@ -980,6 +980,45 @@ print(before, keep_freed_memory(), faults())
 """
 
 
+_ZERO_STEP = """
+import json, os, sys, torch
+from launch.config import load_config
+from pretrain import engine
+from pretrain.config import PretrainConfig
+from pretrain.model import BertForMaskedLM
+
+cfg = load_config(PretrainConfig, sys.argv[1], ["model.vocab_size=300", "data.seq_len=16", "train.precision=fp32",
+                  f"train.zero_stage={sys.argv[2]}", "train.global_batch_size=4", "train.micro_batch_size=4"])
+device = engine.init_distributed(0)
+torch.manual_seed(0)
+eng = engine.build(BertForMaskedLM(cfg.model), cfg, 1, device)
+ids = torch.randint(5, 300, (4, 16))
+loss, _, _ = eng(ids, labels=torch.where(torch.rand(4, 16) < 0.3, ids, -100))
+eng.backward(loss)
+eng.step()
+muon = [m for m, mod in sys.modules.items() if ".muon" in m and getattr(mod, "__file__", None)]
+print(json.dumps({"loss": loss.item(), "muon": muon}))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_steps_without_importing_deepspeeds_muon(zero) -> None:
+    """DeepSpeed's ZeRO optimizers import their Muon optimizer's modules to ask whether theirs is one,
+    and that import wraps Muon's kernels in torch.compile (about 1.2 s of each rank's start here):
+    stand-ins take their place (``pretrain.engine._without_deepspeed_muon``), and a ZeRO 2 or 3 step
+    runs without any file of DeepSpeed's Muon loaded."""
+    from launch.env import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", _ZERO_STEP, TINY, str(zero)], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert math.isfinite(out["loss"]) and out["muon"] == [], out
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
 def test_keep_freed_memory_lets_a_cpu_rank_reuse_its_large_tensors() -> None:
     """What init_distributed applies on a CPU: a freed 64 MB tensor's memory serves the next one,
