@@ -74,9 +74,8 @@ class StepProfiler:
     a GPU CUPTI's, stay out of the trace). Each writes into ``RUN/profile/step_NNNNNNNN/``
     ``rankNNNNN.trace.json.gz``, a Chrome trace (Perfetto, chrome://tracing; a step is a
     ``ProfilerStep#k`` span, k counted from the warm-up step as 0), and ``rankNNNNN.ops.txt``, the
-    operators by self time. A run
-    resumed past ``log.profile_from`` profiles nothing. A write that fails (a full disk) is said on
-    that rank's stderr, and the run goes on."""
+    operators by self time. A run resumed past ``log.profile_from`` profiles nothing. A write that
+    fails (a full disk) is said on that rank's stderr, and the run goes on."""
 
     def __init__(self, log, run_dir: Path, rank: int, device: torch.device, step: int) -> None:  # noqa: ANN001
         self.first, self.last = log.profile_from, log.profile_from + log.profile_steps - 1

@@ -388,7 +388,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             engine.load(eng, root, latest)
         engine.take_optim_keys(eng, cfg.optim)
         mine, theirs = leaves(to_dict(cfg.optim), "optim."), leaves(state["config"]["optim"], "optim.")
-        if moved := [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]:
+        if moved := [f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v]:
             changed += f"; from here {', '.join(moved)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         layout = state.get("data_layout", layout)
