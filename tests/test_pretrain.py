@@ -879,7 +879,12 @@ def test_a_missing_shard_is_named_once_by_rank_0_which_alone_checks_for_a_launch
         procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args, PEAK, f"data.path={path}"], cwd=REPO,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, text=True) for r, path in enumerate(data)]  # fmt: skip
-        return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        try:
+            errs = [p.communicate(timeout=300)[1] for p in procs]
+            return [(p.returncode, err) for p, err in zip(procs, errs)]
+        finally:
+            for p in procs:
+                p.kill()  # (one left waiting in the rendezvous for the other)
 
     (code0, err0), (code1, err1) = ranks(copy, dataset)
     assert (code0, code1) == (2, 2), err0[-2000:] + err1[-2000:]
