@@ -135,7 +135,7 @@ class StageJob:
         import torch
 
         from pretrain.config import PretrainConfig
-        from pretrain.trainer import train
+        from pretrain.trainer import USER_STOPS, train
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         if self.stage == "finetune":
@@ -149,7 +149,7 @@ class StageJob:
             result = train(load_config(DistillConfig, self.config, self.overrides), False, build_student)
         else:
             result = train(load_config(PretrainConfig, self.config, self.overrides), progress=False)
-        signalled = result.stopped_by not in (None, "train.exit_at_step")  # exit_at_step: the user's own stop
+        signalled = result.stopped_by not in (None, *USER_STOPS)  # (train.exit_*: the user's own stops)
         if signalled and not result.finished and ranks.rank == 0 and callable(requeue):
             if _cancelled():
                 print(f"job cancelled: stopped at step {result.step} of {result.max_steps}, not requeued; the "

@@ -95,6 +95,11 @@ class TrainConfig:
     """Stop at this step, saving a checkpoint, as a stop signal would (0: never). Splits a run into
     jobs that fit a time limit; the schedule still runs to ``max_steps``."""
 
+    exit_after_minutes: float = field(default=0.0, metadata={"range": "[0, inf)"})
+    """Stop at the first step that ends this many minutes after the run's start on some rank,
+    saving a checkpoint, as a stop signal would (0: never; Megatron-LM's ``--exit-duration-in-mins``):
+    for a scheduler that gives a time limit but no warning signal. Leave the time of a save."""
+
     seed: int = 0
     """Seed of the weight initialisation (the same on every rank) and of dropout (per rank)."""
 

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
@@ -463,6 +464,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     from pretrain.metrics import Logger, StepProfiler
     from pretrain.trainer import Result, Stop
 
+    began = time.monotonic()  # (train.exit_after_minutes counts from here)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
 
@@ -535,7 +537,8 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     best = state["best"] if state else None
     history = state["history"] if state else []
     micro = cfg.train.micro_batch_size
-    stop, asked = Stop(), torch.zeros(1, device=device)
+    stop, asked = Stop(), torch.zeros(2, device=device)  # a stop signal, the time up (train.exit_after_minutes)
+    budget = cfg.train.exit_after_minutes * 60
 
     def save(tag: str, epoch: int, where: str, kept: str, model_too: bool) -> None:
         """Every rank's part of checkpoint ``tag`` after step ``at`` (``epoch`` epochs complete:
@@ -588,9 +591,11 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 window.zero_()
             if said := profiler.after(at):
                 say(said)
-            asked.fill_(stop.signal is not None)  # a stop signal on some rank: every rank saves here
+            up = budget > 0 and time.monotonic() - began >= budget
+            asked.copy_(torch.tensor([stop.signal is not None, up], dtype=asked.dtype))  # on some rank: all save here
             dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-            cause = (stop.signal or "another rank") if asked.item() else None
+            cause = (stop.signal or "another rank") if asked[0].item() else None
+            cause = cause or ("train.exit_after_minutes" if asked[1].item() else None)
             cause = cause or ("train.exit_at_step" if at == cfg.train.exit_at_step else None)
             if cause and step + 1 < steps_per_epoch:  # (at an epoch's end, after the epoch's own save)
                 tag = ckpt.tag(at)

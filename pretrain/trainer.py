@@ -190,6 +190,10 @@ def already_complete(run_dir: Path, step: int, max_steps: int) -> str:
     return f"{run_dir}: already complete at step {step} (train.max_steps={max_steps})"
 
 
+# The stops a run's own config asks for (not a signal: a job stopped by one is not requeued)
+USER_STOPS = ("train.exit_at_step", "train.exit_after_minutes")
+
+
 @dataclass
 class Result:
     """How a rank's run ended: the step reached, and whether a signal (or ``train.exit_at_step``)
@@ -197,7 +201,7 @@ class Result:
 
     step: int
     max_steps: int
-    stopped_by: str | None = None  # a signal's name, "another rank", or "train.exit_at_step"
+    stopped_by: str | None = None  # a signal's name, "another rank", or USER_STOPS' key
     loss: float | None = None  # the last logged train/loss, averaged over ranks
     best: dict | None = None  # fine-tuning: the best epoch's eval figures (loss, accuracy, f1, epoch)
 
@@ -342,6 +346,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     from pretrain import engine  # the one module that imports deepspeed
     from pretrain.metrics import Logger, StepProfiler, measure_peak_tflops, peak_memory_gb
 
+    began = time.monotonic()  # (train.exit_after_minutes counts from here)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
     # Rank 0 alone checks the data and the checkpoint (it stats every shard and checkpoint file:
@@ -522,7 +527,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     bar = tqdm(
         total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
     )
-    flags = torch.zeros(3, device=device)  # non-finite loss, stop signal, damaged shard: on some rank
+    flags = torch.zeros(4, device=device)  # non-finite loss, stop signal, damaged shard, time up: on some rank
+    budget = cfg.train.exit_after_minutes * 60
     # The random state of dropout, set last: nothing above may draw from it after this
     if latest is not None:
         ckpt.restore_rng(root / latest, rank, state["world"] == world, cfg.train.seed, step, world)
@@ -545,6 +551,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     not math.isfinite(value),
                     stop.signal is not None,
                     ckpt.failure_flag(damaged is not None, rank, world),
+                    budget > 0 and time.monotonic() - began >= budget,
                 ]
                 flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -636,14 +643,18 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     path, err = logger.failed if logger else (run_dir, None)
                     then = "the run is complete; only its log is short" if last else None
                     ckpt.agree_written(err, path, rank, world, device, f"at step {step}", ckpt.tag(step), then)
-            if flags[1] or step == cfg.train.exit_at_step:
-                save(
-                    f"train.exit_at_step={step}"
-                    if not flags[1]
-                    else f"stop requested by {stop.signal or 'another rank'}"
-                )
+            if flags[1] or flags[3] or step == cfg.train.exit_at_step:
+                if flags[1]:
+                    cause, why = stop.signal or "another rank", f"stop requested by {stop.signal or 'another rank'}"
+                elif flags[3]:
+                    cause, why = (
+                        "train.exit_after_minutes",
+                        f"train.exit_after_minutes={cfg.train.exit_after_minutes:g}",
+                    )
+                else:
+                    cause, why = "train.exit_at_step", f"train.exit_at_step={step}"
+                save(why)
                 say(f"stopped at step {step} of {cfg.train.max_steps}; run the same command again to resume")
-                cause = (stop.signal or "another rank") if flags[1] else "train.exit_at_step"
                 return Result(step, cfg.train.max_steps, cause, last_loss)
             if step % cfg.checkpoint.every == 0 or last:
                 save("end of run" if last else f"every {cfg.checkpoint.every} steps")

@@ -350,6 +350,11 @@ def test_a_signal_on_one_rank_stops_fine_tuning_at_the_step_with_a_checkpoint(te
         assert tag == f"epoch_{state['epoch']:03d}" and f"stopped after epoch {state['epoch']} of 100 (another" in out
     assert "run the same command again to resume" in out and 0 < state["step"] < 100 * steps
     assert len(list((run / "checkpoints" / tag).glob("rng_rank0000[01].pt"))) == 2  # each rank's dropout state
+    # again, with a time limit that has passed by the first step's end: it stops there, saving, as a signal does
+    r = run_cli(*args, "train.exit_after_minutes=0.0001")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = json.loads((run / "finetune_state.json").read_text())
+    assert after["step"] == state["step"] + 1 and "train.exit_after_minutes)" in r.stdout, r.stdout[-2000:]
 
 
 def test_under_zero3_every_rank_runs_as_many_eval_forwards(teacher_run, task, tmp_path) -> None:

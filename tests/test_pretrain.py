@@ -461,6 +461,19 @@ def test_a_non_finite_loss_is_skipped_and_counted(dataset, tmp_path) -> None:
     assert ckpt.read_state(run, "step_00000006")["batches"] == 7  # the skipped batch was consumed
 
 
+def test_a_time_limit_stops_every_rank_at_a_step_with_a_checkpoint(dataset, tmp_path) -> None:
+    """train.exit_after_minutes (Megatron-LM's --exit-duration-in-mins), for a scheduler that gives
+    a time limit but no warning signal: a limit passed by the first step's end stops both ranks
+    there, saving, as a stop signal does; the run is resumable (its cause is the user's, so a SLURM
+    job is not requeued for it)."""
+    run = tmp_path / "run"
+    r = pretrain(dataset, run, "train.max_steps=4", "eval.every=0", "train.exit_after_minutes=0.0001")
+    ok(r)
+    assert f"saved checkpoint {run / 'checkpoints/step_00000001'} (train.exit_after_minutes=0.0001)" in r.stdout
+    assert "stopped at step 1 of 4; run the same command again to resume" in r.stdout
+    assert ckpt.latest(run) == "step_00000001" and sorted(losses(run)) == [1]
+
+
 def test_divergence_stops_the_run_keeping_the_last_checkpoint(dataset, tmp_path) -> None:
     run = tmp_path / "run"  # a real divergence: step 1 at lr 1e6 leaves weights that give NaN
     r = pretrain(dataset, run, "train.precision=fp32", "optim.lr=1e6", "optim.warmup_steps=1", "checkpoint.every=1",
