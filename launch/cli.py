@@ -522,7 +522,7 @@ def _run_submit(ns: argparse.Namespace) -> int:
 
         cfg = load_config(DistillConfig if ns.stage == "distill" else PretrainConfig, config, overrides)
         # the config, data and run folder, checked here, before the queue; the precision (auto, or one the
-        # nodes may lack) is resolved and checked by each rank on its node
+        # nodes may lack) is resolved and checked by the job's rank 0 on its node
         resolve(cfg, res.nodes * res.tasks(), here=False)
         paths = {"data.path": cfg.data.path, "train.init_from": cfg.train.init_from}
         if ns.stage == "distill":

@@ -367,7 +367,7 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
         if key == "config":
             for k, v in value.items():
                 if k == "train.precision" and v == "auto":
-                    continue  # resolved and compared by each rank, on the node that trains
+                    continue  # resolved and compared by the run's rank 0, on the node that trains
                 if theirs["config"].get(k) != v:
                     raise UserError(
                         f"config key '{k}' is {v!r} but the run in {cfg.run.dir} was started with "

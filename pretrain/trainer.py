@@ -73,7 +73,7 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
 
     Returns ``(cfg, manifest, latest checkpoint tag or None)``. Raises :class:`UserError` naming the
     key, file or field at fault. ``here=False`` (``bertforge submit``, on a login node) leaves the
-    precision to each rank, which checks it again on its own node.
+    precision to the run's rank 0, which checks everything again on its node (:func:`train`).
     """
     if here:
         resolve_precision(cfg.train)
@@ -135,7 +135,7 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])  # (cfg filled in from the manifest)
         for key, value in mine.items():
             if key == "train.precision" and value == Precision.auto.value:
-                continue  # resolved and compared by each rank, on the machine that trains
+                continue  # resolved and compared by the run's rank 0, on the machine that trains
             if key.startswith(FIXED_KEYS) and theirs.get(key) != value:
                 raise UserError(
                     f"config key '{key}' is {value!r} but the run in {run_dir} was started with "
