@@ -589,8 +589,6 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 total, count = window.tolist()
                 logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
                 window.zero_()
-            if said := profiler.after(at):
-                say(said)
             up = budget > 0 and time.monotonic() - began >= budget
             asked.copy_(torch.tensor([stop.signal is not None, up], dtype=asked.dtype))  # on some rank: all save here
             dist.all_reduce(asked, op=dist.ReduceOp.MAX)
@@ -601,11 +599,15 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 tag = ckpt.tag(at)
                 save(tag, epoch - 1, f"at step {at}", last, False)
                 say(f"saved checkpoint {root / tag} (stopped by {cause})")
+                if said := profiler.stop(at):
+                    say(said)
                 say(f"stopped at step {at} of {cfg.train.max_steps} (in epoch {epoch}); run the same command again "
                     "to resume")  # fmt: skip
                 if logger:
                     logger.close()
                 return Result(at, cfg.train.max_steps, cause, best=best)
+            if said := profiler.after(at):
+                say(said)
         figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device, max_length)
         figures["epoch"] = epoch
         history.append(figures)

@@ -116,6 +116,18 @@ class StepProfiler:
             )
         return None
 
+    def stop(self, done: int) -> str | None:
+        """A run that stops early (a signal, a time limit) at step ``done``, before :meth:`after`: the
+        steps profiled so far are written (none where it stops in the warm-up step); returns the
+        line that says where."""
+        if self.prof is not None and done < self.first:  # (in the warm-up step)
+            self.prof.stop()
+            self.prof = None
+        if not self.runs or not self.first <= done <= self.last:
+            return None
+        self.last = done
+        return self.after(done)
+
     def _write(self, prof: torch.profiler.profile) -> None:
         trace, ops = self.folder / f"{self.name}.trace.json.gz", self.folder / f"{self.name}.ops.txt"
         by = "self_device_time_total" if self.cuda else "self_cpu_time_total"

@@ -654,6 +654,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 else:
                     cause, why = "train.exit_at_step", f"train.exit_at_step={step}"
                 save(why)
+                if said := profiler.stop(step):
+                    say(said)
                 say(f"stopped at step {step} of {cfg.train.max_steps}; run the same command again to resume")
                 return Result(step, cfg.train.max_steps, cause, last_loss)
             if step % cfg.checkpoint.every == 0 or last:

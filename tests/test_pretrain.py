@@ -465,13 +465,16 @@ def test_a_time_limit_stops_every_rank_at_a_step_with_a_checkpoint(dataset, tmp_
     """train.exit_after_minutes (Megatron-LM's --exit-duration-in-mins), for a scheduler that gives
     a time limit but no warning signal: a limit passed by the first step's end stops both ranks
     there, saving, as a stop signal does; the run is resumable (its cause is the user's, so a SLURM
-    job is not requeued for it)."""
+    job is not requeued for it). A profile the stop cuts short writes the steps it has."""
     run = tmp_path / "run"
-    r = pretrain(dataset, run, "train.max_steps=4", "eval.every=0", "train.exit_after_minutes=0.0001")
+    profile = ("log.profile_from=1", "log.profile_steps=3")  # cut short: step 1's profile is written
+    r = pretrain(dataset, run, "train.max_steps=4", "eval.every=0", "train.exit_after_minutes=0.0001", *profile)
     ok(r)
     assert f"saved checkpoint {run / 'checkpoints/step_00000001'} (train.exit_after_minutes=0.0001)" in r.stdout
     assert "stopped at step 1 of 4; run the same command again to resume" in r.stdout
     assert ckpt.latest(run) == "step_00000001" and sorted(losses(run)) == [1]
+    assert "profiled steps 1-1 on rank(s) 0: " in r.stdout
+    assert (run / "profile/step_00000001/rank00000.ops.txt").read_text().startswith("steps 1-1, rank00000, by ")
 
 
 def test_divergence_stops_the_run_keeping_the_last_checkpoint(dataset, tmp_path) -> None:
