@@ -339,7 +339,6 @@ def take_optim_keys(engine, optim: OptimConfig) -> None:
         group.update(lr=lr, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
         if i == 0:  # the decayed matrices (:func:`_param_groups`; biases and LayerNorm weights: none)
             group["weight_decay"] = optim.weight_decay
-    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
 
 
 UNIVERSAL = ".universal"

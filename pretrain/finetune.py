@@ -396,6 +396,11 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
             raise UserError(f"{path}: names the checkpoint {found}: {fault}: restore it, or use another run.dir")
 
 
+def epoch_steps(rows: int, cfg: FinetuneConfig) -> int:
+    """Optimizer steps in an epoch of ``rows`` training rows (the last batch whole: see :func:`run`)."""
+    return math.ceil(rows / cfg.train.global_batch_size)
+
+
 def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
     """Every check that needs no rank: the files, the fields, the labels, the model's tokenizer,
     and that a run already in ``run.dir`` is this one (``world`` ranks). ``here=False`` (``bertforge
@@ -421,8 +426,7 @@ def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
             raise UserError(f"{sec.train_file}: one label only ({names[0]!r}); classification needs two or more")
         known = {name: i for i, name in enumerate(names)}
     read_rows(Path(sec.eval_file), sec, known)
-    steps = math.ceil(len(train_rows.labels) / cfg.train.global_batch_size) * sec.epochs  # (as run's max_steps)
-    check_profile(cfg.log, steps, world)
+    check_profile(cfg.log, epoch_steps(len(train_rows.labels), cfg) * sec.epochs, world)  # (run's max_steps)
     if here:
         resolve_precision(cfg.train)
     check_deepspeed(cfg, world)  # a batch that does not divide by the ranks, a passthrough DeepSpeed refuses
@@ -497,7 +501,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
 
     tr_y, ev_y = targets(train_rows), targets(eval_rows)
     g = cfg.train.global_batch_size
-    steps_per_epoch = math.ceil(len(tr_ids) / g)
+    steps_per_epoch = epoch_steps(len(tr_ids), cfg)
     cfg.train.max_steps = steps_per_epoch * sec.epochs
     cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
     fingerprint = inputs(cfg, world) if rank == 0 else None  # what check() compares on a rerun
@@ -537,8 +541,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     best = state["best"] if state else None
     history = state["history"] if state else []
     micro = cfg.train.micro_batch_size
-    stop, asked = Stop(), torch.zeros(2, device=device)  # a stop signal, the time up (train.exit_after_minutes)
-    budget = cfg.train.exit_after_minutes * 60
+    stop, asked = Stop(cfg.train.exit_after_minutes, began), torch.zeros(2, device=device)  # a signal, time up
 
     def save(tag: str, epoch: int, where: str, kept: str, model_too: bool) -> None:
         """Every rank's part of checkpoint ``tag`` after step ``at`` (``epoch`` epochs complete:
@@ -589,8 +592,8 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
                 total, count = window.tolist()
                 logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
                 window.zero_()
-            up = budget > 0 and time.monotonic() - began >= budget
-            asked.copy_(torch.tensor([stop.signal is not None, up], dtype=asked.dtype))  # on some rank: all save here
+            # a stop signal or the time limit on some rank: every rank saves here
+            asked.copy_(torch.tensor([stop.signal is not None, stop.time_up()], dtype=asked.dtype))
             dist.all_reduce(asked, op=dist.ReduceOp.MAX)
             cause = (stop.signal or "another rank") if asked[0].item() else None
             cause = cause or ("train.exit_after_minutes" if asked[1].item() else None)

@@ -233,11 +233,14 @@ class _Window:
 class Stop:
     """Signal handlers that ask for a clean stop; a second SIGINT over 2 s later aborts. SIGHUP (the
     terminal closed: what is written to it goes to /dev/null, :func:`launch.env.outlive_terminal`)
-    stops the same way, unless the run was started under ``nohup``, which asked it to carry on."""
+    stops the same way, unless the run was started under ``nohup``, which asked it to carry on.
+    :meth:`time_up`: whether ``minutes`` (``train.exit_after_minutes``; 0: never) have passed since
+    ``began`` (a ``time.monotonic()``, the run's start)."""
 
-    def __init__(self) -> None:
+    def __init__(self, minutes: float = 0.0, began: float = 0.0) -> None:
         self.signal: str | None = None
         self.since = 0.0
+        self.deadline = began + minutes * 60 if minutes else math.inf
         for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP):
             if s != signal.SIGHUP or not hang_up_is_ignored():
                 signal.signal(s, self._handle)
@@ -247,6 +250,9 @@ class Stop:
             raise KeyboardInterrupt
         if self.signal is None:
             self.signal, self.since = signal.Signals(signum).name, time.monotonic()
+
+    def time_up(self) -> bool:
+        return time.monotonic() >= self.deadline
 
 
 def _next_batch(
@@ -354,7 +360,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     # sends the config it resolved, so that every rank runs the same (the precision auto stood for).
     cfg, man, latest = ckpt.from_rank_0(lambda: resolve(cfg, world), rank, device, "which refused the run")
     ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
-    stop = Stop()
+    stop = Stop(cfg.train.exit_after_minutes, began)
     say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
     run_dir, root = Path(cfg.run.dir), ckpt.folder(Path(cfg.run.dir))
     folder = Path(cfg.data.path)
@@ -528,7 +534,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
     )
     flags = torch.zeros(4, device=device)  # non-finite loss, stop signal, damaged shard, time up: on some rank
-    budget = cfg.train.exit_after_minutes * 60
     # The random state of dropout, set last: nothing above may draw from it after this
     if latest is not None:
         ckpt.restore_rng(root / latest, rank, state["world"] == world, cfg.train.seed, step, world)
@@ -551,7 +556,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     not math.isfinite(value),
                     stop.signal is not None,
                     ckpt.failure_flag(damaged is not None, rank, world),
-                    budget > 0 and time.monotonic() - began >= budget,
+                    stop.time_up(),
                 ]
                 flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
