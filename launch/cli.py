@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 from pathlib import Path
@@ -531,6 +532,8 @@ def _run_submit(ns: argparse.Namespace) -> int:
     # the job runs from this folder: make relative paths absolute so its tasks find them anywhere
     paths["run.dir"] = cfg.run.dir
     overrides = [*overrides, *(f"{key}={Path(path).resolve()}" for key, path in paths.items() if path)]
+    if blend := getattr(getattr(cfg, "data", None), "blend", None):
+        overrides.append(f"data.blend=[{','.join(json.dumps(str(Path(p).resolve())) for p in blend)}]")
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0

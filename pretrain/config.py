@@ -43,6 +43,15 @@ class DataConfig:
     path: str = ""
     """The dataset folder written by ``bertforge prep`` (its manifest sets the vocabulary)."""
 
+    blend: list[str] = field(default_factory=list)
+    """More dataset folders, prepared with data.path's tokenizer and seq_len, mixed into its
+    sequences (Megatron-LM's blended datasets): data.blend=[data/books,data/code]."""
+
+    weights: list[float] = field(default_factory=list, metadata={"range": "(0, inf)"})
+    """Each dataset's share of the sequences read, data.path's first, then data.blend's in order
+    (normalized to sum 1; a small dataset given a large share is read for more epochs). Empty:
+    in proportion to their train sequences, as if they were one dataset. Fixed for a run."""
+
     num_workers: int = field(default=2, metadata={"range": "[0, inf)"})
     """Loader worker processes per rank (a resume with another number goes on from the first shard not read whole)."""
 

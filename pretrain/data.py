@@ -24,6 +24,13 @@ whole (:meth:`ShardStream.restart`), each from the start of its shard, so nothin
 and what the old slots had read at or past that position is read again (about a shard per slot
 at most, counted for the start-up line). Such a stream has an ``origin`` (that position) and a
 ``generation`` (how many times the slots changed; its masks differ from earlier generations').
+
+A blend (Megatron-LM's blended datasets, ``data.blend`` and ``data.weights``) reads several
+datasets of one tokenizer: each slot walks every dataset's own endless shard sequence as above
+(holding one shard of each at a time), and draws which dataset gives each of its sequences with
+a generator seeded by (seed, slot, chunk of :data:`CHOICES` sequences). A resume counts the
+draws it skips to know how far each dataset's walk went; a new layout starts each dataset at its
+own first position not read whole (an ``origin`` per dataset).
 """
 
 from __future__ import annotations
@@ -55,78 +62,44 @@ DAMAGED = "damaged shard"
 is the error's message, and the worker's stream ends there."""
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, shards: int) -> np.ndarray:
-    """The seeded shard order of one epoch (kept for the few epochs a reader walks through at once)."""
-    return np.random.default_rng([seed, epoch]).permutation(shards)
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, shards: int, part: int) -> np.ndarray:
+    """The seeded shard order of one epoch of dataset ``part`` of a blend (kept for the few epochs a
+    reader walks through at once)."""
+    return np.random.default_rng([seed, epoch, *([part] if part else [])]).permutation(shards)
 
 
-class ShardStream(IterableDataset):
-    """Masked ``(input_ids, labels)`` batches of ``batch_size`` sequences for one rank, forever."""
+CHOICES = 1 << 14
+"""A blend's slot draws the dataset of each of its sequences in chunks of this many (one seeded
+generator per chunk: a resume counts what the skipped chunks took from each dataset)."""
 
-    def __init__(
-        self,
-        folder: str | Path,
-        split: str,
-        rank: int,
-        world: int,
-        num_workers: int,
-        batch_size: int,
-        seed: int,
-        masking: MaskingConfig,
-        vocab_size: int,
-        word_start: np.ndarray | None = None,
-        start_batch: int = 0,
-        origin: int = 0,
-        generation: int = 0,
-    ) -> None:
-        super().__init__()
-        self.folder = Path(folder)
-        man = manifests.load(self.folder)
+
+class _Split:
+    """One dataset's split as the slots read it: its shards (path, sequences) and their sha256, laid
+    end to end in the endless sequence of seeded epoch permutations."""
+
+    def __init__(self, folder: Path, split: str, seed: int, part: int) -> None:
+        self.folder, self.seed, self.part = folder, seed, part
+        man = manifests.load(folder)
         listed = [s for s in man["splits"][split]["shards"] if s["sequences"]]
         self.shards = [(s["path"], s["sequences"]) for s in listed]
         self.digests = [s["sha256"] for s in listed]  # each shard's sha256, as the manifest has it
         if not self.shards:
-            raise ValueError(f"{self.folder}: the {split} split has no sequences")
-        self.rank, self.world, self.num_workers = rank, world, num_workers
-        self.batch_size, self.seed, self.masking = batch_size, seed, masking
-        self.vocab_size, self.word_start, self.start_batch = vocab_size, word_start, start_batch
-        self.origin, self.generation = origin, generation
+            raise ValueError(f"{folder}: the {split} split has no sequences")
 
-    def _shard_at(self, k: int) -> int:
+    def at(self, k: int) -> int:
         """Index of the ``k``-th shard of the endless sequence of seeded epoch permutations."""
         epoch, i = divmod(k, len(self.shards))
-        return int(_epoch_order(self.seed, epoch, len(self.shards))[i])
+        return int(_epoch_order(self.seed, epoch, len(self.shards), self.part)[i])
 
-    def restart(self, batches: int) -> tuple[int, int]:
-        """Where slots of another layout start once every rank took ``batches`` batches from this
-        layout: ``(position, again)``, the first position of the shard sequence that some slot had
-        not read whole, and how many sequences at or past it the slots had read (read again there)."""
-        roles = max(1, self.num_workers)  # (no loader workers: the rank's own process reads)
-        slots = self.world * roles
+    def count(self, k: int) -> int:
+        return self.shards[self.at(k)][1]
 
-        def count(k: int) -> int:
-            return self.shards[self._shard_at(k)][1]
-
-        walks = []  # per slot: the positions it read (or is in) and how much of each
-        for slot in range(slots):
-            left = (batches - slot % roles + roles - 1) // roles * self.batch_size
-            k, read = self.origin + slot, []
-            while left > 0:
-                read.append((k, min(left, count(k))))
-                left -= count(k)
-                k += slots
-            unfinished = read[-1][0] if read and read[-1][1] < count(read[-1][0]) else k
-            walks.append((unfinished, read))
-        position = min(unfinished for unfinished, _ in walks)
-        again = sum(n for _, read in walks for k, n in read if k >= position)
-        return position, again
-
-    def slot_samples(self, slot: int, slots: int, skip: int) -> Iterator[np.ndarray]:
-        """The sequences slot ``slot`` of ``slots`` reads, after skipping the first ``skip``."""
-        k = self.origin + slot
+    def samples(self, k: int, step: int, skip: int) -> Iterator[np.ndarray]:
+        """The sequences of positions ``k, k + step, ...`` after the first ``skip`` (a slot's)."""
+        salt = [self.part] if self.part else []
         while True:
-            index = self._shard_at(k)
+            index = self.at(k)
             path, count = self.shards[index]
             if skip >= count:  # skipped whole, by its count in the manifest: never read
                 skip -= count
@@ -142,11 +115,104 @@ class ShardStream(IterableDataset):
                 del data  # (at most two copies of the shard at once, as before)
                 seqs = np.concatenate(blocks)
                 del blocks  # (the generator keeps its locals while it yields this shard)
-                order = np.random.default_rng([self.seed, k, 1]).permutation(len(seqs))
+                order = np.random.default_rng([self.seed, k, 1, *salt]).permutation(len(seqs))
                 for i in order[skip:]:
                     yield seqs[i]
                 skip = 0
-            k += slots
+            k += step
+
+    def restart(self, origin: int, taken: list[int]) -> tuple[int, int]:
+        """Where slots of another layout start once slot ``s`` of ``len(taken)`` took ``taken[s]``
+        sequences from positions ``origin + s, origin + s + len(taken), ...``: ``(position, again)``,
+        the first position that some slot had not read whole, and how many sequences at or past it
+        the slots had read (read again there)."""
+        slots, walks = len(taken), []  # per slot: the positions it read (or is in) and how much of each
+        for slot, left in enumerate(taken):
+            k, read = origin + slot, []
+            while left > 0:
+                read.append((k, min(left, self.count(k))))
+                left -= self.count(k)
+                k += slots
+            unfinished = read[-1][0] if read and read[-1][1] < self.count(read[-1][0]) else k
+            walks.append((unfinished, read))
+        position = min(unfinished for unfinished, _ in walks)
+        again = sum(n for _, read in walks for k, n in read if k >= position)
+        return position, again
+
+
+class ShardStream(IterableDataset):
+    """Masked ``(input_ids, labels)`` batches of ``batch_size`` sequences for one rank, forever.
+
+    ``folder`` is a dataset folder, or a list of them blended by ``weights`` (each a share of the
+    sequences; ``origin`` is then a position per dataset). Each slot reads every dataset of a blend
+    as it reads one alone, and draws the dataset of each of its sequences with a seeded generator,
+    so a batch mixes them in their shares and the stream stays a pure function of the config."""
+
+    def __init__(
+        self,
+        folder: str | Path | list,
+        split: str,
+        rank: int,
+        world: int,
+        num_workers: int,
+        batch_size: int,
+        seed: int,
+        masking: MaskingConfig,
+        vocab_size: int,
+        word_start: np.ndarray | None = None,
+        start_batch: int = 0,
+        origin: int | list[int] = 0,
+        generation: int = 0,
+        weights: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        folders = [Path(f) for f in folder] if isinstance(folder, (list, tuple)) else [Path(folder)]
+        self.parts = [_Split(f, split, seed, part) for part, f in enumerate(folders)]
+        shares = np.asarray(weights if weights else [1.0] * len(folders), dtype=np.float64)
+        assert len(shares) == len(folders) and (shares > 0).all(), (weights, folders)
+        self.bounds = np.cumsum(shares / shares.sum())[:-1]  # a uniform draw below bounds[d]: dataset <= d
+        self.origins = list(origin) if isinstance(origin, (list, tuple)) else [origin] * len(folders)
+        self.rank, self.world, self.num_workers = rank, world, num_workers
+        self.batch_size, self.seed, self.masking = batch_size, seed, masking
+        self.vocab_size, self.word_start, self.start_batch = vocab_size, word_start, start_batch
+        self.generation = generation
+        self.later = [generation] if generation else []  # (the first generation's draws and masks as they were)
+
+    def _draws(self, slot: int, chunk: int) -> np.ndarray:
+        """The datasets of a slot's sequences ``chunk * CHOICES`` up to the next chunk's."""
+        rng = np.random.default_rng([self.seed, slot, chunk, 3, *self.later])
+        return np.searchsorted(self.bounds, rng.random(CHOICES), side="right")
+
+    def _taken(self, slot: int, n: int) -> list[int]:
+        """How many of a slot's first ``n`` sequences each dataset gave."""
+        if len(self.parts) == 1:
+            return [n]
+        chunks, rest = divmod(n, CHOICES)
+        counts = sum((np.bincount(self._draws(slot, c), minlength=len(self.parts)) for c in range(chunks)), 0)
+        counts = counts + np.bincount(self._draws(slot, chunks)[:rest], minlength=len(self.parts))
+        return [int(c) for c in counts]
+
+    def restart(self, batches: int) -> list[tuple[int, int]]:
+        """Where slots of another layout start, per dataset, once every rank took ``batches``
+        batches from this layout: ``(position, again)`` (see :meth:`_Split.restart`)."""
+        roles = max(1, self.num_workers)  # (no loader workers: the rank's own process reads)
+        slots = self.world * roles
+        # slot s is worker s % roles of its rank, which gave every roles-th of the rank's batches
+        taken = [self._taken(s, (batches - s % roles + roles - 1) // roles * self.batch_size) for s in range(slots)]
+        return [p.restart(o, [t[d] for t in taken]) for d, (p, o) in enumerate(zip(self.parts, self.origins))]
+
+    def slot_samples(self, slot: int, slots: int, skip: int) -> Iterator[np.ndarray]:
+        """The sequences slot ``slot`` of ``slots`` reads, after skipping the first ``skip``."""
+        taken = self._taken(slot, skip)
+        subs = [p.samples(o + slot, slots, n) for p, o, n in zip(self.parts, self.origins, taken)]
+        if len(subs) == 1:
+            yield from subs[0]
+            return
+        chunk, within = divmod(skip, CHOICES)
+        while True:
+            for d in self._draws(slot, chunk)[within:]:
+                yield next(subs[d])
+            chunk, within = chunk + 1, 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -159,10 +225,9 @@ class ShardStream(IterableDataset):
         done = (self.start_batch - role + workers - 1) // workers  # batches this role already gave
         samples = self.slot_samples(slot, slots, done * self.batch_size)
         n = done
-        later = [self.generation] if self.generation else []  # (the first generation's masks as they were)
         while True:
             ids = np.stack([next(samples) for _ in range(self.batch_size)])
-            rng = np.random.default_rng([self.seed, slot, n, 2, *later])
+            rng = np.random.default_rng([self.seed, slot, n, 2, *self.later])
             inputs, labels = mask_batch(ids, rng, self.masking, self.vocab_size, self.word_start)
             yield torch.from_numpy(inputs), torch.from_numpy(labels)
             n += 1

@@ -62,7 +62,10 @@ FIXED_KEYS = (
     "train.zero_stage",
     "train.global_batch_size",
     "train.seed",
+    "data.weights",
 )
+# Fixed keys that checkpoints written before them lack, and the value they had there
+NEWER_KEYS = {"data.weights": []}
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
 
@@ -80,22 +83,14 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
     if not cfg.data.path:
         raise UserError("config key 'data.path' is empty: give the folder bertforge prep wrote (data.path=DIR)")
     folder = Path(cfg.data.path)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such dataset folder (config key 'data.path'); run bertforge prep first")
-    man = manifests.load(folder)
-    manifests.check(
-        man,
+    man = _dataset(
         folder,
+        "data.path",
         vocab_size=cfg.model.vocab_size or None,
         seq_len=cfg.data.seq_len or None,
         tokenizer_sha256=cfg.data.tokenizer_sha256 or None,
     )
-    for split in ("train", "val"):
-        for shard in man["splits"][split]["shards"]:
-            if not (folder / shard["path"]).is_file():
-                raise UserError(f"{folder / shard['path']}: shard listed in {folder}/manifest.json is missing")
-    if not man["splits"]["train"]["sequences"]:
-        raise UserError(f"{folder}/manifest.json: field 'splits.train.sequences' is 0: nothing to train on")
+    _check_blend(cfg, man)
     cfg.model.vocab_size = man["tokenizer"]["vocab_size"]
     cfg.data.seq_len = man["seq_len"]
     run_dir = Path(cfg.run.dir)
@@ -132,16 +127,77 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "
                 "config key 'data.path' names other data than the run was trained on"
             )
+        if state.get("blend_sha256", []) != blend_sha256(cfg):
+            raise UserError(
+                f"{where}: field 'blend_sha256' differs from the manifests of config key 'data.blend' "
+                f"({', '.join(cfg.data.blend) or 'none'}): the run was trained on another blend"
+            )
         mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])  # (cfg filled in from the manifest)
         for key, value in mine.items():
             if key == "train.precision" and value == Precision.auto.value:
                 continue  # resolved and compared by the run's rank 0, on the machine that trains
-            if key.startswith(FIXED_KEYS) and theirs.get(key) != value:
+            if key.startswith(FIXED_KEYS) and theirs.get(key, NEWER_KEYS.get(key)) != value:
                 raise UserError(
                     f"config key '{key}' is {value!r} but the run in {run_dir} was started with "
                     f"{theirs.get(key)!r} ({where}); use another run.dir for a new run"
                 )
     return cfg, man, latest
+
+
+def _dataset(folder: Path, key: str, **want) -> dict:
+    """The manifest of a dataset folder named by config key ``key``, checked against ``want``
+    (:func:`data_prep.manifest.check`), with every shard it lists present and a train split."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such dataset folder (config key '{key}'); run bertforge prep first")
+    man = manifests.load(folder)
+    manifests.check(man, folder, **want)
+    for split in ("train", "val"):
+        for shard in man["splits"][split]["shards"]:
+            if not (folder / shard["path"]).is_file():
+                raise UserError(f"{folder / shard['path']}: shard listed in {folder}/manifest.json is missing")
+    if not man["splits"]["train"]["sequences"]:
+        raise UserError(f"{folder}/manifest.json: field 'splits.train.sequences' is 0: nothing to train on")
+    return man
+
+
+def _check_blend(cfg: PretrainConfig, man: dict) -> None:
+    """Check the datasets of ``data.blend`` against ``data.path``'s manifest ``man`` (one tokenizer,
+    one seq_len), and set ``data.weights`` to the shares they stand for (summing to 1)."""
+    folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]
+    if cfg.data.weights and len(cfg.data.weights) != len(folders):
+        raise UserError(
+            f"config key 'data.weights': {len(cfg.data.weights)} weight(s) for {len(folders)} dataset(s) "
+            f"(data.path, then the {len(cfg.data.blend)} of data.blend)"
+        )
+    sizes = [man["splits"]["train"]["sequences"]]
+    for i, other in enumerate(folders[1:]):
+        if other.resolve() in [f.resolve() for f in folders[: i + 1]]:
+            raise UserError(f"config key 'data.blend': {other} is listed twice (data.weights sets a dataset's share)")
+        try:
+            theirs = _dataset(
+                other,
+                "data.blend",
+                vocab_size=man["tokenizer"]["vocab_size"],
+                seq_len=man["seq_len"],
+                tokenizer_sha256=man["tokenizer"]["sha256"],
+            )
+        except UserError as err:
+            if "but the config expects" not in str(err):
+                raise
+            raise UserError(
+                f"{err}, the value in {cfg.data.path}/{manifests.MANIFEST} (config key 'data.blend': a blend's "
+                f"datasets share data.path's tokenizer and seq_len: bertforge prep --tokenizer "
+                f"{Path(cfg.data.path) / man['tokenizer']['file']} --seq-len {man['seq_len']})"
+            ) from None
+        sizes.append(theirs["splits"]["train"]["sequences"])
+    if cfg.data.weights or cfg.data.blend:
+        shares = cfg.data.weights or sizes
+        cfg.data.weights = [w / sum(shares) for w in shares]
+
+
+def blend_sha256(cfg: PretrainConfig) -> list[str]:
+    """The sha256 of each ``data.blend`` dataset's manifest (a checkpoint's state keeps them)."""
+    return [tokenizers.sha256(Path(f) / manifests.MANIFEST) for f in cfg.data.blend]
 
 
 # What train.init_from decides of the model: all but the regularisation keys, which stay the config's.
@@ -367,6 +423,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     accum = accumulation_steps(cfg.train, world)
     micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
     manifest_sha = tokenizers.sha256(folder / manifests.MANIFEST)  # once, for every checkpoint's state
+    blend_sha = blend_sha256(cfg)
+    folders = [folder, *map(Path, cfg.data.blend)]
+    mans = [man, *(manifests.load(f) for f in folders[1:])]
+    weights = cfg.data.weights or None
 
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -407,35 +467,49 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         was = (state["world"], then["data"]["num_workers"], then["train"]["micro_batch_size"])
         if was != (world, cfg.data.num_workers, micro):
             old = ShardStream(
-                folder, "train", 0, *was, cfg.data.seed, cfg.data.masking, cfg.model.vocab_size,
-                origin=layout["origin"], generation=layout["generation"],
+                folders, "train", 0, *was, cfg.data.seed, cfg.data.masking, cfg.model.vocab_size,
+                origin=layout["origin"], generation=layout["generation"], weights=weights,
             )  # fmt: skip
-            origin, again = old.restart(batches - layout["batches"])
-            layout = {"generation": layout["generation"] + 1, "origin": origin, "batches": batches}
-            shards = len(old.shards)
+            restarts = old.restart(batches - layout["batches"])
+            origin = [position for position, _ in restarts]
+            layout = {
+                "generation": layout["generation"] + 1,
+                "origin": origin if weights else origin[0],
+                "batches": batches,
+            }
+            goes_on = [
+                (f"{f}'s " if weights else "") + f"shard {position % len(part.shards) + 1} of {len(part.shards)} "
+                f"in epoch {position // len(part.shards) + 1}, {again:,} sequence(s) read again "
+                f"({again / m['splits']['train']['sequences']:.1%} of an epoch)"
+                for f, m, part, (position, again) in zip(folders, mans, old.parts, restarts)
+            ]
             changed += (
                 f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
                 + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
                 + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
-                + f"; the data goes on from shard {origin % shards + 1} of {shards} in epoch {origin // shards + 1}, "
-                f"{again:,} sequence(s) read again ({again / man['splits']['train']['sequences']:.1%} of an epoch)"
+                + f"; the data goes on from {', '.join(goes_on)}"
             )
 
     word_start = None
     if cfg.data.masking.whole_word:
         word_start = tokenizers.word_starts(tokenizers.load(folder / man["tokenizer"]["file"]))
     stream = ShardStream(
-        folder, "train", rank, world, cfg.data.num_workers, micro, cfg.data.seed,
+        folders, "train", rank, world, cfg.data.num_workers, micro, cfg.data.seed,
         cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches - layout["batches"],
-        origin=layout["origin"], generation=layout["generation"],
+        origin=layout["origin"], generation=layout["generation"], weights=weights,
     )  # fmt: skip
+    # evaluation reads the val splits of the same blend (those that have one), in the same shares
+    evals = [(f, w) for f, m, w in zip(folders, mans, weights or [1.0]) if m["splits"]["val"]["sequences"]]
     val = None
-    if cfg.eval.every and man["splits"]["val"]["sequences"]:
+    if cfg.eval.every and evals:
         val = ShardStream(
-            folder, "val", rank, world, 0, micro, cfg.eval.seed, cfg.data.masking, cfg.model.vocab_size, word_start
-        )
+            [f for f, _ in evals], "val", rank, world, 0, micro, cfg.eval.seed, cfg.data.masking,
+            cfg.model.vocab_size, word_start, weights=[w for _, w in evals],
+        )  # fmt: skip
     elif cfg.eval.every:
-        say(f"{folder}: the val split is empty; evaluation is off")
+        say(f"{' '.join(map(str, folders))}: the val split is empty; evaluation is off")
+    if cfg.eval.every and evals and len(evals) < len(folders):
+        say(f"evaluation leaves out {', '.join(str(f) for f in folders if f not in dict(evals))}: no val split")
 
     def job_peak() -> float:
         """The whole job's peak: each rank's, summed."""
@@ -462,6 +536,12 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         + (f"; resuming from {latest} (step {step}){changed}" if latest else "")
         + (f"; initial weights from {cfg.train.init_from}" if cfg.train.init_from and not latest else "")
     )
+    if weights:  # what the run will read of each dataset
+        reads = cfg.train.max_steps * cfg.train.global_batch_size
+        say("data: " + ", ".join(
+            f"{f} {w:.1%} ({reads * w / m['splits']['train']['sequences']:.2f} epochs in {cfg.train.max_steps} steps)"
+            for f, m, w in zip(folders, mans, weights)
+        ))  # fmt: skip
     if warning := precision_warning(cfg.train.precision):
         say(warning)
 
@@ -515,6 +595,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "data_layout": layout,
                 "data_position": _data_position(batches - layout["batches"], world, cfg.data.num_workers, micro),
                 "manifest_sha256": manifest_sha,
+                **({"blend_sha256": blend_sha} if blend_sha else {}),
                 "tokenizer_sha256": man["tokenizer"]["sha256"],
                 "config": to_dict(cfg),
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

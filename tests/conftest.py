@@ -128,6 +128,19 @@ def train_data(tmp_path_factory, corpus, sp_model) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other(tmp_path_factory, sp_model) -> Path:
+    """A second dataset for ``train_data``'s tokenizer and seq_len (to blend with it), of other
+    documents (none of the corpus's 1,200) and a fifth of its size."""
+    text = tmp_path_factory.mktemp("other") / "other.txt"
+    text.write_text("\n\n".join(clean(t) for _, t in builtin.python_docs()[1300:1550]) + "\n")
+    out = text.parent / "ds"
+    r = run_prep("--input", str(text), "--output", str(out), "--tokenizer", str(sp_model), "--seq-len", "64",
+                 "shard_size=6KB", "block_size=2KB", "val_fraction=0.05")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory, train_data) -> tuple[Path, Path]:
     """``train_data`` and a 2-rank, 30-step run of the tiny preset on it (a teacher; a run to monitor)."""
     data, run = train_data, tmp_path_factory.mktemp("distill") / "teacher"

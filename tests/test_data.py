@@ -49,12 +49,12 @@ def test_each_epoch_reads_every_sequence_once_over_all_slots(dataset) -> None:
     s = stream(dataset)
     slots = 3
     everything = Counter()
-    for path, _ in s.shards:
+    for path, _ in s.parts[0].shards:
         for block in read_blocks(dataset / path):
             everything.update(map(bytes, block))
     seen = Counter()
     for slot in range(slots):  # the shards at positions slot, slot + 3, ... below one epoch
-        mine = [s.shards[s._shard_at(k)][1] for k in range(slot, len(s.shards), slots)]
+        mine = [s.parts[0].count(k) for k in range(slot, len(s.parts[0].shards), slots)]
         it = s.slot_samples(slot, slots, 0)
         seen.update(bytes(next(it)) for _ in range(sum(mine)))
     assert seen == everything
@@ -114,12 +114,12 @@ def test_a_shard_is_opened_once_for_its_sha256_and_its_blocks(dataset, monkeypat
     monkeypatch.setattr(builtins, "open", counting)  # webdataset's gopen
     s = stream(dataset)
     it = iter(s)
-    first = s.shards[s._shard_at(0)][1]
+    first = s.parts[0].count(0)
     for _ in range(first // s.batch_size + 1):  # into the second shard
         next(it)
-    shards = {str(dataset / path) for path, _ in s.shards}
+    shards = {str(dataset / path) for path, _ in s.parts[0].shards}
     assert {f: n for f, n in opened.items() if f in shards} == {
-        str(dataset / s.shards[s._shard_at(k)][0]): 1 for k in (0, 1)
+        str(dataset / s.parts[0].shards[s.parts[0].at(k)][0]): 1 for k in (0, 1)
     }
 
 
@@ -129,16 +129,16 @@ def test_other_slots_go_on_from_the_first_shard_not_read_whole_losing_nothing(da
     of the epoch is read, and what is read twice is what ``restart`` says."""
     old = stream(dataset, num_workers=2)
     everything = Counter()
-    for path, _ in old.shards:
+    for path, _ in old.parts[0].shards:
         for block in read_blocks(dataset / path):
             everything.update(map(bytes, block))
-    sizes = [old.shards[old._shard_at(k)][1] for k in range(len(old.shards))]  # epoch 1, in order
+    sizes = [old.parts[0].count(k) for k in range(len(old.parts[0].shards))]  # epoch 1, in order
     batches = 2 * round(1.5 * sizes[0] / old.batch_size)  # the rank's: half from each worker
     read = Counter()
     for slot in (0, 1):
         it = old.slot_samples(slot, 2, 0)
         read.update(bytes(next(it)) for _ in range(batches // 2 * old.batch_size))
-    position, again = old.restart(batches)
+    [(position, again)] = old.restart(batches)
     assert 0 < position < 4 and again > 0  # some shards read whole, some half: a real case
     new = stream(dataset, origin=position, generation=1)
     it = new.slot_samples(0, 1, 0)
@@ -166,7 +166,7 @@ def test_a_damaged_shard_is_named_in_one_line_in_this_process_and_from_a_loader_
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
     s = stream(copy)
-    victim = copy / s.shards[s._shard_at(0)][0]  # the first shard slot 0 reads
+    victim = copy / s.parts[0].shards[s.parts[0].at(0)][0]  # the first shard slot 0 reads
     data = bytearray(victim.read_bytes())
     data[1000] ^= 1  # one bit of a token id in the first member (its header is bytes 0-511)
     victim.write_bytes(bytes(data))

@@ -949,7 +949,7 @@ def test_a_damaged_shard_stops_every_rank_keeping_the_last_checkpoint_and_resume
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
     s = ShardStream(copy, "train", 1, 2, 1, 8, 0, MaskingConfig(), 1000)  # rank 1 of 2, one loader worker
-    first, second = (s.shards[s._shard_at(k)] for k in (1, 3))  # rank 1's first two shards
+    first, second = (s.parts[0].shards[s.parts[0].at(k)] for k in (1, 3))  # rank 1's first two shards
     reached = first[1] // 8 + 1  # the step at which rank 1 starts on its second shard
     victim = copy / second[0]
     good = victim.read_bytes()

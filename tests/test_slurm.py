@@ -186,16 +186,18 @@ def test_a_job_out_of_time_outs_stops_with_a_clear_message(dataset, tmp_path) ->
            "re-sharded for 1; the data goes on from shard " in said, said[-3000:]  # fmt: skip
 
 
-def test_distillation_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
+def test_distillation_on_a_blend_runs_as_a_two_node_job(teacher_run, other, tmp_path) -> None:
     data, teacher = teacher_run
     run, logs = tmp_path / "run", tmp_path / "logs"
     r = run_cli("submit", "distill", str(REPO / "configs/distill/tiny.yaml"), f"data.path={data}", f"run.dir={run}",
                 f"distill.teacher={teacher}", "train.max_steps=10", "log.every=5", "eval.every=10", "eval.batches=2",
                 "checkpoint.every=10", "train.precision=fp32", PEAK, "--nodes", "2", "--tasks-per-node", "1",
-                "--cpus-per-task", "1", "--time", "60", "--log-dir", str(logs))  # fmt: skip
+                "--cpus-per-task", "1", "--time", "60", "--log-dir", str(logs),
+                f"data.blend=[{other.name}]", "data.weights=[1,1]", cwd=other.parent)  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[2].rstrip(":")
     res = result(logs, job)
+    assert (run / "config.yaml").read_text().count(f"- {other}\n") == 1  # made absolute for the job
     assert res.step == 10 and res.finished
     assert ckpt.read_state(run, ckpt.tag(10))["world"] == 2
     assert "bertforge distill: 2 rank(s)" in (logs / job / f"{job}_0_log.out").read_text()

@@ -1,0 +1,141 @@
+"""Blended datasets (``data.blend``, ``data.weights``): several real prepared datasets of one
+tokenizer read in their shares, resumed exactly, on another layout without losing a sequence of
+either, and a 2-rank run that trains on a blend, resumes on one rank, and refuses another blend."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.shards import read_blocks
+from launch.config import load_config
+from pretrain.config import PretrainConfig
+from pretrain.data import CHOICES, ShardStream, build_loader
+from pretrain.masking import MaskingConfig
+from pretrain.trainer import resolve
+from tests.conftest import PEAK, REPO, refusal, run_cli, run_prep
+
+TINY = str(REPO / "configs/pretrain/tiny.yaml")
+
+
+def sequences(folder: Path) -> Counter:
+    """Every train sequence of a dataset, as bytes."""
+    man = json.loads((folder / "manifest.json").read_text())
+    out = Counter()
+    for shard in man["splits"]["train"]["shards"]:
+        for block in read_blocks(folder / shard["path"]):
+            out.update(map(bytes, block))
+    return out
+
+
+def blend(train_data: Path, other: Path, **kw) -> ShardStream:
+    args = dict(split="train", rank=0, world=1, num_workers=0, batch_size=4, seed=0, masking=MaskingConfig())
+    return ShardStream([train_data, other], vocab_size=1000, weights=[0.25, 0.75], **{**args, **kw})
+
+
+def test_a_blend_reads_each_dataset_in_its_share_and_resumes_exactly(train_data, other) -> None:
+    mine, theirs = sequences(train_data), sequences(other)
+    assert not mine.keys() & theirs.keys() and sum(theirs.values()) * 3 < sum(mine.values())
+    it = blend(train_data, other).slot_samples(0, 2, 0)
+    read = [bytes(next(it)) for _ in range(CHOICES + 3000)]  # past the first chunk of draws
+    share = sum(r in theirs for r in read) / len(read)
+    assert 0.74 < share < 0.76 and all(r in theirs or r in mine for r in read)  # the small one, many times over
+    assert max(Counter(r for r in read if r in theirs).values()) >= 10
+    for skip in (1, 77, 4321, CHOICES - 2, CHOICES + 5):  # a resume goes on with the same sequences
+        again = blend(train_data, other).slot_samples(0, 2, skip)
+        assert [bytes(next(again)) for _ in range(200)] == read[skip : skip + 200], skip
+    # through a real loader with workers: a rank's batches from any batch on are the uninterrupted run's
+    full = iter(build_loader(blend(train_data, other, rank=1, world=2, num_workers=2)))
+    batches = [next(full) for _ in range(12)]
+    resumed = iter(build_loader(blend(train_data, other, rank=1, world=2, num_workers=2, start_batch=5)))
+    for want in batches[5:]:
+        assert all((a == b).all() for a, b in zip(next(resumed), want))
+    alone = iter(build_loader(ShardStream(train_data, "train", 1, 2, 2, 4, 0, MaskingConfig(), 1000)))
+    assert not (next(alone)[0] == batches[0][0]).all()
+
+
+def test_a_blend_on_other_slots_goes_on_losing_nothing_of_either_dataset(train_data, other) -> None:
+    """2 slots read a while; then 1 slot goes on from each dataset's restart position to the end of
+    that dataset's epoch: between them every sequence of both is read, and what is read twice is
+    what ``restart`` says, dataset by dataset."""
+    old = blend(train_data, other, num_workers=2)
+    batches = 2 * 150  # the rank's: 600 sequences a slot, ~450 of them from the small dataset
+    read = [Counter(), Counter()]
+    kinds = [sequences(train_data), sequences(other)]
+    for slot in (0, 1):
+        it = old.slot_samples(slot, 2, 0)
+        for _ in range(batches // 2 * old.batch_size):
+            r = bytes(next(it))
+            read[r in kinds[1]][r] += 1
+    restarts = old.restart(batches)
+    new = blend(train_data, other, origin=[p for p, _ in restarts], generation=1)
+    for part, (position, again), everything, seen in zip(new.parts, restarts, kinds, read):
+        epochs = position // len(part.shards) + 1  # to the end of the epoch that position is in
+        it = part.samples(position, 1, 0)
+        seen.update(bytes(next(it)) for _ in range(sum(map(part.count, range(position, epochs * len(part.shards))))))
+        whole = Counter({k: n * epochs for k, n in everything.items()})
+        assert not whole - seen  # nothing lost
+        assert sum((seen - whole).values()) == again
+    assert restarts[1][0] >= len(new.parts[1].shards) > 1  # the small dataset is in a later epoch: a real case
+
+
+def test_a_blend_of_two_tokenizers_or_of_the_wrong_size_is_refused_naming_the_key(train_data, other, tmp_path) -> None:
+    def check(*overrides: str) -> str:
+        cfg = load_config(PretrainConfig, TINY, [f"data.path={train_data}", f"run.dir={tmp_path / 'run'}", *overrides])
+        return refusal(resolve, cfg, 1)
+
+    assert check(f"data.blend=[{other}]", "data.weights=[1]") == (
+        "config key 'data.weights': 1 weight(s) for 2 dataset(s) (data.path, then the 1 of data.blend)"
+    )
+    assert check(f"data.blend=[{other},{train_data}/]") == (
+        f"config key 'data.blend': {train_data} is listed twice (data.weights sets a dataset's share)"
+    )
+    assert check(f"data.blend=[{tmp_path / 'none'}]").startswith(f"{tmp_path / 'none'}: no such dataset folder")
+    foreign = tmp_path / "foreign"  # another tokenizer (trained on these docs)
+    r = run_prep("--input", str(other.parent / "other.txt"), "--output", str(foreign), "--vocab-size", "600",
+                 "--seq-len", "64")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert check(f"data.blend=[{foreign}]").startswith(
+        f"{foreign}/manifest.json: field 'tokenizer.vocab_size' is 600 but the config expects 1000, the value in "
+        f"{train_data}/manifest.json (config key 'data.blend': a blend's datasets share data.path's tokenizer"
+    )
+    cfg = load_config(PretrainConfig, TINY, [f"data.path={train_data}", f"data.blend=[{other}]"])
+    n = [json.loads((d / "manifest.json").read_text())["splits"]["train"]["sequences"] for d in (train_data, other)]
+    assert resolve(cfg, 1)[0].data.weights == [n[0] / sum(n), n[1] / sum(n)]  # empty: by size
+
+
+def test_a_blend_trains_resumes_on_one_rank_and_a_resume_refuses_another_blend(train_data, other, tmp_path) -> None:
+    run = tmp_path / "run"
+
+    def pretrain(*overrides: str, nproc: str = "2"):  # noqa: ANN202
+        return run_cli("pretrain", TINY, "--nproc", nproc, "--no-progress", f"data.path={train_data}",
+                       f"run.dir={run}", "train.max_steps=6", "log.every=1", "checkpoint.every=3", "eval.every=3",
+                       "eval.batches=2", PEAK, *overrides)  # fmt: skip
+
+    blended = (f"data.blend=[{other}]", "data.weights=[1,3]")
+    r = pretrain(*blended, "train.exit_at_step=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"data: {train_data} 25.0% (" in r.stdout and f", {other} 75.0% (" in r.stdout
+    state = json.loads((run / "checkpoints/step_00000003/trainer_state.json").read_text())
+    assert state["config"]["data"]["weights"] == [0.25, 0.75] and len(state["blend_sha256"]) == 1
+    r = pretrain(f"data.blend=[{other}]", "data.weights=[1,1]")
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "bertforge: error: config key 'data.weights' is [0.5, 0.5] but the run in "
+        f"{run} was started with [0.25, 0.75] ({run}/checkpoints/step_00000003/trainer_state.json); "
+        "use another run.dir for a new run"
+    )
+    r = pretrain()
+    assert (
+        r.returncode == 2 and "field 'blend_sha256' differs from the manifests of config key 'data.blend'" in r.stderr
+    )
+    r = pretrain(*blended, nproc="1")  # 1 rank: each dataset goes on from its own first shard not read whole
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"the data goes on from {train_data}'s shard " in r.stdout and f", {other}'s shard " in r.stdout
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert np.isfinite([m["eval/loss"] for m in logged if "eval/loss" in m]).all()
+    state = json.loads((run / "checkpoints/step_00000006/trainer_state.json").read_text())
+    assert state["data_layout"]["generation"] == 1 and len(state["data_layout"]["origin"]) == 2
