@@ -65,6 +65,9 @@ def table(records: list[dict]) -> str:
     for r in (r for r in records if r["bench"] == "reader"):
         rows.append(("shard reader, tok/s", f"{r['reader_tok_s']:,.0f}", f"trainer: {r['train_tok_s']:,.0f}",
                      f"{r['reader_tok_s'] / r['train_tok_s']:.0f}x"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "reader_blend"):
+        rows.append(("  the same, blended with itself (data.blend)", f"{r['reader_tok_s']:,.0f}",
+                     f"alone: {r['alone_tok_s']:,.0f}", f"{r['reader_tok_s'] / r['alone_tok_s']:.2f}x"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "memory"):
         rows.append((f"peak memory per rank, {r['preset']}, ZeRO 2, GB", f"{r['zero2_gb']:.3f}",
                      f"ZeRO 0: {r['zero0_gb']:.3f}", f"{r['zero2_gb'] / r['zero0_gb']:.2f}x"))  # fmt: skip
@@ -120,7 +123,13 @@ def main() -> None:
         quick = args.quick
         _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
              results=results)  # fmt: skip
-        _run("train_throughput.py", "--memory", *(["--rounds", "1", "--steps", "3"] if quick else []), results=results)
+        _run(
+            "train_throughput.py",
+            "--memory",
+            "--blend",
+            *(["--rounds", "1", "--steps", "3"] if quick else []),
+            results=results,
+        )
         _run("inference.py", *(["--preset", "mini", "--rounds", "2"] if quick else []), results=results)
         steps, student_steps = (20, 20) if quick else (args.distill_steps, args.student_steps)
         student = [] if student_steps is None else ["--student-steps", str(student_steps)]

@@ -25,7 +25,9 @@ the masked positions only (``pretrain.model.flops_per_token``).
 
 It also measures the shard reader (``--data``, default ``data/python-docs``, written by
 ``make demo``): sequences per second through ``build_loader`` with the default worker count,
-as a multiple of the trainer's token rate; and, with ``--memory``, the peak memory per rank of
+as a multiple of the trainer's token rate (with ``--blend``, also of a blend of ``--data`` with
+itself, half and half: two walks of its shards at once, a blend's cost over the same bytes, side
+by side with ``--data`` alone); and, with ``--memory``, the peak memory per rank of
 ``bertforge pretrain --nproc 2`` at ZeRO 0 and ZeRO 2 on the same model.
 Timings on a shared machine are noisy: compare the ratios, measured side by side.
 """
@@ -171,13 +173,18 @@ def timed(step, data, device) -> float:
     return time.perf_counter() - start
 
 
-def reader_rate(folder: Path, micro: int, workers: int, seconds: float = 10.0) -> float:
-    """Tokens per second the shard reader delivers to one rank (masked batches, ``workers`` processes)."""
+def reader_rate(folder: Path | list[Path], micro: int, workers: int, seconds: float = 10.0) -> float:
+    """Tokens per second the shard reader delivers to one rank (masked batches, ``workers``
+    processes), of one dataset or (a list) of a blend in equal shares."""
     from data_prep import manifest as manifests
     from pretrain.data import ShardStream, build_loader
 
-    man = manifests.load(folder)
-    stream = ShardStream(folder, "train", 0, 1, workers, micro, 0, MaskingConfig(), man["tokenizer"]["vocab_size"])
+    folders = folder if isinstance(folder, list) else [folder]
+    man = manifests.load(folders[0])
+    weights = [1.0] * len(folders) if len(folders) > 1 else None
+    stream = ShardStream(
+        folders, "train", 0, 1, workers, micro, 0, MaskingConfig(), man["tokenizer"]["vocab_size"], weights=weights
+    )
     it = iter(build_loader(stream))
     for _ in range(2 * max(1, workers)):  # workers started, first shards read
         next(it)
@@ -220,6 +227,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="our model under torch.compile (train.compile=true)")
     ap.add_argument("--data", type=Path, default=REPO / "data/python-docs", help="shards for the reader measurement")
     ap.add_argument("--memory", action="store_true", help="also peak memory per rank, ZeRO 0 vs 2 (2 ranks)")
+    ap.add_argument("--blend", action="store_true", help="also time the reader of --data blended with itself")
     ap.add_argument("--reader-seconds", type=float, default=10.0, help="how long the reader is timed (default 10)")
     ap.add_argument("--json", type=Path, help="also append each figure as a JSON line to this file (make bench)")
     args = ap.parse_args()
@@ -304,6 +312,11 @@ def main() -> None:
         print(f"shard reader ({cfg.data.num_workers} workers, {args.data}): {rate:,.0f} tok/s = "
               f"{rate / best:.1f}x our fastest training rate")  # fmt: skip
         record(args.json, bench="reader", reader_tok_s=rate, train_tok_s=best)
+        if args.blend:
+            blended = reader_rate([args.data] * 2, args.micro_batch, cfg.data.num_workers, args.reader_seconds)
+            print(f"shard reader, {args.data} blended with itself half and half: {blended:,.0f} tok/s = "
+                  f"{blended / rate:.2f}x the reader of it alone")  # fmt: skip
+            record(args.json, bench="reader_blend", reader_tok_s=blended, alone_tok_s=rate)
     else:
         print(f"shard reader: skipped ({args.data} missing; run make demo first)")
     if args.memory:

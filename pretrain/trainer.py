@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -193,6 +194,17 @@ def _check_blend(cfg: PretrainConfig, man: dict) -> None:
     if cfg.data.weights or cfg.data.blend:
         shares = cfg.data.weights or sizes
         cfg.data.weights = [w / sum(shares) for w in shares]
+
+
+def dataset_names(folders: list[Path]) -> list[str]:
+    """Each dataset's name in a blend's TensorBoard tags: its folder's name, numbered where two
+    folders share one (``ds``, ``ds-2``)."""
+    names, seen = [], Counter()
+    for f in folders:
+        name = Path(f).resolve().name
+        seen[name] += 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
 
 
 def blend_sha256(cfg: PretrainConfig) -> list[str]:
@@ -426,7 +438,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     blend_sha = blend_sha256(cfg)
     folders = [folder, *map(Path, cfg.data.blend)]
     mans = [man, *(manifests.load(f) for f in folders[1:])]
-    weights = cfg.data.weights or None
+    weights = cfg.data.weights if cfg.data.blend else None
 
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -498,18 +510,19 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches - layout["batches"],
         origin=layout["origin"], generation=layout["generation"], weights=weights,
     )  # fmt: skip
-    # evaluation reads the val splits of the same blend (those that have one), in the same shares
-    evals = [(f, w) for f, m, w in zip(folders, mans, weights or [1.0]) if m["splits"]["val"]["sequences"]]
-    val = None
-    if cfg.eval.every and evals:
-        val = ShardStream(
-            [f for f, _ in evals], "val", rank, world, 0, micro, cfg.eval.seed, cfg.data.masking,
-            cfg.model.vocab_size, word_start, weights=[w for _, w in evals],
-        )  # fmt: skip
-    elif cfg.eval.every:
+    # A blend's evaluation reads each dataset's val split alone (eval/<name>/loss), eval/loss their
+    # mean in the blend's shares; a dataset without a val split is left out (and its share).
+    names = dataset_names(folders)
+    vals = [
+        (name, w, ShardStream(f, "val", rank, world, 0, micro, cfg.eval.seed, cfg.data.masking, cfg.model.vocab_size, word_start))
+        for f, m, w, name in zip(folders, mans, weights or [1.0], names)
+        if m["splits"]["val"]["sequences"] and cfg.eval.every
+    ]  # fmt: skip
+    if cfg.eval.every and not vals:
         say(f"{' '.join(map(str, folders))}: the val split is empty; evaluation is off")
-    if cfg.eval.every and evals and len(evals) < len(folders):
-        say(f"evaluation leaves out {', '.join(str(f) for f in folders if f not in dict(evals))}: no val split")
+    elif vals and len(vals) < len(folders):
+        left = [str(f) for f, m in zip(folders, mans) if not m["splits"]["val"]["sequences"]]
+        say(f"evaluation leaves out {', '.join(left)}: no val split")
 
     def job_peak() -> float:
         """The whole job's peak: each rank's, summed."""
@@ -548,30 +561,35 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     def evaluate() -> dict[str, float]:
         nonlocal peak
         eng.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = torch.zeros(len(vals), 4, dtype=torch.float64, device=device)  # per dataset
         damaged = None
         with torch.no_grad():
-            it = iter(val)
-            for _ in range(cfg.eval.batches):
-                if damaged is None:  # (after an error, the stand-in again: the stream has ended)
-                    ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
-                loss, correct, count = eng(ids.to(device), labels=labels.to(device))
-                teacher = getattr(eng.module, "loss_terms", {}).get("teacher_correct", torch.zeros((), device=device))
-                sums += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
+            for row, (_, _, val) in zip(sums, vals):
+                it = iter(val)
+                for _ in range(cfg.eval.batches):
+                    if damaged is None:  # (after an error, the stand-in again: the stream has ended)
+                        ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
+                    loss, correct, count = eng(ids.to(device), labels=labels.to(device))
+                    terms = getattr(eng.module, "loss_terms", {})
+                    teacher = terms.get("teacher_correct", torch.zeros((), device=device))
+                    row += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
         bad = torch.tensor([ckpt.failure_flag(damaged is not None, rank, world)], device=device)
         dist.all_reduce(sums)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             raise _damaged(damaged, bad.item(), rank, world, f"evaluating at step {step}", run_dir)
         eng.train()
-        loss = (sums[0] / sums[2]).item()
-        out = {
-            "eval/loss": loss,
-            "eval/mlm_accuracy": (sums[1] / sums[2]).item(),
-            "eval/perplexity": math.exp(min(loss, 50)),
-        }
+        each = sums[:, :2] / sums[:, 2:3]  # per dataset: loss, accuracy (and the teacher's below)
+        shares = torch.tensor([w for _, w, _ in vals], dtype=torch.float64, device=device)
+        mean = (shares[:, None] * each).sum(0) / shares.sum()
+        loss = mean[0].item()
+        out = {"eval/loss": loss, "eval/mlm_accuracy": mean[1].item(), "eval/perplexity": math.exp(min(loss, 50))}
         if "teacher_correct" in getattr(eng.module, "loss_terms", {}):
-            out["eval/teacher_mlm_accuracy"] = (sums[3] / sums[2]).item()
+            teacher = (shares * sums[:, 3] / sums[:, 2]).sum() / shares.sum()
+            out["eval/teacher_mlm_accuracy"] = teacher.item()
+        if weights:
+            for (name, _, _), (d_loss, d_acc) in zip(vals, each.tolist()):
+                out[f"eval/{name}/loss"], out[f"eval/{name}/mlm_accuracy"] = d_loss, d_acc
         if not cfg.log.peak_tflops:
             peak = max(peak, job_peak())
             out["perf/peak_tflops"] = peak
@@ -698,7 +716,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 if (scale := engine.loss_scale(eng)) is not None:
                     scalars["train/loss_scale"] = scale
                     scalars["train/overflow_steps"] = eng.skipped_steps
-                if val is not None and (step % cfg.eval.every == 0 or last):
+                if vals and (step % cfg.eval.every == 0 or last):
                     scalars.update(evaluate())
                 if logger:
                     logger.log(step, scalars)
@@ -715,7 +733,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                         )
                     )
                 window = _Window()
-            elif val is not None and step % cfg.eval.every == 0:
+            elif vals and step % cfg.eval.every == 0:
                 scalars = evaluate()
                 if logger:
                     logger.log(step, scalars)

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
     out = tmp_path / "check"
     # the stages must run; the figures are not the point here: a small vocabulary, batch and sequence, one round
-    bench = "--micro-batch 8 --vocab 1000 --seq-len 32 --rounds 1 --reader-seconds 2"
+    bench = "--micro-batch 8 --vocab 1000 --seq-len 32 --rounds 1 --reader-seconds 2 --blend"
     env = {
         **os.environ,
         "PYTHON": sys.executable,
@@ -45,11 +45,13 @@ def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
     assert train and all(f["preset"] == "tiny" and f["ours_tok_s"] > 0 and f["hf_tok_s"] > 0 for f in train)
     # on a CPU, Hugging Face also ran in our process (our allocator setting): make bench's table shows both
     assert all(f["hf_same_process_tok_s"] > 0 for f in train)
-    assert [f["bench"] for f in figures if f["bench"] != "train"] == ["reader"]
+    assert [f["bench"] for f in figures if f["bench"] != "train"] == ["reader", "reader_blend"]
+    assert figures[-1]["reader_tok_s"] > 0 and figures[-1]["alone_tok_s"] == figures[-2]["reader_tok_s"]
     from benchmarks.run_all import table
 
     rows = table(figures).splitlines()
     assert sum(line.startswith("  HF with malloc keeping freed memory") for line in rows) == len(train), rows
+    assert sum(line.startswith("  the same, blended with itself") for line in rows) == 1, rows
 
 
 @pytest.mark.slow

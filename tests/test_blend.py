@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from data_prep.shards import read_blocks
 from launch.config import load_config
@@ -136,6 +137,10 @@ def test_a_blend_trains_resumes_on_one_rank_and_a_resume_refuses_another_blend(t
     assert f"the data goes on from {train_data}'s shard " in r.stdout and f", {other}'s shard " in r.stdout
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
-    assert np.isfinite([m["eval/loss"] for m in logged if "eval/loss" in m]).all()
+    evals = [m for m in logged if "eval/loss" in m]  # each dataset's val split alone (both folders are "ds")
+    assert [m["step"] for m in evals] == [3, 6] and np.isfinite([m["eval/loss"] for m in evals]).all()
+    for m in evals:
+        assert m["eval/loss"] == pytest.approx(0.25 * m["eval/ds/loss"] + 0.75 * m["eval/ds-2/loss"], rel=1e-12)
+        assert m["eval/ds/loss"] != m["eval/ds-2/loss"] and 0 <= m["eval/ds-2/mlm_accuracy"] <= 1
     state = json.loads((run / "checkpoints/step_00000006/trainer_state.json").read_text())
     assert state["data_layout"]["generation"] == 1 and len(state["data_layout"]["origin"]) == 2
