@@ -50,7 +50,8 @@ class DataConfig:
     weights: list[float] = field(default_factory=list, metadata={"range": "(0, inf)"})
     """Each dataset's share of the sequences read, data.path's first, then data.blend's in order
     (normalized to sum 1; a small dataset given a large share is read for more epochs). Empty:
-    in proportion to their train sequences, as if they were one dataset. Fixed for a run."""
+    in proportion to their train sequences, as if they were one dataset. A resume may change
+    them (and data.blend): each dataset goes on from its first shard not read whole."""
 
     num_workers: int = field(default=2, metadata={"range": "[0, inf)"})
     """Loader worker processes per rank (a resume with another number goes on from the first shard not read whole)."""

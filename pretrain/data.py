@@ -166,8 +166,9 @@ class ShardStream(IterableDataset):
         weights: list[float] | None = None,
     ) -> None:
         super().__init__()
-        folders = [Path(f) for f in folder] if isinstance(folder, (list, tuple)) else [Path(folder)]
-        self.parts = [_Split(f, split, seed, part) for part, f in enumerate(folders)]
+        folders = list(folder) if isinstance(folder, (list, tuple)) else [folder]
+        # (None: a dataset a resume no longer reads, whose draws still count for the others)
+        self.parts = [_Split(Path(f), split, seed, part) if f is not None else None for part, f in enumerate(folders)]
         shares = np.asarray(weights if weights else [1.0] * len(folders), dtype=np.float64)
         assert len(shares) == len(folders) and (shares > 0).all(), (weights, folders)
         self.bounds = np.cumsum(shares / shares.sum())[:-1]  # a uniform draw below bounds[d]: dataset <= d
@@ -194,12 +195,16 @@ class ShardStream(IterableDataset):
 
     def restart(self, batches: int) -> list[tuple[int, int]]:
         """Where slots of another layout start, per dataset, once every rank took ``batches``
-        batches from this layout: ``(position, again)`` (see :meth:`_Split.restart`)."""
+        batches from this layout: ``(position, again)`` (see :meth:`_Split.restart`), None for a
+        dataset given as None."""
         roles = max(1, self.num_workers)  # (no loader workers: the rank's own process reads)
         slots = self.world * roles
         # slot s is worker s % roles of its rank, which gave every roles-th of the rank's batches
         taken = [self._taken(s, (batches - s % roles + roles - 1) // roles * self.batch_size) for s in range(slots)]
-        return [p.restart(o, [t[d] for t in taken]) for d, (p, o) in enumerate(zip(self.parts, self.origins))]
+        return [
+            p.restart(o, [t[d] for t in taken]) if p is not None else None
+            for d, (p, o) in enumerate(zip(self.parts, self.origins))
+        ]
 
     def slot_samples(self, slot: int, slots: int, skip: int) -> Iterator[np.ndarray]:
         """The sequences slot ``slot`` of ``slots`` reads, after skipping the first ``skip``."""

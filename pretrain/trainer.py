@@ -63,10 +63,7 @@ FIXED_KEYS = (
     "train.zero_stage",
     "train.global_batch_size",
     "train.seed",
-    "data.weights",
 )
-# Fixed keys that checkpoints written before them lack, and the value they had there
-NEWER_KEYS = {"data.weights": []}
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
 
@@ -128,16 +125,11 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "
                 "config key 'data.path' names other data than the run was trained on"
             )
-        if state.get("blend_sha256", []) != blend_sha256(cfg):
-            raise UserError(
-                f"{where}: field 'blend_sha256' differs from the manifests of config key 'data.blend' "
-                f"({', '.join(cfg.data.blend) or 'none'}): the run was trained on another blend"
-            )
         mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])  # (cfg filled in from the manifest)
         for key, value in mine.items():
             if key == "train.precision" and value == Precision.auto.value:
                 continue  # resolved and compared by the run's rank 0, on the machine that trains
-            if key.startswith(FIXED_KEYS) and theirs.get(key, NEWER_KEYS.get(key)) != value:
+            if key.startswith(FIXED_KEYS) and theirs.get(key) != value:
                 raise UserError(
                     f"config key '{key}' is {value!r} but the run in {run_dir} was started with "
                     f"{theirs.get(key)!r} ({where}); use another run.dir for a new run"
@@ -477,30 +469,48 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         layout = state.get("data_layout", layout)
         then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
         was = (state["world"], then["data"]["num_workers"], then["train"]["micro_batch_size"])
-        if was != (world, cfg.data.num_workers, micro):
+        # the blend that wrote it: its datasets known by their manifests' sha256 (folders may move)
+        then_shas = [state["manifest_sha256"], *state.get("blend_sha256", [])]
+        then_weights = then["data"].get("weights") if then["data"].get("blend") else None
+        shas = [manifest_sha, *blend_sha]
+        if was != (world, cfg.data.num_workers, micro) or (then_shas, then_weights) != (shas, weights):
+            # (a dataset the blend dropped is not read again: its draws are counted, its walk not)
+            where = dict(zip(shas, folders))
             old = ShardStream(
-                folders, "train", 0, *was, cfg.data.seed, cfg.data.masking, cfg.model.vocab_size,
-                origin=layout["origin"], generation=layout["generation"], weights=weights,
+                [where.get(sha) for sha in then_shas], "train", 0, *was, cfg.data.seed, cfg.data.masking,
+                cfg.model.vocab_size, origin=layout["origin"], generation=layout["generation"], weights=then_weights,
             )  # fmt: skip
-            restarts = old.restart(batches - layout["batches"])
-            origin = [position for position, _ in restarts]
+            restarts = dict(zip(then_shas, old.restart(batches - layout["batches"])))
+            origin = [(restarts.get(sha) or (0, 0))[0] for sha in shas]  # a new dataset from its start
             layout = {
                 "generation": layout["generation"] + 1,
                 "origin": origin if weights else origin[0],
                 "batches": batches,
             }
-            goes_on = [
-                (f"{f}'s " if weights else "") + f"shard {position % len(part.shards) + 1} of {len(part.shards)} "
-                f"in epoch {position // len(part.shards) + 1}, {again:,} sequence(s) read again "
-                f"({again / m['splits']['train']['sequences']:.1%} of an epoch)"
-                for f, m, part, (position, again) in zip(folders, mans, old.parts, restarts)
-            ]
-            changed += (
-                f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
-                + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
-                + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
-                + f"; the data goes on from {', '.join(goes_on)}"
-            )
+            goes_on = []
+            for f, m, sha in zip(folders, mans, shas):
+                position, again = restarts.get(sha) or (0, 0)
+                n = sum(1 for shard in m["splits"]["train"]["shards"] if shard["sequences"])
+                goes_on.append(
+                    (f"{f}'s " if weights else "") + f"shard {position % n + 1} of {n} in epoch {position // n + 1}, "
+                    f"{again:,} sequence(s) read again ({again / m['splits']['train']['sequences']:.1%} of an epoch)"
+                )
+            if was != (world, cfg.data.num_workers, micro):
+                changed += (
+                    f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
+                    + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
+                    + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
+                )
+            if (then_shas, then_weights) != (shas, weights):
+                names = dict(zip(then_shas, [then["data"]["path"], *then["data"].get("blend", [])]))
+                names.update(zip(shas, map(str, folders)))
+                before, now = dict(zip(then_shas, then_weights or [1.0])), dict(zip(shas, weights or [1.0]))
+                moves = [
+                    f"{names[sha]} {before.get(sha, 0):.1%} -> " + (f"{now[sha]:.1%}" if sha in now else "dropped")
+                    for sha in dict.fromkeys([*then_shas, *shas])
+                ]
+                changed += f"; the blend changes: {', '.join(moves)}"
+            changed += f"; the data goes on from {', '.join(goes_on)}"
 
     word_start = None
     if cfg.data.masking.whole_word:
