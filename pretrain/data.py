@@ -63,10 +63,10 @@ is the error's message, and the worker's stream ends there."""
 
 
 @functools.lru_cache(maxsize=8)
-def _epoch_order(seed: int, epoch: int, shards: int, part: int) -> np.ndarray:
-    """The seeded shard order of one epoch of dataset ``part`` of a blend (kept for the few epochs a
-    reader walks through at once)."""
-    return np.random.default_rng([seed, epoch, *([part] if part else [])]).permutation(shards)
+def _epoch_order(seed: int, epoch: int, shards: int, salt: int | None) -> np.ndarray:
+    """The seeded shard order of one epoch of a dataset (``salt``: see :class:`_Split`), kept for the
+    few epochs a reader walks through at once."""
+    return np.random.default_rng([seed, epoch] if salt is None else [seed, epoch, salt, 4, 0]).permutation(shards)
 
 
 CHOICES = 1 << 14
@@ -76,10 +76,19 @@ generator per chunk: a resume counts what the skipped chunks took from each data
 
 class _Split:
     """One dataset's split as the slots read it: its shards (path, sequences) and their sha256, laid
-    end to end in the endless sequence of seeded epoch permutations."""
+    end to end in the endless sequence of seeded epoch permutations.
 
-    def __init__(self, folder: Path, split: str, seed: int, part: int) -> None:
-        self.folder, self.seed, self.part = folder, seed, part
+    The first dataset of a stream seeds its shard orders and shuffles as a stream of one dataset
+    always has; any other (``salted``) adds its manifest's checksum to those seeds, so its orders
+    are its own and stay so when a resume adds or drops other datasets of the blend. (Every seed
+    sequence here and in :class:`ShardStream` differs from the others in length or in its fourth
+    number: 2 masks, 3 a blend's draws, 4 a salted shard order, 5 a salted shuffle.)"""
+
+    def __init__(self, folder: Path, split: str, seed: int, salted: bool) -> None:
+        self.folder, self.seed = folder, seed
+        self.salt = (
+            int(hashlib.sha256((folder / manifests.MANIFEST).read_bytes()).hexdigest()[:8], 16) if salted else None
+        )
         man = manifests.load(folder)
         listed = [s for s in man["splits"][split]["shards"] if s["sequences"]]
         self.shards = [(s["path"], s["sequences"]) for s in listed]
@@ -90,14 +99,13 @@ class _Split:
     def at(self, k: int) -> int:
         """Index of the ``k``-th shard of the endless sequence of seeded epoch permutations."""
         epoch, i = divmod(k, len(self.shards))
-        return int(_epoch_order(self.seed, epoch, len(self.shards), self.part)[i])
+        return int(_epoch_order(self.seed, epoch, len(self.shards), self.salt)[i])
 
     def count(self, k: int) -> int:
         return self.shards[self.at(k)][1]
 
     def samples(self, k: int, step: int, skip: int) -> Iterator[np.ndarray]:
         """The sequences of positions ``k, k + step, ...`` after the first ``skip`` (a slot's)."""
-        salt = [self.part] if self.part else []
         while True:
             index = self.at(k)
             path, count = self.shards[index]
@@ -115,7 +123,8 @@ class _Split:
                 del data  # (at most two copies of the shard at once, as before)
                 seqs = np.concatenate(blocks)
                 del blocks  # (the generator keeps its locals while it yields this shard)
-                order = np.random.default_rng([self.seed, k, 1, *salt]).permutation(len(seqs))
+                shuffle = [self.seed, k, 1] if self.salt is None else [self.seed, k, self.salt, 5, 0]
+                order = np.random.default_rng(shuffle).permutation(len(seqs))
                 for i in order[skip:]:
                     yield seqs[i]
                 skip = 0
@@ -168,7 +177,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         folders = list(folder) if isinstance(folder, (list, tuple)) else [folder]
         # (None: a dataset a resume no longer reads, whose draws still count for the others)
-        self.parts = [_Split(Path(f), split, seed, part) if f is not None else None for part, f in enumerate(folders)]
+        self.parts = [_Split(Path(f), split, seed, d > 0) if f is not None else None for d, f in enumerate(folders)]
         shares = np.asarray(weights if weights else [1.0] * len(folders), dtype=np.float64)
         assert len(shares) == len(folders) and (shares > 0).all(), (weights, folders)
         self.bounds = np.cumsum(shares / shares.sum())[:-1]  # a uniform draw below bounds[d]: dataset <= d

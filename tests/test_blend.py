@@ -32,9 +32,9 @@ def sequences(folder: Path) -> Counter:
     return out
 
 
-def blend(train_data: Path, other: Path, **kw) -> ShardStream:
+def blend(*folders: Path, **kw) -> ShardStream:
     args = dict(split="train", rank=0, world=1, num_workers=0, batch_size=4, seed=0, masking=MaskingConfig())
-    return ShardStream([train_data, other], vocab_size=1000, weights=[0.25, 0.75], **{**args, **kw})
+    return ShardStream(list(folders), vocab_size=1000, **{**args, "weights": [0.25, 0.75], **kw})
 
 
 def test_a_blend_reads_each_dataset_in_its_share_and_resumes_exactly(train_data, other) -> None:
@@ -56,6 +56,11 @@ def test_a_blend_reads_each_dataset_in_its_share_and_resumes_exactly(train_data,
         assert all((a == b).all() for a, b in zip(next(resumed), want))
     alone = iter(build_loader(ShardStream(train_data, "train", 1, 2, 2, 4, 0, MaskingConfig(), 1000)))
     assert not (next(alone)[0] == batches[0][0]).all()
+    # a dataset's shard orders and shuffles are its own, wherever it stands in the blend (a resume
+    # may add or drop the others)
+    two, three = blend(train_data, other).parts[1], blend(train_data, train_data, other, weights=[1, 1, 1]).parts[2]
+    assert [two.at(k) for k in range(40)] == [three.at(k) for k in range(40)] != sorted(two.at(k) for k in range(40))
+    assert bytes(next(two.samples(5, 2, 3))) == bytes(next(three.samples(5, 2, 3)))
 
 
 def test_a_blend_on_other_slots_goes_on_losing_nothing_of_either_dataset(train_data, other) -> None:
