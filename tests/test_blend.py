@@ -16,6 +16,7 @@ from launch.config import load_config
 from pretrain.config import PretrainConfig
 from pretrain.data import CHOICES, ShardStream, build_loader
 from pretrain.masking import MaskingConfig
+from pretrain.report import panels, read_metrics
 from pretrain.trainer import resolve
 from tests.conftest import PEAK, REPO, refusal, run_cli, run_prep
 
@@ -147,6 +148,9 @@ def test_a_blend_trains_and_resumes_with_other_weights_then_on_one_rank_without_
     assert blended["eval/loss"] == pytest.approx(0.25 * blended["eval/ds/loss"] + 0.75 * blended["eval/ds-2/loss"])
     assert blended["eval/ds/loss"] != blended["eval/ds-2/loss"] and 0 <= blended["eval/ds-2/mlm_accuracy"] <= 1
     assert not [k for k in evals[6] if k.startswith("eval/ds")]
+    drawn = dict(panels(read_metrics(run)))  # bertforge report draws each dataset's curve beside the blend's
+    assert drawn["loss"][-2:] == [("eval/ds/loss", "eval ds"), ("eval/ds-2/loss", "eval ds-2")]
+    assert drawn["MLM accuracy"][-2:] == [("eval/ds/mlm_accuracy", "eval ds"), ("eval/ds-2/mlm_accuracy", "eval ds-2")]
     state = json.loads((run / "checkpoints/step_00000006/trainer_state.json").read_text())
     assert state["data_layout"]["generation"] == 2 and isinstance(state["data_layout"]["origin"], int)
     assert "blend_sha256" not in state
