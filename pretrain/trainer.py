@@ -199,6 +199,14 @@ def dataset_names(folders: list[Path]) -> list[str]:
     return names
 
 
+def eval_said(scalars: dict) -> str:
+    """The console's words for an evaluation: loss and perplexity, and a blend's loss per dataset."""
+    each = [f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items() if k.count("/") == 2 and k.endswith("/loss")]
+    return f"eval loss {scalars['eval/loss']:.4f} ppl {scalars['eval/perplexity']:.1f}" + (
+        f" ({', '.join(each)})" if each else ""
+    )
+
+
 def blend_sha256(cfg: PretrainConfig) -> list[str]:
     """The sha256 of each ``data.blend`` dataset's manifest (a checkpoint's state keeps them)."""
     return [tokenizers.sha256(Path(f) / manifests.MANIFEST) for f in cfg.data.blend]
@@ -736,18 +744,14 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                         + (f"gnorm {scalars['train/grad_norm']:.2f} | " if "train/grad_norm" in scalars else "")
                         + f"{rate:,.0f} tok/s | mfu {scalars['perf/mfu']:.1%} | "
                         f"{scalars['perf/step_time']:.3f} s/step | mem {scalars['memory/peak_gb']:.2f} GB"
-                        + (
-                            f" | eval loss {scalars['eval/loss']:.4f} ppl {scalars['eval/perplexity']:.1f}"
-                            if "eval/loss" in scalars
-                            else ""
-                        )
+                        + (f" | {eval_said(scalars)}" if "eval/loss" in scalars else "")
                     )
                 window = _Window()
             elif vals and step % cfg.eval.every == 0:
                 scalars = evaluate()
                 if logger:
                     logger.log(step, scalars)
-                    say(f"step {step} | eval loss {scalars['eval/loss']:.4f} | ppl {scalars['eval/perplexity']:.1f}")
+                    say(f"step {step} | {eval_said(scalars)}")
 
             if scalars is not None:  # a step that logged: every rank learns whether rank 0's log was written
                 lost = torch.tensor([float(bool(logger and logger.failed))], device=device)

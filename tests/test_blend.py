@@ -5,6 +5,7 @@ either, and a 2-rank run that trains on a blend, resumes on one rank, and refuse
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -126,6 +127,8 @@ def test_a_blend_trains_and_resumes_with_other_weights_then_on_one_rank_without_
 
     said = pretrain(f"data.blend=[{other}]", "data.weights=[1,3]", "train.exit_at_step=3")
     assert f"data: {train_data} 25.0% (" in said and f", {other} 75.0% (" in said
+    [line] = [ln for ln in said.splitlines() if ln.startswith("step 3/6 |")]
+    assert re.search(r"\| eval loss [\d.]+ ppl [\d.]+ \(ds [\d.]+, ds-2 [\d.]+\)$", line), line
     state = json.loads((run / "checkpoints/step_00000003/trainer_state.json").read_text())
     assert state["config"]["data"]["weights"] == [0.25, 0.75] and len(state["blend_sha256"]) == 1
     said = pretrain(f"data.blend=[{other}]", "data.weights=[1,1]", "train.exit_at_step=4")  # annealing, say
