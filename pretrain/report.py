@@ -88,7 +88,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def panels(records: list[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
     """The panels worth drawing: each with the curves of it that the run logged (a blend's
     ``eval/<dataset>/loss`` and ``eval/<dataset>/mlm_accuracy`` beside the blend's own)."""
-    each = sorted({k for r in records for k in r if k.startswith("eval/") and k.count("/") == 2})
+    each = dict.fromkeys(k for r in records for k in r if k.startswith("eval/") and k.count("/") == 2)  # (logged order)
     blend = {
         title: [(k, f"eval {k.split('/')[1]}") for k in each if k.endswith(end)]
         for title, end in (("loss", "/loss"), ("MLM accuracy", "/mlm_accuracy"))
