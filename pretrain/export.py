@@ -203,7 +203,9 @@ def model_config(hf: dict) -> ModelConfig:
     )  # fmt: skip
 
 
-def _card(state: dict, man: dict | None, n_params: int, metrics: dict) -> str:
+def _card(state: dict, mans: list[tuple[str, float, dict | None]], n_params: int, metrics: dict) -> str:
+    """The model card: ``mans`` gives each dataset the run read (folder, share, its manifest where
+    the folder is still there)."""
     m = state["config"]["model"]
     lines = [
         "---",
@@ -236,8 +238,13 @@ def _card(state: dict, man: dict | None, n_params: int, metrics: dict) -> str:
         lines += [f"- {k}: {v:.4f}" for k, v in metrics.items()]
     else:
         lines.append("- none logged")
-    if man is not None:
-        lines += ["", "## Data", "```", manifests.summary(man), "```"]
+    if len(mans) > 1:  # a blend
+        lines += ["", "## Data", f"A blend of {len(mans)} datasets; each one's share of the sequences read "
+                  "(`data.weights`, at this checkpoint):"]  # fmt: skip
+        lines += [f"- `{folder}`: {share:.1%}" for folder, share, _ in mans]
+    for folder, _, man in mans:
+        if man is not None:
+            lines += ["", "## Data" if len(mans) == 1 else f"### `{folder}`", "```", manifests.summary(man), "```"]
     lines += ["", "## Training config", "```json", json.dumps(state["config"], indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -277,8 +284,12 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
         return export_classifier(Path(source), output, formats)
     model, state, tok_path = load_checkpoint(source)
     cfg = model.config
-    folder = Path(state["config"]["data"]["path"])
-    man = manifests.load(folder) if (folder / manifests.MANIFEST).is_file() else None
+    data = state["config"]["data"]
+    folders = [data["path"], *data.get("blend", [])]
+    shares = data.get("weights") if data.get("blend") else [1.0]
+    mans = [
+        (f, w, manifests.load(f) if (Path(f) / manifests.MANIFEST).is_file() else None) for f, w in zip(folders, shares)
+    ]
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -294,7 +305,7 @@ def export(source: Path, output: Path, formats: list[str], dtype: str = "fp32") 
     save_weights({k: v.to(torch_dtype) for k, v in weights.items()}, tmp / "model.safetensors", {"format": "pt"})
     seq_len = state["config"]["data"]["seq_len"] or cfg.max_position
     write_tokenizer(tmp, tok_path, cfg.max_position)
-    (tmp / "README.md").write_text(_card(state, man, num_parameters(model), _last_eval(Path(state["run_dir"]))))
+    (tmp / "README.md").write_text(_card(state, mans, num_parameters(model), _last_eval(Path(state["run_dir"]))))
     if {"onnx", "onnx-int8"} & set(formats):
         export_onnx(model, tmp / "model.onnx", seq_len)
     _finish(tmp, output, formats)

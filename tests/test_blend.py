@@ -157,3 +157,9 @@ def test_a_blend_trains_and_resumes_with_other_weights_then_on_one_rank_without_
     state = json.loads((run / "checkpoints/step_00000006/trainer_state.json").read_text())
     assert state["data_layout"]["generation"] == 2 and isinstance(state["data_layout"]["origin"], int)
     assert "blend_sha256" not in state
+    # the model card of an export names the blend it was trained on (step 4's, half and half)
+    r = run_cli("export", str(run / "checkpoints/step_00000004"), "--output", str(tmp_path / "hf"), "--format", "hf")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = (tmp_path / "hf/README.md").read_text()
+    assert "A blend of 2 datasets" in card and f"- `{train_data}`: 50.0%\n- `{other}`: 50.0%\n" in card
+    assert card.count("tokenizer: given, 1,000 pieces, seq_len 64") == 2 and f"### `{other}`" in card
