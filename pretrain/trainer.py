@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -189,13 +188,16 @@ def _check_blend(cfg: PretrainConfig, man: dict) -> None:
 
 
 def dataset_names(folders: list[Path]) -> list[str]:
-    """Each dataset's name in a blend's TensorBoard tags: its folder's name, numbered where two
-    folders share one (``ds``, ``ds-2``)."""
-    names, seen = [], Counter()
+    """Each dataset's name in a blend's TensorBoard tags: its folder's name, numbered where an
+    earlier one has it (``ds``, ``ds-2``)."""
+    names = []
     for f in folders:
-        name = Path(f).resolve().name
-        seen[name] += 1
-        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+        name = base = Path(f).resolve().name
+        n = 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
     return names
 
 

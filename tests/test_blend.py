@@ -18,7 +18,7 @@ from pretrain.config import PretrainConfig
 from pretrain.data import CHOICES, ShardStream, build_loader
 from pretrain.masking import MaskingConfig
 from pretrain.report import panels, read_metrics
-from pretrain.trainer import resolve
+from pretrain.trainer import dataset_names, resolve
 from tests.conftest import PEAK, REPO, refusal, run_cli, run_prep
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
@@ -88,6 +88,10 @@ def test_a_blend_on_other_slots_goes_on_losing_nothing_of_either_dataset(train_d
         assert not whole - seen  # nothing lost
         assert sum((seen - whole).values()) == again
     assert restarts[1][0] >= len(new.parts[1].shards) > 1  # the small dataset is in a later epoch: a real case
+
+
+def test_each_dataset_of_a_blend_has_a_name_of_its_own() -> None:
+    assert dataset_names([Path("a/ds"), Path("b/ds-2"), Path("c/ds"), Path("d/ds")]) == ["ds", "ds-2", "ds-3", "ds-4"]
 
 
 def test_a_blend_of_two_tokenizers_or_of_the_wrong_size_is_refused_naming_the_key(train_data, other, tmp_path) -> None:
