@@ -30,10 +30,13 @@ class Precision(Enum):
 
 
 class Schedule(Enum):
-    """Learning-rate decay after warmup."""
+    """Learning-rate decay after warmup: linear or cosine to the last step, or ``wsd``
+    (warmup-stable-decay, ModernBERT's trapezoid): the peak rate held until the last
+    ``optim.decay_fraction`` of the steps, then a 1 - sqrt decay."""
 
     linear = "linear"
     cosine = "cosine"
+    wsd = "wsd"
 
 
 @dataclass
@@ -154,6 +157,10 @@ class OptimConfig:
 
     min_lr_ratio: float = field(default=0.0, metadata={"range": "[0, 1]"})
     """Final learning rate as a share of the peak."""
+
+    decay_fraction: float = field(default=0.1, metadata={"range": "(0, 1]"})
+    """``schedule: wsd``: the share of ``train.max_steps`` at the end over which the rate decays
+    (the stable phase before it ends where a longer ``train.max_steps`` at a resume moves it)."""
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2:

@@ -247,12 +247,22 @@ def _fast_unfused_step(engine) -> None:  # noqa: ANN001
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Learning rate at ``step`` as a share of the peak: linear warmup, then linear or cosine decay
-    to ``min_lr_ratio`` at ``max_steps``."""
+    to ``min_lr_ratio`` at ``max_steps``, or (wsd) the peak until the last ``decay_fraction`` of
+    the steps and a 1 - sqrt decay over them."""
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
-    span = max(1, max_steps - optim.warmup_steps)
-    done = min(1.0, (step - optim.warmup_steps) / span)
-    shape = 1.0 - done if optim.schedule is Schedule.linear else 0.5 * (1.0 + math.cos(math.pi * done))
+    start = optim.warmup_steps
+    if optim.schedule is Schedule.wsd:
+        start = max(start, max_steps - round(optim.decay_fraction * max_steps))
+        if step < start:
+            return 1.0
+    done = min(1.0, (step - start) / max(1, max_steps - start))
+    if optim.schedule is Schedule.linear:
+        shape = 1.0 - done
+    elif optim.schedule is Schedule.cosine:
+        shape = 0.5 * (1.0 + math.cos(math.pi * done))
+    else:
+        shape = 1.0 - math.sqrt(done)
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
 
 

@@ -149,6 +149,19 @@ def test_one_rank_at_zero_0_skips_the_all_reduce_and_learns_the_same(dataset, tm
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
 
 
+def test_a_warmup_stable_decay_schedule_holds_the_peak_then_decays_as_one_minus_sqrt(dataset, tmp_path) -> None:
+    """``optim.schedule=wsd`` (ModernBERT's trapezoid): warmup, the peak until the last
+    ``optim.decay_fraction`` of the steps, then 1 - sqrt of the decay's progress, down to
+    ``min_lr_ratio`` (the logged rate is the one the next step takes, as for the other schedules)."""
+    run = tmp_path / "wsd"
+    ok(pretrain(dataset, run, "--nproc", "1", "train.max_steps=10", "optim.schedule=wsd", "optim.warmup_steps=2",
+                "optim.decay_fraction=0.4", "optim.min_lr_ratio=0.1", "optim.lr=1e-3", "eval.every=0"))  # fmt: skip
+    rates = [m["train/lr"] for m in metrics(run) if "train/lr" in m]
+    decay = [0.1 + 0.9 * (1 - math.sqrt(k / 4)) for k in (1, 2, 3, 4)]  # steps 7-10 of the last 4
+    assert rates == pytest.approx([1e-3 * f for f in [1, 1, 1, 1, 1, 1, *decay]], rel=1e-9), rates
+    assert rates[-1] == pytest.approx(1e-4)
+
+
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
     """20 uninterrupted steps in fp32 (ZeRO 2), the run the resumed ones must reproduce (its peak
