@@ -569,10 +569,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         + (f"; resuming from {latest} (step {step}){changed}" if latest else "")
         + (f"; initial weights from {cfg.train.init_from}" if cfg.train.init_from and not latest else "")
     )
-    if weights:  # what the run will read of each dataset
-        reads = cfg.train.max_steps * cfg.train.global_batch_size
+    if weights:  # what the run will read of each dataset from here
+        left = cfg.train.max_steps - step
         say("data: " + ", ".join(
-            f"{f} {w:.1%} ({reads * w / m['splits']['train']['sequences']:.2f} epochs in {cfg.train.max_steps} steps)"
+            f"{f} {w:.1%} ({left * cfg.train.global_batch_size * w / m['splits']['train']['sequences']:.2f} epochs "
+            f"in the {left:,} steps to go)"
             for f, m, w in zip(folders, mans, weights)
         ))  # fmt: skip
     if warning := precision_warning(cfg.train.precision):

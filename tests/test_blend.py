@@ -136,6 +136,7 @@ def test_a_blend_trains_and_resumes_with_other_weights_then_on_one_rank_without_
     state = json.loads((run / "checkpoints/step_00000003/trainer_state.json").read_text())
     assert state["config"]["data"]["weights"] == [0.25, 0.75] and len(state["blend_sha256"]) == 1
     said = pretrain(f"data.blend=[{other}]", "data.weights=[1,1]", "train.exit_at_step=4")  # annealing, say
+    assert f"data: {train_data} 50.0% (" in said and "epochs in the 3 steps to go)" in said
     assert (
         f"; the blend changes: {train_data} 25.0% -> 50.0%, {other} 75.0% -> 50.0%; the data goes on from "
         f"{train_data}'s shard "
