@@ -159,8 +159,8 @@ class OptimConfig:
     """Final learning rate as a share of the peak."""
 
     decay_fraction: float = field(default=0.1, metadata={"range": "(0, 1]"})
-    """``schedule: wsd``: the share of ``train.max_steps`` at the end over which the rate decays
-    (the stable phase before it ends where a longer ``train.max_steps`` at a resume moves it)."""
+    """``schedule: wsd``: the share of ``train.max_steps`` at the end over which the rate decays (a
+    longer ``train.max_steps`` at a resume lengthens the stable phase before it)."""
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2:
