@@ -187,6 +187,7 @@ class ShardStream(IterableDataset):
         self.vocab_size, self.word_start, self.start_batch = vocab_size, word_start, start_batch
         self.generation = generation
         self.later = [generation] if generation else []  # (the first generation's draws and masks as they were)
+        self._counted: dict[int, tuple[int, np.ndarray]] = {}  # slot -> (whole chunks counted, their counts)
 
     def _draws(self, slot: int, chunk: int) -> np.ndarray:
         """The datasets of a slot's sequences ``chunk * CHOICES`` up to the next chunk's."""
@@ -194,22 +195,37 @@ class ShardStream(IterableDataset):
         return np.searchsorted(self.bounds, rng.random(CHOICES), side="right")
 
     def _taken(self, slot: int, n: int) -> list[int]:
-        """How many of a slot's first ``n`` sequences each dataset gave."""
+        """How many of a slot's first ``n`` sequences each dataset gave (whole chunks' counts are
+        kept: a run asks again at every checkpoint)."""
         if len(self.parts) == 1:
             return [n]
         chunks, rest = divmod(n, CHOICES)
-        counts = sum((np.bincount(self._draws(slot, c), minlength=len(self.parts)) for c in range(chunks)), 0)
-        counts = counts + np.bincount(self._draws(slot, chunks)[:rest], minlength=len(self.parts))
-        return [int(c) for c in counts]
+        done, counts = self._counted.get(slot, (0, np.zeros(len(self.parts), dtype=np.int64)))
+        if done > chunks:
+            done, counts = 0, np.zeros(len(self.parts), dtype=np.int64)
+        for c in range(done, chunks):
+            counts = counts + np.bincount(self._draws(slot, c), minlength=len(self.parts))
+        self._counted[slot] = (chunks, counts)
+        return [int(c) for c in counts + np.bincount(self._draws(slot, chunks)[:rest], minlength=len(self.parts))]
+
+    def _slots_taken(self, batches: int) -> list[list[int]]:
+        """Per slot of this layout, what each dataset gave once every rank took ``batches`` batches."""
+        roles = max(1, self.num_workers)  # (no loader workers: the rank's own process reads)
+        # slot s is worker s % roles of its rank, which gave every roles-th of the rank's batches
+        return [
+            self._taken(s, (batches - s % roles + roles - 1) // roles * self.batch_size)
+            for s in range(self.world * roles)
+        ]
+
+    def read(self, batches: int) -> list[int]:
+        """The sequences each dataset gave once every rank took ``batches`` batches."""
+        return [int(n) for n in np.sum(self._slots_taken(batches), axis=0)]
 
     def restart(self, batches: int) -> list[tuple[int, int]]:
         """Where slots of another layout start, per dataset, once every rank took ``batches``
         batches from this layout: ``(position, again)`` (see :meth:`_Split.restart`), None for a
         dataset given as None."""
-        roles = max(1, self.num_workers)  # (no loader workers: the rank's own process reads)
-        slots = self.world * roles
-        # slot s is worker s % roles of its rank, which gave every roles-th of the rank's batches
-        taken = [self._taken(s, (batches - s % roles + roles - 1) // roles * self.batch_size) for s in range(slots)]
+        taken = self._slots_taken(batches)
         return [
             p.restart(o, [t[d] for t in taken]) if p is not None else None
             for d, (p, o) in enumerate(zip(self.parts, self.origins))

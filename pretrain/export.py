@@ -242,6 +242,10 @@ def _card(state: dict, mans: list[tuple[str, float, dict | None]], n_params: int
         lines += ["", "## Data", f"A blend of {len(mans)} datasets; each one's share of the sequences read "
                   "(`data.weights`, at this checkpoint):"]  # fmt: skip
         lines += [f"- `{folder}`: {share:.1%}" for folder, share, _ in mans]
+    if len(read := state.get("data_read") or []) > 1:  # (a run that blended datasets at some point)
+        seq_len = state["config"]["data"]["seq_len"]
+        lines += ["", "Sequences read of each dataset over the whole run:"]
+        lines += [f"- `{e['path']}`: {e['sequences']:,} ({e['sequences'] * seq_len:,} tokens)" for e in read]
     for folder, _, man in mans:
         if man is not None:
             lines += ["", "## Data" if len(mans) == 1 else f"### `{folder}`", "```", manifests.summary(man), "```"]

@@ -201,6 +201,19 @@ def dataset_names(folders: list[Path]) -> list[str]:
     return names
 
 
+def data_read(before: list[dict] | None, shas: list[str], paths: list, counts: list[int]) -> list[dict] | None:
+    """The sequences read of each dataset (``path``, ``manifest_sha256``, ``sequences``): those
+    ``before`` plus ``counts`` of the datasets ``shas``; None where an earlier layout's were not
+    counted (a checkpoint of a version before this count)."""
+    if before is None:
+        return None
+    out = {e["manifest_sha256"]: dict(e) for e in before}
+    for sha, path, n in zip(shas, paths, counts):
+        entry = out.setdefault(sha, {"path": str(path), "manifest_sha256": sha, "sequences": 0})
+        entry["path"], entry["sequences"] = str(path), entry["sequences"] + n
+    return list(out.values())
+
+
 def eval_said(scalars: dict) -> str:
     """The console's words for an evaluation: loss and perplexity, and a blend's loss per dataset."""
     each = [f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items() if k.count("/") == 2 and k.endswith("/loss")]
@@ -438,6 +451,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
     manifest_sha = tokenizers.sha256(folder / manifests.MANIFEST)  # once, for every checkpoint's state
     blend_sha = blend_sha256(cfg)
+    shas = [manifest_sha, *blend_sha]  # the datasets, known by their manifests (folders may move)
     folders = [folder, *map(Path, cfg.data.blend)]
     mans = [man, *(manifests.load(f) for f in folders[1:])]
     weights = cfg.data.weights if cfg.data.blend else None
@@ -464,7 +478,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     eng = engine.build(model, cfg, world, device, resharding)
 
     step = batches = tokens = bad_total = 0
-    layout = {"generation": 0, "origin": 0, "batches": 0}  # the data slots' layout, since `batches`
+    layout = {"generation": 0, "origin": 0, "batches": 0, "read": []}  # the data slots' layout, since `batches`
     changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
     if state is not None:
         if resharding:
@@ -477,12 +491,12 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             changed += f"; from here {', '.join(moved)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         layout = state.get("data_layout", layout)
+        layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
         then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
         was = (state["world"], then["data"]["num_workers"], then["train"]["micro_batch_size"])
         # the blend that wrote it: its datasets known by their manifests' sha256 (folders may move)
         then_shas = [state["manifest_sha256"], *state.get("blend_sha256", [])]
         then_weights = then["data"].get("weights") if then["data"].get("blend") else None
-        shas = [manifest_sha, *blend_sha]
         if was != (world, cfg.data.num_workers, micro) or (then_shas, then_weights) != (shas, weights):
             # (a dataset the blend dropped is not read again: its draws are counted, its walk not)
             where = dict(zip(shas, folders))
@@ -492,10 +506,12 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             )  # fmt: skip
             restarts = dict(zip(then_shas, old.restart(batches - layout["batches"])))
             origin = [(restarts.get(sha) or (0, 0))[0] for sha in shas]  # a new dataset from its start
+            then_paths = [then["data"]["path"], *then["data"].get("blend", [])]
             layout = {
                 "generation": layout["generation"] + 1,
                 "origin": origin if weights else origin[0],
                 "batches": batches,
+                "read": data_read(layout["read"], then_shas, then_paths, old.read(batches - layout["batches"])),
             }
             goes_on = []
             for f, m, sha in zip(folders, mans, shas):
@@ -632,6 +648,12 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "num_workers": cfg.data.num_workers,
                 "files": ckpt.file_sizes(root / name),  # (every rank's, all written by now)
                 "data_layout": layout,
+                **(
+                    {"data_read": read}
+                    if (read := data_read(layout["read"], shas, folders, stream.read(batches - layout["batches"])))
+                    is not None
+                    else {}
+                ),
                 "data_position": _data_position(batches - layout["batches"], world, cfg.data.num_workers, micro),
                 "manifest_sha256": manifest_sha,
                 **({"blend_sha256": blend_sha} if blend_sha else {}),

@@ -135,6 +135,12 @@ def test_a_blend_trains_and_resumes_with_other_weights_then_on_one_rank_without_
     assert re.search(r"\| eval loss [\d.]+ ppl [\d.]+ \(ds [\d.]+, ds-2 [\d.]+\)$", line), line
     state = json.loads((run / "checkpoints/step_00000003/trainer_state.json").read_text())
     assert state["config"]["data"]["weights"] == [0.25, 0.75] and len(state["blend_sha256"]) == 1
+    three = [e["sequences"] for e in state["data_read"]]  # 3 steps of 16 sequences, each from its dataset
+    assert [e["path"] for e in state["data_read"]] == [str(train_data), str(other)]
+    assert sum(three) == 48 and 0 < three[0] < three[1]
+    theirs = sequences(other)  # what the run's 2 slots (2 ranks x 1 loader worker) read: 3 batches of 8 each
+    read = [blend(train_data, other, world=2, num_workers=1).slot_samples(s, 2, 0) for s in (0, 1)]
+    assert sum(bytes(next(it)) in theirs for it in read for _ in range(24)) == three[1]
     said = pretrain(f"data.blend=[{other}]", "data.weights=[1,1]", "train.exit_at_step=4")  # annealing, say
     assert f"data: {train_data} 50.0% (" in said and "epochs in the 3 steps to go)" in said
     assert (
@@ -162,9 +168,13 @@ def test_a_blend_trains_and_resumes_with_other_weights_then_on_one_rank_without_
     state = json.loads((run / "checkpoints/step_00000006/trainer_state.json").read_text())
     assert state["data_layout"]["generation"] == 2 and isinstance(state["data_layout"]["origin"], int)
     assert "blend_sha256" not in state
+    four = json.loads((run / "checkpoints/step_00000004/trainer_state.json").read_text())["data_read"]
+    six = [e["sequences"] for e in state["data_read"]]  # the dropped dataset keeps its count
+    assert sum(e["sequences"] for e in four) == 64 and sum(six) == 96 and six[1] == four[1]["sequences"] > three[1]
     # the model card of an export names the blend it was trained on (step 4's, half and half)
     r = run_cli("export", str(run / "checkpoints/step_00000004"), "--output", str(tmp_path / "hf"), "--format", "hf")
     assert r.returncode == 0, r.stderr[-3000:]
     card = (tmp_path / "hf/README.md").read_text()
     assert "A blend of 2 datasets" in card and f"- `{train_data}`: 50.0%\n- `{other}`: 50.0%\n" in card
     assert card.count("tokenizer: given, 1,000 pieces, seq_len 64") == 2 and f"### `{other}`" in card
+    assert f"- `{other}`: {four[1]['sequences']:,} ({four[1]['sequences'] * 64:,} tokens)" in card
