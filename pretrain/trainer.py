@@ -152,6 +152,14 @@ def _dataset(folder: Path, key: str, **want) -> dict:
     return man
 
 
+# What every dataset of a blend shares with data.path's manifest (the vocabulary first: the plainest to read)
+SHARED_FIELDS = (
+    ("tokenizer.vocab_size", lambda m: m["tokenizer"]["vocab_size"]),
+    ("seq_len", lambda m: m["seq_len"]),
+    ("tokenizer.sha256", lambda m: m["tokenizer"]["sha256"]),
+)
+
+
 def _check_blend(cfg: PretrainConfig, man: dict) -> None:
     """Check the datasets of ``data.blend`` against ``data.path``'s manifest ``man`` (one tokenizer,
     one seq_len), and set ``data.weights`` to the shares they stand for (summing to 1)."""
@@ -165,22 +173,15 @@ def _check_blend(cfg: PretrainConfig, man: dict) -> None:
     for i, other in enumerate(folders[1:]):
         if other.resolve() in [f.resolve() for f in folders[: i + 1]]:
             raise UserError(f"config key 'data.blend': {other} is listed twice (data.weights sets a dataset's share)")
-        try:
-            theirs = _dataset(
-                other,
-                "data.blend",
-                vocab_size=man["tokenizer"]["vocab_size"],
-                seq_len=man["seq_len"],
-                tokenizer_sha256=man["tokenizer"]["sha256"],
-            )
-        except UserError as err:
-            if "but the config expects" not in str(err):
-                raise
-            raise UserError(
-                f"{err}, the value in {cfg.data.path}/{manifests.MANIFEST} (config key 'data.blend': a blend's "
-                f"datasets share data.path's tokenizer and seq_len: bertforge prep --tokenizer "
-                f"{Path(cfg.data.path) / man['tokenizer']['file']} --seq-len {man['seq_len']})"
-            ) from None
+        theirs = _dataset(other, "data.blend")
+        for name, get in SHARED_FIELDS:  # a blend's datasets are read with data.path's tokenizer
+            if get(theirs) != get(man):
+                raise UserError(
+                    f"{other / manifests.MANIFEST}: field '{name}' is {get(theirs)!r} but the config expects "
+                    f"{get(man)!r}, the value in {cfg.data.path}/{manifests.MANIFEST} (config key 'data.blend': a "
+                    f"blend's datasets share data.path's tokenizer and seq_len: bertforge prep --input TEXT --output DIR --tokenizer "
+                    f"{Path(cfg.data.path) / man['tokenizer']['file']} --seq-len {man['seq_len']})"
+                )
         sizes.append(theirs["splits"]["train"]["sequences"])
     if cfg.data.weights or cfg.data.blend:
         shares = cfg.data.weights or sizes
@@ -528,8 +529,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
                 )
             if (then_shas, then_weights) != (shas, weights):
-                names = dict(zip(then_shas, [then["data"]["path"], *then["data"].get("blend", [])]))
-                names.update(zip(shas, map(str, folders)))
+                names = {**dict(zip(then_shas, then_paths)), **dict(zip(shas, map(str, folders)))}
                 before, now = dict(zip(then_shas, then_weights or [1.0])), dict(zip(shas, weights or [1.0]))
                 moves = [
                     f"{names[sha]} {before.get(sha, 0):.1%} -> " + (f"{now[sha]:.1%}" if sha in now else "dropped")
