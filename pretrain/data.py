@@ -47,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import manifest as manifests
+from data_prep import tokenizer as tokenizers
 from data_prep.errors import RunError
 from data_prep.shards import read_blocks
 from pretrain.masking import MaskingConfig, mask_batch
@@ -86,9 +87,7 @@ class _Split:
 
     def __init__(self, folder: Path, split: str, seed: int, salted: bool) -> None:
         self.folder, self.seed = folder, seed
-        self.salt = (
-            int(hashlib.sha256((folder / manifests.MANIFEST).read_bytes()).hexdigest()[:8], 16) if salted else None
-        )
+        self.salt = int(tokenizers.sha256(folder / manifests.MANIFEST)[:8], 16) if salted else None
         man = manifests.load(folder)
         listed = [s for s in man["splits"][split]["shards"] if s["sequences"]]
         self.shards = [(s["path"], s["sequences"]) for s in listed]
