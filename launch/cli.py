@@ -256,6 +256,40 @@ def _run_consolidate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _rewind_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rewind",
+        help="make an earlier checkpoint a run's latest (after a loss spike), setting the later ones aside",
+        description="Point RUN/checkpoints/latest at the checkpoint of step N and move the checkpoints after it "
+        "into RUN/checkpoints/abandoned/ (kept, not deleted): the next bertforge pretrain or distill on RUN resumes "
+        "from step N, its logs and TensorBoard events cut back to it. With train.skip_steps=[FIRST-LAST] it passes "
+        "over the data of a loss spike; with a lower optim.lr it goes on more gently.",
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a run folder (config key run.dir of bertforge pretrain)")
+    p.add_argument("step", type=_at_least(1), metavar="N", help="the step of the checkpoint to resume from")
+    p.set_defaults(func=_run_rewind)
+
+
+def _run_rewind(ns: argparse.Namespace) -> int:
+    from data_prep.files import holding
+    from pretrain import checkpoint as ckpt
+
+    run_dir = Path(ns.run_dir)
+    if not ckpt.folder(run_dir).is_dir():
+        raise UserError(f"{run_dir}: no checkpoints folder: not a run folder, or the run saved no checkpoint")
+    with holding(run_dir, other="stop that run first"):
+        was, moved = ckpt.rewind(run_dir, ns.step)
+    root = ckpt.folder(run_dir)
+    print(f"{root / ckpt.LATEST}: {ckpt.tag(ns.step)} (was {was or 'nothing'})")
+    if moved:
+        print(f"set aside {', '.join(moved)} in {root / ckpt.ABANDONED} (delete them once they are not needed)")
+    print(
+        f"the next run on {run_dir} resumes from step {ns.step}; add train.skip_steps=[FIRST-LAST] "
+        "to pass over the data of the steps that went wrong"
+    )
+    return 0
+
+
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -606,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain_parser(sub)
     _distill_parser(sub)
     _consolidate_parser(sub)
+    _rewind_parser(sub)
     _export_parser(sub)
     _eval_parser(sub)
     _fill_mask_parser(sub)

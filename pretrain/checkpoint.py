@@ -246,5 +246,46 @@ def remove_incomplete(run_dir: Path) -> list[str]:
     return gone
 
 
+ABANDONED = "abandoned"
+"""Under a run's checkpoints folder: checkpoints after the one ``latest`` names (:func:`set_aside_later`)."""
+
+
+def set_aside_later(run_dir: Path, name: str) -> list[str]:
+    """Rank 0 at start: move the checkpoint folders after ``name`` (``latest``) into
+    ``checkpoints/abandoned/``: left where they were, the resumed run would save into them, mixing
+    its files with theirs, and the pruning to ``checkpoint.keep`` would count them as the newest and
+    delete the run's own. They are there after a rewind (:func:`rewind`, or ``latest`` edited by
+    hand), or after a crash between a save's state and its ``latest``. Returns the tags moved."""
+    root = folder(run_dir)
+    later = [p for p in sorted(root.glob("step_*")) if p.is_dir() and p.name > name]
+    if later:
+        (root / ABANDONED).mkdir(exist_ok=True)
+    for path in later:
+        target, n = root / ABANDONED / path.name, 1
+        while target.exists():  # (set aside before, by an earlier rewind)
+            n += 1
+            target = root / ABANDONED / f"{path.name}.{n}"
+        path.rename(target)
+    return [p.name for p in later]
+
+
+def rewind(run_dir: Path, step: int) -> tuple[str | None, list[str]]:
+    """``bertforge rewind``: make the checkpoint of ``step`` the run's ``latest`` and set the ones
+    after it aside (:func:`set_aside_later`), so that the next start resumes from it (after a loss
+    spike, with ``train.skip_steps`` to pass over the batches before it). Returns the tag ``latest``
+    named before and the tags set aside."""
+    root, name = folder(run_dir), tag(step)
+    steps = sorted(p.name for p in root.glob("step_*") if is_complete(p) and has_weights(p))
+    if not steps:
+        raise UserError(f"{root}: no complete checkpoint to rewind to")
+    if name not in steps:
+        have = ", ".join(str(int(n.removeprefix("step_"))) for n in steps)
+        raise UserError(f"{root / name}: no complete checkpoint of step {step}; there are steps {have}")
+    pointer = root / LATEST
+    was = pointer.read_text().strip() if pointer.is_file() else None
+    write_atomic(pointer, f"{name}\n".encode())
+    return was, set_aside_later(run_dir, name)
+
+
 def read_state(run_dir: Path, name: str) -> dict:
     return json.loads((folder(run_dir) / name / STATE).read_text())

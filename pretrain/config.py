@@ -9,6 +9,7 @@ them. The DeepSpeed config is derived from this one (:func:`deepspeed_config`), 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -18,6 +19,8 @@ from omegaconf import OmegaConf
 from data_prep.errors import UserError
 from pretrain.masking import MaskingConfig
 from pretrain.model import ModelConfig
+
+_STEPS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")  # train.skip_steps' items: FIRST-LAST or one step
 
 
 class Precision(Enum):
@@ -122,6 +125,14 @@ class TrainConfig:
     ``model.*`` shape keys (the dropouts stay this config's); the optimizer, schedule and step start
     afresh. Empty: random initial weights."""
 
+    skip_steps: list[str] = field(default_factory=list)
+    """Steps whose data is passed over, not trained on (``pretrain`` and ``distill``; Megatron-LM's
+    skipped iterations: the batches of a loss spike), each FIRST-LAST or one step:
+    train.skip_steps=[3001-3200]. Their batches are dropped unread and no optimizer step is taken,
+    but the step count and the learning-rate schedule go on through them, so that the steps after
+    read the data, at the rate, an uninterrupted run would. Given with a resume from a checkpoint
+    before the spike (``bertforge rewind``)."""
+
     compile: bool = False
     """Compile the model with ``torch.compile`` (slower start, faster steps)."""
 
@@ -131,6 +142,23 @@ class TrainConfig:
     dead node) ends the run after this long instead of holding every device. Raise it where one
     rank works alone while the others wait (rank 0 converts a checkpoint for another rank count:
     minutes at ``large``); DeepSpeed's default is 1800."""
+
+    def __post_init__(self) -> None:
+        self.skipped()  # (refuses a malformed item when the config is built)
+
+    def skipped(self) -> list[tuple[int, int]]:
+        """``skip_steps`` as sorted (first, last) pairs, both ends included."""
+        out = []
+        for i, text in enumerate(self.skip_steps):
+            m = _STEPS.fullmatch(str(text))
+            first, last = (int(m[1]), int(m[2] or m[1])) if m else (0, 0)
+            if not 1 <= first <= last:
+                raise ValueError(
+                    f"config key 'train.skip_steps': item {i} '{text}' is not FIRST-LAST or one step "
+                    "(steps count from 1, FIRST <= LAST)"
+                )
+            out.append((first, last))
+        return sorted(out)
 
 
 @dataclass

@@ -290,6 +290,16 @@ def build(model: nn.Module, cfg: PretrainConfig, world: int, device: torch.devic
     return engine
 
 
+def pass_step(engine) -> None:
+    """An optimizer step passed over (``train.skip_steps``): the schedule and DeepSpeed's step
+    counters move on as a step would move them; the weights and Adam's moments and step count
+    stay (Megatron-DeepSpeed's skipped iterations do the same)."""
+    engine.lr_scheduler.step()
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+    engine.micro_steps += engine.gradient_accumulation_steps()
+
+
 def loss_scale(engine) -> float | None:
     """fp16's current dynamic loss scale (None in bf16 and fp32)."""
     if not engine.fp16_enabled():

@@ -415,6 +415,8 @@ def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
         raise UserError("config key 'run.dir' is not set (where checkpoints, events and the model go)")
     if cfg.train.init_from:
         raise UserError("config key 'train.init_from' is bertforge pretrain's: the encoder is finetune.model")
+    if cfg.train.skip_steps:
+        raise UserError("config key 'train.skip_steps' is bertforge pretrain's and distill's: fine-tuning reads epochs")
     _, tok = describe(Path(sec.model))
     if not tok.is_file():
         raise UserError(f"{sec.model}: its tokenizer ({tok.name}) is missing")

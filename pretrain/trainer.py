@@ -381,6 +381,20 @@ def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: st
     )
 
 
+def _passed_over(skips: list[tuple[int, int]], first: int, max_steps: int) -> int:
+    """The last step of the stretch passed over (``train.skip_steps``, as sorted (first, last)
+    pairs) from step ``first``: ranges that overlap or touch it join it; the run's last step ends it."""
+    end = first
+    for a, b in skips:
+        if a <= end + 1:
+            end = max(end, b)
+    return min(end, max_steps)
+
+
+def _steps(first: int, last: int) -> str:
+    return f"steps {first}-{last}" if last > first else f"step {first}"
+
+
 def _data_position(batches: int, world: int, workers: int, micro: int) -> list[dict]:
     """Where every loader worker of every rank stands: the slot it reads and the batches it gave
     (since the data layout's start: ``batches`` counted from there)."""
@@ -461,6 +475,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         root.mkdir(parents=True, exist_ok=True)
         for name in ckpt.remove_incomplete(run_dir):
             say(f"removed the incomplete checkpoint {root / name} (an interrupted save)")
+        if latest is not None and (later := ckpt.set_aside_later(run_dir, latest)):
+            say(
+                f"set aside {', '.join(later)}, after {latest} (a rewind, or a save cut short before naming "
+                f"its checkpoint latest), in {root / ckpt.ABANDONED}: the run resumes from {latest}"
+            )
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         tok = run_dir / "tokenizer.model"  # the run keeps its tokenizer: exports need no dataset folder
         if not tok.is_file():
@@ -478,7 +497,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
     eng = engine.build(model, cfg, world, device, resharding)
 
-    step = batches = tokens = bad_total = 0
+    step = batches = tokens = bad_total = passed_total = 0
     layout = {"generation": 0, "origin": 0, "batches": 0, "read": []}  # the data slots' layout, since `batches`
     changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
     if state is not None:
@@ -491,6 +510,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         if moved := [f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v]:
             changed += f"; from here {', '.join(moved)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
+        passed_total = state.get("skipped_steps", 0)
         layout = state.get("data_layout", layout)
         layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
         then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
@@ -541,11 +561,16 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     word_start = None
     if cfg.data.masking.whole_word:
         word_start = tokenizers.word_starts(tokenizers.load(folder / man["tokenizer"]["file"]))
-    stream = ShardStream(
-        folders, "train", rank, world, cfg.data.num_workers, micro, cfg.data.seed,
-        cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches - layout["batches"],
-        origin=layout["origin"], generation=layout["generation"], weights=weights,
-    )  # fmt: skip
+
+    def train_stream(batches: int) -> ShardStream:
+        """The rank's training data from ``batches`` micro-batches into the run."""
+        return ShardStream(
+            folders, "train", rank, world, cfg.data.num_workers, micro, cfg.data.seed,
+            cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches - layout["batches"],
+            origin=layout["origin"], generation=layout["generation"], weights=weights,
+        )  # fmt: skip
+
+    stream = train_stream(batches)
     # A blend's evaluation reads each dataset's val split alone (eval/<name>/loss), eval/loss their
     # mean in the blend's shares; a dataset without a val split is left out (and its share).
     names = dataset_names(folders)
@@ -575,6 +600,12 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     flops = flops_per_token(cfg.model, seq_len, cfg.data.masking.probability)
     tokens_per_step = cfg.train.global_batch_size * seq_len
 
+    skips = cfg.train.skipped()  # (first, last) of the steps whose data is passed over
+    ahead, first = [], step + 1  # the stretches of them still to come, for the start-up line
+    while starts := [max(a, first) for a, b in skips if b >= first and a <= cfg.train.max_steps]:
+        first = min(starts)
+        ahead.append(_steps(first, end := _passed_over(skips, first, cfg.train.max_steps)))
+        first = end + 1
     logger = Logger(run_dir, step, to_dict(cfg), to_yaml(cfg)) if rank == 0 else None
     say(
         f"bertforge {stage}: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
@@ -584,6 +615,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         f"peak {peak:.2f} TFLOP/s; run folder {run_dir}"
         + (f"; resuming from {latest} (step {step}){changed}" if latest else "")
         + (f"; initial weights from {cfg.train.init_from}" if cfg.train.init_from and not latest else "")
+        + (f"; the data of {', '.join(ahead)} passed over (train.skip_steps)" if ahead else "")
     )
     if weights:  # what the run will read of each dataset from here
         left = cfg.train.max_steps - step
@@ -644,6 +676,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "batches": batches,
                 "tokens": tokens,
                 "bad_steps": bad_total,
+                **({"skipped_steps": passed_total} if passed_total else {}),
                 "world": world,
                 "num_workers": cfg.data.num_workers,
                 "files": ckpt.file_sizes(root / name),  # (every rank's, all written by now)
@@ -669,9 +702,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         if rank == 0:
             say(f"saved checkpoint {root / name} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
 
-    loader = build_loader(stream)
-    it = iterate(loader)
-    window, bad_in_row, saved_at, last_loss = _Window(), 0, step, None
+    it = None  # the loader's iterator, opened by the first step that trains (a step passed over reads nothing)
+    window, bad_in_row, saved_at, last_loss, passing = _Window(), 0, step, None, False
     bar = tqdm(
         total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
     )
@@ -684,54 +716,72 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     profiler = StepProfiler(cfg.log, run_dir, rank, device, step)
     try:
         while step < cfg.train.max_steps:
-            start, good = time.perf_counter(), 0
-            while good < accum:
-                ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
-                batches += 1
-                loss, correct, count = eng(
-                    ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
-                )
-                value = loss.item()
-                if fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
-                    value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
-                mine = [
-                    not math.isfinite(value),
-                    stop.signal is not None,
-                    ckpt.failure_flag(damaged is not None, rank, world),
-                    stop.time_up(),
-                ]
-                flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                if flags[2]:
-                    raise _damaged(damaged, flags[2].item(), rank, world, f"at step {step + 1}", run_dir)
-                if flags[0]:
-                    bad_in_row += 1
-                    bad_total += 1
+            if any(a <= step + 1 <= b for a, b in skips):  # train.skip_steps: the step's batches dropped unread
+                if not passing:
+                    end = _passed_over(skips, step + 1, cfg.train.max_steps)
                     say(
-                        f"step {step + 1}: non-finite loss on some rank; micro-batch {batches} skipped ({bad_in_row} in a row)"
+                        f"{_steps(step + 1, end)}: data passed over, not trained (train.skip_steps); "
+                        "the schedule goes on through them"
                     )
-                    if bad_in_row >= cfg.train.max_bad_steps:
-                        raise RunError(
-                            f"{bad_in_row} non-finite losses in a row at step {step + 1} (train.max_bad_steps="
-                            f"{cfg.train.max_bad_steps}); the last checkpoint is {ckpt.latest(run_dir) or 'none'}; "
-                            "lower optim.lr or raise optim.warmup_steps and run the same command again: a resume takes them",
-                            quiet=rank != 0,
+                    close_loader(it)
+                    it, passing = None, True
+                batches += accum
+                engine.pass_step(eng)
+                passed_total += 1
+            else:
+                passing = False
+                if it is None:  # (at the start, or after steps passed over: the data from here)
+                    stream = train_stream(batches)
+                    it = iterate(build_loader(stream))
+                start, good = time.perf_counter(), 0
+                while good < accum:
+                    ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
+                    batches += 1
+                    loss, correct, count = eng(
+                        ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
+                    )
+                    value = loss.item()
+                    if fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
+                        value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
+                    mine = [
+                        not math.isfinite(value),
+                        stop.signal is not None,
+                        ckpt.failure_flag(damaged is not None, rank, world),
+                        stop.time_up(),
+                    ]
+                    flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    if flags[2]:
+                        raise _damaged(damaged, flags[2].item(), rank, world, f"at step {step + 1}", run_dir)
+                    if flags[0]:
+                        bad_in_row += 1
+                        bad_total += 1
+                        say(
+                            f"step {step + 1}: non-finite loss on some rank; micro-batch {batches} skipped ({bad_in_row} in a row)"
                         )
-                    continue
-                bad_in_row = 0
-                eng.backward(loss)
-                eng.step()
-                good += 1
-                terms = {k: v.item() for k, v in getattr(eng.module, "loss_terms", {}).items()}
-                window.add(value, correct.item(), count.item(), terms)
+                        if bad_in_row >= cfg.train.max_bad_steps:
+                            raise RunError(
+                                f"{bad_in_row} non-finite losses in a row at step {step + 1} (train.max_bad_steps="
+                                f"{cfg.train.max_bad_steps}); the last checkpoint is {ckpt.latest(run_dir) or 'none'}; "
+                                "lower optim.lr or raise optim.warmup_steps and run the same command again: a resume takes them",
+                                quiet=rank != 0,
+                            )
+                        continue
+                    bad_in_row = 0
+                    eng.backward(loss)
+                    eng.step()
+                    good += 1
+                    terms = {k: v.item() for k, v in getattr(eng.module, "loss_terms", {}).items()}
+                    window.add(value, correct.item(), count.item(), terms)
+                tokens += tokens_per_step
+                window.seconds += time.perf_counter() - start
+                window.steps += 1
             step += 1
-            tokens += tokens_per_step
-            window.seconds += time.perf_counter() - start
-            window.steps += 1
             bar.update(1)
 
             last, scalars = step == cfg.train.max_steps, None  # (scalars: what this step logs, if any)
-            if step % cfg.log.every == 0 or last:
+            due = step % cfg.log.every == 0 or last
+            if due and window.steps:
                 sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
                 dist.all_reduce(sums)
                 memory = torch.tensor(peak_memory_gb(device), device=device)
@@ -747,6 +797,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     "perf/mfu": rate * flops / (peak * 1e12),
                     "memory/peak_gb": memory.item(),
                     "train/tokens": tokens,
+                    **({"train/skipped_steps": passed_total} if passed_total else {}),
                 }
                 names = sorted(window.terms)
                 if names:
@@ -772,11 +823,15 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                         + (f" | {eval_said(scalars)}" if "eval/loss" in scalars else "")
                     )
                 window = _Window()
-            elif vals and step % cfg.eval.every == 0:
-                scalars = evaluate()
+            elif due or (vals and step % cfg.eval.every == 0):  # an evaluation alone, or a log of steps all passed over
+                scalars = {"train/lr": eng.get_lr()[0], "train/skipped_steps": passed_total} if due else {}
+                if vals and (step % cfg.eval.every == 0 or last):
+                    scalars.update(evaluate())
                 if logger:
                     logger.log(step, scalars)
-                    say(f"step {step} | {eval_said(scalars)}")
+                    said = [f"passed over (train.skip_steps) | lr {scalars['train/lr']:.2e}"] if due else []
+                    said += [eval_said(scalars)] if "eval/loss" in scalars else []
+                    say(f"step {step}{f'/{cfg.train.max_steps}' if due else ''} | {' | '.join(said)}")
 
             if scalars is not None:  # a step that logged: every rank learns whether rank 0's log was written
                 lost = torch.tensor([float(bool(logger and logger.failed))], device=device)
@@ -818,7 +873,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
                 time.sleep(3600)
         say(
-            f"done: {step} steps, {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
+            f"done: {step} steps"
+            + (f" ({passed_total} passed over, train.skip_steps)" if passed_total else "")
+            + f", {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
         )
         return Result(step, cfg.train.max_steps, None, last_loss)
     finally:
@@ -826,7 +883,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         if logger:
             logger.close()
         close_loader(it)
-        del it, loader
+        del it
 
 
 def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:

@@ -293,6 +293,78 @@ def test_a_resume_takes_the_optimizer_keys_of_its_config(dataset, reference, tmp
         assert [(g["weight_decay"], g["initial_lr"]) for g in groups] == [(0.1, 5e-4), (0.0, 5e-4)], shard
 
 
+def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewind_resumes_to_them(
+    dataset, reference, tmp_path
+) -> None:
+    """A loss spike's recovery: train.skip_steps passes over steps' data, and bertforge rewind (or
+    latest edited by hand) resumes from an earlier checkpoint, the later ones set aside. Steps 11-14
+    passed over (given as 11-13 and 14): steps 1-10 are the reference's to the bit, 11-14 log no
+    loss, and the rate at every step and the data position at the end are the reference's (the
+    schedule and the reader go on through them). The reference rewound to step 10 by hand and run
+    with the skip gives the same losses, to the bit, as the run that passed over them uninterrupted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    skipping = tmp_path / "skipping"
+    r = pretrain(dataset, skipping, "train.precision=fp32", "train.skip_steps=[11-13,14]")
+    ok(r)
+    assert "; the data of steps 11-14 passed over (train.skip_steps)" in r.stdout
+    assert "steps 11-14: data passed over, not trained (train.skip_steps); the schedule goes on" in r.stdout
+    assert "step 12/20 | passed over (train.skip_steps) | lr " in r.stdout
+    assert "done: 20 steps (4 passed over, train.skip_steps), 16,384 tokens" in r.stdout
+    ours, theirs = losses(skipping), losses(reference)
+    assert sorted(ours) == [*range(1, 11), *range(15, 21)]
+    assert [ours[s] for s in range(1, 11)] == [theirs[s] for s in range(1, 11)]
+    assert all(ours[s] != theirs[s] for s in range(15, 21))  # (trained from other weights)
+    lr = {m["step"]: m["train/lr"] for m in metrics(skipping)}
+    assert lr == {m["step"]: m["train/lr"] for m in metrics(reference)}
+    passed = {m["step"]: m["train/skipped_steps"] for m in metrics(skipping) if "train/skipped_steps" in m}
+    assert passed == {11: 1, 12: 2, 13: 3, 14: 4, **dict.fromkeys(range(15, 21), 4)}
+    events = EventAccumulator(str(skipping / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == sorted(passed.items())
+    state, then = ckpt.read_state(skipping, "step_00000020"), ckpt.read_state(reference, "step_00000020")
+    assert (state["batches"], state["data_position"]) == (then["batches"], then["data_position"])
+    assert (state["tokens"], state["skipped_steps"]) == (16 * 16 * 64, 4)
+
+    rewound = tmp_path / "rewound"  # the reference, its latest pointed back at step 10 by hand
+    shutil.copytree(reference, rewound)
+    (rewound / "checkpoints/latest").write_text("step_00000010\n")
+    r = pretrain(dataset, rewound, "train.precision=fp32", "train.skip_steps=[11-14]")
+    ok(r)
+    assert (
+        f"set aside step_00000020, after step_00000010 (a rewind, or a save cut short before naming its checkpoint "
+        f"latest), in {rewound / 'checkpoints/abandoned'}: the run resumes from step_00000010"
+    ) in r.stdout
+    assert losses(rewound) == ours  # the lines the rewound steps had logged dropped, the rest as uninterrupted
+    assert ckpt.read_state(rewound, "step_00000020")["skipped_steps"] == 4
+    old = ckpt.read_state(rewound, "abandoned/step_00000020")
+    assert old["step"] == 20 and "skipped_steps" not in old  # the abandoned one kept as it was
+
+    # bertforge rewind: the same move, checked, with the run folder held
+    r = run_cli("rewind", str(skipping), "10")
+    ok(r)
+    root = skipping / "checkpoints"
+    assert r.stdout.splitlines()[:2] == [
+        f"{root / 'latest'}: step_00000010 (was step_00000020)",
+        f"set aside step_00000020 in {root / 'abandoned'} (delete them once they are not needed)",
+    ]
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000010"]
+    assert ckpt.latest(skipping) == "step_00000010" and (root / "abandoned/step_00000020/trainer_state.json").is_file()
+    r = run_cli("rewind", str(skipping), "15")
+    assert r.returncode == 2
+    assert (
+        r.stderr
+        == f"bertforge: error: {root / 'step_00000015'}: no complete checkpoint of step 15; there are steps 10\n"
+    )
+    assert refusal(ckpt.rewind, tmp_path, 1) == f"{tmp_path / 'checkpoints'}: no complete checkpoint to rewind to"
+    r = run_cli("pretrain", TINY, f"data.path={dataset}", f"run.dir={tmp_path / 'bad'}", "train.skip_steps=[9-5]")
+    assert r.returncode == 2 and not (tmp_path / "bad").exists()
+    assert r.stderr == (
+        "bertforge: error: override 'train.skip_steps=[9-5]': config key 'train.skip_steps': item 0 '9-5' is not "
+        "FIRST-LAST or one step (steps count from 1, FIRST <= LAST)\n"
+    )
+
+
 def test_bf16_at_zero_0_resumes_to_the_same_losses(dataset, tmp_path) -> None:
     """bf16 at ZeRO 0 steps through pretrain.engine._MultiTensorStep; its optimizer state (fp32
     masters, Adam moments) goes through DeepSpeed's checkpoint and back unchanged."""
