@@ -148,17 +148,30 @@ class TrainConfig:
 
     def skipped(self) -> list[tuple[int, int]]:
         """``skip_steps`` as sorted (first, last) pairs, both ends included."""
-        out = []
-        for i, text in enumerate(self.skip_steps):
-            m = _STEPS.fullmatch(str(text))
-            first, last = (int(m[1]), int(m[2] or m[1])) if m else (0, 0)
-            if not 1 <= first <= last:
-                raise ValueError(
-                    f"config key 'train.skip_steps': item {i} '{text}' is not FIRST-LAST or one step "
-                    "(steps count from 1, FIRST <= LAST)"
-                )
-            out.append((first, last))
-        return sorted(out)
+        return skip_ranges(self.skip_steps)
+
+
+def skip_ranges(items: list) -> list[tuple[int, int]]:
+    """``train.skip_steps`` (FIRST-LAST or one step each) as sorted (first, last) pairs, both ends
+    included, ranges that overlap or touch joined; a malformed item is refused (ValueError) naming
+    the key."""
+    out: list[tuple[int, int]] = []
+    for i, text in enumerate(items):
+        m = _STEPS.fullmatch(str(text))
+        first, last = (int(m[1]), int(m[2] or m[1])) if m else (0, 0)
+        if not 1 <= first <= last:
+            raise ValueError(
+                f"config key 'train.skip_steps': item {i} '{text}' is not FIRST-LAST or one step "
+                "(steps count from 1, FIRST <= LAST)"
+            )
+        out.append((first, last))
+    joined: list[tuple[int, int]] = []
+    for first, last in sorted(out):
+        if joined and first <= joined[-1][1] + 1:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], last))
+        else:
+            joined.append((first, last))
+    return joined
 
 
 @dataclass

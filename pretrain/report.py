@@ -100,6 +100,21 @@ def panels(records: list[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
     return [(title, keys) for title, keys in out if keys]
 
 
+def passed_over(run_dir: Path, last: int) -> list[tuple[int, int]]:
+    """The steps up to ``last`` whose data the run passed over, from the ``train.skip_steps`` of
+    the config it last started with (``RUN/config.yaml``); none where there is no such config."""
+    import yaml
+
+    from pretrain.config import skip_ranges
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        items = ((yaml.safe_load(path.read_text()) or {}).get("train") or {}).get("skip_steps") or []
+        return [(a, min(b, last)) for a, b in skip_ranges(items) if a <= last]
+    except (OSError, yaml.YAMLError, ValueError, AttributeError):  # (a fine-tuning run's, or none)
+        return []
+
+
 def report(run_dir: Path, output: Path | None = None) -> Path:
     """Write the PNG (default ``RUN/report.png``) and return its path."""
     import matplotlib
@@ -116,8 +131,11 @@ def report(run_dir: Path, output: Path | None = None) -> Path:
         raise UserError(f"{output}: not an image file name (end it with .png, .svg or .pdf)")
     records = read_metrics(run_dir)
     drawn = panels(records)
+    passed = passed_over(run_dir, records[-1]["step"])
     fig, axes = plt.subplots(len(drawn), 1, figsize=(7, 2.4 * len(drawn)), sharex=True, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], drawn):
+        for i, (a, b) in enumerate(passed):  # (a grey band: steps trained on nothing)
+            ax.axvspan(a - 0.5, b + 0.5, color="0.88", label="passed over" if i == 0 and len(keys) > 1 else None)
         for key, label in keys:
             steps, values = series(records, key)
             ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)

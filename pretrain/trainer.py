@@ -382,13 +382,9 @@ def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: st
 
 
 def _passed_over(skips: list[tuple[int, int]], first: int, max_steps: int) -> int:
-    """The last step of the stretch passed over (``train.skip_steps``, as sorted (first, last)
-    pairs) from step ``first``: ranges that overlap or touch it join it; the run's last step ends it."""
-    end = first
-    for a, b in skips:
-        if a <= end + 1:
-            end = max(end, b)
-    return min(end, max_steps)
+    """The last step of the stretch passed over from step ``first`` (``skips``: the joined ranges
+    of ``train.skip_steps``, one of which holds ``first``), the run's last step at most."""
+    return min(next(b for a, b in skips if a <= first <= b), max_steps)
 
 
 def _steps(first: int, last: int) -> str:
@@ -601,11 +597,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     tokens_per_step = cfg.train.global_batch_size * seq_len
 
     skips = cfg.train.skipped()  # (first, last) of the steps whose data is passed over
-    ahead, first = [], step + 1  # the stretches of them still to come, for the start-up line
-    while starts := [max(a, first) for a, b in skips if b >= first and a <= cfg.train.max_steps]:
-        first = min(starts)
-        ahead.append(_steps(first, end := _passed_over(skips, first, cfg.train.max_steps)))
-        first = end + 1
+    ahead = [  # the stretches of them still to come, for the start-up line
+        _steps(max(a, step + 1), min(b, cfg.train.max_steps)) for a, b in skips if b > step and a <= cfg.train.max_steps
+    ]
     logger = Logger(run_dir, step, to_dict(cfg), to_yaml(cfg)) if rank == 0 else None
     say(
         f"bertforge {stage}: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "

@@ -304,6 +304,8 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     with the skip gives the same losses, to the bit, as the run that passed over them uninterrupted."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from pretrain.report import passed_over
+
     skipping = tmp_path / "skipping"
     r = pretrain(dataset, skipping, "train.precision=fp32", "train.skip_steps=[11-13,14]")
     ok(r)
@@ -319,6 +321,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     assert lr == {m["step"]: m["train/lr"] for m in metrics(reference)}
     passed = {m["step"]: m["train/skipped_steps"] for m in metrics(skipping) if "train/skipped_steps" in m}
     assert passed == {11: 1, 12: 2, 13: 3, 14: 4, **dict.fromkeys(range(15, 21), 4)}
+    assert passed_over(skipping, 20) == [(11, 14)]  # what bertforge report shades
     events = EventAccumulator(str(skipping / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == sorted(passed.items())
