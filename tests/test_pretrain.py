@@ -304,6 +304,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     with the skip gives the same losses, to the bit, as the run that passed over them uninterrupted."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from data_prep.files import holding
     from pretrain.report import passed_over
 
     skipping = tmp_path / "skipping"
@@ -343,7 +344,10 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     old = ckpt.read_state(rewound, "abandoned/step_00000020")
     assert old["step"] == 20 and "skipped_steps" not in old  # the abandoned one kept as it was
 
-    # bertforge rewind: the same move, checked, with the run folder held
+    # bertforge rewind: the same move, checked, refused while a run holds the folder
+    with holding(skipping):
+        r = run_cli("rewind", str(skipping), "10")
+    assert r.returncode == 2 and "another run is using this folder" in r.stderr, r.stderr
     r = run_cli("rewind", str(skipping), "10")
     ok(r)
     root = skipping / "checkpoints"
