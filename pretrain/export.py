@@ -228,6 +228,8 @@ def _card(state: dict, mans: list[tuple[str, float, dict | None]], n_params: int
         "## Training",
         f"- checkpoint `{state['tag']}`: {state['step']:,} steps, {state['tokens']:,} tokens",
     ]
+    if passed := state.get("skipped_steps"):
+        lines.append(f"- the data of {passed:,} of those steps passed over, not trained on (`train.skip_steps`)")
     teacher = state["config"].get("distill", {}).get("teacher")
     if teacher:
         lines.append(
@@ -244,7 +246,8 @@ def _card(state: dict, mans: list[tuple[str, float, dict | None]], n_params: int
         lines += [f"- `{folder}`: {share:.1%}" for folder, share, _ in mans]
     if len(read := state.get("data_read") or []) > 1:  # (a run that blended datasets at some point)
         seq_len = state["config"]["data"]["seq_len"]
-        lines += ["", "Sequences read of each dataset over the whole run:"]
+        lines += ["", "Sequences read of each dataset over the whole run"
+                  + (" (those of the steps passed over among them):" if passed else ":")]  # fmt: skip
         lines += [f"- `{e['path']}`: {e['sequences']:,} ({e['sequences'] * seq_len:,} tokens)" for e in read]
     for folder, _, man in mans:
         if man is not None:

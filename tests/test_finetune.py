@@ -281,6 +281,9 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
         teacher, train, "optim.lr=1e-3"
     )
     assert "config key 'finetune.epochs' is 4 but the run" in refused(teacher, train, "finetune.epochs=4")
+    assert "config key 'train.skip_steps' is bertforge pretrain's and distill's" in refused(
+        teacher, train, "train.skip_steps=[3-4]"
+    )
     # a state naming a checkpoint that is gone (removed by hand) is refused before a rank starts (DeepSpeed had
     # failed an assert on every rank)
     lost = tmp_path / "lost"

@@ -305,6 +305,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from data_prep.files import holding
+    from pretrain.export import _card
     from pretrain.report import passed_over
 
     skipping = tmp_path / "skipping"
@@ -329,6 +330,8 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     state, then = ckpt.read_state(skipping, "step_00000020"), ckpt.read_state(reference, "step_00000020")
     assert (state["batches"], state["data_position"]) == (then["batches"], then["data_position"])
     assert (state["tokens"], state["skipped_steps"]) == (16 * 16 * 64, 4)
+    card = _card({**state, "tag": "step_00000020"}, [(str(dataset), 1.0, None)], 1, {})  # an export's model card
+    assert "- the data of 4 of those steps passed over, not trained on (`train.skip_steps`)" in card
 
     rewound = tmp_path / "rewound"  # the reference, its latest pointed back at step 10 by hand
     shutil.copytree(reference, rewound)
