@@ -273,8 +273,13 @@ def _rewind_parser(sub: argparse._SubParsersAction) -> None:
 def _run_rewind(ns: argparse.Namespace) -> int:
     from data_prep.files import holding
     from pretrain import checkpoint as ckpt
+    from pretrain.finetune import STATE
 
     run_dir = Path(ns.run_dir)
+    if (run_dir / STATE).is_file():
+        raise UserError(
+            f"{run_dir / STATE}: a fine-tuning run, which resumes at its epochs: rewind is for pretrain and distill runs"
+        )
     if not ckpt.folder(run_dir).is_dir():
         raise UserError(f"{run_dir}: no checkpoints folder: not a run folder, or the run saved no checkpoint")
     with holding(run_dir, other="stop that run first"):

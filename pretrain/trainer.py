@@ -435,6 +435,63 @@ def ends_process_group(run):  # noqa: ANN001, ANN201
     return wrapper
 
 
+def _relayout(
+    cfg: PretrainConfig, state: dict, layout: dict, batches: int, world: int, resharding: bool,
+    folders: list[Path], mans: list[dict], shas: list[str], weights: list[float] | None,
+) -> tuple[dict, str]:  # fmt: skip
+    """A resume's data layout: the checkpoint's ``layout``, or, where the checkpoint was written by
+    another layout (ranks x loader workers, micro-batch) or blend (``folders``, their manifests
+    ``mans`` and checksums ``shas``, ``weights``), a new one from ``batches`` on, each dataset going
+    on from its first shard that no old slot had read whole (a new dataset from its start; a
+    dropped one is not read again: its draws are counted, its walk not). Also what the start-up
+    line says of the change ("" where there is none)."""
+    changed, micro = "", cfg.train.micro_batch_size
+    then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
+    was = (state["world"], then["data"]["num_workers"], then["train"]["micro_batch_size"])
+    # the blend that wrote it: its datasets known by their manifests' sha256 (folders may move)
+    then_shas = [state["manifest_sha256"], *state.get("blend_sha256", [])]
+    then_weights = then["data"].get("weights") if then["data"].get("blend") else None
+    if was == (world, cfg.data.num_workers, micro) and (then_shas, then_weights) == (shas, weights):
+        return layout, ""
+    where = dict(zip(shas, folders))
+    old = ShardStream(
+        [where.get(sha) for sha in then_shas], "train", 0, *was, cfg.data.seed, cfg.data.masking,
+        cfg.model.vocab_size, origin=layout["origin"], generation=layout["generation"], weights=then_weights,
+    )  # fmt: skip
+    restarts = dict(zip(then_shas, old.restart(batches - layout["batches"])))
+    origin = [(restarts.get(sha) or (0, 0))[0] for sha in shas]  # a new dataset from its start
+    then_paths = [then["data"]["path"], *then["data"].get("blend", [])]
+    layout = {
+        "generation": layout["generation"] + 1,
+        "origin": origin if weights else origin[0],
+        "batches": batches,
+        "read": data_read(layout["read"], then_shas, then_paths, old.read(batches - layout["batches"])),
+    }
+    goes_on = []
+    for f, m, sha in zip(folders, mans, shas):
+        position, again = restarts.get(sha) or (0, 0)
+        n = sum(1 for shard in m["splits"]["train"]["shards"] if shard["sequences"])
+        goes_on.append(
+            (f"{f}'s " if weights else "") + f"shard {position % n + 1} of {n} in epoch {position // n + 1}, "
+            f"{again:,} sequence(s) read again ({again / m['splits']['train']['sequences']:.1%} of an epoch)"
+        )
+    if was != (world, cfg.data.num_workers, micro):
+        changed += (
+            f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
+            + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
+            + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
+        )
+    if (then_shas, then_weights) != (shas, weights):
+        names = {**dict(zip(then_shas, then_paths)), **dict(zip(shas, map(str, folders)))}
+        before, now = dict(zip(then_shas, then_weights or [1.0])), dict(zip(shas, weights or [1.0]))
+        moves = [
+            f"{names[sha]} {before.get(sha, 0):.1%} -> " + (f"{now[sha]:.1%}" if sha in now else "dropped")
+            for sha in dict.fromkeys([*then_shas, *shas])
+        ]
+        changed += f"; the blend changes: {', '.join(moves)}"
+    return layout, changed + f"; the data goes on from {', '.join(goes_on)}"
+
+
 @ends_process_group
 def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Result:  # noqa: ANN001
     """One rank's run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set by the launcher).
@@ -509,50 +566,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         passed_total = state.get("skipped_steps", 0)
         layout = state.get("data_layout", layout)
         layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
-        then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
-        was = (state["world"], then["data"]["num_workers"], then["train"]["micro_batch_size"])
-        # the blend that wrote it: its datasets known by their manifests' sha256 (folders may move)
-        then_shas = [state["manifest_sha256"], *state.get("blend_sha256", [])]
-        then_weights = then["data"].get("weights") if then["data"].get("blend") else None
-        if was != (world, cfg.data.num_workers, micro) or (then_shas, then_weights) != (shas, weights):
-            # (a dataset the blend dropped is not read again: its draws are counted, its walk not)
-            where = dict(zip(shas, folders))
-            old = ShardStream(
-                [where.get(sha) for sha in then_shas], "train", 0, *was, cfg.data.seed, cfg.data.masking,
-                cfg.model.vocab_size, origin=layout["origin"], generation=layout["generation"], weights=then_weights,
-            )  # fmt: skip
-            restarts = dict(zip(then_shas, old.restart(batches - layout["batches"])))
-            origin = [(restarts.get(sha) or (0, 0))[0] for sha in shas]  # a new dataset from its start
-            then_paths = [then["data"]["path"], *then["data"].get("blend", [])]
-            layout = {
-                "generation": layout["generation"] + 1,
-                "origin": origin if weights else origin[0],
-                "batches": batches,
-                "read": data_read(layout["read"], then_shas, then_paths, old.read(batches - layout["batches"])),
-            }
-            goes_on = []
-            for f, m, sha in zip(folders, mans, shas):
-                position, again = restarts.get(sha) or (0, 0)
-                n = sum(1 for shard in m["splits"]["train"]["shards"] if shard["sequences"])
-                goes_on.append(
-                    (f"{f}'s " if weights else "") + f"shard {position % n + 1} of {n} in epoch {position // n + 1}, "
-                    f"{again:,} sequence(s) read again ({again / m['splits']['train']['sequences']:.1%} of an epoch)"
-                )
-            if was != (world, cfg.data.num_workers, micro):
-                changed += (
-                    f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
-                    + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
-                    + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
-                )
-            if (then_shas, then_weights) != (shas, weights):
-                names = {**dict(zip(then_shas, then_paths)), **dict(zip(shas, map(str, folders)))}
-                before, now = dict(zip(then_shas, then_weights or [1.0])), dict(zip(shas, weights or [1.0]))
-                moves = [
-                    f"{names[sha]} {before.get(sha, 0):.1%} -> " + (f"{now[sha]:.1%}" if sha in now else "dropped")
-                    for sha in dict.fromkeys([*then_shas, *shas])
-                ]
-                changed += f"; the blend changes: {', '.join(moves)}"
-            changed += f"; the data goes on from {', '.join(goes_on)}"
+        layout, said = _relayout(cfg, state, layout, batches, world, resharding, folders, mans, shas, weights)
+        changed += said
 
     word_start = None
     if cfg.data.masking.whole_word:

@@ -367,6 +367,9 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
         == f"bertforge: error: {root / 'step_00000015'}: no complete checkpoint of step 15; there are steps 10\n"
     )
     assert refusal(ckpt.rewind, tmp_path, 1) == f"{tmp_path / 'checkpoints'}: no complete checkpoint to rewind to"
+    (tmp_path / "finetune_state.json").write_text("{}")  # a fine-tuning run's folder
+    r = run_cli("rewind", str(tmp_path), "1")
+    assert r.returncode == 2 and "a fine-tuning run, which resumes at its epochs" in r.stderr, r.stderr
     r = run_cli("pretrain", TINY, f"data.path={dataset}", f"run.dir={tmp_path / 'bad'}", "train.skip_steps=[9-5]")
     assert r.returncode == 2 and not (tmp_path / "bad").exists()
     assert r.stderr == (
