@@ -231,6 +231,11 @@ class LogConfig:
     keeping the best (a large matrix product in the run's precision on each rank, so on a CPU it is
     the share of the cores a rank has; logged as ``perf/peak_tflops``)."""
 
+    spike_factor: float = field(default=1.5, metadata={"range": "[0, inf)"})
+    """A console warning when a logged train loss exceeds this many times the median of the last
+    20 logged (once 5 are there), once per spike, naming the way back (``bertforge rewind``,
+    ``train.skip_steps``); 0 turns it off."""
+
     profile_from: int = field(default=0, metadata={"range": "[0, inf)"})
     """Profile ``profile_steps`` steps from this one with torch.profiler (0: off; pretrain, distill,
     finetune), after one warm-up step: each rank of ``profile_ranks`` writes a Chrome trace

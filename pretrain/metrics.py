@@ -8,7 +8,9 @@ A resumed run purges the events and lines past its checkpoint, so no step shows 
 
 from __future__ import annotations
 
+import collections
 import json
+import statistics
 import sys
 import threading
 import time
@@ -66,6 +68,25 @@ def peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class SpikeWatch:
+    """Tells a loss spike in the logged train losses: a loss above ``factor`` x the median of the
+    last ``WINDOW`` logged (once ``LEAST`` are there), told once, at the log that starts it (a
+    median, not a mean: the spike's own losses barely move it). ``factor`` 0: never."""
+
+    WINDOW, LEAST = 20, 5
+
+    def __init__(self, factor: float) -> None:
+        self.factor, self.seen, self.high = factor, collections.deque(maxlen=self.WINDOW), False
+
+    def add(self, loss: float) -> tuple[float, int] | None:
+        """``(median, losses it is the median of)`` where ``loss`` starts a spike, else None."""
+        before = (statistics.median(self.seen), len(self.seen)) if len(self.seen) >= self.LEAST else None
+        self.seen.append(loss)
+        high = bool(self.factor) and before is not None and loss > self.factor * before[0]
+        starts, self.high = high and not self.high, high
+        return before if starts else None
 
 
 class StepProfiler:

@@ -501,7 +501,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     terms of the last forward in ``loss_terms`` (logged under their names; in eval mode,
     ``teacher_correct`` becomes ``eval/teacher_mlm_accuracy``)."""
     from pretrain import engine  # the one module that imports deepspeed
-    from pretrain.metrics import Logger, StepProfiler, measure_peak_tflops, peak_memory_gb
+    from pretrain.metrics import Logger, SpikeWatch, StepProfiler, measure_peak_tflops, peak_memory_gb
 
     began = time.monotonic()  # (train.exit_after_minutes counts from here)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -723,6 +723,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     else:  # dropout differs per rank
         torch.manual_seed(cfg.train.seed + 1 + rank)
     profiler = StepProfiler(cfg.log, run_dir, rank, device, step)
+    spikes = SpikeWatch(cfg.log.spike_factor)
     try:
         while step < cfg.train.max_steps:
             if any(a <= step + 1 <= b for a, b in skips):  # train.skip_steps: the step's batches dropped unread
@@ -752,6 +753,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     value = loss.item()
                     if fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
                         value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
+                    if fault("spike", step + 1):
+                        value *= 3  # test hook: the step's losses logged 3x (the training unchanged)
                     mine = [
                         not math.isfinite(value),
                         stop.signal is not None,
@@ -814,6 +817,13 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     dist.all_reduce(extra)
                     scalars.update({k: (v / sums[2]).item() for k, v in zip(names, extra)})
                 last_loss = scalars["train/loss"]
+                if spike := spikes.add(last_loss):
+                    say(
+                        f"warning: step {step}: train loss {last_loss:.4f} is {last_loss / spike[0]:.1f}x the median of "
+                        f"the {spike[1]} logged before it ({spike[0]:.4f}): a loss spike? The way back: bertforge rewind "
+                        f"{run_dir} N (a checkpoint before it; the last is step {saved_at}), then train.skip_steps=[FIRST-LAST] "
+                        "over its data (README: Recovering from a loss spike; log.spike_factor=0: no such warning)"
+                    )
                 if (norm := engine.grad_norm(eng)) is not None:
                     scalars["train/grad_norm"] = norm
                 if (scale := engine.loss_scale(eng)) is not None:

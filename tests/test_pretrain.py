@@ -309,8 +309,15 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     from pretrain.report import passed_over
 
     skipping = tmp_path / "skipping"
-    r = pretrain(dataset, skipping, "train.precision=fp32", "train.skip_steps=[11-13,14]")
+    spike = {"BERTFORGE_FAULT": "spike@17"}  # step 17's losses logged 3x (in both runs below)
+    r = pretrain(dataset, skipping, "train.precision=fp32", "train.skip_steps=[11-13,14]", env=spike)
     ok(r)
+    warned = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith("warning: step 17: train loss "), warned
+    assert (
+        "x the median of the 12 logged before it (" in warned[0]
+        and f"The way back: bertforge rewind {skipping} N (a checkpoint before it; the last is step 10)" in warned[0]
+    )
     assert "; the data of steps 11-14 passed over (train.skip_steps)" in r.stdout
     assert "steps 11-14: data passed over, not trained (train.skip_steps); the schedule goes on" in r.stdout
     assert "step 12/20 | passed over (train.skip_steps) | lr " in r.stdout
@@ -318,7 +325,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     ours, theirs = losses(skipping), losses(reference)
     assert sorted(ours) == [*range(1, 11), *range(15, 21)]
     assert [ours[s] for s in range(1, 11)] == [theirs[s] for s in range(1, 11)]
-    assert all(ours[s] != theirs[s] for s in range(15, 21))  # (trained from other weights)
+    assert all(ours[s] != theirs[s] for s in range(15, 21))  # (trained from other weights; 17's logged 3x)
     lr = {m["step"]: m["train/lr"] for m in metrics(skipping)}
     assert lr == {m["step"]: m["train/lr"] for m in metrics(reference)}
     passed = {m["step"]: m["train/skipped_steps"] for m in metrics(skipping) if "train/skipped_steps" in m}
@@ -336,8 +343,9 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     rewound = tmp_path / "rewound"  # the reference, its latest pointed back at step 10 by hand
     shutil.copytree(reference, rewound)
     (rewound / "checkpoints/latest").write_text("step_00000010\n")
-    r = pretrain(dataset, rewound, "train.precision=fp32", "train.skip_steps=[11-14]")
+    r = pretrain(dataset, rewound, "train.precision=fp32", "train.skip_steps=[11-14]", env=spike)
     ok(r)
+    assert "warning: " not in r.stdout  # (2 losses logged since the resume: too few to tell a spike)
     assert (
         f"set aside step_00000020, after step_00000010 (a rewind, or a save cut short before naming its checkpoint "
         f"latest), in {rewound / 'checkpoints/abandoned'}: the run resumes from step_00000010"
