@@ -246,6 +246,25 @@ def remove_incomplete(run_dir: Path) -> list[str]:
     return gone
 
 
+def complete_steps(run_dir: Path) -> list[int]:
+    """The steps of the run's complete checkpoints (with their weights), in order."""
+    found = (p for p in folder(run_dir).glob("step_*") if is_complete(p) and has_weights(p))
+    return sorted(int(p.name.removeprefix("step_")) for p in found)
+
+
+def _listed(steps: list[int]) -> str:
+    return ", ".join(map(str, steps))
+
+
+def way_back(run_dir: Path, name: str) -> str:
+    """The end of a refusal of checkpoint ``name`` (a file missing, or cut short): restore it, or
+    ``bertforge rewind`` to a complete checkpoint before it, where there is one."""
+    earlier = [s for s in complete_steps(run_dir) if tag(s) < name]
+    if not earlier:
+        return "restore it (there is no earlier checkpoint)"
+    return f"restore it, or go back to an earlier checkpoint: bertforge rewind {run_dir} N (N: {_listed(earlier)})"
+
+
 ABANDONED = "abandoned"
 """Under a run's checkpoints folder: checkpoints after the one ``latest`` names (:func:`set_aside_later`)."""
 
@@ -275,12 +294,11 @@ def rewind(run_dir: Path, step: int) -> tuple[str | None, list[str]]:
     spike, with ``train.skip_steps`` to pass over the batches before it). Returns the tag ``latest``
     named before and the tags set aside."""
     root, name = folder(run_dir), tag(step)
-    steps = sorted(p.name for p in root.glob("step_*") if is_complete(p) and has_weights(p))
+    steps = complete_steps(run_dir)
     if not steps:
         raise UserError(f"{root}: no complete checkpoint to rewind to")
-    if name not in steps:
-        have = ", ".join(str(int(n.removeprefix("step_"))) for n in steps)
-        raise UserError(f"{root / name}: no complete checkpoint of step {step}; there are steps {have}")
+    if step not in steps:
+        raise UserError(f"{root / name}: no complete checkpoint of step {step}; there are steps {_listed(steps)}")
     pointer = root / LATEST
     was = pointer.read_text().strip() if pointer.is_file() else None
     write_atomic(pointer, f"{name}\n".encode())

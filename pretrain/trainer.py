@@ -116,9 +116,7 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
         where = ckpt.folder(run_dir) / latest / ckpt.STATE
         stage = state["config"]["train"]["zero_stage"]
         if fault := ckpt.faulty_files(where.parent, state["world"], stage, state.get("files")):
-            raise UserError(
-                f"{fault}: restore it, or name an earlier checkpoint in {ckpt.folder(run_dir) / ckpt.LATEST}"
-            )
+            raise UserError(f"{fault}: {ckpt.way_back(run_dir, latest)}")
         if state["manifest_sha256"] != tokenizers.sha256(folder / manifests.MANIFEST):
             raise UserError(
                 f"{where}: field 'manifest_sha256' differs from {folder}/manifest.json: "

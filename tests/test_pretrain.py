@@ -833,18 +833,21 @@ def test_bad_config_and_mismatched_manifest_fail_before_any_rank_starts(
     # (the rank without it had stopped with a traceback, or another rank count's conversion with DeepSpeed's)
     gap = tmp_path / "gap"
     shutil.copytree(reference, gap)
-    folder, latest = gap / "checkpoints/step_00000020", gap / "checkpoints/latest"
+    folder = gap / "checkpoints/step_00000020"
     shard = next(folder.glob("*rank_1_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:1000])  # cut short: its size differs from the one the state lists
     assert f"{shard}: 1,000 bytes, {ckpt.read_state(gap, folder.name)['files'][shard.name]:,} when written: restore " \
-           f"it, or name an earlier checkpoint in {latest}" in refused("train.precision=fp32", run=gap)  # fmt: skip
+           f"it, or go back to an earlier checkpoint: bertforge rewind {gap} N (N: 10)" in refused(
+               "train.precision=fp32", run=gap)  # fmt: skip
     (folder / "rng_rank00001.pt").unlink()
     assert f"{folder / 'rng_rank00001.pt'}: missing: restore it" in refused("train.precision=fp32", run=gap)
+    shutil.rmtree(gap / "checkpoints/step_00000010")
+    assert refused("train.precision=fp32", run=gap).endswith("missing: restore it (there is no earlier checkpoint)")
     state = ckpt.read_state(gap, folder.name)  # a checkpoint whose state lists no files (older): each rank's file
     del state["files"]
     (folder / ckpt.STATE).write_text(json.dumps(state))
-    assert f"{folder}: no random state (rng_rankNNNNN.pt) file for rank(s) 1 of the 2 that wrote it: restore it, " \
-           f"or name an earlier checkpoint in {latest}" in refused("train.precision=fp32", run=gap)  # fmt: skip
+    assert f"{folder}: no random state (rng_rankNNNNN.pt) file for rank(s) 1 of the 2 that wrote it: restore it " \
+           "(there is no earlier checkpoint)" in refused("train.precision=fp32", run=gap)  # fmt: skip
     next(folder.glob("*rank_0_*optim_states.pt")).unlink()
     assert "no optimizer shard (*optim_states.pt) file for rank(s) 0 of the 2" in refused(
         "train.precision=fp32", run=gap
