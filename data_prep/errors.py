@@ -55,7 +55,8 @@ def fault(kind: str, at: int) -> bool:
     """Test hook: whether ``BERTFORGE_FAULT`` is ``kind@AT``. The trainer's kinds, at step ``AT``:
     ``kill`` (SIGKILL every rank after the step), ``kill-in-save`` (SIGKILL rank 0 inside the step's
     save), ``nan`` (a non-finite loss on the last rank in the step's first micro-batch), ``spike``
-    (the step's losses logged 3x, its training unchanged), ``lost-rank`` (SIGKILL the last rank after the step, as the out-of-memory killer would, while
+    (the step's losses logged 3x, its training unchanged), ``oom`` (the last rank asks the allocator
+    for a petabyte in the step, which it refuses), ``lost-rank`` (SIGKILL the last rank after the step, as the out-of-memory killer would, while
     the others wait, as ranks in an NCCL collective wait for a dead peer until the timeout; gloo
     would notice it gone), ``stuck`` (every rank blocks the stop signals and sleeps after the step,
     as ranks blocked inside a collective run no signal handler), ``hang`` (the last rank alone does

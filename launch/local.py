@@ -38,7 +38,7 @@ def run(args: list[str], nproc: int) -> int:
     one killed by a signal before one that exited with an error)."""
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=base.get("MASTER_PORT") or str(free_port()), WORLD_SIZE=str(nproc))
-    base.update(LOCAL_WORLD_SIZE=str(nproc))
+    base.update(LOCAL_WORLD_SIZE=str(nproc), BERTFORGE_LAUNCHER="nproc")  # (which names a rank that died itself)
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     procs = [
         subprocess.Popen(

@@ -379,6 +379,28 @@ def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: st
     )
 
 
+def _out_of_memory(
+    err: RuntimeError, rank: int, device: torch.device, step: int, cfg: PretrainConfig
+) -> RunError | None:
+    """The one line a rank that ran out of memory stops with (torch's OutOfMemoryError on a GPU, the
+    CPU allocator's refusal where memory is capped), naming the keys that take less; None for
+    another error. (The launcher, or srun, then ends the other ranks.)"""
+    from pretrain.metrics import peak_memory_gb
+
+    text = str(err).strip()
+    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text):
+        return None
+    said = text.splitlines()[0] if text else type(err).__name__
+    said = said[said.find("DefaultCPUAllocator") :] if "DefaultCPUAllocator" in said else said
+    return RunError(
+        f"rank {rank}: out of memory in step {step} ({said[:240]}; this rank's peak so far "
+        f"{peak_memory_gb(device):.2f} GB): lower train.micro_batch_size ({cfg.train.micro_batch_size}; "
+        "train.global_batch_size stays, gradient accumulation makes up the rest), or set "
+        f"train.activation_checkpointing=true, or a higher train.zero_stage ({cfg.train.zero_stage}); the last "
+        f"checkpoint is {ckpt.latest(Path(cfg.run.dir)) or 'none'}, which a resume with any of them goes on from"
+    )
+
+
 def _passed_over(skips: list[tuple[int, int]], first: int, max_steps: int) -> int:
     """The last step of the stretch passed over from step ``first`` (``skips``: the joined ranges
     of ``train.skip_steps``, one of which holds ``first``), the run's last step at most."""
@@ -404,6 +426,8 @@ def _data_position(batches: int, world: int, workers: int, micro: int) -> list[d
 # How torch words a collective that ran out the process group's timeout: gloo's, NCCL's watchdog's
 # (the rendezvous's: pretrain.engine.init_distributed)
 TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms|collective operation timeout", re.IGNORECASE)
+# How gloo words a collective whose peer process is gone (ended by an error of its own, or killed)
+PEER_GONE = re.compile(r"gloo.*\] (Connection closed by peer|Connection reset by peer|Broken pipe)")
 
 
 def ends_process_group(run):  # noqa: ANN001, ANN201
@@ -412,13 +436,22 @@ def ends_process_group(run):  # noqa: ANN001, ANN201
     loading a checkpoint, say) now and then aborted the process there ("terminate called without an
     active exception", SIGABRT) after its one-line error. A collective that waited
     ``train.collective_timeout_s`` for a rank that hung (a stuck device, a dead node) becomes one
-    line naming that key, in place of torch's traceback; the launcher then stops the other ranks."""
+    line naming that key, in place of torch's traceback; the launcher then stops the other ranks. So
+    does a collective whose peer is gone (gloo: "Connection closed by peer"), quietly under
+    ``--nproc``, where the rank that ended, or the launcher, has said why."""
 
     @functools.wraps(run)
     def wrapper(cfg, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         try:
             return run(cfg, *args, **kwargs)
         except RuntimeError as err:
+            if dist.is_initialized() and (gone := PEER_GONE.search(str(err))):
+                # another rank ended (its own line, or the launcher's for a signal, says why): one line
+                # here too, in place of gloo's traceback; none under --nproc, whose ranks share a terminal
+                raise RunError(
+                    f"rank {dist.get_rank()}: stopped: another rank is gone (gloo: {gone[1]}); its own log says why",
+                    quiet=os.environ.get("BERTFORGE_LAUNCHER") == "nproc",
+                ) from None
             if not (dist.is_initialized() and TIMED_OUT.search(str(err))):
                 raise
             raise RunError(
@@ -745,6 +778,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 while good < accum:
                     ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
                     batches += 1
+                    if fault("oom", step + 1) and rank == world - 1:
+                        torch.empty(2**50, dtype=torch.uint8)  # test hook: the allocator refuses (a real refusal)
                     loss, correct, count = eng(
                         ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
                     )
@@ -895,6 +930,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             + f", {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
         )
         return Result(step, cfg.train.max_steps, None, last_loss)
+    except RuntimeError as err:
+        if oom := _out_of_memory(err, rank, device, step + 1, cfg):
+            raise oom from None
+        raise
     finally:
         bar.close()
         if logger:

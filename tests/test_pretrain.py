@@ -679,6 +679,45 @@ def test_a_rank_ended_by_sigabrt_is_named_with_what_usually_sends_it(dataset, tm
     ) in r.stderr
 
 
+def test_a_rank_out_of_memory_stops_the_run_in_one_line_naming_the_keys_that_take_less(dataset, tmp_path) -> None:
+    """The last rank's allocator refuses a request in step 3 (the ``oom`` fault hook asks it for a
+    petabyte: a real refusal, torch's RuntimeError from the CPU allocator; on a GPU torch raises
+    OutOfMemoryError): that rank says so in one line, with its peak, the keys that take less memory
+    and the checkpoint a resume with them goes on from, in place of torch's traceback. The ranks
+    start as torchrun starts them, with no launcher to stop rank 0: its collective fails on gloo's
+    closed connection, and it says that in one line too (quietly under --nproc, whose launcher
+    stops it and whose ranks share one terminal)."""
+    from launch.env import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
+           "MASTER_PORT": str(free_port()), "BERTFORGE_FAULT": "oom@3"}  # fmt: skip
+    args = ["pretrain", TINY, "--no-progress", f"data.path={dataset}", f"run.dir={tmp_path / 'run'}", PEAK,
+            "train.max_steps=4", "checkpoint.every=2", "eval.every=0"]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL, text=True)
+             for r in (0, 1)]  # fmt: skip
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    said = [[x for x in err.splitlines() if x.startswith("bertforge: error: ")] for err in errs]
+    assert [p.returncode for p in procs] == [1, 1] and "Traceback" not in errs[0] + errs[1], errs
+    assert len(said[0]) == 1 and said[0][0] in [  # (how gloo words it depends on the moment)
+        f"bertforge: error: rank 0: stopped: another rank is gone (gloo: {how}); its own log says why"
+        for how in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    ], errs[0][-2000:]
+    assert len(said[1]) == 1 and said[1][0].startswith(
+        "bertforge: error: rank 1: out of memory in step 3 (DefaultCPUAllocator: can't allocate memory: you tried "
+        "to allocate 1125899906842624 bytes."
+    ), errs[1][-2000:]
+    assert said[1][0].endswith(
+        "GB): lower train.micro_batch_size (8; train.global_batch_size stays, gradient accumulation makes up the "
+        "rest), or set train.activation_checkpointing=true, or a higher train.zero_stage (2); the last checkpoint "
+        "is step_00000002, which a resume with any of them goes on from"
+    )
+
+
 def test_a_rank_missing_at_the_rendezvous_is_waited_for_as_long_as_the_collective_timeout(dataset, tmp_path) -> None:
     """Ranks started by a launcher (torchrun, srun) of which one never comes, or cannot reach rank
     0: rank 0 waits for it, and a rank waits for rank 0, ``train.collective_timeout_s``, then says so in
