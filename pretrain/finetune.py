@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_prep import tokenizer as tokenizers
-from data_prep.errors import UserError
+from data_prep.errors import UserError, fault
 from data_prep.files import write_atomic
 from launch.config import leaves, to_dict
 from pretrain import checkpoint as ckpt
@@ -42,7 +42,7 @@ from pretrain.config import (
     resolve_precision,
 )
 from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
-from pretrain.trainer import ends_process_group
+from pretrain.trainer import ends_process_group, out_of_memory
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 BEST, STATE = "best", "finetune_state.json"
@@ -572,68 +572,75 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     profiler = StepProfiler(cfg.log, run_dir, rank, device, at)
     if loaded:
         ckpt.restore_rng(root / loaded, rank, was == world, cfg.train.seed, at, world)
-    for epoch in range(done + 1, sec.epochs + 1):
-        eng.train()
-        order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
-        order = order.repeat(math.ceil(steps_per_epoch * g / len(order)))[: steps_per_epoch * g]  # whole last batch
-        first = at - (epoch - 1) * steps_per_epoch  # steps of this epoch done before a stop (0, but on a resume)
-        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", disable=not (progress and rank == 0),
-                   leave=False)  # fmt: skip
-        window = torch.zeros(2, device=device)  # rank 0's loss sum and micro-batches since the last log
-        for step in bar:
-            batch = order[step * g : (step + 1) * g]
-            for k in range(accum):
-                idx = batch[(k * world + rank) * micro : (k * world + rank + 1) * micro].tolist()
-                ids, mask, types = collate([tr_ids[i] for i in idx], [tr_types[i] for i in idx], max_length)
-                loss, _ = eng(ids.to(device), mask.to(device), types.to(device), tr_y[idx].to(device))
-                eng.backward(loss)
-                eng.step()
-                window += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-            at = (epoch - 1) * steps_per_epoch + step + 1
-            if logger and at % cfg.log.every == 0:
-                total, count = window.tolist()
-                logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
-                window.zero_()
-            # a stop signal or the time limit on some rank: every rank saves here
-            asked.copy_(torch.tensor([stop.signal is not None, stop.time_up()], dtype=asked.dtype))
-            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-            cause = (stop.signal or "another rank") if asked[0].item() else None
-            cause = cause or ("train.exit_after_minutes" if asked[1].item() else None)
-            cause = cause or ("train.exit_at_step" if at == cfg.train.exit_at_step else None)
-            if cause and step + 1 < steps_per_epoch:  # (at an epoch's end, after the epoch's own save)
-                tag = ckpt.tag(at)
-                save(tag, epoch - 1, f"at step {at}", last, False)
-                say(f"saved checkpoint {root / tag} (stopped by {cause})")
-                if said := profiler.stop(at):
+    try:
+        for epoch in range(done + 1, sec.epochs + 1):
+            eng.train()
+            order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
+            order = order.repeat(math.ceil(steps_per_epoch * g / len(order)))[: steps_per_epoch * g]  # whole last batch
+            first = at - (epoch - 1) * steps_per_epoch  # steps of this epoch done before a stop (0, but on a resume)
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", disable=not (progress and rank == 0),
+                       leave=False)  # fmt: skip
+            window = torch.zeros(2, device=device)  # rank 0's loss sum and micro-batches since the last log
+            for step in bar:
+                batch = order[step * g : (step + 1) * g]
+                for k in range(accum):
+                    if fault("oom", (epoch - 1) * steps_per_epoch + step + 1) and rank == world - 1:
+                        torch.empty(2**50, dtype=torch.uint8)  # test hook: the allocator refuses
+                    idx = batch[(k * world + rank) * micro : (k * world + rank + 1) * micro].tolist()
+                    ids, mask, types = collate([tr_ids[i] for i in idx], [tr_types[i] for i in idx], max_length)
+                    loss, _ = eng(ids.to(device), mask.to(device), types.to(device), tr_y[idx].to(device))
+                    eng.backward(loss)
+                    eng.step()
+                    window += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+                at = (epoch - 1) * steps_per_epoch + step + 1
+                if logger and at % cfg.log.every == 0:
+                    total, count = window.tolist()
+                    logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
+                    window.zero_()
+                # a stop signal or the time limit on some rank: every rank saves here
+                asked.copy_(torch.tensor([stop.signal is not None, stop.time_up()], dtype=asked.dtype))
+                dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+                cause = (stop.signal or "another rank") if asked[0].item() else None
+                cause = cause or ("train.exit_after_minutes" if asked[1].item() else None)
+                cause = cause or ("train.exit_at_step" if at == cfg.train.exit_at_step else None)
+                if cause and step + 1 < steps_per_epoch:  # (at an epoch's end, after the epoch's own save)
+                    tag = ckpt.tag(at)
+                    save(tag, epoch - 1, f"at step {at}", last, False)
+                    say(f"saved checkpoint {root / tag} (stopped by {cause})")
+                    if said := profiler.stop(at):
+                        say(said)
+                    say(f"stopped at step {at} of {cfg.train.max_steps} (in epoch {epoch}); run the same command again "
+                        "to resume")  # fmt: skip
+                    if logger:
+                        logger.close()
+                    return Result(at, cfg.train.max_steps, cause, best=best)
+                if said := profiler.after(at):
                     say(said)
-                say(f"stopped at step {at} of {cfg.train.max_steps} (in epoch {epoch}); run the same command again "
-                    "to resume")  # fmt: skip
+            figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device, max_length)
+            figures["epoch"] = epoch
+            history.append(figures)
+            is_best = best is None or _better(figures, best, sec.task)
+            if is_best:
+                best = figures
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "epoch")
+            say(f"epoch {epoch}/{sec.epochs}: eval {shown}{' (best so far)' if is_best else ''}")
+            if logger:
+                logger.log(epoch * steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"})
+            tag = f"epoch_{epoch:03d}"
+            save(tag, epoch, f"after epoch {epoch}", last, is_best)
+            last = tag
+            if rank == 0:  # a stop's checkpoint inside the epoch is now behind the epoch's own
+                for old in root.glob("step_*"):
+                    shutil.rmtree(old, ignore_errors=True)
+            if cause and epoch < sec.epochs:
+                say(f"stopped after epoch {epoch} of {sec.epochs} ({cause}); run the same command again to resume")
                 if logger:
                     logger.close()
                 return Result(at, cfg.train.max_steps, cause, best=best)
-            if said := profiler.after(at):
-                say(said)
-        figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device, max_length)
-        figures["epoch"] = epoch
-        history.append(figures)
-        is_best = best is None or _better(figures, best, sec.task)
-        if is_best:
-            best = figures
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "epoch")
-        say(f"epoch {epoch}/{sec.epochs}: eval {shown}{' (best so far)' if is_best else ''}")
-        if logger:
-            logger.log(epoch * steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"})
-        tag = f"epoch_{epoch:03d}"
-        save(tag, epoch, f"after epoch {epoch}", last, is_best)
-        last = tag
-        if rank == 0:  # a stop's checkpoint inside the epoch is now behind the epoch's own
-            for old in root.glob("step_*"):
-                shutil.rmtree(old, ignore_errors=True)
-        if cause and epoch < sec.epochs:
-            say(f"stopped after epoch {epoch} of {sec.epochs} ({cause}); run the same command again to resume")
-            if logger:
-                logger.close()
-            return Result(at, cfg.train.max_steps, cause, best=best)
+    except RuntimeError as err:  # one that ran out of memory says so in one line
+        if oom := out_of_memory(err, rank, device, at + 1, cfg, last, zero_too=False):  # (its stage is fixed)
+            raise oom from None
+        raise
     say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")
     if logger:
         logger.close()

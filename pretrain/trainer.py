@@ -379,12 +379,15 @@ def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: st
     )
 
 
-def _out_of_memory(
-    err: RuntimeError, rank: int, device: torch.device, step: int, cfg: PretrainConfig
-) -> RunError | None:
-    """The one line a rank that ran out of memory stops with (torch's OutOfMemoryError on a GPU, the
-    CPU allocator's refusal where memory is capped), naming the keys that take less; None for
-    another error. (The launcher, or srun, then ends the other ranks.)"""
+def out_of_memory(
+    err: RuntimeError, rank: int, device: torch.device, step: int, cfg: PretrainConfig, last: str | None,
+    zero_too: bool = True,
+) -> RunError | None:  # fmt: skip
+    """The one line a rank that ran out of memory in ``step`` stops with (torch's OutOfMemoryError
+    on a GPU, the CPU allocator's refusal where memory is capped), naming the keys that take less
+    (``zero_too``: a higher ZeRO stage among them, which a resume may take) and ``last``, the
+    checkpoint a resume goes on from; None for another error. (The launcher, or srun, then ends
+    the other ranks.)"""
     from pretrain.metrics import peak_memory_gb
 
     text = str(err).strip()
@@ -396,8 +399,9 @@ def _out_of_memory(
         f"rank {rank}: out of memory in step {step} ({said[:240]}; this rank's peak so far "
         f"{peak_memory_gb(device):.2f} GB): lower train.micro_batch_size ({cfg.train.micro_batch_size}; "
         "train.global_batch_size stays, gradient accumulation makes up the rest), or set "
-        f"train.activation_checkpointing=true, or a higher train.zero_stage ({cfg.train.zero_stage}); the last "
-        f"checkpoint is {ckpt.latest(Path(cfg.run.dir)) or 'none'}, which a resume with any of them goes on from"
+        "train.activation_checkpointing=true"
+        + (f", or a higher train.zero_stage ({cfg.train.zero_stage})" if zero_too else "")
+        + f"; the last checkpoint is {last or 'none'}, which a resume with any of them goes on from"
     )
 
 
@@ -931,7 +935,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         )
         return Result(step, cfg.train.max_steps, None, last_loss)
     except RuntimeError as err:
-        if oom := _out_of_memory(err, rank, device, step + 1, cfg):
+        if oom := out_of_memory(err, rank, device, step + 1, cfg, ckpt.latest(run_dir)):
             raise oom from None
         raise
     finally:

@@ -358,6 +358,16 @@ def test_a_signal_on_one_rank_stops_fine_tuning_at_the_step_with_a_checkpoint(te
     assert r.returncode == 0, r.stderr[-2000:]
     after = json.loads((run / "finetune_state.json").read_text())
     assert after["step"] == state["step"] + 1 and "train.exit_after_minutes)" in r.stdout, r.stdout[-2000:]
+    # again, the last rank out of memory two steps on (the oom hook: the allocator refuses): one line, the keys
+    # a fine-tuning resume may change (its ZeRO stage is fixed), the checkpoint it goes on from
+    r = run_cli(*args, env={"BERTFORGE_FAULT": f"oom@{after['step'] + 2}"})
+    assert r.returncode == 1 and r.stderr.count("bertforge: error: ") == 1, r.stderr[-2000:]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("bertforge: error: "))
+    assert line.startswith(f"bertforge: error: rank 1: out of memory in step {after['step'] + 2} (DefaultCPU"), line
+    assert line.endswith(
+        "or set train.activation_checkpointing=true; the last checkpoint is "
+        f"{after['checkpoint']}, which a resume with any of them goes on from"
+    ), line
 
 
 def test_under_zero3_every_rank_runs_as_many_eval_forwards(teacher_run, task, tmp_path) -> None:
