@@ -147,7 +147,7 @@ class TrainConfig:
         self.skipped()  # (refuses a malformed item when the config is built)
 
     def skipped(self) -> list[tuple[int, int]]:
-        """``skip_steps`` as sorted (first, last) pairs, both ends included."""
+        """``skip_steps`` as sorted (first, last) pairs, both ends included, ranges that meet joined."""
         return skip_ranges(self.skip_steps)
 
 

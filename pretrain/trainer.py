@@ -829,7 +829,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             bar.update(1)
 
             last, scalars = step == cfg.train.max_steps, None  # (scalars: what this step logs, if any)
-            due = step % cfg.log.every == 0 or last
+            # a step passed over logs, evaluates and saves nothing (a pass of thousands would have
+            # printed a line for each log step among them), unless it is the run's last
+            due = last or (not passing and step % cfg.log.every == 0)
+            evaluating = bool(vals) and (last or (not passing and step % cfg.eval.every == 0))
             if due and window.steps:
                 sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
                 dist.all_reduce(sums)
@@ -866,7 +869,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 if (scale := engine.loss_scale(eng)) is not None:
                     scalars["train/loss_scale"] = scale
                     scalars["train/overflow_steps"] = eng.skipped_steps
-                if vals and (step % cfg.eval.every == 0 or last):
+                if evaluating:
                     scalars.update(evaluate())
                 if logger:
                     logger.log(step, scalars)
@@ -879,9 +882,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                         + (f" | {eval_said(scalars)}" if "eval/loss" in scalars else "")
                     )
                 window = _Window()
-            elif due or (vals and step % cfg.eval.every == 0):  # an evaluation alone, or a log of steps all passed over
+            elif due or evaluating:  # an evaluation alone, or the run's last step, passed over
                 scalars = {"train/lr": eng.get_lr()[0], "train/skipped_steps": passed_total} if due else {}
-                if vals and (step % cfg.eval.every == 0 or last):
+                if evaluating:
                     scalars.update(evaluate())
                 if logger:
                     logger.log(step, scalars)
@@ -912,7 +915,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     say(said)
                 say(f"stopped at step {step} of {cfg.train.max_steps}; run the same command again to resume")
                 return Result(step, cfg.train.max_steps, cause, last_loss)
-            if step % cfg.checkpoint.every == 0 or last:
+            if last or (not passing and step % cfg.checkpoint.every == 0):
                 save("end of run" if last else f"every {cfg.checkpoint.every} steps")
                 saved_at = step
             if said := profiler.after(step):  # (a profiled step ends here: its log, evaluation and save in it)

@@ -298,9 +298,9 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
 ) -> None:
     """A loss spike's recovery: train.skip_steps passes over steps' data, and bertforge rewind (or
     latest edited by hand) resumes from an earlier checkpoint, the later ones set aside. Steps 11-14
-    passed over (given as 11-13 and 14): steps 1-10 are the reference's to the bit, 11-14 log no
-    loss, and the rate at every step and the data position at the end are the reference's (the
-    schedule and the reader go on through them). The reference rewound to step 10 by hand and run
+    passed over (given as 11-13 and 14): steps 1-10 are the reference's to the bit, 11-14 log
+    nothing, and the rate at every other step and the data position at the end are the reference's
+    (the schedule and the reader go on through them). The reference rewound to step 10 by hand and run
     with the skip gives the same losses, to the bit, as the run that passed over them uninterrupted."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -320,16 +320,16 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     )
     assert "; the data of steps 11-14 passed over (train.skip_steps)" in r.stdout
     assert "steps 11-14: data passed over, not trained (train.skip_steps); the schedule goes on" in r.stdout
-    assert "step 12/20 | passed over (train.skip_steps) | lr " in r.stdout
+    assert "passed over (train.skip_steps) | lr" not in r.stdout  # (steps passed over log nothing: but the last)
     assert "done: 20 steps (4 passed over, train.skip_steps), 16,384 tokens" in r.stdout
     ours, theirs = losses(skipping), losses(reference)
     assert sorted(ours) == [*range(1, 11), *range(15, 21)]
     assert [ours[s] for s in range(1, 11)] == [theirs[s] for s in range(1, 11)]
     assert all(ours[s] != theirs[s] for s in range(15, 21))  # (trained from other weights; 17's logged 3x)
     lr = {m["step"]: m["train/lr"] for m in metrics(skipping)}
-    assert lr == {m["step"]: m["train/lr"] for m in metrics(reference)}
+    assert lr == {m["step"]: m["train/lr"] for m in metrics(reference) if not 11 <= m["step"] <= 14}
     passed = {m["step"]: m["train/skipped_steps"] for m in metrics(skipping) if "train/skipped_steps" in m}
-    assert passed == {11: 1, 12: 2, 13: 3, 14: 4, **dict.fromkeys(range(15, 21), 4)}
+    assert passed == dict.fromkeys(range(15, 21), 4)
     assert passed_over(skipping, 20) == [(11, 14)]  # what bertforge report shades
     events = EventAccumulator(str(skipping / "tb"))
     events.Reload()
