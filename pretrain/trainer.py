@@ -300,6 +300,7 @@ class _Window:
     correct: float = 0.0
     count: float = 0.0
     seconds: float = 0.0
+    waited: float = 0.0  # seconds spent waiting for the loader's batches
     steps: int = 0
 
     terms: dict = field(default_factory=dict)  # a model's extra loss terms (distillation), x positions
@@ -780,7 +781,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     it = iterate(build_loader(stream))
                 start, good = time.perf_counter(), 0
                 while good < accum:
+                    asked = time.perf_counter()
                     ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
+                    window.waited += time.perf_counter() - asked
                     batches += 1
                     if fault("oom", step + 1) and rank == world - 1:
                         torch.empty(2**50, dtype=torch.uint8)  # test hook: the allocator refuses (a real refusal)
@@ -836,8 +839,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             if due and window.steps:
                 sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
                 dist.all_reduce(sums)
-                memory = torch.tensor(peak_memory_gb(device), device=device)
-                dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+                # the largest rank's peak memory and wait for data (the step waits for the slowest)
+                most = torch.tensor([peak_memory_gb(device), window.waited / window.steps], device=device)
+                dist.all_reduce(most, op=dist.ReduceOp.MAX)
+                memory, waited = most.tolist()
                 rate = tokens_per_step * window.steps / window.seconds
                 scalars = {
                     "train/loss": (sums[0] / sums[2]).item(),
@@ -846,8 +851,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     "train/bad_steps": bad_total,
                     "perf/tokens_per_sec": rate,
                     "perf/step_time": window.seconds / window.steps,
+                    "perf/data_wait": waited,
                     "perf/mfu": rate * flops / (peak * 1e12),
-                    "memory/peak_gb": memory.item(),
+                    "memory/peak_gb": memory,
                     "train/tokens": tokens,
                     **({"train/skipped_steps": passed_total} if passed_total else {}),
                 }
@@ -879,6 +885,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                         + (f"gnorm {scalars['train/grad_norm']:.2f} | " if "train/grad_norm" in scalars else "")
                         + f"{rate:,.0f} tok/s | mfu {scalars['perf/mfu']:.1%} | "
                         f"{scalars['perf/step_time']:.3f} s/step | mem {scalars['memory/peak_gb']:.2f} GB"
+                        + (f" | data wait {share:.0%}" if (share := waited / scalars["perf/step_time"]) >= 0.05 else "")
                         + (f" | {eval_said(scalars)}" if "eval/loss" in scalars else "")
                     )
                 window = _Window()

@@ -35,6 +35,7 @@ TAGS = {
     "perf/mfu",
     "perf/peak_tflops",
     "perf/step_time",
+    "perf/data_wait",
     "memory/peak_gb",
     "eval/loss",
     "eval/mlm_accuracy",
@@ -534,6 +535,9 @@ def test_event_file_holds_the_tags_and_hyperparameters(reference) -> None:
     assert [e.step for e in events.Scalars("perf/peak_tflops")] == [10, 20] and 0 < peaks[0] <= peaks[1]
     lr = [e.value for e in events.Scalars("train/lr")]
     assert max(lr) == pytest.approx(1e-3) and lr[-1] == 0.0  # warmup to the peak, linear decay to 0
+    # the time taken getting the loader's batches: part of the step, the first step's (the workers' start) long
+    waits, steps = ([m[k] for m in metrics(reference)] for k in ("perf/data_wait", "perf/step_time"))
+    assert all(0 < w < t for w, t in zip(waits, steps)) and waits[0] > sorted(waits)[len(waits) // 2], waits
 
 
 def test_fp16_logs_its_loss_scale_or_is_refused_where_the_cpu_has_none(dataset, tmp_path) -> None:
