@@ -52,6 +52,24 @@ def _let_go_in_child() -> None:
 os.register_at_fork(after_in_child=_let_go_in_child)
 
 
+def holder(folder: Path) -> str | None:
+    """Who holds ``folder`` now (as :func:`holding` wrote it: "pid N on HOST, since ..."), or None
+    where no process does (or the file system has no locks). Tests the lock by taking it shared
+    for an instant: a start in that instant is refused, as beside a running job."""
+    path = Path(folder) / LOCK
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "a bertforge process"
+        except OSError:
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def holding(
     folder: Path, ours: tuple[int, ...] = (), shared: bool = False, other: str = "choose another run.dir"

@@ -108,11 +108,13 @@ def _run_prep(ns: argparse.Namespace) -> int:
 def _inspect_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
-        help="print a dataset's manifest summary and decode a few samples",
+        help="print a dataset's manifest summary and decode a few samples, or a run's state",
         description="Print the summary of DIR/manifest.json and decode N packed sequences "
-        "back to text ([SEP] marks document ends).",
+        "back to text ([SEP] marks document ends). Given a run folder of bertforge pretrain or distill: "
+        "whether a process holds it, its shape and data, its step, its checkpoints (and those a rewind set "
+        "aside), its last log and evaluation.",
     )
-    p.add_argument("dir", metavar="DIR", help="a folder written by bertforge prep")
+    p.add_argument("dir", metavar="DIR", help="a folder written by bertforge prep, or a run folder")
     p.add_argument("-n", "--samples", type=_at_least(0), default=3, metavar="N", help="sequences to decode (default 3)")
     p.add_argument("--split", choices=["train", "val"], default="train", help="which split (default train)")
     p.add_argument(
@@ -126,6 +128,11 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(ns: argparse.Namespace) -> int:
     from data_prep import manifest, shards, tokenizer
 
+    if Path(ns.dir).is_dir() and not (Path(ns.dir) / manifest.MANIFEST).is_file():
+        from pretrain.report import summary  # a run folder (or neither: refused, naming both)
+
+        print(summary(Path(ns.dir)))
+        return 0
     man = manifest.load(ns.dir)
     print(manifest.summary(man))
     if ns.verify:

@@ -115,6 +115,78 @@ def passed_over(run_dir: Path, last: int) -> list[tuple[int, int]]:
         return []
 
 
+def summary(run_dir: Path) -> str:
+    """``bertforge inspect RUN``: a pretraining or distillation run at a glance: whether a process
+    holds it, its shape and data, how far it is, its checkpoints (and those a rewind set aside),
+    its last log and evaluation."""
+    import yaml
+
+    from data_prep.files import holder
+    from pretrain import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: neither a dataset (no manifest.json) nor a run folder (no config.yaml)")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if "finetune" in cfg:
+        raise UserError(f"{run_dir}: a fine-tuning run: its state is {run_dir / 'finetune_state.json'}")
+    m, t, d = cfg["model"], cfg["train"], cfg["data"]
+    held = holder(run_dir)
+    lines = [
+        f"{run_dir}: a bertforge {'distill' if 'distill' in cfg else 'pretrain'} run, "
+        + (f"in use (by {held})" if held else "not running"),
+        f"model: L{m['num_layers']} H{m['hidden_size']} A{m['num_heads']}, vocab {m['vocab_size']:,}, seq_len "
+        f"{d['seq_len']}; {t['precision']}, ZeRO {t['zero_stage']}, batch {t['global_batch_size']}",
+        "data: " + ", ".join(
+            f"{f}" + (f" {w:.1%}" if d.get("blend") else "")
+            for f, w in zip([d["path"], *d.get("blend", [])], d.get("weights") or [1.0] * (1 + len(d.get("blend", []))))
+        ),
+    ]  # fmt: skip
+    try:
+        latest = ckpt.latest(run_dir)
+    except FileNotFoundError as err:  # (latest names a folder with no state or no weights)
+        latest = None
+        lines.append(f"latest: {err}")
+    if latest:
+        state = ckpt.read_state(run_dir, latest)
+        lines.append(
+            f"progress: step {state['step']:,} of {t['max_steps']:,} ({state['step'] / t['max_steps']:.1%}), "
+            f"{state['tokens']:,} tokens"
+            + (
+                f"; {state['skipped_steps']:,} steps passed over (train.skip_steps)"
+                if state.get("skipped_steps")
+                else ""
+            )
+            + (f"; {state['bad_steps']} micro-batches skipped (non-finite loss)" if state["bad_steps"] else "")
+        )
+    steps = ckpt.complete_steps(run_dir)
+    lines.append("checkpoints:" + ("" if steps else " none yet"))
+    for step in steps:
+        name = ckpt.tag(step)
+        size = sum(f.stat().st_size for f in (ckpt.folder(run_dir) / name).iterdir() if f.is_file())
+        saved = ckpt.read_state(run_dir, name).get("saved_at", "?")
+        lines.append(f"  step {step:<10,} {size / 1e6:>10,.1f} MB  {saved}{'  latest' if name == latest else ''}")
+    if (aside := ckpt.folder(run_dir) / ckpt.ABANDONED).is_dir():
+        lines.append(f"set aside (a rewind): {', '.join(sorted(p.name for p in aside.iterdir()))} in {aside}")
+    records = (
+        [rec for _, rec in read_records(run_dir / "metrics.jsonl")[0]] if (run_dir / "metrics.jsonl").is_file() else []
+    )
+    if trained := [r for r in records if "train/loss" in r]:
+        r = trained[-1]
+        lines.append(
+            f"last log: step {r['step']:,}: loss {r['train/loss']:.4f}, accuracy {r['train/mlm_accuracy']:.3f}, "
+            f"lr {r['train/lr']:.2e}, {r['perf/tokens_per_sec']:,.0f} tokens/s, mfu {r['perf/mfu']:.1%}"
+        )
+    if evals := [r for r in records if "eval/loss" in r]:
+        r = evals[-1]
+        lines.append(
+            f"last eval: step {r['step']:,}: loss {r['eval/loss']:.4f}, accuracy {r['eval/mlm_accuracy']:.3f}, "
+            f"perplexity {r['eval/perplexity']:.1f}"
+        )
+    return "\n".join(lines)
+
+
 def report(run_dir: Path, output: Path | None = None) -> Path:
     """Write the PNG (default ``RUN/report.png``) and return its path."""
     import matplotlib

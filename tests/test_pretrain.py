@@ -307,7 +307,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
 
     from data_prep.files import holding
     from pretrain.export import _card
-    from pretrain.report import passed_over
+    from pretrain.report import passed_over, summary
 
     skipping = tmp_path / "skipping"
     spike = {"BERTFORGE_FAULT": "spike@17"}  # step 17's losses logged 3x (in both runs below)
@@ -368,6 +368,20 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
         f"set aside step_00000020 in {root / 'abandoned'} (delete them once they are not needed)",
     ]
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000010"]
+    r = run_cli("inspect", str(rewound))  # bertforge inspect RUN: the run at a glance
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].startswith(f"{rewound}: a bertforge pretrain run, not running"), r.stderr
+    assert lines[3] == "progress: step 20 of 20 (100.0%), 16,384 tokens; 4 steps passed over (train.skip_steps)"
+    assert [x.split()[:2] for x in lines if x.startswith("  step ")] == [["step", "10"], ["step", "20"]]
+    assert lines[lines.index("checkpoints:") + 2].endswith("  latest")
+    assert f"set aside (a rewind): step_00000020 in {rewound / 'checkpoints/abandoned'}" in lines
+    assert lines[-2].startswith("last log: step 20: loss ") and lines[-1].startswith("last eval: step 20: loss ")
+    with holding(skipping):
+        assert summary(skipping).startswith(f"{skipping}: a bertforge pretrain run, in use (by pid {os.getpid()} on ")
+    assert (
+        refusal(summary, tmp_path)
+        == f"{tmp_path}: neither a dataset (no manifest.json) nor a run folder (no config.yaml)"
+    )
     assert ckpt.latest(skipping) == "step_00000010" and (root / "abandoned/step_00000020/trainer_state.json").is_file()
     r = run_cli("rewind", str(skipping), "15")
     assert r.returncode == 2
