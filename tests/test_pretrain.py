@@ -368,6 +368,10 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
         f"set aside step_00000020 in {root / 'abandoned'} (delete them once they are not needed)",
     ]
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000010"]
+    r = run_cli("inspect", str(rewound), "--verify")  # (a dataset's option)
+    assert (
+        r.returncode == 2 and f"--verify checks a dataset's files against its manifest; {rewound} is a run" in r.stderr
+    )
     r = run_cli("inspect", str(rewound))  # bertforge inspect RUN: the run at a glance
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[0].startswith(f"{rewound}: a bertforge pretrain run, not running"), r.stderr
