@@ -405,6 +405,28 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     )
 
 
+def test_checkpoints_after_latest_are_set_aside_without_overwriting_those_set_aside_before(tmp_path) -> None:
+    """A second rewind past a step set aside before keeps both copies (step_N, then step_N.2), and
+    an incomplete folder after latest goes too; the skip ranges join where they meet or overlap."""
+    from pretrain.config import skip_ranges
+
+    root = ckpt.folder(tmp_path)
+    for step in (1, 2, 3):
+        (root / ckpt.tag(step)).mkdir(parents=True)
+        (root / ckpt.tag(step) / "mp_rank_00_model_states.pt").write_bytes(b"w")
+        (root / ckpt.tag(step) / ckpt.STATE).write_text(json.dumps({"step": step}))
+    (root / ckpt.tag(4)).mkdir()  # half written
+    assert ckpt.rewind(tmp_path, 2) == (None, ["step_00000003", "step_00000004"])
+    (root / ckpt.tag(3)).mkdir()
+    (root / ckpt.tag(3) / ckpt.STATE).write_text(json.dumps({"step": 3, "again": True}))
+    assert ckpt.set_aside_later(tmp_path, "step_00000002") == ["step_00000003"]
+    aside = root / ckpt.ABANDONED
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000003", "step_00000003.2", "step_00000004"]
+    assert json.loads((aside / "step_00000003.2" / ckpt.STATE).read_text())["again"]
+    assert ckpt.latest(tmp_path) == "step_00000002" and ckpt.complete_steps(tmp_path) == [1, 2]
+    assert skip_ranges(["30-40", "5", "1-3", "4", "35-50", "60"]) == [(1, 5), (30, 50), (60, 60)]
+
+
 def test_bf16_at_zero_0_resumes_to_the_same_losses(dataset, tmp_path) -> None:
     """bf16 at ZeRO 0 steps through pretrain.engine._MultiTensorStep; its optimizer state (fp32
     masters, Adam moments) goes through DeepSpeed's checkpoint and back unchanged."""
