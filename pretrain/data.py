@@ -184,7 +184,6 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.num_workers = rank, world, num_workers
         self.batch_size, self.seed, self.masking = batch_size, seed, masking
         self.vocab_size, self.word_start, self.start_batch = vocab_size, word_start, start_batch
-        self.generation = generation
         self.later = [generation] if generation else []  # (the first generation's draws and masks as they were)
         self._counted: dict[int, tuple[int, np.ndarray]] = {}  # slot -> (whole chunks counted, their counts)
 

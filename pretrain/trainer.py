@@ -777,7 +777,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             else:
                 passing = False
                 if it is None:  # (at the start, or after steps passed over: the data from here)
-                    stream = train_stream(batches)
+                    if stream.start_batch != batches - layout["batches"]:  # (past steps passed over)
+                        stream = train_stream(batches)
                     it = iterate(build_loader(stream))
                 start, good = time.perf_counter(), 0
                 while good < accum:
