@@ -272,7 +272,8 @@ def _rewind_parser(sub: argparse._SubParsersAction) -> None:
         help="make an earlier checkpoint a run's latest (after a loss spike), setting the later ones aside",
         description="Point RUN/checkpoints/latest at the checkpoint of step N and move the checkpoints after it "
         "into RUN/checkpoints/abandoned/ (kept, not deleted): the next bertforge pretrain or distill on RUN resumes "
-        "from step N, its logs and TensorBoard events cut back to it. With train.skip_steps=[FIRST-LAST] it passes "
+        "from step N. What the later steps logged moves to RUN/metrics.abandoned.jsonl and the TensorBoard run "
+        "RUN/tb/abandoned_after_step_N, beside the run's. With train.skip_steps=[FIRST-LAST] it passes "
         "over the data of a loss spike; with a lower optim.lr it goes on more gently.",
     )
     p.add_argument("run_dir", metavar="RUN", help="a run folder (config key run.dir of bertforge pretrain)")
@@ -284,6 +285,7 @@ def _run_rewind(ns: argparse.Namespace) -> int:
     from data_prep.files import holding
     from pretrain import checkpoint as ckpt
     from pretrain.finetune import STATE
+    from pretrain.metrics import set_aside_logs
 
     run_dir = Path(ns.run_dir)
     if (run_dir / STATE).is_file():
@@ -294,10 +296,13 @@ def _run_rewind(ns: argparse.Namespace) -> int:
         raise UserError(f"{run_dir}: no checkpoints folder: not a run folder, or the run saved no checkpoint")
     with holding(run_dir, other="stop that run first"):
         was, moved = ckpt.rewind(run_dir, ns.step)
+        logs = set_aside_logs(run_dir, ns.step)
     root = ckpt.folder(run_dir)
     print(f"{root / ckpt.LATEST}: {ckpt.tag(ns.step)} (was {was or 'nothing'})")
     if moved:
         print(f"set aside {', '.join(moved)} in {root / ckpt.ABANDONED} (delete them once they are not needed)")
+    if logs:
+        print(logs)
     print(
         f"the next run on {run_dir} resumes from step {ns.step}; add train.skip_steps=[FIRST-LAST] "
         "to pass over the data of the steps that went wrong"

@@ -401,10 +401,11 @@ def epoch_steps(rows: int, cfg: FinetuneConfig) -> int:
     return math.ceil(rows / cfg.train.global_batch_size)
 
 
-def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
+def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> tuple[Rows, Rows]:
     """Every check that needs no rank: the files, the fields, the labels, the model's tokenizer,
     and that a run already in ``run.dir`` is this one (``world`` ranks). ``here=False`` (``bertforge
-    submit``, on a login node) leaves the precision to the nodes, as :func:`pretrain.trainer.resolve`."""
+    submit``, on a login node) leaves the precision to the nodes, as :func:`pretrain.trainer.resolve`.
+    Returns the train and eval rows it read."""
     from pretrain.export import describe
 
     sec = cfg.finetune
@@ -427,12 +428,13 @@ def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> None:
         if len(names) < 2:
             raise UserError(f"{sec.train_file}: one label only ({names[0]!r}); classification needs two or more")
         known = {name: i for i, name in enumerate(names)}
-    read_rows(Path(sec.eval_file), sec, known)
+    eval_rows = read_rows(Path(sec.eval_file), sec, known)
     check_profile(cfg.log, epoch_steps(len(train_rows.labels), cfg) * sec.epochs, world)  # (run's max_steps)
     if here:
         resolve_precision(cfg.train)
     check_deepspeed(cfg, world)  # a batch that does not divide by the ranks, a passthrough DeepSpeed refuses
     _check_resume(cfg, world)
+    return train_rows, eval_rows
 
 
 def _load_encoder(sec: FinetuneSection, num_labels: int, cfg: FinetuneConfig):  # noqa: ANN202
@@ -474,9 +476,13 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
 
-    # rank 0 alone checks the files and the run (as pretrain.trainer.train) and sends the config it resolved
+    # rank 0 alone checks the files and the run (as pretrain.trainer.train) and sends the config it
+    # resolved; it keeps the rows it read, which the other ranks read next
+    rows: tuple[Rows, Rows] | None = None
+
     def checked() -> FinetuneConfig:
-        check(cfg, world)
+        nonlocal rows
+        rows = check(cfg, world)
         return cfg
 
     cfg = ckpt.from_rank_0(checked, rank, device, "which refused the run")
@@ -485,10 +491,10 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     run_dir = Path(cfg.run.dir)
     ckpt.hold_for_ranks(run_dir, rank, device)
     accum = accumulation_steps(cfg.train, world)
-    train_rows = read_rows(Path(sec.train_file), sec)
+    train_rows = rows[0] if rows else read_rows(Path(sec.train_file), sec)
     names = label_names(train_rows.labels) if sec.task is Task.classification else []
     known = {name: i for i, name in enumerate(names)}
-    eval_rows = read_rows(Path(sec.eval_file), sec, known or None)
+    eval_rows = rows[1] if rows else read_rows(Path(sec.eval_file), sec, known or None)
     torch.manual_seed(cfg.train.seed)
     model, tok = _load_encoder(sec, len(names) or 1, cfg)
     sp = tokenizers.load(tok)

@@ -22,7 +22,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from data_prep.files import write_atomic
 from pretrain.config import cpu_has_bf16
-from pretrain.report import read_records
+from pretrain.report import ABANDONED_LOG, read_records
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
@@ -73,12 +73,18 @@ def peak_memory_gb(device: torch.device) -> float:
 class SpikeWatch:
     """Tells a loss spike in the logged train losses: a loss above ``factor`` x the median of the
     last ``WINDOW`` logged (once ``LEAST`` are there), told once, at the log that starts it (a
-    median, not a mean: the spike's own losses barely move it). ``factor`` 0: never."""
+    median, not a mean: the spike's own losses barely move it). ``factor`` 0: never. A checkpoint
+    keeps :meth:`state`, from which a resumed run's watch goes on as the uninterrupted run's."""
 
     WINDOW, LEAST = 20, 5
 
-    def __init__(self, factor: float) -> None:
-        self.factor, self.seen, self.high = factor, collections.deque(maxlen=self.WINDOW), False
+    def __init__(self, factor: float, state: dict | None = None) -> None:
+        state = state or {}
+        self.factor, self.high = factor, bool(state.get("high", False))
+        self.seen = collections.deque(state.get("losses", ()), maxlen=self.WINDOW)
+
+    def state(self) -> dict:
+        return {"losses": list(self.seen), "high": self.high}
 
     def add(self, loss: float) -> tuple[float, int] | None:
         """``(median, losses it is the median of)`` where ``loss`` starts a spike, else None."""
@@ -87,6 +93,49 @@ class SpikeWatch:
         high = bool(self.factor) and before is not None and loss > self.factor * before[0]
         starts, self.high = high and not self.high, high
         return before if starts else None
+
+
+def set_aside_logs(run_dir: Path, step: int) -> str | None:
+    """A rewind to ``step``: move the records of ``RUN/metrics.jsonl`` after it to the end of
+    ``RUN/metrics.abandoned.jsonl``, each with ``"rewound_to": step``, and write their scalars as a
+    TensorBoard run of their own, ``RUN/tb/abandoned_after_step_N`` (``.2``, ... for a second
+    rewind to N), beside the run's, whose resumed events purge them: the curve that led to the
+    rewind (a loss spike) stays in view next to the one that goes on from ``step``. Lines that are
+    not records stay where they were (the resumed run's logger counts them). Returns what it did,
+    in words, or None where nothing was logged after ``step``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    kept, later = [], []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            later.append(rec)
+        else:
+            kept.append(line + "\n")
+    if not later:
+        return None
+    with open(Path(run_dir) / ABANDONED_LOG, "a") as f:
+        f.write("".join(json.dumps({**rec, "rewound_to": step}) + "\n" for rec in later))
+    tb, n = Path(run_dir) / "tb" / f"abandoned_after_step_{step}", 1
+    while tb.exists():
+        n += 1
+        tb = tb.with_name(f"abandoned_after_step_{step}.{n}")
+    writer = SummaryWriter(log_dir=str(tb))
+    for rec in later:
+        for key, value in rec.items():
+            if key != "step":
+                writer.add_scalar(key, value, rec["step"])
+    writer.close()
+    write_atomic(path, "".join(kept))  # (last: a crash before it leaves them in both files, nothing lost)
+    steps = sorted({rec["step"] for rec in later})
+    return (
+        f"the logs of steps {steps[0]}-{steps[-1]} ({len(later)} records) moved to {Path(run_dir) / ABANDONED_LOG} "
+        f"and TensorBoard's run {tb.relative_to(Path(run_dir) / 'tb')} (bertforge report draws them too)"
+    )
 
 
 class StepProfiler:

@@ -41,6 +41,10 @@ PANELS = [
 ]
 
 
+ABANDONED_LOG = "metrics.abandoned.jsonl"
+"""In a run folder: the records a rewind took out of ``metrics.jsonl`` (``pretrain.metrics.set_aside_logs``)."""
+
+
 def read_records(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, str]]]:
     """The lines of a ``metrics.jsonl`` with their records, and ``(line number, reason)`` for each
     line that is not a record (one cut short by a full disk, or edited by hand)."""
@@ -115,6 +119,18 @@ def passed_over(run_dir: Path, last: int) -> list[tuple[int, int]]:
         return []
 
 
+def abandoned(run_dir: Path) -> list[tuple[int, list[dict]]]:
+    """What rewinds set aside of the run's log (``RUN/metrics.abandoned.jsonl``): for each rewind,
+    in order, the step it went back to and the records after it that it took out."""
+    path = Path(run_dir) / ABANDONED_LOG
+    groups: list[tuple[int, list[dict]]] = []
+    for _, rec in read_records(path)[0] if path.is_file() else []:
+        if not groups or rec.get("rewound_to") != groups[-1][0] or rec["step"] <= groups[-1][1][-1]["step"]:
+            groups.append((rec.get("rewound_to"), []))  # (a step not after the last: the next rewind's)
+        groups[-1][1].append(rec)
+    return groups
+
+
 def summary(run_dir: Path) -> str:
     """``bertforge inspect RUN``: a pretraining or distillation run at a glance: whether a process
     holds it, its shape and data, how far it is, its checkpoints (and those a rewind set aside),
@@ -169,6 +185,12 @@ def summary(run_dir: Path) -> str:
         lines.append(f"  step {step:<10,} {size / 1e6:>10,.1f} MB  {saved}{'  latest' if name == latest else ''}")
     if (aside := ckpt.folder(run_dir) / ckpt.ABANDONED).is_dir():
         lines.append(f"set aside (a rewind): {', '.join(sorted(p.name for p in aside.iterdir()))} in {aside}")
+    if stretches := abandoned(run_dir):
+        lines.append(
+            "logs set aside (a rewind): "
+            + ", ".join(f"steps {recs[0]['step']}-{recs[-1]['step']} (back to {to})" for to, recs in stretches)
+            + f" in {run_dir / ABANDONED_LOG}"
+        )
     records = (
         [rec for _, rec in read_records(run_dir / "metrics.jsonl")[0]] if (run_dir / "metrics.jsonl").is_file() else []
     )
@@ -204,18 +226,27 @@ def report(run_dir: Path, output: Path | None = None) -> Path:
     records = read_metrics(run_dir)
     drawn = panels(records)
     passed = passed_over(run_dir, records[-1]["step"])
+    stretches = abandoned(run_dir)
     fig, axes = plt.subplots(len(drawn), 1, figsize=(7, 2.4 * len(drawn)), sharex=True, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], drawn):
+        labelled = len(keys) > 1 or any(k in r for _, recs in stretches for r in recs for k, _ in keys)
         for i, (a, b) in enumerate(passed):  # (a grey band: steps trained on nothing)
-            ax.axvspan(a - 0.5, b + 0.5, color="0.88", label="passed over" if i == 0 and len(keys) > 1 else None)
+            ax.axvspan(a - 0.5, b + 0.5, color="0.88", label="passed over" if i == 0 and labelled else None)
         for key, label in keys:
             steps, values = series(records, key)
             ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)
+        said = False
+        for _, recs in stretches:  # (a grey dashed line: what a rewind went back from, a loss spike say)
+            for steps, values in (series(recs, key) for key, _ in keys):
+                if steps:
+                    ax.plot(steps, values, color="0.55", linestyle="--", linewidth=1,
+                            label=None if said else "set aside by a rewind")  # fmt: skip
+                    said = True
         if title.startswith("distillation") and all(v > 0 for k, _ in keys for v in series(records, k)[1]):
             ax.set_yscale("log")  # the terms differ by orders of magnitude
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if labelled:
             ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"{run_dir.resolve().name}: {records[-1]['step']:,} steps", fontsize=11)

@@ -537,7 +537,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     terms of the last forward in ``loss_terms`` (logged under their names; in eval mode,
     ``teacher_correct`` becomes ``eval/teacher_mlm_accuracy``)."""
     from pretrain import engine  # the one module that imports deepspeed
-    from pretrain.metrics import Logger, SpikeWatch, StepProfiler, measure_peak_tflops, peak_memory_gb
+    from pretrain.metrics import Logger, SpikeWatch, StepProfiler, measure_peak_tflops, peak_memory_gb, set_aside_logs
 
     began = time.monotonic()  # (train.exit_after_minutes counts from here)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -565,9 +565,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         for name in ckpt.remove_incomplete(run_dir):
             say(f"removed the incomplete checkpoint {root / name} (an interrupted save)")
         if latest is not None and (later := ckpt.set_aside_later(run_dir, latest)):
+            logs = set_aside_logs(run_dir, int(latest.removeprefix("step_")))
             say(
                 f"set aside {', '.join(later)}, after {latest} (a rewind, or a save cut short before naming "
                 f"its checkpoint latest), in {root / ckpt.ABANDONED}: the run resumes from {latest}"
+                + (f"; {logs}" if logs else "")
             )
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         tok = run_dir / "tokenizer.model"  # the run keeps its tokenizer: exports need no dataset folder
@@ -722,6 +724,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "tokens": tokens,
                 "bad_steps": bad_total,
                 **({"skipped_steps": passed_total} if passed_total else {}),
+                "spike_watch": spikes.state(),  # (a resumed run's watch goes on from it)
                 "world": world,
                 "num_workers": cfg.data.num_workers,
                 "files": ckpt.file_sizes(root / name),  # (every rank's, all written by now)
@@ -759,7 +762,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     else:  # dropout differs per rank
         torch.manual_seed(cfg.train.seed + 1 + rank)
     profiler = StepProfiler(cfg.log, run_dir, rank, device, step)
-    spikes = SpikeWatch(cfg.log.spike_factor)
+    spikes = SpikeWatch(cfg.log.spike_factor, state.get("spike_watch") if state else None)
     try:
         while step < cfg.train.max_steps:
             if any(a <= step + 1 <= b for a, b in skips):  # train.skip_steps: the step's batches dropped unread

@@ -64,6 +64,15 @@ def losses(run: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(run) if "train/loss" in m}
 
 
+def scalars(tb: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a tag's events in a TensorBoard folder, read back as TensorBoard does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def ok(r: subprocess.CompletedProcess) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
@@ -303,11 +312,10 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     nothing, and the rate at every other step and the data position at the end are the reference's
     (the schedule and the reader go on through them). The reference rewound to step 10 by hand and run
     with the skip gives the same losses, to the bit, as the run that passed over them uninterrupted."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from data_prep.files import holding
     from pretrain.export import _card
-    from pretrain.report import passed_over, summary
+    from pretrain.report import abandoned, passed_over, report, summary
 
     skipping = tmp_path / "skipping"
     spike = {"BERTFORGE_FAULT": "spike@17"}  # step 17's losses logged 3x (in both runs below)
@@ -332,9 +340,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     passed = {m["step"]: m["train/skipped_steps"] for m in metrics(skipping) if "train/skipped_steps" in m}
     assert passed == dict.fromkeys(range(15, 21), 4)
     assert passed_over(skipping, 20) == [(11, 14)]  # what bertforge report shades
-    events = EventAccumulator(str(skipping / "tb"))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == sorted(passed.items())
+    assert scalars(skipping / "tb", "train/skipped_steps") == sorted(passed.items())
     state, then = ckpt.read_state(skipping, "step_00000020"), ckpt.read_state(reference, "step_00000020")
     assert (state["batches"], state["data_position"]) == (then["batches"], then["data_position"])
     assert (state["tokens"], state["skipped_steps"]) == (16 * 16 * 64, 4)
@@ -346,12 +352,21 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     (rewound / "checkpoints/latest").write_text("step_00000010\n")
     r = pretrain(dataset, rewound, "train.precision=fp32", "train.skip_steps=[11-14]", env=spike)
     ok(r)
-    assert "warning: " not in r.stdout  # (2 losses logged since the resume: too few to tell a spike)
+    # the spike watch went on from the checkpoint's: the same warning, 2 losses after the resume
+    assert [line for line in r.stdout.splitlines() if line.startswith("warning: ")] == [
+        warned[0].replace(str(skipping), str(rewound))
+    ]
+    after = [m for m in metrics(reference) if m["step"] > 10]  # what the rewound steps had logged
     assert (
         f"set aside step_00000020, after step_00000010 (a rewind, or a save cut short before naming its checkpoint "
-        f"latest), in {rewound / 'checkpoints/abandoned'}: the run resumes from step_00000010"
+        f"latest), in {rewound / 'checkpoints/abandoned'}: the run resumes from step_00000010; the logs of steps "
+        f"11-20 ({len(after)} records) moved to {rewound / 'metrics.abandoned.jsonl'} and TensorBoard's run "
+        "abandoned_after_step_10 (bertforge report draws them too)"
     ) in r.stdout
-    assert losses(rewound) == ours  # the lines the rewound steps had logged dropped, the rest as uninterrupted
+    assert losses(rewound) == ours  # the lines the rewound steps had logged set aside, the rest as uninterrupted
+    assert abandoned(rewound) == [(10, [{**m, "rewound_to": 10} for m in after])]
+    assert scalars(rewound / "tb/abandoned_after_step_10", "train/loss") == scalars(reference / "tb", "train/loss")[10:]
+    assert report(rewound).stat().st_size  # (drawn with the stretch set aside)
     assert ckpt.read_state(rewound, "step_00000020")["skipped_steps"] == 4
     old = ckpt.read_state(rewound, "abandoned/step_00000020")
     assert old["step"] == 20 and "skipped_steps" not in old  # the abandoned one kept as it was
@@ -363,10 +378,13 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     r = run_cli("rewind", str(skipping), "10")
     ok(r)
     root = skipping / "checkpoints"
-    assert r.stdout.splitlines()[:2] == [
+    assert r.stdout.splitlines()[:3] == [
         f"{root / 'latest'}: step_00000010 (was step_00000020)",
         f"set aside step_00000020 in {root / 'abandoned'} (delete them once they are not needed)",
+        f"the logs of steps 15-20 (6 records) moved to {skipping / 'metrics.abandoned.jsonl'} and TensorBoard's "
+        "run abandoned_after_step_10 (bertforge report draws them too)",
     ]
+    assert max(m["step"] for m in metrics(skipping)) == 10
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000010"]
     r = run_cli("inspect", str(rewound), "--verify")  # (a dataset's option)
     assert (
@@ -379,6 +397,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     assert [x.split()[:2] for x in lines if x.startswith("  step ")] == [["step", "10"], ["step", "20"]]
     assert lines[lines.index("checkpoints:") + 2].endswith("  latest")
     assert f"set aside (a rewind): step_00000020 in {rewound / 'checkpoints/abandoned'}" in lines
+    assert f"logs set aside (a rewind): steps 11-20 (back to 10) in {rewound / 'metrics.abandoned.jsonl'}" in lines
     assert lines[-2].startswith("last log: step 20: loss ") and lines[-1].startswith("last eval: step 20: loss ")
     with holding(skipping):
         assert summary(skipping).startswith(f"{skipping}: a bertforge pretrain run, in use (by pid {os.getpid()} on ")
@@ -403,6 +422,30 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
         "bertforge: error: override 'train.skip_steps=[9-5]': config key 'train.skip_steps': item 0 '9-5' is not "
         "FIRST-LAST or one step (steps count from 1, FIRST <= LAST)\n"
     )
+
+
+def test_logs_after_a_rewind_are_set_aside_each_rewind_apart(tmp_path) -> None:
+    """The records after the step rewound to leave metrics.jsonl for metrics.abandoned.jsonl and a
+    TensorBoard run of their own; a line that is no record stays; a second rewind to the same
+    step is a stretch (and a TensorBoard run) of its own."""
+    from pretrain.metrics import set_aside_logs
+    from pretrain.report import abandoned
+
+    log = tmp_path / "metrics.jsonl"
+
+    def logged(*steps: int) -> str:
+        return "".join(json.dumps({"step": s, "train/loss": 10.0 - s}) + "\n" for s in steps)
+
+    log.write_text(logged(1, 2, 3) + "{cut short\n" + logged(4, 5, 6))
+    assert set_aside_logs(tmp_path, 6) is None and set_aside_logs(tmp_path / "none", 1) is None
+    said = set_aside_logs(tmp_path, 4)
+    assert said.startswith(f"the logs of steps 5-6 (2 records) moved to {tmp_path / 'metrics.abandoned.jsonl'} ")
+    assert log.read_text() == logged(1, 2, 3) + "{cut short\n" + logged(4)
+    with open(log, "a") as f:
+        f.write(logged(5, 6, 7))
+    assert "TensorBoard's run abandoned_after_step_4.2 " in set_aside_logs(tmp_path, 4)
+    assert [(to, [r["step"] for r in recs]) for to, recs in abandoned(tmp_path)] == [(4, [5, 6]), (4, [5, 6, 7])]
+    assert scalars(tmp_path / "tb/abandoned_after_step_4.2", "train/loss") == [(5, 5.0), (6, 4.0), (7, 3.0)]
 
 
 def test_checkpoints_after_latest_are_set_aside_without_overwriting_those_set_aside_before(tmp_path) -> None:
@@ -449,11 +492,7 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_losses(dataset, re
     ok(pretrain(dataset, run, "train.precision=fp32"))
     assert losses(run) == losses(reference)  # ...and replaced, not repeated, by the resumed run
     assert [m["step"] for m in metrics(run) if "train/loss" in m] == list(range(1, 21))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    steps = [e.step for e in events.Scalars("train/loss")]
+    steps = [step for step, _ in scalars(run / "tb", "train/loss")]
     assert sorted(set(steps)) == list(range(1, 21)) and len(steps) == 20  # TensorBoard purged 11-13 too
 
 
@@ -472,11 +511,7 @@ def test_a_bare_run_killed_before_its_first_checkpoint_starts_again_at_once(data
         pass
     ok(run_cli(*args))
     assert [m["step"] for m in metrics(run) if "train/loss" in m] == list(range(1, 7))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
+    assert [step for step, _ in scalars(run / "tb", "train/loss")] == list(range(1, 7))
 
 
 def test_a_loader_worker_killed_stops_every_rank_in_one_line(dataset, tmp_path) -> None:
