@@ -165,8 +165,13 @@ def skip_ranges(items: list) -> list[tuple[int, int]]:
                 "(steps count from 1, FIRST <= LAST)"
             )
         out.append((first, last))
+    return join_ranges(out)
+
+
+def join_ranges(pairs) -> list[tuple[int, int]]:  # noqa: ANN001 (an iterable of (first, last))
+    """Step ranges, both ends included, sorted, those that overlap or touch joined."""
     joined: list[tuple[int, int]] = []
-    for first, last in sorted(out):
+    for first, last in sorted(map(tuple, pairs)):
         if joined and first <= joined[-1][1] + 1:
             joined[-1] = (joined[-1][0], max(joined[-1][1], last))
         else:

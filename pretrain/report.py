@@ -105,18 +105,30 @@ def panels(records: list[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
 
 
 def passed_over(run_dir: Path, last: int) -> list[tuple[int, int]]:
-    """The steps up to ``last`` whose data the run passed over, from the ``train.skip_steps`` of
-    the config it last started with (``RUN/config.yaml``); none where there is no such config."""
+    """The stretches of steps up to ``last`` whose data the run passed over (``train.skip_steps``):
+    those its latest checkpoint's state lists, then, past that checkpoint, those of the config it
+    last started with (``RUN/config.yaml``; all of them for a checkpoint that lists none, written
+    before the state kept them). None where there is no such config (a fine-tuning run's folder)."""
     import yaml
 
-    from pretrain.config import skip_ranges
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import join_ranges, skip_ranges
 
-    path = Path(run_dir) / "config.yaml"
     try:
-        items = ((yaml.safe_load(path.read_text()) or {}).get("train") or {}).get("skip_steps") or []
-        return [(a, min(b, last)) for a, b in skip_ranges(items) if a <= last]
+        items = ((yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("train") or {}).get(
+            "skip_steps"
+        ) or []
+        ahead = skip_ranges(items)
     except (OSError, yaml.YAMLError, ValueError, AttributeError):  # (a fine-tuning run's, or none)
         return []
+    done, since = [], 0
+    try:
+        if (latest := ckpt.latest(run_dir)) and "passed_over" in (state := ckpt.read_state(run_dir, latest)):
+            done, since = state["passed_over"], state["step"]
+    except (OSError, ValueError, KeyError):  # (a damaged checkpoint: the config's alone)
+        pass
+    ahead = [(max(a, since + 1), b) for a, b in ahead if b > since]
+    return [(a, min(b, last)) for a, b in join_ranges([*done, *ahead]) if a <= last]
 
 
 def abandoned(run_dir: Path) -> list[tuple[int, list[dict]]]:

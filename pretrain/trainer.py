@@ -589,6 +589,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     eng = engine.build(model, cfg, world, device, resharding)
 
     step = batches = tokens = bad_total = passed_total = 0
+    passed: list[list[int]] = []  # the stretches of steps passed over, [first, last] (bertforge report shades them)
     layout = {"generation": 0, "origin": 0, "batches": 0, "read": []}  # the data slots' layout, since `batches`
     changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
     if state is not None:
@@ -601,7 +602,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         if moved := [f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v]:
             changed += f"; from here {', '.join(moved)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
-        passed_total = state.get("skipped_steps", 0)
+        passed_total, passed = state.get("skipped_steps", 0), state.get("passed_over", [])
         layout = state.get("data_layout", layout)
         layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
         layout, said = _relayout(cfg, state, layout, batches, world, resharding, folders, mans, shas, weights)
@@ -724,6 +725,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "tokens": tokens,
                 "bad_steps": bad_total,
                 **({"skipped_steps": passed_total} if passed_total else {}),
+                "passed_over": passed,
                 "spike_watch": spikes.state(),  # (a resumed run's watch goes on from it)
                 "world": world,
                 "num_workers": cfg.data.num_workers,
@@ -777,6 +779,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 batches += accum
                 engine.pass_step(eng)
                 passed_total += 1
+                if passed and passed[-1][1] == step:
+                    passed[-1][1] = step + 1
+                else:
+                    passed.append([step + 1, step + 1])
             else:
                 passing = False
                 if it is None:  # (at the start, or after steps passed over: the data from here)

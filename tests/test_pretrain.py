@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import yaml
 
 from data_prep.errors import RunError
 from pretrain import checkpoint as ckpt
@@ -343,7 +344,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     assert scalars(skipping / "tb", "train/skipped_steps") == sorted(passed.items())
     state, then = ckpt.read_state(skipping, "step_00000020"), ckpt.read_state(reference, "step_00000020")
     assert (state["batches"], state["data_position"]) == (then["batches"], then["data_position"])
-    assert (state["tokens"], state["skipped_steps"]) == (16 * 16 * 64, 4)
+    assert (state["tokens"], state["skipped_steps"], state["passed_over"]) == (16 * 16 * 64, 4, [[11, 14]])
     card = _card({**state, "tag": "step_00000020"}, [(str(dataset), 1.0, None)], 1, {})  # an export's model card
     assert "- the data of 4 of those steps passed over, not trained on (`train.skip_steps`)" in card
 
@@ -416,6 +417,11 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     (tmp_path / "finetune_state.json").write_text("{}")  # a fine-tuning run's folder
     r = run_cli("rewind", str(tmp_path), "1")
     assert r.returncode == 2 and "a fine-tuning run, which resumes at its epochs" in r.stderr, r.stderr
+    # what report shades: the stretches the latest checkpoint passed over, then the config's past it
+    config = yaml.safe_load((rewound / "config.yaml").read_text())
+    config["train"]["skip_steps"] = ["3-4", "25-30"]  # as a later resume's: 3-4 behind the run, not passed over
+    (rewound / "config.yaml").write_text(yaml.safe_dump(config))
+    assert passed_over(rewound, 20) == [(11, 14)] and passed_over(rewound, 27) == [(11, 14), (25, 27)]
     r = run_cli("pretrain", TINY, f"data.path={dataset}", f"run.dir={tmp_path / 'bad'}", "train.skip_steps=[9-5]")
     assert r.returncode == 2 and not (tmp_path / "bad").exists()
     assert r.stderr == (
