@@ -478,9 +478,10 @@ def _relayout(
     """A resume's data layout: the checkpoint's ``layout``, or, where the checkpoint was written by
     another layout (ranks x loader workers, micro-batch) or blend (``folders``, their manifests
     ``mans`` and checksums ``shas``, ``weights``), a new one from ``batches`` on, each dataset going
-    on from its first shard that no old slot had read whole (a new dataset from its start; a
-    dropped one is not read again: its draws are counted, its walk not). Also what the start-up
-    line says of the change ("" where there is none)."""
+    on from its first shard that no old slot had read whole (a new dataset from its start). A
+    dropped dataset's place is kept in the layout (``parked``: its manifest's sha256 to that
+    position and the sequences past it read), and a later blend that takes it again goes on from
+    there. Also what the start-up line says of the change ("" where there is none)."""
     changed, micro = "", cfg.train.micro_batch_size
     then = state["config"]  # the layout that wrote it: ranks x loader workers, micro-batch
     was = (state["world"], then["data"]["num_workers"], then["train"]["micro_batch_size"])
@@ -489,27 +490,42 @@ def _relayout(
     then_weights = then["data"].get("weights") if then["data"].get("blend") else None
     if was == (world, cfg.data.num_workers, micro) and (then_shas, then_weights) == (shas, weights):
         return layout, ""
+    then_paths = [then["data"]["path"], *then["data"].get("blend", [])]
     where = dict(zip(shas, folders))
+    for sha, path in zip(then_shas, map(Path, then_paths)):  # one dropped now, where it still is: its place is kept
+        if sha not in where and (path / manifests.MANIFEST).is_file():
+            if tokenizers.sha256(path / manifests.MANIFEST) == sha:
+                where[sha] = path
     old = ShardStream(
         [where.get(sha) for sha in then_shas], "train", 0, *was, cfg.data.seed, cfg.data.masking,
         cfg.model.vocab_size, origin=layout["origin"], generation=layout["generation"], weights=then_weights,
     )  # fmt: skip
     restarts = dict(zip(then_shas, old.restart(batches - layout["batches"])))
+    dropped = layout.get("parked", {})  # datasets dropped before: where each stood
+    back = {sha: tuple(dropped[sha]) for sha in shas if sha in dropped}  # taken again
+    restarts.update(back)
     origin = [(restarts.get(sha) or (0, 0))[0] for sha in shas]  # a new dataset from its start
-    then_paths = [then["data"]["path"], *then["data"].get("blend", [])]
+    parked = {
+        sha: list(place)
+        for sha in [*dropped, *then_shas]
+        if sha not in shas and (place := restarts.get(sha) or dropped.get(sha))
+    }  # (a dataset dropped from a folder gone since: its place unknown, it would start again)
     layout = {
         "generation": layout["generation"] + 1,
         "origin": origin if weights else origin[0],
         "batches": batches,
         "read": data_read(layout["read"], then_shas, then_paths, old.read(batches - layout["batches"])),
+        **({"parked": parked} if parked else {}),
     }
     goes_on = []
     for f, m, sha in zip(folders, mans, shas):
         position, again = restarts.get(sha) or (0, 0)
         n = sum(1 for shard in m["splits"]["train"]["shards"] if shard["sequences"])
         goes_on.append(
-            (f"{f}'s " if weights else "") + f"shard {position % n + 1} of {n} in epoch {position // n + 1}, "
-            f"{again:,} sequence(s) read again ({again / m['splits']['train']['sequences']:.1%} of an epoch)"
+            (f"{f}'s " if weights else "")
+            + f"shard {position % n + 1} of {n} in epoch {position // n + 1}"
+            + (" (where it stood when dropped)" if sha in back else "")
+            + f", {again:,} sequence(s) read again ({again / m['splits']['train']['sequences']:.1%} of an epoch)"
         )
     if was != (world, cfg.data.num_workers, micro):
         changed += (

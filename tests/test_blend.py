@@ -119,6 +119,52 @@ def test_a_blend_of_two_tokenizers_or_of_the_wrong_size_is_refused_naming_the_ke
     assert resolve(cfg, 1)[0].data.weights == [n[0] / sum(n), n[1] / sum(n)]  # empty: by size
 
 
+def test_a_dataset_dropped_from_the_blend_and_taken_again_goes_on_where_it_stood(train_data, other, tmp_path) -> None:
+    """The resume's relayout (what the trainer's ranks run at start, here without them): the place of a
+    dataset a resume drops is kept in the layout, and a later resume that takes it again goes on from
+    there (it had started again from its first shard); one dropped from a folder gone since is forgotten."""
+    from data_prep.tokenizer import sha256
+    from launch.config import to_dict
+    from pretrain.trainer import _relayout
+
+    def config(*overrides: str) -> PretrainConfig:
+        base = [f"data.path={train_data}", f"run.dir={tmp_path}", "train.micro_batch_size=8", *overrides]
+        return resolve(load_config(PretrainConfig, TINY, base), 2)[0]
+
+    shas = [sha256(d / "manifest.json") for d in (train_data, other)]
+    mans = [json.loads((d / "manifest.json").read_text()) for d in (train_data, other)]
+    both, alone = config(f"data.blend=[{other}]", "data.weights=[1,1]"), config()
+
+    def state(cfg: PretrainConfig, blended: bool) -> dict:
+        return {
+            "config": to_dict(cfg),
+            "world": 2,
+            "manifest_sha256": shas[0],
+            **({"blend_sha256": shas[1:]} if blended else {}),
+        }
+
+    start = {"generation": 0, "origin": [0, 0], "batches": 0, "read": []}
+    # 30 micro-batches a rank of the blend (2 ranks, 1 loader worker each), then the blend dropped
+    dropped, said = _relayout(alone, state(both, True), start, 30, 2, False, [train_data], mans[:1], shas[:1], None)
+    place = blend(train_data, other, world=2, num_workers=1, batch_size=8, weights=[0.5, 0.5]).restart(30)[1]
+    assert place[0] > 0 and dropped["parked"] == {shas[1]: list(place)}, said
+    # 10 more a rank alone (the place kept through it), then the blend again, on 1 rank
+    again, said = _relayout(
+        both, state(alone, False), dropped, 50, 1, False, [train_data, other], mans, shas, [0.5, 0.5]
+    )
+    n = sum(1 for shard in mans[1]["splits"]["train"]["shards"] if shard["sequences"])
+    assert again["origin"][1] == place[0] and "parked" not in again
+    assert (
+        f"{other}'s shard {place[0] % n + 1} of {n} in epoch {place[0] // n + 1} (where it stood when dropped), "
+        f"{place[1]:,} sequence(s) read again" in said
+    ), said
+    moved = {**to_dict(both)}
+    moved["data"] = {**moved["data"], "blend": [str(tmp_path / "gone")]}  # the dropped one's folder moved since
+    forgot, _ = _relayout(alone, {**state(both, True), "config": moved}, start, 30, 2, False, [train_data], mans[:1],
+                          shas[:1], None)  # fmt: skip
+    assert "parked" not in forgot
+
+
 def test_a_blend_trains_and_resumes_with_other_weights_then_on_one_rank_without_it(train_data, other, tmp_path) -> None:
     run = tmp_path / "run"
 
