@@ -647,6 +647,8 @@ def _run_jobs(ns: argparse.Namespace) -> int:
         print(f"{job['job_id']:>8}  {state:<10} {job['stage']:<9} {ranks:>5}  {job['submitted']:<26} {job['log_dir']}")
         if state == "FAILED" and (why := submit.failure(job)):
             print(f"{'':>10}{why}")  # under it, indented: the exception, or srun's report of the task that died
+        if state in submit.ACTIVE and (said := submit.progress(job)):
+            print(f"{'':>10}{said}")  # a job still queued or running: its run's last log, and how long ago
     return 0
 
 

@@ -352,13 +352,42 @@ def failure(record: dict) -> str | None:
     return lines[-1].strip() if lines else None
 
 
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED")  # a job that may still train
+
+
+def progress(record: dict) -> str | None:
+    """A training job's last log, from its run folder: step (of ``train.max_steps`` for pretrain
+    and distill), train loss, and how long ago, since a job that no longer logs (hung in a
+    collective, say) still shows RUNNING in squeue. None for a prep job."""
+    import time
+
+    import yaml
+
+    from pretrain.report import read_records
+
+    run = Path(record.get("run_dir") or "")
+    if record["stage"] == "prep" or not record.get("run_dir"):
+        return None
+    path = run / "metrics.jsonl"
+    trained = [rec for _, rec in read_records(path)[0] if "train/loss" in rec] if path.is_file() else []
+    if not trained:
+        return f"no step logged yet ({run})"
+    total = None
+    if record["stage"] in ("pretrain", "distill") and (run / "config.yaml").is_file():
+        total = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train") or {}).get("max_steps")
+    ago = max(0.0, time.time() - path.stat().st_mtime)
+    when = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else f"{ago / 3600:.1f} h"
+    step, loss = trained[-1]["step"], trained[-1]["train/loss"]
+    return f"step {step:,}{f' of {total:,}' if total else ''}, loss {loss:.4f}; last log {when} ago ({run})"
+
+
 def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
     """Refuse a job on a run folder that a job recorded in ``log_dir`` still queues or trains
     (two jobs would write the same checkpoints)."""
     for record in list_jobs(log_dir)[0]:
         if record.get("run_dir") == run_dir and record["stage"] != "prep":
             state = job_state(record)
-            if state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED"):
+            if state in ACTIVE:
                 raise UserError(
                     f"config key 'run.dir' {run_dir}: job {record['job_id']} ({state}) already trains there; "
                     f"scancel {record['job_id']} first, or choose another run.dir"
