@@ -363,7 +363,7 @@ def progress(record: dict) -> str | None:
 
     import yaml
 
-    from pretrain.report import read_records
+    from pretrain.report import duration, read_records, to_go
 
     run = Path(record.get("run_dir") or "")
     if record["stage"] == "prep" or not record.get("run_dir"):
@@ -375,10 +375,11 @@ def progress(record: dict) -> str | None:
     total = None
     if record["stage"] in ("pretrain", "distill") and (run / "config.yaml").is_file():
         total = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train") or {}).get("max_steps")
-    ago = max(0.0, time.time() - path.stat().st_mtime)
-    when = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else f"{ago / 3600:.1f} h"
-    step, loss = trained[-1]["step"], trained[-1]["train/loss"]
-    return f"step {step:,}{f' of {total:,}' if total else ''}, loss {loss:.4f}; last log {when} ago ({run})"
+    ago, last = max(0.0, time.time() - path.stat().st_mtime), trained[-1]
+    return (
+        f"step {last['step']:,}{f' of {total:,}' if total else ''}, loss {last['train/loss']:.4f}"
+        f"{to_go(last, total)}; last log {duration(ago)} ago ({run})"
+    )
 
 
 def check_run_dir_free(log_dir: Path, run_dir: str) -> None:

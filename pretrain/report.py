@@ -45,6 +45,24 @@ ABANDONED_LOG = "metrics.abandoned.jsonl"
 """In a run folder: the records a rewind took out of ``metrics.jsonl`` (``pretrain.metrics.set_aside_logs``)."""
 
 
+def duration(seconds: float) -> str:
+    """A span in words: ``14 s``, ``5 min``, ``3.2 h``."""
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
+
+
+def to_go(record: dict, max_steps: int | None) -> str:
+    """``, about 3.2 h to go`` from a logged record's step and step time, where both are known."""
+    if not max_steps or "perf/step_time" not in record or record["step"] >= max_steps:
+        return ""
+    return f", about {duration((max_steps - record['step']) * record['perf/step_time'])} to go"
+
+
 def read_records(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, str]]]:
     """The lines of a ``metrics.jsonl`` with their records, and ``(line number, reason)`` for each
     line that is not a record (one cut short by a full disk, or edited by hand)."""
@@ -211,6 +229,7 @@ def summary(run_dir: Path) -> str:
         lines.append(
             f"last log: step {r['step']:,}: loss {r['train/loss']:.4f}, accuracy {r['train/mlm_accuracy']:.3f}, "
             f"lr {r['train/lr']:.2e}, {r['perf/tokens_per_sec']:,.0f} tokens/s, mfu {r['perf/mfu']:.1%}"
+            + to_go(r, t["max_steps"])
         )
     if evals := [r for r in records if "eval/loss" in r]:
         r = evals[-1]
