@@ -356,9 +356,9 @@ ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED")  # a job
 
 
 def progress(record: dict) -> str | None:
-    """A training job's last log, from its run folder: step (of ``train.max_steps`` for pretrain
-    and distill), train loss, and how long ago, since a job that no longer logs (hung in a
-    collective, say) still shows RUNNING in squeue. None for a prep job."""
+    """A training job's last log, from its run folder: step of ``train.max_steps``, train loss,
+    the time to go, and how long ago, since a job that no longer logs (hung in a collective, say)
+    still shows RUNNING in squeue. None for a prep job."""
     import time
 
     import yaml
@@ -369,16 +369,19 @@ def progress(record: dict) -> str | None:
     if record["stage"] == "prep" or not record.get("run_dir"):
         return None
     path = run / "metrics.jsonl"
-    trained = [rec for _, rec in read_records(path)[0] if "train/loss" in rec] if path.is_file() else []
-    if not trained:
+    records = [rec for _, rec in read_records(path)[0]] if path.is_file() else []
+    if not records:
         return f"no step logged yet ({run})"
-    total = None
-    if record["stage"] in ("pretrain", "distill") and (run / "config.yaml").is_file():
+    total = None  # (a fine-tuning run's config.yaml has the max_steps its epochs make)
+    if (run / "config.yaml").is_file():
         total = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train") or {}).get("max_steps")
-    ago, last = max(0.0, time.time() - path.stat().st_mtime), trained[-1]
+    ago, last = max(0.0, time.time() - path.stat().st_mtime), records[-1]
+    keys = ("train/loss", "finetune/train_loss")  # (pretrain and distill; finetune)
+    loss = next((rec[k] for rec in reversed(records) for k in keys if k in rec), None)
     return (
-        f"step {last['step']:,}{f' of {total:,}' if total else ''}, loss {last['train/loss']:.4f}"
-        f"{to_go(last, total)}; last log {duration(ago)} ago ({run})"
+        f"step {last['step']:,}{f' of {total:,}' if total else ''}"
+        + (f", train loss {loss:.4f}" if loss is not None else "")
+        + f"{to_go(last, total)}; last log {duration(ago)} ago ({run})"
     )
 
 

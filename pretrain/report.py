@@ -164,7 +164,7 @@ def abandoned(run_dir: Path) -> list[tuple[int, list[dict]]]:
 def summary(run_dir: Path) -> str:
     """``bertforge inspect RUN``: a pretraining or distillation run at a glance: whether a process
     holds it, its shape and data, how far it is, its checkpoints (and those a rewind set aside),
-    its last log and evaluation."""
+    its last log and evaluation; a fine-tuning run's (:func:`_finetune_summary`) likewise."""
     import yaml
 
     from data_prep.files import holder
@@ -176,7 +176,7 @@ def summary(run_dir: Path) -> str:
         raise UserError(f"{run_dir}: neither a dataset (no manifest.json) nor a run folder (no config.yaml)")
     cfg = yaml.safe_load(path.read_text()) or {}
     if "finetune" in cfg:
-        raise UserError(f"{run_dir}: a fine-tuning run: its state is {run_dir / 'finetune_state.json'}")
+        return _finetune_summary(run_dir, cfg)
     m, t, d = cfg["model"], cfg["train"], cfg["data"]
     held = holder(run_dir)
     lines = [
@@ -210,9 +210,10 @@ def summary(run_dir: Path) -> str:
     lines.append("checkpoints:" + ("" if steps else " none yet"))
     for step in steps:
         name = ckpt.tag(step)
-        size = sum(f.stat().st_size for f in (ckpt.folder(run_dir) / name).iterdir() if f.is_file())
         saved = ckpt.read_state(run_dir, name).get("saved_at", "?")
-        lines.append(f"  step {step:<10,} {size / 1e6:>10,.1f} MB  {saved}{'  latest' if name == latest else ''}")
+        lines.append(
+            f"  step {step:<10,} {_sizes(ckpt.folder(run_dir) / name)}  {saved}{'  latest' if name == latest else ''}"
+        )
     if (aside := ckpt.folder(run_dir) / ckpt.ABANDONED).is_dir():
         lines.append(f"set aside (a rewind): {', '.join(sorted(p.name for p in aside.iterdir()))} in {aside}")
     if stretches := abandoned(run_dir):
@@ -237,6 +238,55 @@ def summary(run_dir: Path) -> str:
             f"last eval: step {r['step']:,}: loss {r['eval/loss']:.4f}, accuracy {r['eval/mlm_accuracy']:.3f}, "
             f"perplexity {r['eval/perplexity']:.1f}"
         )
+    return "\n".join(lines)
+
+
+def _sizes(folder: Path) -> str:
+    return f"{sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6:>10,.1f} MB"
+
+
+def _finetune_summary(run_dir: Path, cfg: dict) -> str:
+    """:func:`summary` of a fine-tuning run: its task and files, how far it is, each epoch's eval
+    figures (the best marked), its checkpoints and model folder, its last log."""
+    import json
+
+    from data_prep.files import holder
+    from pretrain import checkpoint as ckpt
+
+    f, t = cfg["finetune"], cfg["train"]
+    held = holder(run_dir)
+    path = run_dir / "finetune_state.json"
+    state = json.loads(path.read_text()) if path.is_file() else None
+    labels = (state or {}).get("labels") or []
+    lines = [
+        f"{run_dir}: a bertforge finetune run, " + (f"in use (by {held})" if held else "not running"),
+        f"task: {f['task']}" + (f" over {len(labels)} labels ({', '.join(labels)})" if labels else "")
+        + f"; encoder {f['model']}",
+        f"data: train {f['train_file']}, eval {f['eval_file']}",
+    ]  # fmt: skip
+    if state:
+        lines.append(
+            f"progress: step {state['step']:,} of {t['max_steps']:,}, {state['epoch']} of {f['epochs']} epochs "
+            f"complete; checkpoint {state['checkpoint']} ({path.name})"
+        )
+        for h in state["history"]:
+            figures = ", ".join(f"{'macro-F1' if k == 'f1' else k} {v:.4f}" for k, v in h.items() if k != "epoch")
+            lines.append(
+                f"  epoch {h['epoch']}: {figures}" + ("  best" if h["epoch"] == state["best"]["epoch"] else "")
+            )
+    else:
+        lines.append("progress: no checkpoint yet")
+    root = ckpt.folder(run_dir)
+    kept = sorted(p for p in root.glob("*_0*") if p.is_dir()) if root.is_dir() else []
+    lines.append("checkpoints:" + ("" if kept else " none yet"))
+    lines += [f"  {p.name:<16}{_sizes(p)}" for p in kept]
+    if (run_dir / "model").is_dir() and state and state["best"]:
+        lines.append(f"model: {run_dir / 'model'} (epoch {state['best']['epoch']}, the best)")
+    records = (
+        [rec for _, rec in read_records(run_dir / "metrics.jsonl")[0]] if (run_dir / "metrics.jsonl").is_file() else []
+    )
+    if trained := [r for r in records if "finetune/train_loss" in r]:
+        lines.append(f"last log: step {trained[-1]['step']:,}: train loss {trained[-1]['finetune/train_loss']:.4f}")
     return "\n".join(lines)
 
 

@@ -116,6 +116,19 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
             "train.micro_batch_size=8"]  # fmt: skip
     r = run_cli(*args, f"train.exit_at_step={steps + 2}")
     assert r.returncode == 0 and f"stopped at step {steps + 2} of {3 * steps} (in epoch 2)" in r.stdout, r.stderr
+    r = run_cli("inspect", str(resumed))  # the fine-tuning run at a glance
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[:2] == [
+        f"{resumed}: a bertforge finetune run, not running",
+        f"task: classification over 3 labels (asyncio, email, logging); encoder {teacher}",
+    ], r.stdout + r.stderr
+    assert lines[3] == f"progress: step {steps + 2} of {3 * steps}, 1 of 3 epochs complete; checkpoint " \
+                       f"step_{steps + 2:08d} (finetune_state.json)"  # fmt: skip
+    assert lines[4].startswith("  epoch 1: loss ") and ", macro-F1 " in lines[4] and lines[4].endswith("  best")
+    assert [x.split()[0] for x in lines[lines.index("checkpoints:") + 1 :][:2]] == [
+        "epoch_001",
+        f"step_{steps + 2:08d}",
+    ]
     fewer = tmp_path / "fewer"  # the same stopped run, to go on with 1 rank (a job requeued on fewer nodes)
     shutil.copytree(resumed, fewer)
     r = run_cli(*args)

@@ -137,7 +137,9 @@ def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_
     listing = run_cli("jobs", "--log-dir", str(logs)).stdout.splitlines()
     at = next(i for i, line in enumerate(listing) if line.split()[0] == job)
     assert listing[at].split()[1] == "RUNNING", listing
-    said = rf" {{10}}step [\d,]+ of 100,000, loss [\d.]+, about [\d.]+ (min|h) to go; last log \d+ s ago \({run}\)"
+    said = (
+        rf" {{10}}step [\d,]+ of 100,000, train loss [\d.]+, about [\d.]+ (min|h) to go; last log \d+ s ago \({run}\)"
+    )
     assert re.fullmatch(said, listing[at + 1]), listing
     # meanwhile a second job on the same run folder is refused (the two would write the same checkpoints)
     again = run_cli("submit", "pretrain", TINY, f"data.path={dataset}", f"run.dir={run}", "--log-dir", str(logs))
@@ -228,6 +230,10 @@ def test_fine_tuning_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
     assert 0 <= best["accuracy"] <= 1 and best["epoch"] in (1, 2), best
     assert json.loads((run / "finetune_state.json").read_text())["epoch"] == 2
     assert (run / "model/config.json").is_file() and "2 rank(s)" in (logs / job / f"{job}_0_log.out").read_text()
+    from launch.submit import list_jobs, progress
+
+    [record] = [rec for rec in list_jobs(logs)[0] if rec["job_id"] == job]  # what bertforge jobs says while it runs
+    assert re.fullmatch(rf"step 6 of 6; last log \d+ s ago \({run}\)", progress(record))  # (an eval log: no loss)
     from launch.config import load_config
     from pretrain.finetune import FinetuneConfig, check
 
