@@ -198,6 +198,24 @@ def commit(run_dir: Path, name: str, state: dict, keep: int) -> list[str]:
     return removed
 
 
+def room(root: Path, size: int) -> str | None:
+    """A warning where the disk of checkpoints folder ``root`` has less room than a checkpoint of
+    ``size`` bytes (the run's last): the next save would fail there (a save is written whole before
+    the oldest checkpoint is removed), and stop the run; None where there is room."""
+    free = shutil.disk_usage(root).free
+    if free >= size:
+        return None
+
+    def said(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+    return (
+        f"warning: {root}: {said(free)} free, less than a checkpoint of this run ({said(size)}): the next save "
+        "would fail for room and stop the run; make room before then (the oldest checkpoint is removed only "
+        "after a save is complete: checkpoint.keep counts them)"
+    )
+
+
 def agree_written(
     err: BaseException | None,
     path: Path,

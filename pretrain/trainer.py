@@ -597,6 +597,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     if state is not None and state["step"] >= cfg.train.max_steps:  # (before building, loading, converting)
         say(already_complete(run_dir, state["step"], cfg.train.max_steps))
         return Result(state["step"], cfg.train.max_steps)
+    if rank == 0 and state is not None and (low := ckpt.room(root, sum(state.get("files", {}).values()))):
+        say(low)  # (the disk filled since: better now than at the next save)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
     if cfg.train.init_from and latest is None:  # (a resumed run takes its weights from its checkpoint)
@@ -767,6 +769,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         ckpt.agree_written(failed, root / name, rank, world, device, f"at step {step}", kept)
         if rank == 0:
             say(f"saved checkpoint {root / name} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
+            if step < cfg.train.max_steps and (low := ckpt.room(root, sum(state["files"].values()))):
+                say(low)
 
     it = None  # the loader's iterator, opened by the first step that trains (a step passed over reads nothing)
     window, bad_in_row, saved_at, last_loss, passing = _Window(), 0, step, None, False

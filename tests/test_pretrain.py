@@ -579,6 +579,50 @@ def test_kill_9_during_a_save_leaves_latest_usable_and_a_failed_write_stops_ever
     assert ckpt.latest(run) == "step_00000020" and ckpt.is_complete(half)
 
 
+@pytest.fixture
+def small_disk(tmp_path):  # noqa: ANN201
+    """A real file system of its own (a tmpfs) under ``tmp_path``, sized by the test: ``small_disk(mb)``."""
+    mounted = []
+
+    def mount(mb: float) -> Path:
+        where = tmp_path / "disk"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(mb * 1024)}k", "tmpfs", str(where)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode:
+            pytest.skip(f"a tmpfs cannot be mounted here (root only): {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_disk_with_no_room_for_the_next_checkpoint_is_said_after_a_save_then_stops_the_run_at_it(
+    dataset, reference, small_disk
+) -> None:
+    """Room for one checkpoint and a half: the save at step 2 warns (the disk has less room than
+    that checkpoint), the save at step 4 fails there for room, stopping every rank in one line; a
+    resume on that disk warns at its start."""
+    size = sum(ckpt.read_state(reference, "step_00000010")["files"].values())  # a checkpoint of this config
+    run = small_disk(1.5 * size / 2**20 + 1) / "run"  # (+1 MB: the tokenizer, config, events, metrics)
+    common = ("train.precision=fp32", "train.max_steps=4", "checkpoint.every=2", "eval.every=0")
+    r = pretrain(dataset, run, *common, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    warned = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {run / 'checkpoints'}: "), r.stdout
+    assert f" MB free, less than a checkpoint of this run ({size / 1e6:.1f} MB): the next save would fail" in warned[0]
+    assert r.stdout.index("saved checkpoint") < r.stdout.index(warned[0])
+    assert r.stderr.count("\n") == 1 and r.stderr.rstrip().endswith(
+        "every rank stopped at step 4; the last complete checkpoint is step_00000002: make room and run the same "
+        "command again to resume"
+    ), r.stderr
+    r = pretrain(dataset, run, *common, "train.exit_at_step=3", timeout=120)  # (no save before the stop at 3 fails)
+    start = r.stdout.splitlines()[:3]  # (the warning before the start-up line: the free space as the run found it)
+    assert r.returncode == 1 and any(line.startswith(f"warning: {run / 'checkpoints'}: ") for line in start), start
+
+
 def test_a_log_that_cannot_be_written_stops_every_rank_at_a_checkpoint(dataset, tmp_path) -> None:
     # rank 0's metrics.jsonl on a full device (writes to /dev/full fail with ENOSPC, as on a full disk):
     # rank 0 had left with a traceback, then waited for its loader workers at exit, the other rank for
