@@ -30,6 +30,7 @@ from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError
 from pretrain import checkpoint as ckpt
 from pretrain.model import BertForMaskedLM, ModelConfig, num_parameters
+from pretrain.report import said_software
 
 TIED = "cls.predictions.decoder.weight"
 
@@ -228,6 +229,8 @@ def _card(state: dict, mans: list[tuple[str, float, dict | None]], n_params: int
         "## Training",
         f"- checkpoint `{state['tag']}`: {state['step']:,} steps, {state['tokens']:,} tokens",
     ]
+    if soft := state.get("software"):
+        lines.append(f"- written by {said_software(soft)}")
     if passed := state.get("skipped_steps"):
         lines.append(f"- the data of {passed:,} of those steps passed over, not trained on (`train.skip_steps`)")
     teacher = state["config"].get("distill", {}).get("teacher")

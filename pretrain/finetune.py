@@ -469,7 +469,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
 
     from pretrain import engine
     from pretrain.config import accumulation_steps
-    from pretrain.metrics import Logger, StepProfiler
+    from pretrain.metrics import Logger, StepProfiler, record_start, software
     from pretrain.trainer import Result, Stop
 
     began = time.monotonic()  # (train.exit_after_minutes counts from here)
@@ -538,12 +538,15 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         skipped = sum(rows.skipped.values())
         say(f"{name}: {len(rows.texts):,} rows" + (f", {skipped:,} skipped {dict(rows.skipped)}" if skipped else "")
             + f", {cut:,} truncated to {max_length} tokens")  # fmt: skip
-    say(f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
-        f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
-        + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}"
-        + (f"; resuming from {loaded} (step {at})" if loaded else "")
-        + (f", written by {was} rank(s)" + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}"
-           if resharding else "") if was != world else ""))  # fmt: skip
+    line = (f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
+            f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
+            + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}"
+            + (f"; resuming from {loaded} (step {at})" if loaded else "")
+            + (f", written by {was} rank(s)" + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}"
+               if resharding else "") if was != world else ""))  # fmt: skip
+    say(line)
+    if rank == 0:
+        record_start(run_dir, at, line, software())
     if warning := precision_warning(cfg.train.precision):
         say(warning)
     best = state["best"] if state else None

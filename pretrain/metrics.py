@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import collections
 import json
+import platform
+import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from data_prep.files import write_atomic
 from pretrain.config import cpu_has_bf16
-from pretrain.report import ABANDONED_LOG, read_records
+from pretrain.report import ABANDONED_LOG, STARTS, read_records
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
@@ -136,6 +140,52 @@ def set_aside_logs(run_dir: Path, step: int) -> str | None:
         f"the logs of steps {steps[0]}-{steps[-1]} ({len(later)} records) moved to {Path(run_dir) / ABANDONED_LOG} "
         f"and TensorBoard's run {tb.relative_to(Path(run_dir) / 'tb')} (bertforge report draws them too)"
     )
+
+
+def software() -> dict[str, str]:
+    """The code a run runs: bertforge's version and, in a git checkout, its commit (``+changes``
+    where tracked files differ from it), and the versions of torch, DeepSpeed and Python (and CUDA
+    and NCCL on a GPU), for the run's journal and each checkpoint's state."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    out = {"bertforge": of("bertforge")}
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():
+        git = ["git", "-c", f"safe.directory={repo}", "-C", str(repo)]
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0:
+            changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True).stdout.strip()  # fmt: skip
+            out["commit"] = head.stdout.strip() + ("+changes" if changed else "")
+    out.update(torch=torch.__version__, deepspeed=of("deepspeed"), python=platform.python_version())
+    if torch.cuda.is_available():
+        out.update(cuda=str(torch.version.cuda), nccl=".".join(map(str, torch.cuda.nccl.version())))
+    return out
+
+
+def record_start(run_dir: Path, step: int, line: str, soft: dict[str, str]) -> None:
+    """Rank 0, at each start of a run: a line of ``RUN/starts.jsonl`` with the time, the host, the
+    step it starts from, the software (:func:`software`) and the start-up line (ranks, accelerator,
+    precision, what a resume changed): the run's history of starts, which ``bertforge inspect RUN``
+    sums up. A write that fails (a full disk) is said on stderr; the run goes on."""
+    entry = {
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "step": step,
+        "software": soft,
+        "start_line": line,
+    }
+    try:
+        with open(Path(run_dir) / STARTS, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError as err:
+        print(f"{Path(run_dir) / STARTS}: not written ({err.strerror or err}); the run goes on", file=sys.stderr)
 
 
 class StepProfiler:

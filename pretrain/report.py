@@ -45,6 +45,33 @@ ABANDONED_LOG = "metrics.abandoned.jsonl"
 """In a run folder: the records a rewind took out of ``metrics.jsonl`` (``pretrain.metrics.set_aside_logs``)."""
 
 
+STARTS = "starts.jsonl"
+"""In a run folder: one line per start of the run (``pretrain.metrics.record_start``)."""
+
+
+def said_software(soft: dict[str, str]) -> str:
+    """``pretrain.metrics.software`` in words: ``bertforge 0.1.0 (commit 1a2b3c4d5e6f), torch 2.13.0, ...``."""
+    commit = f" (commit {soft['commit']})" if "commit" in soft else ""
+    names = {"deepspeed": "DeepSpeed", "python": "Python", "cuda": "CUDA", "nccl": "NCCL"}
+    return f"bertforge {soft['bertforge']}{commit}, " + ", ".join(
+        f"{names.get(k, k)} {v}" for k, v in soft.items() if k not in ("bertforge", "commit")
+    )
+
+
+def last_start(run_dir: Path) -> str | None:
+    """``bertforge inspect``'s line for ``RUN/starts.jsonl``: how many starts, the last one's time,
+    host, step and software."""
+    path = Path(run_dir) / STARTS
+    starts = [rec for _, rec in read_records(path)[0] if "software" in rec] if path.is_file() else []
+    if not starts:
+        return None
+    last = starts[-1]
+    return (
+        f"started {len(starts)} time(s); the last at {last.get('started_at', '?')} on {last.get('host', '?')} "
+        f"from step {last['step']:,}: {said_software(last['software'])}"
+    )
+
+
 def duration(seconds: float) -> str:
     """A span in words: ``14 s``, ``5 min``, ``3.2 h``."""
     return (
@@ -206,6 +233,8 @@ def summary(run_dir: Path) -> str:
             )
             + (f"; {state['bad_steps']} micro-batches skipped (non-finite loss)" if state["bad_steps"] else "")
         )
+    if said := last_start(run_dir):
+        lines.append(said)
     steps = ckpt.complete_steps(run_dir)
     lines.append("checkpoints:" + ("" if steps else " none yet"))
     for step in steps:
@@ -276,6 +305,8 @@ def _finetune_summary(run_dir: Path, cfg: dict) -> str:
             )
     else:
         lines.append("progress: no checkpoint yet")
+    if said := last_start(run_dir):
+        lines.append(said)
     root = ckpt.folder(run_dir)
     kept = sorted(p for p in root.glob("*_0*") if p.is_dir()) if root.is_dir() else []
     lines.append("checkpoints:" + ("" if kept else " none yet"))

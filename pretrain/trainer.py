@@ -553,7 +553,16 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     terms of the last forward in ``loss_terms`` (logged under their names; in eval mode,
     ``teacher_correct`` becomes ``eval/teacher_mlm_accuracy``)."""
     from pretrain import engine  # the one module that imports deepspeed
-    from pretrain.metrics import Logger, SpikeWatch, StepProfiler, measure_peak_tflops, peak_memory_gb, set_aside_logs
+    from pretrain.metrics import (
+        Logger,
+        SpikeWatch,
+        StepProfiler,
+        measure_peak_tflops,
+        peak_memory_gb,
+        record_start,
+        set_aside_logs,
+        software,
+    )
 
     began = time.monotonic()  # (train.exit_after_minutes counts from here)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -673,7 +682,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         _steps(max(a, step + 1), min(b, cfg.train.max_steps)) for a, b in skips if b > step and a <= cfg.train.max_steps
     ]
     logger = Logger(run_dir, step, to_dict(cfg), to_yaml(cfg)) if rank == 0 else None
-    say(
+    soft = software() if rank == 0 else {}  # (each checkpoint's state and the run's journal name the code)
+    line = (
         f"bertforge {stage}: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
         f"{cfg.train.precision.value}; model {num_parameters(model) / 1e6:.2f}M parameters "
         f"(L{cfg.model.num_layers} H{cfg.model.hidden_size} A{cfg.model.num_heads}), vocab {cfg.model.vocab_size:,}, "
@@ -683,6 +693,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         + (f"; initial weights from {cfg.train.init_from}" if cfg.train.init_from and not latest else "")
         + (f"; the data of {', '.join(ahead)} passed over (train.skip_steps)" if ahead else "")
     )
+    say(line)
+    if rank == 0:
+        record_start(run_dir, step, line, soft)
     if weights:  # what the run will read of each dataset from here
         left = cfg.train.max_steps - step
         say("data: " + ", ".join(
@@ -745,6 +758,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 **({"skipped_steps": passed_total} if passed_total else {}),
                 "passed_over": passed,
                 "spike_watch": spikes.state(),  # (a resumed run's watch goes on from it)
+                "software": soft,
                 "world": world,
                 "num_workers": cfg.data.num_workers,
                 "files": ckpt.file_sizes(root / name),  # (every rank's, all written by now)

@@ -125,6 +125,7 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     assert lines[3] == f"progress: step {steps + 2} of {3 * steps}, 1 of 3 epochs complete; checkpoint " \
                        f"step_{steps + 2:08d} (finetune_state.json)"  # fmt: skip
     assert lines[4].startswith("  epoch 1: loss ") and ", macro-F1 " in lines[4] and lines[4].endswith("  best")
+    assert lines[5].startswith("started 1 time(s); the last at ") and " from step 0: bertforge " in lines[5], lines
     assert [x.split()[0] for x in lines[lines.index("checkpoints:") + 1 :][:2]] == [
         "epoch_001",
         f"step_{steps + 2:08d}",

@@ -218,6 +218,26 @@ def test_stop_and_resume_gives_the_same_losses_with_profiled_steps(dataset, refe
     state = ckpt.read_state(run, "step_00000020")
     assert state["step"] == 20 and state["batches"] == 20 and state["tokens"] == 20 * 16 * 64
     assert {(p["rank"], p["worker"]) for p in state["data_position"]} == {(0, 0), (1, 0)}
+    # the run's journal: a line per start (its step, host, software, start-up line); each checkpoint names the code
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 10] and all(s["host"] == platform.node() for s in starts)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    soft = state["software"]
+    assert (
+        soft == starts[-1]["software"]
+        and soft["torch"] == torch.__version__
+        and soft["python"] == platform.python_version()
+    )
+    assert soft.get("commit", "").startswith(head.stdout.strip() or "not a git checkout"), soft  # (+changes: edits)
+    assert starts[1]["start_line"] in r.stdout and "; resuming from step_00000010 (step 10)" in starts[1]["start_line"]
+    said = f"started 2 time(s); the last at {starts[1]['started_at']} on {platform.node()} from step 10: bertforge "
+    said += f"{soft['bertforge']} (commit {soft['commit']}), torch {torch.__version__}, DeepSpeed "
+    assert any(line.startswith(said) for line in run_cli("inspect", str(run)).stdout.splitlines())
+    from pretrain.export import _card
+
+    assert f"- written by bertforge {soft['bertforge']} (commit {soft['commit']}), torch " in _card(
+        {**state, "tag": "step_00000020"}, [(str(dataset), 1.0, None)], 1, {}
+    )
     # a finished run says so and does nothing
     r = pretrain(dataset, run, "train.precision=fp32")
     ok(r)
