@@ -36,11 +36,14 @@ TIED = "cls.predictions.decoder.weight"
 
 
 def resolve_checkpoint(source: Path) -> tuple[Path, str]:
-    """``(run_dir, tag)`` for a run folder (its ``latest``) or a checkpoint folder; errors name the path."""
+    """``(run_dir, tag)`` for a run folder (its ``latest``) or a checkpoint folder, also one a rewind
+    set aside (``RUN/checkpoints/abandoned/step_N``: the tag ``abandoned/step_N``); errors name the path."""
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no such run or checkpoint folder")
     if (source / ckpt.STATE).is_file():  # a checkpoint folder: RUN/checkpoints/step_N
+        if source.parent.name == ckpt.ABANDONED and source.parent.parent.name == ckpt.folder(Path()).name:
+            return source.parent.parent.parent, f"{ckpt.ABANDONED}/{source.name}"
         return source.parent.parent, source.name
     if source.name.startswith("step_") and source.is_dir():
         raise UserError(f"{source}: a partial checkpoint (no {ckpt.STATE}: its save did not finish)")

@@ -335,7 +335,7 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     with the skip gives the same losses, to the bit, as the run that passed over them uninterrupted."""
 
     from data_prep.files import holding
-    from pretrain.export import _card
+    from pretrain.export import _card, load_checkpoint
     from pretrain.report import abandoned, passed_over, report, summary
 
     skipping = tmp_path / "skipping"
@@ -391,6 +391,12 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     assert ckpt.read_state(rewound, "step_00000020")["skipped_steps"] == 4
     old = ckpt.read_state(rewound, "abandoned/step_00000020")
     assert old["step"] == 20 and "skipped_steps" not in old  # the abandoned one kept as it was
+    # and it loads as any checkpoint (export, eval, a teacher): the reference's step 20, whose copy it is
+    aside, state_aside, _ = load_checkpoint(rewound / "checkpoints/abandoned/step_00000020")
+    theirs_model, _, _ = load_checkpoint(reference)
+    assert state_aside["tag"] == "abandoned/step_00000020" and all(
+        torch.equal(a, b) for a, b in zip(aside.state_dict().values(), theirs_model.state_dict().values())
+    )
 
     # bertforge rewind: the same move, checked, refused while a run holds the folder
     with holding(skipping):
