@@ -471,6 +471,10 @@ def ends_process_group(run):  # noqa: ANN001, ANN201
     return wrapper
 
 
+SAID_ELSEWHERE = ("data.num_workers", "train.micro_batch_size", "data.blend", "data.weights", "train.skip_steps")
+"""Config keys whose change at a resume the start-up line says in its own words (:func:`_relayout`)."""
+
+
 def _relayout(
     cfg: PretrainConfig, state: dict, layout: dict, batches: int, world: int, resharding: bool,
     folders: list[Path], mans: list[dict], shas: list[str], weights: list[float] | None,
@@ -625,9 +629,14 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         else:
             engine.load(eng, root, latest)
         engine.take_optim_keys(eng, cfg.optim)
-        mine, theirs = leaves(to_dict(cfg.optim), "optim."), leaves(state["config"]["optim"], "optim.")
-        if moved := [f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v]:
-            changed += f"; from here {', '.join(moved)} (the checkpoint's Adam moments kept)"
+        # what the config changes (the start-up line, so the run's journal, says it); the layout and
+        # the blend are said below, the steps passed over with the stretches ahead
+        mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])
+        moved = {k: f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if optim := [said for k, said in moved.items() if k.startswith("optim.")]:
+            changed += f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)"
+        if other := [said for k, said in moved.items() if not k.startswith(("optim.", *SAID_ELSEWHERE))]:
+            changed += f"; config changes: {', '.join(other)}"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         passed_total, passed = state.get("skipped_steps", 0), state.get("passed_over", [])
         layout = state.get("data_layout", layout)

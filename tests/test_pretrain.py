@@ -199,7 +199,8 @@ def test_stop_and_resume_gives_the_same_losses_with_profiled_steps(dataset, refe
     profile = ("log.profile_from=12", "log.profile_steps=2", "log.profile_ranks=[0,1]")
     r = pretrain(dataset, run, "train.precision=fp32", *profile)
     ok(r)
-    assert "resuming from step_00000010 (step 10)" in r.stdout
+    assert "resuming from step_00000010 (step 10); config changes: train.exit_at_step 10 -> 0, log.profile_from 0 " \
+           "-> 12, log.profile_ranks [0] -> [0, 1]" in r.stdout, r.stdout[:3000]  # fmt: skip
     folder = run / "profile/step_00000012"
     assert f"profiled steps 12-13 on rank(s) 0, 1: {folder}/rankNNNNN.trace.json.gz (open it in " in r.stdout
     assert sorted(p.name for p in folder.iterdir()) == [
