@@ -386,20 +386,29 @@ def _run_fill_mask(ns: argparse.Namespace) -> int:
 def _report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
-        help="a run's curves (loss, accuracy, learning rate, tokens/s, distillation terms) as a PNG",
+        help="a run's curves (loss, accuracy, learning rate, tokens/s, distillation terms) as a PNG; several runs' side by side",
         description="Plot RUN/metrics.jsonl (the values the run sent to TensorBoard) into one PNG: loss, MLM "
         "accuracy, learning rate and tokens/s; for a distillation run also each loss term and the student's "
-        "accuracy next to the teacher's.",
+        "accuracy next to the teacher's. Given several runs (an ablation), their curves on the same panels, a "
+        "colour per run, into --output.",
     )
-    p.add_argument("run_dir", metavar="RUN", help="a run folder of bertforge pretrain or distill")
-    p.add_argument("--output", metavar="PNG", help="where to write (default RUN/report.png; .svg or .pdf also)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN", help="a run folder of bertforge pretrain, distill or finetune")
+    p.add_argument(
+        "--output", metavar="PNG", help="where to write (default RUN/report.png for one run; .svg or .pdf also)"
+    )
     p.set_defaults(func=_run_report)
 
 
 def _run_report(ns: argparse.Namespace) -> int:
-    from pretrain.report import report
+    from pretrain.report import compare, report
 
-    print(f"wrote {report(Path(ns.run_dir), Path(ns.output) if ns.output else None)}")
+    runs = [Path(r) for r in ns.run_dirs]
+    if len(runs) == 1:
+        print(f"wrote {report(runs[0], Path(ns.output) if ns.output else None)}")
+    elif not ns.output:
+        raise UserError(f"--output: where to write the comparison of {len(runs)} runs (a .png, .svg or .pdf)")
+    else:
+        print(f"wrote {compare(runs, Path(ns.output))}")
     return 0
 
 

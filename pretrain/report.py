@@ -321,20 +321,74 @@ def _finetune_summary(run_dir: Path, cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def report(run_dir: Path, output: Path | None = None) -> Path:
-    """Write the PNG (default ``RUN/report.png``) and return its path."""
+def dataset_names(folders: list[Path]) -> list[str]:
+    """Each dataset's name in a blend's TensorBoard tags (each run's in a comparison): its folder's
+    name, numbered where an earlier one has it (``ds``, ``ds-2``)."""
+    names = []
+    for f in folders:
+        name = base = Path(f).resolve().name
+        n = 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
+def _pyplot(output: Path):  # noqa: ANN202 (matplotlib.pyplot)
+    """matplotlib's pyplot without a display, once ``output`` is known to be an image file's name."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if output.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(
+            f"{output}: not an image file name (end it with .png, .svg or .pdf)"
+        )  # (matplotlib: .png added)
+    return plt
+
+
+def _save(fig, output: Path) -> Path:  # noqa: ANN001
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=90)
+    return output
+
+
+def compare(run_dirs: list[Path], output: Path) -> Path:
+    """``bertforge report RUN RUN ... --output PNG``: the runs' curves on the same panels (those
+    any of them logged), a colour per run and a line style per curve (train, eval, ...), for
+    ablations side by side; returns ``output``."""
+    output = Path(output)
+    plt = _pyplot(output)
+    runs = {name: read_metrics(run) for name, run in zip(dataset_names(run_dirs), run_dirs)}
+    drawn = panels([r for recs in runs.values() for r in recs])
+    fig, axes = plt.subplots(len(drawn), 1, figsize=(7, 2.4 * len(drawn)), sharex=True, squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], drawn):
+        for i, (name, recs) in enumerate(runs.items()):
+            for j, (key, label) in enumerate(keys):
+                steps, values = series(recs, key)
+                if steps:
+                    ax.plot(steps, values, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[j % 4],
+                            label=f"{name} {label}" if len(keys) > 1 else name)  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(" vs ".join(f"{name} ({recs[-1]['step']:,} steps)" for name, recs in runs.items()), fontsize=11)
+    try:
+        return _save(fig, output)
+    finally:
+        plt.close(fig)
+
+
+def report(run_dir: Path, output: Path | None = None) -> Path:
+    """Write the PNG (default ``RUN/report.png``) and return its path."""
     run_dir = Path(run_dir)
     output = Path(output) if output else run_dir / "report.png"
-    if (
-        output.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes()
-    ):  # (matplotlib would raise, or add .png to the name)
-        raise UserError(f"{output}: not an image file name (end it with .png, .svg or .pdf)")
+    plt = _pyplot(output)
     records = read_metrics(run_dir)
     drawn = panels(records)
     passed = passed_over(run_dir, records[-1]["step"])
@@ -362,8 +416,7 @@ def report(run_dir: Path, output: Path | None = None) -> Path:
             ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"{run_dir.resolve().name}: {records[-1]['step']:,} steps", fontsize=11)
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=90)
-    plt.close(fig)
-    return output
+    try:
+        return _save(fig, output)
+    finally:
+        plt.close(fig)

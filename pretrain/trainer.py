@@ -50,6 +50,7 @@ from pretrain.config import (
 )
 from pretrain.data import DamagedShard, ShardStream, build_loader, close_loader, iterate
 from pretrain.model import BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
+from pretrain.report import dataset_names
 
 # Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, optim.*,
 # log.every, ...) may change (optim.*: engine.take_optim_keys puts them over the checkpoint's).
@@ -184,20 +185,6 @@ def _check_blend(cfg: PretrainConfig, man: dict) -> None:
     if cfg.data.weights or cfg.data.blend:
         shares = cfg.data.weights or sizes
         cfg.data.weights = [w / sum(shares) for w in shares]
-
-
-def dataset_names(folders: list[Path]) -> list[str]:
-    """Each dataset's name in a blend's TensorBoard tags: its folder's name, numbered where an
-    earlier one has it (``ds``, ``ds-2``)."""
-    names = []
-    for f in folders:
-        name = base = Path(f).resolve().name
-        n = 1
-        while name in names:
-            n += 1
-            name = f"{base}-{n}"
-        names.append(name)
-    return names
 
 
 def data_read(before: list[dict] | None, shas: list[str], paths: list, counts: list[int]) -> list[dict] | None:

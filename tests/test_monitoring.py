@@ -11,7 +11,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.image
+import numpy as np
 import pytest
 
 from launch.env import free_port
@@ -81,6 +83,24 @@ def test_report_draws_the_runs_curves(teacher_run, tmp_path) -> None:
     image = matplotlib.image.imread(out)
     assert image.shape[0] == round(2.4 * 90 * len(drawn)) and image.shape[1] == 7 * 90
     assert image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_report_compares_runs_on_the_same_panels(teacher_run, tmp_path) -> None:
+    """Several runs: their curves on the panels any of them logged, a colour per run, into --output."""
+    _, run = teacher_run
+    other = tmp_path / "b" / run.name  # another run of the same folder name (told apart as teacher-2)
+    other.mkdir(parents=True)
+    logged = [{**m, "train/loss": m["train/loss"] + 1.0} for m in read_metrics(run) if "train/loss" in m]
+    (other / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in logged))
+    r = run_cli("report", str(run), str(other))
+    assert r.returncode == 2 and "--output: where to write the comparison of 2 runs" in r.stderr, r.stderr
+    out = tmp_path / "ablation.png"
+    r = run_cli("report", str(run), str(other), "--output", str(out))
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {out}", r.stderr
+    image = matplotlib.image.imread(out)[..., :3]
+    for colour in ("#1f77b4", "#ff7f0e"):  # matplotlib's first two colours: the first run's lines, the second's
+        rgb = np.array(matplotlib.colors.to_rgb(colour))
+        assert (np.abs(image - rgb).max(axis=-1) < 0.02).sum() > 200, colour
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path, capfd) -> None:
