@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -156,7 +157,7 @@ def software() -> dict[str, str]:
 
     out = {"bertforge": of("bertforge")}
     repo = Path(__file__).resolve().parents[1]
-    if (repo / ".git").exists():
+    if (repo / ".git").exists() and shutil.which("git"):  # (a compute node may have no git)
         git = ["git", "-c", f"safe.directory={repo}", "-C", str(repo)]
         head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
         if head.returncode == 0:
