@@ -372,9 +372,10 @@ def progress(record: dict) -> str | None:
     records = [rec for _, rec in read_records(path)[0]] if path.is_file() else []
     if not records:
         return f"no step logged yet ({run})"
-    total = None  # (a fine-tuning run's config.yaml has the max_steps its epochs make)
-    if (run / "config.yaml").is_file():
+    try:  # (a fine-tuning run's config.yaml has the max_steps its epochs make)
         total = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train") or {}).get("max_steps")
+    except (OSError, yaml.YAMLError, AttributeError):  # (none yet, or not a config: the step alone)
+        total = None
     ago, last = max(0.0, time.time() - path.stat().st_mtime), records[-1]
     keys = ("train/loss", "finetune/train_loss")  # (pretrain and distill; finetune)
     loss = next((rec[k] for rec in reversed(records) for k in keys if k in rec), None)
