@@ -277,8 +277,6 @@ def _sizes(folder: Path) -> str:
 def _finetune_summary(run_dir: Path, cfg: dict) -> str:
     """:func:`summary` of a fine-tuning run: its task and files, how far it is, each epoch's eval
     figures (the best marked), its checkpoints and model folder, its last log."""
-    import json
-
     from data_prep.files import holder
     from pretrain import checkpoint as ckpt
 
