@@ -616,20 +616,20 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         else:
             engine.load(eng, root, latest)
         engine.take_optim_keys(eng, cfg.optim)
-        # what the config changes (the start-up line, so the run's journal, says it); the layout and
-        # the blend are said below, the steps passed over with the stretches ahead
+        # what the config changes (the start-up line, so the run's journal, says it: the optimizer's
+        # keys first, the rest after the layout and the blend, the steps passed over with the stretches ahead)
         mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])
         moved = {k: f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v}
-        if optim := [said for k, said in moved.items() if k.startswith("optim.")]:
+        if optim := [change for k, change in moved.items() if k.startswith("optim.")]:
             changed += f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)"
-        if other := [said for k, said in moved.items() if not k.startswith(("optim.", *SAID_ELSEWHERE))]:
-            changed += f"; config changes: {', '.join(other)}"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         passed_total, passed = state.get("skipped_steps", 0), state.get("passed_over", [])
         layout = state.get("data_layout", layout)
         layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
         layout, said = _relayout(cfg, state, layout, batches, world, resharding, folders, mans, shas, weights)
         changed += said
+        if other := [change for k, change in moved.items() if not k.startswith(("optim.", *SAID_ELSEWHERE))]:
+            changed += f"; config changes: {', '.join(other)}"
 
     word_start = None
     if cfg.data.masking.whole_word:
