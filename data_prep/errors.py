@@ -48,11 +48,13 @@ def naming(path: Path | str) -> Iterator[None]:
         raise OSError(err.errno, err.strerror, str(path)) from None
 
 
-_FAULT = os.environ.get("BERTFORGE_FAULT", "")  # read once: each rank and prep worker is a fresh process or a fork
+_FAULT = frozenset(filter(None, os.environ.get("BERTFORGE_FAULT", "").split(",")))  # read once: each rank and
+# prep worker is a fresh process or a fork
 
 
 def fault(kind: str, at: int) -> bool:
-    """Test hook: whether ``BERTFORGE_FAULT`` is ``kind@AT``. The trainer's kinds, at step ``AT``:
+    """Test hook: whether ``BERTFORGE_FAULT`` (``kind@AT``, or several, comma-separated) holds
+    ``kind@at``. The trainer's kinds, at step ``AT``:
     ``kill`` (SIGKILL every rank after the step), ``kill-in-save`` (SIGKILL rank 0 inside the step's
     save), ``nan`` (a non-finite loss on the last rank in the step's first micro-batch), ``spike``
     (the step's losses logged 3x, its training unchanged), ``oom`` (the last rank asks the allocator
@@ -65,4 +67,4 @@ def fault(kind: str, at: int) -> bool:
     timed out).
     Prep's, at unit ``AT``: ``kill-in-unit`` (SIGKILL the process writing the unit, its shards half
     written)."""
-    return bool(_FAULT) and _FAULT == f"{kind}@{at}"  # (on the hot path: nothing when unset)
+    return bool(_FAULT) and f"{kind}@{at}" in _FAULT  # (on the hot path: nothing when unset)

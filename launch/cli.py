@@ -551,6 +551,14 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclusive", action="store_true", help="whole nodes")
     p.add_argument("--job-name", default="bertforge", metavar="J")
     p.add_argument("--max-timeouts", type=int, default=3, metavar="K", help="requeues after time-outs (default 3)")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=0,
+        metavar="F",
+        help="requeues after a task fails or is killed (a node's fault, the out-of-memory killer): the job "
+        "starts again from the last checkpoint (default 0)",
+    )
     p.add_argument("--log-dir", default="runs/slurm", metavar="D", help="submitit's folder; D/JOBID per job")
     p.add_argument("--array", type=int, default=4, metavar="N", help="prep: array tasks, each a slice of the units")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
@@ -567,7 +575,7 @@ def _run_submit(ns: argparse.Namespace) -> int:
         nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
         cpus_per_task=ns.cpus_per_task, partition=ns.partition, account=ns.account, qos=ns.qos, time=ns.time,
         constraint=ns.constraint, mem=ns.mem, exclusive=ns.exclusive, job_name=ns.job_name,
-        max_timeouts=ns.max_timeouts,
+        max_timeouts=ns.max_timeouts, max_failures=ns.max_failures,
     )  # fmt: skip
     submit.check(res)
     config, overrides = _split_positional(ns.args)
@@ -656,6 +664,8 @@ def _run_jobs(ns: argparse.Namespace) -> int:
         print(f"{job['job_id']:>8}  {state:<10} {job['stage']:<9} {ranks:>5}  {job['submitted']:<26} {job['log_dir']}")
         if state == "FAILED" and (why := submit.failure(job)):
             print(f"{'':>10}{why}")  # under it, indented: the exception, or srun's report of the task that died
+        if n := submit.failures(job):
+            print(f"{'':>10}requeued after {n} failed task(s) (--max-failures)")
         if state in submit.ACTIVE and (said := submit.progress(job)):
             print(f"{'':>10}{said}")  # a job still queued or running: its run's last log, and how long ago
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,7 @@ class Resources:
     exclusive: bool = False
     job_name: str = "bertforge"
     max_timeouts: int = 3
+    max_failures: int = 0
 
     def minutes(self) -> int:
         """``--time`` (``[D-]HH:MM:SS``, ``HH:MM`` or minutes) in minutes."""
@@ -75,6 +77,8 @@ def check(res: Resources) -> None:
         raise UserError("--tasks-per-node must equal --gpus-per-node: one rank per GPU")
     if res.max_timeouts < 0:
         raise UserError(f"--max-timeouts {res.max_timeouts}: must not be negative")
+    if res.max_failures < 0:
+        raise UserError(f"--max-failures {res.max_failures}: must not be negative")
     res.minutes()
     if not shutil.which("sinfo"):
         return
@@ -208,8 +212,51 @@ def executor(res: Resources, folder: Path):  # noqa: ANN201
             params[key] = getattr(res, key)
     if res.exclusive:
         params["exclusive"] = True
+    if res.max_failures:
+        params["teardown"] = requeue_on_failure(folder, res.max_failures)
     ex.update_parameters(**params)
     return ex
+
+
+FAILURES = "{job}_failures"
+"""In a job's log folder: how many times the job was requeued after a failed task (``--max-failures``)."""
+
+
+def requeue_on_failure(folder: Path, most: int) -> list[str]:
+    """The sbatch script's lines after srun (``--max-failures``): where srun ended with a task
+    that failed or was killed (its exit status neither 0 nor 2, bertforge's refusal of its input,
+    which a rerun would only repeat) while the job is still RUNNING (not being requeued after a
+    time-out or cancelled, which submitit and the trainer handle), the job requeues itself, ``most``
+    times at most, counted in ``LOG_DIR/JOBID/JOBID_failures``: it starts again from the run's
+    last checkpoint. Each decision is said in the job's error log."""
+    count = f"{shlex.quote(str(folder))}/${{SLURM_JOB_ID}}/{FAILURES.format(job='${SLURM_JOB_ID}')}"
+    return [
+        "bertforge_rc=$?",
+        f"bertforge_count={count}",
+        'if [ "$bertforge_rc" -ne 0 ] && [ "$bertforge_rc" -ne 2 ] && '
+        '[ "$(squeue -h -j "$SLURM_JOB_ID" -o %T)" = RUNNING ]; then',
+        '  bertforge_n=$(cat "$bertforge_count" 2>/dev/null || echo 0)',
+        f'  if [ "$bertforge_n" -lt {most} ]; then',
+        '    echo $((bertforge_n + 1)) > "$bertforge_count"',
+        '    echo "bertforge: a task failed (srun exit status $bertforge_rc): job $SLURM_JOB_ID requeued, failure '
+        f'$((bertforge_n + 1)) of {most} (--max-failures); it resumes from its last checkpoint" >&2',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "  else",
+        '    echo "bertforge: a task failed (srun exit status $bertforge_rc) after '
+        f'{most} requeue(s) (--max-failures {most}): not requeued" >&2',
+        "  fi",
+        "fi",
+        'exit "$bertforge_rc"',
+    ]
+
+
+def failures(record: dict) -> int:
+    """How many times ``--max-failures`` requeued the job (0: never, or not asked)."""
+    path = Path(record["log_dir"]) / FAILURES.format(job=record["job_id"])
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def dry_run_script(res: Resources, folder: Path) -> str:

@@ -103,24 +103,32 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, 
     assert res.loss == json.loads(reference.read_text())["loss"]  # the same samples, masks and steps
 
 
-def test_a_rank_that_dies_ends_the_job_at_once(dataset, tmp_path) -> None:
+def test_a_rank_that_dies_ends_the_job_at_once_and_it_is_requeued_as_often_as_asked(dataset, tmp_path) -> None:
     """The last rank is killed (as by the out-of-memory killer) while rank 0 waits for it, as ranks in an NCCL
     collective wait for a dead peer until the process group's timeout: the job had held both nodes for the
-    30 minutes of that timeout; srun now ends it at once (--kill-on-bad-exit), and jobs says FAILED."""
+    30 minutes of that timeout; srun now ends it at once (--kill-on-bad-exit). With --max-failures 1 the job
+    requeues itself once and goes on from its last checkpoint; a rank killed again ends it, FAILED."""
     run, logs = tmp_path / "run", tmp_path / "logs"
-    job = submit(dataset, run, logs, env={"BERTFORGE_FAULT": "lost-rank@10"})
+    job = submit(dataset, run, logs, "--max-failures", "1", "checkpoint.every=5",
+                 env={"BERTFORGE_FAULT": "lost-rank@10,lost-rank@15"})  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
             assert time.monotonic() < deadline, "the job still holds its nodes: rank 0 waits for the dead rank"
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)  # (held)
             time.sleep(1)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
-    assert "step 10/" in (logs / job / f"{job}_0_log.out").read_text()
+    err = (logs / job / f"{job}_0_log.err").read_text()
+    assert f"job {job} requeued, failure 1 of 1 (--max-failures); it resumes from its last checkpoint" in err, err
+    assert "after 1 requeue(s) (--max-failures 1): not requeued" in err, err
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 10] and ckpt.latest(run) == ckpt.tag(15)  # (the second went on)
     listing = run_cli("jobs", "--log-dir", str(logs)).stdout.splitlines()
     state = next(i for i, line in enumerate(listing) if line.split()[0] == job)
     assert listing[state].split()[1] == "FAILED"  # (it had said UNKNOWN: no result, and no sacct here)
     assert listing[state + 1].strip().endswith(": task 1: Killed"), listing  # srun's report, under it
+    assert listing[state + 2].strip() == "requeued after 1 failed task(s) (--max-failures)", listing
 
 
 def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_path) -> None:
