@@ -362,8 +362,8 @@ def _srun_report(record: dict) -> str | None:
     err = Path(record["log_dir"]) / f"{record['job_id']}_0_log.err"
     if not err.is_file():
         return None
-    said = re.search(r"^srun: error: (\S+: tasks? [0-9,-]+: .*)$", err.read_text(errors="replace"), re.M)
-    return said.group(1) if said else None
+    said = re.findall(r"^srun: error: (\S+: tasks? [0-9,-]+: .*)$", err.read_text(errors="replace"), re.M)
+    return said[-1] if said else None  # (the last: a job requeued after a failure appends to its log)
 
 
 def job_state(record: dict) -> str:

@@ -419,7 +419,9 @@ def _data_position(batches: int, world: int, workers: int, micro: int) -> list[d
 # (the rendezvous's: pretrain.engine.init_distributed)
 TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms|collective operation timeout", re.IGNORECASE)
 # How gloo words a collective whose peer process is gone (ended by an error of its own, or killed)
-PEER_GONE = re.compile(r"gloo.*\] (Connection closed by peer|Connection reset by peer|Broken pipe)")
+PEER_GONE = re.compile(
+    r"gloo.*\](?: Read error \S+:)? (Connection closed by peer|Connection reset by peer|Broken pipe)"
+)
 
 
 def ends_process_group(run):  # noqa: ANN001, ANN201
