@@ -236,14 +236,13 @@ def requeue_on_failure(folder: Path, most: int) -> list[str]:
         'if [ "$bertforge_rc" -ne 0 ] && [ "$bertforge_rc" -ne 2 ] && '
         '[ "$(squeue -h -j "$SLURM_JOB_ID" -o %T)" = RUNNING ]; then',
         '  bertforge_n=$(cat "$bertforge_count" 2>/dev/null || echo 0)',
-        f'  if [ "$bertforge_n" -lt {most} ]; then',
-        '    echo $((bertforge_n + 1)) > "$bertforge_count"',
+        f'  if [ "$bertforge_n" -lt {most} ] && echo $((bertforge_n + 1)) > "$bertforge_count"; then',
         '    echo "bertforge: a task failed (srun exit status $bertforge_rc): job $SLURM_JOB_ID requeued, failure '
         f'$((bertforge_n + 1)) of {most} (--max-failures); it resumes from its last checkpoint" >&2',
         '    scontrol requeue "$SLURM_JOB_ID"',
-        "  else",
-        '    echo "bertforge: a task failed (srun exit status $bertforge_rc) after '
-        f'{most} requeue(s) (--max-failures {most}): not requeued" >&2',
+        "  else  # (the count not written, a full disk say: no requeue it could not count)",
+        '    echo "bertforge: a task failed (srun exit status $bertforge_rc) after $bertforge_n requeue(s) '
+        f'(--max-failures {most}): not requeued" >&2',
         "  fi",
         "fi",
         'exit "$bertforge_rc"',
@@ -323,7 +322,7 @@ def submit_prep(config: str | None, overrides: list[str], res: Resources, array:
         raise UserError("sbatch not found: bertforge submit needs a SLURM cluster (see launch/slurm/local_cluster.sh)")
     if array < 1:
         raise UserError(f"--array {array}: must be at least 1")
-    one = Resources(**{**res.__dict__, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0})
+    one = Resources(**{**res.__dict__, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "max_failures": 0})
     check(one)
     log_dir = Path(log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
