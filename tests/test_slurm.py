@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -49,14 +50,27 @@ def submit(dataset: Path, run: Path, logs: Path, *extra: str, env: dict | None =
     return job
 
 
+def start_now(job: str) -> None:
+    """A requeued job is held ~120 s before it may start again: let it start now, once it has been
+    PENDING for 3 s. At once, it had raced slurmd, which refuses a job whose credential it revoked in
+    the same second ("Killing non-startable batch job ...: Job credential revoked"): the job failed."""
+    said = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %V"], capture_output=True, text=True).stdout.split()
+    if (
+        len(said) == 2
+        and said[0] == "PENDING"
+        and (datetime.now() - datetime.fromisoformat(said[1])).total_seconds() >= 3
+    ):
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+
+
 def result(logs: Path, job: str, timeout: float = 600, nudge: bool = False):
     """Rank 0's return value, read from submitit's result file (sacct does not run here)."""
     path = logs / job / f"{job}_0_result.pkl"
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, (logs / job / f"{job}_0_log.err").read_text()[-3000:]
-        if nudge:  # a requeued job is held ~120 s before it may start again
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        if nudge:
+            start_now(job)
         time.sleep(1)
     time.sleep(0.5)
     with open(path, "rb") as f:
@@ -120,7 +134,7 @@ def test_a_rank_that_dies_ends_the_job_at_once_and_it_is_requeued_as_often_as_as
             or subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
         ):  # (the second failure said, and the job gone)
             assert time.monotonic() < deadline, "the job still holds its nodes: rank 0 waits for the dead rank"
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)  # (held)
+            start_now(job)
             time.sleep(1)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
