@@ -131,7 +131,7 @@ def _run_inspect(ns: argparse.Namespace) -> int:
     if Path(ns.dir).is_dir() and not (Path(ns.dir) / manifest.MANIFEST).is_file():
         from pretrain.report import summary  # a run folder (or neither: refused, naming both)
 
-        text = summary(Path(ns.dir))
+        text = summary(Path(ns.dir))  # (first: a folder that is neither is refused as such, --verify or not)
         if ns.verify:
             raise UserError(f"--verify checks a dataset's files against its manifest; {ns.dir} is a run folder")
         print(text)

@@ -407,21 +407,15 @@ def progress(record: dict) -> str | None:
     still shows RUNNING in squeue. None for a prep job."""
     import time
 
-    import yaml
+    from pretrain.report import duration, records_in, run_config, to_go
 
-    from pretrain.report import duration, read_records, to_go
-
-    run = Path(record.get("run_dir") or "")
     if record["stage"] == "prep" or not record.get("run_dir"):
         return None
+    run = Path(record["run_dir"])
     path = run / "metrics.jsonl"
-    records = [rec for _, rec in read_records(path)[0]] if path.is_file() else []
-    if not records:
+    if not (records := records_in(path)):
         return f"no step logged yet ({run})"
-    try:  # (a fine-tuning run's config.yaml has the max_steps its epochs make)
-        total = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train") or {}).get("max_steps")
-    except (OSError, yaml.YAMLError, AttributeError):  # (none yet, or not a config: the step alone)
-        total = None
+    total = (run_config(run).get("train") or {}).get("max_steps")  # (fine-tuning's: what its epochs make)
     ago, last = max(0.0, time.time() - path.stat().st_mtime), records[-1]
     keys = ("train/loss", "finetune/train_loss")  # (pretrain and distill; finetune)
     loss = next((rec[k] for rec in reversed(records) for k in keys if k in rec), None)

@@ -41,10 +41,9 @@ def resolve_checkpoint(source: Path) -> tuple[Path, str]:
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no such run or checkpoint folder")
-    if (source / ckpt.STATE).is_file():  # a checkpoint folder: RUN/checkpoints/step_N
-        if source.parent.name == ckpt.ABANDONED and source.parent.parent.name == ckpt.folder(Path()).name:
-            return source.parent.parent.parent, f"{ckpt.ABANDONED}/{source.name}"
-        return source.parent.parent, source.name
+    if (source / ckpt.STATE).is_file():  # a checkpoint folder: RUN/checkpoints/[abandoned/]step_N
+        root = next((p for p in source.parents if p.name == ckpt.folder(Path()).name), source.parent)
+        return root.parent, source.relative_to(root).as_posix()
     if source.name.startswith("step_") and source.is_dir():
         raise UserError(f"{source}: a partial checkpoint (no {ckpt.STATE}: its save did not finish)")
     try:
@@ -263,12 +262,9 @@ def _card(state: dict, mans: list[tuple[str, float, dict | None]], n_params: int
 
 
 def _last_eval(run_dir: Path) -> dict:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    from pretrain.report import read_records
+    from pretrain.report import records_in
 
-    evals = [rec for _, rec in read_records(path)[0] if "eval/loss" in rec]
+    evals = [rec for rec in records_in(Path(run_dir) / "metrics.jsonl") if "eval/loss" in rec]
     return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
 
 

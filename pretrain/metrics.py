@@ -111,18 +111,11 @@ def set_aside_logs(run_dir: Path, step: int) -> str | None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
-    kept, later = [], []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
-            later.append(rec)
-        else:
-            kept.append(line + "\n")
+    later = [(line, rec) for line, rec in read_records(path)[0] if rec["step"] > step]
     if not later:
         return None
+    moved = {line for line, _ in later}
+    kept, later = [line + "\n" for line in path.read_text().splitlines() if line not in moved], [r for _, r in later]
     with open(Path(run_dir) / ABANDONED_LOG, "a") as f:
         f.write("".join(json.dumps({**rec, "rewound_to": step}) + "\n" for rec in later))
     tb, n = Path(run_dir) / "tb" / f"abandoned_after_step_{step}", 1

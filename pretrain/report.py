@@ -61,8 +61,7 @@ def said_software(soft: dict[str, str]) -> str:
 def last_start(run_dir: Path) -> str | None:
     """``bertforge inspect``'s line for ``RUN/starts.jsonl``: how many starts, the last one's time,
     host, step and software."""
-    path = Path(run_dir) / STARTS
-    starts = [rec for _, rec in read_records(path)[0] if "software" in rec] if path.is_file() else []
+    starts = [rec for rec in records_in(Path(run_dir) / STARTS) if "software" in rec]
     if not starts:
         return None
     last = starts[-1]
@@ -88,6 +87,23 @@ def to_go(record: dict, max_steps: int | None) -> str:
     if not max_steps or "perf/step_time" not in record or record["step"] >= max_steps:
         return ""
     return f", about {duration((max_steps - record['step']) * record['perf/step_time'])} to go"
+
+
+def records_in(path: Path) -> list[dict]:
+    """The records of a ``*.jsonl`` log (:func:`read_records`), none where there is no such file;
+    lines that are not records left out."""
+    return [rec for _, rec in read_records(path)[0]] if Path(path).is_file() else []
+
+
+def run_config(run_dir: Path) -> dict:
+    """``RUN/config.yaml`` as the run wrote it; {} where there is none or it does not read as one."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def read_records(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, str]]]:
@@ -154,17 +170,12 @@ def passed_over(run_dir: Path, last: int) -> list[tuple[int, int]]:
     those its latest checkpoint's state lists, then, past that checkpoint, those of the config it
     last started with (``RUN/config.yaml``; all of them for a checkpoint that lists none, written
     before the state kept them). None where there is no such config (a fine-tuning run's folder)."""
-    import yaml
-
     from pretrain import checkpoint as ckpt
     from pretrain.config import join_ranges, skip_ranges
 
     try:
-        items = ((yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("train") or {}).get(
-            "skip_steps"
-        ) or []
-        ahead = skip_ranges(items)
-    except (OSError, yaml.YAMLError, ValueError, AttributeError):  # (a fine-tuning run's, or none)
+        ahead = skip_ranges((run_config(run_dir).get("train") or {}).get("skip_steps") or [])
+    except (ValueError, AttributeError):  # (a config edited by hand)
         return []
     done, since = [], 0
     try:
@@ -179,9 +190,8 @@ def passed_over(run_dir: Path, last: int) -> list[tuple[int, int]]:
 def abandoned(run_dir: Path) -> list[tuple[int, list[dict]]]:
     """What rewinds set aside of the run's log (``RUN/metrics.abandoned.jsonl``): for each rewind,
     in order, the step it went back to and the records after it that it took out."""
-    path = Path(run_dir) / ABANDONED_LOG
     groups: list[tuple[int, list[dict]]] = []
-    for _, rec in read_records(path)[0] if path.is_file() else []:
+    for rec in records_in(Path(run_dir) / ABANDONED_LOG):
         if not groups or rec.get("rewound_to") != groups[-1][0] or rec["step"] <= groups[-1][1][-1]["step"]:
             groups.append((rec.get("rewound_to"), []))  # (a step not after the last: the next rewind's)
         groups[-1][1].append(rec)
@@ -192,16 +202,15 @@ def summary(run_dir: Path) -> str:
     """``bertforge inspect RUN``: a pretraining or distillation run at a glance: whether a process
     holds it, its shape and data, how far it is, its checkpoints (and those a rewind set aside),
     its last log and evaluation; a fine-tuning run's (:func:`_finetune_summary`) likewise."""
-    import yaml
-
     from data_prep.files import holder
     from pretrain import checkpoint as ckpt
 
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: neither a dataset (no manifest.json) nor a run folder (no config.yaml)")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = run_config(run_dir)
+    if not {"model", "train", "data"} <= cfg.keys() and "finetune" not in cfg:
+        raise UserError(f"{run_dir / 'config.yaml'}: not a run's config (no model, train and data sections)")
     if "finetune" in cfg:
         return _finetune_summary(run_dir, cfg)
     m, t, d = cfg["model"], cfg["train"], cfg["data"]
@@ -251,9 +260,7 @@ def summary(run_dir: Path) -> str:
             + ", ".join(f"steps {recs[0]['step']}-{recs[-1]['step']} (back to {to})" for to, recs in stretches)
             + f" in {run_dir / ABANDONED_LOG}"
         )
-    records = (
-        [rec for _, rec in read_records(run_dir / "metrics.jsonl")[0]] if (run_dir / "metrics.jsonl").is_file() else []
-    )
+    records = records_in(run_dir / "metrics.jsonl")
     if trained := [r for r in records if "train/loss" in r]:
         r = trained[-1]
         lines.append(
@@ -311,9 +318,7 @@ def _finetune_summary(run_dir: Path, cfg: dict) -> str:
     lines += [f"  {p.name:<16}{_sizes(p)}" for p in kept]
     if (run_dir / "model").is_dir() and state and state["best"]:
         lines.append(f"model: {run_dir / 'model'} (epoch {state['best']['epoch']}, the best)")
-    records = (
-        [rec for _, rec in read_records(run_dir / "metrics.jsonl")[0]] if (run_dir / "metrics.jsonl").is_file() else []
-    )
+    records = records_in(run_dir / "metrics.jsonl")
     if trained := [r for r in records if "finetune/train_loss" in r]:
         lines.append(f"last log: step {trained[-1]['step']:,}: train loss {trained[-1]['finetune/train_loss']:.4f}")
     return "\n".join(lines)
@@ -341,10 +346,8 @@ def _pyplot(output: Path):  # noqa: ANN202 (matplotlib.pyplot)
     import matplotlib.pyplot as plt
     from matplotlib.backend_bases import FigureCanvasBase
 
-    if output.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
-        raise UserError(
-            f"{output}: not an image file name (end it with .png, .svg or .pdf)"
-        )  # (matplotlib: .png added)
+    if output.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():  # (matplotlib
+        raise UserError(f"{output}: not an image file name (end it with .png, .svg or .pdf)")  # adds .png)
     return plt
 
 

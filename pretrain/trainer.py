@@ -399,6 +399,11 @@ def _passed_over(skips: list[tuple[int, int]], first: int, max_steps: int) -> in
     return min(next(b for a, b in skips if a <= first <= b), max_steps)
 
 
+def passed_count(passed: list[list[int]]) -> int:
+    """How many steps the stretches ``[first, last]`` passed over hold (``skipped_steps``)."""
+    return sum(last - first + 1 for first, last in passed)
+
+
 def _steps(first: int, last: int) -> str:
     return f"steps {first}-{last}" if last > first else f"step {first}"
 
@@ -608,7 +613,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
     eng = engine.build(model, cfg, world, device, resharding)
 
-    step = batches = tokens = bad_total = passed_total = 0
+    step = batches = tokens = bad_total = 0
     passed: list[list[int]] = []  # the stretches of steps passed over, [first, last] (bertforge report shades them)
     layout = {"generation": 0, "origin": 0, "batches": 0, "read": []}  # the data slots' layout, since `batches`
     changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
@@ -625,7 +630,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         if optim := [change for k, change in moved.items() if k.startswith("optim.")]:
             changed += f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
-        passed_total, passed = state.get("skipped_steps", 0), state.get("passed_over", [])
+        passed = state.get("passed_over", [])
         layout = state.get("data_layout", layout)
         layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
         layout, said = _relayout(cfg, state, layout, batches, world, resharding, folders, mans, shas, weights)
@@ -753,7 +758,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 "batches": batches,
                 "tokens": tokens,
                 "bad_steps": bad_total,
-                **({"skipped_steps": passed_total} if passed_total else {}),
+                **({"skipped_steps": passed_count(passed)} if passed else {}),
                 "passed_over": passed,
                 "spike_watch": spikes.state(),  # (a resumed run's watch goes on from it)
                 "software": soft,
@@ -810,7 +815,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     it, passing = None, True
                 batches += accum
                 engine.pass_step(eng)
-                passed_total += 1
                 if passed and passed[-1][1] == step:
                     passed[-1][1] = step + 1
                 else:
@@ -897,7 +901,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     "perf/mfu": rate * flops / (peak * 1e12),
                     "memory/peak_gb": memory,
                     "train/tokens": tokens,
-                    **({"train/skipped_steps": passed_total} if passed_total else {}),
+                    **({"train/skipped_steps": passed_count(passed)} if passed else {}),
                 }
                 names = sorted(window.terms)
                 if names:
@@ -932,7 +936,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     )
                 window = _Window()
             elif due or evaluating:  # an evaluation alone, or the run's last step, passed over
-                scalars = {"train/lr": eng.get_lr()[0], "train/skipped_steps": passed_total} if due else {}
+                scalars = {"train/lr": eng.get_lr()[0], "train/skipped_steps": passed_count(passed)} if due else {}
                 if evaluating:
                     scalars.update(evaluate())
                 if logger:
@@ -982,7 +986,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 time.sleep(3600)
         say(
             f"done: {step} steps"
-            + (f" ({passed_total} passed over, train.skip_steps)" if passed_total else "")
+            + (f" ({passed_count(passed)} passed over, train.skip_steps)" if passed else "")
             + f", {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
         )
         return Result(step, cfg.train.max_steps, None, last_loss)

@@ -433,6 +433,11 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
         refusal(summary, tmp_path)
         == f"{tmp_path}: neither a dataset (no manifest.json) nor a run folder (no config.yaml)"
     )
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd/config.yaml").write_text("[1, 2]\n")  # (a config.yaml, but no run's: it had raised a TypeError)
+    assert refusal(summary, tmp_path / "odd") == (
+        f"{tmp_path / 'odd/config.yaml'}: not a run's config (no model, train and data sections)"
+    )
     assert ckpt.latest(skipping) == "step_00000010" and (root / "abandoned/step_00000020/trainer_state.json").is_file()
     r = run_cli("rewind", str(skipping), "15")
     assert r.returncode == 2
