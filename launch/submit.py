@@ -15,6 +15,7 @@ Submitted jobs are recorded in ``LOG_DIR/jobs.jsonl`` for ``bertforge jobs``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -118,6 +119,18 @@ class StageJob:
         self.stage, self.config, self.overrides, self.task = stage, config, overrides, task
 
     def __call__(self):  # noqa: ANN204
+        try:
+            return self._run()
+        except UserError:  # refused its input: a requeue (--max-failures) would only meet it again
+            if os.environ.get("SUBMITIT_FOLDER") and os.environ.get("SLURM_JOB_ID"):
+                import submitit
+
+                job = os.environ["SLURM_JOB_ID"]
+                with contextlib.suppress(OSError):  # (a full disk: the failure may be requeued)
+                    (submitit.JobEnvironment().paths.folder / REFUSED.format(job=job)).touch()
+            raise
+
+    def _run(self):  # noqa: ANN202
         from launch import env
         from launch.config import load_config
 
@@ -220,21 +233,27 @@ def executor(res: Resources, folder: Path):  # noqa: ANN201
 
 FAILURES = "{job}_failures"
 """In a job's log folder: how many times the job was requeued after a failed task (``--max-failures``)."""
+REFUSED = "{job}_refused"
+"""In a job's log folder: there where a task refused its input (a missing dataset, a damaged shard: exit
+code 2 when run by hand), which a requeue would meet again (``--max-failures`` leaves the job failed)."""
 
 
 def requeue_on_failure(folder: Path, most: int) -> list[str]:
     """The sbatch script's lines after srun (``--max-failures``): where srun ended with a task
-    that failed or was killed (its exit status neither 0 nor 2, bertforge's refusal of its input,
-    which a rerun would only repeat) while the job is still RUNNING (not being requeued after a
-    time-out or cancelled, which submitit and the trainer handle), the job requeues itself, ``most``
-    times at most, counted in ``LOG_DIR/JOBID/JOBID_failures``: it starts again from the run's
-    last checkpoint. Each decision is said in the job's error log."""
-    count = f"{shlex.quote(str(folder))}/${{SLURM_JOB_ID}}/{FAILURES.format(job='${SLURM_JOB_ID}')}"
+    that failed or was killed while the job is still RUNNING (not being requeued after a time-out or
+    cancelled, which submitit and the trainer handle), the job requeues itself, ``most`` times at
+    most, counted in ``LOG_DIR/JOBID/JOBID_failures``: it starts again from the run's last
+    checkpoint. Not where a task refused its input (:data:`REFUSED`; submitit's tasks exit 1 for
+    any error, so srun's status cannot tell): a rerun would only repeat it. Each decision is said
+    in the job's error log."""
+    here = f"{shlex.quote(str(folder))}/${{SLURM_JOB_ID}}"
     return [
         "bertforge_rc=$?",
-        f"bertforge_count={count}",
-        'if [ "$bertforge_rc" -ne 0 ] && [ "$bertforge_rc" -ne 2 ] && '
-        '[ "$(squeue -h -j "$SLURM_JOB_ID" -o %T)" = RUNNING ]; then',
+        f"bertforge_count={here}/{FAILURES.format(job='${SLURM_JOB_ID}')}",
+        f'if [ "$bertforge_rc" -ne 0 ] && [ -e {here}/{REFUSED.format(job="${SLURM_JOB_ID}")} ]; then',
+        '  echo "bertforge: a task refused its input (see its error): not requeued (--max-failures), a rerun would '
+        'meet it again" >&2',
+        'elif [ "$bertforge_rc" -ne 0 ] && [ "$(squeue -h -j "$SLURM_JOB_ID" -o %T)" = RUNNING ]; then',
         '  bertforge_n=$(cat "$bertforge_count" 2>/dev/null || echo 0)',
         f'  if [ "$bertforge_n" -lt {most} ] && echo $((bertforge_n + 1)) > "$bertforge_count"; then',
         '    echo "bertforge: a task failed (srun exit status $bertforge_rc): job $SLURM_JOB_ID requeued, failure '

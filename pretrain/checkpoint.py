@@ -70,15 +70,17 @@ def from_rank_0(work: Callable[[], T], rank: int, device: torch.device, why: str
     return box[0]
 
 
-def failure_flag(failed: bool, rank: int, world: int) -> float:
-    """This rank's part of a MAX all-reduce that tells every rank whether any failed, and which
-    first: ``world - rank`` where it failed, else 0 (:func:`first_failed` reads the result)."""
-    return float(world - rank) if failed else 0.0
+def failure_flag(err: BaseException | None, rank: int, world: int) -> float:
+    """This rank's part of a MAX all-reduce that tells every rank whether any failed, which first,
+    and how: ``2 x (world - rank)`` where it failed, plus 1 where its error is a :class:`UserError`
+    (exit code 2: a rerun would meet it again), else 0 (:func:`first_failed` reads the result)."""
+    return 0.0 if err is None else float(2 * (world - rank) + isinstance(err, UserError))
 
 
-def first_failed(flag: float, world: int) -> int:
-    """The lowest rank that failed, from the MAX over the ranks of :func:`failure_flag` (nonzero)."""
-    return world - int(flag)
+def first_failed(flag: float, world: int) -> tuple[int, type[Exception]]:
+    """The lowest rank that failed and the kind of error every rank raises (its exit code), from the
+    MAX over the ranks of :func:`failure_flag` (nonzero)."""
+    return world - int(flag) // 2, UserError if int(flag) % 2 else RunError
 
 
 def hold_for_ranks(run_dir: Path, rank: int, device: torch.device) -> None:
@@ -235,11 +237,11 @@ def agree_written(
     what the user does next. The trainer agrees on its log the same way."""
     import torch.distributed as dist
 
-    flag = torch.tensor([failure_flag(err is not None, rank, world)], device=device)
+    flag = torch.tensor([failure_flag(err, rank, world)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
         return
-    first = first_failed(flag.item(), world)
+    first, _ = first_failed(flag.item(), world)  # (a write that failed: a RunError)
     if rank != first:
         raise RunError(f"rank {rank}: stopped with rank {first}, which could not write {path}", quiet=True)
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]

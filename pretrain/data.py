@@ -48,14 +48,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import manifest as manifests
 from data_prep import tokenizer as tokenizers
-from data_prep.errors import RunError
+from data_prep.errors import UserError
 from data_prep.shards import read_blocks
 from pretrain.masking import MaskingConfig, mask_batch
 
 
-class DamagedShard(RunError):
-    """A shard whose bytes no longer match the manifest's checksum (checked as each shard is read).
-    A loader's worker sends it on as a :data:`DAMAGED` item (see :func:`build_loader`)."""
+class DamagedShard(UserError):
+    """A shard whose bytes no longer match the manifest's checksum (checked as each shard is read):
+    exit code 2, as for any input a rerun would meet again until the file is restored. A loader's
+    worker sends it on as a :data:`DAMAGED` item (see :func:`build_loader`)."""
 
 
 DAMAGED = "damaged shard"

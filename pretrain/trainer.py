@@ -327,7 +327,7 @@ class Stop:
 
 def _next_batch(
     it: Iterator, micro: int, seq_len: int, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, RunError | None]:
+) -> tuple[torch.Tensor, torch.Tensor, Exception | None]:
     """The next batch; or, where its shard is damaged or a loader worker died, a stand-in batch
     (all [PAD]) and the error.
 
@@ -354,17 +354,16 @@ def _next_batch(
     return ids, ids.clone(), err
 
 
-def _damaged(err: RunError | None, flag: float, rank: int, world: int, where: str, run_dir: Path) -> RunError:
+def _damaged(err: Exception | None, flag: float, rank: int, world: int, where: str, run_dir: Path) -> Exception:
     """What each rank raises once the reduced data flag (:func:`pretrain.checkpoint.failure_flag`:
     a damaged shard, a dead loader worker) is nonzero (``where``: "at step N"): the error, printed
-    by the first rank that met it, a quiet copy on the others."""
-    first = ckpt.first_failed(flag, world)
+    by the first rank that met it, a quiet copy on the others, all of its kind (a damaged shard a
+    :class:`UserError`, exit code 2, which a rerun meets again; a dead worker exit code 1)."""
+    first, kind = ckpt.first_failed(flag, world)
     if err is None or rank != first:
-        return RunError(f"rank {rank}: stopped with rank {first}, whose data failed", quiet=True)
+        return kind(f"rank {rank}: stopped with rank {first}, whose data failed", quiet=True)
     again = "" if isinstance(err, DamagedShard) else ": run the same command again to resume"
-    return RunError(
-        f"{err}; every rank stopped {where}, the last checkpoint is {ckpt.latest(run_dir) or 'none'}{again}"
-    )
+    return kind(f"{err}; every rank stopped {where}, the last checkpoint is {ckpt.latest(run_dir) or 'none'}{again}")
 
 
 def out_of_memory(
@@ -724,7 +723,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     terms = getattr(eng.module, "loss_terms", {})
                     teacher = terms.get("teacher_correct", torch.zeros((), device=device))
                     row += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
-        bad = torch.tensor([ckpt.failure_flag(damaged is not None, rank, world)], device=device)
+        bad = torch.tensor([ckpt.failure_flag(damaged, rank, world)], device=device)
         dist.all_reduce(sums)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
@@ -844,7 +843,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     mine = [
                         not math.isfinite(value),
                         stop.signal is not None,
-                        ckpt.failure_flag(damaged is not None, rank, world),
+                        ckpt.failure_flag(damaged, rank, world),
                         stop.time_up(),
                     ]
                     flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three

@@ -1266,7 +1266,7 @@ def test_a_damaged_shard_stops_every_rank_keeping_the_last_checkpoint_and_resume
     run = tmp_path / "run"
     ends = f"train.max_steps={reached + 5}"
     r = pretrain(copy, run, ends, "checkpoint.every=5", "data.num_workers=1", "eval.every=0", "data.seed=0")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     kept = (reached - 1) // 5 * 5
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("bertforge: error")] == [
         f"bertforge: error: {victim}: its sha256 differs from {copy}/manifest.json: damaged or changed since "
@@ -1279,7 +1279,7 @@ def test_a_damaged_shard_stops_every_rank_keeping_the_last_checkpoint_and_resume
     for shard in val:  # ... and stops again in the evaluation at its end (every rank reads val)
         shard.write_bytes(shard.read_bytes()[:-1] + b"x")
     r = pretrain(copy, run, ends, "checkpoint.every=5", "data.num_workers=1", "eval.every=1000", "data.seed=0")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"resuming from step_{kept:08d}" in r.stdout and ckpt.latest(run) == f"step_{kept + 5:08d}"
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("bertforge: error")]
     assert len(errors) == 1, errors

@@ -151,6 +151,33 @@ def test_a_rank_that_dies_ends_the_job_at_once_and_it_is_requeued_as_often_as_as
     assert listing[state + 2].strip() == "requeued after 1 failed task(s) (--max-failures)", listing
 
 
+def test_a_job_that_refuses_its_input_is_not_requeued_by_max_failures(dataset, tmp_path) -> None:
+    """Every task of a submitted job exits 1 whatever its error (submitit's), so the job's script cannot tell a
+    refusal of the input by srun's status: a damaged shard (exit 2 by hand) had been requeued as often as
+    --max-failures allowed, to stop at the same shard each time. The refusal is marked for the script instead."""
+    import shutil
+
+    copy, run, logs = tmp_path / "ds", tmp_path / "run", tmp_path / "logs"
+    shutil.copytree(dataset, copy)
+    for shard in (copy / "train").glob("*.tar"):  # whichever the rank reads first
+        shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    job = submit(copy, run, logs, "--nodes", "1", "--max-failures", "2")
+    err = logs / job / f"{job}_0_log.err"
+    deadline = time.monotonic() + 300
+    while (
+        "not requeued" not in (err.read_text() if err.exists() else "")
+        or subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+    ):
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(1)
+    said = err.read_text()
+    assert "bertforge: a task refused its input (see its error): not requeued (--max-failures)" in said, said
+    assert "requeued, failure" not in said and not (logs / job / f"{job}_failures").exists()
+    listing = run_cli("jobs", "--log-dir", str(logs)).stdout.splitlines()
+    state = next(i for i, line in enumerate(listing) if line.split()[0] == job)
+    assert listing[state].split()[1] == "FAILED" and "its sha256 differs from" in listing[state + 1], listing
+
+
 def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_path) -> None:
     """scancel: SIGTERM, as a preemption sends, but the job is no longer RUNNING. Rank 0 had requeued it
     like a preempted job, so that it came back; now it saves, says so, and stays cancelled."""
@@ -277,7 +304,6 @@ def test_fine_tuning_runs_as_a_two_node_job(teacher_run, tmp_path) -> None:
 def test_bad_options_are_refused_before_submitting(dataset, tmp_path, capsys) -> None:
     from launch.cli import main
 
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     for n, (args, message) in enumerate([
         (["--nodes", "0"], "--nodes 0: must be at least 1"),
         (["--partition", "nosuch"], "--partition 'nosuch': no such partition (this cluster has debug)"),
@@ -297,8 +323,10 @@ def test_bad_options_are_refused_before_submitting(dataset, tmp_path, capsys) ->
             code, err = main(argv), capsys.readouterr().err
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
-    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    assert set(after.split()) <= set(before.split()) and not (tmp_path / "logs" / "jobs.jsonl").exists()
+    # no job of this test's in the queue (other tests' jobs come and go meanwhile): a job's command is
+    # the batch script submitit wrote under its --log-dir
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True, check=True).stdout
+    assert str(tmp_path) not in queue and not (tmp_path / "logs" / "jobs.jsonl").exists(), queue
 
 
 def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_path) -> None:
