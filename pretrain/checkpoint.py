@@ -200,10 +200,14 @@ def commit(run_dir: Path, name: str, state: dict, keep: int) -> list[str]:
     return removed
 
 
-def room(root: Path, size: int) -> str | None:
+KEEP = "the oldest checkpoint is removed only after a save is complete: checkpoint.keep counts them"
+
+
+def room(root: Path, size: int, kept: str = KEEP) -> str | None:
     """A warning where the disk of checkpoints folder ``root`` has less room than a checkpoint of
     ``size`` bytes (the run's last): the next save would fail there (a save is written whole before
-    the oldest checkpoint is removed), and stop the run; None where there is room."""
+    the oldest checkpoint is removed: ``kept`` says what the run keeps), and stop the run; None where
+    there is room."""
     free = shutil.disk_usage(root).free
     if free >= size:
         return None
@@ -213,8 +217,7 @@ def room(root: Path, size: int) -> str | None:
 
     return (
         f"warning: {root}: {said(free)} free, less than a checkpoint of this run ({said(size)}): the next save "
-        "would fail for room and stop the run; make room before then (the oldest checkpoint is removed only "
-        "after a save is complete: checkpoint.keep counts them)"
+        f"would fail for room and stop the run; make room before then ({kept})"
     )
 
 

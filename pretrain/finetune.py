@@ -554,6 +554,16 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     micro = cfg.train.micro_batch_size
     stop, asked = Stop(cfg.train.exit_after_minutes, began), torch.zeros(2, device=device)  # a signal, time up
 
+    def room(files: dict[str, int]) -> str | None:
+        """Rank 0's warning where the disk has less room than the next epoch's save: a checkpoint of
+        ``files`` and, where that epoch is the best, the model folder written beside the one it replaces."""
+        model = sum(p.stat().st_size for p in (run_dir / "model").rglob("*") if p.is_file())
+        kept = "fine-tuning keeps every epoch's checkpoint; the model folder is replaced once the new one is written"
+        return ckpt.room(root, sum(files.values()) + model, kept) if rank == 0 else None
+
+    if state and (low := room(state.get("files", {}))):
+        say(low)  # (the disk filled since: better now than at the next save)
+
     def save(tag: str, epoch: int, where: str, kept: str, model_too: bool) -> None:
         """Every rank's part of checkpoint ``tag`` after step ``at`` (``epoch`` epochs complete:
         DeepSpeed's files, the rank's random state), then rank 0's: the best model's folder where
@@ -638,6 +648,8 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
             tag = f"epoch_{epoch:03d}"
             save(tag, epoch, f"after epoch {epoch}", last, is_best)
             last = tag
+            if epoch < sec.epochs and (low := room(ckpt.file_sizes(root / tag))):
+                say(low)
             if rank == 0:  # a stop's checkpoint inside the epoch is now behind the epoch's own
                 for old in root.glob("step_*"):
                     shutil.rmtree(old, ignore_errors=True)

@@ -466,6 +466,8 @@ def ends_process_group(run):  # noqa: ANN001, ANN201
 
 SAID_ELSEWHERE = ("data.num_workers", "train.micro_batch_size", "data.blend", "data.weights", "train.skip_steps")
 """Config keys whose change at a resume the start-up line says in its own words (:func:`_relayout`)."""
+THIS_START = ("train.exit_at_step", "train.exit_after_minutes")
+"""Config keys of one start alone (where it stops): a resume without them changes nothing of the run."""
 
 
 def _relayout(
@@ -634,7 +636,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
         layout, said = _relayout(cfg, state, layout, batches, world, resharding, folders, mans, shas, weights)
         changed += said
-        if other := [change for k, change in moved.items() if not k.startswith(("optim.", *SAID_ELSEWHERE))]:
+        if other := [
+            change for k, change in moved.items() if not k.startswith(("optim.", *SAID_ELSEWHERE, *THIS_START))
+        ]:
             changed += f"; config changes: {', '.join(other)}"
 
     word_start = None

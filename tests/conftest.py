@@ -149,3 +149,28 @@ def teacher_run(tmp_path_factory, train_data) -> tuple[Path, Path]:
                 "eval.batches=2", PEAK)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     return data, run
+
+
+@pytest.fixture
+def small_disk(tmp_path):  # noqa: ANN201
+    """A real file system of its own (a tmpfs) under ``tmp_path``, sized by the test: ``small_disk(mb)``;
+    ``small_disk.resize(where, bytes)`` sizes it again (what it holds stays)."""
+    mounted = []
+
+    def mount(mb: float) -> Path:
+        where = tmp_path / "disk"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(mb * 1024)}k", "tmpfs", str(where)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode:
+            pytest.skip(f"a tmpfs cannot be mounted here (root only): {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    def resize(where: Path, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size // 1024 + 1}k", str(where)], check=True)
+
+    mount.resize = resize
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -384,6 +384,38 @@ def test_a_signal_on_one_rank_stops_fine_tuning_at_the_step_with_a_checkpoint(te
     ), line
 
 
+def test_a_disk_with_no_room_for_the_next_epoch_is_said_at_the_resume_and_its_save_stops_the_run(
+    teacher_run, task, small_disk
+) -> None:
+    """Fine-tuning keeps every epoch's checkpoint and writes the best epoch's model folder beside the old one:
+    a disk with room for half of that is said at the resume's start (and after an epoch's save), and the next
+    epoch's save stops the run in one line, the last epoch kept."""
+    from pretrain.finetune import epoch_steps
+
+    _, teacher = teacher_run
+    train, evaluate = task
+    disk = small_disk(64)
+    run = disk / "ft"
+    args = ["finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--no-progress",
+            f"run.dir={run}", "finetune.epochs=2", "train.global_batch_size=16", "train.micro_batch_size=8"]  # fmt: skip
+    steps = epoch_steps(len(train.read_text().splitlines()), config(teacher, train, evaluate, run, *args[8:]))
+    r = run_cli(*args, f"train.exit_at_step={steps}")  # epoch 1, its checkpoint and model folder, then a stop
+    assert r.returncode == 0 and "stopped after epoch 1 of 2" in r.stdout and "warning" not in r.stdout, r.stdout
+    model = sum(p.stat().st_size for p in (run / "model").rglob("*") if p.is_file())
+    save = sum(ckpt.file_sizes(run / "checkpoints/epoch_001").values()) + model  # the next epoch's, if its best
+    small_disk.resize(disk, shutil.disk_usage(disk).used + save // 2)  # room for half of epoch 2's save
+    r = run_cli(*args)
+    assert r.returncode == 1, r.stderr[-2000:]
+    warned = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {run / 'checkpoints'}: "), r.stdout
+    assert f"less than a checkpoint of this run ({save / 1e6:.1f} MB): the next save would fail" in warned[0]
+    assert "fine-tuning keeps every epoch's checkpoint" in warned[0]
+    assert r.stderr.count("\n") == 1 and r.stderr.rstrip().endswith(
+        "the last complete checkpoint is epoch_001: make room and run the same command again to resume"
+    ), r.stderr
+    assert json.loads((run / "finetune_state.json").read_text())["epoch"] == 1
+
+
 def test_under_zero3_every_rank_runs_as_many_eval_forwards(teacher_run, task, tmp_path) -> None:
     """17 eval rows over 2 ranks in batches of 8: rank 0 has 2 batches, rank 1 one. Under ZeRO 3 each
     forward gathers the parameters from every rank (DeepSpeed told here to keep none between uses, as
