@@ -96,7 +96,13 @@ class PrepConfig:
     """Tokenizer processes (``--workers``); 0 means one per core. Output does not depend on it."""
 
     strict: bool = False
-    """Turn any skipped document or file into an error (``--strict``)."""
+    """Turn any skipped document or file into an error (``--strict``); duplicates (``dedup``) stay skips."""
+
+    dedup: bool = False
+    """Drop each document whose text is the same as an earlier one's (``--dedup``), in train/ and val/
+    alike (a copy of a training document in val/ would flatter the eval), counted as skipped
+    ``duplicate``. A pass over the input before the tokenizer's: a 64-bit hash per document, held
+    in memory (24 bytes a document)."""
 
     seed: int = 0
     """Seed of the train/val draw."""

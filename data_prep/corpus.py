@@ -91,8 +91,10 @@ class Account:
         self.docs_repaired = Reason()
         self.bytes_read = 0
 
-    def skip_doc(self, reason: str, location: str) -> None:
-        if self.strict:
+    def skip_doc(self, reason: str, location: str, asked: bool = False) -> None:
+        """Count a document skipped for ``reason`` (``asked``: a skip the config asks for, such as a
+        duplicate, which ``strict`` leaves alone)."""
+        if self.strict and not asked:
             raise UserError(f"{location}: {reason.replace('_', ' ')} (--strict)")
         self.docs_skipped.setdefault(reason, Reason()).add(location)
 
@@ -242,6 +244,15 @@ class ParseOptions:
     val_fraction: float = 0.0
     seed: int = 0
     strict: bool = False
+    duplicates: dict[int, np.ndarray] | None = None  # per input file, the sorted keys of the documents to drop
+
+    def dropped(self, file: int, keys: np.ndarray) -> np.ndarray | None:
+        """Which of file ``file``'s documents ``keys`` are later copies of another (``dedup``), or None."""
+        drop = self.duplicates.get(file) if self.duplicates else None
+        if drop is None or not len(keys):
+            return None
+        at = np.minimum(np.searchsorted(drop, keys), len(drop) - 1)
+        return drop[at] == keys
 
 
 @dataclass
@@ -581,6 +592,7 @@ class Parsed:
     vals: np.ndarray  # bool: the piece's document belongs to val/
     account: Account
     where: Callable[[int], str]  # the location (file:line) of piece i; computed only on demand
+    keys: np.ndarray  # uint64: the identity of the piece's document in its file (see :func:`draw_val`)
 
     def pieces(self) -> list[Piece]:
         """The pieces as objects (for tests and the tokenizer sample, not the hot path)."""
@@ -595,15 +607,19 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
     account = Account(strict=opts.strict)
     if chunk.kind == "txt":
         return _parse_txt(chunk, account, opts)
+    if chunk.kind == "jsonl":
+        docs = list(_jsonl_docs(chunk, account, opts))
+    else:
+        docs = [(chunk.offset + i, location, text) for i, (location, text) in enumerate(chunk.data)]
+        account.docs_read += len(chunk.data)
+    if (dup := opts.dropped(chunk.file, np.array([d[0] for d in docs], dtype=np.uint64))) is not None:
+        for i in np.flatnonzero(dup):
+            account.skip_doc("duplicate", docs[i][1], asked=True)
+        docs = [d for d, drop in zip(docs, dup) if not drop]
     texts: list[str] = []
     lasts: list[bool] = []
     offsets: list[int] = []
     where: list[str] = []
-    if chunk.kind == "jsonl":
-        docs = _jsonl_docs(chunk, account, opts)
-    else:
-        docs = ((chunk.offset + i, location, text) for i, (location, text) in enumerate(chunk.data))
-        account.docs_read += len(chunk.data)
     for offset, location, text in docs:
         account.docs_written += 1
         for piece in _cut(text, location, account, opts.read_size):
@@ -611,7 +627,8 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
             lasts.append(piece.last)
             offsets.append(offset)
             where.append(location)
-    return Parsed(texts, lasts, draw_val(opts, chunk.file, offsets), account, where.__getitem__)
+    keys = np.array(offsets, dtype=np.uint64)
+    return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where.__getitem__, keys)
 
 
 _SEP_STR = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # _SEP, on decoded text: the same boundaries
@@ -658,24 +675,31 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
             starts.extend([lead] + [m.end() for m in _SEP_STR.finditer(text)])
         return f"{chunk.path}:{chunk.line + text.count(chr(10), 0, starts[first + i])}"
 
+    keys = doc_key(chunk.offset, np.arange(first, first + len(texts), dtype=np.uint64))
+    if cont:
+        keys[0] = chunk.cont[0]
+    lasts = [True] * len(texts)
+    if texts and chunk.open_end:
+        lasts[-1] = False
+    elif texts:
+        texts[-1] = texts[-1].rstrip("\n")
+    new = [not (i == 0 and cont) for i in range(len(texts))]  # (a document going on from the last chunk: counted there)
+    if (dup := opts.dropped(chunk.file, keys)) is not None and dup.any():
+        for i in np.flatnonzero(dup & np.array(new)):
+            account.skip_doc("duplicate", where(i), asked=True)
+            account.docs_read += 1
+        kept = np.flatnonzero(~dup)
+        texts, lasts, keys, new = [texts[i] for i in kept], [lasts[i] for i in kept], keys[kept], [new[i] for i in kept]
+        where = (lambda at: lambda i: at(int(kept[i])))(where)
     if repaired:
         for i, t in enumerate(texts):
             if "\ufffd" in t:
                 account.docs_repaired.add(where(i))
-    new_docs = len(texts) - cont
-    account.docs_read += new_docs
-    account.docs_written += new_docs
-    lasts = [True] * len(texts)
-    if texts and chunk.open_end:
-        lasts[-1] = False
-        if not (cont and len(texts) == 1):
-            account.docs_split.add(where(len(texts) - 1))
-    elif texts:
-        texts[-1] = texts[-1].rstrip("\n")
-    keys = doc_key(chunk.offset, np.arange(first, first + len(texts), dtype=np.uint64))
-    if cont:
-        keys[0] = chunk.cont[0]
-    return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where)
+    account.docs_read += sum(new)
+    account.docs_written += sum(new)
+    if texts and not lasts[-1] and new[-1]:
+        account.docs_split.add(where(len(texts) - 1))
+    return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where, keys)
 
 
 def _decode(data: bytes, location: str, account: Account) -> str:

@@ -11,6 +11,9 @@ each task its own units.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -34,6 +37,8 @@ from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
 STATE_DIR = ".prep"
+DUPLICATES = "duplicates.npz"
+"""In ``.prep/``: the file and key of each document ``dedup`` drops (a copy of an earlier one)."""
 WORKER_DIED = (
     "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "
     "run the same command again to resume"
@@ -85,6 +90,7 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
     started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
     if state.is_file() and started:
         old = json.loads(state.read_text())
+        old["config"].setdefault("dedup", False)  # (a prep from before the key: it dropped none)
         if old != fingerprint:
             for key in fingerprint:
                 if old.get(key) != fingerprint[key]:
@@ -106,11 +112,14 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
     return False
 
 
-def _sample_texts(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]]) -> Iterator[str]:
+def _sample_texts(
+    cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path
+) -> Iterator[str]:
     """Texts for the tokenizer's sample: the first ``tokenizer.sample_bytes / units`` bytes of
-    every unit, so that the pass is bounded in time as well as memory, and spread over the input."""
+    every unit, so that the pass is bounded in time as well as memory, and spread over the input
+    (duplicates left out)."""
     scratch = corpus.Account(strict=cfg.strict)  # the real account is kept by the main pass
-    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
+    opts, max_line = _parse_options(cfg, out), parse_size(cfg.max_line_bytes)
     per_unit = max(opts.read_size, parse_size(cfg.tokenizer.sample_bytes) // max(1, len(units)))
     for unit in units:
         taken = 0
@@ -131,7 +140,7 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[
         write_atomic(path, Path(cfg.tokenizer.path).read_bytes())
     elif not path.is_file():
         t0 = time.perf_counter()
-        lines = tokenizer.sample_lines(_sample_texts(cfg, files, units), cfg.tokenizer)
+        lines = tokenizer.sample_lines(_sample_texts(cfg, files, units, out), cfg.tokenizer)
         print(
             f"prep: training a {cfg.tokenizer.type.value} tokenizer ({cfg.tokenizer.vocab_size} pieces) "
             f"on {len(lines):,} sampled lines",
@@ -143,8 +152,83 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[
     return path
 
 
-def _parse_options(cfg: PrepConfig) -> corpus.ParseOptions:
-    return corpus.ParseOptions(cfg.text_field, parse_size(cfg.read_size), cfg.val_fraction, cfg.seed, cfg.strict)
+def _parse_options(cfg: PrepConfig, out: Path | None = None) -> corpus.ParseOptions:
+    """How chunks are parsed; with ``dedup``, the documents to drop, found by :func:`_find_duplicates`
+    in ``out`` (None: none yet, in that pass itself)."""
+    drop = None
+    if cfg.dedup and out is not None:
+        path = out / STATE_DIR / DUPLICATES
+        if not path.is_file():
+            raise RunError(
+                f"{out}: no {STATE_DIR}/{DUPLICATES}: the tokenizer step (task 0/0) must run before the array"
+            )
+        drop = _duplicates(str(path), path.stat().st_mtime_ns)
+    return corpus.ParseOptions(cfg.text_field, parse_size(cfg.read_size), cfg.val_fraction, cfg.seed, cfg.strict, drop)
+
+
+@functools.lru_cache(maxsize=2)
+def _duplicates(path: str, mtime_ns: int) -> dict[int, np.ndarray]:
+    """The keys of the documents to drop, per input file, sorted (read once per process)."""
+    with np.load(path) as saved:
+        files, keys = saved["files"], saved["keys"]
+    return {int(f): np.sort(keys[files == f]) for f in np.unique(files)}
+
+
+def _unit_hashes(
+    parts: list[tuple[corpus.Part, corpus.InputFile]], opts: corpus.ParseOptions, max_line: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each document of a unit, in input order: its file, its key (its identity in the file, as for
+    the val draw) and a 64-bit hash of its text (its pieces, where cut for length, hashed as one)."""
+    scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
+    files: list[int] = []
+    keys: list[int] = []
+    hashes: list[int] = []
+    h = hashlib.blake2b(digest_size=8)
+    for part, f in parts:
+        for chunk in corpus.chunks(part, f, scratch, opts, max_line):
+            parsed = corpus.parse(chunk, opts)
+            for text, last, key in zip(parsed.texts, parsed.lasts, parsed.keys.tolist()):
+                h.update(text.encode("utf-8", "surrogatepass"))  # (JSON may escape a lone surrogate)
+                if last:
+                    files.append(chunk.file)
+                    keys.append(key)
+                    hashes.append(int.from_bytes(h.digest(), "little"))
+                    h = hashlib.blake2b(digest_size=8)
+    return np.array(files, np.uint32), np.array(keys, np.uint64), np.array(hashes, np.uint64)
+
+
+def _find_duplicates(
+    cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path, workers: int
+) -> None:
+    """``dedup``: hash every document (the units over ``workers`` processes), keep the first of each
+    text in input order, and record the others in ``.prep/duplicates.npz`` (kept for a resume)."""
+    path = out / STATE_DIR / DUPLICATES
+    if path.is_file():
+        return
+    t0 = time.perf_counter()
+    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
+    jobs = [[(p, files[p.file]) for p in unit] for unit in units]
+    if workers > 1 and len(units) > 1:
+        context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        try:
+            with ProcessPoolExecutor(min(workers, len(units)), context) as pool:
+                found = list(pool.map(_unit_hashes, jobs, [opts] * len(jobs), [max_line] * len(jobs)))
+        except BrokenProcessPool:
+            raise RunError(WORKER_DIED) from None
+    else:
+        found = [_unit_hashes(job, opts, max_line) for job in jobs]
+    doc_files, keys, hashes = (np.concatenate([f[i] for f in found]) for i in range(3))
+    _, first = np.unique(hashes, return_index=True)  # (the first occurrence of each)
+    dup = np.ones(len(hashes), dtype=bool)
+    dup[first] = False
+    buf = io.BytesIO()
+    np.savez(buf, files=doc_files[dup], keys=keys[dup])
+    write_atomic(path, buf.getvalue())
+    print(
+        f"prep: dedup: {int(dup.sum()):,} of {len(hashes):,} documents repeat an earlier one's text and are dropped "
+        f"({time.perf_counter() - t0:.1f}s)",
+        file=sys.stderr,
+    )
 
 
 def run_unit(
@@ -182,7 +266,7 @@ def run_unit(
             bar.update(result[3])
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
-    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
+    opts, max_line = _parse_options(cfg, out), parse_size(cfg.max_line_bytes)
     chunks = (c for part, f in parts for c in corpus.chunks(part, f, account, opts, max_line))
     if pool is None:
         for chunk in chunks:
@@ -330,6 +414,9 @@ def _write(
     if task is None:
         _remove_partial(out)  # (not in an array task: the other tasks' files in flight are .tmp too)
     units = plan_units(files, parse_size(cfg.unit_size))
+    workers = cfg.workers or os.cpu_count() or 1
+    if cfg.dedup and not (task is not None and task[1]):  # (an array task reads the tokenizer step's)
+        _find_duplicates(cfg, files, units, out, workers)
     if task is not None and task[1]:  # an array task reads the tokenizer step's file and never writes it
         tok_path = out / manifest.TOKENIZER
         if not tok_path.is_file():
@@ -342,14 +429,13 @@ def _write(
     records = _finished_units(out, len(units))
     if records:
         print(f"prep: resuming: {len(records)} of {len(units)} units already done", file=sys.stderr)
-    workers = cfg.workers or os.cpu_count() or 1
     todo = [u for u in range(len(units)) if u not in records and (task is None or u % task[1] == task[0])]
     if task is not None:
         print(f"prep: array task {task[0]} of {task[1]}: {len(todo)} unit(s) to write", file=sys.stderr)
     total = sum(p.size(files[p.file]) for u in todo for p in units[u])
     has_unknown_size = any(files[p.file].kind == "builtin" or files[p.file].compression for u in todo for p in units[u])
     pool = None
-    init_args = (tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg))
+    init_args = (tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg, out))
     if workers > 1 and todo:
         pool = _start_workers(workers, init_args)  # before the progress bar's thread exists
     else:

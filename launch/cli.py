@@ -78,6 +78,8 @@ def _prep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 256MB (default)")
     p.add_argument("--text-field", metavar="KEY", help="JSON field holding the text in .jsonl input (default text)")
     p.add_argument("--strict", action="store_true", default=None, help="any skipped document or file is an error")
+    p.add_argument("--dedup", action="store_true", default=None,
+                   help="drop documents whose text repeats an earlier one's (counted as skipped duplicates)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_prep)
 
@@ -96,6 +98,7 @@ def _run_prep(ns: argparse.Namespace) -> int:
         "shard_size": ns.shard_size,
         "text_field": ns.text_field,
         "strict": ns.strict,
+        "dedup": ns.dedup,
         "tokenizer": {"vocab_size": ns.vocab_size, "path": ns.tokenizer, "type": ns.tokenizer_type},
     }
     flags = {k: v for k, v in flags.items() if v is not None}

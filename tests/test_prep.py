@@ -284,6 +284,62 @@ def test_a_document_longer_than_a_shard_spans_shards(tmp_path, sp_model) -> None
     assert sp.decode(got[1]) == words
 
 
+def test_dedup_drops_every_later_copy_in_train_and_val_alike(tmp_path, docs, sp_model) -> None:
+    """``--dedup``: the first of each text kept, in input order, across files and formats; a document cut
+    for length (a .jsonl piece by piece, a .txt one across read chunks) dropped whole; the output is the
+    one of the input with the copies taken out by hand, the same whatever the workers, and no document of
+    val/ is one of train/."""
+    short = [d for d in docs if 50 < len(d) < 1000][:240]
+    long = " ".join(short[:30])  # one line of ~10 KB: cut into pieces of read_size (4 KB)
+    files = {
+        "a.txt": short[0:80] + [short[5], short[10]],
+        "b.jsonl": short[80:160] + [short[0], long, short[150]],
+        "c.txt": short[160:240] + [long, short[3], short[161]],
+    }
+    seen: set[str] = set()
+    kept = {name: [d for d in texts if not (d in seen or seen.add(d))] for name, texts in files.items()}
+    n, unique = sum(map(len, files.values())), len(seen)  # (the docstrings repeat some of their own too)
+    assert n - unique >= 7
+
+    def write(folder: Path, content: dict[str, list[str]]) -> Path:
+        folder.mkdir()
+        for name, texts in content.items():
+            lines = [json.dumps({"text": d}) for d in texts] if name.endswith(".jsonl") else texts
+            (folder / name).write_text(("\n" if name.endswith(".jsonl") else "\n\n").join(lines) + "\n")
+        return folder
+
+    common = ["--tokenizer", str(sp_model), "--workers", "2", "read_size=4KB", "shard_size=20KB", "block_size=4KB"]
+    raw, by_hand = write(tmp_path / "raw", files), write(tmp_path / "by_hand", kept)
+    r = prep("--input", str(raw), "--output", str(tmp_path / "dedup"), "--dedup", "--strict", "val_fraction=0", *common)
+    assert r.returncode == 0, r.stderr  # (a duplicate is no error under --strict: the config asked for it)
+    said = f"prep: dedup: {n - unique} of {n} documents repeat an earlier one's text and are dropped"
+    assert said in r.stderr, r.stderr
+    acc = json.loads((tmp_path / "dedup/manifest.json").read_text())["input"]["documents"]
+    assert acc["read"] == n and acc["written"] == unique and acc["skipped"]["duplicate"]["count"] == n - unique
+    texts = files["a.txt"]
+    first = next(i for i, d in enumerate(texts) if d in texts[:i])  # a.txt's first copy, at its first line
+    line = 1 + sum(d.count("\n") + 2 for d in texts[:first])
+    assert acc["skipped"]["duplicate"]["examples"][0] == f"{raw}/a.txt:{line}", acc
+    assert f"skipped duplicate: {n - unique} (first at " in r.stdout
+    r = prep("--input", str(by_hand), "--output", str(tmp_path / "plain"), "val_fraction=0", *common)
+    assert r.returncode == 0, r.stderr
+    mine, theirs = tree(tmp_path / "dedup"), tree(tmp_path / "plain")
+    shards = [k for k in mine if k.startswith("train/")]
+    assert len(shards) >= 3 and [mine[k] for k in shards] == [theirs.get(k) for k in shards]
+    # with a val split, in whole units over 1 and 2 workers: the same bytes, and no text on both sides
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"val{workers}"
+        args = ["--input", str(raw), "--output", str(out), "--dedup", *common, "--workers", workers]
+        r = prep(*args, "val_fraction=0.3", "unit_size=2KB")
+        assert r.returncode == 0 and (workers == "1" or "whole units each" in r.stderr), r.stderr
+        outs.append(tree(out))
+    assert outs[0] == outs[1]
+    train, val = shard_docs(out, "train"), shard_docs(out, "val")
+    assert len(val) > 30 and not {tuple(d) for d in train} & {tuple(d) for d in val}
+    assert len(train) + len(val) == unique  # (the long document: pieces, one [SEP])
+
+
 def test_bad_input_account_balances(tmp_path, sp_model) -> None:
     src = tmp_path / "in"
     src.mkdir()
