@@ -33,6 +33,7 @@ import json
 import multiprocessing as mp
 import os
 import pstats
+import re
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ from data_prep.config import PrepConfig, TokenizerConfig
 from data_prep.prep import prep
 if __name__ == "__main__":
     cfg = PrepConfig(input=[sys.argv[1]], output=sys.argv[2], workers=int(sys.argv[3]),
-                     tokenizer=TokenizerConfig(path=sys.argv[4]), unit_size=sys.argv[5])
+                     tokenizer=TokenizerConfig(path=sys.argv[4]), unit_size=sys.argv[5], dedup=sys.argv[6] == "1")
     t0 = time.perf_counter()
     prep(cfg, progress=False)
     print(json.dumps({"seconds": time.perf_counter() - t0}))
@@ -151,7 +152,9 @@ def raw_parallel_mb_s(tmp: Path, model: Path, docs: list[str], workers: int) -> 
     return sum(n for n, _ in results) / 1e6 / max(t for _, t in results)
 
 
-def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit_size: str) -> dict:
+def run_prep(
+    tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit_size: str, dedup: bool = False
+) -> dict:
     """Run prep in a fresh process; sample the RSS of it and of its workers every 20 ms.
 
     (getrusage's ru_maxrss would carry this benchmark's own size into the child across exec.)
@@ -159,7 +162,7 @@ def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit
     script = tmp / "run_prep.py"
     script.write_text(_RUN_PREP)  # a file, not -c: spawned workers re-import the main module by path
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(script), str(corpus), str(out), str(workers), str(model), unit_size]
+    cmd = [sys.executable, str(script), str(corpus), str(out), str(workers), str(model), unit_size, str(int(dedup))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     main_peak = worker_peak = 0
     ps = psutil.Process(proc.pid)
@@ -179,12 +182,33 @@ def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit
     return res
 
 
+def dedup_cost(tmp: Path, model: Path, docs: list[str], args: argparse.Namespace) -> None:
+    """Prep's time with ``dedup=true`` over its time without, interleaved, best of ``repeats``, on
+    text with no repeat to drop (each blank-line separated document of each copy numbered): the cost
+    of the hash pass alone."""
+    print(f"dedup: prep time with dedup=true / without, {args.scale[-1]} files of unique documents")
+    corpus = tmp / "unique"
+    corpus.mkdir()
+    segments = re.split(r"\n\s*\n", "\n\n".join(docs))  # (the docstrings hold blank lines: documents to prep)
+    for k in range(args.scale[-1]):
+        (corpus / f"part{k:03d}.txt").write_text("\n\n".join(f"{k}.{i} {s}" for i, s in enumerate(segments)) + "\n")
+    best = {False: float("inf"), True: float("inf")}
+    for rep in range(args.repeats):
+        for dedup in (False, True):
+            out = tmp / f"out-dedup-{rep}-{dedup}"
+            best[dedup] = min(best[dedup], run_prep(tmp, corpus, out, args.workers, model, "1MB", dedup)["seconds"])
+            shutil.rmtree(out)
+    print(f"  without {best[False]:.2f} s, with {best[True]:.2f} s: ratio {best[True] / best[False]:.2f}")
+    record(args.json, bench="prep_dedup", files=args.scale[-1], plain_s=best[False], dedup_s=best[True])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prep workers (default: all cores)")
     ap.add_argument("--scale", type=int, nargs="+", default=[16, 64], help="corpus sizes, in copies of python-docs")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept")
     ap.add_argument("--json", type=Path, help="also append each figure as a JSON line to this file (make bench)")
+    ap.add_argument("--dedup", action="store_true", help="also prep with and without dedup=true, side by side")
     args = ap.parse_args()
 
     docs = [text for _, text in builtin.python_docs()]
@@ -233,6 +257,8 @@ def main() -> None:
                 record(args.json, bench="prep", scale=scale, layout=layout, mb=size_mb, workers=args.workers,
                        prep_mb_s=prep_rate, raw_mb_s=raw, raw_parallel_mb_s=raw_par,
                        rss_main_mb=res["rss_main_mb"], rss_worker_mb=res["rss_worker_mb"])  # fmt: skip
+        if args.dedup:
+            dedup_cost(tmp, model, docs, args)
         print("ratio = prep MB/s / (raw single-process MB/s x workers); ceiling 1.0, goal >= 0.9")
         print("raw xW = raw encoding in W processes at once; vs xW = prep MB/s / raw xW")
         # where the rest goes: while the encode runs at the raw rate, its share of one process's

@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--quick] [--distill-steps 3000] [--student-steps STEPS]
 
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
-SentencePiece encoding, and prep's time by stage in one process), ``train_throughput.py
+SentencePiece encoding, prep's time by stage in one process, and prep's time with ``dedup``), ``train_throughput.py
 --memory`` (our training step against Hugging Face ``BertForMaskedLM`` at the same shape and
 precision, with MFU; the shard reader against the trainer; memory per rank), ``inference.py``
 (an export's ONNX files, fp32 and int8, under onnxruntime against PyTorch, at ``base``),
@@ -53,6 +53,9 @@ def table(records: list[dict]) -> str:
         rest = ", ".join(f"{'other' if i == len(others) - 1 else name.split(',')[0].split(':')[0]} {share:.0%}"
                          for i, (name, share) in enumerate(others))  # fmt: skip
         rows.append((f"  prep in one process, {r['scale']}x: share of time in the encode", f"{encode:.0%}", rest, ""))
+    for r in (r for r in records if r["bench"] == "prep_dedup"):
+        rows.append((f"prep with dedup=true, {r['files']} files of unique text, s", f"{r['dedup_s']:.2f}",
+                     f"without: {r['plain_s']:.2f}", f"{r['dedup_s'] / r['plain_s']:.2f}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "train"):
         rows.append((f"train step, {r['preset']} {r['precision']} ({r['device']}), tok/s", f"{r['ours_tok_s']:,.0f}",
                      f"HF BertForMaskedLM: {r['hf_tok_s']:,.0f}", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x"))  # fmt: skip
@@ -122,7 +125,7 @@ def main() -> None:
         results.touch()
         quick = args.quick
         _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
-             results=results)  # fmt: skip
+             "--dedup", results=results)  # fmt: skip
         _run(
             "train_throughput.py",
             "--memory",

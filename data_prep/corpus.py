@@ -91,12 +91,17 @@ class Account:
         self.docs_repaired = Reason()
         self.bytes_read = 0
 
-    def skip_doc(self, reason: str, location: str, asked: bool = False) -> None:
-        """Count a document skipped for ``reason`` (``asked``: a skip the config asks for, such as a
-        duplicate, which ``strict`` leaves alone)."""
-        if self.strict and not asked:
+    def skip_doc(self, reason: str, location: str) -> None:
+        if self.strict:
             raise UserError(f"{location}: {reason.replace('_', ' ')} (--strict)")
         self.docs_skipped.setdefault(reason, Reason()).add(location)
+
+    def drop_docs(self, reason: str, n: int, where: Callable[[int], str]) -> None:
+        """Count ``n`` documents dropped as the config asks (``dedup``: duplicates; ``strict`` leaves
+        them alone); ``where(k)``, the k-th one's location, is asked for the first few alone."""
+        r = self.docs_skipped.setdefault(reason, Reason())
+        r.count += n
+        r.examples += [where(k) for k in range(min(n, EXAMPLES_PER_REASON - len(r.examples)))]
 
     def skip_file(self, reason: str, location: str) -> None:
         if self.strict:
@@ -613,8 +618,8 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
         docs = [(chunk.offset + i, location, text) for i, (location, text) in enumerate(chunk.data)]
         account.docs_read += len(chunk.data)
     if (dup := opts.dropped(chunk.file, np.array([d[0] for d in docs], dtype=np.uint64))) is not None:
-        for i in np.flatnonzero(dup):
-            account.skip_doc("duplicate", docs[i][1], asked=True)
+        at = np.flatnonzero(dup)
+        account.drop_docs("duplicate", len(at), lambda k: docs[at[k]][1])
         docs = [d for d, drop in zip(docs, dup) if not drop]
     texts: list[str] = []
     lasts: list[bool] = []
@@ -685,9 +690,9 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
         texts[-1] = texts[-1].rstrip("\n")
     new = [not (i == 0 and cont) for i in range(len(texts))]  # (a document going on from the last chunk: counted there)
     if (dup := opts.dropped(chunk.file, keys)) is not None and dup.any():
-        for i in np.flatnonzero(dup & np.array(new)):
-            account.skip_doc("duplicate", where(i), asked=True)
-            account.docs_read += 1
+        at = np.flatnonzero(dup & np.array(new))
+        account.drop_docs("duplicate", len(at), lambda k: where(int(at[k])))
+        account.docs_read += len(at)
         kept = np.flatnonzero(~dup)
         texts, lasts, keys, new = [texts[i] for i in kept], [lasts[i] for i in kept], keys[kept], [new[i] for i in kept]
         where = (lambda at: lambda i: at(int(kept[i])))(where)

@@ -37,8 +37,8 @@ from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
 STATE_DIR = ".prep"
-DUPLICATES = "duplicates.npz"
-"""In ``.prep/``: the file and key of each document ``dedup`` drops (a copy of an earlier one)."""
+DUPLICATES = "duplicates.npy"
+"""In ``.prep/``: the (file, key) of each document ``dedup`` drops (a copy of an earlier one), uint64."""
 WORKER_DIED = (
     "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "
     "run the same command again to resume"
@@ -169,8 +169,7 @@ def _parse_options(cfg: PrepConfig, out: Path | None = None) -> corpus.ParseOpti
 @functools.lru_cache(maxsize=2)
 def _duplicates(path: str, mtime_ns: int) -> dict[int, np.ndarray]:
     """The keys of the documents to drop, per input file, sorted (read once per process)."""
-    with np.load(path) as saved:
-        files, keys = saved["files"], saved["keys"]
+    files, keys = np.load(path).T
     return {int(f): np.sort(keys[files == f]) for f in np.unique(files)}
 
 
@@ -201,7 +200,7 @@ def _find_duplicates(
     cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path, workers: int
 ) -> None:
     """``dedup``: hash every document (the units over ``workers`` processes), keep the first of each
-    text in input order, and record the others in ``.prep/duplicates.npz`` (kept for a resume)."""
+    text in input order, and record the others in ``.prep/duplicates.npy`` (kept for a resume)."""
     path = out / STATE_DIR / DUPLICATES
     if path.is_file():
         return
@@ -222,7 +221,7 @@ def _find_duplicates(
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
     buf = io.BytesIO()
-    np.savez(buf, files=doc_files[dup], keys=keys[dup])
+    np.save(buf, np.stack([doc_files[dup].astype(np.uint64), keys[dup]], axis=1))
     write_atomic(path, buf.getvalue())
     print(
         f"prep: dedup: {int(dup.sum()):,} of {len(hashes):,} documents repeat an earlier one's text and are dropped "

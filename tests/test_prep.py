@@ -171,12 +171,14 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
         str(sp_model),
         "--workers",
         "1",
+        "--dedup",  # (its pass's record, .prep/duplicates.npy, is kept for the resume too)
         "unit_size=16KB",
         "shard_size=8KB",
         "block_size=2KB",
     ]
     full = tmp_path / "full"
     assert prep(*common, "--output", str(full)).returncode == 0
+    assert json.loads((full / "manifest.json").read_text())["input"]["documents"]["skipped"]["duplicate"]["count"]
     n_units = json.loads((full / "manifest.json").read_text())["units"]
     assert n_units >= 8
 
@@ -229,7 +231,7 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     assert r.stderr.splitlines()[-1] == f"bertforge: error: {out}/.tokenizer.model.tmp: File too large", r.stderr
     r = prep(*common, "--output", str(out))
     assert r.returncode == 0, r.stderr
-    assert "resuming: " in r.stderr and f"of {n_units} units already done" in r.stderr
+    assert "resuming: " in r.stderr and f"of {n_units} units already done" in r.stderr and "dedup" not in r.stderr
     assert {p: (out / "train" / p).stat().st_mtime_ns for p in kept} == kept  # finished units not redone
     assert tree(out) == tree(full)
     assert not list(out.rglob(".*.tmp"))
