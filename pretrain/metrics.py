@@ -152,11 +152,11 @@ def software() -> dict[str, str]:
     repo = Path(__file__).resolve().parents[1]
     if (repo / ".git").exists() and shutil.which("git"):  # (a compute node may have no git)
         git = ["git", "-c", f"safe.directory={repo}", "-C", str(repo)]
-        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
-        if head.returncode == 0:
-            changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                     text=True).stdout.strip()  # fmt: skip
-            out["commit"] = head.stdout.strip() + ("+changes" if changed else "")
+        # the commit's hash (no tag's name: every tag excluded), "+changes" where tracked files differ
+        said = subprocess.run([*git, "describe", "--always", "--abbrev=12", "--exclude=*", "--dirty=+changes"],
+                              capture_output=True, text=True)  # fmt: skip
+        if said.returncode == 0:
+            out["commit"] = said.stdout.strip()
     out.update(torch=torch.__version__, deepspeed=of("deepspeed"), python=platform.python_version())
     if torch.cuda.is_available():
         out.update(cuda=str(torch.version.cuda), nccl=".".join(map(str, torch.cuda.nccl.version())))
