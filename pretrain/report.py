@@ -361,19 +361,31 @@ def _save(fig, output: Path) -> Path:  # noqa: ANN001
 def compare(run_dirs: list[Path], output: Path) -> Path:
     """``bertforge report RUN RUN ... --output PNG``: the runs' curves on the same panels (those
     any of them logged), a colour per run and a line style per curve (train, eval, ...), for
-    ablations side by side; returns ``output``."""
+    ablations side by side, each run's steps passed over shaded and what its rewinds set aside
+    drawn faint, in its colour, as its own report draws them; returns ``output``."""
     output = Path(output)
     plt = _pyplot(output)
     runs = {name: read_metrics(run) for name, run in zip(dataset_names(run_dirs), run_dirs)}
+    extra = {name: (passed_over(run, runs[name][-1]["step"]), abandoned(run)) for name, run in zip(runs, run_dirs)}
     drawn = panels([r for recs in runs.values() for r in recs])
     fig, axes = plt.subplots(len(drawn), 1, figsize=(7, 2.4 * len(drawn)), sharex=True, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], drawn):
         for i, (name, recs) in enumerate(runs.items()):
+            colour, (passed, stretches) = f"C{i % 10}", extra[name]
+            for k, (a, b) in enumerate(passed):
+                ax.axvspan(a - 0.5, b + 0.5, color=colour, alpha=0.12, label=f"{name} passed over" if k == 0 else None)
             for j, (key, label) in enumerate(keys):
                 steps, values = series(recs, key)
                 if steps:
-                    ax.plot(steps, values, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[j % 4],
+                    ax.plot(steps, values, color=colour, linestyle=("-", "--", ":", "-.")[j % 4],
                             label=f"{name} {label}" if len(keys) > 1 else name)  # fmt: skip
+            said = False
+            for _, recs_set_aside in stretches:
+                for steps, values in (series(recs_set_aside, key) for key, _ in keys):
+                    if steps:
+                        ax.plot(steps, values, color=colour, alpha=0.4, linestyle="--", linewidth=1,
+                                label=None if said else f"{name} set aside by a rewind")  # fmt: skip
+                        said = True
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

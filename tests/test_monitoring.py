@@ -101,6 +101,16 @@ def test_report_compares_runs_on_the_same_panels(teacher_run, tmp_path) -> None:
     for colour in ("#1f77b4", "#ff7f0e"):  # matplotlib's first two colours: the first run's lines, the second's
         rgb = np.array(matplotlib.colors.to_rgb(colour))
         assert (np.abs(image - rgb).max(axis=-1) < 0.02).sum() > 200, colour
+    # the other run passed over steps 5-8 and was rewound to step 10: as in its own report, the band and the
+    # curve set aside are drawn, here in its colour and named after it (an SVG's text, read back)
+    from pretrain.metrics import set_aside_logs
+    from pretrain.report import compare
+
+    (other / "config.yaml").write_text("train:\n  skip_steps: ['5-8']\n")
+    assert set_aside_logs(other, 10)
+    svg = compare([run, other], tmp_path / "ablation.svg").read_text()
+    assert "<!-- teacher-2 passed over -->" in svg and "<!-- teacher-2 set aside by a rewind -->" in svg, svg[-3000:]
+    assert "<!-- teacher passed over -->" not in svg and "teacher set aside" not in svg
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path, capfd) -> None:
