@@ -175,6 +175,8 @@ def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nproc", type=_at_least(1), metavar="N", help="ranks to start on this machine (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--print-config", action="store_true",
+                   help="check, then print the config as resolved (a YAML file to run again) and the plan; start nothing")  # fmt: skip
     p.set_defaults(func=_run_pretrain)
 
 
@@ -190,6 +192,8 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="e.g. configs/distill/tiny.yaml")
     p.add_argument("--nproc", type=_at_least(1), metavar="N", help="ranks to start on this machine (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--print-config", action="store_true",
+                   help="check, then print the config as resolved (a YAML file to run again) and the plan; start nothing")  # fmt: skip
     p.set_defaults(func=_run_pretrain)
 
 
@@ -201,8 +205,9 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
 
     config, overrides = _split_positional(ns.args)
     ranks = env.detect()
-    if ranks.launcher != "none" and ns.nproc is not None:
-        raise UserError(f"--nproc is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
+    if ranks.launcher != "none" and (ns.nproc is not None or ns.print_config):
+        flag = "--nproc" if ns.nproc is not None else "--print-config"
+        raise UserError(f"{flag} is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
     nproc = ns.nproc or 1
     build = None
     if ns.command == "distill":
@@ -214,9 +219,12 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
         cfg = load_config(PretrainConfig, config, overrides)
     # Every check before a rank starts; a launcher's ranks (srun, torchrun) leave them to rank 0 (train).
     if ranks.launcher == "none":
-        _, _, latest = resolve(cfg, nproc)  # the data first: the teacher is checked against its manifest
+        _, man, latest = resolve(cfg, nproc)  # the data first: the teacher is checked against its manifest
         if build:
             check_teacher(cfg)  # the tokenizer and vocabulary only: rank 0 loads the weights
+        if ns.print_config:
+            print(_plan(ns.command, cfg, man, latest, nproc))
+            return 0
         if latest is not None:
             from pretrain import checkpoint as ckpt
             from pretrain.trainer import already_complete
@@ -234,6 +242,41 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
 
         train(cfg, progress=progress, build_model=build)
         return 0
+
+
+def _plan(stage: str, cfg, man: dict, latest: str | None, world: int) -> str:  # noqa: ANN001
+    """``--print-config``: the config as resolved (what the manifest and this machine decide filled in:
+    the vocabulary, seq_len, the precision ``auto`` stands for), a YAML file the same command runs
+    again, after comments with what it makes of it: the model's size and work, the batch and the
+    tokens, a checkpoint's size, the DeepSpeed config derived for ``world`` ranks."""
+    import torch
+
+    from launch.config import to_yaml
+    from pretrain.checkpoint import size_said
+    from pretrain.config import Precision, accumulation_steps, deepspeed_config
+    from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
+
+    with torch.device("meta"):  # (the shapes alone: no memory, no time)
+        params = num_parameters(BertForMaskedLM(cfg.model))
+    m, t = cfg.model, cfg.train
+    tokens = t.global_batch_size * cfg.data.seq_len
+    sequences = man["splits"]["train"]["sequences"]  # (a blend's datasets: its start-up line says each one's epochs)
+    per = 14 if t.precision in (Precision.bf16, Precision.fp16) else 12  # weights (+ fp32 master), Adam moments
+    lines = [
+        f"bertforge {stage} --print-config: checked, nothing started; " + (
+            f"a resume from {latest} of {cfg.run.dir}" if latest else f"a new run in {cfg.run.dir}"),
+        f"model: {params / 1e6:.2f}M parameters (L{m.num_layers} H{m.hidden_size} A{m.num_heads}), vocab "
+        f"{m.vocab_size:,}, seq_len {cfg.data.seq_len}; {flops_per_token(m, cfg.data.seq_len, cfg.data.masking.probability) / 1e6:.1f} "
+        "MFLOP a token trained",
+        f"batch: {t.global_batch_size} sequences = {t.micro_batch_size} x {world} rank(s) x "
+        f"{accumulation_steps(t, world)} accumulation; {tokens:,} tokens a step, {tokens * t.max_steps:,} in "
+        f"{t.max_steps:,} steps" + ("" if cfg.data.blend else (
+            f" ({t.global_batch_size * t.max_steps / sequences:.2f} epochs of the {sequences:,} train sequences)")),
+        f"a checkpoint: about {size_said(params * per)} ({per} bytes a parameter in {t.precision.value}: weights"
+        f"{', fp32 master weights' if per == 14 else ''} and Adam moments), {cfg.checkpoint.keep} kept",
+        f"deepspeed (derived for {world} rank(s)): {json.dumps(deepspeed_config(cfg, world))}",
+    ]  # fmt: skip
+    return "".join(f"# {line}\n" for line in lines) + to_yaml(cfg).rstrip("\n")
 
 
 def _holding(run_dir: str, ranks):  # noqa: ANN001, ANN202

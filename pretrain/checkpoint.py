@@ -200,6 +200,11 @@ def commit(run_dir: Path, name: str, state: dict, keep: int) -> list[str]:
     return removed
 
 
+def size_said(n: float) -> str:
+    """A size in bytes as a reader takes it in: "1.52 GB", "812.4 MB"."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 KEEP = "the oldest checkpoint is removed only after a save is complete: checkpoint.keep counts them"
 
 
@@ -211,12 +216,8 @@ def room(root: Path, size: int, kept: str = KEEP) -> str | None:
     free = shutil.disk_usage(root).free
     if free >= size:
         return None
-
-    def said(n: int) -> str:
-        return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
     return (
-        f"warning: {root}: {said(free)} free, less than a checkpoint of this run ({said(size)}): the next save "
+        f"warning: {root}: {size_said(free)} free, less than a checkpoint of this run ({size_said(size)}): the next save "
         f"would fail for room and stop the run; make room before then ({kept})"
     )
 

@@ -1269,6 +1269,29 @@ def test_a_damaged_shard_stops_every_rank_keeping_the_last_checkpoint_and_resume
     assert errors[0].startswith(f"bertforge: error: {val[0]}: its sha256 differs") or len(val) > 1, errors
 
 
+def test_print_config_checks_starts_nothing_and_prints_a_config_that_runs_again(dataset, tmp_path) -> None:
+    """--print-config: the config as resolved (the manifest's vocabulary and seq_len, the precision auto
+    stands for here), a YAML file that loads as the same config, after comments with the plan."""
+    from launch.config import load_config, to_dict
+    from pretrain.config import PretrainConfig
+    from pretrain.trainer import resolve
+
+    run, keys = tmp_path / "run", [f"data.path={dataset}", f"run.dir={tmp_path / 'run'}", "optim.lr=5e-4"]
+    r = run_cli("pretrain", TINY, *keys, "--nproc", "2", "--print-config")
+    assert r.returncode == 0 and not run.exists(), r.stderr
+    comments = [line for line in r.stdout.splitlines() if line.startswith("#")]
+    assert comments[0] == f"# bertforge pretrain --print-config: checked, nothing started; a new run in {run}"
+    expected, _, _ = resolve(load_config(PretrainConfig, TINY, keys), 2)
+    tokens = 16 * expected.data.seq_len
+    assert comments[2].startswith(f"# batch: 16 sequences = 8 x 2 rank(s) x 1 accumulation; {tokens:,} tokens a step")
+    assert '"gradient_accumulation_steps": 1' in comments[-1] and comments[-1].startswith("# deepspeed (derived")
+    (tmp_path / "plan.yaml").write_text(r.stdout)
+    assert to_dict(load_config(PretrainConfig, str(tmp_path / "plan.yaml"), [])) == to_dict(expected)
+    assert expected.train.precision.value != "auto" and expected.model.vocab_size > 0
+    r = run_cli("pretrain", TINY, *keys, "--print-config", "train.global_batch_size=12")  # checked as a start is
+    assert r.returncode == 2 and "train.global_batch_size" in r.stderr and not r.stdout, r.stderr
+
+
 def test_pretrain_help_lists_the_contract_keys() -> None:
     r = run_cli("pretrain", "--help")
     assert r.returncode == 0 and "--nproc" in r.stdout and "resumes" in r.stdout
