@@ -712,6 +712,10 @@ def _run_jobs(ns: argparse.Namespace) -> int:
             print(f"{'':>10}{why}")  # under it, indented: the exception, or srun's report of the task that died
         if n := submit.failures(job):
             print(f"{'':>10}requeued after {n} failed task(s) (--max-failures)")
+        if submit.refused(job):
+            print(
+                f"{'':>10}its input refused: fix it, then submit the same command again (a requeue would meet it again)"
+            )
         if state in submit.ACTIVE and (said := submit.progress(job)):
             print(f"{'':>10}{said}")  # a job still queued or running: its run's last log, and how long ago
     return 0

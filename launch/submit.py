@@ -234,7 +234,7 @@ def executor(res: Resources, folder: Path):  # noqa: ANN201
 FAILURES = "{job}_failures"
 """In a job's log folder: how many times the job was requeued after a failed task (``--max-failures``)."""
 REFUSED = "{job}_refused"
-"""In a job's log folder: there where a task refused its input (a missing dataset, a damaged shard: exit
+"""In a job's log folder, present where a task refused its input (a missing dataset, a damaged shard: exit
 code 2 when run by hand), which a requeue would meet again (``--max-failures`` leaves the job failed)."""
 
 
@@ -266,6 +266,11 @@ def requeue_on_failure(folder: Path, most: int) -> list[str]:
         "fi",
         'exit "$bertforge_rc"',
     ]
+
+
+def refused(record: dict) -> bool:
+    """Whether a task of the job refused its input (:data:`REFUSED`)."""
+    return (Path(record["log_dir"]) / REFUSED.format(job=record["job_id"])).exists()
 
 
 def failures(record: dict) -> int:

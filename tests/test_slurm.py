@@ -176,6 +176,7 @@ def test_a_job_that_refuses_its_input_is_not_requeued_by_max_failures(dataset, t
     listing = run_cli("jobs", "--log-dir", str(logs)).stdout.splitlines()
     state = next(i for i, line in enumerate(listing) if line.split()[0] == job)
     assert listing[state].split()[1] == "FAILED" and "its sha256 differs from" in listing[state + 1], listing
+    assert listing[state + 2].strip().startswith("its input refused: fix it, then submit the same command again")
 
 
 def test_a_cancelled_job_stops_at_a_checkpoint_and_is_not_requeued(dataset, tmp_path) -> None:
