@@ -169,7 +169,11 @@ def _parse_options(cfg: PrepConfig, out: Path | None = None) -> corpus.ParseOpti
 @functools.lru_cache(maxsize=2)
 def _duplicates(path: str, mtime_ns: int) -> dict[int, np.ndarray]:
     """The keys of the documents to drop, per input file, sorted (read once per process)."""
-    files, keys = np.load(path).T
+    try:
+        files, keys = np.load(path).T
+    except (OSError, ValueError) as err:  # (written whole, then renamed: only a disk's fault or a hand)
+        said = str(err).split(". ")[0]
+        raise RunError(f"{path}: cannot read it ({said}); delete it, and the same command finds them again") from None
     return {int(f): np.sort(keys[files == f]) for f in np.unique(files)}
 
 

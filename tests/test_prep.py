@@ -337,6 +337,12 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike(tmp_path, docs, sp_
         assert r.returncode == 0 and (workers == "1" or "whole units each" in r.stderr), r.stderr
         outs.append(tree(out))
     assert outs[0] == outs[1]
+    from data_prep.errors import RunError
+    from data_prep.prep import _duplicates
+
+    (out / ".prep/duplicates.npy").write_bytes(b"not numpy")  # (a disk's fault): named, with what to do
+    with pytest.raises(RunError, match=r"duplicates.npy: cannot read it \(.*\); delete it, and the same command"):
+        _duplicates(str(out / ".prep/duplicates.npy"), 0)
     train, val = shard_docs(out, "train"), shard_docs(out, "val")
     assert len(val) > 30 and not {tuple(d) for d in train} & {tuple(d) for d in val}
     assert len(train) + len(val) == unique  # (the long document: pieces, one [SEP])
