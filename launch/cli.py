@@ -223,7 +223,7 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
         if build:
             check_teacher(cfg)  # the tokenizer and vocabulary only: rank 0 loads the weights
         if ns.print_config:
-            print(_plan(ns.command, cfg, man, latest, nproc))
+            print(_plan(ns.command, cfg, latest, nproc, _training_plan(cfg, man, nproc)))
             return 0
         if latest is not None:
             from pretrain import checkpoint as ckpt
@@ -244,16 +244,30 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
         return 0
 
 
-def _plan(stage: str, cfg, man: dict, latest: str | None, world: int) -> str:  # noqa: ANN001
-    """``--print-config``: the config as resolved (what the manifest and this machine decide filled in:
-    the vocabulary, seq_len, the precision ``auto`` stands for), a YAML file the same command runs
-    again, after comments with what it makes of it: the model's size and work, the batch and the
-    tokens, a checkpoint's size, the DeepSpeed config derived for ``world`` ranks."""
+def _plan(stage: str, cfg, latest: str | None, world: int, lines: list[str]) -> str:  # noqa: ANN001
+    """``--print-config``: the config as resolved (what the data and this machine decide filled in:
+    for pretraining the vocabulary and seq_len, the precision ``auto`` stands for), a YAML file the
+    same command runs again, after comments: the stage's ``lines`` (what it makes of the config) and
+    the DeepSpeed config derived for ``world`` ranks."""
+    from launch.config import to_yaml
+    from pretrain.config import deepspeed_config
+
+    lines = [
+        f"bertforge {stage} --print-config: checked, nothing started; "
+        + (f"a resume from {latest} of {cfg.run.dir}" if latest else f"a new run in {cfg.run.dir}"),
+        *lines,
+        f"deepspeed (derived for {world} rank(s)): {json.dumps(deepspeed_config(cfg, world))}",
+    ]
+    return "".join(f"# {line}\n" for line in lines) + to_yaml(cfg).rstrip("\n")
+
+
+def _training_plan(cfg, man: dict, world: int) -> list[str]:  # noqa: ANN001
+    """Pretraining's and distillation's plan: the model's size and work, the batch and the tokens,
+    a checkpoint's size."""
     import torch
 
-    from launch.config import to_yaml
     from pretrain.checkpoint import size_said
-    from pretrain.config import Precision, accumulation_steps, deepspeed_config
+    from pretrain.config import Precision, accumulation_steps
     from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
 
     with torch.device("meta"):  # (the shapes alone: no memory, no time)
@@ -262,9 +276,7 @@ def _plan(stage: str, cfg, man: dict, latest: str | None, world: int) -> str:  #
     tokens = t.global_batch_size * cfg.data.seq_len
     sequences = man["splits"]["train"]["sequences"]  # (a blend's datasets: its start-up line says each one's epochs)
     per = 14 if t.precision in (Precision.bf16, Precision.fp16) else 12  # weights (+ fp32 master), Adam moments
-    lines = [
-        f"bertforge {stage} --print-config: checked, nothing started; " + (
-            f"a resume from {latest} of {cfg.run.dir}" if latest else f"a new run in {cfg.run.dir}"),
+    return [
         f"model: {params / 1e6:.2f}M parameters (L{m.num_layers} H{m.hidden_size} A{m.num_heads}), vocab "
         f"{m.vocab_size:,}, seq_len {cfg.data.seq_len}; {flops_per_token(m, cfg.data.seq_len, cfg.data.masking.probability) / 1e6:.1f} "
         "MFLOP a token trained",
@@ -274,9 +286,31 @@ def _plan(stage: str, cfg, man: dict, latest: str | None, world: int) -> str:  #
             f" ({t.global_batch_size * t.max_steps / sequences:.2f} epochs of the {sequences:,} train sequences)")),
         f"a checkpoint: about {size_said(params * per)} ({per} bytes a parameter in {t.precision.value}: weights"
         f"{', fp32 master weights' if per == 14 else ''} and Adam moments), {cfg.checkpoint.keep} kept",
-        f"deepspeed (derived for {world} rank(s)): {json.dumps(deepspeed_config(cfg, world))}",
     ]  # fmt: skip
-    return "".join(f"# {line}\n" for line in lines) + to_yaml(cfg).rstrip("\n")
+
+
+def _finetune_plan(cfg, rows: tuple, world: int) -> list[str]:  # noqa: ANN001
+    """Fine-tuning's plan: the task and its labels, the rows, the epochs and their steps."""
+    from pretrain.config import accumulation_steps
+    from pretrain.export import describe
+    from pretrain.finetune import Task, epoch_steps, label_names
+
+    sec, t = cfg.finetune, cfg.train
+    shape, _ = describe(Path(sec.model))
+    names = label_names(rows[0].labels) if sec.task is Task.classification else []
+    steps = epoch_steps(len(rows[0].labels), cfg)
+    said = [f"{len(r.labels):,} {name}" + (f" ({sum(r.skipped.values()):,} skipped)" if r.skipped else "")
+            for name, r in zip(("train", "eval"), rows)]  # fmt: skip
+    return [
+        f"task: {sec.task.value}" + (f" over {len(names)} labels ({', '.join(names[:10])}"
+                                     f"{', ...' if len(names) > 10 else ''})" if names else ""),
+        f"encoder: {sec.model} (L{shape.get('num_layers')} H{shape.get('hidden_size')}), texts cut at "
+        f"{min(sec.max_length, shape.get('max_position', sec.max_length))} tokens",
+        f"rows: {', '.join(said)}",
+        f"batch: {t.global_batch_size} rows = {t.micro_batch_size} x {world} rank(s) x {accumulation_steps(t, world)} "
+        f"accumulation; {sec.epochs} epochs x {steps:,} steps = {sec.epochs * steps:,} steps, "
+        f"{int(sec.warmup_ratio * sec.epochs * steps):,} of warm-up",
+    ]  # fmt: skip
 
 
 def _holding(run_dir: str, ranks):  # noqa: ANN001, ANN202
@@ -476,6 +510,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="CONFIG.yaml", help="default: configs/finetune/default.yaml")
     p.add_argument("--nproc", type=_at_least(1), metavar="N", help="ranks to start on this machine (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true",
+                   help="check, then print the config as resolved (a YAML file for --config) and the plan; start nothing")  # fmt: skip
     p.set_defaults(func=_run_finetune)
 
 
@@ -490,8 +526,19 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     cfg = load_config(FinetuneConfig, config, [*flags, *overrides])
     ranks = env.detect()
     nproc = ns.nproc or 1
+    if ranks.launcher != "none" and ns.print_config:
+        raise UserError(
+            f"--print-config is for a bare start; this process is already rank {ranks.rank} of {ranks.world}"
+        )
     if ranks.launcher == "none":  # every file, field and label before a rank starts (a launcher's: on rank 0, in run)
-        check(cfg, nproc)
+        rows = check(cfg, nproc)
+        if ns.print_config:
+            from pretrain.finetune import STATE
+
+            state = Path(cfg.run.dir) / STATE
+            latest = json.loads(state.read_text()).get("checkpoint") if state.is_file() else None
+            print(_plan("finetune", cfg, latest, nproc, _finetune_plan(cfg, rows, nproc)))
+            return 0
     progress = not ns.no_progress and sys.stderr.isatty()
     with _holding(cfg.run.dir, ranks):
         if ranks.launcher == "none" and nproc > 1:

@@ -416,6 +416,32 @@ def test_a_disk_with_no_room_for_the_next_epoch_is_said_at_the_resume_and_its_sa
     assert json.loads((run / "finetune_state.json").read_text())["epoch"] == 1
 
 
+def test_print_config_checks_the_rows_and_prints_the_plan_and_a_config_that_runs_again(teacher_run, task, tmp_path):
+    from launch.config import to_dict
+
+    _, teacher = teacher_run
+    train, evaluate = task
+    run = tmp_path / "ft"
+    r = run_cli("finetune", str(teacher), "--train", str(train), "--eval", str(evaluate), "--nproc", "2",
+                f"run.dir={run}", "finetune.epochs=2", "--print-config")  # fmt: skip
+    assert r.returncode == 0 and not run.exists(), r.stderr
+    cfg = config(teacher, train, evaluate, run, "finetune.epochs=2")
+    rows = check(cfg, 2)
+    steps = math.ceil(len(rows[0].labels) / cfg.train.global_batch_size)
+    comments = [line for line in r.stdout.splitlines() if line.startswith("#")]
+    assert comments[:5] == [
+        f"# bertforge finetune --print-config: checked, nothing started; a new run in {run}",
+        "# task: classification over 3 labels (asyncio, email, logging)",
+        f"# encoder: {teacher} (L2 H64), texts cut at 128 tokens",
+        f"# rows: {len(rows[0].labels):,} train, {len(rows[1].labels):,} eval",
+        f"# batch: 32 rows = 16 x 2 rank(s) x 1 accumulation; 2 epochs x {steps} steps = {2 * steps} steps, "
+        f"{int(0.2 * steps)} of warm-up",
+    ], comments
+    (tmp_path / "plan.yaml").write_text(r.stdout)
+    again = load_config(FinetuneConfig, tmp_path / "plan.yaml", [])
+    assert to_dict(again) == to_dict(cfg)  # (check resolved the precision in cfg, as the start does)
+
+
 def test_under_zero3_every_rank_runs_as_many_eval_forwards(teacher_run, task, tmp_path) -> None:
     """17 eval rows over 2 ranks in batches of 8: rank 0 has 2 batches, rank 1 one. Under ZeRO 3 each
     forward gathers the parameters from every rank (DeepSpeed told here to keep none between uses, as
