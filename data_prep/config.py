@@ -104,6 +104,11 @@ class PrepConfig:
     ``duplicate``. A pass over the input before the tokenizer's: a 64-bit hash per document, held
     in memory (about 40 bytes a document at the peak of the sort)."""
 
+    min_chars: int = 0
+    """Drop each document shorter than this many characters, whitespace stripped (a heading, a lone
+    symbol: nothing to predict from), counted as skipped ``too_short``; 0 keeps every one. At most a
+    quarter of ``read_size`` (a document read in several chunks is longer than that)."""
+
     seed: int = 0
     """Seed of the train/val draw."""
 
@@ -126,6 +131,8 @@ class PrepConfig:
             raise UserError(f"config key 'read_size': '{self.read_size}' is below 1KB")
         if self.workers < 0:
             raise UserError(f"config key 'workers': {self.workers} is negative")
+        if not 0 <= self.min_chars <= parse_size(self.read_size) // 4:
+            raise UserError(f"config key 'min_chars': {self.min_chars} is outside [0, read_size / 4]")
         tok = self.tokenizer
         if not 16 <= tok.vocab_size <= 1 << 31:
             raise UserError(f"config key 'tokenizer.vocab_size': {tok.vocab_size} is too small")

@@ -250,6 +250,15 @@ class ParseOptions:
     seed: int = 0
     strict: bool = False
     duplicates: dict[int, np.ndarray] | None = None  # per input file, the sorted keys of the documents to drop
+    min_chars: int = 0  # shorter documents (in characters, whitespace stripped) are dropped
+
+    def short(self, texts: list[str], whole: np.ndarray | None = None) -> np.ndarray | None:
+        """Which of ``texts`` are documents under ``min_chars`` (``whole``: which are whole documents,
+        the rest pieces of a longer one), or None."""
+        if not self.min_chars or not texts:
+            return None
+        short = np.fromiter((len(t.strip()) < self.min_chars for t in texts), dtype=bool, count=len(texts))
+        return short if whole is None else short & whole
 
     def dropped(self, file: int, keys: np.ndarray) -> np.ndarray | None:
         """Which of file ``file``'s documents ``keys`` are later copies of another (``dedup``), or None."""
@@ -617,10 +626,17 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
     else:
         docs = [(chunk.offset + i, location, text) for i, (location, text) in enumerate(chunk.data)]
         account.docs_read += len(chunk.data)
-    if (dup := opts.dropped(chunk.file, np.array([d[0] for d in docs], dtype=np.uint64))) is not None:
-        at = np.flatnonzero(dup)
-        account.drop_docs("duplicate", len(at), lambda k: docs[at[k]][1])
-        docs = [d for d, drop in zip(docs, dup) if not drop]
+    drop = np.zeros(len(docs), dtype=bool)
+    for reason, mask in (
+        ("too_short", opts.short([d[2] for d in docs])),
+        ("duplicate", opts.dropped(chunk.file, np.array([d[0] for d in docs], dtype=np.uint64))),
+    ):
+        if mask is not None and mask.any():
+            at = np.flatnonzero(mask)
+            account.drop_docs(reason, len(at), lambda k, at=at: docs[at[k]][1])
+            drop |= mask
+    if drop.any():
+        docs = [d for d, dropped in zip(docs, drop) if not dropped]
     texts: list[str] = []
     lasts: list[bool] = []
     offsets: list[int] = []
@@ -688,20 +704,27 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
         lasts[-1] = False
     elif texts:
         texts[-1] = texts[-1].rstrip("\n")
-    new = [not (i == 0 and cont) for i in range(len(texts))]  # (a document going on from the last chunk: counted there)
-    if (dup := opts.dropped(chunk.file, keys)) is not None and dup.any():
-        at = np.flatnonzero(dup & np.array(new))
-        account.drop_docs("duplicate", len(at), lambda k: where(int(at[k])))
-        account.docs_read += len(at)
-        kept = np.flatnonzero(~dup)
-        texts, lasts, keys, new = [texts[i] for i in kept], [lasts[i] for i in kept], keys[kept], [new[i] for i in kept]
+    new = np.array([not (i == 0 and cont) for i in range(len(texts))], dtype=bool)  # (a document going on from
+    drop = np.zeros(len(texts), dtype=bool)  # the last chunk: counted there)
+    for reason, mask in (
+        ("too_short", opts.short(texts, new & np.array(lasts, dtype=bool))),  # (a document cut in chunks is long)
+        ("duplicate", opts.dropped(chunk.file, keys)),
+    ):
+        if mask is not None and mask.any():
+            at = np.flatnonzero(mask & new)
+            account.drop_docs(reason, len(at), lambda k, at=at: where(int(at[k])))
+            account.docs_read += len(at)
+            drop |= mask
+    if drop.any():
+        kept = np.flatnonzero(~drop)
+        texts, lasts, keys, new = [texts[i] for i in kept], [lasts[i] for i in kept], keys[kept], new[kept]
         where = (lambda at: lambda i: at(int(kept[i])))(where)
     if repaired:
         for i, t in enumerate(texts):
             if "\ufffd" in t:
                 account.docs_repaired.add(where(i))
-    account.docs_read += sum(new)
-    account.docs_written += sum(new)
+    account.docs_read += int(new.sum())
+    account.docs_written += int(new.sum())
     if texts and not lasts[-1] and new[-1]:
         account.docs_split.add(where(len(texts) - 1))
     return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where, keys)

@@ -90,7 +90,8 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
     started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
     if state.is_file() and started:
         old = json.loads(state.read_text())
-        old["config"].setdefault("dedup", False)  # (a prep from before the key: it dropped none)
+        # a key a prep from before it did not know: it ran as the key's default (dedup: none dropped)
+        old["config"] = {**manifest.output_config(PrepConfig()), **old["config"]}
         if old != fingerprint:
             for key in fingerprint:
                 if old.get(key) != fingerprint[key]:
@@ -163,7 +164,9 @@ def _parse_options(cfg: PrepConfig, out: Path | None = None) -> corpus.ParseOpti
                 f"{out}: no {STATE_DIR}/{DUPLICATES}: the tokenizer step (task 0/0) must run before the array"
             )
         drop = _duplicates(str(path), path.stat().st_mtime_ns)
-    return corpus.ParseOptions(cfg.text_field, parse_size(cfg.read_size), cfg.val_fraction, cfg.seed, cfg.strict, drop)
+    return corpus.ParseOptions(
+        cfg.text_field, parse_size(cfg.read_size), cfg.val_fraction, cfg.seed, cfg.strict, drop, cfg.min_chars
+    )
 
 
 @functools.lru_cache(maxsize=2)

@@ -286,22 +286,26 @@ def test_a_document_longer_than_a_shard_spans_shards(tmp_path, sp_model) -> None
     assert sp.decode(got[1]) == words
 
 
-def test_dedup_drops_every_later_copy_in_train_and_val_alike(tmp_path, docs, sp_model) -> None:
+def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_short(tmp_path, docs, sp_model):
     """``--dedup``: the first of each text kept, in input order, across files and formats; a document cut
     for length (a .jsonl piece by piece, a .txt one across read chunks) dropped whole; the output is the
     one of the input with the copies taken out by hand, the same whatever the workers, and no document of
-    val/ is one of train/."""
+    val/ is one of train/. ``min_chars``: the short ones dropped too (before the copies are looked for)."""
     short = [d for d in docs if 50 < len(d) < 1000][:240]
     long = " ".join(short[:30])  # one line of ~10 KB: cut into pieces of read_size (4 KB)
     files = {
-        "a.txt": short[0:80] + [short[5], short[10]],
-        "b.jsonl": short[80:160] + [short[0], long, short[150]],
+        "a.txt": ["x"] + short[0:80] + [short[5], "ab ", short[10]],
+        "b.jsonl": short[80:160] + [short[0], long, "x", short[150]],
         "c.txt": short[160:240] + [long, short[3], short[161]],
     }
+    tiny = sum(len(d.strip()) < 5 for texts in files.values() for d in texts)  # (min_chars=5)
     seen: set[str] = set()
-    kept = {name: [d for d in texts if not (d in seen or seen.add(d))] for name, texts in files.items()}
+    kept = {
+        name: [d for d in texts if len(d.strip()) >= 5 and not (d in seen or seen.add(d))]
+        for name, texts in files.items()
+    }
     n, unique = sum(map(len, files.values())), len(seen)  # (the docstrings repeat some of their own too)
-    assert n - unique >= 7
+    assert n - tiny - unique >= 7 and tiny == 3
 
     def write(folder: Path, content: dict[str, list[str]]) -> Path:
         folder.mkdir()
@@ -312,17 +316,24 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike(tmp_path, docs, sp_
 
     common = ["--tokenizer", str(sp_model), "--workers", "2", "read_size=4KB", "shard_size=20KB", "block_size=4KB"]
     raw, by_hand = write(tmp_path / "raw", files), write(tmp_path / "by_hand", kept)
-    r = prep("--input", str(raw), "--output", str(tmp_path / "dedup"), "--dedup", "--strict", "val_fraction=0", *common)
+    r = prep("--input", str(raw), "--output", str(tmp_path / "dedup"), "--dedup", "--strict", "val_fraction=0",
+             "min_chars=5", *common)  # fmt: skip
     assert r.returncode == 0, r.stderr  # (a duplicate is no error under --strict: the config asked for it)
-    said = f"prep: dedup: {n - unique} of {n} documents repeat an earlier one's text and are dropped"
+    said = f"prep: dedup: {n - tiny - unique} of {n - tiny} documents repeat an earlier one's text and are dropped"
     assert said in r.stderr, r.stderr
     acc = json.loads((tmp_path / "dedup/manifest.json").read_text())["input"]["documents"]
-    assert acc["read"] == n and acc["written"] == unique and acc["skipped"]["duplicate"]["count"] == n - unique
+    assert acc["read"] == n and acc["written"] == unique, acc
+    assert acc["skipped"]["duplicate"]["count"] == n - tiny - unique and acc["skipped"]["too_short"] == {
+        "count": 3, "examples": [f"{raw}/a.txt:1", f"{raw}/a.txt:{1 + sum(d.count(chr(10)) + 2 for d in files['a.txt'][:-2])}",
+                                 f"{raw}/b.jsonl:83"]}  # fmt: skip
     texts = files["a.txt"]
     first = next(i for i, d in enumerate(texts) if d in texts[:i])  # a.txt's first copy, at its first line
     line = 1 + sum(d.count("\n") + 2 for d in texts[:first])
     assert acc["skipped"]["duplicate"]["examples"][0] == f"{raw}/a.txt:{line}", acc
-    assert f"skipped duplicate: {n - unique} (first at " in r.stdout
+    assert (
+        f"skipped duplicate: {n - tiny - unique} (first at " in r.stdout
+        and "skipped too_short: 3 (first at " in r.stdout
+    )
     r = prep("--input", str(by_hand), "--output", str(tmp_path / "plain"), "val_fraction=0", *common)
     assert r.returncode == 0, r.stderr
     mine, theirs = tree(tmp_path / "dedup"), tree(tmp_path / "plain")
@@ -332,7 +343,7 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike(tmp_path, docs, sp_
     outs = []
     for workers in ("1", "2"):
         out = tmp_path / f"val{workers}"
-        args = ["--input", str(raw), "--output", str(out), "--dedup", *common, "--workers", workers]
+        args = ["--input", str(raw), "--output", str(out), "--dedup", "min_chars=5", *common, "--workers", workers]
         r = prep(*args, "val_fraction=0.3", "unit_size=2KB")
         assert r.returncode == 0 and (workers == "1" or "whole units each" in r.stderr), r.stderr
         outs.append(tree(out))
@@ -346,6 +357,10 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike(tmp_path, docs, sp_
     train, val = shard_docs(out, "train"), shard_docs(out, "val")
     assert len(val) > 30 and not {tuple(d) for d in train} & {tuple(d) for d in val}
     assert len(train) + len(val) == unique  # (the long document: pieces, one [SEP])
+    from data_prep.config import PrepConfig
+
+    too_long = PrepConfig(input=["x"], output="y", read_size="4KB", min_chars=1025)  # (a document read in
+    assert refusal(too_long.validate) == "config key 'min_chars': 1025 is outside [0, read_size / 4]"  # chunks)
 
 
 def test_bad_input_account_balances(tmp_path, sp_model) -> None:
