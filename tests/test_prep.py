@@ -236,8 +236,13 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     assert tree(out) == tree(full)
     assert not list(out.rglob(".*.tmp"))
 
+    state = json.loads((out / ".prep/state.json").read_text())  # as a prep from before min_chars wrote it:
+    del state["config"]["min_chars"]  # the key's default is what it ran with
+    (out / ".prep/state.json").write_text(json.dumps(state))
     again = prep(*common, "--output", str(out))
-    assert again.returncode == 0 and "already complete" in again.stderr
+    assert again.returncode == 0 and "already complete" in again.stderr, again.stderr
+    again = prep(*common, "--output", str(out), "min_chars=3")
+    assert again.returncode == 2 and "holds a prep made with a different config key 'min_chars'" in again.stderr
 
 
 def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp_path, docs, sp_model) -> None:
