@@ -96,7 +96,8 @@ class PrepConfig:
     """Tokenizer processes (``--workers``); 0 means one per core. Output does not depend on it."""
 
     strict: bool = False
-    """Turn any skipped document or file into an error (``--strict``); duplicates (``dedup``) stay skips."""
+    """Turn any skipped document or file into an error (``--strict``); those ``dedup`` and ``min_chars``
+    drop stay skips (the config asked for them)."""
 
     dedup: bool = False
     """Drop each document whose text is the same as an earlier one's (``--dedup``), in train/ and val/

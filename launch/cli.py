@@ -77,7 +77,8 @@ def _prep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer-type", choices=["unigram", "bpe"], help="SentencePiece model type (default unigram)")
     p.add_argument("--shard-size", metavar="SIZE", help="target shard size, e.g. 256MB (default)")
     p.add_argument("--text-field", metavar="KEY", help="JSON field holding the text in .jsonl input (default text)")
-    p.add_argument("--strict", action="store_true", default=None, help="any skipped document or file is an error")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="any skipped document or file is an error (but those --dedup and min_chars drop)")  # fmt: skip
     p.add_argument("--dedup", action="store_true", default=None,
                    help="drop documents whose text repeats an earlier one's (counted as skipped duplicates)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
