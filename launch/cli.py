@@ -277,7 +277,15 @@ def _training_plan(cfg, man: dict, world: int) -> list[str]:  # noqa: ANN001
     tokens = t.global_batch_size * cfg.data.seq_len
     sequences = man["splits"]["train"]["sequences"]  # (a blend's datasets: its start-up line says each one's epochs)
     per = 14 if t.precision in (Precision.bf16, Precision.fp16) else 12  # weights (+ fp32 master), Adam moments
+    teacher = []
+    if hasattr(cfg, "distill"):
+        from pretrain.export import describe
+
+        shape, _ = describe(Path(cfg.distill.teacher))
+        teacher = [f"teacher: {cfg.distill.teacher} (L{shape.get('num_layers')} H{shape.get('hidden_size')}), a "
+                   "forward of it in every step (MFLOP and perf/mfu count the student's alone)"]  # fmt: skip
     return [
+        *teacher,
         f"model: {params / 1e6:.2f}M parameters (L{m.num_layers} H{m.hidden_size} A{m.num_heads}), vocab "
         f"{m.vocab_size:,}, seq_len {cfg.data.seq_len}; {flops_per_token(m, cfg.data.seq_len, cfg.data.masking.probability) / 1e6:.1f} "
         "MFLOP a token trained",

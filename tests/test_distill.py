@@ -183,6 +183,13 @@ def test_a_teacher_that_does_not_fit_is_refused_before_ranks_start(teacher_run, 
     )
     r = run_cli("distill", DISTILL, f"data.path={other}", f"run.dir={tmp_path / 'run'}", "distill.teacher=")
     assert r.returncode == 2 and "config key 'distill.teacher'" in r.stderr
+    # --print-config makes the same checks and names the teacher in its plan
+    r = run_cli("distill", DISTILL, f"data.path={data}", f"run.dir={tmp_path / 'run'}", f"distill.teacher={teacher}",
+                "--print-config")  # fmt: skip
+    assert r.returncode == 0 and not (tmp_path / "run").exists(), r.stderr
+    assert r.stdout.splitlines()[1] == f"# teacher: {teacher} (L2 H64), a forward of it in every step (MFLOP and " \
+                                       "perf/mfu count the student's alone)"  # fmt: skip
+    assert "# model: " in r.stdout and "(L1 H64 A2)" in r.stdout and "\ndistill:\n  teacher: " in r.stdout
 
 
 def test_distillation_resumes_exactly(teacher_run, student, tmp_path) -> None:
