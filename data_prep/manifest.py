@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from data_prep import builtin, tokenizer
 from data_prep.config import PrepConfig
 from data_prep.corpus import Account, InputFile
@@ -143,6 +145,23 @@ def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, 
                 problems.append(f"{path}: sha256 differs from the manifest's (damaged, or changed after prep)")
             bar.update(size or 0)
     return len(listed), total, problems
+
+
+def overlap(man: dict, folder: str | Path) -> str:
+    """``bertforge inspect DIR --overlap``: how many val documents are also train documents (the
+    same token ids), and their share of the val tokens: what a copy of training text in val/ does
+    to the eval loss (``dedup`` drops them at prep)."""
+    from data_prep.shards import document_hashes  # (webdataset's reader: imported when asked for)
+
+    train, _ = document_hashes([Path(folder) / s["path"] for s in man["splits"]["train"]["shards"]])
+    val, lengths = document_hashes([Path(folder) / s["path"] for s in man["splits"]["val"]["shards"]])
+    both = np.isin(val, train)
+    share = lengths[both].sum() / max(1, lengths.sum())
+    return (
+        f"overlap: {int(both.sum()):,} of {len(val):,} val documents are also train documents (the same token ids), "
+        f"{int(lengths[both].sum()):,} of {int(lengths.sum()):,} val tokens ({share:.1%})"
+        + ("; bertforge prep --dedup drops them" if both.any() else "")
+    )
 
 
 def summary(man: dict, seconds: float | None = None) -> str:

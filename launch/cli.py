@@ -126,6 +126,8 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check every shard and the tokenizer against the manifest's sizes and sha256 (exit 1 if any differs)",
     )
+    p.add_argument("--overlap", action="store_true",
+                   help="count the val documents that are also train documents (the same token ids)")  # fmt: skip
     p.set_defaults(func=_run_inspect)
 
 
@@ -136,8 +138,10 @@ def _run_inspect(ns: argparse.Namespace) -> int:
         from pretrain.report import summary  # a run folder (or neither: refused, naming both)
 
         text = summary(Path(ns.dir))  # (first: a folder that is neither is refused as such, --verify or not)
-        if ns.verify:
-            raise UserError(f"--verify checks a dataset's files against its manifest; {ns.dir} is a run folder")
+        if ns.verify or ns.overlap:
+            what = "--verify checks a dataset's files against its manifest" if ns.verify else (
+                "--overlap compares a dataset's val documents with its train documents")  # fmt: skip
+            raise UserError(f"{what}; {ns.dir} is a run folder")
         print(text)
         return 0
     man = manifest.load(ns.dir)
@@ -149,6 +153,8 @@ def _run_inspect(ns: argparse.Namespace) -> int:
         if problems:
             raise RunError(f"{ns.dir}: {len(problems)} of {files} files differ from the manifest", quiet=True)
         print(f"verified: {files} files ({size / 1e6:,.1f} MB of shards) match the manifest's sizes and sha256")
+    if ns.overlap:
+        print(manifest.overlap(man, ns.dir))
     sp = tokenizer.load(Path(ns.dir) / man["tokenizer"]["file"])
     shown = 0
     for shard in man["splits"][ns.split]["shards"]:

@@ -362,6 +362,19 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
     train, val = shard_docs(out, "train"), shard_docs(out, "val")
     assert len(val) > 30 and not {tuple(d) for d in train} & {tuple(d) for d in val}
     assert len(train) + len(val) == unique  # (the long document: pieces, one [SEP])
+    # inspect --overlap counts what dedup dropped: none here; without dedup, the val documents that are
+    # train documents (counted here on the test's own reading of the shards)
+    said = run_cli("inspect", str(out), "--overlap", "-n", "0").stdout.splitlines()[-1]
+    assert said == f"overlap: 0 of {len(val)} val documents are also train documents (the same token ids), 0 of " \
+                   f"{sum(map(len, val)):,} val tokens (0.0%)", said  # fmt: skip
+    plain = tmp_path / "plain_val"
+    r = prep("--input", str(raw), "--output", str(plain), *common, "val_fraction=0.3", "unit_size=2KB")
+    assert r.returncode == 0, r.stderr
+    train = {tuple(d) for d in shard_docs(plain, "train")}
+    both = [d for d in shard_docs(plain, "val") if tuple(d) in train]
+    said = run_cli("inspect", str(plain), "--overlap", "-n", "0").stdout.splitlines()[-1]
+    assert both and said.startswith(f"overlap: {len(both)} of ") and said.endswith("bertforge prep --dedup drops them")
+    assert f"(the same token ids), {sum(map(len, both)):,} of " in said, said
     from data_prep.config import PrepConfig
 
     too_long = PrepConfig(input=["x"], output="y", read_size="4KB", min_chars=1025)  # (a document read in

@@ -419,6 +419,9 @@ def test_steps_passed_over_keep_the_schedule_and_the_data_of_the_run_and_a_rewin
     assert (
         r.returncode == 2 and f"--verify checks a dataset's files against its manifest; {rewound} is a run" in r.stderr
     )
+    r = run_cli("inspect", str(rewound), "--overlap")
+    assert r.returncode == 2 and f"--overlap compares a dataset's val documents with its train documents; {rewound} " \
+                                 "is a run folder" in r.stderr, r.stderr  # fmt: skip
     r = run_cli("inspect", str(rewound))  # bertforge inspect RUN: the run at a glance
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[0].startswith(f"{rewound}: a bertforge pretrain run, not running"), r.stderr
