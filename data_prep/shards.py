@@ -192,23 +192,22 @@ def read_blocks(path: str | Path, data: bytes | None = None) -> Iterator[np.ndar
 def document_hashes(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """A 64-bit hash of each document's token ids, and its length, in order, over the shards
     ``paths`` of a split in the manifest's order (each sequence's [CLS] and the [PAD]s left out; a
-    document ends at its [SEP]: one packed across sequences or shards, or cut for length, is whole)."""
-    hashes: list[int] = []
-    lengths: list[int] = []
+    document ends at its [SEP]: one packed across sequences or shards, or cut for length, is whole).
+    Kept as arrays block by block: 16 bytes a document."""
+    hashes: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
     carry = np.empty(0, dtype=np.int64)
     for path in paths:
         for block in read_blocks(path):
             flat = block[:, 1:].reshape(-1).astype(np.int64)
             flat = np.concatenate([carry, flat[flat != PAD_ID]])
-            start = 0
-            for end in np.flatnonzero(flat == SEP_ID).tolist():
-                hashes.append(
-                    int.from_bytes(hashlib.blake2b(flat[start:end].tobytes(), digest_size=8).digest(), "little")
-                )
-                lengths.append(end - start)
-                start = end + 1
-            carry = flat[start:]
-    return np.array(hashes, dtype=np.uint64), np.array(lengths, dtype=np.int64)
+            ends = np.flatnonzero(flat == SEP_ID)
+            starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)[: len(ends)]
+            digests = (hashlib.blake2b(flat[a:b].tobytes(), digest_size=8).digest() for a, b in zip(starts, ends))
+            hashes.append(np.fromiter((int.from_bytes(d, "little") for d in digests), np.uint64, len(ends)))
+            lengths.append(ends - starts)
+            carry = flat[ends[-1] + 1 :] if len(ends) else flat
+    return np.concatenate([np.empty(0, np.uint64), *hashes]), np.concatenate([np.empty(0, np.int64), *lengths])
 
 
 def decode_sequence(sp, seq: np.ndarray) -> str:  # noqa: ANN001 - a SentencePieceProcessor
