@@ -550,8 +550,10 @@ def _run_finetune(ns: argparse.Namespace) -> int:
         if ns.print_config:
             from pretrain.finetune import STATE
 
-            state = Path(cfg.run.dir) / STATE
-            latest = json.loads(state.read_text()).get("checkpoint") if state.is_file() else None
+            state = (
+                json.loads((Path(cfg.run.dir) / STATE).read_text()) if (Path(cfg.run.dir) / STATE).is_file() else None
+            )
+            latest = state.get("checkpoint", f"epoch_{state['epoch']:03d}") if state else None  # (what run loads)
             print(_plan("finetune", cfg, latest, nproc, _finetune_plan(cfg, rows, nproc)))
             return 0
     progress = not ns.no_progress and sys.stderr.isatty()
