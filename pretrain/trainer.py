@@ -208,6 +208,15 @@ def eval_said(scalars: dict) -> str:
     )
 
 
+def _start(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, list[dict], list[str], str | None, dict | None]:
+    """What rank 0 reads for every rank at a start (:func:`train`): the config resolved, the manifest of
+    each dataset (``data.path``'s, then the blend's) and its sha256, the latest checkpoint and its state."""
+    cfg, man, latest = resolve(cfg, world)
+    mans = [man, *(manifests.load(f) for f in cfg.data.blend)]
+    shas = [tokenizers.sha256(Path(cfg.data.path) / manifests.MANIFEST), *blend_sha256(cfg)]
+    return cfg, mans, shas, latest, ckpt.read_state(Path(cfg.run.dir), latest) if latest is not None else None
+
+
 def blend_sha256(cfg: PretrainConfig) -> list[str]:
     """The sha256 of each ``data.blend`` dataset's manifest (a checkpoint's state keeps them)."""
     return [tokenizers.sha256(Path(f) / manifests.MANIFEST) for f in cfg.data.blend]
@@ -568,8 +577,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     device = engine.init_distributed(local_rank, cfg.train.collective_timeout_s)
     # Rank 0 alone checks the data and the checkpoint (it stats every shard and checkpoint file:
     # a run's ranks all doing so at once burden a parallel file system's metadata servers) and
-    # sends the config it resolved, so that every rank runs the same (the precision auto stood for).
-    cfg, man, latest = ckpt.from_rank_0(lambda: resolve(cfg, world), rank, device, "which refused the run")
+    # sends the config it resolved, so that every rank runs the same (the precision auto stood for),
+    # with the datasets' manifests and their sha256 and the checkpoint's state, read once.
+    cfg, mans, shas, latest, state = ckpt.from_rank_0(lambda: _start(cfg, world), rank, device, "which refused the run")
+    man = mans[0]
     ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
     stop = Stop(cfg.train.exit_after_minutes, began)
     say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
@@ -577,11 +588,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     folder = Path(cfg.data.path)
     accum = accumulation_steps(cfg.train, world)
     micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
-    manifest_sha = tokenizers.sha256(folder / manifests.MANIFEST)  # once, for every checkpoint's state
-    blend_sha = blend_sha256(cfg)
-    shas = [manifest_sha, *blend_sha]  # the datasets, known by their manifests (folders may move)
+    manifest_sha, blend_sha = shas[0], shas[1:]  # the datasets, known by their manifests (folders may move)
     folders = [folder, *map(Path, cfg.data.blend)]
-    mans = [man, *(manifests.load(f) for f in folders[1:])]
     weights = cfg.data.weights if cfg.data.blend else None
 
     if rank == 0:
@@ -601,7 +609,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             shutil.copyfile(folder / man["tokenizer"]["file"], tok)
     dist.barrier()
 
-    state = ckpt.read_state(run_dir, latest) if latest is not None else None
     if state is not None and state["step"] >= cfg.train.max_steps:  # (before building, loading, converting)
         say(already_complete(run_dir, state["step"], cfg.train.max_steps))
         return Result(state["step"], cfg.train.max_steps)
