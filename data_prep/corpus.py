@@ -607,6 +607,7 @@ class Parsed:
     account: Account
     where: Callable[[int], str]  # the location (file:line) of piece i; computed only on demand
     keys: np.ndarray  # uint64: the identity of the piece's document in its file (see :func:`draw_val`)
+    continues: bool = False  # texts[0] goes on with a document the chunk before began
 
     def pieces(self) -> list[Piece]:
         """The pieces as objects (for tests and the tokenizer sample, not the hot path)."""
@@ -727,7 +728,7 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
     account.docs_written += int(new.sum())
     if texts and not lasts[-1] and new[-1]:
         account.docs_split.add(where(len(texts) - 1))
-    return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where, keys)
+    return Parsed(texts, lasts, draw_val(opts, chunk.file, keys), account, where, keys, bool(texts) and not new[0])
 
 
 def _decode(data: bytes, location: str, account: Account) -> str:

@@ -203,26 +203,95 @@ def _unit_hashes(
     return np.array(files, np.uint32), np.array(keys, np.uint64), np.array(hashes, np.uint64)
 
 
+def _chunk_hashes(chunk: corpus.Chunk, opts: corpus.ParseOptions) -> tuple:
+    """:func:`_unit_hashes` of one chunk, for a worker: the (file, key, hash) of each document whole in
+    the chunk, and the bytes of the pieces that join a document across chunks, which the main process
+    hashes in order (:func:`_hash_chunks`): the first piece where it goes on with the chunk before's
+    document (and whether it ends it), the last where it goes on in the next chunk (and its key)."""
+    parsed = corpus.parse(chunk, opts)
+    head = tail = None
+    keys: list[int] = []
+    hashes: list[int] = []
+    h = None
+    for i, (text, last, key) in enumerate(zip(parsed.texts, parsed.lasts, parsed.keys.tolist())):
+        data = text.encode("utf-8", "surrogatepass")  # (JSON may escape a lone surrogate)
+        if i == 0 and parsed.continues:
+            head = (data, last)
+        elif last and h is None:
+            keys.append(key)
+            hashes.append(int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little"))
+        else:  # (a .jsonl document cut for length: its pieces together, here; a .txt one's last piece: next chunk)
+            h = h or hashlib.blake2b(digest_size=8)
+            h.update(data)
+            if last:
+                keys.append(key)
+                hashes.append(int.from_bytes(h.digest(), "little"))
+                h = None
+            elif i == len(parsed.texts) - 1:
+                tail = (key, data)
+    return chunk.file, np.array(keys, np.uint64), np.array(hashes, np.uint64), head, tail
+
+
+def _hash_chunks(
+    jobs: list[list[tuple[corpus.Part, corpus.InputFile]]], opts: corpus.ParseOptions, max_line: int, workers: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_unit_hashes` of few units: this process reads their chunks, in order, and ``workers``
+    processes parse and hash them (as prep's main pass shares out a single large file)."""
+    scratch = corpus.Account(strict=opts.strict)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    running = None  # (file, key, hasher) of a document that goes on across chunks
+
+    def take(result: tuple) -> None:
+        nonlocal running
+        file, keys, hashes, head, tail = result
+        if head is not None:  # (the chunk before ended with the document's first piece: running)
+            running[2].update(head[0])
+            if head[1]:
+                digest = int.from_bytes(running[2].digest(), "little")
+                found.append((np.array([running[0]], np.uint32), np.array([running[1]], np.uint64),
+                              np.array([digest], np.uint64)))  # fmt: skip
+                running = None
+        found.append((np.full(len(keys), file, np.uint32), keys, hashes))
+        if tail is not None:
+            running = (file, tail[0], hashlib.blake2b(tail[1], digest_size=8))
+
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    pending: deque = deque()
+    with ProcessPoolExecutor(workers, context) as pool:
+        for part, f in (item for job in jobs for item in job):
+            for chunk in corpus.chunks(part, f, scratch, opts, max_line):
+                pending.append(pool.submit(_chunk_hashes, chunk, opts))
+                while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
+                    take(pending.popleft().result())
+        while pending:
+            take(pending.popleft().result())
+    dtypes = (np.uint32, np.uint64, np.uint64)
+    return tuple(np.concatenate([np.empty(0, d), *(x[i] for x in found)]) for i, d in enumerate(dtypes))
+
+
 def _find_duplicates(
     cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path, workers: int
 ) -> None:
-    """``dedup``: hash every document (the units over ``workers`` processes), keep the first of each
-    text in input order, and record the others in ``.prep/duplicates.npy`` (kept for a resume)."""
+    """``dedup``: hash every document (the units over ``workers`` processes, or, where there are
+    fewer than two a worker, their chunks), keep the first of each text in input order, and record
+    the others in ``.prep/duplicates.npy`` (kept for a resume)."""
     path = out / STATE_DIR / DUPLICATES
     if path.is_file():
         return
     t0 = time.perf_counter()
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     jobs = [[(p, files[p.file]) for p in unit] for unit in units]
-    if workers > 1 and len(units) > 1:
-        context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        try:
-            with ProcessPoolExecutor(min(workers, len(units)), context) as pool:
+    try:
+        if workers > 1 and len(units) >= 2 * workers:  # (as the main pass shares out its work)
+            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+            with ProcessPoolExecutor(workers, context) as pool:
                 found = list(pool.map(_unit_hashes, jobs, [opts] * len(jobs), [max_line] * len(jobs)))
-        except BrokenProcessPool:
-            raise RunError(WORKER_DIED) from None
-    else:
-        found = [_unit_hashes(job, opts, max_line) for job in jobs]
+        elif workers > 1:
+            found = [_hash_chunks(jobs, opts, max_line, workers)]
+        else:
+            found = [_unit_hashes(job, opts, max_line) for job in jobs]
+    except BrokenProcessPool:
+        raise RunError(WORKER_DIED) from None
     doc_files, keys, hashes = (np.concatenate([f[i] for f in found]) for i in range(3))
     _, first = np.unique(hashes, return_index=True)  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
