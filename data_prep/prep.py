@@ -258,11 +258,16 @@ def _hash_chunks(
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pending: deque = deque()
     with ProcessPoolExecutor(workers, context) as pool:
-        for part, f in (item for job in jobs for item in job):
-            for chunk in corpus.chunks(part, f, scratch, opts, max_line):
-                pending.append(pool.submit(_chunk_hashes, chunk, opts))
-                while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
-                    take(pending.popleft().result())
+        try:
+            for part, f in (item for job in jobs for item in job):
+                for chunk in corpus.chunks(part, f, scratch, opts, max_line):
+                    pending.append(pool.submit(_chunk_hashes, chunk, opts))
+                    while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
+                        take(pending.popleft().result())
+        except UserError:  # (--strict) the reader is ahead of the workers: an error earlier in the input wins
+            while pending:
+                take(pending.popleft().result())
+            raise
         while pending:
             take(pending.popleft().result())
     dtypes = (np.uint32, np.uint64, np.uint64)
