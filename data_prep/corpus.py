@@ -252,6 +252,12 @@ class ParseOptions:
     duplicates: dict[int, np.ndarray] | None = None  # per input file, the sorted keys of the documents to drop
     min_chars: int = 0  # shorter documents (in characters, whitespace stripped) are dropped
 
+    @property
+    def drops(self) -> bool:
+        """Whether the config asks for documents to be dropped (``min_chars``, ``dedup``'s list): else
+        a chunk's parse does no work for it."""
+        return bool(self.min_chars or self.duplicates)
+
     def short(self, texts: list[str], whole: np.ndarray | None = None) -> np.ndarray | None:
         """Which of ``texts`` are documents under ``min_chars`` (``whole``: which are whole documents,
         the rest pieces of a longer one), or None."""
@@ -627,16 +633,16 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
     else:
         docs = [(chunk.offset + i, location, text) for i, (location, text) in enumerate(chunk.data)]
         account.docs_read += len(chunk.data)
-    drop = np.zeros(len(docs), dtype=bool)
-    for reason, mask in (
-        ("too_short", opts.short([d[2] for d in docs])),
-        ("duplicate", opts.dropped(chunk.file, np.array([d[0] for d in docs], dtype=np.uint64))),
-    ):
-        if mask is not None and mask.any():
-            at = np.flatnonzero(mask)
-            account.drop_docs(reason, len(at), lambda k, at=at: docs[at[k]][1])
-            drop |= mask
-    if drop.any():
+    if opts.drops:
+        drop = np.zeros(len(docs), dtype=bool)
+        for reason, mask in (
+            ("too_short", opts.short([d[2] for d in docs])),
+            ("duplicate", opts.dropped(chunk.file, np.array([d[0] for d in docs], dtype=np.uint64))),
+        ):
+            if mask is not None and mask.any():
+                at = np.flatnonzero(mask)
+                account.drop_docs(reason, len(at), lambda k, at=at: docs[at[k]][1])
+                drop |= mask
         docs = [d for d, dropped in zip(docs, drop) if not dropped]
     texts: list[str] = []
     lasts: list[bool] = []
@@ -705,21 +711,23 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
         lasts[-1] = False
     elif texts:
         texts[-1] = texts[-1].rstrip("\n")
-    new = np.array([not (i == 0 and cont) for i in range(len(texts))], dtype=bool)  # (a document going on from
-    drop = np.zeros(len(texts), dtype=bool)  # the last chunk: counted there)
-    for reason, mask in (
-        ("too_short", opts.short(texts, new & np.array(lasts, dtype=bool))),  # (a document cut in chunks is long)
-        ("duplicate", opts.dropped(chunk.file, keys)),
-    ):
-        if mask is not None and mask.any():
-            at = np.flatnonzero(mask & new)
-            account.drop_docs(reason, len(at), lambda k, at=at: where(int(at[k])))
-            account.docs_read += len(at)
-            drop |= mask
-    if drop.any():
-        kept = np.flatnonzero(~drop)
-        texts, lasts, keys, new = [texts[i] for i in kept], [lasts[i] for i in kept], keys[kept], new[kept]
-        where = (lambda at: lambda i: at(int(kept[i])))(where)
+    new = np.ones(len(texts), dtype=bool)  # (but a document going on from the last chunk: counted there)
+    new[:1] = not cont
+    if opts.drops:
+        drop = np.zeros(len(texts), dtype=bool)
+        for reason, mask in (
+            ("too_short", opts.short(texts, new & np.array(lasts, dtype=bool))),  # (a document cut in chunks is long)
+            ("duplicate", opts.dropped(chunk.file, keys)),
+        ):
+            if mask is not None and mask.any():
+                at = np.flatnonzero(mask & new)
+                account.drop_docs(reason, len(at), lambda k, at=at: where(int(at[k])))
+                account.docs_read += len(at)
+                drop |= mask
+        if drop.any():
+            kept = np.flatnonzero(~drop)
+            texts, lasts, keys, new = [texts[i] for i in kept], [lasts[i] for i in kept], keys[kept], new[kept]
+            where = (lambda at: lambda i: at(int(kept[i])))(where)
     if repaired:
         for i, t in enumerate(texts):
             if "\ufffd" in t:

@@ -180,34 +180,12 @@ def _duplicates(path: str, mtime_ns: int) -> dict[int, np.ndarray]:
     return {int(f): np.sort(keys[files == f]) for f in np.unique(files)}
 
 
-def _unit_hashes(
-    parts: list[tuple[corpus.Part, corpus.InputFile]], opts: corpus.ParseOptions, max_line: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each document of a unit, in input order: its file, its key (its identity in the file, as for
-    the val draw) and a 64-bit hash of its text (its pieces, where cut for length, hashed as one)."""
-    scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
-    files: list[int] = []
-    keys: list[int] = []
-    hashes: list[int] = []
-    h = hashlib.blake2b(digest_size=8)
-    for part, f in parts:
-        for chunk in corpus.chunks(part, f, scratch, opts, max_line):
-            parsed = corpus.parse(chunk, opts)
-            for text, last, key in zip(parsed.texts, parsed.lasts, parsed.keys.tolist()):
-                h.update(text.encode("utf-8", "surrogatepass"))  # (JSON may escape a lone surrogate)
-                if last:
-                    files.append(chunk.file)
-                    keys.append(key)
-                    hashes.append(int.from_bytes(h.digest(), "little"))
-                    h = hashlib.blake2b(digest_size=8)
-    return np.array(files, np.uint32), np.array(keys, np.uint64), np.array(hashes, np.uint64)
-
-
 def _chunk_hashes(chunk: corpus.Chunk, opts: corpus.ParseOptions) -> tuple:
-    """:func:`_unit_hashes` of one chunk, for a worker: the (file, key, hash) of each document whole in
-    the chunk, and the bytes of the pieces that join a document across chunks, which the main process
-    hashes in order (:func:`_hash_chunks`): the first piece where it goes on with the chunk before's
-    document (and whether it ends it), the last where it goes on in the next chunk (and its key)."""
+    """A chunk's part of the hash pass (in a worker, or here): its file, the key (the document's
+    identity in the file, as for the val draw) and 64-bit hash of each document whole in the chunk,
+    and the bytes of the pieces that join a document across chunks, which :class:`_Joined` hashes
+    in order: the first piece where it goes on with the chunk before's document (and whether it ends
+    it), the last where it goes on in the next chunk (and its key)."""
     parsed = corpus.parse(chunk, opts)
     head = tail = None
     keys: list[int] = []
@@ -217,19 +195,55 @@ def _chunk_hashes(chunk: corpus.Chunk, opts: corpus.ParseOptions) -> tuple:
         data = text.encode("utf-8", "surrogatepass")  # (JSON may escape a lone surrogate)
         if i == 0 and parsed.continues:
             head = (data, last)
-        elif last and h is None:
+            continue
+        h = h or hashlib.blake2b(digest_size=8)  # (a .jsonl document cut for length: its pieces together)
+        h.update(data)
+        if last:
             keys.append(key)
-            hashes.append(int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little"))
-        else:  # (a .jsonl document cut for length: its pieces together, here; a .txt one's last piece: next chunk)
-            h = h or hashlib.blake2b(digest_size=8)
-            h.update(data)
-            if last:
-                keys.append(key)
-                hashes.append(int.from_bytes(h.digest(), "little"))
-                h = None
-            elif i == len(parsed.texts) - 1:
-                tail = (key, data)
+            hashes.append(int.from_bytes(h.digest(), "little"))
+            h = None
+        elif i == len(parsed.texts) - 1:  # (a .txt document read on in the next chunk)
+            tail = (key, data)
     return chunk.file, np.array(keys, np.uint64), np.array(hashes, np.uint64), head, tail
+
+
+class _Joined:
+    """The hash pass's documents in input order, from :func:`_chunk_hashes`' results taken in order:
+    each document's file, key and hash, one read across chunks hashed whole."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.running = None  # (file, key, hasher) of a document that goes on across chunks
+
+    def take(self, result: tuple) -> None:
+        file, keys, hashes, head, tail = result
+        if head is not None:  # (the chunk before ended with the document's first piece: running)
+            file0, key0, h = self.running
+            h.update(head[0])
+            if head[1]:
+                digest = int.from_bytes(h.digest(), "little")
+                self.found.append((np.array([file0], np.uint32), np.array([key0], np.uint64),
+                                   np.array([digest], np.uint64)))  # fmt: skip
+                self.running = None
+        self.found.append((np.full(len(keys), file, np.uint32), keys, hashes))
+        if tail is not None:
+            self.running = (file, tail[0], hashlib.blake2b(tail[1], digest_size=8))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dtypes = (np.uint32, np.uint64, np.uint64)
+        return tuple(np.concatenate([np.empty(0, d), *(x[i] for x in self.found)]) for i, d in enumerate(dtypes))
+
+
+def _unit_hashes(
+    parts: list[tuple[corpus.Part, corpus.InputFile]], opts: corpus.ParseOptions, max_line: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each document of a unit, in input order (:class:`_Joined`), its chunks hashed in this process."""
+    scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
+    joined = _Joined()
+    for part, f in parts:
+        for chunk in corpus.chunks(part, f, scratch, opts, max_line):
+            joined.take(_chunk_hashes(chunk, opts))
+    return joined.arrays()
 
 
 def _hash_chunks(
@@ -238,23 +252,7 @@ def _hash_chunks(
     """:func:`_unit_hashes` of few units: this process reads their chunks, in order, and ``workers``
     processes parse and hash them (as prep's main pass shares out a single large file)."""
     scratch = corpus.Account(strict=opts.strict)
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    running = None  # (file, key, hasher) of a document that goes on across chunks
-
-    def take(result: tuple) -> None:
-        nonlocal running
-        file, keys, hashes, head, tail = result
-        if head is not None:  # (the chunk before ended with the document's first piece: running)
-            running[2].update(head[0])
-            if head[1]:
-                digest = int.from_bytes(running[2].digest(), "little")
-                found.append((np.array([running[0]], np.uint32), np.array([running[1]], np.uint64),
-                              np.array([digest], np.uint64)))  # fmt: skip
-                running = None
-        found.append((np.full(len(keys), file, np.uint32), keys, hashes))
-        if tail is not None:
-            running = (file, tail[0], hashlib.blake2b(tail[1], digest_size=8))
-
+    joined = _Joined()
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pending: deque = deque()
     with ProcessPoolExecutor(workers, context) as pool:
@@ -263,15 +261,14 @@ def _hash_chunks(
                 for chunk in corpus.chunks(part, f, scratch, opts, max_line):
                     pending.append(pool.submit(_chunk_hashes, chunk, opts))
                     while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
-                        take(pending.popleft().result())
+                        joined.take(pending.popleft().result())
         except UserError:  # (--strict) the reader is ahead of the workers: an error earlier in the input wins
             while pending:
-                take(pending.popleft().result())
+                joined.take(pending.popleft().result())
             raise
         while pending:
-            take(pending.popleft().result())
-    dtypes = (np.uint32, np.uint64, np.uint64)
-    return tuple(np.concatenate([np.empty(0, d), *(x[i] for x in found)]) for i, d in enumerate(dtypes))
+            joined.take(pending.popleft().result())
+    return joined.arrays()
 
 
 def _find_duplicates(
