@@ -208,13 +208,11 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     from launch import env, local
     from launch.config import load_config
     from pretrain.config import PretrainConfig
-    from pretrain.trainer import resolve
+    from pretrain.trainer import plan, resolve
 
     config, overrides = _split_positional(ns.args)
     ranks = env.detect()
-    if ranks.launcher != "none" and (ns.nproc is not None or ns.print_config):
-        flag = "--nproc" if ns.nproc is not None else "--print-config"
-        raise UserError(f"{flag} is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
+    _bare_start_only(ns, ranks)
     nproc = ns.nproc or 1
     build = None
     if ns.command == "distill":
@@ -230,7 +228,7 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
         if build:
             check_teacher(cfg)  # the tokenizer and vocabulary only: rank 0 loads the weights
         if ns.print_config:
-            print(_plan(ns.command, cfg, latest, nproc, _training_plan(cfg, man, nproc)))
+            print(_plan(ns.command, cfg, latest, nproc, plan(cfg, man, nproc)))
             return 0
         if latest is not None:
             from pretrain import checkpoint as ckpt
@@ -251,6 +249,13 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
         return 0
 
 
+def _bare_start_only(ns: argparse.Namespace, ranks) -> None:  # noqa: ANN001
+    """Refuse ``--nproc`` and ``--print-config`` in a rank a launcher (srun, torchrun) started."""
+    if ranks.launcher != "none" and (ns.nproc is not None or ns.print_config):
+        flag = "--nproc" if ns.nproc is not None else "--print-config"
+        raise UserError(f"{flag} is for a bare start; this process is already rank {ranks.rank} of {ranks.world}")
+
+
 def _plan(stage: str, cfg, latest: str | None, world: int, lines: list[str]) -> str:  # noqa: ANN001
     """``--print-config``: the config as resolved (what the data and this machine decide filled in:
     for pretraining the vocabulary and seq_len, the precision ``auto`` stands for), a YAML file the
@@ -266,66 +271,6 @@ def _plan(stage: str, cfg, latest: str | None, world: int, lines: list[str]) -> 
         f"deepspeed (derived for {world} rank(s)): {json.dumps(deepspeed_config(cfg, world))}",
     ]
     return "".join(f"# {line}\n" for line in lines) + to_yaml(cfg).rstrip("\n")
-
-
-def _training_plan(cfg, man: dict, world: int) -> list[str]:  # noqa: ANN001
-    """Pretraining's and distillation's plan: the model's size and work, the batch and the tokens,
-    a checkpoint's size."""
-    import torch
-
-    from pretrain.checkpoint import size_said
-    from pretrain.config import Precision, accumulation_steps
-    from pretrain.model import BertForMaskedLM, flops_per_token, num_parameters
-
-    with torch.device("meta"):  # (the shapes alone: no memory, no time)
-        params = num_parameters(BertForMaskedLM(cfg.model))
-    m, t = cfg.model, cfg.train
-    tokens = t.global_batch_size * cfg.data.seq_len
-    sequences = man["splits"]["train"]["sequences"]  # (a blend's datasets: its start-up line says each one's epochs)
-    per = 14 if t.precision in (Precision.bf16, Precision.fp16) else 12  # weights (+ fp32 master), Adam moments
-    teacher = []
-    if hasattr(cfg, "distill"):
-        from pretrain.export import describe
-
-        shape, _ = describe(Path(cfg.distill.teacher))
-        teacher = [f"teacher: {cfg.distill.teacher} (L{shape.get('num_layers')} H{shape.get('hidden_size')}), a "
-                   "forward of it in every step (MFLOP and perf/mfu count the student's alone)"]  # fmt: skip
-    return [
-        *teacher,
-        f"model: {params / 1e6:.2f}M parameters (L{m.num_layers} H{m.hidden_size} A{m.num_heads}), vocab "
-        f"{m.vocab_size:,}, seq_len {cfg.data.seq_len}; {flops_per_token(m, cfg.data.seq_len, cfg.data.masking.probability) / 1e6:.1f} "
-        "MFLOP a token trained",
-        f"batch: {t.global_batch_size} sequences = {t.micro_batch_size} x {world} rank(s) x "
-        f"{accumulation_steps(t, world)} accumulation; {tokens:,} tokens a step, {tokens * t.max_steps:,} in "
-        f"{t.max_steps:,} steps" + ("" if cfg.data.blend else (
-            f" ({t.global_batch_size * t.max_steps / sequences:.2f} epochs of the {sequences:,} train sequences)")),
-        f"a checkpoint: about {size_said(params * per)} ({per} bytes a parameter in {t.precision.value}: weights"
-        f"{', fp32 master weights' if per == 14 else ''} and Adam moments), {cfg.checkpoint.keep} kept",
-    ]  # fmt: skip
-
-
-def _finetune_plan(cfg, rows: tuple, world: int) -> list[str]:  # noqa: ANN001
-    """Fine-tuning's plan: the task and its labels, the rows, the epochs and their steps."""
-    from pretrain.config import accumulation_steps
-    from pretrain.export import describe
-    from pretrain.finetune import Task, epoch_steps, label_names
-
-    sec, t = cfg.finetune, cfg.train
-    shape, _ = describe(Path(sec.model))
-    names = label_names(rows[0].labels) if sec.task is Task.classification else []
-    steps = epoch_steps(len(rows[0].labels), cfg)
-    said = [f"{len(r.labels):,} {name}" + (f" ({sum(r.skipped.values()):,} skipped)" if r.skipped else "")
-            for name, r in zip(("train", "eval"), rows)]  # fmt: skip
-    return [
-        f"task: {sec.task.value}" + (f" over {len(names)} labels ({', '.join(names[:10])}"
-                                     f"{', ...' if len(names) > 10 else ''})" if names else ""),
-        f"encoder: {sec.model} (L{shape.get('num_layers')} H{shape.get('hidden_size')}), texts cut at "
-        f"{min(sec.max_length, shape.get('max_position', sec.max_length))} tokens",
-        f"rows: {', '.join(said)}",
-        f"batch: {t.global_batch_size} rows = {t.micro_batch_size} x {world} rank(s) x {accumulation_steps(t, world)} "
-        f"accumulation; {sec.epochs} epochs x {steps:,} steps = {sec.epochs * steps:,} steps, "
-        f"{int(sec.warmup_ratio * sec.epochs * steps):,} of warm-up",
-    ]  # fmt: skip
 
 
 def _holding(run_dir: str, ranks):  # noqa: ANN001, ANN202
@@ -534,6 +479,7 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     from launch import env, local
     from launch.config import load_config
     from pretrain.finetune import FinetuneConfig, check, run
+    from pretrain.finetune import plan as finetune_plan
 
     _, overrides = _split_positional(ns.args)
     config = ns.config or str(Path(__file__).resolve().parents[1] / "configs/finetune/default.yaml")
@@ -541,10 +487,7 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     cfg = load_config(FinetuneConfig, config, [*flags, *overrides])
     ranks = env.detect()
     nproc = ns.nproc or 1
-    if ranks.launcher != "none" and ns.print_config:
-        raise UserError(
-            f"--print-config is for a bare start; this process is already rank {ranks.rank} of {ranks.world}"
-        )
+    _bare_start_only(ns, ranks)
     if ranks.launcher == "none":  # every file, field and label before a rank starts (a launcher's: on rank 0, in run)
         rows = check(cfg, nproc)
         if ns.print_config:
@@ -554,7 +497,7 @@ def _run_finetune(ns: argparse.Namespace) -> int:
                 json.loads((Path(cfg.run.dir) / STATE).read_text()) if (Path(cfg.run.dir) / STATE).is_file() else None
             )
             latest = state.get("checkpoint", f"epoch_{state['epoch']:03d}") if state else None  # (what run loads)
-            print(_plan("finetune", cfg, latest, nproc, _finetune_plan(cfg, rows, nproc)))
+            print(_plan("finetune", cfg, latest, nproc, finetune_plan(cfg, rows, nproc)))
             return 0
     progress = not ns.no_progress and sys.stderr.isatty()
     with _holding(cfg.run.dir, ranks):

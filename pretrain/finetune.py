@@ -401,6 +401,30 @@ def epoch_steps(rows: int, cfg: FinetuneConfig) -> int:
     return math.ceil(rows / cfg.train.global_batch_size)
 
 
+def plan(cfg: FinetuneConfig, rows: tuple[Rows, Rows], world: int) -> list[str]:
+    """Fine-tuning's plan: the task and its labels, the rows, the epochs and their steps
+    (``--print-config``'s comment lines)."""
+    from pretrain.config import accumulation_steps
+    from pretrain.export import describe
+
+    sec, t = cfg.finetune, cfg.train
+    shape, _ = describe(Path(sec.model))
+    names = label_names(rows[0].labels) if sec.task is Task.classification else []
+    steps = epoch_steps(len(rows[0].labels), cfg)
+    said = [f"{len(r.labels):,} {name}" + (f" ({sum(r.skipped.values()):,} skipped)" if r.skipped else "")
+            for name, r in zip(("train", "eval"), rows)]  # fmt: skip
+    return [
+        f"task: {sec.task.value}" + (f" over {len(names)} labels ({', '.join(names[:10])}"
+                                     f"{', ...' if len(names) > 10 else ''})" if names else ""),
+        f"encoder: {sec.model} (L{shape.get('num_layers')} H{shape.get('hidden_size')}), texts cut at "
+        f"{min(sec.max_length, shape.get('max_position', sec.max_length))} tokens",
+        f"rows: {', '.join(said)}",
+        f"batch: {t.global_batch_size} rows = {t.micro_batch_size} x {world} rank(s) x {accumulation_steps(t, world)} "
+        f"accumulation; {sec.epochs} epochs x {steps:,} steps = {sec.epochs * steps:,} steps, "
+        f"{int(sec.warmup_ratio * sec.epochs * steps):,} of warm-up",
+    ]  # fmt: skip
+
+
 def check(cfg: FinetuneConfig, world: int = 1, here: bool = True) -> tuple[Rows, Rows]:
     """Every check that needs no rank: the files, the fields, the labels, the model's tokenizer,
     and that a run already in ``run.dir`` is this one (``world`` ranks). ``here=False`` (``bertforge

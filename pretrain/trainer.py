@@ -217,6 +217,36 @@ def _start(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, list[dict],
     return cfg, mans, shas, latest, ckpt.read_state(Path(cfg.run.dir), latest) if latest is not None else None
 
 
+def plan(cfg: PretrainConfig, man: dict, world: int) -> list[str]:
+    """Pretraining's and distillation's plan: the model's size and work, the batch and the tokens,
+    a checkpoint's size (``--print-config``'s comment lines)."""
+    with torch.device("meta"):  # (the shapes alone: no memory, no time)
+        params = num_parameters(BertForMaskedLM(cfg.model))
+    m, t = cfg.model, cfg.train
+    tokens = t.global_batch_size * cfg.data.seq_len
+    sequences = man["splits"]["train"]["sequences"]  # (a blend's datasets: its start-up line says each one's epochs)
+    per = 14 if t.precision in (Precision.bf16, Precision.fp16) else 12  # weights (+ fp32 master), Adam moments
+    teacher = []
+    if hasattr(cfg, "distill"):
+        from pretrain.export import describe
+
+        shape, _ = describe(Path(cfg.distill.teacher))
+        teacher = [f"teacher: {cfg.distill.teacher} (L{shape.get('num_layers')} H{shape.get('hidden_size')}), a "
+                   "forward of it in every step (MFLOP and perf/mfu count the student's alone)"]  # fmt: skip
+    return [
+        *teacher,
+        f"model: {params / 1e6:.2f}M parameters (L{m.num_layers} H{m.hidden_size} A{m.num_heads}), vocab "
+        f"{m.vocab_size:,}, seq_len {cfg.data.seq_len}; {flops_per_token(m, cfg.data.seq_len, cfg.data.masking.probability) / 1e6:.1f} "
+        "MFLOP a token trained",
+        f"batch: {t.global_batch_size} sequences = {t.micro_batch_size} x {world} rank(s) x "
+        f"{accumulation_steps(t, world)} accumulation; {tokens:,} tokens a step, {tokens * t.max_steps:,} in "
+        f"{t.max_steps:,} steps" + ("" if cfg.data.blend else (
+            f" ({t.global_batch_size * t.max_steps / sequences:.2f} epochs of the {sequences:,} train sequences)")),
+        f"a checkpoint: about {ckpt.size_said(params * per)} ({per} bytes a parameter in {t.precision.value}: weights"
+        f"{', fp32 master weights' if per == 14 else ''} and Adam moments), {cfg.checkpoint.keep} kept",
+    ]  # fmt: skip
+
+
 def blend_sha256(cfg: PretrainConfig) -> list[str]:
     """The sha256 of each ``data.blend`` dataset's manifest (a checkpoint's state keeps them)."""
     return [tokenizers.sha256(Path(f) / manifests.MANIFEST) for f in cfg.data.blend]

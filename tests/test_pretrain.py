@@ -1293,6 +1293,8 @@ def test_print_config_checks_starts_nothing_and_prints_a_config_that_runs_again(
     assert expected.train.precision.value != "auto" and expected.model.vocab_size > 0
     r = run_cli("pretrain", TINY, *keys, "--print-config", "train.global_batch_size=12")  # checked as a start is
     assert r.returncode == 2 and "train.global_batch_size" in r.stderr and not r.stdout, r.stderr
+    r = run_cli("pretrain", TINY, *keys, "--print-config", env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "--print-config is for a bare start; this process is already rank 1 of 2" in r.stderr
 
 
 def test_pretrain_help_lists_the_contract_keys() -> None:
