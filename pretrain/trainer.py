@@ -224,7 +224,7 @@ def plan(cfg: PretrainConfig, man: dict, world: int) -> list[str]:
         params = num_parameters(BertForMaskedLM(cfg.model))
     m, t = cfg.model, cfg.train
     tokens = t.global_batch_size * cfg.data.seq_len
-    sequences = man["splits"]["train"]["sequences"]  # (a blend's datasets: its start-up line says each one's epochs)
+    sequences = man["splits"]["train"]["sequences"]
     per = 14 if t.precision in (Precision.bf16, Precision.fp16) else 12  # weights (+ fp32 master), Adam moments
     teacher = []
     if hasattr(cfg, "distill"):
@@ -242,9 +242,21 @@ def plan(cfg: PretrainConfig, man: dict, world: int) -> list[str]:
         f"{accumulation_steps(t, world)} accumulation; {tokens:,} tokens a step, {tokens * t.max_steps:,} in "
         f"{t.max_steps:,} steps" + ("" if cfg.data.blend else (
             f" ({t.global_batch_size * t.max_steps / sequences:.2f} epochs of the {sequences:,} train sequences)")),
+        *([blend_epochs(cfg, [man, *map(manifests.load, cfg.data.blend)], t.max_steps)] if cfg.data.blend else []),
         f"a checkpoint: about {ckpt.size_said(params * per)} ({per} bytes a parameter in {t.precision.value}: weights"
         f"{', fp32 master weights' if per == 14 else ''} and Adam moments), {cfg.checkpoint.keep} kept",
     ]  # fmt: skip
+
+
+def blend_epochs(cfg: PretrainConfig, mans: list[dict], steps: int, which: str = "") -> str:
+    """What ``steps`` steps read of each dataset of a blend (``mans``: the manifests of data.path, then
+    data.blend): its share and the epochs of its train split they stand for."""
+    folders = [cfg.data.path, *cfg.data.blend]
+    return "data: " + ", ".join(
+        f"{f} {w:.1%} ({steps * cfg.train.global_batch_size * w / m['splits']['train']['sequences']:.2f} epochs "
+        f"in the {steps:,} steps{' ' + which if which else ''})"
+        for f, m, w in zip(folders, mans, cfg.data.weights)
+    )
 
 
 def blend_sha256(cfg: PretrainConfig) -> list[str]:
@@ -740,12 +752,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     if rank == 0:
         record_start(run_dir, step, line, soft)
     if weights:  # what the run will read of each dataset from here
-        left = cfg.train.max_steps - step
-        say("data: " + ", ".join(
-            f"{f} {w:.1%} ({left * cfg.train.global_batch_size * w / m['splits']['train']['sequences']:.2f} epochs "
-            f"in the {left:,} steps to go)"
-            for f, m, w in zip(folders, mans, weights)
-        ))  # fmt: skip
+        say(blend_epochs(cfg, mans, cfg.train.max_steps - step, "to go"))
     if warning := precision_warning(cfg.train.precision):
         say(warning)
 

@@ -18,7 +18,7 @@ from pretrain.config import PretrainConfig
 from pretrain.data import CHOICES, ShardStream, build_loader
 from pretrain.masking import MaskingConfig
 from pretrain.report import panels, read_metrics
-from pretrain.trainer import dataset_names, resolve
+from pretrain.trainer import dataset_names, plan, resolve
 from tests.conftest import PEAK, REPO, refusal, run_cli, run_prep
 
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
@@ -117,6 +117,14 @@ def test_a_blend_of_two_tokenizers_or_of_the_wrong_size_is_refused_naming_the_ke
     cfg = load_config(PretrainConfig, TINY, [f"data.path={train_data}", f"data.blend=[{other}]"])
     n = [json.loads((d / "manifest.json").read_text())["splits"]["train"]["sequences"] for d in (train_data, other)]
     assert resolve(cfg, 1)[0].data.weights == [n[0] / sum(n), n[1] / sum(n)]  # empty: by size
+    # --print-config's plan: what the steps read of each dataset, in its share
+    cfg = load_config(PretrainConfig, TINY, [f"data.path={train_data}", f"data.blend=[{other}]", "data.weights=[1,3]"])
+    cfg, man, _ = resolve(cfg, 1)
+    read = [cfg.train.max_steps * cfg.train.global_batch_size * w / k for w, k in zip((0.25, 0.75), n)]
+    assert plan(cfg, man, 1)[-2] == (
+        f"data: {train_data} 25.0% ({read[0]:.2f} epochs in the {cfg.train.max_steps} steps), "
+        f"{other} 75.0% ({read[1]:.2f} epochs in the {cfg.train.max_steps} steps)"
+    )
 
 
 def test_a_dataset_dropped_from_the_blend_and_taken_again_goes_on_where_it_stood(train_data, other, tmp_path) -> None:
