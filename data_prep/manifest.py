@@ -147,21 +147,42 @@ def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, 
     return len(listed), total, problems
 
 
-def overlap(man: dict, folder: str | Path) -> str:
-    """``bertforge inspect DIR --overlap``: how many val documents are also train documents (the
-    same token ids), and their share of the val tokens: what a copy of training text in val/ does
-    to the eval loss (``dedup`` drops them at prep)."""
+def overlap(man: dict, folder: str | Path, others: list[str | Path] = ()) -> list[str]:
+    """``bertforge inspect DIR --overlap [OTHER ...]``: how many val documents are also train
+    documents (the same token ids), and their share of the val tokens: what a copy of training text
+    in val/ does to the eval loss (``dedup`` drops them at prep). For each dataset of ``others``
+    (prepped with the same tokenizer, as a blend's datasets are), a line more: how many of DIR's val
+    and train documents are train documents of that one (copies a prep of each alone cannot see)."""
     from data_prep.shards import document_hashes  # (webdataset's reader: imported when asked for)
 
-    train, _ = document_hashes([Path(folder) / s["path"] for s in man["splits"]["train"]["shards"]])
-    val, lengths = document_hashes([Path(folder) / s["path"] for s in man["splits"]["val"]["shards"]])
-    both = np.isin(val, train)
-    share = lengths[both].sum() / max(1, lengths.sum())
-    return (
-        f"overlap: {int(both.sum()):,} of {len(val):,} val documents are also train documents (the same token ids), "
-        f"{int(lengths[both].sum()):,} of {int(lengths.sum()):,} val tokens ({share:.1%})"
-        + ("; bertforge prep --dedup drops them" if both.any() else "")
-    )
+    def split(where: Path, man: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return document_hashes([where / s["path"] for s in man["splits"][name]["shards"]])
+
+    def found(docs: tuple[np.ndarray, np.ndarray], train: np.ndarray, what: str, are: str = "") -> str:
+        hashes, lengths = docs
+        both = np.isin(hashes, train)
+        tokens, total = int(lengths[both].sum()), int(lengths.sum())
+        return (f"{int(both.sum()):,} of {len(hashes):,} {what} documents{are}, {tokens:,} of {total:,} "
+                f"{what} tokens ({tokens / max(1, total):.1%})")  # fmt: skip
+
+    folder, others = Path(folder), [(Path(o), load(o)) for o in others]
+    for other, theirs in others:  # (every refusal before the reading)
+        if other.resolve() == folder.resolve():
+            raise UserError(f"--overlap {other}: that is {folder} itself (a bare --overlap compares its splits)")
+        if theirs["tokenizer"]["sha256"] != man["tokenizer"]["sha256"]:
+            raise UserError(
+                f"{other / MANIFEST}: field 'tokenizer.sha256' is {theirs['tokenizer']['sha256'][:12]}..., "
+                f"{folder / MANIFEST}'s is {man['tokenizer']['sha256'][:12]}...: token ids compare only under one "
+                "tokenizer (bertforge prep --tokenizer names it)"
+            )
+    val, train = split(folder, man, "val"), split(folder, man, "train")
+    said = found(val, train[0], "val", " are also train documents (the same token ids)")
+    lines = [f"overlap: {said}" + ("" if said.startswith("0 ") else "; bertforge prep --dedup drops them")]
+    for other, theirs in others:
+        there = split(other, theirs, "train")[0]
+        lines.append(f"overlap with {other}'s train documents: {found(val, there, 'val')}; "
+                     f"{found(train, there, 'train')}")  # fmt: skip
+    return lines
 
 
 def summary(man: dict, seconds: float | None = None) -> str:

@@ -126,8 +126,10 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check every shard and the tokenizer against the manifest's sizes and sha256 (exit 1 if any differs)",
     )
-    p.add_argument("--overlap", action="store_true",
-                   help="count the val documents that are also train documents (the same token ids)")  # fmt: skip
+    p.add_argument("--overlap", nargs="*", metavar="OTHER",
+                   help="count the val documents that are also train documents (the same token ids); with "
+                   "OTHER datasets (one tokenizer, as a blend's), also DIR's val and train documents "
+                   "that are train documents of each")  # fmt: skip
     p.set_defaults(func=_run_inspect)
 
 
@@ -138,7 +140,7 @@ def _run_inspect(ns: argparse.Namespace) -> int:
         from pretrain.report import summary  # a run folder (or neither: refused, naming both)
 
         text = summary(Path(ns.dir))  # (first: a folder that is neither is refused as such, --verify or not)
-        if ns.verify or ns.overlap:
+        if ns.verify or ns.overlap is not None:
             what = "--verify checks a dataset's files against its manifest" if ns.verify else (
                 "--overlap compares a dataset's val documents with its train documents")  # fmt: skip
             raise UserError(f"{what}; {ns.dir} is a run folder")
@@ -153,8 +155,8 @@ def _run_inspect(ns: argparse.Namespace) -> int:
         if problems:
             raise RunError(f"{ns.dir}: {len(problems)} of {files} files differ from the manifest", quiet=True)
         print(f"verified: {files} files ({size / 1e6:,.1f} MB of shards) match the manifest's sizes and sha256")
-    if ns.overlap:
-        print(manifest.overlap(man, ns.dir))
+    if ns.overlap is not None:
+        print("\n".join(manifest.overlap(man, ns.dir, ns.overlap)))
     sp = tokenizer.load(Path(ns.dir) / man["tokenizer"]["file"])
     shown = 0
     for shard in man["splits"][ns.split]["shards"]:

@@ -375,6 +375,30 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
     said = run_cli("inspect", str(plain), "--overlap", "-n", "0").stdout.splitlines()[-1]
     assert both and said.startswith(f"overlap: {len(both)} of ") and said.endswith("bertforge prep --dedup drops them")
     assert f"(the same token ids), {sum(map(len, both)):,} of " in said, said
+    # --overlap OTHER: copies across datasets prepped apart (a blend's), which no prep's dedup sees
+    other = tmp_path / "other"
+    r = prep("--input", str(raw / "c.txt"), str(raw / "b.jsonl"), "--output", str(other), *common, "val_fraction=0")
+    assert r.returncode == 0, r.stderr
+    theirs = {tuple(d) for d in shard_docs(other)}
+
+    def found(split: str) -> str:  # (counted on the test's own reading of the shards)
+        docs = shard_docs(out, split)
+        both = [len(d) for d in docs if tuple(d) in theirs]
+        assert both
+        total = sum(map(len, docs))
+        return (f"{len(both)} of {len(docs)} {split} documents, {sum(both):,} of {total:,} {split} tokens "
+                f"({sum(both) / total:.1%})")  # fmt: skip
+
+    said = run_cli("inspect", str(out), "--overlap", str(other), "-n", "0").stdout.splitlines()[-2:]
+    assert said[0].startswith("overlap: 0 of ") and said[1] == (
+        f"overlap with {other}'s train documents: {found('val')}; {found('train')}"
+    ), said
+    man = json.loads((other / "manifest.json").read_text())
+    man["tokenizer"]["sha256"] = "0" * 64  # (as another tokenizer's dataset says)
+    (other / "manifest.json").write_text(json.dumps(man))
+    for them, why in ((other, "field 'tokenizer.sha256' is 000000000000..., "), (out, "that is ")):
+        r = run_cli("inspect", str(out), "--overlap", str(them), "-n", "0")
+        assert r.returncode == 2 and why in r.stderr.splitlines()[-1] and "overlap" not in r.stdout, r.stderr
     from data_prep.config import PrepConfig
 
     too_long = PrepConfig(input=["x"], output="y", read_size="4KB", min_chars=1025)  # (a document read in
