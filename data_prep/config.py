@@ -105,6 +105,12 @@ class PrepConfig:
     ``duplicate``. A pass over the input before the tokenizer's: a 64-bit hash per document, held
     in memory (about 40 bytes a document at the peak of the sort)."""
 
+    dedup_against: list[str] = field(default_factory=list)
+    """Dataset folders, each prepped with ``dedup`` (which keeps the hashes of its documents' text in
+    its ``document_hashes.npy``), whose documents this prep drops too, counted as skipped ``duplicate``
+    (``--dedup-against DIR ...``; needs ``dedup``): the datasets of a blend, prepped one after another,
+    share no text (whatever their tokenizers)."""
+
     min_chars: int = 0
     """Drop each document shorter than this many characters, whitespace stripped (a heading, a lone
     symbol: nothing to predict from), counted as skipped ``too_short``; 0 keeps every one. At most a
@@ -132,6 +138,8 @@ class PrepConfig:
             raise UserError(f"config key 'read_size': '{self.read_size}' is below 1KB")
         if self.workers < 0:
             raise UserError(f"config key 'workers': {self.workers} is negative")
+        if self.dedup_against and not self.dedup:
+            raise UserError("config key 'dedup_against' needs dedup=true (--dedup): the same hash pass finds both")
         if not 0 <= self.min_chars <= parse_size(self.read_size) // 4:
             raise UserError(f"config key 'min_chars': {self.min_chars} is outside [0, read_size / 4]")
         tok = self.tokenizer

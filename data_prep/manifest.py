@@ -20,6 +20,7 @@ from launch.config import to_dict
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+DOCUMENTS = "document_hashes.npy"  # (``dedup``: the 64-bit hashes of the text of the documents kept, sorted)
 FORMAT = "bertforge.shards/1"
 
 
@@ -75,8 +76,50 @@ def build(
             for f in files
         ],
         "input": account.to_dict(),
+        **({"documents": documents(cfg, tok_path.parent)} if cfg.dedup else {}),
         "config": output_config(cfg),
     }
+
+
+def documents(cfg: PrepConfig, folder: Path) -> dict:
+    """The manifest's ``documents`` (``dedup``): the file of the hashes of the text of the documents
+    kept, which a later prep's ``dedup_against`` reads, their count, and the datasets dropped from it."""
+    path = folder / DOCUMENTS
+    return {
+        "file": DOCUMENTS,
+        "sha256": tokenizer.sha256(path),
+        "count": int(np.load(path, mmap_mode="r").shape[0]),
+        "against": [{"path": d, "sha256": against(d)[1]["sha256"]} for d in cfg.dedup_against],
+    }
+
+
+def against(folder: str | Path) -> tuple[Path, dict]:
+    """A dataset of ``dedup_against``: the path of its document hashes and its manifest's
+    ``documents``; refused, naming the file or field, where it was prepped without ``dedup``
+    (:func:`their_hashes` reads the file)."""
+    man = load(folder)
+    if "documents" not in man:
+        raise UserError(
+            f"{Path(folder) / MANIFEST}: no field 'documents' (config key 'dedup_against'): {folder} was prepped "
+            "without --dedup, which keeps its documents' hashes; prep it again with --dedup"
+        )
+    path = Path(folder) / man["documents"]["file"]
+    if not path.is_file():
+        raise UserError(f"{path}: missing, listed in {Path(folder) / MANIFEST} (config key 'dedup_against')")
+    return path, man["documents"]
+
+
+def their_hashes(folder: str | Path) -> np.ndarray:
+    """The hashes of the text of the documents a ``dedup_against`` dataset kept."""
+    path, listed = against(folder)
+    try:
+        hashes = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
+    if hashes.dtype != np.uint64 or hashes.shape != (listed["count"],):
+        raise UserError(f"{path}: {hashes.shape} {hashes.dtype}, not the {listed['count']:,} uint64 hashes "
+                        f"{Path(folder) / MANIFEST} lists (config key 'dedup_against')")  # fmt: skip
+    return hashes
 
 
 def load(folder: str | Path) -> dict:
@@ -128,6 +171,8 @@ def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, 
 
     folder = Path(folder)
     listed = [(man["tokenizer"]["file"], None, man["tokenizer"]["sha256"])]
+    if "documents" in man:
+        listed.append((man["documents"]["file"], None, man["documents"]["sha256"]))
     listed += [
         (s["path"], s["bytes"], s["sha256"]) for split in ("train", "val") for s in man["splits"][split]["shards"]
     ]
@@ -218,6 +263,16 @@ def summary(man: dict, seconds: float | None = None) -> str:
     )
     for reason, r in docs["skipped"].items():
         lines.append(f"  skipped {reason}: {r['count']:,} (first at {', '.join(r['examples'][:3])})")
+    if kept := man.get("documents"):
+        lines.append(
+            f"  dedup: the hashes of the {kept['count']:,} texts kept in {kept['file']} (a later prep's "
+            "--dedup-against reads them)"
+            + (
+                f"; also dropped: the texts of {', '.join(a['path'] for a in kept['against'])}"
+                if kept["against"]
+                else ""
+            )
+        )
     files = acc["files"]
     lines.append(
         f"files: {files['read']:,} read, "

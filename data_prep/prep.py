@@ -277,8 +277,8 @@ def _find_duplicates(
     """``dedup``: hash every document (the units over ``workers`` processes, or, where there are
     fewer than two a worker, their chunks), keep the first of each text in input order, and record
     the others in ``.prep/duplicates.npy`` (kept for a resume)."""
-    path = out / STATE_DIR / DUPLICATES
-    if path.is_file():
+    path, kept = out / STATE_DIR / DUPLICATES, out / manifest.DOCUMENTS
+    if path.is_file() and kept.is_file():
         return
     t0 = time.perf_counter()
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
@@ -295,15 +295,23 @@ def _find_duplicates(
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
     doc_files, keys, hashes = (np.concatenate([f[i] for f in found]) for i in range(3))
-    _, first = np.unique(hashes, return_index=True)  # (the first occurrence of each)
+    unique, first = np.unique(hashes, return_index=True)  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
-    buf = io.BytesIO()
-    np.save(buf, np.stack([doc_files[dup].astype(np.uint64), keys[dup]], axis=1))
-    write_atomic(path, buf.getvalue())
+    repeats = int(dup.sum())
+    if cfg.dedup_against:  # and those another dataset kept
+        theirs = np.concatenate([manifest.their_hashes(d) for d in cfg.dedup_against])
+        dup |= np.isin(hashes, theirs)
+        unique = unique[~np.isin(unique, theirs)]
+    for where, array in ((path, np.stack([doc_files[dup].astype(np.uint64), keys[dup]], axis=1)), (kept, unique)):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        write_atomic(where, buf.getvalue())
+    elsewhere = int(dup.sum()) - repeats
     print(
-        f"prep: dedup: {int(dup.sum()):,} of {len(hashes):,} documents repeat an earlier one's text and are dropped "
-        f"({time.perf_counter() - t0:.1f}s)",
+        f"prep: dedup: {repeats:,} of {len(hashes):,} documents repeat an earlier one's text"
+        + (f", {elsewhere:,} more are documents of {', '.join(cfg.dedup_against)}" if cfg.dedup_against else "")
+        + f"; dropped ({time.perf_counter() - t0:.1f}s)",
         file=sys.stderr,
     )
 
@@ -465,6 +473,10 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
         raise UserError(f"{out}: output exists and is not a folder")
     if not (out / STATE_DIR / "state.json").is_file() and _foreign(out):  # (refused before a lock file is made)
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
+    for other in cfg.dedup_against:  # (refused before any work, as a bad input is)
+        manifest.their_hashes(other)
+        if Path(other).resolve() == out.resolve():
+            raise UserError(f"config key 'dedup_against': {other} is the output folder itself")
     fingerprint = _fingerprint(cfg, files)
     # one prep at a time writes the folder (two had written the same shards' .tmp files, and a second
     # start removed the first's files in flight), or the tasks of one job array together; its

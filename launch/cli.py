@@ -81,6 +81,8 @@ def _prep_parser(sub: argparse._SubParsersAction) -> None:
                    help="any skipped document or file is an error (but those --dedup and min_chars drop)")  # fmt: skip
     p.add_argument("--dedup", action="store_true", default=None,
                    help="drop documents whose text repeats an earlier one's (counted as skipped duplicates)")  # fmt: skip
+    p.add_argument("--dedup-against", nargs="+", metavar="DIR",
+                   help="with --dedup, also drop the documents of these datasets (each prepped with --dedup)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_prep)
 
@@ -100,6 +102,7 @@ def _run_prep(ns: argparse.Namespace) -> int:
         "text_field": ns.text_field,
         "strict": ns.strict,
         "dedup": ns.dedup,
+        "dedup_against": ns.dedup_against,
         "tokenizer": {"vocab_size": ns.vocab_size, "path": ns.tokenizer, "type": ns.tokenizer_type},
     }
     flags = {k: v for k, v in flags.items() if v is not None}

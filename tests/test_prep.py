@@ -324,7 +324,7 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
     r = prep("--input", str(raw), "--output", str(tmp_path / "dedup"), "--dedup", "--strict", "val_fraction=0",
              "min_chars=5", *common)  # fmt: skip
     assert r.returncode == 0, r.stderr  # (a duplicate is no error under --strict: the config asked for it)
-    said = f"prep: dedup: {n - tiny - unique} of {n - tiny} documents repeat an earlier one's text and are dropped"
+    said = f"prep: dedup: {n - tiny - unique} of {n - tiny} documents repeat an earlier one's text; dropped ("
     assert said in r.stderr, r.stderr
     acc = json.loads((tmp_path / "dedup/manifest.json").read_text())["input"]["documents"]
     assert acc["read"] == n and acc["written"] == unique, acc
@@ -403,6 +403,54 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
 
     too_long = PrepConfig(input=["x"], output="y", read_size="4KB", min_chars=1025)  # (a document read in
     assert refusal(too_long.validate) == "config key 'min_chars': 1025 is outside [0, read_size / 4]"  # chunks)
+
+
+def test_dedup_against_drops_the_documents_of_datasets_prepped_before(tmp_path, docs, sp_model) -> None:
+    """``--dedup-against DIR``: the documents whose text DIR kept (its ``document_hashes.npy``, which a
+    prep with ``--dedup`` writes and its manifest lists) are dropped as duplicates too, with this input's
+    own repeats; refused, naming the key or the file, without ``--dedup``, against a dataset prepped
+    without it, against the output itself, and where the file is damaged."""
+    texts = list(dict.fromkeys(d for d in docs if 50 < len(d) < 1000))[:100]
+
+    def write(name: str, picked: list[str]) -> Path:
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in picked))
+        return tmp_path / name
+
+    first, second = write("first.jsonl", texts[:60]), write("second.jsonl", [*texts[40:100], texts[90], texts[5]])
+    common = ["--tokenizer", str(sp_model), "--workers", "2", "val_fraction=0", "read_size=4KB", "block_size=4KB"]
+    one, plain = tmp_path / "one", tmp_path / "plain"
+    assert prep("--input", str(first), "--output", str(one), "--dedup", *common).returncode == 0
+    assert prep("--input", str(first), "--output", str(plain), *common).returncode == 0
+    man = json.loads((one / "manifest.json").read_text())
+    assert man["documents"]["count"] == 60 and len(np.load(one / "document_hashes.npy")) == 60
+    assert "documents" not in json.loads((plain / "manifest.json").read_text())
+    two = tmp_path / "two"
+    r = prep("--input", str(second), "--output", str(two), "--dedup", "--dedup-against", str(one), *common)
+    assert r.returncode == 0, r.stderr
+    assert f"prep: dedup: 1 of 62 documents repeat an earlier one's text, 21 more are documents of {one}; " in r.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    assert shard_docs(two) == [sp.encode(d) for d in texts[60:100]]  # (texts[90]'s copy: this input's repeat)
+    theirs = json.loads((two / "manifest.json").read_text())
+    assert theirs["input"]["documents"]["skipped"]["duplicate"]["count"] == 22
+    assert theirs["documents"]["count"] == 40 and theirs["documents"]["against"] == [
+        {"path": str(one), "sha256": man["documents"]["sha256"]}
+    ]
+    r = run_cli("inspect", str(two), "--verify", "-n", "0")  # (the file is listed and checked)
+    assert r.returncode == 0 and (
+        "  dedup: the hashes of the 40 texts kept in document_hashes.npy (a later prep's --dedup-against reads "
+        f"them); also dropped: the texts of {one}\n" in r.stdout
+    ), r.stdout
+    refusals = {
+        "needs dedup=true": ["--dedup-against", str(one)],
+        f"{plain}/manifest.json: no field 'documents' (config key 'dedup_against')": ["--dedup", "--dedup-against", str(plain)],
+        "is the output folder itself": ["--dedup", "--dedup-against", str(two)],
+    }  # fmt: skip
+    (one / "document_hashes.npy").write_bytes(b"damaged")
+    refusals[f"{one}/document_hashes.npy: cannot read it ("] = ["--dedup", "--dedup-against", str(one)]
+    for said, args in refusals.items():
+        r = prep("--input", str(second), "--output", str(two), *args, *common)
+        assert r.returncode == 2 and said in r.stderr.splitlines()[-1], (said, r.stderr)
+    assert theirs == json.loads((two / "manifest.json").read_text())  # (refused before any work)
 
 
 def test_bad_input_account_balances(tmp_path, sp_model) -> None:
