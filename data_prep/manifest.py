@@ -99,9 +99,11 @@ def against(folder: str | Path) -> tuple[Path, dict]:
     (:func:`their_hashes` reads the file)."""
     man = load(folder)
     if "documents" not in man:
+        why = ("by a bertforge before 2026-12-05, whose --dedup kept no hashes" if man["config"].get("dedup")
+               else "without --dedup, which keeps its documents' hashes")  # fmt: skip
         raise UserError(
             f"{Path(folder) / MANIFEST}: no field 'documents' (config key 'dedup_against'): {folder} was prepped "
-            "without --dedup, which keeps its documents' hashes; prep it again with --dedup"
+            f"{why}; prep it again with --dedup"
         )
     path = Path(folder) / man["documents"]["file"]
     if not path.is_file():

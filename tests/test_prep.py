@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import tarfile
@@ -445,6 +446,12 @@ def test_dedup_against_drops_the_documents_of_datasets_prepped_before(tmp_path, 
         f"{plain}/manifest.json: no field 'documents' (config key 'dedup_against')": ["--dedup", "--dedup-against", str(plain)],
         "is the output folder itself": ["--dedup", "--dedup-against", str(two)],
     }  # fmt: skip
+    older = tmp_path / "older"  # a dedup prep of a bertforge that kept no hashes: its manifest without them
+    shutil.copytree(one, older)
+    (older / "manifest.json").write_text(json.dumps({k: v for k, v in man.items() if k != "documents"}))
+    refusals["no field 'documents' (config key 'dedup_against'): " + f"{older} was prepped by a bertforge before "
+             "2026-12-05, whose --dedup kept no hashes; prep it again with --dedup"] = [
+        "--dedup", "--dedup-against", str(older)]  # fmt: skip
     (one / "document_hashes.npy").write_bytes(b"damaged")
     refusals[f"{one}/document_hashes.npy: cannot read it ("] = ["--dedup", "--dedup-against", str(one)]
     for said, args in refusals.items():
