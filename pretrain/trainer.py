@@ -200,6 +200,36 @@ def data_read(before: list[dict] | None, shas: list[str], paths: list, counts: l
     return list(out.values())
 
 
+def step_line(step: int, max_steps: int, scalars: dict) -> str:
+    """The console's line for a logged step (``scalars``: what it logs)."""
+    waited = scalars["perf/data_wait"] / scalars["perf/step_time"]
+    return (
+        f"step {step}/{max_steps} | loss {scalars['train/loss']:.4f} | acc {scalars['train/mlm_accuracy']:.3f} | "
+        f"lr {scalars['train/lr']:.2e} | "
+        + (f"gnorm {scalars['train/grad_norm']:.2f} | " if "train/grad_norm" in scalars else "")
+        + f"{scalars['perf/tokens_per_sec']:,.0f} tok/s | mfu {scalars['perf/mfu']:.1%} | "
+        f"{scalars['perf/step_time']:.3f} s/step | mem {scalars['memory/peak_gb']:.2f} GB"
+        + (f" | data wait {waited:.0%}" if waited >= 0.05 else "")
+        + (f" | {eval_said(scalars)}" if "eval/loss" in scalars else "")
+    )
+
+
+def _test_faults(step: int, rank: int, world: int) -> None:
+    """The tests' hooks at the end of a step (``BERTFORGE_FAULT``, :func:`data_prep.errors.fault`): a
+    rank killed, lost (the others waiting in a collective), aborted, or every rank stuck."""
+    if fault("kill", step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault("lost-rank", step):
+        if rank == world - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)
+    if fault("abort", step) and rank == world - 1:
+        os.abort()
+    if fault("stuck", step) or (fault("hang", step) and rank == world - 1):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+        time.sleep(3600)
+
+
 def eval_said(scalars: dict) -> str:
     """The console's words for an evaluation: loss and perplexity, and a blend's loss per dataset."""
     each = [f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items() if k.count("/") == 2 and k.endswith("/loss")]
@@ -972,15 +1002,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                     scalars.update(evaluate())
                 if logger:
                     logger.log(step, scalars)
-                    say(
-                        f"step {step}/{cfg.train.max_steps} | loss {scalars['train/loss']:.4f} | "
-                        f"acc {scalars['train/mlm_accuracy']:.3f} | lr {scalars['train/lr']:.2e} | "
-                        + (f"gnorm {scalars['train/grad_norm']:.2f} | " if "train/grad_norm" in scalars else "")
-                        + f"{rate:,.0f} tok/s | mfu {scalars['perf/mfu']:.1%} | "
-                        f"{scalars['perf/step_time']:.3f} s/step | mem {scalars['memory/peak_gb']:.2f} GB"
-                        + (f" | data wait {share:.0%}" if (share := waited / scalars["perf/step_time"]) >= 0.05 else "")
-                        + (f" | {eval_said(scalars)}" if "eval/loss" in scalars else "")
-                    )
+                    say(step_line(step, cfg.train.max_steps, scalars))
                 window = _Window()
             elif due or evaluating:  # an evaluation alone, or the run's last step, passed over
                 scalars = {"train/lr": eng.get_lr()[0], "train/skipped_steps": passed_count(passed)} if due else {}
@@ -1020,17 +1042,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                 saved_at = step
             if said := profiler.after(step):  # (a profiled step ends here: its log, evaluation and save in it)
                 say(said)
-            if fault("kill", step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault("lost-rank", step):
-                if rank == world - 1:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(3600)
-            if fault("abort", step) and rank == world - 1:
-                os.abort()
-            if fault("stuck", step) or (fault("hang", step) and rank == world - 1):
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
-                time.sleep(3600)
+            _test_faults(step, rank, world)
         say(
             f"done: {step} steps"
             + (f" ({passed_count(passed)} passed over, train.skip_steps)" if passed else "")
