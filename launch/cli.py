@@ -229,20 +229,17 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
         cfg = load_config(PretrainConfig, config, overrides)
     # Every check before a rank starts; a launcher's ranks (srun, torchrun) leave them to rank 0 (train).
     if ranks.launcher == "none":
-        _, man, latest = resolve(cfg, nproc)  # the data first: the teacher is checked against its manifest
+        _, man, latest, state = resolve(cfg, nproc)  # the data first: the teacher is checked against its manifest
         if build:
             check_teacher(cfg)  # the tokenizer and vocabulary only: rank 0 loads the weights
         if ns.print_config:
             print(_plan(ns.command, cfg, latest, nproc, plan(cfg, man, nproc)))
             return 0
-        if latest is not None:
-            from pretrain import checkpoint as ckpt
-            from pretrain.trainer import already_complete
+        if state is not None and state["step"] >= cfg.train.max_steps:  # nothing to do: no rank need start
+            from pretrain.trainer import already_complete  # (and load DeepSpeed) to say so
 
-            step = ckpt.read_state(Path(cfg.run.dir), latest)["step"]
-            if step >= cfg.train.max_steps:  # nothing to do: no rank need start (and load DeepSpeed) to say so
-                print(already_complete(Path(cfg.run.dir), step, cfg.train.max_steps))
-                return 0
+            print(already_complete(Path(cfg.run.dir), state["step"], cfg.train.max_steps))
+            return 0
     progress = not ns.no_progress and sys.stderr.isatty()
     with _holding(cfg.run.dir, ranks):
         if ranks.launcher == "none" and nproc > 1:

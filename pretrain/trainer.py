@@ -68,12 +68,12 @@ FIXED_KEYS = (
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
 
 
-def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[PretrainConfig, dict, str | None]:
+def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[PretrainConfig, dict, str | None, dict | None]:
     """Check the config against the dataset and the run folder; fill in what the manifest decides,
     and (``here``: this machine is the one that trains) the precision ``auto`` stands for.
 
-    Returns ``(cfg, manifest, latest checkpoint tag or None)``. Raises :class:`UserError` naming the
-    key, file or field at fault. ``here=False`` (``bertforge submit``, on a login node) leaves the
+    Returns ``(cfg, manifest, latest checkpoint tag or None, its state or None)``. Raises
+    :class:`UserError` naming the key, file or field at fault. ``here=False`` (``bertforge submit``, on a login node) leaves the
     precision to the run's rank 0, which checks everything again on its node (:func:`train`).
     """
     if here:
@@ -132,7 +132,7 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
                     f"config key '{key}' is {value!r} but the run in {run_dir} was started with "
                     f"{theirs.get(key)!r} ({where}); use another run.dir for a new run"
                 )
-    return cfg, man, latest
+    return cfg, man, latest, state
 
 
 def _dataset(folder: Path, key: str, **want) -> dict:
@@ -241,10 +241,10 @@ def eval_said(scalars: dict) -> str:
 def _start(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, list[dict], list[str], str | None, dict | None]:
     """What rank 0 reads for every rank at a start (:func:`train`): the config resolved, the manifest of
     each dataset (``data.path``'s, then the blend's) and its sha256, the latest checkpoint and its state."""
-    cfg, man, latest = resolve(cfg, world)
+    cfg, man, latest, state = resolve(cfg, world)
     mans = [man, *(manifests.load(f) for f in cfg.data.blend)]
     shas = [tokenizers.sha256(Path(cfg.data.path) / manifests.MANIFEST), *blend_sha256(cfg)]
-    return cfg, mans, shas, latest, ckpt.read_state(Path(cfg.run.dir), latest) if latest is not None else None
+    return cfg, mans, shas, latest, state
 
 
 def plan(cfg: PretrainConfig, man: dict, world: int) -> list[str]:

@@ -119,7 +119,7 @@ def test_a_blend_of_two_tokenizers_or_of_the_wrong_size_is_refused_naming_the_ke
     assert resolve(cfg, 1)[0].data.weights == [n[0] / sum(n), n[1] / sum(n)]  # empty: by size
     # --print-config's plan: what the steps read of each dataset, in its share
     cfg = load_config(PretrainConfig, TINY, [f"data.path={train_data}", f"data.blend=[{other}]", "data.weights=[1,3]"])
-    cfg, man, _ = resolve(cfg, 1)
+    cfg, man, _, _ = resolve(cfg, 1)
     read = [cfg.train.max_steps * cfg.train.global_batch_size * w / k for w, k in zip((0.25, 0.75), n)]
     assert plan(cfg, man, 1)[-2] == (
         f"data: {train_data} 25.0% ({read[0]:.2f} epochs in the {cfg.train.max_steps} steps), "

@@ -1134,7 +1134,7 @@ def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedu
 
     def resumed() -> tuple:
         """The same command, further: resumes the new run, in the shape its checkpoint has."""
-        cfg, _, latest = resolve(load_config(PretrainConfig, TINY, [a for a in args[5:] if "=" in a] + ["train.max_steps=3"]), 2)  # fmt: skip
+        cfg, _, latest, _ = resolve(load_config(PretrainConfig, TINY, [a for a in args[5:] if "=" in a] + ["train.max_steps=3"]), 2)  # fmt: skip
         return latest, cfg.model.num_layers, cfg.model.hidden_size
 
     assert resumed() == ("step_00000002", 2, 64)
@@ -1146,7 +1146,7 @@ def test_continued_pretraining_starts_from_the_given_weights_with_a_fresh_schedu
         return refusal(lambda: resolve(load_config(kind, TINY, overrides), 2))
 
     hf = export(teacher, tmp_path / "hf", ["hf"])  # an export folder: its shape read from config.json
-    cfg, _, _ = resolve(load_config(PretrainConfig, TINY, [f"data.path={data}", f"run.dir={tmp_path / 'new'}", f"train.init_from={hf}",
+    cfg, _, _, _ = resolve(load_config(PretrainConfig, TINY, [f"data.path={data}", f"run.dir={tmp_path / 'new'}", f"train.init_from={hf}",
                                                           "model.num_layers=5", "model.dropout=0.2"]), 2)  # fmt: skip
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.dropout) == (2, 64, 0.2)
     with open(hf / "spm.model", "ab") as f:
@@ -1284,7 +1284,7 @@ def test_print_config_checks_starts_nothing_and_prints_a_config_that_runs_again(
     assert r.returncode == 0 and not run.exists(), r.stderr
     comments = [line for line in r.stdout.splitlines() if line.startswith("#")]
     assert comments[0] == f"# bertforge pretrain --print-config: checked, nothing started; a new run in {run}"
-    expected, _, _ = resolve(load_config(PretrainConfig, TINY, keys), 2)
+    expected, *_ = resolve(load_config(PretrainConfig, TINY, keys), 2)
     tokens = 16 * expected.data.seq_len
     assert comments[2].startswith(f"# batch: 16 sequences = 8 x 2 rank(s) x 1 accumulation; {tokens:,} tokens a step")
     assert '"gradient_accumulation_steps": 1' in comments[-1] and comments[-1].startswith("# deepspeed (derived")
