@@ -97,7 +97,10 @@ def against(folder: str | Path) -> tuple[Path, dict]:
     """A dataset of ``dedup_against``: the path of its document hashes and its manifest's
     ``documents``; refused, naming the file or field, where it was prepped without ``dedup``
     (:func:`their_hashes` reads the file)."""
-    man = load(folder)
+    try:
+        man = load(folder)
+    except UserError as err:
+        raise UserError(f"{err} (config key 'dedup_against')") from None
     if "documents" not in man:
         why = ("by a bertforge before 2026-12-05, whose --dedup kept no hashes" if man["config"].get("dedup")
                else "without --dedup, which keeps its documents' hashes")  # fmt: skip
@@ -194,12 +197,31 @@ def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, 
     return len(listed), total, problems
 
 
-def overlap(man: dict, folder: str | Path, others: list[str | Path] = ()) -> list[str]:
-    """``bertforge inspect DIR --overlap [OTHER ...]``: how many val documents are also train
-    documents (the same token ids), and their share of the val tokens: what a copy of training text
-    in val/ does to the eval loss (``dedup`` drops them at prep). For each dataset of ``others``
-    (prepped with the same tokenizer, as a blend's datasets are), a line more: how many of DIR's val
-    and train documents are train documents of that one (copies a prep of each alone cannot see)."""
+def compared(man: dict, folder: str | Path, others: list[str]) -> list[tuple[Path, dict]]:
+    """The datasets ``bertforge inspect DIR --overlap-with OTHER ...`` compares DIR with, and their
+    manifests; refused, naming the field, where one is DIR itself or has another tokenizer (token ids
+    compare only under one)."""
+    out = []
+    for other in map(Path, others):
+        theirs = load(other)
+        if other.resolve() == Path(folder).resolve():
+            raise UserError(f"--overlap-with {other}: that is {folder} itself (--overlap compares its splits)")
+        if theirs["tokenizer"]["sha256"] != man["tokenizer"]["sha256"]:
+            raise UserError(
+                f"{other / MANIFEST}: field 'tokenizer.sha256' is {theirs['tokenizer']['sha256'][:12]}..., "
+                f"{Path(folder) / MANIFEST}'s is {man['tokenizer']['sha256'][:12]}...: token ids compare only under "
+                "one tokenizer (bertforge prep --tokenizer names it)"
+            )
+        out.append((other, theirs))
+    return out
+
+
+def overlap(man: dict, folder: str | Path, others: list[tuple[Path, dict]] = ()) -> list[str]:
+    """``bertforge inspect DIR --overlap``: how many val documents are also train documents (the
+    same token ids), and their share of the val tokens: what a copy of training text in val/ does
+    to the eval loss (``dedup`` drops them at prep). With ``--overlap-with`` (``others``, checked by
+    :func:`compared`), a line more for each: how many of DIR's val and train documents are train
+    documents of that one (a blend's datasets, prepped apart: copies no prep's dedup saw)."""
     from data_prep.shards import document_hashes  # (webdataset's reader: imported when asked for)
 
     def split(where: Path, man: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -212,16 +234,7 @@ def overlap(man: dict, folder: str | Path, others: list[str | Path] = ()) -> lis
         return (f"{int(both.sum()):,} of {len(hashes):,} {what} documents{are}, {tokens:,} of {total:,} "
                 f"{what} tokens ({tokens / max(1, total):.1%})")  # fmt: skip
 
-    folder, others = Path(folder), [(Path(o), load(o)) for o in others]
-    for other, theirs in others:  # (every refusal before the reading)
-        if other.resolve() == folder.resolve():
-            raise UserError(f"--overlap {other}: that is {folder} itself (a bare --overlap compares its splits)")
-        if theirs["tokenizer"]["sha256"] != man["tokenizer"]["sha256"]:
-            raise UserError(
-                f"{other / MANIFEST}: field 'tokenizer.sha256' is {theirs['tokenizer']['sha256'][:12]}..., "
-                f"{folder / MANIFEST}'s is {man['tokenizer']['sha256'][:12]}...: token ids compare only under one "
-                "tokenizer (bertforge prep --tokenizer names it)"
-            )
+    folder = Path(folder)
     val, train = split(folder, man, "val"), split(folder, man, "train")
     said = found(val, train[0], "val", " are also train documents (the same token ids)")
     lines = [f"overlap: {said}" + ("" if said.startswith("0 ") else "; bertforge prep --dedup drops them")]

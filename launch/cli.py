@@ -129,10 +129,11 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check every shard and the tokenizer against the manifest's sizes and sha256 (exit 1 if any differs)",
     )
-    p.add_argument("--overlap", nargs="*", metavar="OTHER",
-                   help="count the val documents that are also train documents (the same token ids); with "
-                   "OTHER datasets (one tokenizer, as a blend's), also DIR's val and train documents "
-                   "that are train documents of each")  # fmt: skip
+    p.add_argument("--overlap", action="store_true",
+                   help="count the val documents that are also train documents (the same token ids)")  # fmt: skip
+    p.add_argument("--overlap-with", nargs="+", default=[], metavar="OTHER",
+                   help="--overlap, and count DIR's val and train documents that are train documents of each "
+                   "OTHER dataset (of DIR's tokenizer: a blend's)")  # fmt: skip
     p.set_defaults(func=_run_inspect)
 
 
@@ -143,13 +144,14 @@ def _run_inspect(ns: argparse.Namespace) -> int:
         from pretrain.report import summary  # a run folder (or neither: refused, naming both)
 
         text = summary(Path(ns.dir))  # (first: a folder that is neither is refused as such, --verify or not)
-        if ns.verify or ns.overlap is not None:
+        if ns.verify or ns.overlap or ns.overlap_with:
             what = "--verify checks a dataset's files against its manifest" if ns.verify else (
                 "--overlap compares a dataset's val documents with its train documents")  # fmt: skip
             raise UserError(f"{what}; {ns.dir} is a run folder")
         print(text)
         return 0
     man = manifest.load(ns.dir)
+    others = manifest.compared(man, ns.dir, ns.overlap_with)  # (refused before anything is printed)
     print(manifest.summary(man))
     if ns.verify:
         files, size, problems = manifest.verify(man, ns.dir, progress=sys.stderr.isatty())
@@ -158,8 +160,8 @@ def _run_inspect(ns: argparse.Namespace) -> int:
         if problems:
             raise RunError(f"{ns.dir}: {len(problems)} of {files} files differ from the manifest", quiet=True)
         print(f"verified: {files} files ({size / 1e6:,.1f} MB of shards) match the manifest's sizes and sha256")
-    if ns.overlap is not None:
-        print("\n".join(manifest.overlap(man, ns.dir, ns.overlap)))
+    if ns.overlap or others:
+        print("\n".join(manifest.overlap(man, ns.dir, others)))
     sp = tokenizer.load(Path(ns.dir) / man["tokenizer"]["file"])
     shown = 0
     for shard in man["splits"][ns.split]["shards"]:

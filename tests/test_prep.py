@@ -390,7 +390,7 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
         return (f"{len(both)} of {len(docs)} {split} documents, {sum(both):,} of {total:,} {split} tokens "
                 f"({sum(both) / total:.1%})")  # fmt: skip
 
-    said = run_cli("inspect", str(out), "--overlap", str(other), "-n", "0").stdout.splitlines()[-2:]
+    said = run_cli("inspect", str(out), "--overlap-with", str(other), "-n", "0").stdout.splitlines()[-2:]
     assert said[0].startswith("overlap: 0 of ") and said[1] == (
         f"overlap with {other}'s train documents: {found('val')}; {found('train')}"
     ), said
@@ -398,8 +398,8 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
     man["tokenizer"]["sha256"] = "0" * 64  # (as another tokenizer's dataset says)
     (other / "manifest.json").write_text(json.dumps(man))
     for them, why in ((other, "field 'tokenizer.sha256' is 000000000000..., "), (out, "that is ")):
-        r = run_cli("inspect", str(out), "--overlap", str(them), "-n", "0")
-        assert r.returncode == 2 and why in r.stderr.splitlines()[-1] and "overlap" not in r.stdout, r.stderr
+        r = run_cli("inspect", str(out), "--overlap-with", str(them), "-n", "0")
+        assert r.returncode == 2 and why in r.stderr.splitlines()[-1] and not r.stdout, r.stderr
     from data_prep.config import PrepConfig
 
     too_long = PrepConfig(input=["x"], output="y", read_size="4KB", min_chars=1025)  # (a document read in
