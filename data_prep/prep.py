@@ -473,10 +473,7 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
         raise UserError(f"{out}: output exists and is not a folder")
     if not (out / STATE_DIR / "state.json").is_file() and _foreign(out):  # (refused before a lock file is made)
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
-    for other in cfg.dedup_against:  # (refused before any work, as a bad input is)
-        manifest.their_hashes(other)
-        if Path(other).resolve() == out.resolve():
-            raise UserError(f"config key 'dedup_against': {other} is the output folder itself")
+    check_against(cfg)
     fingerprint = _fingerprint(cfg, files)
     # one prep at a time writes the folder (two had written the same shards' .tmp files, and a second
     # start removed the first's files in flight), or the tasks of one job array together; its
@@ -488,6 +485,15 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
             print(manifest.summary(man))
             return man
         return _write(cfg, out, files, discovered, task, progress, t0)
+
+
+def check_against(cfg: PrepConfig) -> None:
+    """Refuse, before any work, a ``dedup_against`` folder that is no dedup prep, one whose hashes
+    cannot be read, or the output folder itself (``bertforge submit prep`` too, before the queue)."""
+    for other in cfg.dedup_against:
+        manifest.their_hashes(other)
+        if Path(other).resolve() == Path(cfg.output).resolve():
+            raise UserError(f"config key 'dedup_against': {other} is the output folder itself")
 
 
 def _write(

@@ -676,6 +676,7 @@ def _run_submit(ns: argparse.Namespace) -> int:
 def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: list[str]) -> int:  # noqa: ANN001
     from data_prep import corpus
     from data_prep.config import PrepConfig
+    from data_prep.prep import check_against
     from launch import submit
     from launch.config import load_config
 
@@ -687,6 +688,9 @@ def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: lis
     overrides = [*overrides, f"input=[{','.join(inputs)}]", f"output={Path(cfg.output).resolve()}"]
     if cfg.tokenizer.path:
         overrides.append(f"tokenizer.path={Path(cfg.tokenizer.path).resolve()}")
+    if cfg.dedup_against:
+        check_against(cfg)
+        overrides.append(f"dedup_against=[{','.join(json.dumps(str(Path(p).resolve())) for p in cfg.dedup_against)}]")
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0

@@ -324,6 +324,13 @@ def test_bad_options_are_refused_before_submitting(dataset, tmp_path, capsys) ->
             code, err = main(argv), capsys.readouterr().err
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
+    (tmp_path / "a.txt").write_text("one document\n\nanother\n")  # a prep's dedup_against, checked here too
+    code = main(["submit", "prep", f"input=[{tmp_path / 'a.txt'}]", f"output={tmp_path / 'out'}", "dedup=true",
+                 f"dedup_against=[{dataset}]", "--log-dir", str(tmp_path / "logs")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith(f"{dataset}/manifest.json: no field 'documents' (config key 'dedup_against'): "
+                                      f"{dataset} was prepped without --dedup, which keeps its documents' hashes; "
+                                      "prep it again with --dedup"), err  # fmt: skip
     # no job of this test's in the queue (other tests' jobs come and go meanwhile): a job's command is
     # the batch script submitit wrote under its --log-dir
     queue = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True, check=True).stdout
