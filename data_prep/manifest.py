@@ -106,7 +106,7 @@ def against(folder: str | Path) -> tuple[Path, dict]:
                else "without --dedup, which keeps its documents' hashes")  # fmt: skip
         raise UserError(
             f"{Path(folder) / MANIFEST}: no field 'documents' (config key 'dedup_against'): {folder} was prepped "
-            f"{why}; prep it again with --dedup"
+            f"{why}; prep it again with --dedup into a new folder"
         )
     path = Path(folder) / man["documents"]["file"]
     if not path.is_file():

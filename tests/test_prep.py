@@ -450,7 +450,7 @@ def test_dedup_against_drops_the_documents_of_datasets_prepped_before(tmp_path, 
     shutil.copytree(one, older)
     (older / "manifest.json").write_text(json.dumps({k: v for k, v in man.items() if k != "documents"}))
     refusals["no field 'documents' (config key 'dedup_against'): " + f"{older} was prepped by a bertforge before "
-             "2026-12-05, whose --dedup kept no hashes; prep it again with --dedup"] = [
+             "2026-12-05, whose --dedup kept no hashes; prep it again with --dedup into a new folder"] = [
         "--dedup", "--dedup-against", str(older)]  # fmt: skip
     (one / "document_hashes.npy").write_bytes(b"damaged")
     refusals[f"{one}/document_hashes.npy: cannot read it ("] = ["--dedup", "--dedup-against", str(one)]
