@@ -551,6 +551,18 @@ THIS_START = ("train.exit_at_step", "train.exit_after_minutes")
 """Config keys of one start alone (where it stops): a resume without them changes nothing of the run."""
 
 
+def _config_changes(cfg: PretrainConfig, state: dict) -> tuple[list[str], list[str]]:
+    """What a resume's config changes of the checkpoint's (``key old -> new``), as the start-up line,
+    so the run's journal, says it: the optimizer's keys (first), and the rest but those said in words
+    of their own (:data:`SAID_ELSEWHERE`: the layout, the blend, the steps passed over) or of this
+    start alone (:data:`THIS_START`)."""
+    mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])
+    moved = {k: f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v}
+    optim = [change for k, change in moved.items() if k.startswith("optim.")]
+    other = [change for k, change in moved.items() if not k.startswith(("optim.", *SAID_ELSEWHERE, *THIS_START))]
+    return optim, other
+
+
 def _relayout(
     cfg: PretrainConfig, state: dict, layout: dict, batches: int, world: int, resharding: bool,
     folders: list[Path], mans: list[dict], shas: list[str], weights: list[float] | None,
@@ -703,11 +715,8 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         else:
             engine.load(eng, root, latest)
         engine.take_optim_keys(eng, cfg.optim)
-        # what the config changes (the start-up line, so the run's journal, says it: the optimizer's
-        # keys first, the rest after the layout and the blend, the steps passed over with the stretches ahead)
-        mine, theirs = leaves(to_dict(cfg)), leaves(state["config"])
-        moved = {k: f"{k} {theirs[k]} -> {v}" for k, v in mine.items() if k in theirs and theirs[k] != v}
-        if optim := [change for k, change in moved.items() if k.startswith("optim.")]:
+        optim, other = _config_changes(cfg, state)
+        if optim:
             changed += f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         passed = state.get("passed_over", [])
@@ -715,9 +724,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
         layout, said = _relayout(cfg, state, layout, batches, world, resharding, folders, mans, shas, weights)
         changed += said
-        if other := [
-            change for k, change in moved.items() if not k.startswith(("optim.", *SAID_ELSEWHERE, *THIS_START))
-        ]:
+        if other:
             changed += f"; config changes: {', '.join(other)}"
 
     word_start = None
