@@ -276,7 +276,9 @@ def _find_duplicates(
 ) -> None:
     """``dedup``: hash every document (the units over ``workers`` processes, or, where there are
     fewer than two a worker, their chunks), keep the first of each text in input order, and record
-    the others in ``.prep/duplicates.npy`` (kept for a resume)."""
+    the others in ``.prep/duplicates.npy`` (kept for a resume), with, under ``dedup_against``, those
+    whose text another dataset kept; the hashes of the texts kept go to ``document_hashes.npy`` (a
+    later prep's ``dedup_against`` reads them)."""
     path, kept = out / STATE_DIR / DUPLICATES, out / manifest.DOCUMENTS
     if path.is_file() and kept.is_file():
         return
