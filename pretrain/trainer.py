@@ -73,9 +73,9 @@ def resolve(cfg: PretrainConfig, world: int, here: bool = True) -> tuple[Pretrai
     and (``here``: this machine is the one that trains) the precision ``auto`` stands for.
 
     Returns ``(cfg, manifest, latest checkpoint tag or None, its state or None)``. Raises
-    :class:`UserError` naming the key, file or field at fault. ``here=False`` (``bertforge submit``, on a login node) leaves the
-    precision to the run's rank 0, which checks everything again on its node (:func:`train`).
-    """
+    :class:`UserError` naming the key, file or field at fault. ``here=False`` (``bertforge submit``,
+    on a login node) leaves the precision to the run's rank 0, which checks everything again on its
+    node (:func:`train`)."""
     if here:
         resolve_precision(cfg.train)
     if not cfg.data.path:
@@ -281,7 +281,7 @@ def plan(cfg: PretrainConfig, man: dict, world: int) -> list[str]:
 def blend_epochs(cfg: PretrainConfig, mans: list[dict], steps: int, which: str = "") -> str:
     """What ``steps`` steps read of each dataset of a blend (``mans``: the manifests of data.path, then
     data.blend): its share and the epochs of its train split they stand for."""
-    folders = [cfg.data.path, *cfg.data.blend]
+    folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]
     return "data: " + ", ".join(
         f"{f} {w:.1%} ({steps * cfg.train.global_batch_size * w / m['splits']['train']['sequences']:.2f} epochs "
         f"in the {steps:,} steps{' ' + which if which else ''})"
