@@ -266,6 +266,23 @@ class ParseOptions:
         short = np.fromiter((len(t.strip()) < self.min_chars for t in texts), dtype=bool, count=len(texts))
         return short if whole is None else short & whole
 
+    def drop(
+        self, account: Account, file: int, keys: np.ndarray, texts: list[str], where: Callable[[int], str],
+        new: np.ndarray | None = None, whole: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Which of a chunk's ``texts`` the config asks to drop (:meth:`short`, then :meth:`dropped`;
+        asked only where :attr:`drops`), each counted in ``account`` under its reason where it is
+        ``new`` here (a piece going on from the chunk before was counted there; None: all), with
+        ``where(i)``, the location of text ``i``, asked for the first few alone; ``whole``: the texts
+        :meth:`short` measures (None: all)."""
+        drop = np.zeros(len(texts), dtype=bool)
+        for reason, mask in (("too_short", self.short(texts, whole)), ("duplicate", self.dropped(file, keys))):
+            if mask is not None and (mask := mask & ~drop).any():  # (one reason a document)
+                at = np.flatnonzero(mask if new is None else mask & new)
+                account.drop_docs(reason, len(at), lambda k, at=at: where(int(at[k])))
+                drop |= mask
+        return drop
+
     def dropped(self, file: int, keys: np.ndarray) -> np.ndarray | None:
         """Which of file ``file``'s documents ``keys`` are later copies of another (``dedup``), or None."""
         drop = self.duplicates.get(file) if self.duplicates else None
@@ -634,15 +651,8 @@ def parse(chunk: Chunk, opts: ParseOptions) -> Parsed:
         docs = [(chunk.offset + i, location, text) for i, (location, text) in enumerate(chunk.data)]
         account.docs_read += len(chunk.data)
     if opts.drops:
-        drop = np.zeros(len(docs), dtype=bool)
-        for reason, mask in (
-            ("too_short", opts.short([d[2] for d in docs])),
-            ("duplicate", opts.dropped(chunk.file, np.array([d[0] for d in docs], dtype=np.uint64))),
-        ):
-            if mask is not None and mask.any():
-                at = np.flatnonzero(mask)
-                account.drop_docs(reason, len(at), lambda k, at=at: docs[at[k]][1])
-                drop |= mask
+        keys = np.array([d[0] for d in docs], dtype=np.uint64)
+        drop = opts.drop(account, chunk.file, keys, [d[2] for d in docs], lambda i: docs[i][1])
         docs = [d for d, dropped in zip(docs, drop) if not dropped]
     texts: list[str] = []
     lasts: list[bool] = []
@@ -714,16 +724,9 @@ def _parse_txt(chunk: Chunk, account: Account, opts: ParseOptions) -> Parsed:
     new = np.ones(len(texts), dtype=bool)  # (but a document going on from the last chunk: counted there)
     new[:1] = not cont
     if opts.drops:
-        drop = np.zeros(len(texts), dtype=bool)
-        for reason, mask in (
-            ("too_short", opts.short(texts, new & np.array(lasts, dtype=bool))),  # (a document cut in chunks is long)
-            ("duplicate", opts.dropped(chunk.file, keys)),
-        ):
-            if mask is not None and mask.any():
-                at = np.flatnonzero(mask & new)
-                account.drop_docs(reason, len(at), lambda k, at=at: where(int(at[k])))
-                account.docs_read += len(at)
-                drop |= mask
+        whole = new & np.array(lasts, dtype=bool)  # (min_chars measures these: a document cut in chunks is long)
+        drop = opts.drop(account, chunk.file, keys, texts, where, new, whole)
+        account.docs_read += int((drop & new).sum())
         if drop.any():
             kept = np.flatnonzero(~drop)
             texts, lasts, keys, new = [texts[i] for i in kept], [lasts[i] for i in kept], keys[kept], new[kept]

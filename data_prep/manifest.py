@@ -115,10 +115,11 @@ def against(folder: str | Path) -> tuple[Path, dict]:
 
 
 def their_hashes(folder: str | Path) -> np.ndarray:
-    """The hashes of the text of the documents a ``dedup_against`` dataset kept."""
+    """The hashes of the text of the documents a ``dedup_against`` dataset kept, mapped, not read:
+    a check before the work reads their header alone, and the hash pass reads them once."""
     path, listed = against(folder)
     try:
-        hashes = np.load(path)
+        hashes = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
     if hashes.dtype != np.uint64 or hashes.shape != (listed["count"],):

@@ -495,12 +495,9 @@ def _run_finetune(ns: argparse.Namespace) -> int:
     if ranks.launcher == "none":  # every file, field and label before a rank starts (a launcher's: on rank 0, in run)
         rows = check(cfg, nproc)
         if ns.print_config:
-            from pretrain.finetune import STATE
+            from pretrain.finetune import read_state, resume_tag
 
-            state = (
-                json.loads((Path(cfg.run.dir) / STATE).read_text()) if (Path(cfg.run.dir) / STATE).is_file() else None
-            )
-            latest = state.get("checkpoint", f"epoch_{state['epoch']:03d}") if state else None  # (what run loads)
+            latest = resume_tag(state) if (state := read_state(cfg.run.dir)) else None
             print(_plan("finetune", cfg, latest, nproc, finetune_plan(cfg, rows, nproc)))
             return 0
     progress = not ns.no_progress and sys.stderr.isatty()

@@ -353,12 +353,22 @@ def inputs(cfg: FinetuneConfig, world: int) -> dict:
     }
 
 
+def read_state(run_dir: str | Path) -> dict | None:
+    """The fine-tuning run's state in ``run_dir`` (None: no run there yet)."""
+    path = Path(run_dir) / STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resume_tag(state: dict) -> str:
+    """The checkpoint a resume from ``state`` loads (a stop mid-epoch's, else the last epoch's)."""
+    return state.get("checkpoint", f"epoch_{state['epoch']:03d}")
+
+
 def _check_resume(cfg: FinetuneConfig, world: int) -> None:
     """A run folder holding another run (other model, files or fixed keys) is refused."""
     path = Path(cfg.run.dir) / STATE
-    if not path.is_file():
+    if (state := read_state(cfg.run.dir)) is None:
         return
-    state = json.loads(path.read_text())
     theirs, mine = state.get("inputs"), inputs(cfg, world)
     if theirs is None:
         raise UserError(f"{path}: no field 'inputs' (written by an older bertforge); use another run.dir")
@@ -384,7 +394,7 @@ def _check_resume(cfg: FinetuneConfig, world: int) -> None:
                 "use another run.dir for a new run"
             )
     if state["epoch"] < cfg.finetune.epochs:  # the checkpoint a resume loads (DeepSpeed had failed an assert)
-        found = Path(cfg.run.dir) / "checkpoints" / state.get("checkpoint", f"epoch_{state['epoch']:03d}")
+        found = Path(cfg.run.dir) / "checkpoints" / resume_tag(state)
         if not ckpt.has_weights(found):
             raise UserError(
                 f"{path}: names the checkpoint {found}, which is missing or has no weights: restore it, or use "
@@ -538,13 +548,13 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
     fingerprint = inputs(cfg, world) if rank == 0 else None  # what check() compares on a rerun
     root = run_dir / "checkpoints"
-    state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else None
+    state = read_state(run_dir)
     done = state["epoch"] if state else 0  # epochs complete
     if state and state["epoch"] >= sec.epochs:
         say(f"{run_dir}: already complete ({state['epoch']} epochs; best epoch {state['best']['epoch']})")
         return Result(state.get("step", cfg.train.max_steps), cfg.train.max_steps, best=state["best"])
     at = state.get("step", done * steps_per_epoch) if state else 0  # steps done (mid-epoch after a stop)
-    loaded = state.get("checkpoint", f"epoch_{done:03d}") if state else None
+    loaded = resume_tag(state) if state else None
     was = state["inputs"]["world"] if state else world  # the rank count that wrote it
     resharding = loaded is not None and was != world and cfg.train.zero_stage > 0
     eng = engine.build(model, cfg, world, device, resharding)
