@@ -111,6 +111,14 @@ class PrepConfig:
     (``--dedup-against DIR ...``; needs ``dedup``): the datasets of a blend, prepped one after another,
     share no text (whatever their tokenizers)."""
 
+    near_dup: float = 0.0
+    """With ``dedup``, also drop each document whose word 5-grams overlap an earlier kept one's this
+    much or more (Jaccard similarity: shared over all; ``--near-dup 0.8``; 0 drops none), counted as
+    skipped ``near_duplicate``: the same text with another header, a fixed typo, a page mirrored.
+    Estimated by MinHash in the same hash pass (:mod:`data_prep.neardup`); about 8 bytes a document
+    more for each of its LSH bands (9 at 0.8) in memory. Within this prep's input: ``dedup_against``
+    stays exact."""
+
     min_chars: int = 0
     """Drop each document shorter than this many characters, whitespace stripped (a heading, a lone
     symbol: nothing to predict from), counted as skipped ``too_short``; 0 keeps every one. At most a
@@ -140,6 +148,12 @@ class PrepConfig:
             raise UserError(f"config key 'workers': {self.workers} is negative")
         if self.dedup_against and not self.dedup:
             raise UserError("config key 'dedup_against' needs dedup=true (--dedup): the same hash pass finds both")
+        if not 0 <= self.near_dup < 1:
+            raise UserError(
+                f"config key 'near_dup': {self.near_dup} is outside [0, 1) (0.8: 80% of word 5-grams shared)"
+            )
+        if self.near_dup and not self.dedup:
+            raise UserError("config key 'near_dup' needs dedup=true (--dedup): the same hash pass finds both")
         if not 0 <= self.min_chars <= parse_size(self.read_size) // 4:
             raise UserError(f"config key 'min_chars': {self.min_chars} is outside [0, read_size / 4]")
         tok = self.tokenizer

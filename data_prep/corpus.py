@@ -251,12 +251,13 @@ class ParseOptions:
     strict: bool = False
     duplicates: dict[int, np.ndarray] | None = None  # per input file, the sorted keys of the documents to drop
     min_chars: int = 0  # shorter documents (in characters, whitespace stripped) are dropped
+    near_copies: dict[int, np.ndarray] | None = None  # as duplicates: those near_dup drops
 
     @property
     def drops(self) -> bool:
-        """Whether the config asks for documents to be dropped (``min_chars``, ``dedup``'s list): else
-        a chunk's parse does no work for it."""
-        return bool(self.min_chars or self.duplicates)
+        """Whether the config asks for documents to be dropped (``min_chars``, ``dedup``'s and
+        ``near_dup``'s lists): else a chunk's parse does no work for it."""
+        return bool(self.min_chars or self.duplicates or self.near_copies)
 
     def short(self, texts: list[str], whole: np.ndarray | None = None) -> np.ndarray | None:
         """Which of ``texts`` are documents under ``min_chars`` (``whole``: which are whole documents,
@@ -270,22 +271,28 @@ class ParseOptions:
         self, account: Account, file: int, keys: np.ndarray, texts: list[str], where: Callable[[int], str],
         new: np.ndarray | None = None, whole: np.ndarray | None = None,
     ) -> np.ndarray:  # fmt: skip
-        """Which of a chunk's ``texts`` the config asks to drop (:meth:`short`, then :meth:`dropped`;
+        """Which of a chunk's ``texts`` the config asks to drop (:meth:`short`, then :meth:`dropped`'s lists;
         asked only where :attr:`drops`), each counted in ``account`` under its reason where it is
         ``new`` here (a piece going on from the chunk before was counted there; None: all), with
         ``where(i)``, the location of text ``i``, asked for the first few alone; ``whole``: the texts
         :meth:`short` measures (None: all)."""
         drop = np.zeros(len(texts), dtype=bool)
-        for reason, mask in (("too_short", self.short(texts, whole)), ("duplicate", self.dropped(file, keys))):
+        for reason, mask in (
+            ("too_short", self.short(texts, whole)),
+            ("duplicate", self.dropped(file, keys, self.duplicates)),
+            ("near_duplicate", self.dropped(file, keys, self.near_copies)),
+        ):
             if mask is not None and (mask := mask & ~drop).any():  # (one reason a document)
                 at = np.flatnonzero(mask if new is None else mask & new)
                 account.drop_docs(reason, len(at), lambda k, at=at: where(int(at[k])))
                 drop |= mask
         return drop
 
-    def dropped(self, file: int, keys: np.ndarray) -> np.ndarray | None:
-        """Which of file ``file``'s documents ``keys`` are later copies of another (``dedup``), or None."""
-        drop = self.duplicates.get(file) if self.duplicates else None
+    @staticmethod
+    def dropped(file: int, keys: np.ndarray, listed: dict[int, np.ndarray] | None) -> np.ndarray | None:
+        """Which of file ``file``'s documents ``keys`` are ``listed`` (``duplicates``: later copies of
+        another; ``near_copies``), or None."""
+        drop = listed.get(file) if listed else None
         if drop is None or not len(keys):
             return None
         at = np.minimum(np.searchsorted(drop, keys), len(drop) - 1)

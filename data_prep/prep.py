@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import corpus, encode, manifest, tokenizer
+from data_prep import corpus, encode, manifest, neardup, tokenizer
 from data_prep.config import PrepConfig, parse_size
 from data_prep.errors import RunError, UserError, fault
 from data_prep.files import LOCK, holding, write_atomic
@@ -39,6 +39,8 @@ from launch.config import to_yaml
 STATE_DIR = ".prep"
 DUPLICATES = "duplicates.npy"
 """In ``.prep/``: the (file, key) of each document ``dedup`` drops (a copy of an earlier one), uint64."""
+NEAR_COPIES = "near_duplicates.npy"
+"""In ``.prep/``: as :data:`DUPLICATES`, those ``near_dup`` drops."""
 WORKER_DIED = (
     "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "
     "run the same command again to resume"
@@ -156,20 +158,20 @@ def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[
 def _parse_options(cfg: PrepConfig, out: Path | None = None) -> corpus.ParseOptions:
     """How chunks are parsed; with ``dedup``, the documents to drop, found by :func:`_find_duplicates`
     in ``out`` (None: none yet, in that pass itself)."""
-    drop = None
-    if cfg.dedup and out is not None:
-        path = out / STATE_DIR / DUPLICATES
-        if not path.is_file():
-            raise RunError(
-                f"{out}: no {STATE_DIR}/{DUPLICATES}: the tokenizer step (task 0/0) must run before the array"
-            )
-        drop = _duplicates(str(path), path.stat().st_mtime_ns)
+    lists = {}
+    for name, wanted in ((DUPLICATES, cfg.dedup), (NEAR_COPIES, cfg.near_dup)):
+        if wanted and out is not None:
+            path = out / STATE_DIR / name
+            if not path.is_file():
+                raise RunError(f"{out}: no {STATE_DIR}/{name}: the tokenizer step (task 0/0) must run before the array")
+            lists[name] = _duplicates(str(path), path.stat().st_mtime_ns)
     return corpus.ParseOptions(
-        cfg.text_field, parse_size(cfg.read_size), cfg.val_fraction, cfg.seed, cfg.strict, drop, cfg.min_chars
-    )
+        cfg.text_field, parse_size(cfg.read_size), cfg.val_fraction, cfg.seed, cfg.strict, lists.get(DUPLICATES),
+        cfg.min_chars, lists.get(NEAR_COPIES),
+    )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _duplicates(path: str, mtime_ns: int) -> dict[int, np.ndarray]:
     """The keys of the documents to drop, per input file, sorted (read once per process)."""
     try:
@@ -180,86 +182,105 @@ def _duplicates(path: str, mtime_ns: int) -> dict[int, np.ndarray]:
     return {int(f): np.sort(keys[files == f]) for f in np.unique(files)}
 
 
-def _chunk_hashes(chunk: corpus.Chunk, opts: corpus.ParseOptions) -> tuple:
+def _chunk_hashes(chunk: corpus.Chunk, opts: corpus.ParseOptions, near: tuple[int, int] | None = None) -> tuple:
     """A chunk's part of the hash pass (in a worker, or here): its file, the key (the document's
-    identity in the file, as for the val draw) and 64-bit hash of each document whole in the chunk,
-    and the bytes of the pieces that join a document across chunks, which :class:`_Joined` hashes
-    in order: the first piece where it goes on with the chunk before's document (and whether it ends
-    it), the last where it goes on in the next chunk (and its key)."""
+    identity in the file, as for the val draw), 64-bit hash and (``near``: ``near_dup``'s bands)
+    band keys of each document whole in the chunk, and the bytes (and signature) of the pieces that
+    join a document across chunks, which :class:`_Joined` hashes in order: the first piece where it
+    goes on with the chunk before's document (and whether it ends it), the last where it goes on in
+    the next chunk (and its key)."""
     parsed = corpus.parse(chunk, opts)
     head = tail = None
     keys: list[int] = []
     hashes: list[int] = []
-    h = None
+    whole: list[bytes] = []  # (near: the documents' text, to sign)
+    pieces: list[bytes] = []
     for i, (text, last, key) in enumerate(zip(parsed.texts, parsed.lasts, parsed.keys.tolist())):
         data = text.encode("utf-8", "surrogatepass")  # (JSON may escape a lone surrogate)
         if i == 0 and parsed.continues:
-            head = (data, last)
+            head = (data, last, neardup.signatures([data])[0] if near else None)
             continue
-        h = h or hashlib.blake2b(digest_size=8)  # (a .jsonl document cut for length: its pieces together)
-        h.update(data)
+        pieces.append(data)  # (a .jsonl document cut for length: its pieces together)
         if last:
             keys.append(key)
-            hashes.append(int.from_bytes(h.digest(), "little"))
-            h = None
+            data = b"".join(pieces)
+            hashes.append(int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little"))
+            if near:
+                whole.append(data)
+            pieces = []
         elif i == len(parsed.texts) - 1:  # (a .txt document read on in the next chunk)
-            tail = (key, data)
-    return chunk.file, np.array(keys, np.uint64), np.array(hashes, np.uint64), head, tail
+            data = b"".join(pieces)
+            tail = (key, data, neardup.signatures([data])[0] if near else None)
+    bands = neardup.band_keys(neardup.signatures(whole), *near) if near else np.empty((len(keys), 0), np.uint64)
+    return chunk.file, np.array(keys, np.uint64), np.array(hashes, np.uint64), bands, head, tail
 
 
 class _Joined:
     """The hash pass's documents in input order, from :func:`_chunk_hashes`' results taken in order:
-    each document's file, key and hash, one read across chunks hashed whole."""
+    each document's file, key, hash and (``near``) band keys, one read across chunks hashed whole
+    (its signature: the least of its pieces', the MinHash of their shingles together)."""
 
-    def __init__(self) -> None:
-        self.found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.running = None  # (file, key, hasher) of a document that goes on across chunks
+    def __init__(self, near: tuple[int, int] | None = None) -> None:
+        self.near = near
+        self.found: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.running = None  # (file, key, hasher, signature) of a document that goes on across chunks
 
     def take(self, result: tuple) -> None:
-        file, keys, hashes, head, tail = result
+        file, keys, hashes, bands, head, tail = result
         if head is not None:  # (the chunk before ended with the document's first piece: running)
-            file0, key0, h = self.running
+            file0, key0, h, sig = self.running
             h.update(head[0])
+            sig = np.minimum(sig, head[2]) if self.near else None
+            self.running = (file0, key0, h, sig)
             if head[1]:
                 digest = int.from_bytes(h.digest(), "little")
+                its = neardup.band_keys(sig[None], *self.near) if self.near else np.empty((1, 0), np.uint64)
                 self.found.append((np.array([file0], np.uint32), np.array([key0], np.uint64),
-                                   np.array([digest], np.uint64)))  # fmt: skip
+                                   np.array([digest], np.uint64), its))  # fmt: skip
                 self.running = None
-        self.found.append((np.full(len(keys), file, np.uint32), keys, hashes))
+        self.found.append((np.full(len(keys), file, np.uint32), keys, hashes, bands))
         if tail is not None:
-            self.running = (file, tail[0], hashlib.blake2b(tail[1], digest_size=8))
+            self.running = (file, tail[0], hashlib.blake2b(tail[1], digest_size=8), tail[2])
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        dtypes = (np.uint32, np.uint64, np.uint64)
-        return tuple(np.concatenate([np.empty(0, d), *(x[i] for x in self.found)]) for i, d in enumerate(dtypes))
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        empty = (np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.uint64),
+                 np.empty((0, self.near[0] if self.near else 0), np.uint64))  # fmt: skip
+        return tuple(np.concatenate([e, *(x[i] for x in self.found)]) for i, e in enumerate(empty))
 
 
 def _unit_hashes(
-    parts: list[tuple[corpus.Part, corpus.InputFile]], opts: corpus.ParseOptions, max_line: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts: list[tuple[corpus.Part, corpus.InputFile]],
+    opts: corpus.ParseOptions,
+    max_line: int,
+    near: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, ...]:
     """Each document of a unit, in input order (:class:`_Joined`), its chunks hashed in this process."""
     scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
-    joined = _Joined()
+    joined = _Joined(near)
     for part, f in parts:
         for chunk in corpus.chunks(part, f, scratch, opts, max_line):
-            joined.take(_chunk_hashes(chunk, opts))
+            joined.take(_chunk_hashes(chunk, opts, near))
     return joined.arrays()
 
 
 def _hash_chunks(
-    jobs: list[list[tuple[corpus.Part, corpus.InputFile]]], opts: corpus.ParseOptions, max_line: int, workers: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    jobs: list[list[tuple[corpus.Part, corpus.InputFile]]],
+    opts: corpus.ParseOptions,
+    max_line: int,
+    workers: int,
+    near: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, ...]:
     """:func:`_unit_hashes` of few units: this process reads their chunks, in order, and ``workers``
     processes parse and hash them (as prep's main pass shares out a single large file)."""
     scratch = corpus.Account(strict=opts.strict)
-    joined = _Joined()
+    joined = _Joined(near)
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pending: deque = deque()
     with ProcessPoolExecutor(workers, context) as pool:
         try:
             for part, f in (item for job in jobs for item in job):
                 for chunk in corpus.chunks(part, f, scratch, opts, max_line):
-                    pending.append(pool.submit(_chunk_hashes, chunk, opts))
+                    pending.append(pool.submit(_chunk_hashes, chunk, opts, near))
                     while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
                         joined.take(pending.popleft().result())
         except UserError:  # (--strict) the reader is ahead of the workers: an error earlier in the input wins
@@ -277,45 +298,58 @@ def _find_duplicates(
     """``dedup``: hash every document (the units over ``workers`` processes, or, where there are
     fewer than two a worker, their chunks), keep the first of each text in input order, and record
     the others in ``.prep/duplicates.npy`` (kept for a resume), with, under ``dedup_against``, those
-    whose text another dataset kept; the hashes of the texts kept go to ``document_hashes.npy`` (a
-    later prep's ``dedup_against`` reads them)."""
-    path, kept = out / STATE_DIR / DUPLICATES, out / manifest.DOCUMENTS
-    if path.is_file() and kept.is_file():
+    whose text another dataset kept; with ``near_dup``, the near copies of a document kept (the
+    first of each cluster, :mod:`data_prep.neardup`) in ``.prep/near_duplicates.npy``. The hashes of
+    the texts kept go to ``document_hashes.npy`` (a later prep's ``dedup_against`` reads them)."""
+    path, near_path, kept = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES, out / manifest.DOCUMENTS
+    if path.is_file() and kept.is_file() and (near_path.is_file() or not cfg.near_dup):
         return
     t0 = time.perf_counter()
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
+    near = neardup.bands(cfg.near_dup) if cfg.near_dup else None
     jobs = [[(p, files[p.file]) for p in unit] for unit in units]
     try:
         if workers > 1 and len(units) >= 2 * workers:  # (as the main pass shares out its work)
             context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
             with ProcessPoolExecutor(workers, context) as pool:
-                found = list(pool.map(_unit_hashes, jobs, [opts] * len(jobs), [max_line] * len(jobs)))
+                n = len(jobs)
+                found = list(pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n))
         elif workers > 1:
-            found = [_hash_chunks(jobs, opts, max_line, workers)]
+            found = [_hash_chunks(jobs, opts, max_line, workers, near)]
         else:
-            found = [_unit_hashes(job, opts, max_line) for job in jobs]
+            found = [_unit_hashes(job, opts, max_line, near) for job in jobs]
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
-    doc_files, keys, hashes = (np.concatenate([f[i] for f in found]) for i in range(3))
-    unique, first = np.unique(hashes, return_index=True)  # (the first occurrence of each)
+    doc_files, keys, hashes, bands = (np.concatenate([f[i] for f in found]) for i in range(4))
+    first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
     repeats = int(dup.sum())
     if cfg.dedup_against:  # and those another dataset kept
-        theirs = np.concatenate([manifest.their_hashes(d) for d in cfg.dedup_against])
-        dup |= np.isin(hashes, theirs)
-        unique = unique[~np.isin(unique, theirs)]
-    for where, array in ((path, np.stack([doc_files[dup].astype(np.uint64), keys[dup]], axis=1)), (kept, unique)):
-        buf = io.BytesIO()
-        np.save(buf, array)
-        write_atomic(where, buf.getvalue())
+        dup |= np.isin(hashes, np.concatenate([manifest.their_hashes(d) for d in cfg.dedup_against]))
     elsewhere = int(dup.sum()) - repeats
-    print(
-        f"prep: dedup: {repeats:,} of {len(hashes):,} documents repeat an earlier one's text"
-        + (f", {elsewhere:,} more are documents of {', '.join(cfg.dedup_against)}" if cfg.dedup_against else "")
-        + f"; dropped ({time.perf_counter() - t0:.1f}s)",
-        file=sys.stderr,
-    )
+    close = np.zeros(len(hashes), dtype=bool)
+    if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
+        close = (neardup.first_of_cluster(bands) != np.arange(len(hashes))) & ~dup
+    del bands
+    for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
+        _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
+    _save(kept, np.unique(hashes[~(dup | close)]))
+    said = [f"{repeats:,} of {len(hashes):,} documents repeat an earlier one's text"]
+    if cfg.dedup_against:
+        said.append(f"{elsewhere:,} more are documents of {', '.join(cfg.dedup_against)}")
+    if near:
+        said.append(
+            f"{int(close.sum()):,} more are near copies (word 5-grams shared, Jaccard >= {cfg.near_dup:g}, estimated)"
+        )
+    print(f"prep: dedup: {', '.join(said)}; dropped ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` in ``.npy`` form, atomically."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_atomic(path, buf.getvalue())
 
 
 def run_unit(

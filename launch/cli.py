@@ -83,6 +83,9 @@ def _prep_parser(sub: argparse._SubParsersAction) -> None:
                    help="drop documents whose text repeats an earlier one's (counted as skipped duplicates)")  # fmt: skip
     p.add_argument("--dedup-against", nargs="+", metavar="DIR",
                    help="with --dedup, also drop the documents of these datasets (each prepped with --dedup)")  # fmt: skip
+    p.add_argument("--near-dup", type=float, metavar="J",
+                   help="with --dedup, also drop near copies: documents sharing this share of word 5-grams "
+                   "with an earlier one (0.8, say; default 0: none)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_prep)
 
@@ -103,6 +106,7 @@ def _run_prep(ns: argparse.Namespace) -> int:
         "strict": ns.strict,
         "dedup": ns.dedup,
         "dedup_against": ns.dedup_against,
+        "near_dup": ns.near_dup,
         "tokenizer": {"vocab_size": ns.vocab_size, "path": ns.tokenizer, "type": ns.tokenizer_type},
     }
     flags = {k: v for k, v in flags.items() if v is not None}

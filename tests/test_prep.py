@@ -460,6 +460,75 @@ def test_dedup_against_drops_the_documents_of_datasets_prepped_before(tmp_path, 
     assert theirs == json.loads((two / "manifest.json").read_text())  # (refused before any work)
 
 
+def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sharing_less(tmp_path, docs, sp_model):
+    """``--dedup --near-dup 0.8``: a later document whose word 5-grams are nearly an earlier one's (a
+    word changed, a header added, the case and line breaks changed; a long .txt document read across
+    chunks and its .jsonl copy) is dropped as ``near_duplicate``, an exact copy as ``duplicate``, and
+    documents that share half their text are kept: the shards are those of the input with the near
+    copies taken out by hand, the same over 1 and 2 workers; near_dup is refused without dedup."""
+    rng = np.random.default_rng(5)
+    vocab = sorted({w for d in docs for w in d.split() if w.isalpha()})
+    assert len(vocab) > 2000
+
+    def words(n: int) -> list[str]:
+        return list(rng.choice(vocab, n))
+
+    base = [words(100) for _ in range(30)]
+    half = words(50)
+    long = words(1600)  # (about 12 KB: read in 4 KB chunks)
+    near = {  # each earlier document's near copy (its share of 5-grams, J: 0.98, 0.97, 1, 0.998)
+        "word": " ".join(base[3][:-1] + ["changed"]),
+        "header": "From the archive of the list: " + " ".join(base[7]),
+        "case": "\n".join(" ".join(base[11][i : i + 10]).upper() for i in range(0, 100, 10)),
+        "long": " ".join(long[:800] + ["changed"] + long[801:]),
+    }
+    kept_a = [" ".join(b) for b in base[:20]] + [" ".join(half + words(50)), " ".join(long)]
+    kept_b = [" ".join(b) for b in base[20:]] + [" ".join(half + words(50))]
+    files = {
+        "a.txt": kept_a + [near["word"], near["case"]],
+        "b.jsonl": kept_b[:5] + [near["header"], " ".join(base[3]), near["long"]] + kept_b[5:],
+    }
+    by_hand = {"a.txt": kept_a, "b.jsonl": kept_b}
+
+    def write(folder: Path, content: dict[str, list[str]]) -> Path:
+        folder.mkdir()
+        for name, texts in content.items():
+            lines = [json.dumps({"text": d}) for d in texts] if name.endswith(".jsonl") else texts
+            (folder / name).write_text(("\n" if name.endswith(".jsonl") else "\n\n").join(lines) + "\n")
+        return folder
+
+    raw, hand = write(tmp_path / "raw", files), write(tmp_path / "hand", by_hand)
+    common = ["--tokenizer", str(sp_model), "val_fraction=0", "read_size=4KB", "shard_size=20KB", "block_size=4KB"]
+    trees = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"near{workers}"
+        r = prep(
+            "--input", str(raw), "--output", str(out), "--dedup", "--near-dup", "0.8", "--workers", workers, *common
+        )
+        assert r.returncode == 0, r.stderr
+        assert "prep: dedup: 1 of 38 documents repeat an earlier one's text, 4 more are near copies (word 5-grams " \
+               "shared, Jaccard >= 0.8, estimated); dropped (" in r.stderr, r.stderr  # fmt: skip
+        trees.append(tree(out))
+    assert trees[0] == trees[1]
+    acc = json.loads((out / "manifest.json").read_text())["input"]["documents"]
+    assert acc["read"] == 38 and acc["written"] == 33 and acc["skipped"]["duplicate"]["count"] == 1, acc
+    assert acc["skipped"]["near_duplicate"] == {
+        "count": 4, "examples": [f"{raw}/a.txt:45", f"{raw}/a.txt:47", f"{raw}/b.jsonl:6", f"{raw}/b.jsonl:8"]}, acc  # fmt: skip
+    assert len(np.load(out / "document_hashes.npy")) == 33  # (the texts kept: no near copy's)
+    r = prep("--input", str(hand), "--output", str(tmp_path / "plain"), "--workers", "2", *common)
+    assert r.returncode == 0, r.stderr
+    mine, theirs = trees[1], tree(tmp_path / "plain")
+    shards = [k for k in mine if k.startswith("train/")]
+    assert len(shards) >= 2 and [mine[k] for k in shards] == [theirs.get(k) for k in shards]
+    r = prep("--input", str(raw), "--output", str(tmp_path / "x"), "--near-dup", "0.8", *common)
+    assert r.returncode == 2 and r.stderr.strip().endswith("config key 'near_dup' needs dedup=true (--dedup): the "
+                                                           "same hash pass finds both"), r.stderr  # fmt: skip
+    from data_prep.config import PrepConfig
+
+    said = refusal(PrepConfig(input=["x"], output="y", dedup=True, near_dup=1.0).validate)
+    assert said == "config key 'near_dup': 1.0 is outside [0, 1) (0.8: 80% of word 5-grams shared)"
+
+
 def test_bad_input_account_balances(tmp_path, sp_model) -> None:
     src = tmp_path / "in"
     src.mkdir()

@@ -1,0 +1,54 @@
+"""``data_prep.neardup``: MinHash's estimate against the exact Jaccard similarity the test counts itself,
+the bands' S-curve around the threshold, and the clusters of shared band keys."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_prep import neardup
+
+
+def shingle_set(text: str) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    return {tuple(words[i : i + neardup.SHINGLE]) for i in range(max(len(words) - neardup.SHINGLE + 1, 1))}
+
+
+def test_signatures_agree_as_often_as_the_shingle_sets_overlap(docs) -> None:
+    rng = np.random.default_rng(0)
+    vocab = sorted({w for d in docs for w in d.split()})
+    base = list(rng.choice(vocab, 400))
+    for changed in (0, 4, 20, 60, 150, 400):
+        other = list(base)
+        for i in rng.choice(400, changed, replace=False):
+            other[i] = "x" + other[i]
+        a, b = " ".join(base), " ".join(other).upper()  # (compared lower-cased)
+        exact = len(shingle_set(a) & shingle_set(b)) / len(shingle_set(a) | shingle_set(b))
+        sigs = neardup.signatures([a.encode(), b.encode()])
+        assert abs((sigs[0] == sigs[1]).mean() - exact) < 0.15, (changed, exact)  # (3.4 sigma at 128 values)
+
+
+def test_a_run_of_documents_and_a_long_one_are_signed_as_each_alone(docs) -> None:
+    texts = [d.encode() for d in docs[:40]] + [" ".join(docs[:2000]).encode()]  # (the last: many blocks)
+    assert len(neardup.shingles([texts[-1]])[0]) > 3 * neardup._BLOCK
+    together = neardup.signatures(texts)
+    alone = np.stack([neardup.signatures([t])[0] for t in texts])
+    assert (together == alone).all()
+    flat = neardup.shingles([texts[-1]])[0]  # the long one's blocks: the minimum of the whole, in one array
+    assert (together[-1] == (neardup._MUL[:, None] * flat[None, :] + neardup._ADD[:, None]).min(axis=1)).all()
+
+
+def test_bands_put_the_s_curve_at_the_threshold() -> None:
+    for threshold in (0.5, 0.8, 0.9):
+        b, r = neardup.bands(threshold)
+        assert b * r <= neardup.PERMUTATIONS
+        low, at, high = (1 - (1 - j**r) ** b for j in (threshold - 0.3, threshold, min(threshold + 0.15, 1.0)))
+        assert low < 0.01 and 0.2 < at < 0.8 and high > 0.95, (threshold, b, r)
+
+
+def test_clusters_join_through_any_band_and_keep_their_first_document() -> None:
+    # documents 0..7; band 0 joins 6-7 and 2-4, band 1 joins 4-7 and 1-5 (so 2, 4, 6, 7 are one cluster)
+    keys = np.array([[10, 20], [11, 21], [12, 22], [13, 23], [12, 24], [14, 21], [15, 25], [15, 24]], np.uint64)
+    assert neardup.first_of_cluster(keys).tolist() == [0, 1, 2, 3, 2, 1, 2, 2]
+    chain = np.array([[i // 2, 1000 + (i + 1) // 2] for i in range(99, -1, -1)], np.uint64)  # one long chain
+    assert (neardup.first_of_cluster(chain) == 0).all()
+    assert neardup.first_of_cluster(np.arange(5, dtype=np.uint64)[:, None]).tolist() == [0, 1, 2, 3, 4]
