@@ -172,14 +172,17 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
         str(sp_model),
         "--workers",
         "1",
-        "--dedup",  # (its pass's record, .prep/duplicates.npy, is kept for the resume too)
+        "--dedup",  # (its pass's records, .prep/duplicates.npy and near_duplicates.npy, are kept for the resume too)
+        "--near-dup",
+        "0.5",
         "unit_size=16KB",
         "shard_size=8KB",
         "block_size=2KB",
     ]
     full = tmp_path / "full"
     assert prep(*common, "--output", str(full)).returncode == 0
-    assert json.loads((full / "manifest.json").read_text())["input"]["documents"]["skipped"]["duplicate"]["count"]
+    skipped = json.loads((full / "manifest.json").read_text())["input"]["documents"]["skipped"]
+    assert skipped["duplicate"]["count"] and skipped["near_duplicate"]["count"], skipped
     n_units = json.loads((full / "manifest.json").read_text())["units"]
     assert n_units >= 8
 

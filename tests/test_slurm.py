@@ -342,7 +342,7 @@ def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_pa
 
     root, _ = corpus
     opts = [f"tokenizer.path={sp_model}", "seq_len=64", "unit_size=16KB", "shard_size=8KB", "block_size=2KB",
-            "dedup=true"]  # (the tokenizer step finds the duplicates; each array task reads them)  # fmt: skip
+            "dedup=true", "near_dup=0.5"]  # (the tokenizer step finds the copies; each array task reads them)  # fmt: skip
     local = tmp_path / "local"
     r = run_prep("--input", str(root), "--output", str(local), *opts)
     assert r.returncode == 0, r.stderr
@@ -360,7 +360,8 @@ def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_pa
             assert outcome == "success", f"{done.name}: {value}"
         time.sleep(1)
     assert (out / "manifest.json").read_bytes() == (local / "manifest.json").read_bytes()
-    assert json.loads((out / "manifest.json").read_text())["input"]["documents"]["skipped"]["duplicate"]["count"]
+    skipped = json.loads((out / "manifest.json").read_text())["input"]["documents"]["skipped"]
+    assert skipped["duplicate"]["count"] and skipped["near_duplicate"]["count"], skipped
     shards = sorted(p.relative_to(local) for p in local.rglob("*.tar"))
     assert len(shards) > 3 and shards == sorted(p.relative_to(out) for p in out.rglob("*.tar"))
     assert all((local / s).read_bytes() == (out / s).read_bytes() for s in shards)
