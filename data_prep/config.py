@@ -112,12 +112,12 @@ class PrepConfig:
     share no text (whatever their tokenizers)."""
 
     near_dup: float = 0.0
-    """With ``dedup``, also drop each document whose word 5-grams overlap an earlier kept one's this
+    """With ``dedup``, also drop each document whose word 5-grams overlap an earlier document's this
     much or more (Jaccard similarity: shared over all; ``--near-dup 0.8``; 0 drops none), counted as
     skipped ``near_duplicate``: the same text with another header, a fixed typo, a page mirrored.
     Estimated by MinHash in the same hash pass (:mod:`data_prep.neardup`); about 8 bytes a document
-    more for each of its LSH bands (9 at 0.8) in memory. Within this prep's input: ``dedup_against``
-    stays exact."""
+    more for each of its LSH bands (9 at 0.8) in memory. Among this prep's input: the documents of
+    ``dedup_against`` are compared exactly."""
 
     min_chars: int = 0
     """Drop each document shorter than this many characters, whitespace stripped (a heading, a lone

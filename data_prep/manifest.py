@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import builtin, tokenizer
+from data_prep import builtin, neardup, tokenizer
 from data_prep.config import PrepConfig
 from data_prep.corpus import Account, InputFile
 from data_prep.errors import UserError
@@ -21,6 +21,7 @@ from launch.config import to_dict
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 DOCUMENTS = "document_hashes.npy"  # (``dedup``: the 64-bit hashes of the text of the documents kept, sorted)
+BANDS = "document_bands.npy"  # (``near_dup``: the MinHash band keys of the documents kept, a row each)
 FORMAT = "bertforge.shards/1"
 
 
@@ -83,14 +84,19 @@ def build(
 
 def documents(cfg: PrepConfig, folder: Path) -> dict:
     """The manifest's ``documents`` (``dedup``): the file of the hashes of the text of the documents
-    kept, which a later prep's ``dedup_against`` reads, their count, and the datasets dropped from it."""
+    kept, which a later prep's ``dedup_against`` reads, their count, and the datasets dropped from it;
+    with ``near_dup``, ``near``: the file of their band keys, the threshold and ``[bands, rows]``."""
     path = folder / DOCUMENTS
-    return {
+    out = {
         "file": DOCUMENTS,
         "sha256": tokenizer.sha256(path),
         "count": int(np.load(path, mmap_mode="r").shape[0]),
         "against": [{"path": d, "sha256": against(d)[1]["sha256"]} for d in cfg.dedup_against],
     }
+    if cfg.near_dup:
+        out["near"] = {"file": BANDS, "sha256": tokenizer.sha256(folder / BANDS), "near_dup": cfg.near_dup,
+                       "bands": list(neardup.bands(cfg.near_dup))}  # fmt: skip
+    return out
 
 
 def against(folder: str | Path) -> tuple[Path, dict]:
@@ -126,6 +132,35 @@ def their_hashes(folder: str | Path) -> np.ndarray:
         raise UserError(f"{path}: {hashes.shape} {hashes.dtype}, not the {listed['count']:,} uint64 hashes "
                         f"{Path(folder) / MANIFEST} lists (config key 'dedup_against')")  # fmt: skip
     return hashes
+
+
+def their_bands(folder: str | Path, near_dup: float) -> np.ndarray:
+    """The band keys of the documents a ``dedup_against`` dataset kept (a row each), for a prep with
+    ``near_dup``: refused, naming the field, where that dataset was prepped without it or with
+    another threshold (whose bands are others)."""
+    _, listed = against(folder)
+    where = Path(folder) / MANIFEST
+    near = listed.get("near")
+    if near is None:
+        raise UserError(
+            f"{where}: no field 'documents.near' (config key 'near_dup'): {folder} was prepped without "
+            f"--near-dup, which keeps its documents' MinHash bands; prep it again with --near-dup {near_dup:g}, "
+            "or leave near_dup out here (exact copies alone)"
+        )
+    if near["near_dup"] != near_dup:
+        raise UserError(
+            f"{where}: field 'documents.near.near_dup' is {near['near_dup']:g} but config key 'near_dup' is "
+            f"{near_dup:g}: near copies compare only under one threshold (its bands)"
+        )
+    path = Path(folder) / near["file"]
+    try:
+        keys = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
+    if keys.dtype != np.uint64 or keys.shape != (listed["count"], near["bands"][0]):
+        raise UserError(f"{path}: {keys.shape} {keys.dtype}, not the {listed['count']:,} rows of "
+                        f"{near['bands'][0]} uint64 band keys {where} lists (config key 'dedup_against')")  # fmt: skip
+    return keys
 
 
 def load(folder: str | Path) -> dict:
@@ -179,6 +214,8 @@ def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, 
     listed = [(man["tokenizer"]["file"], None, man["tokenizer"]["sha256"])]
     if "documents" in man:
         listed.append((man["documents"]["file"], None, man["documents"]["sha256"]))
+        if near := man["documents"].get("near"):
+            listed.append((near["file"], None, near["sha256"]))
     listed += [
         (s["path"], s["bytes"], s["sha256"]) for split in ("train", "val") for s in man["splits"][split]["shards"]
     ]
@@ -281,8 +318,13 @@ def summary(man: dict, seconds: float | None = None) -> str:
         lines.append(f"  skipped {reason}: {r['count']:,} (first at {', '.join(r['examples'][:3])})")
     if kept := man.get("documents"):
         lines.append(
-            f"  dedup: the hashes of the {kept['count']:,} texts kept in {kept['file']} (a later prep's "
-            "--dedup-against reads them)"
+            f"  dedup: the hashes of the {kept['count']:,} texts kept in {kept['file']}"
+            + (
+                f" and their MinHash bands in {near['file']} (near_dup={near['near_dup']:g})"
+                if (near := kept.get("near"))
+                else ""
+            )
+            + " (a later prep's --dedup-against reads them)"
             + (
                 f"; also dropped: the texts of {', '.join(a['path'] for a in kept['against'])}"
                 if kept["against"]

@@ -298,11 +298,13 @@ def _find_duplicates(
     """``dedup``: hash every document (the units over ``workers`` processes, or, where there are
     fewer than two a worker, their chunks), keep the first of each text in input order, and record
     the others in ``.prep/duplicates.npy`` (kept for a resume), with, under ``dedup_against``, those
-    whose text another dataset kept; with ``near_dup``, the near copies of a document kept (the
-    first of each cluster, :mod:`data_prep.neardup`) in ``.prep/near_duplicates.npy``. The hashes of
-    the texts kept go to ``document_hashes.npy`` (a later prep's ``dedup_against`` reads them)."""
-    path, near_path, kept = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES, out / manifest.DOCUMENTS
-    if path.is_file() and kept.is_file() and (near_path.is_file() or not cfg.near_dup):
+    whose text another dataset kept; with ``near_dup``, the near copies of an earlier document, or
+    of one another dataset kept (each cluster's first, :mod:`data_prep.neardup`; theirs come first),
+    in ``.prep/near_duplicates.npy``. The hashes of the texts kept go to ``document_hashes.npy``, and
+    their band keys to ``document_bands.npy`` (a later prep's ``dedup_against`` reads them)."""
+    path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
+    kept, kept_bands = out / manifest.DOCUMENTS, out / manifest.BANDS
+    if path.is_file() and kept.is_file() and (not cfg.near_dup or near_path.is_file() and kept_bands.is_file()):
         return
     t0 = time.perf_counter()
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
@@ -328,9 +330,13 @@ def _find_duplicates(
     if cfg.dedup_against:  # and those another dataset kept
         dup |= np.isin(hashes, np.concatenate([manifest.their_hashes(d) for d in cfg.dedup_against]))
     elsewhere = int(dup.sum()) - repeats
-    close = np.zeros(len(hashes), dtype=bool)
+    close = theirs = np.zeros(len(hashes), dtype=bool)
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
-        close = (neardup.first_of_cluster(bands) != np.arange(len(hashes))) & ~dup
+        before = [manifest.their_bands(d, cfg.near_dup) for d in cfg.dedup_against]
+        m = sum(map(len, before))  # (another dataset's documents: earlier than any of this input)
+        first = neardup.first_of_cluster(np.concatenate([*before, bands]))[m:] - m
+        close, theirs = (first != np.arange(len(hashes))) & ~dup, (first < 0) & ~dup
+        _save(kept_bands, bands[~(dup | close)])
     del bands
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
@@ -341,6 +347,7 @@ def _find_duplicates(
     if near:
         said.append(
             f"{int(close.sum()):,} more are near copies (word 5-grams shared, Jaccard >= {cfg.near_dup:g}, estimated)"
+            + (f", {int(theirs.sum()):,} of them of documents of {', '.join(cfg.dedup_against)}" if before else "")
         )
     print(f"prep: dedup: {', '.join(said)}; dropped ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
@@ -525,9 +532,12 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
 
 def check_against(cfg: PrepConfig) -> None:
     """Refuse, before any work, a ``dedup_against`` folder that is no dedup prep, one whose hashes
-    cannot be read, or the output folder itself (``bertforge submit prep`` too, before the queue)."""
+    cannot be read (with ``near_dup``: whose bands are missing, of another threshold or unreadable),
+    or the output folder itself (``bertforge submit prep`` too, before the queue)."""
     for other in cfg.dedup_against:
         manifest.their_hashes(other)
+        if cfg.near_dup:
+            manifest.their_bands(other, cfg.near_dup)
         if Path(other).resolve() == Path(cfg.output).resolve():
             raise UserError(f"config key 'dedup_against': {other} is the output folder itself")
 

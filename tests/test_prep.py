@@ -468,7 +468,9 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
     word changed, a header added, the case and line breaks changed; a long .txt document read across
     chunks and its .jsonl copy) is dropped as ``near_duplicate``, an exact copy as ``duplicate``, and
     documents that share half their text are kept: the shards are those of the input with the near
-    copies taken out by hand, the same over 1 and 2 workers; near_dup is refused without dedup."""
+    copies taken out by hand, the same over 1 and 2 workers. A later prep ``--dedup-against`` it drops
+    the near copies of its documents (their bands kept in ``document_bands.npy``); refused against a
+    dataset without bands or of another threshold, and near_dup without dedup."""
     rng = np.random.default_rng(5)
     vocab = sorted({w for d in docs for w in d.split() if w.isalpha()})
     assert len(vocab) > 2000
@@ -523,6 +525,37 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
     mine, theirs = trees[1], tree(tmp_path / "plain")
     shards = [k for k in mine if k.startswith("train/")]
     assert len(shards) >= 2 and [mine[k] for k in shards] == [theirs.get(k) for k in shards]
+    # --dedup-against a dataset prepped with --near-dup: near copies of its documents go too (its
+    # document_bands.npy: the band keys of the documents it kept, listed in its manifest and verified)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["documents"]["near"] == {"file": "document_bands.npy", "sha256": man["documents"]["near"]["sha256"],
+                                        "near_dup": 0.8, "bands": [9, 13]}  # fmt: skip
+    assert np.load(out / "document_bands.npy").shape == (33, 9)
+    r = run_cli("inspect", str(out), "--verify", "-n", "0")
+    assert r.returncode == 0 and "texts kept in document_hashes.npy and their MinHash bands in document_bands.npy " \
+                                 "(near_dup=0.8) (a later prep's" in r.stdout, r.stdout  # fmt: skip
+    later = [" ".join(base[0][:-1] + ["again"]), " ".join(words(100)), " ".join(base[25]).upper(), near["word"]]
+    (tmp_path / "later.txt").write_text("\n\n".join(later) + "\n")
+    args = ["--input", str(tmp_path / "later.txt"), "--dedup", "--dedup-against", str(out), *common]
+    r = prep(*args, "--output", str(tmp_path / "later"), "--near-dup", "0.8")
+    assert r.returncode == 0, r.stderr
+    assert f"prep: dedup: 0 of 4 documents repeat an earlier one's text, 0 more are documents of {out}, 3 more are " \
+           f"near copies (word 5-grams shared, Jaccard >= 0.8, estimated), 3 of them of documents of {out}; " \
+           "dropped (" in r.stderr, r.stderr  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    assert shard_docs(tmp_path / "later") == [sp.encode(later[1])]
+    exact = tmp_path / "exact"  # a dataset of --dedup alone: no bands to compare with
+    assert prep("--input", str(hand), "--output", str(exact), "--dedup", *common).returncode == 0
+    for against, threshold, said in (
+        (exact, "0.8", f"{exact}/manifest.json: no field 'documents.near' (config key 'near_dup'): {exact} was prepped "
+                       "without --near-dup, which keeps its documents' MinHash bands; prep it again with --near-dup 0.8,"
+                       " or leave near_dup out here (exact copies alone)"),
+        (out, "0.5", f"{out}/manifest.json: field 'documents.near.near_dup' is 0.8 but config key 'near_dup' is 0.5: "
+                     "near copies compare only under one threshold (its bands)"),
+    ):  # fmt: skip
+        r = prep(*args[:4], str(against), *common, "--output", str(tmp_path / "refused"), "--near-dup", threshold)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(said), r.stderr
+    assert not (tmp_path / "refused").exists()
     r = prep("--input", str(raw), "--output", str(tmp_path / "x"), "--near-dup", "0.8", *common)
     assert r.returncode == 2 and r.stderr.strip().endswith("config key 'near_dup' needs dedup=true (--dedup): the "
                                                            "same hash pass finds both"), r.stderr  # fmt: skip
