@@ -24,11 +24,12 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -636,6 +637,146 @@ def _relayout(
     return layout, changed + f"; the data goes on from {', '.join(goes_on)}"
 
 
+def _window_scalars(
+    eng, window: _Window, device: torch.device, tokens_per_step: int, flops: float, peak: float,  # noqa: ANN001
+    counts: dict[str, int],
+) -> dict[str, float]:  # fmt: skip
+    """A logged step's scalars, over the steps since the last (``window``): the loss, accuracy and a
+    model's extra loss terms summed over the ranks, the largest rank's peak memory and wait for data
+    (a step waits for the slowest), tokens/s and MFU (``flops`` a token over the job's ``peak``,
+    TFLOP/s), the run's ``counts``, the gradient norm and (fp16) loss scale."""
+    from pretrain import engine
+    from pretrain.metrics import peak_memory_gb
+
+    sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    most = torch.tensor([peak_memory_gb(device), window.waited / window.steps], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    memory, waited = most.tolist()
+    rate = tokens_per_step * window.steps / window.seconds
+    scalars = {
+        "train/loss": (sums[0] / sums[2]).item(),
+        "train/mlm_accuracy": (sums[1] / sums[2]).item(),
+        "train/lr": eng.get_lr()[0],
+        "perf/tokens_per_sec": rate,
+        "perf/step_time": window.seconds / window.steps,
+        "perf/data_wait": waited,
+        "perf/mfu": rate * flops / (peak * 1e12),
+        "memory/peak_gb": memory,
+        **counts,
+    }
+    names = sorted(window.terms)
+    if names:
+        extra = torch.tensor([window.terms[k] for k in names], dtype=torch.float64, device=device)
+        dist.all_reduce(extra)
+        scalars.update({k: (v / sums[2]).item() for k, v in zip(names, extra)})
+    if (norm := engine.grad_norm(eng)) is not None:
+        scalars["train/grad_norm"] = norm
+    if (scale := engine.loss_scale(eng)) is not None:
+        scalars["train/loss_scale"] = scale
+        scalars["train/overflow_steps"] = eng.skipped_steps
+    return scalars
+
+
+def _open_run_folder(cfg: PretrainConfig, man: dict, latest: str | None, say: Callable[[str], None]) -> None:
+    """Rank 0's part of a start in the run folder: an interrupted save's checkpoint removed, those
+    after ``latest`` (a rewind) set aside with their logs, the config written, the tokenizer kept."""
+    from pretrain.metrics import set_aside_logs
+
+    run_dir = Path(cfg.run.dir)
+    root = ckpt.folder(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ckpt.remove_incomplete(run_dir):
+        say(f"removed the incomplete checkpoint {root / name} (an interrupted save)")
+    if latest is not None and (later := ckpt.set_aside_later(run_dir, latest)):
+        logs = set_aside_logs(run_dir, int(latest.removeprefix("step_")))
+        say(
+            f"set aside {', '.join(later)}, after {latest} (a rewind, or a save cut short before naming "
+            f"its checkpoint latest), in {root / ckpt.ABANDONED}: the run resumes from {latest}"
+            + (f"; {logs}" if logs else "")
+        )
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tok = run_dir / "tokenizer.model"  # the run keeps its tokenizer: exports need no dataset folder
+    if not tok.is_file():
+        shutil.copyfile(Path(cfg.data.path) / man["tokenizer"]["file"], tok)
+
+
+def _resumed_layout(
+    cfg: PretrainConfig, state: dict, world: int, resharding: bool,
+    folders: list[Path], mans: list[dict], shas: list[str], weights: list[float] | None,
+) -> tuple[dict, str]:  # fmt: skip
+    """A resume's data layout (:func:`_relayout`) and what the start-up line says the resume changes
+    (the optimizer's keys, the layout, the rest of the config)."""
+    optim, other = _config_changes(cfg, state)
+    changed = f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)" if optim else ""
+    layout = state.get("data_layout", {"generation": 0, "origin": 0, "batches": 0, "read": []})
+    layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
+    layout, said = _relayout(cfg, state, layout, state["batches"], world, resharding, folders, mans, shas, weights)
+    return layout, changed + said + (f"; config changes: {', '.join(other)}" if other else "")
+
+
+def _val_streams(
+    cfg: PretrainConfig, folders: list[Path], mans: list[dict], weights: list[float] | None, rank: int,
+    world: int, word_start: np.ndarray | None, say: Callable[[str], None],
+) -> list[tuple[str, float, ShardStream]]:  # fmt: skip
+    """The evaluation's data: each dataset's val split alone (a blend's eval/<name>/loss; eval/loss is
+    their mean in the blend's shares), as ``(name, share, stream)``; a dataset without a val split
+    left out (and its share), and said."""
+    vals = [
+        (name, w, ShardStream(f, "val", rank, world, 0, cfg.train.micro_batch_size, cfg.eval.seed, cfg.data.masking,
+                              cfg.model.vocab_size, word_start))
+        for f, m, w, name in zip(folders, mans, weights or [1.0], dataset_names(folders))
+        if m["splits"]["val"]["sequences"] and cfg.eval.every
+    ]  # fmt: skip
+    if cfg.eval.every and not vals:
+        say(f"{' '.join(map(str, folders))}: the val split is empty; evaluation is off")
+    elif vals and len(vals) < len(folders):
+        left = [str(f) for f, m in zip(folders, mans) if not m["splits"]["val"]["sequences"]]
+        say(f"evaluation leaves out {', '.join(left)}: no val split")
+    return vals
+
+
+def _evaluate(
+    eng, vals: list[tuple[str, float, ShardStream]], cfg: PretrainConfig, rank: int, world: int,  # noqa: ANN001
+    device: torch.device, where: str, blend: bool,
+) -> dict[str, float]:  # fmt: skip
+    """``cfg.eval.batches`` micro-batches of each val stream, summed over the ranks: the eval scalars
+    (a blend's per dataset too; a distillation's teacher accuracy). A damaged shard on any rank ends
+    every rank (``where``: when, in its message)."""
+    micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
+    eng.eval()
+    sums = torch.zeros(len(vals), 4, dtype=torch.float64, device=device)  # per dataset
+    damaged = None
+    with torch.no_grad():
+        for row, (_, _, val) in zip(sums, vals):
+            it = iter(val)
+            for _ in range(cfg.eval.batches):
+                if damaged is None:  # (after an error, the stand-in again: the stream has ended)
+                    ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
+                loss, correct, count = eng(ids.to(device), labels=labels.to(device))
+                terms = getattr(eng.module, "loss_terms", {})
+                teacher = terms.get("teacher_correct", torch.zeros((), device=device))
+                row += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
+    bad = torch.tensor([ckpt.failure_flag(damaged, rank, world)], device=device)
+    dist.all_reduce(sums)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise _damaged(damaged, bad.item(), rank, world, where, Path(cfg.run.dir))
+    eng.train()
+    each = sums[:, :2] / sums[:, 2:3]  # per dataset: loss, accuracy (and the teacher's below)
+    shares = torch.tensor([w for _, w, _ in vals], dtype=torch.float64, device=device)
+    mean = (shares[:, None] * each).sum(0) / shares.sum()
+    loss = mean[0].item()
+    out = {"eval/loss": loss, "eval/mlm_accuracy": mean[1].item(), "eval/perplexity": math.exp(min(loss, 50))}
+    if "teacher_correct" in getattr(eng.module, "loss_terms", {}):
+        teacher = (shares * sums[:, 3] / sums[:, 2]).sum() / shares.sum()
+        out["eval/teacher_mlm_accuracy"] = teacher.item()
+    if blend:
+        for (name, _, _), (d_loss, d_acc) in zip(vals, each.tolist()):
+            out[f"eval/{name}/loss"], out[f"eval/{name}/mlm_accuracy"] = d_loss, d_acc
+    return out
+
+
 @ends_process_group
 def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Result:  # noqa: ANN001
     """One rank's run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set by the launcher).
@@ -650,9 +791,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         SpikeWatch,
         StepProfiler,
         measure_peak_tflops,
-        peak_memory_gb,
         record_start,
-        set_aside_logs,
         software,
     )
 
@@ -677,20 +816,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     weights = cfg.data.weights if cfg.data.blend else None
 
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for name in ckpt.remove_incomplete(run_dir):
-            say(f"removed the incomplete checkpoint {root / name} (an interrupted save)")
-        if latest is not None and (later := ckpt.set_aside_later(run_dir, latest)):
-            logs = set_aside_logs(run_dir, int(latest.removeprefix("step_")))
-            say(
-                f"set aside {', '.join(later)}, after {latest} (a rewind, or a save cut short before naming "
-                f"its checkpoint latest), in {root / ckpt.ABANDONED}: the run resumes from {latest}"
-                + (f"; {logs}" if logs else "")
-            )
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        tok = run_dir / "tokenizer.model"  # the run keeps its tokenizer: exports need no dataset folder
-        if not tok.is_file():
-            shutil.copyfile(folder / man["tokenizer"]["file"], tok)
+        _open_run_folder(cfg, man, latest, say)
     dist.barrier()
 
     if state is not None and state["step"] >= cfg.train.max_steps:  # (before building, loading, converting)
@@ -715,17 +841,9 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         else:
             engine.load(eng, root, latest)
         engine.take_optim_keys(eng, cfg.optim)
-        optim, other = _config_changes(cfg, state)
-        if optim:
-            changed += f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)"
         step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
         passed = state.get("passed_over", [])
-        layout = state.get("data_layout", layout)
-        layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
-        layout, said = _relayout(cfg, state, layout, batches, world, resharding, folders, mans, shas, weights)
-        changed += said
-        if other:
-            changed += f"; config changes: {', '.join(other)}"
+        layout, changed = _resumed_layout(cfg, state, world, resharding, folders, mans, shas, weights)
 
     word_start = None
     if cfg.data.masking.whole_word:
@@ -740,19 +858,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
         )  # fmt: skip
 
     stream = train_stream(batches)
-    # A blend's evaluation reads each dataset's val split alone (eval/<name>/loss), eval/loss their
-    # mean in the blend's shares; a dataset without a val split is left out (and its share).
-    names = dataset_names(folders)
-    vals = [
-        (name, w, ShardStream(f, "val", rank, world, 0, micro, cfg.eval.seed, cfg.data.masking, cfg.model.vocab_size, word_start))
-        for f, m, w, name in zip(folders, mans, weights or [1.0], names)
-        if m["splits"]["val"]["sequences"] and cfg.eval.every
-    ]  # fmt: skip
-    if cfg.eval.every and not vals:
-        say(f"{' '.join(map(str, folders))}: the val split is empty; evaluation is off")
-    elif vals and len(vals) < len(folders):
-        left = [str(f) for f, m in zip(folders, mans) if not m["splits"]["val"]["sequences"]]
-        say(f"evaluation leaves out {', '.join(left)}: no val split")
+    vals = _val_streams(cfg, folders, mans, weights, rank, world, word_start, say)
 
     def job_peak() -> float:
         """The whole job's peak: each rank's, summed."""
@@ -795,36 +901,7 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
 
     def evaluate() -> dict[str, float]:
         nonlocal peak
-        eng.eval()
-        sums = torch.zeros(len(vals), 4, dtype=torch.float64, device=device)  # per dataset
-        damaged = None
-        with torch.no_grad():
-            for row, (_, _, val) in zip(sums, vals):
-                it = iter(val)
-                for _ in range(cfg.eval.batches):
-                    if damaged is None:  # (after an error, the stand-in again: the stream has ended)
-                        ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
-                    loss, correct, count = eng(ids.to(device), labels=labels.to(device))
-                    terms = getattr(eng.module, "loss_terms", {})
-                    teacher = terms.get("teacher_correct", torch.zeros((), device=device))
-                    row += torch.stack([loss.double() * count, correct.double(), count.double(), teacher.double()])
-        bad = torch.tensor([ckpt.failure_flag(damaged, rank, world)], device=device)
-        dist.all_reduce(sums)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            raise _damaged(damaged, bad.item(), rank, world, f"evaluating at step {step}", run_dir)
-        eng.train()
-        each = sums[:, :2] / sums[:, 2:3]  # per dataset: loss, accuracy (and the teacher's below)
-        shares = torch.tensor([w for _, w, _ in vals], dtype=torch.float64, device=device)
-        mean = (shares[:, None] * each).sum(0) / shares.sum()
-        loss = mean[0].item()
-        out = {"eval/loss": loss, "eval/mlm_accuracy": mean[1].item(), "eval/perplexity": math.exp(min(loss, 50))}
-        if "teacher_correct" in getattr(eng.module, "loss_terms", {}):
-            teacher = (shares * sums[:, 3] / sums[:, 2]).sum() / shares.sum()
-            out["eval/teacher_mlm_accuracy"] = teacher.item()
-        if weights:
-            for (name, _, _), (d_loss, d_acc) in zip(vals, each.tolist()):
-                out[f"eval/{name}/loss"], out[f"eval/{name}/mlm_accuracy"] = d_loss, d_acc
+        out = _evaluate(eng, vals, cfg, rank, world, device, f"evaluating at step {step}", bool(weights))
         if not cfg.log.peak_tflops:
             peak = max(peak, job_peak())
             out["perf/peak_tflops"] = peak
@@ -967,31 +1044,10 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
             due = last or (not passing and step % cfg.log.every == 0)
             evaluating = bool(vals) and (last or (not passing and step % cfg.eval.every == 0))
             if due and window.steps:
-                sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
-                dist.all_reduce(sums)
-                # the largest rank's peak memory and wait for data (the step waits for the slowest)
-                most = torch.tensor([peak_memory_gb(device), window.waited / window.steps], device=device)
-                dist.all_reduce(most, op=dist.ReduceOp.MAX)
-                memory, waited = most.tolist()
-                rate = tokens_per_step * window.steps / window.seconds
-                scalars = {
-                    "train/loss": (sums[0] / sums[2]).item(),
-                    "train/mlm_accuracy": (sums[1] / sums[2]).item(),
-                    "train/lr": eng.get_lr()[0],
-                    "train/bad_steps": bad_total,
-                    "perf/tokens_per_sec": rate,
-                    "perf/step_time": window.seconds / window.steps,
-                    "perf/data_wait": waited,
-                    "perf/mfu": rate * flops / (peak * 1e12),
-                    "memory/peak_gb": memory,
-                    "train/tokens": tokens,
-                    **({"train/skipped_steps": passed_count(passed)} if passed else {}),
-                }
-                names = sorted(window.terms)
-                if names:
-                    extra = torch.tensor([window.terms[k] for k in names], dtype=torch.float64, device=device)
-                    dist.all_reduce(extra)
-                    scalars.update({k: (v / sums[2]).item() for k, v in zip(names, extra)})
+                counts = {"train/bad_steps": bad_total, "train/tokens": tokens}
+                if passed:
+                    counts["train/skipped_steps"] = passed_count(passed)
+                scalars = _window_scalars(eng, window, device, tokens_per_step, flops, peak, counts)
                 last_loss = scalars["train/loss"]
                 if spike := spikes.add(last_loss):
                     say(
@@ -1000,11 +1056,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
                         f"{run_dir} N (a checkpoint before it; the last is step {saved_at}), then train.skip_steps=[FIRST-LAST] "
                         "over its data (README: Recovering from a loss spike; log.spike_factor=0: no such warning)"
                     )
-                if (norm := engine.grad_norm(eng)) is not None:
-                    scalars["train/grad_norm"] = norm
-                if (scale := engine.loss_scale(eng)) is not None:
-                    scalars["train/loss_scale"] = scale
-                    scalars["train/overflow_steps"] = eng.skipped_steps
                 if evaluating:
                     scalars.update(evaluate())
                 if logger:
