@@ -34,6 +34,15 @@ def shard_docs(out: Path, split: str = "train") -> list[list[int]]:
     return split_at_sep(flat)
 
 
+def write(folder: Path, content: dict[str, list[str]]) -> Path:
+    """A folder of input files, each of its documents (``.txt``: blank-line separated; ``.jsonl``)."""
+    folder.mkdir()
+    for name, texts in content.items():
+        lines = [json.dumps({"text": d}) for d in texts] if name.endswith(".jsonl") else texts
+        (folder / name).write_text(("\n" if name.endswith(".jsonl") else "\n\n").join(lines) + "\n")
+    return folder
+
+
 def tree(out: Path) -> dict[str, bytes]:
     return {
         p.relative_to(out).as_posix(): p.read_bytes()
@@ -316,13 +325,6 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
     n, unique = sum(map(len, files.values())), len(seen)  # (the docstrings repeat some of their own too)
     assert n - tiny - unique >= 7 and tiny == 3
 
-    def write(folder: Path, content: dict[str, list[str]]) -> Path:
-        folder.mkdir()
-        for name, texts in content.items():
-            lines = [json.dumps({"text": d}) for d in texts] if name.endswith(".jsonl") else texts
-            (folder / name).write_text(("\n" if name.endswith(".jsonl") else "\n\n").join(lines) + "\n")
-        return folder
-
     common = ["--tokenizer", str(sp_model), "--workers", "2", "read_size=4KB", "shard_size=20KB", "block_size=4KB"]
     raw, by_hand = write(tmp_path / "raw", files), write(tmp_path / "by_hand", kept)
     r = prep("--input", str(raw), "--output", str(tmp_path / "dedup"), "--dedup", "--strict", "val_fraction=0",
@@ -416,11 +418,8 @@ def test_dedup_against_drops_the_documents_of_datasets_prepped_before(tmp_path, 
     without it, against the output itself, and where the file is damaged."""
     texts = list(dict.fromkeys(d for d in docs if 50 < len(d) < 1000))[:100]
 
-    def write(name: str, picked: list[str]) -> Path:
-        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in picked))
-        return tmp_path / name
-
-    first, second = write("first.jsonl", texts[:60]), write("second.jsonl", [*texts[40:100], texts[90], texts[5]])
+    write(tmp_path / "in", {"first.jsonl": texts[:60], "second.jsonl": [*texts[40:100], texts[90], texts[5]]})
+    first, second = tmp_path / "in/first.jsonl", tmp_path / "in/second.jsonl"
     common = ["--tokenizer", str(sp_model), "--workers", "2", "val_fraction=0", "read_size=4KB", "block_size=4KB"]
     one, plain = tmp_path / "one", tmp_path / "plain"
     assert prep("--input", str(first), "--output", str(one), "--dedup", *common).returncode == 0
@@ -494,13 +493,6 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
         "b.jsonl": kept_b[:5] + [near["header"], " ".join(base[3]), near["long"]] + kept_b[5:],
     }
     by_hand = {"a.txt": kept_a, "b.jsonl": kept_b}
-
-    def write(folder: Path, content: dict[str, list[str]]) -> Path:
-        folder.mkdir()
-        for name, texts in content.items():
-            lines = [json.dumps({"text": d}) for d in texts] if name.endswith(".jsonl") else texts
-            (folder / name).write_text(("\n" if name.endswith(".jsonl") else "\n\n").join(lines) + "\n")
-        return folder
 
     raw, hand = write(tmp_path / "raw", files), write(tmp_path / "hand", by_hand)
     common = ["--tokenizer", str(sp_model), "val_fraction=0", "read_size=4KB", "shard_size=20KB", "block_size=4KB"]
