@@ -254,13 +254,14 @@ def _unit_hashes(
     max_line: int,
     near: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """Each document of a unit, in input order (:class:`_Joined`), its chunks hashed in this process."""
+    """Each document of a unit, in input order (:class:`_Joined`), its chunks hashed in this process;
+    and the bytes read."""
     scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
     joined = _Joined(near)
     for part, f in parts:
         for chunk in corpus.chunks(part, f, scratch, opts, max_line):
             joined.take(_chunk_hashes(chunk, opts, near))
-    return joined.arrays()
+    return (*joined.arrays(), scratch.bytes_read)
 
 
 def _hash_chunks(
@@ -268,10 +269,12 @@ def _hash_chunks(
     opts: corpus.ParseOptions,
     max_line: int,
     workers: int,
-    near: tuple[int, int] | None = None,
+    near: tuple[int, int] | None,
+    bar: tqdm,
 ) -> tuple[np.ndarray, ...]:
-    """:func:`_unit_hashes` of few units: this process reads their chunks, in order, and ``workers``
-    processes parse and hash them (as prep's main pass shares out a single large file)."""
+    """:func:`_unit_hashes` of few units: this process reads their chunks, in order (the bytes read
+    onto ``bar``), and ``workers`` processes parse and hash them (as prep's main pass shares out a
+    single large file)."""
     scratch = corpus.Account(strict=opts.strict)
     joined = _Joined(near)
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -280,9 +283,11 @@ def _hash_chunks(
         try:
             for part, f in (item for job in jobs for item in job):
                 for chunk in corpus.chunks(part, f, scratch, opts, max_line):
+                    bar.update(scratch.bytes_read - bar.n)
                     pending.append(pool.submit(_chunk_hashes, chunk, opts, near))
                     while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
                         joined.take(pending.popleft().result())
+            bar.update(scratch.bytes_read - bar.n)
         except UserError:  # (--strict) the reader is ahead of the workers: an error earlier in the input wins
             while pending:
                 joined.take(pending.popleft().result())
@@ -293,7 +298,12 @@ def _hash_chunks(
 
 
 def _find_duplicates(
-    cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path, workers: int
+    cfg: PrepConfig,
+    files: list[corpus.InputFile],
+    units: list[list[corpus.Part]],
+    out: Path,
+    workers: int,
+    progress: bool = False,
 ) -> None:
     """``dedup``: hash every document (the units over ``workers`` processes, or, where there are
     fewer than two a worker, their chunks), keep the first of each text in input order, and record
@@ -310,16 +320,23 @@ def _find_duplicates(
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     near = neardup.bands(cfg.near_dup) if cfg.near_dup else None
     jobs = [[(p, files[p.file]) for p in unit] for unit in units]
+    found: list[tuple[np.ndarray, ...]] = []
     try:
-        if workers > 1 and len(units) >= 2 * workers:  # (as the main pass shares out its work)
-            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            with ProcessPoolExecutor(workers, context) as pool:
-                n = len(jobs)
-                found = list(pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n))
-        elif workers > 1:
-            found = [_hash_chunks(jobs, opts, max_line, workers, near)]
-        else:
-            found = [_unit_hashes(job, opts, max_line, near) for job in jobs]
+        with _bar("dedup", [p for unit in units for p in unit], files, progress) as bar:
+            if workers > 1 and len(units) >= 2 * workers:  # (as the main pass shares out its work)
+                context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+                with ProcessPoolExecutor(workers, context) as pool:
+                    n = len(jobs)
+                    for *arrays, read in pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n):
+                        found.append(arrays)
+                        bar.update(read)
+            elif workers > 1:
+                found.append(_hash_chunks(jobs, opts, max_line, workers, near, bar))
+            else:
+                for job in jobs:
+                    *arrays, read = _unit_hashes(job, opts, max_line, near)
+                    found.append(arrays)
+                    bar.update(read)
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
     doc_files, keys, hashes, bands = (np.concatenate([f[i] for f in found]) for i in range(4))
@@ -350,6 +367,16 @@ def _find_duplicates(
             + (f", {int(theirs.sum()):,} of them of documents of {', '.join(cfg.dedup_against)}" if before else "")
         )
     print(f"prep: dedup: {', '.join(said)}; dropped ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+
+
+def _bar(desc: str, parts: list[corpus.Part], files: list[corpus.InputFile], progress: bool) -> tqdm:
+    """A progress bar of the bytes of ``parts`` read (no total where one is compressed or built in:
+    what is read of it is not its size on disk)."""
+    unknown = any(files[p.file].kind == "builtin" or files[p.file].compression for p in parts)
+    total = None if unknown else sum(p.size(files[p.file]) for p in parts)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, mininterval=1.0, file=sys.stderr
+    )
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -557,7 +584,7 @@ def _write(
     units = plan_units(files, parse_size(cfg.unit_size))
     workers = cfg.workers or os.cpu_count() or 1
     if cfg.dedup and not (task is not None and task[1]):  # (an array task reads the tokenizer step's)
-        _find_duplicates(cfg, files, units, out, workers)
+        _find_duplicates(cfg, files, units, out, workers, progress)
     if task is not None and task[1]:  # an array task reads the tokenizer step's file and never writes it
         tok_path = out / manifest.TOKENIZER
         if not tok_path.is_file():
@@ -573,8 +600,6 @@ def _write(
     todo = [u for u in range(len(units)) if u not in records and (task is None or u % task[1] == task[0])]
     if task is not None:
         print(f"prep: array task {task[0]} of {task[1]}: {len(todo)} unit(s) to write", file=sys.stderr)
-    total = sum(p.size(files[p.file]) for u in todo for p in units[u])
-    has_unknown_size = any(files[p.file].kind == "builtin" or files[p.file].compression for u in todo for p in units[u])
     pool = None
     init_args = (tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg, out))
     if workers > 1 and todo:
@@ -583,15 +608,7 @@ def _write(
         encode.init(*init_args)
     bar = None
     try:  # (from here on, whatever fails, the workers are shut down)
-        bar = tqdm(
-            total=None if has_unknown_size else total,
-            unit="B",
-            unit_scale=True,
-            desc="prep",
-            disable=not progress,
-            mininterval=1.0,
-            file=sys.stderr,
-        )
+        bar = _bar("prep", [p for u in todo for p in units[u]], files, progress)
         if pool is not None and len(todo) >= 2 * workers:
             print(f"prep: {len(todo)} units over {workers} workers, whole units each", file=sys.stderr)
             _run_units_in_workers(todo, units, files, cfg, out, vocab_size, pool, bar, records)

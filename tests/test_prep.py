@@ -499,10 +499,10 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
     trees = []
     for workers in ("1", "2"):
         out = tmp_path / f"near{workers}"
-        r = prep(
-            "--input", str(raw), "--output", str(out), "--dedup", "--near-dup", "0.8", "--workers", workers, *common
-        )
+        args = ["--input", str(raw), "--output", str(out), "--dedup", "--near-dup", "0.8", "--workers", workers]
+        r = run_cli("prep", *args, *common)  # (with its progress bars: the hash pass's, by whole units or chunks)
         assert r.returncode == 0, r.stderr
+        assert "dedup: 100%" in r.stderr and "prep: 100%" in r.stderr, r.stderr
         assert "prep: dedup: 1 of 38 documents repeat an earlier one's text, 4 more are near copies (word 5-grams " \
                "shared, Jaccard >= 0.8, estimated); dropped (" in r.stderr, r.stderr  # fmt: skip
         trees.append(tree(out))
