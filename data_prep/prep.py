@@ -340,6 +340,7 @@ def _find_duplicates(
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
     doc_files, keys, hashes, bands = (np.concatenate([f[i] for f in found]) for i in range(4))
+    del found  # (the units' arrays, now copied: not held through the sort and the clusters too)
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
