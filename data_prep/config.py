@@ -103,7 +103,7 @@ class PrepConfig:
     """Drop each document whose text is the same as an earlier one's (``--dedup``), in train/ and val/
     alike (a copy of a training document in val/ would flatter the eval), counted as skipped
     ``duplicate``. A pass over the input before the tokenizer's: a 64-bit hash per document, held
-    in memory (about 40 bytes a document at the peak of the sort)."""
+    in memory (about 50 bytes a document at the peak of the sort)."""
 
     dedup_against: list[str] = field(default_factory=list)
     """Dataset folders, each prepped with ``dedup`` (which keeps the hashes of its documents' text in
@@ -115,8 +115,8 @@ class PrepConfig:
     """With ``dedup``, also drop each document whose word 5-grams overlap an earlier document's this
     much or more (Jaccard similarity: shared over all; ``--near-dup 0.8``; 0 drops none), counted as
     skipped ``near_duplicate``: the same text with another header, a fixed typo, a page mirrored.
-    Estimated by MinHash in the same hash pass (:mod:`data_prep.neardup`); about 8 bytes a document
-    more for each of its LSH bands (9 at 0.8) in memory. Among this prep's input: the documents of
+    Estimated by MinHash in the same hash pass (:mod:`data_prep.neardup`); about 190 bytes a
+    document more in memory at 0.8 (its 9 band keys, and their clusters). Among this prep's input: the documents of
     ``dedup_against`` are compared exactly."""
 
     min_chars: int = 0

@@ -19,7 +19,7 @@ LOCK = ".lock"
 _LOCKS: set[int] = set()  # the descriptors of the folders' locks this process holds
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
+def write_atomic(path: Path, data: str | bytes | memoryview) -> None:
     """Write ``path`` so that it is either the old file or the whole new one, even after a crash:
     a hidden ``.tmp`` file, synced, renamed over it, and the folder synced (prep's state and
     manifest, a checkpoint's state and ``latest``). An error names the file (a full disk)."""

@@ -243,9 +243,19 @@ class _Joined:
             self.running = (file, tail[0], hashlib.blake2b(tail[1], digest_size=8), tail[2])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        empty = (np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.uint64),
-                 np.empty((0, self.near[0] if self.near else 0), np.uint64))  # fmt: skip
-        return tuple(np.concatenate([e, *(x[i] for x in self.found)]) for i, e in enumerate(empty))
+        """The documents' files, keys, hashes and band keys, each one array; the chunks' pieces let go
+        as they are copied (the pieces and the whole are never all held at once)."""
+        n = sum(len(x[0]) for x in self.found)
+        out = (np.empty(n, np.uint32), np.empty(n, np.uint64), np.empty(n, np.uint64),
+               np.empty((n, self.near[0] if self.near else 0), np.uint64))  # fmt: skip
+        self.found.reverse()
+        at = 0
+        while self.found:
+            piece = self.found.pop()
+            for whole, part in zip(out, piece):
+                whole[at : at + len(part)] = part
+            at += len(piece[0])
+        return out
 
 
 def _unit_hashes(
@@ -321,26 +331,28 @@ def _find_duplicates(
     near = neardup.bands(cfg.near_dup) if cfg.near_dup else None
     jobs = [[(p, files[p.file]) for p in unit] for unit in units]
     found: list[tuple[np.ndarray, ...]] = []
+    result = None
     try:
         with _bar("dedup", [p for unit in units for p in unit], files, progress) as bar:
             if workers > 1 and len(units) >= 2 * workers:  # (as the main pass shares out its work)
                 context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
                 with ProcessPoolExecutor(workers, context) as pool:
                     n = len(jobs)
-                    for *arrays, read in pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n):
-                        found.append(arrays)
-                        bar.update(read)
+                    for result in pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n):
+                        found.append(result[:4])
+                        bar.update(result[4])
             elif workers > 1:
                 found.append(_hash_chunks(jobs, opts, max_line, workers, near, bar))
             else:
                 for job in jobs:
-                    *arrays, read = _unit_hashes(job, opts, max_line, near)
-                    found.append(arrays)
-                    bar.update(read)
+                    result = _unit_hashes(job, opts, max_line, near)
+                    found.append(result[:4])
+                    bar.update(result[4])
+            result = None  # (no unit's arrays held past the join below: they are most of the pass's memory)
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
-    doc_files, keys, hashes, bands = (np.concatenate([f[i] for f in found]) for i in range(4))
-    del found  # (the units' arrays, now copied: not held through the sort and the clusters too)
+    doc_files, keys, hashes, bands = (_join([f[i] for f in found]) for i in range(4))
+    del found
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
@@ -352,9 +364,10 @@ def _find_duplicates(
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         before = [manifest.their_bands(d, cfg.near_dup) for d in cfg.dedup_against]
         m = sum(map(len, before))  # (another dataset's documents: earlier than any of this input)
-        first = neardup.first_of_cluster(np.concatenate([*before, bands]))[m:] - m
+        first = neardup.first_of_cluster(_join([*before, bands]))[m:] - m
         close, theirs = (first != np.arange(len(hashes))) & ~dup, (first < 0) & ~dup
-        _save(kept_bands, bands[~(dup | close)])
+        bands = bands[~(dup | close)]  # (the documents kept: the copy, then the whole let go)
+        _save(kept_bands, bands)
     del bands
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
@@ -380,11 +393,16 @@ def _bar(desc: str, parts: list[corpus.Part], files: list[corpus.InputFile], pro
     )
 
 
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    """``arrays`` one after another; one array itself, not a copy (a pass's arrays are its memory)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
 def _save(path: Path, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` in ``.npy`` form, atomically."""
     buf = io.BytesIO()
     np.save(buf, array)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getbuffer())  # (not getvalue(): one copy of the array in memory, not two)
 
 
 def run_unit(
