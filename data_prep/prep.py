@@ -364,8 +364,8 @@ def _find_duplicates(
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         before = [manifest.their_bands(d, cfg.near_dup) for d in cfg.dedup_against]
         m = sum(map(len, before))  # (another dataset's documents: earlier than any of this input)
-        first = neardup.first_of_cluster(_join([*before, bands]))[m:] - m
-        close, theirs = (first != np.arange(len(hashes))) & ~dup, (first < 0) & ~dup
+        origin = neardup.first_of_cluster(_join([*before, bands]))[m:] - m  # (theirs: below 0)
+        close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
         bands = bands[~(dup | close)]  # (the documents kept: the copy, then the whole let go)
         _save(kept_bands, bands)
     del bands
