@@ -3,7 +3,8 @@
     python benchmarks/run_all.py [--quick] [--distill-steps 3000] [--student-steps STEPS]
 
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
-SentencePiece encoding, prep's time by stage in one process, and prep's time with ``dedup``), ``train_throughput.py
+SentencePiece encoding, prep's time by stage in one process, and prep's time with ``dedup``),
+``near_dup_quality.py`` (``near_dup``'s drops against exact similarities), ``train_throughput.py
 --memory`` (our training step against Hugging Face ``BertForMaskedLM`` at the same shape and
 precision, with MFU; the shard reader against the trainer; memory per rank), ``inference.py``
 (an export's ONNX files, fp32 and int8, under onnxruntime against PyTorch, at ``base``),
@@ -59,6 +60,9 @@ def table(records: list[dict]) -> str:
         if r.get("near_pass_s"):  # (a record from before near_dup has none)
             rows.append(("  its hash pass with near_dup=0.8, s", f"{r['near_pass_s']:.2f}",
                          f"exact alone: {r['pass_s']:.2f}", f"{r['near_pass_s'] / r['pass_s']:.2f}"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "near_dup"):
+        rows.append((f"near_dup={r['threshold']:g}: near copies dropped (recall)", f"{r['both']:,} of {r['near']:,}",
+                     f"precision: {r['both']:,} of {r['dropped']:,} drops", f"{r['both'] / max(1, r['near']):.2f}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "train"):
         rows.append((f"train step, {r['preset']} {r['precision']} ({r['device']}), tok/s", f"{r['ours_tok_s']:,.0f}",
                      f"HF BertForMaskedLM: {r['hf_tok_s']:,.0f}", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x"))  # fmt: skip
@@ -129,6 +133,7 @@ def main() -> None:
         quick = args.quick
         _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
              "--dedup", results=results)  # fmt: skip
+        _run("near_dup_quality.py", results=results)
         _run(
             "train_throughput.py",
             "--memory",

@@ -68,3 +68,27 @@ def test_the_inference_benchmark_times_each_runtime_and_make_bench_tables_it(tmp
     assert fig["int8_mb"] < 0.5 * fig["onnx_mb"] and fig["onnx_agree"] > 0.9 and fig["int8_agree"] > 0.5, fig
     rows = table([fig]).splitlines()
     assert rows[1].startswith("inference, tiny, 2 x 16, onnxruntime int8, ms/batch") and len(rows) == 4, rows
+
+
+@pytest.mark.slow
+def test_the_near_dup_benchmark_drops_what_prep_drops(tmp_path, sp_model) -> None:
+    """benchmarks/near_dup_quality.py counts prep's own drops (the same documents: prep's exact pass
+    takes the copies out of no cluster but their originals') against exact similarities."""
+    out = tmp_path / "figures.jsonl"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/near_dup_quality.py"), "--thresholds", "0.8",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (fig,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert fig["bands"] == 9 and 0 < fig["both"] <= min(fig["near"], fig["dropped"]) and fig["pairs"] > 0, fig
+    from tests.conftest import run_prep
+
+    data = tmp_path / "docs"
+    r = run_prep("--input", "builtin:python-docs", "--output", str(data), "--tokenizer", str(sp_model), "--dedup",
+                 "--near-dup", "0.8")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    skipped = json.loads((data / "manifest.json").read_text())["input"]["documents"]["skipped"]
+    assert skipped["near_duplicate"]["count"] == fig["dropped"], (skipped, fig)
+    from benchmarks.run_all import table
+
+    rows = table([fig]).splitlines()
+    assert rows[1].startswith("near_dup=0.8: near copies dropped (recall)") and len(rows) == 2, rows
