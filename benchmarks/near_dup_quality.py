@@ -9,12 +9,13 @@ the shingles prep uses (:func:`data_prep.neardup.shingles`), for each threshold 
   together (Jaccard), counted exactly: the pairs to count are those of a wide LSH (64 bands of 2
   values: a pair sharing 30% of its shingles is a candidate with probability 0.9997, one sharing
   none never), each pair's similarity then counted on the two sets;
-- prep's drops are those of :func:`data_prep.neardup.first_of_cluster` over the bands J chooses;
+- prep's drops are those of :func:`data_prep.neardup.first_of_cluster` over the bands J chooses,
+  each candidate pair checked on its marks, as prep does;
 - recall is the share of near copies that prep drops, precision the share of its drops that are
   near copies (a drop through a chain of clusters, or an S-curve's false candidate, is not).
 
-Prep does no exact check after the LSH (the estimate alone decides), so these two are what it
-gives; the README quotes them.
+Prep checks each candidate pair on an estimate (the marks: a byte of each MinHash value), not on
+the exact similarity, so these two are what it gives; the README quotes them.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def main() -> None:
           f"{'the others dropped: best J, median (least)':>43}")  # fmt: skip
     for threshold in args.thresholds:
         truth = best >= threshold
-        b, r = neardup.bands(threshold)
-        dropped = neardup.first_of_cluster(neardup.band_keys(sigs, b, r)) != np.arange(len(texts))
+        b, r = neardup.candidate_bands(threshold)
+        origin = neardup.first_of_cluster(neardup.band_keys(sigs, b, r), neardup.marks(sigs), threshold)
+        dropped = origin != np.arange(len(texts))
         both = int((truth & dropped).sum())
         recall, precision = both / max(1, truth.sum()), both / max(1, dropped.sum())
         others = best[dropped & ~truth]

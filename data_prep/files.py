@@ -9,7 +9,7 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from data_prep.errors import UserError, naming
@@ -19,13 +19,16 @@ LOCK = ".lock"
 _LOCKS: set[int] = set()  # the descriptors of the folders' locks this process holds
 
 
-def write_atomic(path: Path, data: str | bytes | memoryview) -> None:
+def write_atomic(path: Path, data: str | bytes, rest: Iterable[bytes] = ()) -> None:
     """Write ``path`` so that it is either the old file or the whole new one, even after a crash:
     a hidden ``.tmp`` file, synced, renamed over it, and the folder synced (prep's state and
-    manifest, a checkpoint's state and ``latest``). An error names the file (a full disk)."""
+    manifest, a checkpoint's state and ``latest``). ``rest``: more bytes after ``data``, made as
+    they are written (a large array a block at a time). An error names the file (a full disk)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with naming(tmp), open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+        for more in rest:
+            f.write(more)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

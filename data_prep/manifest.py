@@ -22,6 +22,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 DOCUMENTS = "document_hashes.npy"  # (``dedup``: the 64-bit hashes of the text of the documents kept, sorted)
 BANDS = "document_bands.npy"  # (``near_dup``: the MinHash band keys of the documents kept, a row each)
+MARKS = "document_marks.npy"  # (``near_dup``: their signatures' marks, a row each)
 FORMAT = "bertforge.shards/1"
 
 
@@ -85,7 +86,7 @@ def build(
 def documents(cfg: PrepConfig, folder: Path) -> dict:
     """The manifest's ``documents`` (``dedup``): the file of the hashes of the text of the documents
     kept, which a later prep's ``dedup_against`` reads, their count, and the datasets dropped from it;
-    with ``near_dup``, ``near``: the file of their band keys, the threshold and ``[bands, rows]``."""
+    with ``near_dup``, ``near``: the files of their band keys and marks, the threshold and ``[bands, rows]``."""
     path = folder / DOCUMENTS
     out = {
         "file": DOCUMENTS,
@@ -94,8 +95,9 @@ def documents(cfg: PrepConfig, folder: Path) -> dict:
         "against": [{"path": d, "sha256": against(d)[1]["sha256"]} for d in cfg.dedup_against],
     }
     if cfg.near_dup:
-        out["near"] = {"file": BANDS, "sha256": tokenizer.sha256(folder / BANDS), "near_dup": cfg.near_dup,
-                       "bands": list(neardup.bands(cfg.near_dup))}  # fmt: skip
+        out["near"] = {"file": BANDS, "sha256": tokenizer.sha256(folder / BANDS), "marks": MARKS,
+                       "marks_sha256": tokenizer.sha256(folder / MARKS), "near_dup": cfg.near_dup,
+                       "bands": list(neardup.candidate_bands(cfg.near_dup))}  # fmt: skip
     return out
 
 
@@ -134,10 +136,10 @@ def their_hashes(folder: str | Path) -> np.ndarray:
     return hashes
 
 
-def their_bands(folder: str | Path, near_dup: float) -> np.ndarray:
-    """The band keys of the documents a ``dedup_against`` dataset kept (a row each), for a prep with
-    ``near_dup``: refused, naming the field, where that dataset was prepped without it or with
-    another threshold (whose bands are others)."""
+def their_bands(folder: str | Path, near_dup: float) -> tuple[np.ndarray, np.ndarray]:
+    """The band keys and marks of the documents a ``dedup_against`` dataset kept (a row each), for a
+    prep with ``near_dup``, mapped: refused, naming the field, where that dataset was prepped without
+    it or with another threshold (whose bands are others)."""
     _, listed = against(folder)
     where = Path(folder) / MANIFEST
     near = listed.get("near")
@@ -152,15 +154,21 @@ def their_bands(folder: str | Path, near_dup: float) -> np.ndarray:
             f"{where}: field 'documents.near.near_dup' is {near['near_dup']:g} but config key 'near_dup' is "
             f"{near_dup:g}: near copies compare only under one threshold (its bands)"
         )
-    path = Path(folder) / near["file"]
-    try:
-        keys = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
-    if keys.dtype != np.uint64 or keys.shape != (listed["count"], near["bands"][0]):
-        raise UserError(f"{path}: {keys.shape} {keys.dtype}, not the {listed['count']:,} rows of "
-                        f"{near['bands'][0]} uint64 band keys {where} lists (config key 'dedup_against')")  # fmt: skip
-    return keys
+    out = []
+    for name, dtype, width in (
+        (near["file"], np.uint64, near["bands"][0]),
+        (near["marks"], np.uint8, neardup.PERMUTATIONS),
+    ):
+        path = Path(folder) / name
+        try:
+            rows = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
+        if rows.dtype != dtype or rows.shape != (listed["count"], width):
+            raise UserError(f"{path}: {rows.shape} {rows.dtype}, not the {listed['count']:,} rows of {width} "
+                            f"{np.dtype(dtype).name} {where} lists (config key 'dedup_against')")  # fmt: skip
+        out.append(rows)
+    return out[0], out[1]
 
 
 def load(folder: str | Path) -> dict:
@@ -215,7 +223,7 @@ def verify(man: dict, folder: str | Path, progress: bool = False) -> tuple[int, 
     if "documents" in man:
         listed.append((man["documents"]["file"], None, man["documents"]["sha256"]))
         if near := man["documents"].get("near"):
-            listed.append((near["file"], None, near["sha256"]))
+            listed += [(near["file"], None, near["sha256"]), (near["marks"], None, near["marks_sha256"])]
     listed += [
         (s["path"], s["bytes"], s["sha256"]) for split in ("train", "val") for s in man["splits"][split]["shards"]
     ]
@@ -320,7 +328,7 @@ def summary(man: dict, seconds: float | None = None) -> str:
         lines.append(
             f"  dedup: the hashes of the {kept['count']:,} texts kept in {kept['file']}"
             + (
-                f" and their MinHash bands in {near['file']} (near_dup={near['near_dup']:g})"
+                f" and their MinHash bands and marks in {near['file']}, {near['marks']} (near_dup={near['near_dup']:g})"
                 if (near := kept.get("near"))
                 else ""
             )

@@ -39,6 +39,10 @@ from launch.config import to_yaml
 STATE_DIR = ".prep"
 DUPLICATES = "duplicates.npy"
 """In ``.prep/``: the (file, key) of each document ``dedup`` drops (a copy of an earlier one), uint64."""
+BLOCK_ROWS = 1 << 18
+"""Documents to a block of the hash pass's arrays (:class:`_Joined`): 32 MB of marks with
+``near_dup``, above the size from which malloc maps an allocation apart, so that a block let go
+is given back to the system, not kept in its heap."""
 NEAR_COPIES = "near_duplicates.npy"
 """In ``.prep/``: as :data:`DUPLICATES`, those ``near_dup`` drops."""
 WORKER_DIED = (
@@ -185,7 +189,7 @@ def _duplicates(path: str, mtime_ns: int) -> dict[int, np.ndarray]:
 def _chunk_hashes(chunk: corpus.Chunk, opts: corpus.ParseOptions, near: tuple[int, int] | None = None) -> tuple:
     """A chunk's part of the hash pass (in a worker, or here): its file, the key (the document's
     identity in the file, as for the val draw), 64-bit hash and (``near``: ``near_dup``'s bands)
-    band keys of each document whole in the chunk, and the bytes (and signature) of the pieces that
+    band keys and marks of each document whole in the chunk, and the bytes (and signature) of the pieces that
     join a document across chunks, which :class:`_Joined` hashes in order: the first piece where it
     goes on with the chunk before's document (and whether it ends it), the last where it goes on in
     the next chunk (and its key)."""
@@ -211,22 +215,47 @@ def _chunk_hashes(chunk: corpus.Chunk, opts: corpus.ParseOptions, near: tuple[in
         elif i == len(parsed.texts) - 1:  # (a .txt document read on in the next chunk)
             data = b"".join(pieces)
             tail = (key, data, neardup.signatures([data])[0] if near else None)
-    bands = neardup.band_keys(neardup.signatures(whole), *near) if near else np.empty((len(keys), 0), np.uint64)
-    return chunk.file, np.array(keys, np.uint64), np.array(hashes, np.uint64), bands, head, tail
+    bands, signs = _near_keys(neardup.signatures(whole) if near else None, near, len(keys))
+    return chunk.file, np.array(keys, np.uint64), np.array(hashes, np.uint64), bands, signs, head, tail
+
+
+def _near_keys(sigs: np.ndarray | None, near: tuple[int, int] | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The band keys and marks of ``n`` documents' signatures ``sigs`` (none without ``near``)."""
+    if not near:
+        return np.empty((n, 0), np.uint64), np.empty((n, 0), np.uint8)
+    return neardup.band_keys(sigs, *near), neardup.marks(sigs)
 
 
 class _Joined:
     """The hash pass's documents in input order, from :func:`_chunk_hashes`' results taken in order:
-    each document's file, key, hash and (``near``) band keys, one read across chunks hashed whole
-    (its signature: the least of its pieces', the MinHash of their shingles together)."""
+    each document's file, key, hash and (``near``) band keys and marks, one read across chunks hashed
+    whole (its signature: the least of its pieces', the MinHash of their shingles together)."""
 
     def __init__(self, near: tuple[int, int] | None = None) -> None:
         self.near = near
-        self.found: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.blocks: list[tuple[np.ndarray, ...]] = []  # (each column joined, a block of BLOCK_ROWS or more)
+        self.pending: list[tuple[np.ndarray, ...]] = []  # (the chunks' since)
+        self.rows = 0  # (theirs)
         self.running = None  # (file, key, hasher, signature) of a document that goes on across chunks
 
+    def _add(self, piece: tuple[np.ndarray, ...]) -> None:
+        self.pending.append(piece)
+        self.rows += len(piece[0])
+        if self.rows >= BLOCK_ROWS:
+            self._block()
+
+    def _block(self) -> None:
+        if self.pending:
+            self.blocks.append(tuple(map(np.concatenate, zip(*self.pending))))
+            self.pending, self.rows = [], 0
+
+    def extend(self, arrays: tuple[np.ndarray, ...]) -> None:
+        """A unit's documents, joined in a worker (:func:`_unit_hashes`), after those taken so far."""
+        self._block()
+        self.blocks.append(arrays)
+
     def take(self, result: tuple) -> None:
-        file, keys, hashes, bands, head, tail = result
+        file, keys, hashes, bands, signs, head, tail = result
         if head is not None:  # (the chunk before ended with the document's first piece: running)
             file0, key0, h, sig = self.running
             h.update(head[0])
@@ -234,27 +263,33 @@ class _Joined:
             self.running = (file0, key0, h, sig)
             if head[1]:
                 digest = int.from_bytes(h.digest(), "little")
-                its = neardup.band_keys(sig[None], *self.near) if self.near else np.empty((1, 0), np.uint64)
-                self.found.append((np.array([file0], np.uint32), np.array([key0], np.uint64),
-                                   np.array([digest], np.uint64), its))  # fmt: skip
+                its = _near_keys(sig[None] if self.near else None, self.near, 1)
+                self._add((np.array([file0], np.uint32), np.array([key0], np.uint64),
+                           np.array([digest], np.uint64), *its))  # fmt: skip
                 self.running = None
-        self.found.append((np.full(len(keys), file, np.uint32), keys, hashes, bands))
+        self._add((np.full(len(keys), file, np.uint32), keys, hashes, bands, signs))
         if tail is not None:
             self.running = (file, tail[0], hashlib.blake2b(tail[1], digest_size=8), tail[2])
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The documents' files, keys, hashes and band keys, each one array; the chunks' pieces let go
-        as they are copied (the pieces and the whole are never all held at once)."""
-        n = sum(len(x[0]) for x in self.found)
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The documents' files, keys, hashes, band keys and marks, each one array. The blocks are let
+        go as they are copied, and a large one is given back to the system at once (malloc maps
+        each apart), so the blocks and the whole are never all held: the pass's memory is once its
+        documents' (one block alone is the whole, not copied)."""
+        self._block()
+        if len(self.blocks) == 1:
+            return self.blocks.pop()
+        n = sum(len(x[0]) for x in self.blocks)
+        b, m = (self.near[0], neardup.PERMUTATIONS) if self.near else (0, 0)
         out = (np.empty(n, np.uint32), np.empty(n, np.uint64), np.empty(n, np.uint64),
-               np.empty((n, self.near[0] if self.near else 0), np.uint64))  # fmt: skip
-        self.found.reverse()
+               np.empty((n, b), np.uint64), np.empty((n, m), np.uint8))  # fmt: skip
+        self.blocks.reverse()
         at = 0
-        while self.found:
-            piece = self.found.pop()
-            for whole, part in zip(out, piece):
+        while self.blocks:
+            block = self.blocks.pop()
+            for whole, part in zip(out, block):
                 whole[at : at + len(part)] = part
-            at += len(piece[0])
+            at += len(block[0])
         return out
 
 
@@ -279,14 +314,14 @@ def _hash_chunks(
     opts: corpus.ParseOptions,
     max_line: int,
     workers: int,
-    near: tuple[int, int] | None,
+    joined: _Joined,
     bar: tqdm,
-) -> tuple[np.ndarray, ...]:
-    """:func:`_unit_hashes` of few units: this process reads their chunks, in order (the bytes read
-    onto ``bar``), and ``workers`` processes parse and hash them (as prep's main pass shares out a
-    single large file)."""
+) -> None:
+    """:func:`_unit_hashes` of few units, into ``joined``: this process reads their chunks, in order
+    (the bytes read onto ``bar``), and ``workers`` processes parse and hash them (as prep's main pass
+    shares out a single large file)."""
     scratch = corpus.Account(strict=opts.strict)
-    joined = _Joined(near)
+    near = joined.near
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pending: deque = deque()
     with ProcessPoolExecutor(workers, context) as pool:
@@ -304,7 +339,6 @@ def _hash_chunks(
             raise
         while pending:
             joined.take(pending.popleft().result())
-    return joined.arrays()
 
 
 def _find_duplicates(
@@ -323,36 +357,35 @@ def _find_duplicates(
     in ``.prep/near_duplicates.npy``. The hashes of the texts kept go to ``document_hashes.npy``, and
     their band keys to ``document_bands.npy`` (a later prep's ``dedup_against`` reads them)."""
     path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
-    kept, kept_bands = out / manifest.DOCUMENTS, out / manifest.BANDS
-    if path.is_file() and kept.is_file() and (not cfg.near_dup or near_path.is_file() and kept_bands.is_file()):
+    kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
+    if path.is_file() and kept.is_file() and (not cfg.near_dup or near_path.is_file() and kept_near[1].is_file()):
         return
     t0 = time.perf_counter()
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
-    near = neardup.bands(cfg.near_dup) if cfg.near_dup else None
+    near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
     jobs = [[(p, files[p.file]) for p in unit] for unit in units]
-    found: list[tuple[np.ndarray, ...]] = []
-    result = None
+    joined = _Joined(near)
     try:
         with _bar("dedup", [p for unit in units for p in unit], files, progress) as bar:
             if workers > 1 and len(units) >= 2 * workers:  # (as the main pass shares out its work)
                 context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
                 with ProcessPoolExecutor(workers, context) as pool:
                     n = len(jobs)
-                    for result in pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n):
-                        found.append(result[:4])
-                        bar.update(result[4])
+                    for *arrays, read in pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n):
+                        joined.extend(tuple(arrays))
+                        bar.update(read)
             elif workers > 1:
-                found.append(_hash_chunks(jobs, opts, max_line, workers, near, bar))
+                _hash_chunks(jobs, opts, max_line, workers, joined, bar)
             else:
                 for job in jobs:
-                    result = _unit_hashes(job, opts, max_line, near)
-                    found.append(result[:4])
-                    bar.update(result[4])
-            result = None  # (no unit's arrays held past the join below: they are most of the pass's memory)
+                    *arrays, read = _unit_hashes(job, opts, max_line, near)
+                    joined.extend(tuple(arrays))
+                    bar.update(read)
+            arrays = None  # (the last unit's: let go with the rest as they are joined)
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
-    doc_files, keys, hashes, bands = (_join([f[i] for f in found]) for i in range(4))
-    del found
+    doc_files, keys, hashes, bands, signs = joined.arrays()
+    del joined
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
@@ -363,12 +396,14 @@ def _find_duplicates(
     close = theirs = np.zeros(len(hashes), dtype=bool)
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         before = [manifest.their_bands(d, cfg.near_dup) for d in cfg.dedup_against]
-        m = sum(map(len, before))  # (another dataset's documents: earlier than any of this input)
-        origin = neardup.first_of_cluster(_join([*before, bands]))[m:] - m  # (theirs: below 0)
+        m = sum(len(b) for b, _ in before)  # (another dataset's documents: earlier than any of this input)
+        both = _join([*(b for b, _ in before), bands]), _join([*(s for _, s in before), signs])
+        origin = neardup.first_of_cluster(*both, cfg.near_dup)[m:] - m  # (theirs: below 0)
+        del both
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
-        bands = bands[~(dup | close)]  # (the documents kept: the copy, then the whole let go)
-        _save(kept_bands, bands)
-    del bands
+        for where, array in zip(kept_near, (bands, signs)):
+            _save(where, array, ~(dup | close))  # (the documents kept)
+    del bands, signs
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
     _save(kept, np.unique(hashes[~(dup | close)]))
@@ -398,11 +433,15 @@ def _join(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` in ``.npy`` form, atomically."""
-    buf = io.BytesIO()
-    np.save(buf, array)
-    write_atomic(path, buf.getbuffer())  # (not getvalue(): one copy of the array in memory, not two)
+def _save(path: Path, array: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """Write ``array`` (``rows``: those of its rows) to ``path`` in ``.npy`` form, atomically, 64K rows
+    at a time: no copy of a large array in memory."""
+    at = np.arange(len(array)) if rows is None else np.flatnonzero(rows)
+    header = io.BytesIO()
+    shape = (len(at), *array.shape[1:])
+    np.lib.format.write_array_header_1_0(header, {"descr": array.dtype.str, "fortran_order": False, "shape": shape})
+    step = 1 << 16
+    write_atomic(path, header.getvalue(), (array[at[i : i + step]].tobytes() for i in range(0, len(at), step)))
 
 
 def run_unit(

@@ -79,7 +79,7 @@ def test_the_near_dup_benchmark_drops_what_prep_drops(tmp_path, sp_model) -> Non
                         "--json", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     (fig,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert fig["bands"] == 9 and 0 < fig["both"] <= min(fig["near"], fig["dropped"]) and fig["pairs"] > 0, fig
+    assert fig["bands"] == 14 and 0 < fig["both"] <= min(fig["near"], fig["dropped"]) and fig["pairs"] > 0, fig
     from tests.conftest import run_prep
 
     data = tmp_path / "docs"

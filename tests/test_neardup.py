@@ -25,6 +25,8 @@ def test_signatures_agree_as_often_as_the_shingle_sets_overlap(docs) -> None:
         exact = len(shingle_set(a) & shingle_set(b)) / len(shingle_set(a) | shingle_set(b))
         sigs = neardup.signatures([a.encode(), b.encode()])
         assert abs((sigs[0] == sigs[1]).mean() - exact) < 0.15, (changed, exact)  # (3.4 sigma at 128 values)
+        marks = neardup.marks(sigs)  # (a byte of each: what prep keeps to check a candidate pair)
+        assert abs(neardup.similarity(marks[:1], marks[1:])[0] - exact) < 0.15, (changed, exact)
 
 
 def test_a_run_of_documents_and_a_long_one_are_signed_as_each_alone(docs) -> None:
@@ -52,3 +54,14 @@ def test_clusters_join_through_any_band_and_keep_their_first_document() -> None:
     chain = np.array([[i // 2, 1000 + (i + 1) // 2] for i in range(99, -1, -1)], np.uint64)  # one long chain
     assert (neardup.first_of_cluster(chain) == 0).all()
     assert neardup.first_of_cluster(np.arange(5, dtype=np.uint64)[:, None]).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_candidate_pair_joins_only_where_its_marks_agree_as_much_as_the_threshold() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, neardup.PERMUTATIONS, dtype=np.uint8)
+    marks = np.stack([base] * 40)
+    marks[3, :64] ^= 1  # document 3: half its marks differ (about 0.5), the others all agree
+    keys = np.zeros((40, 1), np.uint64)  # one band, one key: 40 candidates, more than a WINDOW apart
+    origin = neardup.first_of_cluster(keys, marks, 0.8)
+    assert origin.tolist() == [0, 0, 0, 3, *[0] * 36], origin  # (3 alone: its pairs fail the check)
+    assert neardup.first_of_cluster(keys, marks, 0.4).tolist() == [0] * 40

@@ -518,14 +518,17 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
     shards = [k for k in mine if k.startswith("train/")]
     assert len(shards) >= 2 and [mine[k] for k in shards] == [theirs.get(k) for k in shards]
     # --dedup-against a dataset prepped with --near-dup: near copies of its documents go too (its
-    # document_bands.npy: the band keys of the documents it kept, listed in its manifest and verified)
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["documents"]["near"] == {"file": "document_bands.npy", "sha256": man["documents"]["near"]["sha256"],
-                                        "near_dup": 0.8, "bands": [9, 13]}  # fmt: skip
-    assert np.load(out / "document_bands.npy").shape == (33, 9)
+    # document_bands.npy and document_marks.npy: the band keys and marks of the documents it kept,
+    # listed in its manifest and verified)
+    near_files = json.loads((out / "manifest.json").read_text())["documents"]["near"]
+    assert near_files == {"file": "document_bands.npy", "sha256": near_files["sha256"], "marks": "document_marks.npy",
+                          "marks_sha256": near_files["marks_sha256"], "near_dup": 0.8, "bands": [14, 9]}  # fmt: skip
+    assert np.load(out / "document_bands.npy").shape == (33, 14)
+    assert np.load(out / "document_marks.npy").shape == (33, 128)
     r = run_cli("inspect", str(out), "--verify", "-n", "0")
-    assert r.returncode == 0 and "texts kept in document_hashes.npy and their MinHash bands in document_bands.npy " \
-                                 "(near_dup=0.8) (a later prep's" in r.stdout, r.stdout  # fmt: skip
+    assert r.returncode == 0 and "texts kept in document_hashes.npy and their MinHash bands and marks in " \
+                                 "document_bands.npy, document_marks.npy (near_dup=0.8) (a later prep's" in r.stdout, \
+        r.stdout  # fmt: skip
     later = [" ".join(base[0][:-1] + ["again"]), " ".join(words(100)), " ".join(base[25]).upper(), near["word"]]
     (tmp_path / "later.txt").write_text("\n\n".join(later) + "\n")
     args = ["--input", str(tmp_path / "later.txt"), "--dedup", "--dedup-against", str(out), *common]
