@@ -115,9 +115,10 @@ class PrepConfig:
     """With ``dedup``, also drop each document whose word 5-grams overlap an earlier document's this
     much or more (Jaccard similarity: shared over all; ``--near-dup 0.8``; 0 drops none), counted as
     skipped ``near_duplicate``: the same text with another header, a fixed typo, a page mirrored.
-    Estimated by MinHash in the same hash pass (:mod:`data_prep.neardup`); about 190 bytes a
-    document more in memory at 0.8 (its 9 band keys, and their clusters). Among this prep's input: the documents of
-    ``dedup_against`` are compared exactly."""
+    Estimated by MinHash in the same hash pass (:mod:`data_prep.neardup`): candidates by LSH bands,
+    each pair checked on its signatures' marks; about 360 bytes a document more in memory at the
+    peak at 0.8 (its 14 band keys and 128 marks, and their clusters). With ``dedup_against``, the
+    near copies of those datasets' documents too (each prepped with this near_dup)."""
 
     min_chars: int = 0
     """Drop each document shorter than this many characters, whitespace stripped (a heading, a lone
