@@ -171,29 +171,38 @@ def first_of_cluster(keys: np.ndarray, signs: np.ndarray | None = None, threshol
     """For each document (a row of band keys, in input order) the index of the first document of its
     cluster: two documents that share a key in some band are joined (with ``signs``, their
     :func:`marks`, where their :func:`similarity` is at least ``threshold``), and so are the
-    clusters they join (the least index spread over the pairs until nothing changes)."""
-    n = len(keys)
-    found = [_pairs(band) for band in keys.T]
-    earlier = np.concatenate([np.empty(0, np.intp), *(a for a, _ in found)])
-    later = np.concatenate([np.empty(0, np.intp), *(b for _, b in found)])
-    del found
-    if signs is not None:  # each pair once (one found in several bands), 64K at a time: 16 MB of marks
-        pairs = earlier.astype(np.int64) * n + later
-        pairs.sort()  # (not np.unique: numpy 2's hashes, slower here by 5x)
-        pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs
-        earlier, later = pairs // n, pairs % n
-        del pairs
-        step = 1 << 16
-        close = [similarity(signs[earlier[i : i + step]], signs[later[i : i + step]]) >= threshold
-                 for i in range(0, len(earlier), step)]  # fmt: skip
-        keep = np.concatenate([np.empty(0, bool), *close])
-        earlier, later = earlier[keep], later[keep]
-    label = np.arange(n)
-    changed = len(earlier) > 0
-    while changed:
-        before = label.copy()
-        np.minimum.at(label, later, label[earlier])
-        np.minimum.at(label, earlier, label[later])
-        label = label[label]  # (a cluster's first is its own: the least index, hop by hop)
-        changed = not np.array_equal(label, before)
-    return label
+    clusters they join. A band at a time: its pairs already in one cluster are not checked again,
+    and no more than one band's pairs are held."""
+    parent = np.arange(len(keys))  # (each document's parent in its cluster's tree: never above it)
+    for band in keys.T:
+        earlier, later = _pairs(band)
+        apart = _root(parent, earlier) != _root(parent, later)
+        earlier, later = earlier[apart], later[apart]
+        if signs is not None and len(earlier):  # (64K pairs at a time: 16 MB of marks)
+            step = 1 << 16
+            close = [similarity(signs[earlier[i : i + step]], signs[later[i : i + step]]) >= threshold
+                     for i in range(0, len(earlier), step)]  # fmt: skip
+            keep = np.concatenate(close)
+            earlier, later = earlier[keep], later[keep]
+        _join(parent, earlier, later)
+    return _root(parent, np.arange(len(keys)))
+
+
+def _root(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The root of each of ``x``'s trees: its cluster's least index (a parent is never above)."""
+    r = parent[x]
+    while True:
+        up = parent[r]
+        if np.array_equal(up, r):
+            return r
+        r = up
+
+
+def _join(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the clusters of each pair ``a[i], b[i]``: the greater root hung under the lesser, again
+    until every pair has one root (two pairs may ask one root to hang under two others)."""
+    while len(a):
+        ra, rb = _root(parent, a), _root(parent, b)
+        apart = ra != rb
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
