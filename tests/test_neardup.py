@@ -1,5 +1,6 @@
-"""``data_prep.neardup``: MinHash's estimate against the exact Jaccard similarity the test counts itself,
-the bands' S-curve around the threshold, and the clusters of shared band keys."""
+"""``data_prep.neardup``: MinHash's estimate (and its marks') against the exact Jaccard similarity the
+test counts itself, the bands' S-curve around the threshold, and the clusters of shared band keys
+with and without the check of each candidate pair on its marks."""
 
 from __future__ import annotations
 
