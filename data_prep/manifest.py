@@ -104,7 +104,7 @@ def documents(cfg: PrepConfig, folder: Path) -> dict:
 def against(folder: str | Path) -> tuple[Path, dict]:
     """A dataset of ``dedup_against``: the path of its document hashes and its manifest's
     ``documents``; refused, naming the file or field, where it was prepped without ``dedup``
-    (:func:`their_hashes` reads the file)."""
+    (:func:`theirs` reads the files)."""
     try:
         man = load(folder)
     except UserError as err:
@@ -122,26 +122,17 @@ def against(folder: str | Path) -> tuple[Path, dict]:
     return path, man["documents"]
 
 
-def their_hashes(folder: str | Path) -> np.ndarray:
-    """The hashes of the text of the documents a ``dedup_against`` dataset kept, mapped, not read:
-    a check before the work reads their header alone, and the hash pass reads them once."""
+def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """What a ``dedup_against`` dataset kept, mapped, not read (a check before the work reads the
+    headers alone, the hash pass reads them once): its documents' text hashes and, for a prep with
+    ``near_dup``, their band keys and marks (a row each; None without). Refused, naming the field or
+    file, where that dataset was prepped without ``near_dup`` or with another threshold (whose bands
+    are others), or a file cannot be read or has another shape than its manifest says."""
     path, listed = against(folder)
-    try:
-        hashes = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
-    if hashes.dtype != np.uint64 or hashes.shape != (listed["count"],):
-        raise UserError(f"{path}: {hashes.shape} {hashes.dtype}, not the {listed['count']:,} uint64 hashes "
-                        f"{Path(folder) / MANIFEST} lists (config key 'dedup_against')")  # fmt: skip
-    return hashes
-
-
-def their_bands(folder: str | Path, near_dup: float) -> tuple[np.ndarray, np.ndarray]:
-    """The band keys and marks of the documents a ``dedup_against`` dataset kept (a row each), for a
-    prep with ``near_dup``, mapped: refused, naming the field, where that dataset was prepped without
-    it or with another threshold (whose bands are others)."""
-    _, listed = against(folder)
-    where = Path(folder) / MANIFEST
+    count, where = listed["count"], Path(folder) / MANIFEST
+    hashes = _mapped(path, np.uint64, (count,), where)
+    if not near_dup:
+        return hashes, None, None
     near = listed.get("near")
     if near is None:
         raise UserError(
@@ -154,21 +145,20 @@ def their_bands(folder: str | Path, near_dup: float) -> tuple[np.ndarray, np.nda
             f"{where}: field 'documents.near.near_dup' is {near['near_dup']:g} but config key 'near_dup' is "
             f"{near_dup:g}: near copies compare only under one threshold (its bands)"
         )
-    out = []
-    for name, dtype, width in (
-        (near["file"], np.uint64, near["bands"][0]),
-        (near["marks"], np.uint8, neardup.PERMUTATIONS),
-    ):
-        path = Path(folder) / name
-        try:
-            rows = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
-        if rows.dtype != dtype or rows.shape != (listed["count"], width):
-            raise UserError(f"{path}: {rows.shape} {rows.dtype}, not the {listed['count']:,} rows of {width} "
-                            f"{np.dtype(dtype).name} {where} lists (config key 'dedup_against')")  # fmt: skip
-        out.append(rows)
-    return out[0], out[1]
+    bands = _mapped(Path(folder) / near["file"], np.uint64, (count, near["bands"][0]), where)
+    return hashes, bands, _mapped(Path(folder) / near["marks"], np.uint8, (count, neardup.PERMUTATIONS), where)
+
+
+def _mapped(path: Path, dtype: type, shape: tuple[int, ...], where: Path) -> np.ndarray:
+    """The ``.npy`` file ``path``, mapped, with the dtype and shape its manifest ``where`` lists."""
+    try:
+        rows = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it ({str(err).split('. ')[0]}; config key 'dedup_against')") from None
+    if rows.dtype != dtype or rows.shape != shape:
+        raise UserError(f"{path}: {rows.shape} {rows.dtype}, not the {shape} {np.dtype(dtype).name} {where} lists "
+                        "(config key 'dedup_against')")  # fmt: skip
+    return rows
 
 
 def load(folder: str | Path) -> dict:

@@ -355,7 +355,8 @@ def _find_duplicates(
     whose text another dataset kept; with ``near_dup``, the near copies of an earlier document, or
     of one another dataset kept (each cluster's first, :mod:`data_prep.neardup`; theirs come first),
     in ``.prep/near_duplicates.npy``. The hashes of the texts kept go to ``document_hashes.npy``, and
-    their band keys to ``document_bands.npy`` (a later prep's ``dedup_against`` reads them)."""
+    their band keys and marks to ``document_bands.npy`` and ``document_marks.npy`` (a later prep's
+    ``dedup_against`` reads them)."""
     path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
     kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
     if path.is_file() and kept.is_file() and (not cfg.near_dup or near_path.is_file() and kept_near[1].is_file()):
@@ -390,14 +391,14 @@ def _find_duplicates(
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
     repeats = int(dup.sum())
-    if cfg.dedup_against:  # and those another dataset kept
-        dup |= np.isin(hashes, np.concatenate([manifest.their_hashes(d) for d in cfg.dedup_against]))
+    before = [manifest.theirs(d, cfg.near_dup) for d in cfg.dedup_against]  # (hashes, bands, marks)
+    if before:  # and those another dataset kept
+        dup |= np.isin(hashes, np.concatenate([h for h, _, _ in before]))
     elsewhere = int(dup.sum()) - repeats
     close = theirs = np.zeros(len(hashes), dtype=bool)
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
-        before = [manifest.their_bands(d, cfg.near_dup) for d in cfg.dedup_against]
-        m = sum(len(b) for b, _ in before)  # (another dataset's documents: earlier than any of this input)
-        both = _join([*(b for b, _ in before), bands]), _join([*(s for _, s in before), signs])
+        m = sum(len(h) for h, _, _ in before)  # (another dataset's documents: earlier than any of this input)
+        both = _join([*(b for _, b, _ in before), bands]), _join([*(s for _, _, s in before), signs])
         origin = neardup.first_of_cluster(*both, cfg.near_dup)[m:] - m  # (theirs: below 0)
         del both
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
@@ -620,9 +621,7 @@ def check_against(cfg: PrepConfig) -> None:
     cannot be read (with ``near_dup``: whose bands are missing, of another threshold or unreadable),
     or the output folder itself (``bertforge submit prep`` too, before the queue)."""
     for other in cfg.dedup_against:
-        manifest.their_hashes(other)
-        if cfg.near_dup:
-            manifest.their_bands(other, cfg.near_dup)
+        manifest.theirs(other, cfg.near_dup)
         if Path(other).resolve() == Path(cfg.output).resolve():
             raise UserError(f"config key 'dedup_against': {other} is the output folder itself")
 
