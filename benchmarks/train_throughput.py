@@ -11,7 +11,7 @@ vocabulary 32768 by default) and the same masked batches it times, alternately i
 * Hugging Face: ``transformers.BertForMaskedLM`` (SDPA attention) with ``torch.optim.AdamW``,
   under ``torch.autocast`` for bf16, forward + backward + step, in this process. On a CPU,
   where the trainer has made this process's malloc keep freed memory
-  (``pretrain.engine.keep_freed_memory``), that is the two codes under the same allocator, and
+  (``data_prep.malloc.keep_freed_memory``), that is the two codes under the same allocator, and
   Hugging Face also runs in a process of its own with glibc's malloc as shipped (as its users
   run it; this process waits meanwhile): the ratio is reported against that one;
 
@@ -121,7 +121,7 @@ class HuggingFace:
 def _hf_process(conn, cfg: PretrainConfig, dtype: torch.dtype, device: str) -> None:  # noqa: ANN001
     """The Hugging Face baseline in a process of its own, with malloc as glibc ships it: what a
     user of transformers runs. (Our rank's process keeps the memory it frees for reuse, see
-    ``pretrain.engine.keep_freed_memory``, which would speed Hugging Face up too.)"""
+    ``data_prep.malloc.keep_freed_memory``, which would speed Hugging Face up too.)"""
     hf = HuggingFace(cfg, dtype, torch.device(device))
     data = conn.recv()
     for ids, labels in data[:3]:  # warm-up
@@ -249,7 +249,7 @@ def main() -> None:
         cfg = load_config(PretrainConfig, REPO / f"configs/pretrain/{args.preset}.yaml", overrides)
         data = batches(args.steps, args.micro_batch, args.seq_len, args.vocab)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        ours = Ours(cfg)  # (on a CPU, its process now keeps freed memory: pretrain.engine.keep_freed_memory)
+        ours = Ours(cfg)  # (on a CPU, its process now keeps freed memory: data_prep.malloc.keep_freed_memory)
         hf_here = HuggingFace(cfg, dtype, device)
         # only a CPU rank changes malloc: there, Hugging Face as shipped needs a process of its own
         hf = HuggingFaceProcess(cfg, dtype, device, data) if device.type == "cpu" else None

@@ -33,6 +33,7 @@ from data_prep import corpus, encode, manifest, neardup, tokenizer
 from data_prep.config import PrepConfig, parse_size
 from data_prep.errors import RunError, UserError, fault
 from data_prep.files import LOCK, holding, write_atomic
+from data_prep.malloc import keep_freed_memory
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
 
@@ -636,6 +637,7 @@ def _write(
     t0: float,
 ) -> dict:
     """What :func:`prep` does once it holds the output folder."""
+    keep_freed_memory()  # (this process and the workers it forks: chunks, ids and blocks reuse the heap)
     if task is None:
         _remove_partial(out)  # (not in an array task: the other tasks' files in flight are .tmp too)
     units = plan_units(files, parse_size(cfg.unit_size))

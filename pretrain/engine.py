@@ -46,6 +46,7 @@ from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # no
 from torch import nn  # noqa: E402
 
 from data_prep.errors import RunError, UserError  # noqa: E402
+from data_prep.malloc import keep_freed_memory  # noqa: E402
 from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain.config import OptimConfig, Precision, PretrainConfig, Schedule, deepspeed_config, offloads_optimizer  # noqa: E402
 
@@ -86,30 +87,7 @@ def _without_deepspeed_muon() -> None:
 _without_deepspeed_muon()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _kept = False  # whether init_distributed applied keep_freed_memory (for the start-up line)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory a CPU training step frees, for the next step to reuse.
-
-    By default glibc serves every block over 32 MB (and, as its threshold adapts, many
-    smaller ones) with a fresh ``mmap`` and returns it to the system when freed, so each step
-    page-faults its large tensors in anew: at the ``mini`` shape with the 32k vocabulary about
-    27,000 faults (110 MB) a step, 10-20% of a bf16 step on 2 cores. With ``mmap`` off and the
-    heap never trimmed, the faults fall to none once the first steps have grown the heap; the
-    price is some fragmentation (the demo's ranks peak 0.02-0.04 GB higher, 3-5%). The same
-    idea as the jemalloc settings that Intel's PyTorch launcher preloads. Returns whether it
-    applied (glibc only)."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-    except (AttributeError, ValueError, OSError):  # not glibc (macOS, Windows, musl)
-        return False
-    import ctypes
-
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # How torch words a rendezvous that ran out its timeout: rank 0's store waiting for a rank that never

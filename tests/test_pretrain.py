@@ -1304,7 +1304,7 @@ def test_pretrain_help_lists_the_contract_keys() -> None:
 
 _FAULTS = """
 import resource, torch
-from pretrain.engine import keep_freed_memory
+from data_prep.malloc import keep_freed_memory
 
 def faults():  # minor page faults of five 64 MB tensors, each allocated, written and freed
     for _ in range(10):  # as a training step's first runs: the heap grows to what the steps need
