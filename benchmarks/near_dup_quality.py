@@ -15,7 +15,7 @@ the shingles prep uses (:func:`data_prep.neardup.shingles`), for each threshold 
   near copies (a drop through a chain of clusters, or an S-curve's false candidate, is not).
 
 Prep checks each candidate pair on an estimate (the marks: a byte of each MinHash value), not on
-the exact similarity, so these two are what it gives; the README quotes them.
+the exact similarity, so these two are what it gives; benchmarks/README.md quotes them.
 """
 
 from __future__ import annotations
