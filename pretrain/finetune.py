@@ -25,8 +25,10 @@ from enum import Enum
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from data_prep import tokenizer as tokenizers
 from data_prep.errors import UserError, fault
@@ -36,13 +38,14 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import (
     PretrainConfig,
     TrainConfig,
+    accumulation_steps,
     check_deepspeed,
     check_profile,
     precision_warning,
     resolve_precision,
 )
 from pretrain.model import BertModel, Dropout, ModelConfig, init_weights
-from pretrain.trainer import ends_process_group, out_of_memory
+from pretrain.trainer import Result, Stop, ends_process_group, out_of_memory
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 BEST, STATE = "best", "finetune_state.json"
@@ -414,7 +417,6 @@ def epoch_steps(rows: int, cfg: FinetuneConfig) -> int:
 def plan(cfg: FinetuneConfig, rows: tuple[Rows, Rows], world: int) -> list[str]:
     """Fine-tuning's plan: the task and its labels, the rows, the epochs and their steps
     (``--print-config``'s comment lines)."""
-    from pretrain.config import accumulation_steps
     from pretrain.export import describe
 
     sec, t = cfg.finetune, cfg.train
@@ -496,15 +498,7 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
     rank count, with the same global batches (split otherwise), the ZeRO state re-sharded and
     dropout's random state afresh. Returns the
     step reached, the signal that stopped it and the best epoch's eval figures."""
-    import torch.distributed as dist
-    from omegaconf import OmegaConf
-    from safetensors import SafetensorError
-    from tqdm import tqdm
-
     from pretrain import engine
-    from pretrain.config import accumulation_steps
-    from pretrain.metrics import Logger, StepProfiler, record_start, software
-    from pretrain.trainer import Result, Stop
 
     began = time.monotonic()  # (train.exit_after_minutes counts from here)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -520,186 +514,249 @@ def run(cfg: FinetuneConfig, progress: bool = False):  # noqa: ANN201 (a pretrai
         return cfg
 
     cfg = ckpt.from_rank_0(checked, rank, device, "which refused the run")
-    say = print if rank == 0 else (lambda *a, **k: None)
-    sec = cfg.finetune
-    run_dir = Path(cfg.run.dir)
-    ckpt.hold_for_ranks(run_dir, rank, device)
-    accum = accumulation_steps(cfg.train, world)
-    train_rows = rows[0] if rows else read_rows(Path(sec.train_file), sec)
-    names = label_names(train_rows.labels) if sec.task is Task.classification else []
-    known = {name: i for i, name in enumerate(names)}
-    eval_rows = rows[1] if rows else read_rows(Path(sec.eval_file), sec, known or None)
-    torch.manual_seed(cfg.train.seed)
-    model, tok = _load_encoder(sec, len(names) or 1, cfg)
-    sp = tokenizers.load(tok)
-    max_length = min(sec.max_length, model.config.max_position)
-    tr_ids, tr_types, tr_cut = encode(sp, train_rows, max_length)
-    ev_ids, ev_types, ev_cut = encode(sp, eval_rows, max_length)
-
-    def targets(rows: Rows) -> torch.Tensor:
-        if sec.task is Task.regression:
-            return torch.tensor(rows.labels, dtype=torch.float32)
-        return torch.tensor([known[x] for x in rows.labels], dtype=torch.long)
-
-    tr_y, ev_y = targets(train_rows), targets(eval_rows)
-    g = cfg.train.global_batch_size
-    steps_per_epoch = epoch_steps(len(tr_ids), cfg)
-    cfg.train.max_steps = steps_per_epoch * sec.epochs
-    cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
-    fingerprint = inputs(cfg, world) if rank == 0 else None  # what check() compares on a rerun
-    root = run_dir / "checkpoints"
-    state = read_state(run_dir)
-    done = state["epoch"] if state else 0  # epochs complete
-    if state and state["epoch"] >= sec.epochs:
-        say(f"{run_dir}: already complete ({state['epoch']} epochs; best epoch {state['best']['epoch']})")
+    ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
+    job = _FineTuning(cfg, rows, rank, world, device)
+    epochs, state = cfg.finetune.epochs, job.state
+    if state and state["epoch"] >= epochs:
+        job.say(f"{job.run_dir}: already complete ({state['epoch']} epochs; best epoch {state['best']['epoch']})")
         return Result(state.get("step", cfg.train.max_steps), cfg.train.max_steps, best=state["best"])
-    at = state.get("step", done * steps_per_epoch) if state else 0  # steps done (mid-epoch after a stop)
-    loaded = resume_tag(state) if state else None
-    was = state["inputs"]["world"] if state else world  # the rank count that wrote it
-    resharding = loaded is not None and was != world and cfg.train.zero_stage > 0
-    eng = engine.build(model, cfg, world, device, resharding)
-    if resharding:
-        engine.load_resharded(eng, root, loaded, rank, device)
-    elif loaded:
-        engine.load(eng, root, loaded)
-    logger = None  # rank 0's
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        logger = Logger(run_dir, at, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                        OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # fmt: skip
-    for name, rows, cut in (("train", train_rows, tr_cut), ("eval", eval_rows, ev_cut)):
-        skipped = sum(rows.skipped.values())
-        say(f"{name}: {len(rows.texts):,} rows" + (f", {skipped:,} skipped {dict(rows.skipped)}" if skipped else "")
-            + f", {cut:,} truncated to {max_length} tokens")  # fmt: skip
-    line = (f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
-            f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
-            + f"; {sec.epochs} epochs x {steps_per_epoch} steps of {g}; run folder {run_dir}"
-            + (f"; resuming from {loaded} (step {at})" if loaded else "")
-            + (f", written by {was} rank(s)" + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}"
-               if resharding else "") if was != world else ""))  # fmt: skip
-    say(line)
-    if rank == 0:
-        record_start(run_dir, at, line, software())
-    if warning := precision_warning(cfg.train.precision):
-        say(warning)
-    best = state["best"] if state else None
-    history = state["history"] if state else []
-    micro = cfg.train.micro_batch_size
-    stop, asked = Stop(cfg.train.exit_after_minutes, began), torch.zeros(2, device=device)  # a signal, time up
+    job.start(began)
+    try:
+        for epoch in range(job.done + 1, epochs + 1):
+            cause, whole = job.train_epoch(epoch, progress)
+            if not whole:  # (stopped inside the epoch, saved at its step)
+                return job.stopped(cause, f"stopped at step {job.at} of {cfg.train.max_steps} (in epoch {epoch}); "
+                                   "run the same command again to resume")  # fmt: skip
+            job.end_epoch(epoch)
+            if cause and epoch < epochs:
+                return job.stopped(cause, f"stopped after epoch {epoch} of {epochs} ({cause}); run the same command "
+                                   "again to resume")  # fmt: skip
+    except RuntimeError as err:  # one that ran out of memory says so in one line
+        if oom := out_of_memory(err, rank, device, job.at + 1, cfg, job.last, zero_too=False):  # (its stage is fixed)
+            raise oom from None
+        raise
+    job.say(f"done: best epoch {job.best['epoch']}; model in {job.run_dir / 'model'}")
+    job.close()
+    return Result(job.at, cfg.train.max_steps, best=job.best)
 
-    def room(files: dict[str, int]) -> str | None:
+
+class _FineTuning:
+    """One rank's fine-tuning, as :func:`run` drives it: the rows read and encoded and the model
+    loaded (``__init__``); the engine, resumed from the checkpoint the state names, and rank 0's
+    log (:meth:`start`); then each epoch's steps (:meth:`train_epoch`) and its evaluation and
+    checkpoint (:meth:`end_epoch`)."""
+
+    def __init__(
+        self, cfg: FinetuneConfig, rows: tuple[Rows, Rows] | None, rank: int, world: int, device: torch.device
+    ) -> None:
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.say = print if rank == 0 else (lambda *a, **k: None)
+        sec = self.sec = cfg.finetune
+        self.run_dir = Path(cfg.run.dir)
+        self.root = self.run_dir / "checkpoints"
+        train_rows = rows[0] if rows else read_rows(Path(sec.train_file), sec)
+        self.names = label_names(train_rows.labels) if sec.task is Task.classification else []
+        known = {name: i for i, name in enumerate(self.names)}
+        eval_rows = rows[1] if rows else read_rows(Path(sec.eval_file), sec, known or None)
+        torch.manual_seed(cfg.train.seed)
+        self.model, self.tok = _load_encoder(sec, len(self.names) or 1, cfg)
+        sp = tokenizers.load(self.tok)
+        self.max_length = min(sec.max_length, self.model.config.max_position)
+        self.tr_ids, self.tr_types, tr_cut = encode(sp, train_rows, self.max_length)
+        self.ev_ids, self.ev_types, ev_cut = encode(sp, eval_rows, self.max_length)
+        self.tr_y, self.ev_y = _targets(train_rows, sec.task, known), _targets(eval_rows, sec.task, known)
+        self.read = (("train", train_rows, tr_cut), ("eval", eval_rows, ev_cut))  # (for the start-up lines)
+        self.steps_per_epoch = epoch_steps(len(self.tr_ids), cfg)
+        cfg.train.max_steps = self.steps_per_epoch * sec.epochs
+        cfg.optim.warmup_steps = int(sec.warmup_ratio * cfg.train.max_steps)
+        self.fingerprint = inputs(cfg, world) if rank == 0 else None  # what check() compares on a rerun
+        self.state = read_state(self.run_dir)
+        self.done = self.state["epoch"] if self.state else 0  # epochs complete
+
+    def start(self, began: float) -> None:
+        """The engine (the checkpoint the state names loaded, re-sharded where another rank count
+        wrote it), rank 0's config file and log, the start-up lines, and the random state restored."""
+        from omegaconf import OmegaConf
+
+        from pretrain import engine
+        from pretrain.metrics import Logger, StepProfiler, record_start, software
+
+        cfg, sec, state, rank, world = self.cfg, self.sec, self.state, self.rank, self.world
+        self.at = state.get("step", self.done * self.steps_per_epoch) if state else 0  # (mid-epoch after a stop)
+        loaded = resume_tag(state) if state else None
+        was = state["inputs"]["world"] if state else world  # the rank count that wrote it
+        resharding = loaded is not None and was != world and cfg.train.zero_stage > 0
+        self.eng = engine.build(self.model, cfg, world, self.device, resharding)
+        if resharding:
+            engine.load_resharded(self.eng, self.root, loaded, rank, self.device)
+        elif loaded:
+            engine.load(self.eng, self.root, loaded)
+        self.logger = None  # rank 0's
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            self.logger = Logger(self.run_dir, self.at, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                 OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # fmt: skip
+        for name, rows, cut in self.read:
+            skipped = sum(rows.skipped.values())
+            self.say(f"{name}: {len(rows.texts):,} rows"
+                     + (f", {skipped:,} skipped {dict(rows.skipped)}" if skipped else "")
+                     + f", {cut:,} truncated to {self.max_length} tokens")  # fmt: skip
+        names = self.names
+        line = (f"bertforge finetune: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
+                f"{cfg.train.precision.value}; {sec.task.value}" + (f" over {len(names)} labels" if names else "")
+                + f"; {sec.epochs} epochs x {self.steps_per_epoch} steps of {cfg.train.global_batch_size}; "
+                f"run folder {self.run_dir}" + (f"; resuming from {loaded} (step {self.at})" if loaded else "")
+                + (f", written by {was} rank(s)" + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}"
+                   if resharding else "") if was != world else ""))  # fmt: skip
+        self.say(line)
+        if rank == 0:
+            record_start(self.run_dir, self.at, line, software())
+        if warning := precision_warning(cfg.train.precision):
+            self.say(warning)
+        self.best = state["best"] if state else None
+        self.history = state["history"] if state else []
+        self.stop = Stop(cfg.train.exit_after_minutes, began)
+        self.asked = torch.zeros(2, device=self.device)  # (a signal, the time up)
+        if state and (low := self.room(state.get("files", {}))):
+            self.say(low)  # (the disk filled since: better now than at the next save)
+        self.last = loaded or "none"  # the newest complete checkpoint
+        self.profiler = StepProfiler(cfg.log, self.run_dir, rank, self.device, self.at)
+        if loaded:
+            ckpt.restore_rng(self.root / loaded, rank, was == world, cfg.train.seed, self.at, world)
+
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[str | None, bool]:
+        """Epoch ``epoch``'s steps from where a stop left it, in its seeded order. Returns what
+        asked the run to stop (or None), and whether the epoch was trained whole: a stop before its
+        last step saves a checkpoint there and ends it."""
+        cfg, rank, world, device = self.cfg, self.rank, self.world, self.device
+        g, micro, per = cfg.train.global_batch_size, cfg.train.micro_batch_size, self.steps_per_epoch
+        accum = accumulation_steps(cfg.train, world)
+        self.eng.train()
+        order = torch.randperm(len(self.tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
+        order = order.repeat(math.ceil(per * g / len(order)))[: per * g]  # (a whole last batch)
+        first = self.at - (epoch - 1) * per  # steps of this epoch done before a stop (0, but on a resume)
+        bar = tqdm(range(first, per), desc=f"epoch {epoch}", disable=not (progress and rank == 0), leave=False)
+        window = torch.zeros(2, device=device)  # rank 0's loss sum and micro-batches since the last log
+        cause = None
+        for step in bar:
+            batch = order[step * g : (step + 1) * g]
+            for k in range(accum):
+                if fault("oom", (epoch - 1) * per + step + 1) and rank == world - 1:
+                    torch.empty(2**50, dtype=torch.uint8)  # test hook: the allocator refuses
+                idx = batch[(k * world + rank) * micro : (k * world + rank + 1) * micro].tolist()
+                ids, mask, types = collate([self.tr_ids[i] for i in idx], [self.tr_types[i] for i in idx],
+                                           self.max_length)  # fmt: skip
+                loss, _ = self.eng(ids.to(device), mask.to(device), types.to(device), self.tr_y[idx].to(device))
+                self.eng.backward(loss)
+                self.eng.step()
+                window += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+            self.at = (epoch - 1) * per + step + 1
+            if self.logger and self.at % cfg.log.every == 0:
+                total, count = window.tolist()
+                self.logger.log(self.at, {"finetune/train_loss": total / count, "train/lr": self.eng.get_lr()[0]})
+                window.zero_()
+            cause = self._stop_asked()
+            if cause and step + 1 < per:  # (at an epoch's end, after the epoch's own save)
+                tag = ckpt.tag(self.at)
+                self.save(tag, epoch - 1, f"at step {self.at}", self.last, False)
+                self.say(f"saved checkpoint {self.root / tag} (stopped by {cause})")
+                if said := self.profiler.stop(self.at):
+                    self.say(said)
+                return cause, False
+            if said := self.profiler.after(self.at):
+                self.say(said)
+        return cause, True
+
+    def _stop_asked(self) -> str | None:
+        """What asks every rank to stop after this step: a stop signal or the time limit on some
+        rank (all-reduced), or ``train.exit_at_step``."""
+        self.asked.copy_(torch.tensor([self.stop.signal is not None, self.stop.time_up()], dtype=self.asked.dtype))
+        dist.all_reduce(self.asked, op=dist.ReduceOp.MAX)
+        cause = (self.stop.signal or "another rank") if self.asked[0].item() else None
+        cause = cause or ("train.exit_after_minutes" if self.asked[1].item() else None)
+        return cause or ("train.exit_at_step" if self.at == self.cfg.train.exit_at_step else None)
+
+    def end_epoch(self, epoch: int) -> None:
+        """The eval figures of epoch ``epoch`` (the best so far kept), its checkpoint (with the model
+        folder where it is the best), a warning where the disk has no room for the next, and the
+        stop's checkpoints inside it removed."""
+        sec = self.sec
+        figures = evaluate(self.eng, self.ev_ids, self.ev_types, self.ev_y, len(self.names), self.cfg.train.micro_batch_size,
+                           self.rank, self.world, self.device, self.max_length)  # fmt: skip
+        figures["epoch"] = epoch
+        self.history.append(figures)
+        is_best = self.best is None or _better(figures, self.best, sec.task)
+        if is_best:
+            self.best = figures
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "epoch")
+        self.say(f"epoch {epoch}/{sec.epochs}: eval {shown}{' (best so far)' if is_best else ''}")
+        if self.logger:
+            self.logger.log(
+                epoch * self.steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"}
+            )
+        tag = f"epoch_{epoch:03d}"
+        self.save(tag, epoch, f"after epoch {epoch}", self.last, is_best)
+        self.last = tag
+        if epoch < sec.epochs and (low := self.room(ckpt.file_sizes(self.root / tag))):
+            self.say(low)
+        if self.rank == 0:  # a stop's checkpoint inside the epoch is now behind the epoch's own
+            for old in self.root.glob("step_*"):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def room(self, files: dict[str, int]) -> str | None:
         """Rank 0's warning where the disk has less room than the next epoch's save: a checkpoint of
         ``files`` and, where that epoch is the best, the model folder written beside the one it replaces."""
-        model = sum(p.stat().st_size for p in (run_dir / "model").rglob("*") if p.is_file())
+        if self.rank != 0:
+            return None
+        model = sum(p.stat().st_size for p in (self.run_dir / "model").rglob("*") if p.is_file())
         kept = "fine-tuning keeps every epoch's checkpoint; the model folder is replaced once the new one is written"
-        return ckpt.room(root, sum(files.values()) + model, kept) if rank == 0 else None
+        return ckpt.room(self.root, sum(files.values()) + model, kept)
 
-    if state and (low := room(state.get("files", {}))):
-        say(low)  # (the disk filled since: better now than at the next save)
-
-    def save(tag: str, epoch: int, where: str, kept: str, model_too: bool) -> None:
+    def save(self, tag: str, epoch: int, where: str, kept: str, model_too: bool) -> None:
         """Every rank's part of checkpoint ``tag`` after step ``at`` (``epoch`` epochs complete:
         DeepSpeed's files, the rank's random state), then rank 0's: the best model's folder where
         ``model_too``, and the state naming the checkpoint, which makes it the one a rerun loads. A
         write that fails stops every rank, saying so."""
-        failed = engine.save(eng, root, tag, rank)  # a full disk: every rank stops, saying so
+        from safetensors import SafetensorError
+
+        from pretrain import engine
+
+        rank, world, device, root = self.rank, self.world, self.device, self.root
+        failed = engine.save(self.eng, root, tag, rank)  # a full disk: every rank stops, saying so
         ckpt.agree_written(failed, root / tag, rank, world, device, where, kept)
-        target = run_dir / "model"
+        target = self.run_dir / "model"
         if rank == 0:
-            new = {"epoch": epoch, "step": at, "checkpoint": tag, "files": ckpt.file_sizes(root / tag), "best": best,
-                   "history": history, "labels": names, "inputs": fingerprint}  # fmt: skip
+            new = {"epoch": epoch, "step": self.at, "checkpoint": tag, "files": ckpt.file_sizes(root / tag),
+                   "best": self.best, "history": self.history, "labels": self.names, "inputs": self.fingerprint}  # fmt: skip
             try:
                 if model_too:
-                    write_model(target, root, tag, model, tok, names, sec)
-                target = run_dir / STATE
+                    write_model(target, root, tag, self.model, self.tok, self.names, self.sec)
+                target = self.run_dir / STATE
                 write_atomic(target, (json.dumps(new, indent=1) + "\n").encode())
             except (OSError, RuntimeError, SafetensorError) as err:
                 failed = err
         ckpt.agree_written(failed, target, rank, world, device, where, kept)
-        path, err = (logger and logger.failed) or (run_dir, None)  # rank 0's log: a full disk, say
-        then = "the run is complete; only its log is short" if epoch == sec.epochs else None
+        path, err = (self.logger and self.logger.failed) or (self.run_dir, None)  # rank 0's log: a full disk, say
+        then = "the run is complete; only its log is short" if epoch == self.sec.epochs else None
         ckpt.agree_written(err, path, rank, world, device, where, tag, then)
 
-    last, cause = loaded or "none", None  # the newest complete checkpoint; what stopped the run
-    profiler = StepProfiler(cfg.log, run_dir, rank, device, at)
-    if loaded:
-        ckpt.restore_rng(root / loaded, rank, was == world, cfg.train.seed, at, world)
-    try:
-        for epoch in range(done + 1, sec.epochs + 1):
-            eng.train()
-            order = torch.randperm(len(tr_ids), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
-            order = order.repeat(math.ceil(steps_per_epoch * g / len(order)))[: steps_per_epoch * g]  # whole last batch
-            first = at - (epoch - 1) * steps_per_epoch  # steps of this epoch done before a stop (0, but on a resume)
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", disable=not (progress and rank == 0),
-                       leave=False)  # fmt: skip
-            window = torch.zeros(2, device=device)  # rank 0's loss sum and micro-batches since the last log
-            for step in bar:
-                batch = order[step * g : (step + 1) * g]
-                for k in range(accum):
-                    if fault("oom", (epoch - 1) * steps_per_epoch + step + 1) and rank == world - 1:
-                        torch.empty(2**50, dtype=torch.uint8)  # test hook: the allocator refuses
-                    idx = batch[(k * world + rank) * micro : (k * world + rank + 1) * micro].tolist()
-                    ids, mask, types = collate([tr_ids[i] for i in idx], [tr_types[i] for i in idx], max_length)
-                    loss, _ = eng(ids.to(device), mask.to(device), types.to(device), tr_y[idx].to(device))
-                    eng.backward(loss)
-                    eng.step()
-                    window += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-                at = (epoch - 1) * steps_per_epoch + step + 1
-                if logger and at % cfg.log.every == 0:
-                    total, count = window.tolist()
-                    logger.log(at, {"finetune/train_loss": total / count, "train/lr": eng.get_lr()[0]})
-                    window.zero_()
-                # a stop signal or the time limit on some rank: every rank saves here
-                asked.copy_(torch.tensor([stop.signal is not None, stop.time_up()], dtype=asked.dtype))
-                dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-                cause = (stop.signal or "another rank") if asked[0].item() else None
-                cause = cause or ("train.exit_after_minutes" if asked[1].item() else None)
-                cause = cause or ("train.exit_at_step" if at == cfg.train.exit_at_step else None)
-                if cause and step + 1 < steps_per_epoch:  # (at an epoch's end, after the epoch's own save)
-                    tag = ckpt.tag(at)
-                    save(tag, epoch - 1, f"at step {at}", last, False)
-                    say(f"saved checkpoint {root / tag} (stopped by {cause})")
-                    if said := profiler.stop(at):
-                        say(said)
-                    say(f"stopped at step {at} of {cfg.train.max_steps} (in epoch {epoch}); run the same command again "
-                        "to resume")  # fmt: skip
-                    if logger:
-                        logger.close()
-                    return Result(at, cfg.train.max_steps, cause, best=best)
-                if said := profiler.after(at):
-                    say(said)
-            figures = evaluate(eng, ev_ids, ev_types, ev_y, len(names), micro, rank, world, device, max_length)
-            figures["epoch"] = epoch
-            history.append(figures)
-            is_best = best is None or _better(figures, best, sec.task)
-            if is_best:
-                best = figures
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "epoch")
-            say(f"epoch {epoch}/{sec.epochs}: eval {shown}{' (best so far)' if is_best else ''}")
-            if logger:
-                logger.log(epoch * steps_per_epoch, {f"finetune/{k}": v for k, v in figures.items() if k != "epoch"})
-            tag = f"epoch_{epoch:03d}"
-            save(tag, epoch, f"after epoch {epoch}", last, is_best)
-            last = tag
-            if epoch < sec.epochs and (low := room(ckpt.file_sizes(root / tag))):
-                say(low)
-            if rank == 0:  # a stop's checkpoint inside the epoch is now behind the epoch's own
-                for old in root.glob("step_*"):
-                    shutil.rmtree(old, ignore_errors=True)
-            if cause and epoch < sec.epochs:
-                say(f"stopped after epoch {epoch} of {sec.epochs} ({cause}); run the same command again to resume")
-                if logger:
-                    logger.close()
-                return Result(at, cfg.train.max_steps, cause, best=best)
-    except RuntimeError as err:  # one that ran out of memory says so in one line
-        if oom := out_of_memory(err, rank, device, at + 1, cfg, last, zero_too=False):  # (its stage is fixed)
-            raise oom from None
-        raise
-    say(f"done: best epoch {best['epoch']}; model in {run_dir / 'model'}")
-    if logger:
-        logger.close()
-    return Result(at, cfg.train.max_steps, best=best)
+    def stopped(self, cause: str, said: str):  # noqa: ANN201 (a pretrain.trainer.Result)
+        """The run's end at a stop, saying ``said``."""
+        self.say(said)
+        self.close()
+        return Result(self.at, self.cfg.train.max_steps, cause, best=self.best)
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+
+
+def _targets(rows: Rows, task: Task, known: dict[str, int]) -> torch.Tensor:
+    """The rows' labels as the loss takes them: class indices (``known``: a name's), or the values."""
+    if task is Task.regression:
+        return torch.tensor(rows.labels, dtype=torch.float32)
+    return torch.tensor([known[x] for x in rows.labels], dtype=torch.long)
 
 
 def _better(a: dict, b: dict, task: Task) -> bool:
@@ -727,8 +784,6 @@ def row_batches(
 def evaluate(eng, ids, types, y, num_labels, micro, rank, world, device, limit) -> dict:  # noqa: ANN001
     """Loss, and accuracy and macro-F1 (classification), over every rank's share of the eval rows
     (batches padded to at most ``limit`` tokens)."""
-    import torch.distributed as dist
-
     eng.eval()
     k = max(num_labels, 1)
     sums = torch.zeros(2 + k * k, dtype=torch.float64, device=device)  # loss sum, rows, confusion
