@@ -786,14 +786,6 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     terms of the last forward in ``loss_terms`` (logged under their names; in eval mode,
     ``teacher_correct`` becomes ``eval/teacher_mlm_accuracy``)."""
     from pretrain import engine  # the one module that imports deepspeed
-    from pretrain.metrics import (
-        Logger,
-        SpikeWatch,
-        StepProfiler,
-        measure_peak_tflops,
-        record_start,
-        software,
-    )
 
     began = time.monotonic()  # (train.exit_after_minutes counts from here)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -803,320 +795,407 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     # sends the config it resolved, so that every rank runs the same (the precision auto stood for),
     # with the datasets' manifests and their sha256 and the checkpoint's state, read once.
     cfg, mans, shas, latest, state = ckpt.from_rank_0(lambda: _start(cfg, world), rank, device, "which refused the run")
-    man = mans[0]
     ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
-    stop = Stop(cfg.train.exit_after_minutes, began)
-    say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
-    run_dir, root = Path(cfg.run.dir), ckpt.folder(Path(cfg.run.dir))
-    folder = Path(cfg.data.path)
-    accum = accumulation_steps(cfg.train, world)
-    micro, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
-    manifest_sha, blend_sha = shas[0], shas[1:]  # the datasets, known by their manifests (folders may move)
-    folders = [folder, *map(Path, cfg.data.blend)]
-    weights = cfg.data.weights if cfg.data.blend else None
-
+    run = _Training(cfg, mans, shas, latest, state, rank, world, device, began)
     if rank == 0:
-        _open_run_folder(cfg, man, latest, say)
+        _open_run_folder(cfg, mans[0], latest, run.say)
     dist.barrier()
-
     if state is not None and state["step"] >= cfg.train.max_steps:  # (before building, loading, converting)
-        say(already_complete(run_dir, state["step"], cfg.train.max_steps))
+        run.say(already_complete(run.run_dir, state["step"], cfg.train.max_steps))
         return Result(state["step"], cfg.train.max_steps)
-    if rank == 0 and state is not None and (low := ckpt.room(root, sum(state.get("files", {}).values()))):
-        say(low)  # (the disk filled since: better now than at the next save)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
-    if cfg.train.init_from and latest is None:  # (a resumed run takes its weights from its checkpoint)
-        _initial_weights(model, Path(cfg.train.init_from), rank, device)
-    resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
-    eng = engine.build(model, cfg, world, device, resharding)
+    if rank == 0 and state is not None and (low := ckpt.room(run.root, sum(state.get("files", {}).values()))):
+        run.say(low)  # (the disk filled since: better now than at the next save)
+    run.start(build_model)
+    return run.loop(progress)
 
-    step = batches = tokens = bad_total = 0
-    passed: list[list[int]] = []  # the stretches of steps passed over, [first, last] (bertforge report shades them)
-    layout = {"generation": 0, "origin": 0, "batches": 0, "read": []}  # the data slots' layout, since `batches`
-    changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
-    if state is not None:
-        if resharding:
-            engine.load_resharded(eng, root, latest, rank, device)
-        else:
-            engine.load(eng, root, latest)
-        engine.take_optim_keys(eng, cfg.optim)
-        step, batches, tokens, bad_total = state["step"], state["batches"], state["tokens"], state["bad_steps"]
-        passed = state.get("passed_over", [])
-        layout, changed = _resumed_layout(cfg, state, world, resharding, folders, mans, shas, weights)
 
-    word_start = None
-    if cfg.data.masking.whole_word:
-        word_start = tokenizers.word_starts(tokenizers.load(folder / man["tokenizer"]["file"]))
+class _Training:
+    """One rank's pretraining (or distillation), as :func:`train` drives it: the model, the engine
+    (resumed from the latest checkpoint), the data streams, the job's peak and rank 0's log
+    (:meth:`start`); then the steps (:meth:`loop`), each trained (:meth:`_train_step`) or passed
+    over (:meth:`_pass_step`), logged and evaluated (:meth:`_log`), saved (:meth:`_save`), and
+    stopped where a signal, the time limit or ``train.exit_at_step`` asks (:meth:`_stop_asked`)."""
 
-    def train_stream(batches: int) -> ShardStream:
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        mans: list[dict],
+        shas: list[str],
+        latest: str | None,
+        state: dict | None,
+        rank: int,
+        world: int,
+        device: torch.device,
+        began: float,
+    ) -> None:
+        self.cfg, self.mans, self.man, self.shas = cfg, mans, mans[0], shas  # (shas: the datasets' manifests')
+        self.latest, self.state = latest, state
+        self.rank, self.world, self.device = rank, world, device
+        self.stop = Stop(cfg.train.exit_after_minutes, began)
+        self.say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
+        self.run_dir = Path(cfg.run.dir)
+        self.root = ckpt.folder(self.run_dir)
+        self.accum = accumulation_steps(cfg.train, world)
+        self.micro, self.seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
+        self.folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]  # (known by their manifests: they may move)
+        self.weights = cfg.data.weights if cfg.data.blend else None
+
+    def start(self, build_model) -> None:  # noqa: ANN001
+        """The model (``build_model``'s, or ``train.init_from``'s weights), the engine, the latest
+        checkpoint loaded (re-sharded for another rank count), the data streams from where it
+        left them, the job's peak, rank 0's log, and the start-up lines."""
+        from pretrain import engine
+        from pretrain.metrics import Logger, record_start, software
+
+        cfg, state, rank, world, device = self.cfg, self.state, self.rank, self.world, self.device
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
+        if cfg.train.init_from and self.latest is None:  # (a resumed run takes its weights from its checkpoint)
+            _initial_weights(model, Path(cfg.train.init_from), rank, device)
+        resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
+        self.eng = engine.build(model, cfg, world, device, resharding)
+
+        self.step = self.batches = self.tokens = self.bad_total = 0
+        self.passed: list[list[int]] = []  # the stretches of steps passed over, [first, last] (report shades them)
+        self.layout = {
+            "generation": 0,
+            "origin": 0,
+            "batches": 0,
+            "read": [],
+        }  # the data slots' layout, since `batches`
+        changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
+        if state is not None:
+            if resharding:
+                engine.load_resharded(self.eng, self.root, self.latest, rank, device)
+            else:
+                engine.load(self.eng, self.root, self.latest)
+            engine.take_optim_keys(self.eng, cfg.optim)
+            self.step, self.batches, self.tokens = state["step"], state["batches"], state["tokens"]
+            self.bad_total, self.passed = state["bad_steps"], state.get("passed_over", [])
+            self.layout, changed = _resumed_layout(
+                cfg, state, world, resharding, self.folders, self.mans, self.shas, self.weights
+            )
+
+        self.word_start = None
+        if cfg.data.masking.whole_word:
+            self.word_start = tokenizers.word_starts(tokenizers.load(self.folders[0] / self.man["tokenizer"]["file"]))
+        self.stream = self._train_stream(self.batches)
+        self.vals = _val_streams(cfg, self.folders, self.mans, self.weights, rank, world, self.word_start, self.say)
+        # A measured peak is measured again at each evaluation and the best kept: a shared host's speed
+        # drifts, and a peak measured once, while the host was slow, put a long run's MFU above 100%.
+        self.peak = self._job_peak()
+        stage = "distill" if hasattr(cfg, "distill") else "pretrain"
+        self.flops = flops_per_token(cfg.model, self.seq_len, cfg.data.masking.probability)
+        self.tokens_per_step = cfg.train.global_batch_size * self.seq_len
+
+        self.skips = cfg.train.skipped()  # (first, last) of the steps whose data is passed over
+        step, max_steps = self.step, cfg.train.max_steps
+        ahead = [  # the stretches of them still to come, for the start-up line
+            _steps(max(a, step + 1), min(b, max_steps)) for a, b in self.skips if b > step and a <= max_steps
+        ]
+        self.logger = Logger(self.run_dir, step, to_dict(cfg), to_yaml(cfg)) if rank == 0 else None
+        self.soft = software() if rank == 0 else {}  # (each checkpoint's state and the run's journal name the code)
+        m, t, latest = cfg.model, cfg.train, self.latest
+        line = (
+            f"bertforge {stage}: {world} rank(s), {engine.describe()}, ZeRO {t.zero_stage}, "
+            f"{t.precision.value}; model {num_parameters(model) / 1e6:.2f}M parameters "
+            f"(L{m.num_layers} H{m.hidden_size} A{m.num_heads}), vocab {m.vocab_size:,}, seq_len {self.seq_len}; "
+            f"batch {t.global_batch_size} = {self.micro} x {world} rank(s) x {self.accum} accumulation; "
+            f"peak {self.peak:.2f} TFLOP/s; run folder {self.run_dir}"
+            + (f"; resuming from {latest} (step {step}){changed}" if latest else "")
+            + (f"; initial weights from {t.init_from}" if t.init_from and not latest else "")
+            + (f"; the data of {', '.join(ahead)} passed over (train.skip_steps)" if ahead else "")
+        )
+        self.say(line)
+        if rank == 0:
+            record_start(self.run_dir, step, line, self.soft)
+        if self.weights:  # what the run will read of each dataset from here
+            self.say(blend_epochs(cfg, self.mans, max_steps - step, "to go"))
+        if warning := precision_warning(t.precision):
+            self.say(warning)
+
+    def _train_stream(self, batches: int) -> ShardStream:
         """The rank's training data from ``batches`` micro-batches into the run."""
+        cfg, layout = self.cfg, self.layout
         return ShardStream(
-            folders, "train", rank, world, cfg.data.num_workers, micro, cfg.data.seed,
-            cfg.data.masking, cfg.model.vocab_size, word_start, start_batch=batches - layout["batches"],
-            origin=layout["origin"], generation=layout["generation"], weights=weights,
+            self.folders, "train", self.rank, self.world, cfg.data.num_workers, self.micro, cfg.data.seed,
+            cfg.data.masking, cfg.model.vocab_size, self.word_start, start_batch=batches - layout["batches"],
+            origin=layout["origin"], generation=layout["generation"], weights=self.weights,
         )  # fmt: skip
 
-    stream = train_stream(batches)
-    vals = _val_streams(cfg, folders, mans, weights, rank, world, word_start, say)
-
-    def job_peak() -> float:
+    def _job_peak(self) -> float:
         """The whole job's peak: each rank's, summed."""
-        mine = torch.tensor(
-            cfg.log.peak_tflops or measure_peak_tflops(device, DTYPES[cfg.train.precision]), device=device
-        )
+        from pretrain.metrics import measure_peak_tflops
+
+        cfg = self.cfg
+        mine = cfg.log.peak_tflops or measure_peak_tflops(self.device, DTYPES[cfg.train.precision])
+        mine = torch.tensor(mine, device=self.device)
         dist.all_reduce(mine)
         return mine.item()
 
-    # A measured peak is measured again at each evaluation and the best kept: a shared host's speed
-    # drifts, and a peak measured once, while the host was slow, put a long run's MFU above 100%.
-    peak = job_peak()
-    stage = "distill" if hasattr(cfg, "distill") else "pretrain"
-    flops = flops_per_token(cfg.model, seq_len, cfg.data.masking.probability)
-    tokens_per_step = cfg.train.global_batch_size * seq_len
+    def loop(self, progress: bool) -> Result:
+        """The steps from the one reached to ``train.max_steps``, or to a stop (saved first)."""
+        from pretrain.metrics import SpikeWatch, StepProfiler
 
-    skips = cfg.train.skipped()  # (first, last) of the steps whose data is passed over
-    ahead = [  # the stretches of them still to come, for the start-up line
-        _steps(max(a, step + 1), min(b, cfg.train.max_steps)) for a, b in skips if b > step and a <= cfg.train.max_steps
-    ]
-    logger = Logger(run_dir, step, to_dict(cfg), to_yaml(cfg)) if rank == 0 else None
-    soft = software() if rank == 0 else {}  # (each checkpoint's state and the run's journal name the code)
-    line = (
-        f"bertforge {stage}: {world} rank(s), {engine.describe()}, ZeRO {cfg.train.zero_stage}, "
-        f"{cfg.train.precision.value}; model {num_parameters(model) / 1e6:.2f}M parameters "
-        f"(L{cfg.model.num_layers} H{cfg.model.hidden_size} A{cfg.model.num_heads}), vocab {cfg.model.vocab_size:,}, "
-        f"seq_len {seq_len}; batch {cfg.train.global_batch_size} = {micro} x {world} rank(s) x {accum} accumulation; "
-        f"peak {peak:.2f} TFLOP/s; run folder {run_dir}"
-        + (f"; resuming from {latest} (step {step}){changed}" if latest else "")
-        + (f"; initial weights from {cfg.train.init_from}" if cfg.train.init_from and not latest else "")
-        + (f"; the data of {', '.join(ahead)} passed over (train.skip_steps)" if ahead else "")
-    )
-    say(line)
-    if rank == 0:
-        record_start(run_dir, step, line, soft)
-    if weights:  # what the run will read of each dataset from here
-        say(blend_epochs(cfg, mans, cfg.train.max_steps - step, "to go"))
-    if warning := precision_warning(cfg.train.precision):
-        say(warning)
+        cfg, rank, world, device, max_steps = self.cfg, self.rank, self.world, self.device, self.cfg.train.max_steps
+        self.it = None  # the loader's iterator, opened by the first step that trains (a step passed over reads nothing)
+        self.window, self.bad_in_row, self.saved_at, self.last_loss, self.passing = _Window(), 0, self.step, None, False
+        bar = tqdm(
+            total=max_steps, initial=self.step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
+        )
+        self.flags = torch.zeros(4, device=device)  # non-finite loss, stop signal, damaged shard, time up: on some rank
+        # The random state of dropout, set last: nothing above may draw from it after this
+        if self.latest is not None:
+            ckpt.restore_rng(
+                self.root / self.latest, rank, self.state["world"] == world, cfg.train.seed, self.step, world
+            )
+        else:  # dropout differs per rank
+            torch.manual_seed(cfg.train.seed + 1 + rank)
+        self.profiler = StepProfiler(cfg.log, self.run_dir, rank, device, self.step)
+        self.spikes = SpikeWatch(cfg.log.spike_factor, self.state.get("spike_watch") if self.state else None)
+        try:
+            while self.step < max_steps:
+                if any(a <= self.step + 1 <= b for a, b in self.skips):  # train.skip_steps: its batches dropped unread
+                    self._pass_step()
+                else:
+                    self._train_step()
+                self.step += 1
+                bar.update(1)
+                last = self.step == max_steps
+                if self._log(last) is not None:  # a step that logged: was rank 0's log written?
+                    self._check_log_written(last)
+                if stopped := self._stop_asked():
+                    cause, why = stopped
+                    self._save(why)
+                    if said := self.profiler.stop(self.step):
+                        self.say(said)
+                    self.say(f"stopped at step {self.step} of {max_steps}; run the same command again to resume")
+                    return Result(self.step, max_steps, cause, self.last_loss)
+                if last or (not self.passing and self.step % cfg.checkpoint.every == 0):
+                    self._save("end of run" if last else f"every {cfg.checkpoint.every} steps")
+                    self.saved_at = self.step
+                if said := self.profiler.after(
+                    self.step
+                ):  # (a profiled step ends here: its log, evaluation and save in it)
+                    self.say(said)
+                _test_faults(self.step, rank, world)
+            self.say(
+                f"done: {self.step} steps"
+                + (f" ({passed_count(self.passed)} passed over, train.skip_steps)" if self.passed else "")
+                + f", {self.tokens:,} tokens, {self.bad_total} skipped micro-batches; last checkpoint step {self.saved_at}"
+            )
+            return Result(self.step, max_steps, None, self.last_loss)
+        except RuntimeError as err:
+            if oom := out_of_memory(err, rank, device, self.step + 1, cfg, ckpt.latest(self.run_dir)):
+                raise oom from None
+            raise
+        finally:
+            bar.close()
+            if self.logger:
+                self.logger.close()
+            close_loader(self.it)
+            self.it = None
 
-    def evaluate() -> dict[str, float]:
-        nonlocal peak
-        out = _evaluate(eng, vals, cfg, rank, world, device, f"evaluating at step {step}", bool(weights))
-        if not cfg.log.peak_tflops:
-            peak = max(peak, job_peak())
-            out["perf/peak_tflops"] = peak
+    def _pass_step(self) -> None:
+        """A step of ``train.skip_steps``: its batches dropped unread, the schedule moved on as a step
+        would move it (the first of a stretch says so, and closes the loader)."""
+        from pretrain import engine
+
+        step = self.step
+        if not self.passing:
+            end = _passed_over(self.skips, step + 1, self.cfg.train.max_steps)
+            self.say(f"{_steps(step + 1, end)}: data passed over, not trained (train.skip_steps); "
+                     "the schedule goes on through them")  # fmt: skip
+            close_loader(self.it)
+            self.it, self.passing = None, True
+        self.batches += self.accum
+        engine.pass_step(self.eng)
+        if self.passed and self.passed[-1][1] == step:
+            self.passed[-1][1] = step + 1
+        else:
+            self.passed.append([step + 1, step + 1])
+
+    def _train_step(self) -> None:
+        """A step's ``accum`` good micro-batches: forward, the flags every rank shares after it (a
+        non-finite loss on some rank skips the micro-batch on every rank, up to
+        ``train.max_bad_steps`` in a row; a damaged shard stops the run), backward and step."""
+        cfg, rank, world, device, step = self.cfg, self.rank, self.world, self.device, self.step
+        self.passing = False
+        if self.it is None:  # (at the start, or after steps passed over: the data from here)
+            if self.stream.start_batch != self.batches - self.layout["batches"]:  # (past steps passed over)
+                self.stream = self._train_stream(self.batches)
+            self.it = iterate(build_loader(self.stream))
+        start, good = time.perf_counter(), 0
+        while good < self.accum:
+            asked = time.perf_counter()
+            ids, labels, damaged = _next_batch(self.it, self.micro, self.seq_len, rank)
+            self.window.waited += time.perf_counter() - asked
+            self.batches += 1
+            if fault("oom", step + 1) and rank == world - 1:
+                torch.empty(2**50, dtype=torch.uint8)  # test hook: the allocator refuses (a real refusal)
+            loss, correct, count = self.eng(
+                ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
+            )
+            value = loss.item()
+            if fault("nan", step + 1) and rank == world - 1 and good == 0 and not self.bad_in_row:
+                value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
+            if fault("spike", step + 1):
+                value *= 3  # test hook: the step's losses logged 3x (the training unchanged)
+            mine = [
+                not math.isfinite(value),
+                self.stop.signal is not None,
+                ckpt.failure_flag(damaged, rank, world),
+                self.stop.time_up(),
+            ]
+            self.flags.copy_(torch.tensor(mine, dtype=self.flags.dtype))  # one host-to-device copy, not three
+            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
+            if self.flags[2]:
+                raise _damaged(damaged, self.flags[2].item(), rank, world, f"at step {step + 1}", self.run_dir)
+            if self.flags[0]:
+                self.bad_in_row += 1
+                self.bad_total += 1
+                self.say(f"step {step + 1}: non-finite loss on some rank; micro-batch {self.batches} skipped "
+                         f"({self.bad_in_row} in a row)")  # fmt: skip
+                if self.bad_in_row >= cfg.train.max_bad_steps:
+                    raise RunError(
+                        f"{self.bad_in_row} non-finite losses in a row at step {step + 1} (train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}); the last checkpoint is {ckpt.latest(self.run_dir) or 'none'}; "
+                        "lower optim.lr or raise optim.warmup_steps and run the same command again: a resume takes them",
+                        quiet=rank != 0,
+                    )
+                continue
+            self.bad_in_row = 0
+            self.eng.backward(loss)
+            self.eng.step()
+            good += 1
+            terms = {k: v.item() for k, v in getattr(self.eng.module, "loss_terms", {}).items()}
+            self.window.add(value, correct.item(), count.item(), terms)
+        self.tokens += self.tokens_per_step
+        self.window.seconds += time.perf_counter() - start
+        self.window.steps += 1
+
+    def _log(self, last: bool) -> dict | None:
+        """The step's scalars, logged (and its line said) where a log or an evaluation is due; None
+        where neither is. A step passed over logs, evaluates and saves nothing (a pass of thousands
+        would have printed a line for each log step among them), unless it is the run's last."""
+        cfg, step = self.cfg, self.step
+        due = last or (not self.passing and step % cfg.log.every == 0)
+        evaluating = bool(self.vals) and (last or (not self.passing and step % cfg.eval.every == 0))
+        if due and self.window.steps:
+            counts = {"train/bad_steps": self.bad_total, "train/tokens": self.tokens}
+            if self.passed:
+                counts["train/skipped_steps"] = passed_count(self.passed)
+            scalars = _window_scalars(self.eng, self.window, self.device, self.tokens_per_step, self.flops, self.peak,
+                                      counts)  # fmt: skip
+            self.last_loss = loss = scalars["train/loss"]
+            if spike := self.spikes.add(loss):
+                self.say(
+                    f"warning: step {step}: train loss {loss:.4f} is {loss / spike[0]:.1f}x the median of "
+                    f"the {spike[1]} logged before it ({spike[0]:.4f}): a loss spike? The way back: bertforge rewind "
+                    f"{self.run_dir} N (a checkpoint before it; the last is step {self.saved_at}), then "
+                    "train.skip_steps=[FIRST-LAST] over its data (README: Recovering from a loss spike; "
+                    "log.spike_factor=0: no such warning)"
+                )
+            if evaluating:
+                scalars.update(self._eval_figures())
+            if self.logger:
+                self.logger.log(step, scalars)
+                self.say(step_line(step, cfg.train.max_steps, scalars))
+            self.window = _Window()
+            return scalars
+        if not (due or evaluating):
+            return None
+        # an evaluation alone, or the run's last step, passed over
+        scalars = {"train/lr": self.eng.get_lr()[0], "train/skipped_steps": passed_count(self.passed)} if due else {}
+        if evaluating:
+            scalars.update(self._eval_figures())
+        if self.logger:
+            self.logger.log(step, scalars)
+            said = [f"passed over (train.skip_steps) | lr {scalars['train/lr']:.2e}"] if due else []
+            said += [eval_said(scalars)] if "eval/loss" in scalars else []
+            self.say(f"step {step}{f'/{cfg.train.max_steps}' if due else ''} | {' | '.join(said)}")
+        return scalars
+
+    def _eval_figures(self) -> dict[str, float]:
+        """The evaluation at this step, and the job's peak measured again (the best kept)."""
+        out = _evaluate(self.eng, self.vals, self.cfg, self.rank, self.world, self.device,
+                        f"evaluating at step {self.step}", bool(self.weights))  # fmt: skip
+        if not self.cfg.log.peak_tflops:
+            self.peak = max(self.peak, self._job_peak())
+            out["perf/peak_tflops"] = self.peak
         return out
 
-    def save(reason: str) -> None:
-        name, kept = ckpt.tag(step), ckpt.tag(saved_at) if saved_at else "none"  # (saved_at: the last one, below)
-        failed = engine.save(eng, root, name, rank)
+    def _check_log_written(self, last: bool) -> None:
+        """Every rank learns whether rank 0's log was written; where not (a full disk, a quota),
+        every rank stops, saving first."""
+        lost = torch.tensor([float(bool(self.logger and self.logger.failed))], device=self.device)
+        dist.all_reduce(lost, op=dist.ReduceOp.MAX)
+        if lost.item():
+            self._save("the log could not be written")
+            path, err = self.logger.failed if self.logger else (self.run_dir, None)
+            then = "the run is complete; only its log is short" if last else None
+            ckpt.agree_written(err, path, self.rank, self.world, self.device, f"at step {self.step}",
+                               ckpt.tag(self.step), then)  # fmt: skip
+
+    def _stop_asked(self) -> tuple[str, str] | None:
+        """What asks the run to stop after this step, and the words for its checkpoint: a stop
+        signal or the time limit on some rank (the step's shared flags), or ``train.exit_at_step``."""
+        if self.flags[1]:
+            who = self.stop.signal or "another rank"
+            return who, f"stop requested by {who}"
+        if self.flags[3]:
+            return "train.exit_after_minutes", f"train.exit_after_minutes={self.cfg.train.exit_after_minutes:g}"
+        if self.step == self.cfg.train.exit_at_step:
+            return "train.exit_at_step", f"train.exit_at_step={self.step}"
+        return None
+
+    def _save(self, reason: str) -> None:
+        """Checkpoint ``step_N`` of every rank, then rank 0's state (the step, the data's position on
+        every rank and worker, the config, the datasets' checksums, ...), which makes it ``latest``.
+        A write that fails stops every rank, saying so."""
+        from pretrain import engine
+
+        cfg, rank, world, device, root, step = self.cfg, self.rank, self.world, self.device, self.root, self.step
+        name, kept = ckpt.tag(step), ckpt.tag(self.saved_at) if self.saved_at else "none"
+        failed = engine.save(self.eng, root, name, rank)
         if fault("kill-in-save", step) and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         ckpt.agree_written(failed, root / name, rank, world, device, f"at step {step}", kept)
         if rank == 0:
+            layout, since = self.layout, self.batches - self.layout["batches"]
+            read = data_read(layout["read"], self.shas, self.folders, self.stream.read(since))
             state = {
                 "step": step,
-                "batches": batches,
-                "tokens": tokens,
-                "bad_steps": bad_total,
-                **({"skipped_steps": passed_count(passed)} if passed else {}),
-                "passed_over": passed,
-                "spike_watch": spikes.state(),  # (a resumed run's watch goes on from it)
-                "software": soft,
+                "batches": self.batches,
+                "tokens": self.tokens,
+                "bad_steps": self.bad_total,
+                **({"skipped_steps": passed_count(self.passed)} if self.passed else {}),
+                "passed_over": self.passed,
+                "spike_watch": self.spikes.state(),  # (a resumed run's watch goes on from it)
+                "software": self.soft,
                 "world": world,
                 "num_workers": cfg.data.num_workers,
                 "files": ckpt.file_sizes(root / name),  # (every rank's, all written by now)
                 "data_layout": layout,
-                **(
-                    {"data_read": read}
-                    if (read := data_read(layout["read"], shas, folders, stream.read(batches - layout["batches"])))
-                    is not None
-                    else {}
-                ),
-                "data_position": _data_position(batches - layout["batches"], world, cfg.data.num_workers, micro),
-                "manifest_sha256": manifest_sha,
-                **({"blend_sha256": blend_sha} if blend_sha else {}),
-                "tokenizer_sha256": man["tokenizer"]["sha256"],
+                **({"data_read": read} if read is not None else {}),
+                "data_position": _data_position(since, world, cfg.data.num_workers, self.micro),
+                "manifest_sha256": self.shas[0],
+                **({"blend_sha256": self.shas[1:]} if self.shas[1:] else {}),
+                "tokenizer_sha256": self.man["tokenizer"]["sha256"],
                 "config": to_dict(cfg),
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             try:
-                removed = ckpt.commit(run_dir, name, state, cfg.checkpoint.keep)
+                removed = ckpt.commit(self.run_dir, name, state, cfg.checkpoint.keep)
             except OSError as err:
                 failed = err
         ckpt.agree_written(failed, root / name, rank, world, device, f"at step {step}", kept)
         if rank == 0:
-            say(f"saved checkpoint {root / name} ({reason})" + (f"; removed {', '.join(removed)}" if removed else ""))
+            self.say(
+                f"saved checkpoint {root / name} ({reason})" + (f"; removed {', '.join(removed)}" if removed else "")
+            )
             if step < cfg.train.max_steps and (low := ckpt.room(root, sum(state["files"].values()))):
-                say(low)
-
-    it = None  # the loader's iterator, opened by the first step that trains (a step passed over reads nothing)
-    window, bad_in_row, saved_at, last_loss, passing = _Window(), 0, step, None, False
-    bar = tqdm(
-        total=cfg.train.max_steps, initial=step, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
-    )
-    flags = torch.zeros(4, device=device)  # non-finite loss, stop signal, damaged shard, time up: on some rank
-    # The random state of dropout, set last: nothing above may draw from it after this
-    if latest is not None:
-        ckpt.restore_rng(root / latest, rank, state["world"] == world, cfg.train.seed, step, world)
-    else:  # dropout differs per rank
-        torch.manual_seed(cfg.train.seed + 1 + rank)
-    profiler = StepProfiler(cfg.log, run_dir, rank, device, step)
-    spikes = SpikeWatch(cfg.log.spike_factor, state.get("spike_watch") if state else None)
-    try:
-        while step < cfg.train.max_steps:
-            if any(a <= step + 1 <= b for a, b in skips):  # train.skip_steps: the step's batches dropped unread
-                if not passing:
-                    end = _passed_over(skips, step + 1, cfg.train.max_steps)
-                    say(
-                        f"{_steps(step + 1, end)}: data passed over, not trained (train.skip_steps); "
-                        "the schedule goes on through them"
-                    )
-                    close_loader(it)
-                    it, passing = None, True
-                batches += accum
-                engine.pass_step(eng)
-                if passed and passed[-1][1] == step:
-                    passed[-1][1] = step + 1
-                else:
-                    passed.append([step + 1, step + 1])
-            else:
-                passing = False
-                if it is None:  # (at the start, or after steps passed over: the data from here)
-                    if stream.start_batch != batches - layout["batches"]:  # (past steps passed over)
-                        stream = train_stream(batches)
-                    it = iterate(build_loader(stream))
-                start, good = time.perf_counter(), 0
-                while good < accum:
-                    asked = time.perf_counter()
-                    ids, labels, damaged = _next_batch(it, micro, seq_len, rank)
-                    window.waited += time.perf_counter() - asked
-                    batches += 1
-                    if fault("oom", step + 1) and rank == world - 1:
-                        torch.empty(2**50, dtype=torch.uint8)  # test hook: the allocator refuses (a real refusal)
-                    loss, correct, count = eng(
-                        ids.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True)
-                    )
-                    value = loss.item()
-                    if fault("nan", step + 1) and rank == world - 1 and good == 0 and not bad_in_row:
-                        value = math.nan  # test hook: this rank's first micro-batch of the step goes bad
-                    if fault("spike", step + 1):
-                        value *= 3  # test hook: the step's losses logged 3x (the training unchanged)
-                    mine = [
-                        not math.isfinite(value),
-                        stop.signal is not None,
-                        ckpt.failure_flag(damaged, rank, world),
-                        stop.time_up(),
-                    ]
-                    flags.copy_(torch.tensor(mine, dtype=flags.dtype))  # one host-to-device copy, not three
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    if flags[2]:
-                        raise _damaged(damaged, flags[2].item(), rank, world, f"at step {step + 1}", run_dir)
-                    if flags[0]:
-                        bad_in_row += 1
-                        bad_total += 1
-                        say(
-                            f"step {step + 1}: non-finite loss on some rank; micro-batch {batches} skipped ({bad_in_row} in a row)"
-                        )
-                        if bad_in_row >= cfg.train.max_bad_steps:
-                            raise RunError(
-                                f"{bad_in_row} non-finite losses in a row at step {step + 1} (train.max_bad_steps="
-                                f"{cfg.train.max_bad_steps}); the last checkpoint is {ckpt.latest(run_dir) or 'none'}; "
-                                "lower optim.lr or raise optim.warmup_steps and run the same command again: a resume takes them",
-                                quiet=rank != 0,
-                            )
-                        continue
-                    bad_in_row = 0
-                    eng.backward(loss)
-                    eng.step()
-                    good += 1
-                    terms = {k: v.item() for k, v in getattr(eng.module, "loss_terms", {}).items()}
-                    window.add(value, correct.item(), count.item(), terms)
-                tokens += tokens_per_step
-                window.seconds += time.perf_counter() - start
-                window.steps += 1
-            step += 1
-            bar.update(1)
-
-            last, scalars = step == cfg.train.max_steps, None  # (scalars: what this step logs, if any)
-            # a step passed over logs, evaluates and saves nothing (a pass of thousands would have
-            # printed a line for each log step among them), unless it is the run's last
-            due = last or (not passing and step % cfg.log.every == 0)
-            evaluating = bool(vals) and (last or (not passing and step % cfg.eval.every == 0))
-            if due and window.steps:
-                counts = {"train/bad_steps": bad_total, "train/tokens": tokens}
-                if passed:
-                    counts["train/skipped_steps"] = passed_count(passed)
-                scalars = _window_scalars(eng, window, device, tokens_per_step, flops, peak, counts)
-                last_loss = scalars["train/loss"]
-                if spike := spikes.add(last_loss):
-                    say(
-                        f"warning: step {step}: train loss {last_loss:.4f} is {last_loss / spike[0]:.1f}x the median of "
-                        f"the {spike[1]} logged before it ({spike[0]:.4f}): a loss spike? The way back: bertforge rewind "
-                        f"{run_dir} N (a checkpoint before it; the last is step {saved_at}), then train.skip_steps=[FIRST-LAST] "
-                        "over its data (README: Recovering from a loss spike; log.spike_factor=0: no such warning)"
-                    )
-                if evaluating:
-                    scalars.update(evaluate())
-                if logger:
-                    logger.log(step, scalars)
-                    say(step_line(step, cfg.train.max_steps, scalars))
-                window = _Window()
-            elif due or evaluating:  # an evaluation alone, or the run's last step, passed over
-                scalars = {"train/lr": eng.get_lr()[0], "train/skipped_steps": passed_count(passed)} if due else {}
-                if evaluating:
-                    scalars.update(evaluate())
-                if logger:
-                    logger.log(step, scalars)
-                    said = [f"passed over (train.skip_steps) | lr {scalars['train/lr']:.2e}"] if due else []
-                    said += [eval_said(scalars)] if "eval/loss" in scalars else []
-                    say(f"step {step}{f'/{cfg.train.max_steps}' if due else ''} | {' | '.join(said)}")
-
-            if scalars is not None:  # a step that logged: every rank learns whether rank 0's log was written
-                lost = torch.tensor([float(bool(logger and logger.failed))], device=device)
-                dist.all_reduce(lost, op=dist.ReduceOp.MAX)
-                if lost.item():  # a full disk, a quota: every rank stops, saving first
-                    save("the log could not be written")
-                    path, err = logger.failed if logger else (run_dir, None)
-                    then = "the run is complete; only its log is short" if last else None
-                    ckpt.agree_written(err, path, rank, world, device, f"at step {step}", ckpt.tag(step), then)
-            if flags[1] or flags[3] or step == cfg.train.exit_at_step:
-                if flags[1]:
-                    cause, why = stop.signal or "another rank", f"stop requested by {stop.signal or 'another rank'}"
-                elif flags[3]:
-                    cause, why = (
-                        "train.exit_after_minutes",
-                        f"train.exit_after_minutes={cfg.train.exit_after_minutes:g}",
-                    )
-                else:
-                    cause, why = "train.exit_at_step", f"train.exit_at_step={step}"
-                save(why)
-                if said := profiler.stop(step):
-                    say(said)
-                say(f"stopped at step {step} of {cfg.train.max_steps}; run the same command again to resume")
-                return Result(step, cfg.train.max_steps, cause, last_loss)
-            if last or (not passing and step % cfg.checkpoint.every == 0):
-                save("end of run" if last else f"every {cfg.checkpoint.every} steps")
-                saved_at = step
-            if said := profiler.after(step):  # (a profiled step ends here: its log, evaluation and save in it)
-                say(said)
-            _test_faults(step, rank, world)
-        say(
-            f"done: {step} steps"
-            + (f" ({passed_count(passed)} passed over, train.skip_steps)" if passed else "")
-            + f", {tokens:,} tokens, {bad_total} skipped micro-batches; last checkpoint step {saved_at}"
-        )
-        return Result(step, cfg.train.max_steps, None, last_loss)
-    except RuntimeError as err:
-        if oom := out_of_memory(err, rank, device, step + 1, cfg, ckpt.latest(run_dir)):
-            raise oom from None
-        raise
-    finally:
-        bar.close()
-        if logger:
-            logger.close()
-        close_loader(it)
-        del it
+                self.say(low)
 
 
 def consolidate(run_dir: Path, step: int | None, output: Path | None) -> Path:
