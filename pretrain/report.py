@@ -153,10 +153,10 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def panels(records: list[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
     """The panels worth drawing: each with the curves of it that the run logged (a blend's
     ``eval/<dataset>/loss`` and ``eval/<dataset>/mlm_accuracy`` beside the blend's own)."""
-    each = dict.fromkeys(k for r in records for k in r if k.startswith("eval/") and k.count("/") == 2)  # (logged order)
+    each = {k: said for r in records for k in r if (said := of_dataset(k))}  # (in logged order)
     blend = {
-        title: [(k, f"eval {k.split('/')[1]}") for k in each if k.endswith(end)]
-        for title, end in (("loss", "/loss"), ("MLM accuracy", "/mlm_accuracy"))
+        title: [(k, f"eval {name}") for k, (name, m) in each.items() if m == metric]
+        for title, metric in (("loss", "loss"), ("MLM accuracy", "mlm_accuracy"))
     }
     out = [
         (title, [(k, lbl) for k, lbl in keys + blend.get(title, []) if any(k in r for r in records)])
@@ -322,6 +322,17 @@ def _finetune_summary(run_dir: Path, cfg: dict) -> str:
     if trained := [r for r in records if "finetune/train_loss" in r]:
         lines.append(f"last log: step {trained[-1]['step']:,}: train loss {trained[-1]['finetune/train_loss']:.4f}")
     return "\n".join(lines)
+
+
+def dataset_tag(name: str, metric: str) -> str:
+    """A blend's evaluation tag of one dataset: ``eval/<dataset>/<metric>`` (:func:`of_dataset` reads it)."""
+    return f"eval/{name}/{metric}"
+
+
+def of_dataset(tag: str) -> tuple[str, str] | None:
+    """The dataset and metric of a :func:`dataset_tag`; None for any other tag."""
+    parts = tag.split("/")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "eval" else None
 
 
 def dataset_names(folders: list[Path]) -> list[str]:

@@ -51,7 +51,7 @@ from pretrain.config import (
 )
 from pretrain.data import DamagedShard, ShardStream, build_loader, close_loader, iterate
 from pretrain.model import BertForMaskedLM, ModelConfig, flops_per_token, num_parameters
-from pretrain.report import dataset_names
+from pretrain.report import dataset_names, dataset_tag, of_dataset
 
 # Keys (and prefixes) a resumed run must share with its checkpoint; the rest (train.max_steps, optim.*,
 # log.every, ...) may change (optim.*: engine.take_optim_keys puts them over the checkpoint's).
@@ -233,7 +233,7 @@ def _test_faults(step: int, rank: int, world: int) -> None:
 
 def eval_said(scalars: dict) -> str:
     """The console's words for an evaluation: loss and perplexity, and a blend's loss per dataset."""
-    each = [f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items() if k.count("/") == 2 and k.endswith("/loss")]
+    each = [f"{said[0]} {v:.4f}" for k, v in scalars.items() if (said := of_dataset(k)) and said[1] == "loss"]
     return f"eval loss {scalars['eval/loss']:.4f} ppl {scalars['eval/perplexity']:.1f}" + (
         f" ({', '.join(each)})" if each else ""
     )
@@ -773,7 +773,7 @@ def _evaluate(
         out["eval/teacher_mlm_accuracy"] = teacher.item()
     if blend:
         for (name, _, _), (d_loss, d_acc) in zip(vals, each.tolist()):
-            out[f"eval/{name}/loss"], out[f"eval/{name}/mlm_accuracy"] = d_loss, d_acc
+            out[dataset_tag(name, "loss")], out[dataset_tag(name, "mlm_accuracy")] = d_loss, d_acc
     return out
 
 
