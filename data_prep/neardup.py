@@ -181,15 +181,16 @@ def first_of_cluster(keys: np.ndarray, signs: np.ndarray | None = None, threshol
     parent = np.arange(len(keys))  # (each document's parent in its cluster's tree: never above it)
     for band in keys.T:
         earlier, later = _pairs(band)
-        apart = _root(parent, earlier) != _root(parent, later)
-        earlier, later = earlier[apart], later[apart]
+        roots = _root(parent, earlier), _root(parent, later)
+        apart = roots[0] != roots[1]
+        earlier, later, roots = earlier[apart], later[apart], (roots[0][apart], roots[1][apart])
         if signs is not None and len(earlier):  # (64K pairs at a time: 16 MB of marks)
             step = 1 << 16
             close = [similarity(signs[earlier[i : i + step]], signs[later[i : i + step]]) >= threshold
                      for i in range(0, len(earlier), step)]  # fmt: skip
             keep = np.concatenate(close)
-            earlier, later = earlier[keep], later[keep]
-        _join(parent, earlier, later)
+            earlier, later, roots = earlier[keep], later[keep], (roots[0][keep], roots[1][keep])
+        _join(parent, earlier, later, roots)
     return _root(parent, np.arange(len(keys)))
 
 
@@ -203,11 +204,13 @@ def _root(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
         r = up
 
 
-def _join(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Join the clusters of each pair ``a[i], b[i]``: the greater root hung under the lesser, again
-    until every pair has one root (two pairs may ask one root to hang under two others)."""
+def _join(parent: np.ndarray, a: np.ndarray, b: np.ndarray, roots: tuple[np.ndarray, np.ndarray]) -> None:
+    """Join the clusters of each pair ``a[i], b[i]`` (``roots``: their roots now): the greater root hung
+    under the lesser, again until every pair has one root (two pairs may ask one root to hang under
+    two others)."""
+    ra, rb = roots
     while len(a):
-        ra, rb = _root(parent, a), _root(parent, b)
         apart = ra != rb
         a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        ra, rb = _root(parent, a), _root(parent, b)
