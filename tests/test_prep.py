@@ -418,7 +418,8 @@ def test_dedup_against_drops_the_documents_of_datasets_prepped_before(tmp_path, 
     """``--dedup-against DIR``: the documents whose text DIR kept (its ``document_hashes.npy``, which a
     prep with ``--dedup`` writes and its manifest lists) are dropped as duplicates too, with this input's
     own repeats; refused, naming the key or the file, without ``--dedup``, against a dataset prepped
-    without it, against the output itself, and where the file is damaged."""
+    without it (or by an older bertforge), against the output itself, a folder that is no dataset, and
+    where the file is damaged, of another shape than its manifest lists or missing."""
     texts = list(dict.fromkeys(d for d in docs if 50 < len(d) < 1000))[:100]
 
     write(tmp_path / "in", {"first.jsonl": texts[:60], "second.jsonl": [*texts[40:100], texts[90], texts[5]]})
@@ -463,6 +464,22 @@ def test_dedup_against_drops_the_documents_of_datasets_prepped_before(tmp_path, 
         r = prep("--input", str(second), "--output", str(two), *args, *common)
         assert r.returncode == 2 and said in r.stderr.splitlines()[-1], (said, r.stderr)
     assert theirs == json.loads((two / "manifest.json").read_text())  # (refused before any work)
+    # the same check, in this process: a folder that is no dataset, a hashes file of another shape, none
+    from data_prep.config import PrepConfig
+    from data_prep.prep import check_against
+
+    def refused(other: Path) -> str:
+        return refusal(check_against, PrepConfig(input=[str(second)], output=str(tmp_path / "x"), dedup=True,
+                                                 dedup_against=[str(other)]))  # fmt: skip
+
+    assert refused(tmp_path / "in") == (f"{tmp_path / 'in/manifest.json'}: no manifest; is {tmp_path / 'in'} a folder "
+                                         "written by bertforge prep? (config key 'dedup_against')")  # fmt: skip
+    np.save(two / "document_hashes.npy", np.zeros(39, np.uint64))  # (its manifest lists 40)
+    assert refused(two) == (f"{two / 'document_hashes.npy'}: (39,) uint64, not the (40,) uint64 "
+                            f"{two / 'manifest.json'} lists (config key 'dedup_against')")  # fmt: skip
+    (two / "document_hashes.npy").unlink()
+    assert refused(two) == (f"{two / 'document_hashes.npy'}: missing, listed in {two / 'manifest.json'} "
+                            "(config key 'dedup_against')")  # fmt: skip
 
 
 def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sharing_less(tmp_path, docs, sp_model):
