@@ -96,6 +96,13 @@ def _run_prep(ns: argparse.Namespace) -> int:
     from launch.config import load_config
 
     config, overrides = _split_positional(ns.args)
+    cfg = load_config(PrepConfig, config, overrides, prep_flags(ns))
+    prep(cfg, progress=not ns.no_progress)
+    return 0
+
+
+def prep_flags(ns: argparse.Namespace) -> dict:
+    """The config keys ``bertforge prep``'s flags set (those given), nested as the config is."""
     flags = {
         "input": ns.input,
         "output": ns.output,
@@ -111,9 +118,7 @@ def _run_prep(ns: argparse.Namespace) -> int:
     }
     flags = {k: v for k, v in flags.items() if v is not None}
     flags["tokenizer"] = {k: v for k, v in flags["tokenizer"].items() if v is not None}
-    cfg = load_config(PrepConfig, config, overrides, flags)
-    prep(cfg, progress=not ns.no_progress)
-    return 0
+    return flags
 
 
 def _inspect_parser(sub: argparse._SubParsersAction) -> None:

@@ -37,3 +37,42 @@ def test_every_runnable_readme_block_works(tmp_path) -> None:
         r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)  # fmt: skip
         assert r.returncode == 0, f"README runnable block {n} failed ({r.returncode}):\n{block}\n{r.stderr[-3000:]}"
+
+
+def test_the_prep_options_table_names_every_flag_with_its_key_and_default() -> None:
+    """The README's ``bertforge prep`` options: each flag is one of the command's and sets the key
+    its row names, every flag of the command has a row, each key is a config key whose default is
+    the one the row gives; and ``configs/prep/default.yaml`` spells out every key, as it says."""
+    import yaml
+
+    from data_prep.config import PrepConfig
+    from launch.cli import build_parser, prep_flags
+    from launch.config import leaves, to_dict
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("\n### Options\n", 1)[1].split("\n\n`configs/prep/default.yaml`", 1)[0]
+    lines = [line for line in table.splitlines() if line.startswith("|")][2:]  # (below the header and its rule)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert len(rows) >= 20, table
+    defaults = leaves(to_dict(PrepConfig()))
+    shown = {bool: lambda v: str(v).lower(), list: lambda v: "[]" if not v else str(v), type(None): lambda v: ""}
+    parser = build_parser()
+    flags = set()
+    for flag, keys, default, _ in rows:
+        for key in re.findall(r"`([a-z_.]+)`", keys):
+            assert key in defaults, f"README prep options: {key} is no config key"
+            plain = shown.get(type(defaults[key]), lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+            want = {"workers": "all cores", "input": "", "output": ""}.get(key, plain(defaults[key]))  # (0, required)
+            assert default == want, f"README prep options: {key}'s default is {defaults[key]!r}, not {default!r}"
+        if flag:
+            name = re.match(r"`(--[a-z-]+)", flag).group(1)
+            flags.add(name)
+            value = {"--strict": [], "--dedup": [], "--tokenizer-type": ["bpe"], "--near-dup": ["0.5"]}.get(
+                name, ["7"] if name in ("--vocab-size", "--seq-len", "--workers") else ["x"])  # fmt: skip
+            given = leaves(prep_flags(build_parser().parse_args(["prep", name, *value])))
+            assert list(given) == re.findall(r"`([a-z_.]+)`", keys), f"README prep options: {name} sets {list(given)}"
+    prep_parser = parser._subparsers._group_actions[0].choices["prep"]
+    options = {o for a in prep_parser._actions for o in a.option_strings if o.startswith("--")}
+    assert options - flags == {"--help", "--no-progress"}, options - flags
+    written = leaves(yaml.safe_load((REPO / "configs/prep/default.yaml").read_text()))
+    assert set(written) == set(defaults)
