@@ -343,12 +343,16 @@ def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_pa
     root, _ = corpus
     opts = [f"tokenizer.path={sp_model}", "seq_len=64", "unit_size=16KB", "shard_size=8KB", "block_size=2KB",
             "dedup=true", "near_dup=0.5"]  # (the tokenizer step finds the copies; each array task reads them)  # fmt: skip
+    other = tmp_path / "other"  # a dataset given to the array by a relative path: its jobs get it absolute
+    (tmp_path / "other.txt").write_text("a document of another dataset, in no file of the corpus\n")
+    r = run_prep("--input", str(tmp_path / "other.txt"), "--output", str(other), *opts)
+    assert r.returncode == 0, r.stderr
     local = tmp_path / "local"
-    r = run_prep("--input", str(root), "--output", str(local), *opts)
+    r = run_prep("--input", str(root), "--output", str(local), *opts, f"dedup_against=[{other}]")
     assert r.returncode == 0, r.stderr
     out, logs = tmp_path / "array", tmp_path / "logs"
-    r = run_cli("submit", "prep", f"input=[{root}]", f"output={out}", *opts, "--array", "3", "--cpus-per-task", "1",
-                "--time", "30", "--log-dir", str(logs))  # fmt: skip
+    r = run_cli("submit", "prep", f"input=[{root}]", f"output={out}", *opts, "dedup_against=[other]", "--array", "3",
+                "--cpus-per-task", "1", "--time", "30", "--log-dir", str(logs), cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     last = r.stdout.split("manifest ")[1].split()[0]
     deadline = time.monotonic() + 600
@@ -359,7 +363,8 @@ def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_pa
                 outcome, value = pickle.load(f)
             assert outcome == "success", f"{done.name}: {value}"
         time.sleep(1)
-    assert (out / "manifest.json").read_bytes() == (local / "manifest.json").read_bytes()
+    assert (out / "manifest.json").read_bytes() == (local / "manifest.json").read_bytes()  # (dedup_against's path too)
+    assert json.loads((out / "manifest.json").read_text())["documents"]["against"][0]["path"] == str(other)
     skipped = json.loads((out / "manifest.json").read_text())["input"]["documents"]["skipped"]
     assert skipped["duplicate"]["count"] and skipped["near_duplicate"]["count"], skipped
     shards = sorted(p.relative_to(local) for p in local.rglob("*.tar"))
