@@ -828,7 +828,7 @@ class _Training:
         device: torch.device,
         began: float,
     ) -> None:
-        self.cfg, self.mans, self.man, self.shas = cfg, mans, mans[0], shas  # (shas: the datasets' manifests')
+        self.cfg, self.mans, self.man, self.shas = cfg, mans, mans[0], shas  # (shas: their manifests' sha256)
         self.latest, self.state = latest, state
         self.rank, self.world, self.device = rank, world, device
         self.stop = Stop(cfg.train.exit_after_minutes, began)
