@@ -12,8 +12,8 @@ that few pairs above it are missed). Each candidate pair is then checked on the 
 above the threshold join clusters (a copy of a copy is in its original's); the first document of
 each, in input order, is kept (:func:`first_of_cluster`).
 
-Pure numpy: the hash pass computes the band keys and marks in its worker processes, the main
-process checks the pairs and clusters them.
+Pure numpy: the hash pass computes the band keys and marks in its worker processes; prep's main
+process checks the pairs and clusters them, while its workers find each next band's pairs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -153,7 +154,7 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (same - 1 / 256) / (1 - 1 / 256)
 
 
-def _pairs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pairs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A band's candidate pairs ``(earlier, later)``: in each group of documents with one key, each
     with the :data:`WINDOW` before it and with the group's first."""
     order = np.argsort(band, kind="stable")  # (a group's documents in input order)
@@ -172,15 +173,20 @@ def _pairs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(earlier), np.concatenate(later)
 
 
-def first_of_cluster(keys: np.ndarray, signs: np.ndarray | None = None, threshold: float = 0.0) -> np.ndarray:
+def first_of_cluster(
+    keys: np.ndarray,
+    signs: np.ndarray | None = None,
+    threshold: float = 0.0,
+    found: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> np.ndarray:
     """For each document (a row of band keys, in input order) the index of the first document of its
     cluster: two documents that share a key in some band are joined (with ``signs``, their
     :func:`marks`, where their :func:`similarity` is at least ``threshold``), and so are the
     clusters they join. A band at a time: its pairs already in one cluster are not checked again,
-    and no more than one band's pairs are held."""
+    and no more than one band's pairs are held (``found``: each band's :func:`pairs`, in band order,
+    where other processes find them meanwhile; here otherwise)."""
     parent = np.arange(len(keys))  # (each document's parent in its cluster's tree: never above it)
-    for band in keys.T:
-        earlier, later = _pairs(band)
+    for earlier, later in found if found is not None else map(pairs, keys.T):
         roots = _root(parent, earlier), _root(parent, later)
         apart = roots[0] != roots[1]
         earlier, later, roots = earlier[apart], later[apart], (roots[0][apart], roots[1][apart])

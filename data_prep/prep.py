@@ -400,7 +400,7 @@ def _find_duplicates(
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         m = sum(len(h) for h, _, _ in before)  # (another dataset's documents: earlier than any of this input)
         both = _join([*(b for _, b, _ in before), bands]), _join([*(s for _, _, s in before), signs])
-        origin = neardup.first_of_cluster(*both, cfg.near_dup)[m:] - m  # (theirs: below 0)
+        origin = _clusters(*both, cfg.near_dup, workers)[m:] - m  # (theirs: below 0)
         del both
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
         for where, array in zip(kept_near, (bands, signs)):
@@ -418,6 +418,42 @@ def _find_duplicates(
             + (f", {int(theirs.sum()):,} of them of documents of {', '.join(cfg.dedup_against)}" if before else "")
         )
     print(f"prep: dedup: {', '.join(said)}; dropped ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+
+
+_BANDS: np.ndarray | None = None  # (the band keys that :func:`_clusters`' forked workers inherit)
+
+
+def _band_pairs(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Band ``i``'s candidate pairs, in a worker of :func:`_clusters`."""
+    return neardup.pairs(_BANDS[:, i])
+
+
+def _clusters(keys: np.ndarray, signs: np.ndarray, threshold: float, workers: int) -> np.ndarray:
+    """:func:`neardup.first_of_cluster`, each band's candidate pairs (a sort of every document's key)
+    found by ``workers`` processes forked now, which inherit the keys (none are sent), while this
+    one clusters the bands before; at most ``workers`` bands ahead, so that few bands' pairs are
+    held. Here alone with one worker, or where processes are not forked (not Linux)."""
+    global _BANDS
+    if workers < 2 or sys.platform != "linux" or keys.shape[1] < 2:
+        return neardup.first_of_cluster(keys, signs, threshold)
+    _BANDS = keys
+    try:
+        with ProcessPoolExecutor(min(workers, keys.shape[1]), mp.get_context("fork")) as pool:
+            return neardup.first_of_cluster(keys, signs, threshold, _ahead(pool, keys.shape[1], workers))
+    except BrokenProcessPool:
+        raise RunError(WORKER_DIED) from None
+    finally:
+        _BANDS = None
+
+
+def _ahead(pool: ProcessPoolExecutor, bands: int, most: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each band's pairs from ``pool`` in band order, with at most ``most`` bands asked for ahead."""
+    asked = deque(pool.submit(_band_pairs, i) for i in range(min(most, bands)))
+    for i in range(len(asked), bands + len(asked)):
+        found = asked.popleft().result()
+        if i < bands:
+            asked.append(pool.submit(_band_pairs, i))
+        yield found
 
 
 def _bar(desc: str, parts: list[corpus.Part], files: list[corpus.InputFile], progress: bool) -> tqdm:
