@@ -47,7 +47,7 @@ is given back to the system, not kept in its heap."""
 NEAR_COPIES = "near_duplicates.npy"
 """In ``.prep/``: as :data:`DUPLICATES`, those ``near_dup`` drops."""
 WORKER_DIED = (
-    "prep: a tokenizer worker died (out of memory, or killed); finished units are kept, "
+    "prep: a worker process died (out of memory, or killed); finished units are kept, "
     "run the same command again to resume"
 )
 

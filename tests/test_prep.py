@@ -271,7 +271,7 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     out = tmp_path / "ds"  # the worker writing unit 5 is killed there (as by the out-of-memory killer): the
     r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-unit@5"}, timeout=120)
     assert r.returncode == 1 and "units over 2 workers, whole units each" in r.stderr, r.stderr  # run fails
-    assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a tokenizer worker died"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a worker process died"), r.stderr
     assert not (out / ".prep/unit-00005.json").exists()  # no hang
     assert not (out / "manifest.json").exists()
     r = prep(*common, "--output", str(out))
