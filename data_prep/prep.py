@@ -421,6 +421,9 @@ def _find_duplicates(
 
 
 _BANDS: np.ndarray | None = None  # (the band keys that :func:`_clusters`' forked workers inherit)
+CLUSTER_WORKERS = 2
+"""Processes that find the bands' candidate pairs for :func:`_clusters` (at most): each sorts a band's
+keys, about 50 bytes a document while it does, so each past the first adds that to the pass's peak."""
 
 
 def _band_pairs(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -430,16 +433,18 @@ def _band_pairs(i: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _clusters(keys: np.ndarray, signs: np.ndarray, threshold: float, workers: int) -> np.ndarray:
     """:func:`neardup.first_of_cluster`, each band's candidate pairs (a sort of every document's key)
-    found by ``workers`` processes forked now, which inherit the keys (none are sent), while this
-    one clusters the bands before; at most ``workers`` bands ahead, so that few bands' pairs are
-    held. Here alone with one worker, or where processes are not forked (not Linux)."""
+    found by up to :data:`CLUSTER_WORKERS` of the ``workers`` processes, forked now so that they
+    inherit the keys (none are sent), while this one clusters the bands before; as many bands ahead
+    as processes at most, so that few bands' pairs are held. Here alone with one worker, or where
+    processes are not forked (not Linux)."""
     global _BANDS
-    if workers < 2 or sys.platform != "linux" or keys.shape[1] < 2:
+    n = min(workers, CLUSTER_WORKERS, keys.shape[1])
+    if n < 2 or sys.platform != "linux":
         return neardup.first_of_cluster(keys, signs, threshold)
     _BANDS = keys
     try:
-        with ProcessPoolExecutor(min(workers, keys.shape[1]), mp.get_context("fork")) as pool:
-            return neardup.first_of_cluster(keys, signs, threshold, _ahead(pool, keys.shape[1], workers))
+        with ProcessPoolExecutor(n, mp.get_context("fork")) as pool:
+            return neardup.first_of_cluster(keys, signs, threshold, _ahead(pool, keys.shape[1], n))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
     finally:
