@@ -65,6 +65,6 @@ def fault(kind: str, at: int) -> bool:
     so, while the others go on into the next step's collectives, as with a GPU that stopped),
     ``abort`` (SIGABRT the last rank after the step, as NCCL's watchdog ends a rank whose collective
     timed out).
-    Prep's, at unit ``AT``: ``kill-in-unit`` (SIGKILL the process writing the unit, its shards half
-    written)."""
+    Prep's: ``kill-in-unit`` (SIGKILL the process writing unit ``AT``, its shards half written),
+    ``kill-in-band`` (SIGKILL the worker finding band ``AT``'s candidate pairs of near copies)."""
     return bool(_FAULT) and f"{kind}@{at}" in _FAULT  # (on the hot path: nothing when unset)

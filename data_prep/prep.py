@@ -428,6 +428,8 @@ keys, about 50 bytes a document while it does, so each past the first adds that 
 
 def _band_pairs(i: int) -> tuple[np.ndarray, np.ndarray]:
     """Band ``i``'s candidate pairs, in a worker of :func:`_clusters`."""
+    if fault("kill-in-band", i):  # test hook: SIGKILL the worker, as the out-of-memory killer would
+        os.kill(os.getpid(), signal.SIGKILL)
     return neardup.pairs(_BANDS[:, i])
 
 

@@ -279,6 +279,16 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     full = tmp_path / "full"
     assert prep(*common, "--output", str(full)).returncode == 0
     assert tree(out) == tree(full)
+    # the same in the near-copy pass: the worker finding band 3's candidate pairs is killed
+    near = [*common, "--dedup", "--near-dup", "0.8"]
+    r = prep(
+        *near, "--output", str(tmp_path / "near"), env={**os.environ, "BERTFORGE_FAULT": "kill-in-band@3"}, timeout=120
+    )
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a worker process died"), r.stderr
+    assert prep(*near, "--output", str(tmp_path / "near")).returncode == 0
+    assert prep(*near, "--output", str(tmp_path / "near-full")).returncode == 0
+    assert tree(tmp_path / "near") == tree(tmp_path / "near-full")
 
 
 def test_a_document_longer_than_a_shard_spans_shards(tmp_path, sp_model) -> None:
