@@ -239,13 +239,21 @@ def eval_said(scalars: dict) -> str:
     )
 
 
-def _start(cfg: PretrainConfig, world: int) -> tuple[PretrainConfig, list[dict], list[str], str | None, dict | None]:
+def _start(cfg: PretrainConfig, world: int) -> tuple:
     """What rank 0 reads for every rank at a start (:func:`train`): the config resolved, the manifest of
-    each dataset (``data.path``'s, then the blend's) and its sha256, the latest checkpoint and its state."""
+    each dataset (``data.path``'s, then the blend's) and its sha256, the latest checkpoint and its
+    state, and where a run goes on from it, the data's layout and the words for what the resume
+    changes (:func:`_resumed_layout`, which reads the manifests of datasets a blend dropped)."""
     cfg, man, latest, state = resolve(cfg, world)
     mans = [man, *(manifests.load(f) for f in cfg.data.blend)]
     shas = [tokenizers.sha256(Path(cfg.data.path) / manifests.MANIFEST), *blend_sha256(cfg)]
-    return cfg, mans, shas, latest, state
+    resumed = None
+    if state is not None and state["step"] < cfg.train.max_steps:
+        folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]
+        resharding = state["world"] != world and cfg.train.zero_stage > 0
+        weights = cfg.data.weights if cfg.data.blend else None
+        resumed = _resumed_layout(cfg, state, world, resharding, folders, mans, shas, weights)
+    return cfg, mans, shas, latest, state, resumed
 
 
 def plan(cfg: PretrainConfig, man: dict, world: int) -> list[str]:
@@ -794,9 +802,11 @@ def train(cfg: PretrainConfig, progress: bool = True, build_model=None) -> Resul
     # a run's ranks all doing so at once burden a parallel file system's metadata servers) and
     # sends the config it resolved, so that every rank runs the same (the precision auto stood for),
     # with the datasets' manifests and their sha256 and the checkpoint's state, read once.
-    cfg, mans, shas, latest, state = ckpt.from_rank_0(lambda: _start(cfg, world), rank, device, "which refused the run")
+    cfg, mans, shas, latest, state, resumed = ckpt.from_rank_0(
+        lambda: _start(cfg, world), rank, device, "which refused the run"
+    )
     ckpt.hold_for_ranks(Path(cfg.run.dir), rank, device)
-    run = _Training(cfg, mans, shas, latest, state, rank, world, device, began)
+    run = _Training(cfg, mans, shas, latest, state, resumed, rank, world, device, began)
     if rank == 0:
         _open_run_folder(cfg, mans[0], latest, run.say)
     dist.barrier()
@@ -823,13 +833,14 @@ class _Training:
         shas: list[str],
         latest: str | None,
         state: dict | None,
+        resumed: tuple[dict, str] | None,
         rank: int,
         world: int,
         device: torch.device,
         began: float,
     ) -> None:
         self.cfg, self.mans, self.man, self.shas = cfg, mans, mans[0], shas  # (shas: their manifests' sha256)
-        self.latest, self.state = latest, state
+        self.latest, self.state, self.resumed = latest, state, resumed  # (resumed: the data's layout, words)
         self.rank, self.world, self.device = rank, world, device
         self.stop = Stop(cfg.train.exit_after_minutes, began)
         self.say = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
@@ -872,9 +883,7 @@ class _Training:
             engine.take_optim_keys(self.eng, cfg.optim)
             self.step, self.batches, self.tokens = state["step"], state["batches"], state["tokens"]
             self.bad_total, self.passed = state["bad_steps"], state.get("passed_over", [])
-            self.layout, changed = _resumed_layout(
-                cfg, state, world, resharding, self.folders, self.mans, self.shas, self.weights
-            )
+            self.layout, changed = self.resumed
 
         self.word_start = None
         if cfg.data.masking.whole_word:
