@@ -160,10 +160,25 @@ SHARED_FIELDS = (
 )
 
 
+def data_folders(cfg: PretrainConfig) -> list[Path]:
+    """The run's datasets: ``data.path``'s folder, then ``data.blend``'s."""
+    return [Path(cfg.data.path), *map(Path, cfg.data.blend)]
+
+
+def blend_weights(cfg: PretrainConfig) -> list[float] | None:
+    """The blend's shares (``data.weights``, as :func:`resolve` sets them); None for one dataset."""
+    return cfg.data.weights if cfg.data.blend else None
+
+
+def resharding(state: dict | None, world: int, cfg: PretrainConfig) -> bool:
+    """Whether a resume from ``state`` loads ZeRO shards that another rank count wrote."""
+    return state is not None and state["world"] != world and cfg.train.zero_stage > 0
+
+
 def _check_blend(cfg: PretrainConfig, man: dict) -> None:
     """Check the datasets of ``data.blend`` against ``data.path``'s manifest ``man`` (one tokenizer,
     one seq_len), and set ``data.weights`` to the shares they stand for (summing to 1)."""
-    folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]
+    folders = data_folders(cfg)
     if cfg.data.weights and len(cfg.data.weights) != len(folders):
         raise UserError(
             f"config key 'data.weights': {len(cfg.data.weights)} weight(s) for {len(folders)} dataset(s) "
@@ -249,10 +264,7 @@ def _start(cfg: PretrainConfig, world: int) -> tuple:
     shas = [tokenizers.sha256(Path(cfg.data.path) / manifests.MANIFEST), *blend_sha256(cfg)]
     resumed = None
     if state is not None and state["step"] < cfg.train.max_steps:
-        folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]
-        resharding = state["world"] != world and cfg.train.zero_stage > 0
-        weights = cfg.data.weights if cfg.data.blend else None
-        resumed = _resumed_layout(cfg, state, world, resharding, folders, mans, shas, weights)
+        resumed = _resumed_layout(cfg, state, world, mans, shas)
     return cfg, mans, shas, latest, state, resumed
 
 
@@ -290,11 +302,10 @@ def plan(cfg: PretrainConfig, man: dict, world: int) -> list[str]:
 def blend_epochs(cfg: PretrainConfig, mans: list[dict], steps: int, which: str = "") -> str:
     """What ``steps`` steps read of each dataset of a blend (``mans``: the manifests of data.path, then
     data.blend): its share and the epochs of its train split they stand for."""
-    folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]
     return "data: " + ", ".join(
         f"{f} {w:.1%} ({steps * cfg.train.global_batch_size * w / m['splits']['train']['sequences']:.2f} epochs "
         f"in the {steps:,} steps{' ' + which if which else ''})"
-        for f, m, w in zip(folders, mans, cfg.data.weights)
+        for f, m, w in zip(data_folders(cfg), mans, cfg.data.weights)
     )
 
 
@@ -573,7 +584,7 @@ def _config_changes(cfg: PretrainConfig, state: dict) -> tuple[list[str], list[s
 
 
 def _relayout(
-    cfg: PretrainConfig, state: dict, layout: dict, batches: int, world: int, resharding: bool,
+    cfg: PretrainConfig, state: dict, layout: dict, batches: int, world: int, resharded: bool,
     folders: list[Path], mans: list[dict], shas: list[str], weights: list[float] | None,
 ) -> tuple[dict, str]:  # fmt: skip
     """A resume's data layout: the checkpoint's ``layout``, or, where the checkpoint was written by
@@ -632,7 +643,7 @@ def _relayout(
         changed += (
             f"; written by {was[0]} rank(s) x {was[1]} loader worker(s)"
             + (f" in micro-batches of {was[2]}" if was[2] != micro else "")
-            + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharding else "")
+            + (f", ZeRO {cfg.train.zero_stage} state re-sharded for {world}" if resharded else "")
         )
     if (then_shas, then_weights) != (shas, weights):
         names = {**dict(zip(then_shas, then_paths)), **dict(zip(shas, map(str, folders)))}
@@ -710,16 +721,16 @@ def _open_run_folder(cfg: PretrainConfig, man: dict, latest: str | None, say: Ca
 
 
 def _resumed_layout(
-    cfg: PretrainConfig, state: dict, world: int, resharding: bool,
-    folders: list[Path], mans: list[dict], shas: list[str], weights: list[float] | None,
-) -> tuple[dict, str]:  # fmt: skip
+    cfg: PretrainConfig, state: dict, world: int, mans: list[dict], shas: list[str]
+) -> tuple[dict, str]:
     """A resume's data layout (:func:`_relayout`) and what the start-up line says the resume changes
     (the optimizer's keys, the layout, the rest of the config)."""
     optim, other = _config_changes(cfg, state)
     changed = f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)" if optim else ""
     layout = state.get("data_layout", {"generation": 0, "origin": 0, "batches": 0, "read": []})
     layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
-    layout, said = _relayout(cfg, state, layout, state["batches"], world, resharding, folders, mans, shas, weights)
+    layout, said = _relayout(cfg, state, layout, state["batches"], world, resharding(state, world, cfg),
+                             data_folders(cfg), mans, shas, blend_weights(cfg))  # fmt: skip
     return layout, changed + said + (f"; config changes: {', '.join(other)}" if other else "")
 
 
@@ -848,8 +859,7 @@ class _Training:
         self.root = ckpt.folder(self.run_dir)
         self.accum = accumulation_steps(cfg.train, world)
         self.micro, self.seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
-        self.folders = [Path(cfg.data.path), *map(Path, cfg.data.blend)]  # (known by their manifests: they may move)
-        self.weights = cfg.data.weights if cfg.data.blend else None
+        self.folders, self.weights = data_folders(cfg), blend_weights(cfg)  # (known by their manifests: they may move)
 
     def start(self, build_model) -> None:  # noqa: ANN001
         """The model (``build_model``'s, or ``train.init_from``'s weights), the engine, the latest
@@ -863,8 +873,8 @@ class _Training:
         model = build_model(cfg, device) if build_model else BertForMaskedLM(cfg.model)
         if cfg.train.init_from and self.latest is None:  # (a resumed run takes its weights from its checkpoint)
             _initial_weights(model, Path(cfg.train.init_from), rank, device)
-        resharding = state is not None and state["world"] != world and cfg.train.zero_stage > 0
-        self.eng = engine.build(model, cfg, world, device, resharding)
+        other_world = resharding(state, world, cfg)
+        self.eng = engine.build(model, cfg, world, device, other_world)
 
         self.step = self.batches = self.tokens = self.bad_total = 0
         self.passed: list[list[int]] = []  # the stretches of steps passed over, [first, last] (report shades them)
@@ -876,7 +886,7 @@ class _Training:
         }  # the data slots' layout, since `batches`
         changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
         if state is not None:
-            if resharding:
+            if other_world:
                 engine.load_resharded(self.eng, self.root, self.latest, rank, device)
             else:
                 engine.load(self.eng, self.root, self.latest)
