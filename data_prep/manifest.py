@@ -126,8 +126,9 @@ def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.nd
     """What a ``dedup_against`` dataset kept, mapped, not read (a check before the work reads the
     headers alone, the hash pass reads them once): its documents' text hashes and, for a prep with
     ``near_dup``, their band keys and marks (a row each; None without). Refused, naming the field or
-    file, where that dataset was prepped without ``near_dup`` or with another threshold (whose bands
-    are others), or a file cannot be read or has another shape than its manifest says."""
+    file, where that dataset was prepped without ``near_dup``, with another threshold, or by a
+    bertforge that banded it otherwise (its band keys are others), or a file cannot be read or has
+    another shape than its manifest says."""
     path, listed = against(folder)
     count, where = listed["count"], Path(folder) / MANIFEST
     hashes = _mapped(path, np.uint64, (count,), where)
@@ -144,6 +145,11 @@ def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.nd
         raise UserError(
             f"{where}: field 'documents.near.near_dup' is {near['near_dup']:g} but config key 'near_dup' is "
             f"{near_dup:g}: near copies compare only under one threshold (its bands)"
+        )
+    if near["bands"] != list(ours := neardup.candidate_bands(near_dup)):  # (a bertforge that banded otherwise)
+        raise UserError(
+            f"{where}: field 'documents.near.bands' is {near['bands']} but this bertforge bands near_dup="
+            f"{near_dup:g} as {list(ours)}: band keys compare only under the same bands; prep {folder} again"
         )
     bands = _mapped(Path(folder) / near["file"], np.uint64, (count, near["bands"][0]), where)
     return hashes, bands, _mapped(Path(folder) / near["marks"], np.uint8, (count, neardup.PERMUTATIONS), where)

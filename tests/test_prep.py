@@ -581,11 +581,23 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
         r = prep(*args[:4], str(against), *common, "--output", str(tmp_path / "refused"), "--near-dup", threshold)
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(said), r.stderr
     assert not (tmp_path / "refused").exists()
+    from data_prep.config import PrepConfig
+
+    banded = tmp_path / "banded"  # a dataset whose bertforge banded 0.8 otherwise (its keys: other hashes)
+    shutil.copytree(out, banded)
+    man = json.loads((banded / "manifest.json").read_text())
+    man["documents"]["near"]["bands"] = [9, 13]
+    (banded / "manifest.json").write_text(json.dumps(man))
+    from data_prep.prep import check_against
+
+    checked = PrepConfig(input=["x"], output=str(tmp_path / "y"), dedup=True, dedup_against=[str(banded)], near_dup=0.8)
+    assert refusal(check_against, checked) == (
+        f"{banded}/manifest.json: field 'documents.near.bands' is [9, 13] but this bertforge bands near_dup=0.8 as "
+        f"[14, 9]: band keys compare only under the same bands; prep {banded} again"
+    )
     r = prep("--input", str(raw), "--output", str(tmp_path / "x"), "--near-dup", "0.8", *common)
     assert r.returncode == 2 and r.stderr.strip().endswith("config key 'near_dup' needs dedup=true (--dedup): the "
                                                            "same hash pass finds both"), r.stderr  # fmt: skip
-    from data_prep.config import PrepConfig
-
     said = refusal(PrepConfig(input=["x"], output="y", dedup=True, near_dup=1.0).validate)
     assert said == "config key 'near_dup': 1.0 is outside [0, 1) (0.8: 80% of word 5-grams shared)"
 
