@@ -1,4 +1,4 @@
-"""glibc's malloc told to keep the memory a process frees (torch-free: prep's processes and the
+"""glibc's malloc told to keep the memory a process frees (torch-free: prep's main pass and the
 trainer's CPU ranks both apply it, :func:`keep_freed_memory`)."""
 
 from __future__ import annotations

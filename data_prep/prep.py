@@ -680,7 +680,6 @@ def _write(
     t0: float,
 ) -> dict:
     """What :func:`prep` does once it holds the output folder."""
-    keep_freed_memory()  # (this process and the workers it forks: chunks, ids and blocks reuse the heap)
     if task is None:
         _remove_partial(out)  # (not in an array task: the other tasks' files in flight are .tmp too)
     units = plan_units(files, parse_size(cfg.unit_size))
@@ -702,6 +701,10 @@ def _write(
     todo = [u for u in range(len(units)) if u not in records and (task is None or u % task[1] == task[0])]
     if task is not None:
         print(f"prep: array task {task[0]} of {task[1]}: {len(todo)} unit(s) to write", file=sys.stderr)
+    # the main pass (not the dedup pass before it, whose blocks go back to the system as they are
+    # joined): this process and the workers it forks keep the memory they free, so that each chunk's
+    # arrays reuse the last one's pages instead of mapping and page-faulting fresh ones
+    keep_freed_memory()
     pool = None
     init_args = (tok_path.read_bytes(), token_dtype(vocab_size).str, _parse_options(cfg, out))
     if workers > 1 and todo:

@@ -803,7 +803,7 @@ print(before, faults())
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
 def test_prep_keeps_the_memory_it_frees_for_its_next_chunks(tmp_path, corpus, sp_model) -> None:
-    """prep sets its process's malloc (and so the workers it forks) to keep freed memory
+    """prep's main pass sets its process's malloc (and so the workers it forks) to keep freed memory
     (``data_prep.malloc.keep_freed_memory``): a freed 64 MB array's memory then serves the next
     one, where before it was a fresh mapping, page-faulted in again (16,384 faults in 4 kB pages)."""
     args = [str(corpus[0]), str(tmp_path / "out"), str(sp_model)]
