@@ -86,7 +86,8 @@ def build(
 def documents(cfg: PrepConfig, folder: Path) -> dict:
     """The manifest's ``documents`` (``dedup``): the file of the hashes of the text of the documents
     kept, which a later prep's ``dedup_against`` reads, their count, and the datasets dropped from it;
-    with ``near_dup``, ``near``: the files of their band keys and marks, the threshold and ``[bands, rows]``."""
+    with ``near_dup``, ``near``: the files of their band keys and marks, the threshold, ``[bands, rows]``
+    and the signing's :data:`neardup.SCHEME`."""
     path = folder / DOCUMENTS
     out = {
         "file": DOCUMENTS,
@@ -97,7 +98,7 @@ def documents(cfg: PrepConfig, folder: Path) -> dict:
     if cfg.near_dup:
         out["near"] = {"file": BANDS, "sha256": tokenizer.sha256(folder / BANDS), "marks": MARKS,
                        "marks_sha256": tokenizer.sha256(folder / MARKS), "near_dup": cfg.near_dup,
-                       "bands": list(neardup.candidate_bands(cfg.near_dup))}  # fmt: skip
+                       "bands": list(neardup.candidate_bands(cfg.near_dup)), "scheme": neardup.SCHEME}  # fmt: skip
     return out
 
 
@@ -127,7 +128,7 @@ def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.nd
     headers alone, the hash pass reads them once): its documents' text hashes and, for a prep with
     ``near_dup``, their band keys and marks (a row each; None without). Refused, naming the field or
     file, where that dataset was prepped without ``near_dup``, with another threshold, or by a
-    bertforge that banded it otherwise (its band keys are others), or a file cannot be read or has
+    bertforge that signed or banded it otherwise (its band keys are others), or a file cannot be read or has
     another shape than its manifest says."""
     path, listed = against(folder)
     count, where = listed["count"], Path(folder) / MANIFEST
@@ -145,6 +146,11 @@ def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.nd
         raise UserError(
             f"{where}: field 'documents.near.near_dup' is {near['near_dup']:g} but config key 'near_dup' is "
             f"{near_dup:g}: near copies compare only under one threshold (its bands)"
+        )
+    if (scheme := near.get("scheme", "minhash-1")) != neardup.SCHEME:  # (a bertforge that signed otherwise)
+        raise UserError(
+            f"{where}: field 'documents.near.scheme' is {scheme!r} but this bertforge signs documents as "
+            f"{neardup.SCHEME!r}: band keys and marks compare only under one scheme; prep {folder} again"
         )
     if near["bands"] != list(ours := neardup.candidate_bands(near_dup)):  # (a bertforge that banded otherwise)
         raise UserError(

@@ -40,6 +40,12 @@ WINDOW = 8
 """Of a band's group of documents with one key, each is checked against this many before it (and
 the group's first): a group of thousands (a template) costs no square of pairs."""
 
+SCHEME = "minhash-1"
+"""The signing this module does (the shingles, their hashes, the permutations' constants, the marks),
+named in a manifest's ``documents.near.scheme``: a later bertforge that signs otherwise names another,
+and a ``dedup_against`` dataset of another scheme is refused, since its keys and marks compare with
+none of ours. A manifest without the field (a bertforge before 2026-12-05) signed as this one."""
+
 _BLOCK = 1 << 13  # shingles hashed under every permutation at once (a 8 MB array)
 
 

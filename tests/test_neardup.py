@@ -4,6 +4,8 @@ with and without the check of each candidate pair on its marks."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from data_prep import neardup
@@ -39,6 +41,21 @@ def test_a_run_of_documents_and_a_long_one_are_signed_as_each_alone(docs) -> Non
     assert (together == alone).all()
     flat = neardup.shingles([long])[0]  # the long one's blocks: the minimum of the whole, in one array
     assert (together[40] == (neardup._MUL[:, None] * flat[None, :] + neardup._ADD[:, None]).min(axis=1)).all()
+
+
+SIGNED = {"minhash-1": "973a9bdf347a44f1182cef136a50298b8b7992d7d1899652628b91433524efd9"}
+"""The digest of the signatures, marks and band keys of three fixed texts, a scheme each."""
+
+
+def test_the_signing_is_the_scheme_that_manifests_name() -> None:
+    # a dataset's band keys and marks are compared with a later prep's (dedup_against) under the
+    # name neardup.SCHEME: a change to the shingles, hashes or constants must come with a new name
+    texts = [b"The quick brown fox jumps over the lazy dog again and again", b"one two",
+             "caf\xe9 na\xefve  words\tand\nlines here".encode()]  # fmt: skip
+    sigs = neardup.signatures(texts)
+    keys = neardup.band_keys(sigs, *neardup.candidate_bands(0.8))
+    digest = hashlib.sha256(sigs.astype("<u8").tobytes() + neardup.marks(sigs).tobytes() + keys.astype("<u8").tobytes())
+    assert SIGNED.get(neardup.SCHEME) == digest.hexdigest(), "the signing changed: give neardup.SCHEME a new name"
 
 
 def test_bands_put_the_s_curve_at_the_threshold() -> None:

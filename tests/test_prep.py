@@ -552,7 +552,8 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
     # listed in its manifest and verified)
     near_files = json.loads((out / "manifest.json").read_text())["documents"]["near"]
     assert near_files == {"file": "document_bands.npy", "sha256": near_files["sha256"], "marks": "document_marks.npy",
-                          "marks_sha256": near_files["marks_sha256"], "near_dup": 0.8, "bands": [14, 9]}  # fmt: skip
+                          "marks_sha256": near_files["marks_sha256"], "near_dup": 0.8, "bands": [14, 9],
+                          "scheme": "minhash-1"}  # fmt: skip
     assert np.load(out / "document_bands.npy").shape == (33, 14)
     assert np.load(out / "document_marks.npy").shape == (33, 128)
     r = run_cli("inspect", str(out), "--verify", "-n", "0")
@@ -595,6 +596,16 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
         f"{banded}/manifest.json: field 'documents.near.bands' is [9, 13] but this bertforge bands near_dup=0.8 as "
         f"[14, 9]: band keys compare only under the same bands; prep {banded} again"
     )
+    man["documents"]["near"]["bands"] = [14, 9]  # signed by another scheme (other shingles or hashes): refused;
+    man["documents"]["near"]["scheme"] = "minhash-2"  # without the field (a bertforge before it): taken as ours
+    (banded / "manifest.json").write_text(json.dumps(man))
+    assert refusal(check_against, checked) == (
+        f"{banded}/manifest.json: field 'documents.near.scheme' is 'minhash-2' but this bertforge signs documents as "
+        f"'minhash-1': band keys and marks compare only under one scheme; prep {banded} again"
+    )
+    del man["documents"]["near"]["scheme"]
+    (banded / "manifest.json").write_text(json.dumps(man))
+    check_against(checked)
     r = prep("--input", str(raw), "--output", str(tmp_path / "x"), "--near-dup", "0.8", *common)
     assert r.returncode == 2 and r.stderr.strip().endswith("config key 'near_dup' needs dedup=true (--dedup): the "
                                                            "same hash pass finds both"), r.stderr  # fmt: skip
