@@ -66,5 +66,6 @@ def fault(kind: str, at: int) -> bool:
     ``abort`` (SIGABRT the last rank after the step, as NCCL's watchdog ends a rank whose collective
     timed out).
     Prep's: ``kill-in-unit`` (SIGKILL the process writing unit ``AT``, its shards half written),
+    ``kill-in-hash`` (SIGKILL the process hashing unit ``AT`` in the dedup pass, before it saves it),
     ``kill-in-band`` (SIGKILL the worker finding band ``AT``'s candidate pairs of near copies)."""
     return bool(_FAULT) and f"{kind}@{at}" in _FAULT  # (on the hot path: nothing when unset)

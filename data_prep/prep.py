@@ -11,6 +11,7 @@ each task its own units.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
@@ -20,8 +21,9 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -91,11 +93,17 @@ def _foreign(out: Path) -> bool:
     return out.exists() and any(p.name not in (STATE_DIR, LOCK) and not p.name.endswith(".tmp") for p in out.iterdir())
 
 
+AFTER_DEDUP = ("tokenizer", "seq_len", "shard_size", "block_size")
+"""Config keys of the steps after the dedup pass: a folder that holds that pass alone (its tokenizer
+step failed or was stopped: a vocabulary too large for the text) takes another value of these."""
+
+
 def _check_output(out: Path, fingerprint: dict) -> bool:
     """Prepare the output folder; True when it already holds this exact, finished prep."""
     state = out / STATE_DIR / "state.json"
     started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
-    if state.is_file() and started:
+    hashed = (out / STATE_DIR / DUPLICATES).is_file() or any((out / STATE_DIR).glob("dedup-*.npz"))
+    if state.is_file() and (started or hashed):
         old = json.loads(state.read_text())
         # a key a prep from before it did not know: it ran as the key's default (dedup: none dropped)
         old["config"] = {**manifest.output_config(PrepConfig()), **old["config"]}
@@ -105,13 +113,19 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
                     detail = key
                     if key == "config":
                         diff = [k for k in fingerprint[key] if old[key].get(k) != fingerprint[key][k]]
+                        if not started:  # (what the dedup pass depends on)
+                            if not (diff := [k for k in diff if k not in AFTER_DEDUP]):
+                                continue
                         detail = f"config key '{diff[0]}'" if diff else key
                     elif key == "inputs":
                         detail = "the input files (names, sizes or modification times)"
+                    elif key == "tokenizer_sha256" and not started:
+                        continue
                     raise UserError(
                         f"{out}: holds a prep made with a different {detail}; "
                         "choose a new --output folder or delete this one"
                     )
+            write_atomic(state, json.dumps(fingerprint, indent=1))  # (all in steps not run yet: the pass holds)
         return (out / manifest.MANIFEST).is_file()
     if _foreign(out):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
@@ -294,52 +308,99 @@ class _Joined:
         return out
 
 
+HASHED = "dedup-{:05d}.npz"
+"""In ``.prep/``: a unit's part of the dedup pass (its documents' files, keys, hashes and, with
+``near_dup``, band keys and marks), written as soon as the unit is hashed, so that an interrupted
+pass resumes at the units not yet hashed; removed once the pass's lists are written."""
+_HASHED_ARRAYS = ("files", "keys", "hashes", "bands", "marks")
+
+
+def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
+    """A unit's arrays of the dedup pass, to ``path`` (:data:`HASHED`), atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **dict(zip(_HASHED_ARRAYS, arrays)))
+    write_atomic(path, buf.getbuffer())
+
+
+def _load_hashed(path: Path) -> tuple[np.ndarray, ...]:
+    """What :func:`_save_hashed` wrote; an unreadable file (written whole, then renamed: only a
+    disk's fault or a hand) is a :class:`RunError` naming it."""
+    try:
+        with np.load(path) as z:
+            return tuple(z[name] for name in _HASHED_ARRAYS)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        said = str(err).split(". ")[0]
+        raise RunError(
+            f"{path}: cannot read it ({said}); delete it, and the same command hashes its unit again"
+        ) from None
+
+
 def _unit_hashes(
     parts: list[tuple[corpus.Part, corpus.InputFile]],
     opts: corpus.ParseOptions,
     max_line: int,
-    near: tuple[int, int] | None = None,
-) -> tuple[np.ndarray, ...]:
-    """Each document of a unit, in input order (:class:`_Joined`), its chunks hashed in this process;
-    and the bytes read."""
+    near: tuple[int, int] | None,
+    path: Path,
+    unit: int,
+) -> int:
+    """Each document of unit ``unit``, in input order (:class:`_Joined`), its chunks hashed in this
+    process, saved to ``path`` (:data:`HASHED`); returns the bytes read."""
+    if fault("kill-in-hash", unit):  # test hook: SIGKILL the process, as the out-of-memory killer would
+        os.kill(os.getpid(), signal.SIGKILL)
     scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
     joined = _Joined(near)
     for part, f in parts:
         for chunk in corpus.chunks(part, f, scratch, opts, max_line):
             joined.take(_chunk_hashes(chunk, opts, near))
-    return (*joined.arrays(), scratch.bytes_read)
+    _save_hashed(path, joined.arrays())
+    return scratch.bytes_read
 
 
 def _hash_chunks(
-    jobs: list[list[tuple[corpus.Part, corpus.InputFile]]],
+    jobs: dict[int, list[tuple[corpus.Part, corpus.InputFile]]],
     opts: corpus.ParseOptions,
     max_line: int,
     workers: int,
-    joined: _Joined,
+    near: tuple[int, int] | None,
+    paths: dict[int, Path],
     bar: tqdm,
 ) -> None:
-    """:func:`_unit_hashes` of few units, into ``joined``: this process reads their chunks, in order
-    (the bytes read onto ``bar``), and ``workers`` processes parse and hash them (as prep's main pass
-    shares out a single large file)."""
+    """:func:`_unit_hashes` of few units (``jobs``, by unit), each saved to its ``paths`` entry once
+    hashed: this process reads their chunks, in order (the bytes read onto ``bar``), and ``workers``
+    processes parse and hash them (as prep's main pass shares out a single large file)."""
     scratch = corpus.Account(strict=opts.strict)
-    near = joined.near
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    pending: deque = deque()
-    with ProcessPoolExecutor(workers, context) as pool:
+    pending: deque = deque()  # (a chunk's future, or the number of the unit whose chunks end there)
+    joined = _Joined(near)
+
+    def settle() -> None:
+        nonlocal joined
+        item = pending.popleft()
+        if isinstance(item, int):  # (a document never runs on from one unit into the next)
+            if fault("kill-in-hash", item):  # test hook: SIGKILL this process before it saves the unit
+                os.kill(os.getpid(), signal.SIGKILL)
+            _save_hashed(paths[item], joined.arrays())
+            joined = _Joined(near)
+        else:
+            joined.take(item.result())
+
+    with _pool(workers, context) as pool:
         try:
-            for part, f in (item for job in jobs for item in job):
-                for chunk in corpus.chunks(part, f, scratch, opts, max_line):
-                    bar.update(scratch.bytes_read - bar.n)
-                    pending.append(pool.submit(_chunk_hashes, chunk, opts, near))
-                    while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
-                        joined.take(pending.popleft().result())
+            for unit, job in jobs.items():
+                for part, f in job:
+                    for chunk in corpus.chunks(part, f, scratch, opts, max_line):
+                        bar.update(scratch.bytes_read - bar.n)
+                        pending.append(pool.submit(_chunk_hashes, chunk, opts, near))
+                        while len(pending) >= 2 * workers + 2:  # (bounded in flight: memory stays flat)
+                            settle()
+                pending.append(unit)
             bar.update(scratch.bytes_read - bar.n)
         except UserError:  # (--strict) the reader is ahead of the workers: an error earlier in the input wins
             while pending:
-                joined.take(pending.popleft().result())
+                settle()
             raise
         while pending:
-            joined.take(pending.popleft().result())
+            settle()
 
 
 def _find_duplicates(
@@ -360,32 +421,35 @@ def _find_duplicates(
     ``dedup_against`` reads them)."""
     path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
     kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
+    hashed = {u: out / STATE_DIR / HASHED.format(u) for u in range(len(units))}
     if path.is_file() and kept.is_file() and (not cfg.near_dup or near_path.is_file() and kept_near[1].is_file()):
+        _let_go(hashed.values())  # (a pass stopped between its last file and this)
         return
     t0 = time.perf_counter()
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
-    jobs = [[(p, files[p.file]) for p in unit] for unit in units]
-    joined = _Joined(near)
+    todo = {u: [(p, files[p.file]) for p in units[u]] for u in range(len(units)) if not hashed[u].is_file()}
+    if len(todo) < len(units):
+        print(f"prep: dedup: resuming: {len(units) - len(todo)} of {len(units)} units already hashed", file=sys.stderr)
     try:
-        with _bar("dedup", [p for unit in units for p in unit], files, progress) as bar:
-            if workers > 1 and len(units) >= 2 * workers:  # (as the main pass shares out its work)
+        with _bar("dedup", [p for u in todo for p in units[u]], files, progress) as bar:
+            if workers > 1 and len(todo) >= 2 * workers:  # (as the main pass shares out its work)
                 context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-                with ProcessPoolExecutor(workers, context) as pool:
-                    n = len(jobs)
-                    for *arrays, read in pool.map(_unit_hashes, jobs, [opts] * n, [max_line] * n, [near] * n):
-                        joined.extend(tuple(arrays))
+                with _pool(workers, context) as pool:
+                    n = len(todo)
+                    args = [near] * n, [hashed[u] for u in todo], list(todo)
+                    for read in pool.map(_unit_hashes, todo.values(), [opts] * n, [max_line] * n, *args):
                         bar.update(read)
-            elif workers > 1:
-                _hash_chunks(jobs, opts, max_line, workers, joined, bar)
+            elif workers > 1 and todo:
+                _hash_chunks(todo, opts, max_line, workers, near, hashed, bar)
             else:
-                for job in jobs:
-                    *arrays, read = _unit_hashes(job, opts, max_line, near)
-                    joined.extend(tuple(arrays))
-                    bar.update(read)
-            arrays = None  # (the last unit's: let go with the rest as they are joined)
+                for u, job in todo.items():
+                    bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
+    joined = _Joined(near)
+    for u in range(len(units)):
+        joined.extend(_load_hashed(hashed[u]))
     doc_files, keys, hashes, bands, signs = joined.arrays()
     del joined
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
@@ -409,6 +473,7 @@ def _find_duplicates(
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
     _save(kept, np.unique(hashes[~(dup | close)]))
+    _let_go(hashed.values())
     said = [f"{repeats:,} of {len(hashes):,} documents repeat an earlier one's text"]
     if cfg.dedup_against:
         said.append(f"{elsewhere:,} more are documents of {', '.join(cfg.dedup_against)}")
@@ -445,7 +510,7 @@ def _clusters(keys: np.ndarray, signs: np.ndarray, threshold: float, workers: in
         return neardup.first_of_cluster(keys, signs, threshold)
     _BANDS = keys
     try:
-        with ProcessPoolExecutor(n, mp.get_context("fork")) as pool:
+        with _pool(n, mp.get_context("fork")) as pool:
             return neardup.first_of_cluster(keys, signs, threshold, _ahead(pool, keys.shape[1], n))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
@@ -461,6 +526,12 @@ def _ahead(pool: ProcessPoolExecutor, bands: int, most: int) -> Iterator[tuple[n
         if i < bands:
             asked.append(pool.submit(_band_pairs, i))
         yield found
+
+
+def _let_go(paths: Iterable[Path]) -> None:
+    """Remove those of ``paths`` that exist (the dedup pass's units, once its lists are written)."""
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 def _bar(desc: str, parts: list[corpus.Part], files: list[corpus.InputFile], progress: bool) -> tqdm:
@@ -585,6 +656,29 @@ def _run_units_in_workers(
         bar.update(records[u]["input"]["bytes_read"])
 
 
+def _pool(
+    workers: int, context: mp.context.BaseContext, init: Callable | None = None, args: tuple = ()
+) -> ProcessPoolExecutor:
+    """Prep's worker processes (``init(*args)`` in each at its start), which die with this one."""
+    return ProcessPoolExecutor(workers, context, _worker_start, (os.getpid(), init, args))
+
+
+def _worker_start(parent: int, init: Callable | None, args: tuple) -> None:
+    """A worker's start: on Linux the kernel is asked to SIGKILL it when prep's process dies. A
+    worker whose prep was killed (kill -9, the out-of-memory killer, which picks the process that
+    holds the dedup pass's arrays) had waited for work forever, holding its memory and prep's
+    output pipes, where a caller reading them waited too."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # (it died before that: no signal will come)
+            os._exit(1)
+    if init is not None:
+        init(*args)
+
+
+_PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
+
+
 def _start_workers(workers: int, init_args: tuple) -> ProcessPoolExecutor:
     """The tokenizer worker processes, started now. On Linux by fork, while this process runs a
     single Python thread (before the progress bar's monitor thread, so no lock is copied mid-use;
@@ -594,7 +688,7 @@ def _start_workers(workers: int, init_args: tuple) -> ProcessPoolExecutor:
     Elsewhere, spawn. A worker that dies (out of memory, killed) fails the run with
     BrokenProcessPool, never a hang."""
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(workers, context, encode.init, init_args)
+    pool = _pool(workers, context, encode.init, init_args)
     try:
         pool.submit(int).result()  # with fork, the first task starts every worker at once
     except BrokenProcessPool:

@@ -54,6 +54,19 @@ def tree(out: Path) -> dict[str, bytes]:
     }
 
 
+def running(needle: str) -> list[str]:
+    """The command lines of this machine's processes that hold ``needle``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            line = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # (ended meanwhile)
+            continue
+        if needle in line:
+            found.append(line)
+    return found
+
+
 def test_round_trip_gives_the_documents_tokens_in_order(tmp_path, corpus, sp_model) -> None:
     root, docs = corpus
     out = tmp_path / "ds"
@@ -198,9 +211,14 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     n_units = json.loads((full / "manifest.json").read_text())["units"]
     assert n_units >= 8
 
-    out = tmp_path / "cut"  # kill -9 while it writes unit 3 (the fault hook: a kill timed from outside could
-    r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-unit@3"})  # miss
-    assert r.returncode == -signal.SIGKILL, r.stderr  # the window on a loaded machine)
+    out = tmp_path / "cut"  # kill -9 while it hashes unit 4 in the dedup pass: the units before are kept
+    r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@4"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert sorted(p.name for p in out.glob(".prep/dedup-*.npz")) == [f"dedup-0000{u}.npz" for u in range(4)]
+    # then kill -9 while it writes unit 3 (the fault hook: a kill timed from outside could miss the window
+    r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-unit@3"})  # on a
+    assert r.returncode == -signal.SIGKILL, r.stderr  # loaded machine)
+    assert f"prep: dedup: resuming: 4 of {n_units} units already hashed" in r.stderr, r.stderr
     assert (out / ".prep/unit-00002.json").exists() and not (out / ".prep/unit-00003.json").exists()
     assert list(out.glob("train/.shard-00003-*.tar.tmp")) and not (out / "manifest.json").exists()
     # Nothing half-written is visible: every shard under its final name is a complete tar.
@@ -279,14 +297,33 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     full = tmp_path / "full"
     assert prep(*common, "--output", str(full)).returncode == 0
     assert tree(out) == tree(full)
-    # the same in the near-copy pass: the worker finding band 3's candidate pairs is killed
-    near = [*common, "--dedup", "--near-dup", "0.8"]
-    r = prep(
-        *near, "--output", str(tmp_path / "near"), env={**os.environ, "BERTFORGE_FAULT": "kill-in-band@3"}, timeout=120
-    )
-    assert r.returncode == 1, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a worker process died"), r.stderr
-    assert prep(*near, "--output", str(tmp_path / "near")).returncode == 0
+    # the same in the dedup pass: the worker hashing unit 20 is killed; the rerun hashes only the units not
+    # hashed yet (each saved once hashed, .prep/dedup-NNNNN.npz), then the worker finding band 3's candidate
+    # pairs of near copies is killed; the next rerun clusters, writes what an unbroken run writes, tidies up
+    near, cut = [*common, "--dedup", "--near-dup", "0.8"], tmp_path / "near"
+    for kill in ("kill-in-hash@20", "kill-in-band@3"):
+        hashed = {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npz")}
+        r = prep(*near, "--output", str(cut), env={**os.environ, "BERTFORGE_FAULT": kill}, timeout=120)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a worker process died"), r.stderr
+    n = json.loads((full / "manifest.json").read_text())["units"]
+    assert 10 <= len(hashed) < n and "dedup-00020.npz" not in hashed, sorted(hashed)
+    assert f"prep: dedup: resuming: {len(hashed)} of {n} units already hashed" in r.stderr, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npz") if p.name in hashed} == hashed
+    assert len(list(cut.glob(".prep/dedup-*.npz"))) == n
+    r = prep(*near, "--output", str(cut))
+    assert r.returncode == 0 and f"resuming: {n} of {n} units already hashed" in r.stderr, r.stderr
+    assert not list(cut.glob(".prep/dedup-*.npz"))
+    # fewer units than two a worker (their chunks shared out): the same, this process killed before it saves unit 1
+    few = [*near[:-3], "unit_size=100KB", *near[-3:]]
+    r = prep(*few, "--output", str(tmp_path / "few"), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr  # (its workers died with it: they had waited for work
+    assert not running(str(tmp_path / "few")), running(str(tmp_path / "few"))  # forever, holding the pipes)
+    assert [p.name for p in (tmp_path / "few").glob(".prep/dedup-*.npz")] == ["dedup-00000.npz"]
+    r = prep(*few, "--output", str(tmp_path / "few"))
+    assert r.returncode == 0 and "prep: dedup: resuming: 1 of 3 units already hashed" in r.stderr, r.stderr
+    assert prep(*few, "--output", str(tmp_path / "few-full")).returncode == 0
+    assert tree(tmp_path / "few") == tree(tmp_path / "few-full")
     assert prep(*near, "--output", str(tmp_path / "near-full")).returncode == 0
     assert tree(tmp_path / "near") == tree(tmp_path / "near-full")
 
@@ -664,7 +701,8 @@ def test_refusals_are_one_line_exit_2_before_any_work(tmp_path, corpus, sp_model
         args += ["--seq-len", "64"]
         needle = "config key 'seq_len'"
     else:
-        args = ["--input", str(root / "a.txt"), "--output", str(out), "--vocab-size", "30000"]
+        args = ["--input", str(root / "a.txt"), "--output", str(out), "--dedup", "--near-dup", "0.8", "--vocab-size",
+                "30000"]  # fmt: skip
         needle = "tokenizer.vocab_size"
     r = prep(*args)
     assert r.returncode == 2
@@ -674,10 +712,18 @@ def test_refusals_are_one_line_exit_2_before_any_work(tmp_path, corpus, sp_model
         assert [p.name for p in out.iterdir()] == ["precious.txt"]
     if case in ("missing", "bad_tokenizer"):
         assert not out.exists()
-    if case == "vocab_too_big":  # nothing was made, so a corrected command may reuse the folder
-        args[-1] = "1000"
+    if case == "vocab_too_big":  # no tokenizer nor shard was made, so a corrected command may reuse the folder;
+        assert (out / ".prep/near_duplicates.npy").is_file()  # the dedup pass before the tokenizer step holds
+        args[-1] = "1000"  # (another tokenizer is no other dedup), a dedup of other settings is refused
+        other = prep(*args[:6], "0.5", *args[7:])
+        assert other.returncode == 2 and other.stderr.strip().endswith(
+            f"{out}: holds a prep made with a different config key 'near_dup'; choose a new --output folder or "
+            "delete this one"), other.stderr  # fmt: skip
         again = prep(*args)
-        assert again.returncode == 0, again.stderr
+        assert again.returncode == 0 and "prep: dedup:" not in again.stderr, again.stderr
+        fresh = tmp_path / "fresh"
+        assert prep(*args[:3], str(fresh), *args[4:]).returncode == 0
+        assert tree(out) == tree(fresh)
 
 
 def test_inspect_decodes_samples(tmp_path, corpus, sp_model, docs) -> None:
