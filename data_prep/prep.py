@@ -11,7 +11,6 @@ each task its own units.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import io
@@ -38,6 +37,7 @@ from data_prep.files import LOCK, holding, write_atomic
 from data_prep.malloc import keep_freed_memory
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
+from launch.env import die_with_parent
 
 STATE_DIR = ".prep"
 DUPLICATES = "duplicates.npy"
@@ -664,19 +664,13 @@ def _pool(
 
 
 def _worker_start(parent: int, init: Callable | None, args: tuple) -> None:
-    """A worker's start: on Linux the kernel is asked to SIGKILL it when prep's process dies. A
-    worker whose prep was killed (kill -9, the out-of-memory killer, which picks the process that
-    holds the dedup pass's arrays) had waited for work forever, holding its memory and prep's
-    output pipes, where a caller reading them waited too."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # (it died before that: no signal will come)
-            os._exit(1)
+    """A worker's start: it dies with prep's process (SIGKILL). A worker whose prep was killed (kill
+    -9, the out-of-memory killer, which picks the process that holds the dedup pass's arrays) had
+    waited for work forever, holding its memory and prep's output pipes, where a caller reading
+    them waited too."""
+    die_with_parent(parent, signal.SIGKILL)
     if init is not None:
         init(*args)
-
-
-_PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
 
 
 def _start_workers(workers: int, init_args: tuple) -> ProcessPoolExecutor:

@@ -255,6 +255,7 @@ def _run_pretrain(ns: argparse.Namespace) -> int:
     with _holding(cfg.run.dir, ranks):
         if ranks.launcher == "none" and nproc > 1:
             return local.run([ns.command, *ns.args, *(["--no-progress"] if not progress else [])], nproc)
+        env.follow_launcher()
         env.export(ranks)
         from pretrain.trainer import train
 
@@ -514,6 +515,7 @@ def _run_finetune(ns: argparse.Namespace) -> int:
         if ranks.launcher == "none" and nproc > 1:
             argv = ["finetune", ns.model, "--train", ns.train, "--eval", ns.eval, "--config", config, *ns.args]
             return local.run([*argv, *(["--no-progress"] if not progress else [])], nproc)
+        env.follow_launcher()
         env.export(ranks)
         run(cfg, progress=progress)
         return 0

@@ -76,6 +76,32 @@ def export(ranks: Ranks) -> None:
     env.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world), LOCAL_RANK=str(ranks.local_rank))
 
 
+def die_with_parent(parent: int, signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when its parent (pid ``parent``) dies (Linux:
+    ``PR_SET_PDEATHSIG``; elsewhere nothing). Prep's workers take SIGKILL, a rank of ``--nproc``
+    SIGTERM (:func:`follow_launcher`): an orphan had gone on alone, holding its memory, its run's
+    folder and its parent's output pipes."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signum))
+    if os.getppid() != parent:  # (it died before that: no signal will come)
+        os.kill(os.getpid(), signum)
+
+
+_PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
+LAUNCHER_PID = "BERTFORGE_LAUNCHER_PID"  # (the --nproc launcher's pid, in its ranks' environment)
+
+
+def follow_launcher() -> None:
+    """A rank that ``--nproc`` started (:mod:`launch.local`) gets SIGTERM when the launcher dies
+    (``kill -9``, the out-of-memory killer): every rank finishes its step, saves and exits, as on a
+    SIGTERM the launcher passes on, where they had trained on alone, holding the run folder."""
+    if pid := os.environ.pop(LAUNCHER_PID, None):  # (not for a process this one starts)
+        die_with_parent(int(pid), signal.SIGTERM)
+
+
 class _Terminal(io.FileIO):
     """A terminal's file descriptor that, once the terminal hung up (a write fails with EIO),
     writes to /dev/null instead. A hung-up terminal is no tty any more (``isatty`` is False once its

@@ -13,6 +13,7 @@ If a rank dies, the others cannot go on (they would wait in a collective until i
 so they are killed and the launcher exits with the dead rank's code; a rank killed by a signal
 (the out-of-memory killer's SIGKILL, NCCL's watchdog's SIGABRT), which could not say so itself, is
 named in one line with the signal's usual sender, and counts as the cause before any rank's error.
+If this process dies (``kill -9``), the ranks get SIGTERM from the kernel and stop as above.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from launch.env import free_port, hang_up_is_ignored
+from launch.env import LAUNCHER_PID, free_port, hang_up_is_ignored
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 KILLERS = {  # who usually sends a signal that kills a rank, said after its name
@@ -39,6 +40,7 @@ def run(args: list[str], nproc: int) -> int:
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=base.get("MASTER_PORT") or str(free_port()), WORLD_SIZE=str(nproc))
     base.update(LOCAL_WORLD_SIZE=str(nproc), BERTFORGE_LAUNCHER="nproc")  # (which names a rank that died itself)
+    base[LAUNCHER_PID] = str(os.getpid())  # (a rank stops when this process dies: launch.env.follow_launcher)
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     procs = [
         subprocess.Popen(

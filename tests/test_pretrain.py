@@ -915,6 +915,28 @@ def test_a_signal_on_one_rank_stops_every_rank_after_a_checkpoint(dataset, tmp_p
         assert f"pid {os.getpid()} on " in (run / ".lock").read_text()
 
 
+def test_ranks_whose_launcher_was_killed_stop_after_a_checkpoint(dataset, tmp_path) -> None:
+    """``kill -9`` of a ``--nproc`` launcher (or the out-of-memory killer's): the kernel sends its ranks
+    SIGTERM, and they stop as on the launcher's own SIGTERM, after a checkpoint; they had trained on
+    alone, holding the run folder, so that the same command again was refused."""
+    run = tmp_path / "run"
+    proc, _ = endless(dataset, run, "checkpoint.every=100000", until="step 3/")
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    proc.kill()
+    try:
+        out, err = proc.communicate(timeout=120)  # (until the ranks, which write to the same pipes, are gone)
+        _, alive = psutil.wait_procs(ranks, timeout=30)  # (init reaps them: their exit codes are its)
+    finally:
+        for p in ranks:
+            p.kill() if p.is_running() else None
+    assert not alive and "Traceback" not in err, err[-2000:]
+    step = ckpt.read_state(run, ckpt.latest(run))["step"]
+    assert 3 <= step < 100000 and "run the same command again to resume" in out, out[-2000:]
+    with ckpt.holding(run):  # free again
+        assert f"pid {os.getpid()} on " in (run / ".lock").read_text()
+
+
 def test_a_hang_up_stops_every_rank_after_a_checkpoint_and_nohup_keeps_it_running(dataset, tmp_path) -> None:
     """The terminal of a bare start closes (the terminal gone, then SIGHUP to its process group, the kernel's
     order): the ranks write on into nothing, then save and exit 0, where they had died with the step's
