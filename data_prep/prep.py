@@ -317,9 +317,7 @@ _HASHED_ARRAYS = ("files", "keys", "hashes", "bands", "marks")
 
 def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
     """A unit's arrays of the dedup pass, to ``path`` (:data:`HASHED`), atomically."""
-    buf = io.BytesIO()
-    np.savez(buf, **dict(zip(_HASHED_ARRAYS, arrays)))
-    write_atomic(path, buf.getbuffer())
+    write_atomic(path, lambda f: np.savez(f, **dict(zip(_HASHED_ARRAYS, arrays))))
 
 
 def _load_hashed(path: Path) -> tuple[np.ndarray, ...]:
@@ -342,9 +340,11 @@ def _unit_hashes(
     near: tuple[int, int] | None,
     path: Path,
     unit: int,
+    held: dict[int, tuple] | None = None,
 ) -> int:
     """Each document of unit ``unit``, in input order (:class:`_Joined`), its chunks hashed in this
-    process, saved to ``path`` (:data:`HASHED`); returns the bytes read."""
+    process, saved to ``path`` (:data:`HASHED`) and (``held``: in prep's own process) kept there,
+    not read back; returns the bytes read."""
     if fault("kill-in-hash", unit):  # test hook: SIGKILL the process, as the out-of-memory killer would
         os.kill(os.getpid(), signal.SIGKILL)
     scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
@@ -352,7 +352,10 @@ def _unit_hashes(
     for part, f in parts:
         for chunk in corpus.chunks(part, f, scratch, opts, max_line):
             joined.take(_chunk_hashes(chunk, opts, near))
-    _save_hashed(path, joined.arrays())
+    arrays = joined.arrays()
+    _save_hashed(path, arrays)
+    if held is not None:
+        held[unit] = arrays
     return scratch.bytes_read
 
 
@@ -363,10 +366,11 @@ def _hash_chunks(
     workers: int,
     near: tuple[int, int] | None,
     paths: dict[int, Path],
+    held: dict[int, tuple],
     bar: tqdm,
 ) -> None:
     """:func:`_unit_hashes` of few units (``jobs``, by unit), each saved to its ``paths`` entry once
-    hashed: this process reads their chunks, in order (the bytes read onto ``bar``), and ``workers``
+    hashed, and kept in ``held``: this process reads their chunks, in order (the bytes read onto ``bar``), and ``workers``
     processes parse and hash them (as prep's main pass shares out a single large file)."""
     scratch = corpus.Account(strict=opts.strict)
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -379,7 +383,8 @@ def _hash_chunks(
         if isinstance(item, int):  # (a document never runs on from one unit into the next)
             if fault("kill-in-hash", item):  # test hook: SIGKILL this process before it saves the unit
                 os.kill(os.getpid(), signal.SIGKILL)
-            _save_hashed(paths[item], joined.arrays())
+            held[item] = joined.arrays()
+            _save_hashed(paths[item], held[item])
             joined = _Joined(near)
         else:
             joined.take(item.result())
@@ -429,6 +434,7 @@ def _find_duplicates(
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
     todo = {u: [(p, files[p.file]) for p in units[u]] for u in range(len(units)) if not hashed[u].is_file()}
+    held: dict[int, tuple] = {}  # (the units hashed in this process)
     if len(todo) < len(units):
         print(f"prep: dedup: resuming: {len(units) - len(todo)} of {len(units)} units already hashed", file=sys.stderr)
     try:
@@ -441,15 +447,15 @@ def _find_duplicates(
                     for read in pool.map(_unit_hashes, todo.values(), [opts] * n, [max_line] * n, *args):
                         bar.update(read)
             elif workers > 1 and todo:
-                _hash_chunks(todo, opts, max_line, workers, near, hashed, bar)
+                _hash_chunks(todo, opts, max_line, workers, near, hashed, held, bar)
             else:
                 for u, job in todo.items():
-                    bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u))
+                    bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u, held))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
     joined = _Joined(near)
-    for u in range(len(units)):
-        joined.extend(_load_hashed(hashed[u]))
+    for u in range(len(units)):  # (those hashed before this run, or by its workers, read back)
+        joined.extend(held.pop(u) if u in held else _load_hashed(hashed[u]))
     doc_files, keys, hashes, bands, signs = joined.arrays()
     del joined
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)

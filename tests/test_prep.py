@@ -314,17 +314,17 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     r = prep(*near, "--output", str(cut))
     assert r.returncode == 0 and f"resuming: {n} of {n} units already hashed" in r.stderr, r.stderr
     assert not list(cut.glob(".prep/dedup-*.npz"))
-    # fewer units than two a worker (their chunks shared out): the same, this process killed before it saves unit 1
+    # fewer units than two a worker (their chunks shared out): the same, this process killed before it saves unit 2
     few = [*near[:-3], "unit_size=100KB", *near[-3:]]
-    r = prep(*few, "--output", str(tmp_path / "few"), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@1"})
+    r = prep(*few, "--output", str(tmp_path / "few"), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@2"})
     assert r.returncode == -signal.SIGKILL, r.stderr  # (its workers died with it: they had waited for work
     assert not running(str(tmp_path / "few")), running(str(tmp_path / "few"))  # forever, holding the pipes)
-    assert [p.name for p in (tmp_path / "few").glob(".prep/dedup-*.npz")] == ["dedup-00000.npz"]
+    assert sorted(p.name for p in tmp_path.glob("few/.prep/dedup-*.npz")) == ["dedup-00000.npz", "dedup-00001.npz"]
     saved = tmp_path / "few/.prep/dedup-00000.npz"  # damaged (a disk's fault: it is written whole, then
     whole = saved.read_bytes()  # renamed): one line naming it, once the other units are hashed and saved
     saved.write_bytes(whole[: len(whole) // 2])
     r = prep(*few, "--output", str(tmp_path / "few"))
-    assert r.returncode == 1 and "prep: dedup: resuming: 1 of 3 units already hashed" in r.stderr, r.stderr
+    assert r.returncode == 1 and "prep: dedup: resuming: 2 of 3 units already hashed" in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"bertforge: error: {saved}: cannot read it (File is not a zip file); delete it, and the same command "
         "hashes its unit again"
