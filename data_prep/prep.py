@@ -4,7 +4,7 @@ The input is cut into *units* of about ``unit_size`` bytes: runs of whole files,
 ranges of a large uncompressed file (cut where a document starts).
 Each unit is tokenized (in ``workers`` processes), packed and written as its own shards,
 then recorded in ``.prep/unit-NNNNN.json``; the manifest is the units' records joined in
-order. So the output is a function of the input and config alone (never of ``workers``),
+order. (``dedup``: a pass before hashes every document, a unit at a time, saved as it goes.) So the output is a function of the input and config alone (never of ``workers``),
 an interrupted run resumes at the first unfinished unit, and a SLURM job array can give
 each task its own units.
 """
@@ -370,8 +370,9 @@ def _hash_chunks(
     bar: tqdm,
 ) -> None:
     """:func:`_unit_hashes` of few units (``jobs``, by unit), each saved to its ``paths`` entry once
-    hashed, and kept in ``held``: this process reads their chunks, in order (the bytes read onto ``bar``), and ``workers``
-    processes parse and hash them (as prep's main pass shares out a single large file)."""
+    hashed, and kept in ``held``: this process reads their chunks, in order (the bytes read onto
+    ``bar``), and ``workers`` processes parse and hash them (as prep's main pass shares out a single
+    large file)."""
     scratch = corpus.Account(strict=opts.strict)
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pending: deque = deque()  # (a chunk's future, or the number of the unit whose chunks end there)
@@ -423,7 +424,8 @@ def _find_duplicates(
     of one another dataset kept (each cluster's first, :mod:`data_prep.neardup`; theirs come first),
     in ``.prep/near_duplicates.npy``. The hashes of the texts kept go to ``document_hashes.npy``, and
     their band keys and marks to ``document_bands.npy`` and ``document_marks.npy`` (a later prep's
-    ``dedup_against`` reads them)."""
+    ``dedup_against`` reads them). Each unit is saved once hashed (:data:`HASHED`): a rerun after an
+    interruption hashes only the units not saved yet."""
     path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
     kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
     hashed = {u: out / STATE_DIR / HASHED.format(u) for u in range(len(units))}
