@@ -22,13 +22,13 @@ _LOCKS: set[int] = set()  # the descriptors of the folders' locks this process h
 
 def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], object], rest: Iterable[bytes] = ()) -> None:
     """Write ``path`` so that it is either the old file or the whole new one, even after a crash:
-    a hidden ``.tmp`` file, synced, renamed over it, and the folder synced (prep's state and
+    a hidden ``.PID.tmp`` file, synced, renamed over it, and the folder synced (prep's state and
     manifest, a checkpoint's state and ``latest``). ``rest``: more bytes after ``data``, made as
     they are written (a large array a block at a time); ``data`` may also be a function that
     writes to the open file itself (``numpy.savez``: no copy in memory). An error names the
     file (a full disk)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with naming(tmp), open(tmp, "wb") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (two processes' writes of one file apart: the
+    with naming(tmp), open(tmp, "wb") as f:  # tasks of a prep array start its folder alike, the last one wins)
         if callable(data):
             data(f)
         else:

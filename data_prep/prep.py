@@ -409,6 +409,72 @@ def _hash_chunks(
             settle()
 
 
+def _hash_units(
+    cfg: PrepConfig,
+    files: list[corpus.InputFile],
+    units: list[list[corpus.Part]],
+    todo: list[int],
+    hashed: dict[int, Path],
+    workers: int,
+    progress: bool,
+) -> dict[int, tuple]:
+    """The dedup pass's hashing of the units ``todo`` (over ``workers`` processes, whole units, or,
+    where there are fewer than two a worker, their chunks), each saved to its ``hashed`` file;
+    returns the arrays of those hashed in this process (not read back)."""
+    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
+    near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
+    jobs = {u: [(p, files[p.file]) for p in units[u]] for u in todo}
+    held: dict[int, tuple] = {}
+    try:
+        with _bar("dedup", [p for u in todo for p in units[u]], files, progress) as bar:
+            if workers > 1 and len(todo) >= 2 * workers:  # (as the main pass shares out its work)
+                context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+                with _pool(workers, context) as pool:
+                    n = len(todo)
+                    args = [near] * n, [hashed[u] for u in todo], todo
+                    for read in pool.map(_unit_hashes, jobs.values(), [opts] * n, [max_line] * n, *args):
+                        bar.update(read)
+            elif workers > 1 and todo:
+                _hash_chunks(jobs, opts, max_line, workers, near, hashed, held, bar)
+            else:
+                for u, job in jobs.items():
+                    bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u, held))
+    except BrokenProcessPool:
+        raise RunError(WORKER_DIED) from None
+    return held
+
+
+def _hashed_files(out: Path, n_units: int) -> dict[int, Path]:
+    """Each unit's file of the dedup pass (:data:`HASHED`), by unit."""
+    return {u: out / STATE_DIR / HASHED.format(u) for u in range(n_units)}
+
+
+def _dedup_done(cfg: PrepConfig, out: Path) -> bool:
+    """Whether ``out`` holds the dedup pass's lists (:func:`_find_duplicates`), all of them."""
+    state, near = out / STATE_DIR, cfg.near_dup
+    written = [
+        state / DUPLICATES,
+        out / manifest.DOCUMENTS,
+        *([state / NEAR_COPIES, out / manifest.MARKS] if near else []),
+    ]
+    return all(p.is_file() for p in written)
+
+
+def _hash_task(
+    cfg: PrepConfig, out: Path, files: list[corpus.InputFile], task: tuple[int, int], progress: bool
+) -> dict:
+    """A task ``(i, n)`` of the array before the tokenizer step (``bertforge submit prep`` with
+    ``dedup``): the dedup pass's hashing of the units ``u % n == i`` not saved yet, which the
+    tokenizer step then finds saved (:func:`_find_duplicates`). Returns ``{"units": [...]}``."""
+    units = plan_units(files, parse_size(cfg.unit_size))
+    hashed = _hashed_files(out, len(units))
+    i, n = task
+    todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not hashed[u].is_file()]
+    print(f"prep: dedup: array task {i} of {n}: {len(todo)} unit(s) to hash", file=sys.stderr)
+    _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress)
+    return {"units": todo}
+
+
 def _find_duplicates(
     cfg: PrepConfig,
     files: list[corpus.InputFile],
@@ -417,9 +483,8 @@ def _find_duplicates(
     workers: int,
     progress: bool = False,
 ) -> None:
-    """``dedup``: hash every document (the units over ``workers`` processes, or, where there are
-    fewer than two a worker, their chunks), keep the first of each text in input order, and record
-    the others in ``.prep/duplicates.npy`` (kept for a resume), with, under ``dedup_against``, those
+    """``dedup``: hash every document (:func:`_hash_units`), keep the first of each text in input
+    order, and record the others in ``.prep/duplicates.npy`` (kept for a resume), with, under ``dedup_against``, those
     whose text another dataset kept; with ``near_dup``, the near copies of an earlier document, or
     of one another dataset kept (each cluster's first, :mod:`data_prep.neardup`; theirs come first),
     in ``.prep/near_duplicates.npy``. The hashes of the texts kept go to ``document_hashes.npy``, and
@@ -428,33 +493,16 @@ def _find_duplicates(
     interruption hashes only the units not saved yet."""
     path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
     kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
-    hashed = {u: out / STATE_DIR / HASHED.format(u) for u in range(len(units))}
-    if path.is_file() and kept.is_file() and (not cfg.near_dup or near_path.is_file() and kept_near[1].is_file()):
+    hashed = _hashed_files(out, len(units))
+    if _dedup_done(cfg, out):
         _let_go(hashed.values())  # (a pass stopped between its last file and this)
         return
     t0 = time.perf_counter()
-    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
-    todo = {u: [(p, files[p.file]) for p in units[u]] for u in range(len(units)) if not hashed[u].is_file()}
-    held: dict[int, tuple] = {}  # (the units hashed in this process)
+    todo = [u for u in range(len(units)) if not hashed[u].is_file()]
     if len(todo) < len(units):
         print(f"prep: dedup: resuming: {len(units) - len(todo)} of {len(units)} units already hashed", file=sys.stderr)
-    try:
-        with _bar("dedup", [p for u in todo for p in units[u]], files, progress) as bar:
-            if workers > 1 and len(todo) >= 2 * workers:  # (as the main pass shares out its work)
-                context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-                with _pool(workers, context) as pool:
-                    n = len(todo)
-                    args = [near] * n, [hashed[u] for u in todo], list(todo)
-                    for read in pool.map(_unit_hashes, todo.values(), [opts] * n, [max_line] * n, *args):
-                        bar.update(read)
-            elif workers > 1 and todo:
-                _hash_chunks(todo, opts, max_line, workers, near, hashed, held, bar)
-            else:
-                for u, job in todo.items():
-                    bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u, held))
-    except BrokenProcessPool:
-        raise RunError(WORKER_DIED) from None
+    held = _hash_units(cfg, files, units, todo, hashed, workers, progress)
     joined = _Joined(near)
     for u in range(len(units)):  # (those hashed before this run, or by its workers, read back)
         joined.extend(held.pop(u) if u in held else _load_hashed(hashed[u]))
@@ -721,14 +769,18 @@ def _remove_partial(out: Path) -> None:
                 tmp.unlink()
 
 
-def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = None) -> dict:
+def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = None, hashing: bool = False) -> dict:
     """Run the prep stage; returns the manifest. Safe to re-run: finished units are kept.
 
     ``task=(i, n)`` runs one slice of a job array (``bertforge submit prep``): only the units
     ``u`` with ``u % n == i``, and no manifest (a final plain run writes it from the units'
     records, as a resumed run does). ``task=(0, 0)`` only plans the units and trains the
-    tokenizer, the step before the array. Returns ``{"units": [...]}`` for those.
+    tokenizer (``dedup``: after the dedup pass), the step before the array. With ``hashing``,
+    ``task=(i, n)`` only hashes those units for the dedup pass (an array before the tokenizer
+    step). Returns ``{"units": [...]}`` for those.
     """
+    if hashing and not (cfg.dedup and task and task[1]):
+        raise ValueError("hashing is a task (i, n) of a prep with dedup")
     cfg.validate()
     t0 = time.perf_counter()
     discovered = corpus.Account(strict=cfg.strict)
@@ -753,6 +805,8 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
             man = manifest.load(out)
             print(manifest.summary(man))
             return man
+        if hashing:
+            return _hash_task(cfg, out, files, task, progress)
         return _write(cfg, out, files, discovered, task, progress, t0)
 
 

@@ -702,8 +702,10 @@ def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: lis
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0
-    first, tasks, last = submit.submit_prep(config, overrides, res, ns.array, Path(ns.log_dir), cfg.output)
-    print(f"submitted jobs: tokenizer {first.job_id}, array {tasks[0].job_id.split('_')[0]} "
+    hashes, first, tasks, last = submit.submit_prep(config, overrides, res, ns.array, Path(ns.log_dir), cfg.output,
+                                                    cfg.dedup)  # fmt: skip
+    hashing = f"dedup hashes {hashes[0].job_id.split('_')[0]} ({len(hashes)} tasks), " if hashes else ""
+    print(f"submitted jobs: {hashing}tokenizer {first.job_id}, array {tasks[0].job_id.split('_')[0]} "
           f"({len(tasks)} tasks), manifest {last.job_id}")  # fmt: skip
     print(f"logs: {Path(ns.log_dir).resolve()}")
     print(f"result: {Path(cfg.output).resolve() / 'manifest.json'} once job {last.job_id} ends")

@@ -114,9 +114,15 @@ class StageJob:
     """
 
     def __init__(
-        self, stage: str, config: str | None, overrides: list[str], task: tuple[int, int] | None = None
+        self,
+        stage: str,
+        config: str | None,
+        overrides: list[str],
+        task: tuple[int, int] | None = None,
+        hashing: bool = False,
     ) -> None:
         self.stage, self.config, self.overrides, self.task = stage, config, overrides, task
+        self.hashing = hashing  # (prep: a task of the dedup pass's array, before the tokenizer step)
 
     def __call__(self):  # noqa: ANN204
         try:
@@ -141,7 +147,7 @@ class StageJob:
             cfg = load_config(PrepConfig, self.config, self.overrides)
             if not cfg.workers and os.environ.get("SLURM_CPUS_PER_TASK"):
                 cfg.workers = int(os.environ["SLURM_CPUS_PER_TASK"])
-            return prep(cfg, progress=False, task=self.task)
+            return prep(cfg, progress=False, task=self.task, hashing=self.hashing)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint, requeue, exit
         ranks = env.detect()
         env.export(ranks)
@@ -187,7 +193,8 @@ class StageJob:
     def checkpoint(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config, self.overrides, self.task))
+        again = StageJob(self.stage, self.config, self.overrides, self.task, self.hashing)
+        return submitit.helpers.DelayedSubmission(again)
 
 
 def _cancelled() -> bool:
@@ -338,10 +345,21 @@ def submit(stage: str, config: str | None, overrides: list[str], res: Resources,
     return job
 
 
-def submit_prep(config: str | None, overrides: list[str], res: Resources, array: int, log_dir: Path, output: str):  # noqa: ANN201
-    """The prep chain: the tokenizer step, then an array of ``array`` tasks each writing the units
-    ``u % array == i``, then the manifest step, each waiting for the one before (``afterok``).
-    Returns the three submitit jobs (the array's first task for the array)."""
+def submit_prep(  # noqa: ANN201
+    config: str | None,
+    overrides: list[str],
+    res: Resources,
+    array: int,
+    log_dir: Path,
+    output: str,
+    dedup: bool = False,
+):
+    """The prep chain, each step waiting for the one before (``afterok``): with ``dedup``, an array of
+    ``array`` tasks hashing the units ``u % array == i`` for the dedup pass; the tokenizer step (with
+    ``dedup``, the pass's clustering on the units saved, then the tokenizer); an array of ``array``
+    tasks each writing the units ``u % array == i``; the manifest step. Returns the submitit jobs:
+    the hash array's tasks (none without ``dedup``), the tokenizer step, the write array's tasks,
+    the manifest step."""
     if not shutil.which("sbatch"):
         raise UserError("sbatch not found: bertforge submit needs a SLURM cluster (see launch/slurm/local_cluster.sh)")
     if array < 1:
@@ -351,21 +369,31 @@ def submit_prep(config: str | None, overrides: list[str], res: Resources, array:
     log_dir = Path(log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     ex = executor(one, log_dir)
+
+    def tasks_of(hashing: bool) -> list:  # an array of prep's tasks, after the job before (if any)
+        ex.update_parameters(array_parallelism=array)
+
+        def batch():  # noqa: ANN202
+            with ex.batch():
+                jobs = [ex.submit(StageJob("prep", config, overrides, (i, array), hashing)) for i in range(array)]
+            return jobs
+
+        return _submitting(ex, batch)
+
+    def after(job) -> None:  # noqa: ANN001
+        ex.update_parameters(additional_parameters={"dependency": f"afterok:{job.job_id.split('_')[0]}"})
+
+    hashes = tasks_of(hashing=True) if dedup else []
+    if hashes:
+        after(hashes[0])
     first = _submitting(ex, lambda: ex.submit(StageJob("prep", config, overrides, (0, 0))))
-    ex.update_parameters(additional_parameters={"dependency": f"afterok:{first.job_id}"}, array_parallelism=array)
-
-    def batch():  # noqa: ANN202
-        with ex.batch():
-            jobs = [ex.submit(StageJob("prep", config, overrides, (i, array))) for i in range(array)]
-        return jobs
-
-    tasks = _submitting(ex, batch)
-    array_id = tasks[0].job_id.split("_")[0]
-    ex.update_parameters(additional_parameters={"dependency": f"afterok:{array_id}"})
+    after(first)
+    tasks = tasks_of(hashing=False)
+    after(tasks[0])
     last = _submitting(ex, lambda: ex.submit(StageJob("prep", config, overrides, None)))
-    for job, ranks in ((first, 1), (tasks[0], array), (last, 1)):
+    for job, ranks in (*(((hashes[0], array),) if hashes else ()), (first, 1), (tasks[0], array), (last, 1)):
         _record(log_dir, job, "prep", config, overrides, one, output, ranks)
-    return first, tasks, last
+    return hashes, first, tasks, last
 
 
 def _result(record: dict) -> tuple[str, object] | None:

@@ -373,4 +373,10 @@ def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_pa
     said = "".join(p.read_text() for p in logs.rglob("*_log.err"))
     written = [int(said.split(f"array task {i} of 3: ")[1].split()[0]) for i in range(3)]
     assert min(written) >= 1 and f"resuming: {sum(written)} of {sum(written)} units already done" in said
+    # with dedup, an array before the tokenizer step hashed the units (the dedup pass's costly part, spread
+    # over the nodes), and the tokenizer step found them all saved
+    assert "submitted jobs: dedup hashes " in r.stdout, r.stdout
+    hashed = [int(said.split(f"prep: dedup: array task {i} of 3: ")[1].split()[0]) for i in range(3)]
+    assert min(hashed) >= 1 and f"prep: dedup: resuming: {sum(hashed)} of {sum(hashed)} units already hashed" in said
+    assert sum(hashed) == sum(written) and not list(out.glob(".prep/dedup-*.npz"))
     assert (logs / last / f"{last}_0_result.pkl").exists()  # the manifest step ran as its own job
