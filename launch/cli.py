@@ -728,11 +728,11 @@ def _run_jobs(ns: argparse.Namespace) -> int:
     if not jobs:
         print(f"no jobs submitted from {ns.log_dir}")
         return 0
-    print(f"{'job':>8}  {'state':<10} {'stage':<9} {'ranks':>5}  submitted                  logs")
+    print(f"{'job':>8}  {'state':<10} {'stage':<14} {'ranks':>5}  submitted                  logs")
     for job in jobs:
         ranks = job["nodes"] * job["tasks_per_node"]
         state = submit.job_state(job)
-        print(f"{job['job_id']:>8}  {state:<10} {job['stage']:<9} {ranks:>5}  {job['submitted']:<26} {job['log_dir']}")
+        print(f"{job['job_id']:>8}  {state:<10} {job['stage']:<14} {ranks:>5}  {job['submitted']:<26} {job['log_dir']}")
         if state == "FAILED" and (why := submit.failure(job)):
             print(f"{'':>10}{why}")  # under it, indented: the exception, or srun's report of the task that died
         if n := submit.failures(job):

@@ -316,6 +316,7 @@ def _submitting(ex, submit_fn):  # noqa: ANN001, ANN202
 
 
 def _record(log_dir: Path, job, stage: str, config, overrides, res: Resources, run_dir: str, ranks: int) -> None:  # noqa: ANN001
+    """Append ``job`` to ``jobs.jsonl`` (``bertforge jobs``); ``stage`` may name a step of it (``prep:dedup``)."""
     record = {
         "job_id": job.job_id,
         "stage": stage,
@@ -391,8 +392,10 @@ def submit_prep(  # noqa: ANN201
     tasks = tasks_of(hashing=False)
     after(tasks[0])
     last = _submitting(ex, lambda: ex.submit(StageJob("prep", config, overrides, None)))
-    for job, ranks in (*(((hashes[0], array),) if hashes else ()), (first, 1), (tasks[0], array), (last, 1)):
-        _record(log_dir, job, "prep", config, overrides, one, output, ranks)
+    steps = (*((("dedup", hashes[0], array),) if hashes else ()), ("tokenizer", first, 1), ("shards", tasks[0], array),
+             ("manifest", last, 1))  # fmt: skip
+    for step, job, ranks in steps:
+        _record(log_dir, job, f"prep:{step}", config, overrides, one, output, ranks)
     return hashes, first, tasks, last
 
 
@@ -461,7 +464,7 @@ def progress(record: dict) -> str | None:
 
     from pretrain.report import duration, records_in, run_config, to_go
 
-    if record["stage"] == "prep" or not record.get("run_dir"):
+    if record["stage"].startswith("prep") or not record.get("run_dir"):
         return None
     run = Path(record["run_dir"])
     path = run / "metrics.jsonl"
@@ -482,7 +485,7 @@ def check_run_dir_free(log_dir: Path, run_dir: str) -> None:
     """Refuse a job on a run folder that a job recorded in ``log_dir`` still queues or trains
     (two jobs would write the same checkpoints)."""
     for record in list_jobs(log_dir)[0]:
-        if record.get("run_dir") == run_dir and record["stage"] != "prep":
+        if record.get("run_dir") == run_dir and not record["stage"].startswith("prep"):
             state = job_state(record)
             if state in ACTIVE:
                 raise UserError(
