@@ -520,7 +520,7 @@ def _find_duplicates(
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         m = sum(len(h) for h, _, _ in before)  # (another dataset's documents: earlier than any of this input)
         both = _join([*(b for _, b, _ in before), bands]), _join([*(s for _, _, s in before), signs])
-        origin = _clusters(*both, cfg.near_dup, workers)[m:] - m  # (theirs: below 0)
+        origin = _clusters(*both, cfg.near_dup, workers, progress)[m:] - m  # (theirs: below 0)
         del both
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
         for where, array in zip(kept_near, (bands, signs)):
@@ -554,24 +554,35 @@ def _band_pairs(i: int) -> tuple[np.ndarray, np.ndarray]:
     return neardup.pairs(_BANDS[:, i])
 
 
-def _clusters(keys: np.ndarray, signs: np.ndarray, threshold: float, workers: int) -> np.ndarray:
+def _clusters(
+    keys: np.ndarray, signs: np.ndarray, threshold: float, workers: int, progress: bool = False
+) -> np.ndarray:
     """:func:`neardup.first_of_cluster`, each band's candidate pairs (a sort of every document's key)
     found by up to :data:`CLUSTER_WORKERS` of the ``workers`` processes, forked now so that they
     inherit the keys (none are sent), while this one clusters the bands before; as many bands ahead
     as processes at most, so that few bands' pairs are held. Here alone with one worker, or where
-    processes are not forked (not Linux)."""
+    processes are not forked (not Linux). ``progress``: a bar of the bands clustered."""
     global _BANDS
-    n = min(workers, CLUSTER_WORKERS, keys.shape[1])
+    n, bands = min(workers, CLUSTER_WORKERS, keys.shape[1]), keys.shape[1]
+    bar = functools.partial(tqdm, total=bands, unit="band", desc="near copies", disable=not progress, file=sys.stderr)
     if n < 2 or sys.platform != "linux":
-        return neardup.first_of_cluster(keys, signs, threshold)
+        with bar() as shown:
+            return neardup.first_of_cluster(keys, signs, threshold, _shown(map(neardup.pairs, keys.T), shown))
     _BANDS = keys
     try:
-        with _pool(n, mp.get_context("fork")) as pool:
-            return neardup.first_of_cluster(keys, signs, threshold, _ahead(pool, keys.shape[1], n))
+        with _pool(n, mp.get_context("fork")) as pool, bar() as shown:
+            return neardup.first_of_cluster(keys, signs, threshold, _shown(_ahead(pool, bands, n), shown))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
     finally:
         _BANDS = None
+
+
+def _shown(found: Iterator[tuple[np.ndarray, np.ndarray]], bar: tqdm) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``found``'s bands, each counted on ``bar`` once the one before it is clustered."""
+    for pairs in found:
+        yield pairs
+        bar.update()
 
 
 def _ahead(pool: ProcessPoolExecutor, bands: int, most: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
