@@ -189,8 +189,9 @@ def first_of_cluster(
     cluster: two documents that share a key in some band are joined (with ``signs``, their
     :func:`marks`, where their :func:`similarity` is at least ``threshold``), and so are the
     clusters they join. A band at a time: its pairs already in one cluster are not checked again.
-    ``found``: each band's :func:`pairs`, in band order, where other processes find them meanwhile;
-    here otherwise, a band's at a time."""
+    ``found``: each band's :func:`pairs`, in band order, where other processes find them meanwhile
+    (``keys`` is then only counted, and ``signs`` only indexed by arrays of rows: any object that
+    does these will do); here otherwise, a band's at a time."""
     parent = np.arange(len(keys))  # (each document's parent in its cluster's tree: never above it)
     for earlier, later in found if found is not None else map(pairs, keys.T):
         roots = _root(parent, earlier), _root(parent, later)

@@ -519,7 +519,7 @@ def _find_duplicates(
     close = theirs = np.zeros(len(hashes), dtype=bool)
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         m = sum(len(h) for h, _, _ in before)  # (another dataset's documents: earlier than any of this input)
-        both = _join([*(b for _, b, _ in before), bands]), _join([*(s for _, _, s in before), signs])
+        both = _Rows([*(b for _, b, _ in before), bands]), _Rows([*(s for _, _, s in before), signs])
         origin = _clusters(*both, cfg.near_dup, workers, progress)[m:] - m  # (theirs: below 0)
         del both
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
@@ -541,7 +541,33 @@ def _find_duplicates(
     print(f"prep: dedup: {', '.join(said)}; dropped ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
 
-_BANDS: np.ndarray | None = None  # (the band keys that :func:`_clusters`' forked workers inherit)
+class _Rows:
+    """Arrays of rows one after another, not copied (the band keys or marks of the datasets of
+    ``dedup_against``, mapped from their files, then this input's): ``rows[index]`` gathers rows,
+    :meth:`column` one column of every row. Joined, they had taken as much memory again."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0, *map(len, parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        if len(self.parts) == 1:
+            return self.parts[0][index]
+        which = np.searchsorted(self.starts, index, side="right") - 1
+        out = np.empty((len(index), *self.parts[-1].shape[1:]), self.parts[-1].dtype)
+        for k, part in enumerate(self.parts):
+            if (mine := which == k).any():
+                out[mine] = part[index[mine] - self.starts[k]]
+        return out
+
+    def column(self, i: int) -> np.ndarray:
+        return np.concatenate([part[:, i] for part in self.parts])
+
+
+_BANDS: _Rows | None = None  # (the band keys that :func:`_clusters`' forked workers inherit)
 CLUSTER_WORKERS = 2
 """Processes that find the bands' candidate pairs for :func:`_clusters` (at most): each sorts a band's
 keys, about 50 bytes a document while it does, so each past the first adds that to the pass's peak."""
@@ -551,23 +577,23 @@ def _band_pairs(i: int) -> tuple[np.ndarray, np.ndarray]:
     """Band ``i``'s candidate pairs, in a worker of :func:`_clusters`."""
     if fault("kill-in-band", i):  # test hook: SIGKILL the worker, as the out-of-memory killer would
         os.kill(os.getpid(), signal.SIGKILL)
-    return neardup.pairs(_BANDS[:, i])
+    return neardup.pairs(_BANDS.column(i))
 
 
-def _clusters(
-    keys: np.ndarray, signs: np.ndarray, threshold: float, workers: int, progress: bool = False
-) -> np.ndarray:
+def _clusters(keys: _Rows, signs: _Rows, threshold: float, workers: int, progress: bool = False) -> np.ndarray:
     """:func:`neardup.first_of_cluster`, each band's candidate pairs (a sort of every document's key)
     found by up to :data:`CLUSTER_WORKERS` of the ``workers`` processes, forked now so that they
     inherit the keys (none are sent), while this one clusters the bands before; as many bands ahead
     as processes at most, so that few bands' pairs are held. Here alone with one worker, or where
     processes are not forked (not Linux). ``progress``: a bar of the bands clustered."""
     global _BANDS
-    n, bands = min(workers, CLUSTER_WORKERS, keys.shape[1]), keys.shape[1]
+    bands = keys.parts[-1].shape[1]
+    n = min(workers, CLUSTER_WORKERS, bands)
     bar = functools.partial(tqdm, total=bands, unit="band", desc="near copies", disable=not progress, file=sys.stderr)
     if n < 2 or sys.platform != "linux":
         with bar() as shown:
-            return neardup.first_of_cluster(keys, signs, threshold, _shown(map(neardup.pairs, keys.T), shown))
+            here = (neardup.pairs(keys.column(i)) for i in range(bands))
+            return neardup.first_of_cluster(keys, signs, threshold, _shown(here, shown))
     _BANDS = keys
     try:
         with _pool(n, mp.get_context("fork")) as pool, bar() as shown:
@@ -609,11 +635,6 @@ def _bar(desc: str, parts: list[corpus.Part], files: list[corpus.InputFile], pro
     return tqdm(
         total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, mininterval=1.0, file=sys.stderr
     )
-
-
-def _join(arrays: list[np.ndarray]) -> np.ndarray:
-    """``arrays`` one after another; one array itself, not a copy (a pass's arrays are its memory)."""
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _save(path: Path, array: np.ndarray, rows: np.ndarray | None = None) -> None:

@@ -882,3 +882,15 @@ def test_prep_keeps_the_memory_it_frees_for_its_next_chunks(tmp_path, corpus, sp
     assert r.returncode == 0, r.stderr[-2000:]
     before, after = map(int, r.stdout.split()[-2:])
     assert before >= 5 * 16384 and after * 10 < before, r.stdout
+
+
+def test_rows_of_several_arrays_are_gathered_as_from_their_join() -> None:
+    from data_prep.prep import _Rows
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 1 << 60, (n, 3), dtype=np.uint64) for n in (5, 0, 17, 9)]
+    rows, joined = _Rows(parts), np.concatenate(parts)
+    index = rng.integers(0, len(joined), 100)
+    assert len(rows) == len(joined) and (rows[index] == joined[index]).all()
+    assert all((rows.column(i) == joined[:, i]).all() for i in range(3))
+    assert (_Rows(parts[:1])[index % 5] == parts[0][index % 5]).all()
