@@ -366,13 +366,13 @@ def _hash_chunks(
     workers: int,
     near: tuple[int, int] | None,
     paths: dict[int, Path],
-    held: dict[int, tuple],
+    held: dict[int, tuple] | None,
     bar: tqdm,
 ) -> None:
     """:func:`_unit_hashes` of few units (``jobs``, by unit), each saved to its ``paths`` entry once
-    hashed, and kept in ``held``: this process reads their chunks, in order (the bytes read onto
-    ``bar``), and ``workers`` processes parse and hash them (as prep's main pass shares out a single
-    large file)."""
+    hashed, and kept in ``held`` (if given): this process reads their chunks, in order (the bytes
+    read onto ``bar``), and ``workers`` processes parse and hash them (as prep's main pass shares
+    out a single large file)."""
     scratch = corpus.Account(strict=opts.strict)
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pending: deque = deque()  # (a chunk's future, or the number of the unit whose chunks end there)
@@ -384,8 +384,10 @@ def _hash_chunks(
         if isinstance(item, int):  # (a document never runs on from one unit into the next)
             if fault("kill-in-hash", item):  # test hook: SIGKILL this process before it saves the unit
                 os.kill(os.getpid(), signal.SIGKILL)
-            held[item] = joined.arrays()
-            _save_hashed(paths[item], held[item])
+            arrays = joined.arrays()
+            _save_hashed(paths[item], arrays)
+            if held is not None:
+                held[item] = arrays
             joined = _Joined(near)
         else:
             joined.take(item.result())
@@ -417,14 +419,15 @@ def _hash_units(
     hashed: dict[int, Path],
     workers: int,
     progress: bool,
+    keep: bool = True,
 ) -> dict[int, tuple]:
     """The dedup pass's hashing of the units ``todo`` (over ``workers`` processes, whole units, or,
     where there are fewer than two a worker, their chunks), each saved to its ``hashed`` file;
-    returns the arrays of those hashed in this process (not read back)."""
+    returns (``keep``) the arrays of those hashed in this process, not to be read back."""
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
     jobs = {u: [(p, files[p.file]) for p in units[u]] for u in todo}
-    held: dict[int, tuple] = {}
+    held: dict[int, tuple] | None = {} if keep else None
     try:
         with _bar("dedup", [p for u in todo for p in units[u]], files, progress) as bar:
             if workers > 1 and len(todo) >= 2 * workers:  # (as the main pass shares out its work)
@@ -441,7 +444,7 @@ def _hash_units(
                     bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u, held))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
-    return held
+    return held or {}
 
 
 def _hashed_files(out: Path, n_units: int) -> dict[int, Path]:
@@ -471,7 +474,7 @@ def _hash_task(
     i, n = task
     todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not hashed[u].is_file()]
     print(f"prep: dedup: array task {i} of {n}: {len(todo)} unit(s) to hash", file=sys.stderr)
-    _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress)
+    _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress, keep=False)
     return {"units": todo}
 
 
