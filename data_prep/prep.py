@@ -98,8 +98,18 @@ AFTER_DEDUP = ("tokenizer", "seq_len", "shard_size", "block_size")
 step failed or was stopped: a vocabulary too large for the text) takes another value of these."""
 
 
-def _check_output(out: Path, fingerprint: dict) -> bool:
-    """Prepare the output folder; True when it already holds this exact, finished prep."""
+def check_output(cfg: PrepConfig, files: list[corpus.InputFile]) -> None:
+    """Refuse, writing nothing, an output folder that holds another prep (other config keys or input
+    files) or files of no prep: ``bertforge submit prep``, before the queue (``cfg`` as its jobs get it)."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output exists and is not a folder")
+    _check_output(out, _fingerprint(cfg, files), write=False)
+
+
+def _check_output(out: Path, fingerprint: dict, write: bool = True) -> bool:
+    """Prepare the output folder (``write``; else only check it); True when it already holds this
+    exact, finished prep."""
     state = out / STATE_DIR / "state.json"
     started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
     hashed = (out / STATE_DIR / DUPLICATES).is_file() or any((out / STATE_DIR).glob("dedup-*.npz"))
@@ -118,19 +128,23 @@ def _check_output(out: Path, fingerprint: dict) -> bool:
                                 continue
                         detail = f"config key '{diff[0]}'" if diff else key
                     elif key == "inputs":
-                        detail = "the input files (names, sizes or modification times)"
-                    elif key == "tokenizer_sha256" and not started:
-                        continue
+                        detail = "set of input files (names, sizes or modification times)"
+                    elif key == "tokenizer_sha256":
+                        if not started:
+                            continue
+                        detail = "--tokenizer file (config key 'tokenizer.path': its sha256)"
                     raise UserError(
                         f"{out}: holds a prep made with a different {detail}; "
                         "choose a new --output folder or delete this one"
                     )
-            write_atomic(state, json.dumps(fingerprint, indent=1))  # (all in steps not run yet: the pass holds)
+            if write:  # (all in steps not run yet: the pass holds)
+                write_atomic(state, json.dumps(fingerprint, indent=1))
         return (out / manifest.MANIFEST).is_file()
     if _foreign(out):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    write_atomic(state, json.dumps(fingerprint, indent=1))
+    if write:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        write_atomic(state, json.dumps(fingerprint, indent=1))
     return False
 
 

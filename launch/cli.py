@@ -684,7 +684,7 @@ def _run_submit(ns: argparse.Namespace) -> int:
 def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: list[str]) -> int:  # noqa: ANN001
     from data_prep import corpus
     from data_prep.config import PrepConfig
-    from data_prep.prep import check_against
+    from data_prep.prep import check_against, check_output
     from launch import submit
     from launch.config import load_config
 
@@ -699,6 +699,8 @@ def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: lis
     if cfg.dedup_against:
         check_against(cfg)
         overrides.append(f"dedup_against=[{','.join(json.dumps(str(Path(p).resolve())) for p in cfg.dedup_against)}]")
+    theirs = load_config(PrepConfig, config, overrides)  # (what the jobs get: the paths absolute)
+    check_output(theirs, corpus.discover(theirs.input, corpus.Account(strict=cfg.strict)))
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0

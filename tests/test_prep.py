@@ -693,7 +693,9 @@ def test_bad_input_account_balances(tmp_path, sp_model) -> None:
     assert errors == [f"bertforge: error: {src}/a.jsonl:2: invalid json (--strict)"]
 
 
-@pytest.mark.parametrize("case", ["missing", "not_empty", "bad_tokenizer", "other_config", "vocab_too_big"])
+@pytest.mark.parametrize(
+    "case", ["missing", "not_empty", "bad_tokenizer", "other_config", "input_changed", "vocab_too_big"]
+)
 def test_refusals_are_one_line_exit_2_before_any_work(tmp_path, corpus, sp_model, case) -> None:
     root, _ = corpus
     out = tmp_path / "ds"
@@ -714,6 +716,12 @@ def test_refusals_are_one_line_exit_2_before_any_work(tmp_path, corpus, sp_model
         assert prep(*args).returncode == 0
         args += ["--seq-len", "64"]
         needle = "config key 'seq_len'"
+    elif case == "input_changed":  # the same names, a file rewritten since
+        (tmp_path / "in.txt").write_text((root / "a.txt").read_text())
+        args[1] = str(tmp_path / "in.txt")
+        assert prep(*args).returncode == 0
+        (tmp_path / "in.txt").write_text((root / "a.txt").read_text() + "\n\none more document\n")
+        needle = f"{out}: holds a prep made with a different set of input files (names, sizes or modification times)"
     else:
         args = ["--input", str(root / "a.txt"), "--output", str(out), "--dedup", "--near-dup", "0.8", "--vocab-size",
                 "30000"]  # fmt: skip

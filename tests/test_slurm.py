@@ -331,6 +331,12 @@ def test_bad_options_are_refused_before_submitting(dataset, tmp_path, capsys) ->
     assert code == 2 and err.endswith(f"{dataset}/manifest.json: no field 'documents' (config key 'dedup_against'): "
                                       f"{dataset} was prepped without --dedup, which keeps its documents' hashes; "
                                       "prep it again with --dedup into a new folder"), err  # fmt: skip
+    # an output folder holding another prep (the test's dataset, of other input files), as its jobs would find it
+    code = main(["submit", "prep", f"input=[{tmp_path / 'a.txt'}]", f"output={dataset}", "--log-dir",
+                 str(tmp_path / "logs")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith(f"{dataset}: holds a prep made with a different config key 'input'; choose a "
+                                      "new --output folder or delete this one"), err  # fmt: skip
     # no job of this test's in the queue (other tests' jobs come and go meanwhile): a job's command is
     # the batch script submitit wrote under its --log-dir
     queue = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True, check=True).stdout
