@@ -661,24 +661,26 @@ def _window_scalars(
     counts: dict[str, int],
 ) -> dict[str, float]:  # fmt: skip
     """A logged step's scalars, over the steps since the last (``window``): the loss, accuracy and a
-    model's extra loss terms summed over the ranks, the largest rank's peak memory and wait for data
-    (a step waits for the slowest), tokens/s and MFU (``flops`` a token over the job's ``peak``,
+    model's extra loss terms summed over the ranks, the largest rank's peak memory, step time and
+    wait for data (a step waits for the slowest; one rank's wait had been compared with rank 0's
+    step, which started later at the run's first step), tokens/s and MFU (``flops`` a token over the job's ``peak``,
     TFLOP/s), the run's ``counts``, the gradient norm and (fp16) loss scale."""
     from pretrain import engine
     from pretrain.metrics import peak_memory_gb
 
     sums = torch.tensor([window.loss, window.correct, window.count], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    most = torch.tensor([peak_memory_gb(device), window.waited / window.steps], device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    memory, waited = most.tolist()
-    rate = tokens_per_step * window.steps / window.seconds
+    most = torch.tensor([peak_memory_gb(device), window.waited / window.steps, window.seconds / window.steps],
+                        dtype=torch.float64, device=device)  # fmt: skip
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)  # (the slowest rank's step: a rank's wait is part of its own)
+    memory, waited, step_time = most.tolist()
+    rate = tokens_per_step / step_time
     scalars = {
         "train/loss": (sums[0] / sums[2]).item(),
         "train/mlm_accuracy": (sums[1] / sums[2]).item(),
         "train/lr": eng.get_lr()[0],
         "perf/tokens_per_sec": rate,
-        "perf/step_time": window.seconds / window.steps,
+        "perf/step_time": step_time,
         "perf/data_wait": waited,
         "perf/mfu": rate * flops / (peak * 1e12),
         "memory/peak_gb": memory,
