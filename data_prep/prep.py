@@ -109,7 +109,8 @@ def check_output(cfg: PrepConfig, files: list[corpus.InputFile]) -> None:
 
 def _check_output(out: Path, fingerprint: dict, write: bool = True) -> bool:
     """Prepare the output folder (``write``; else only check it); True when it already holds this
-    exact, finished prep."""
+    exact, finished prep. A folder that holds the dedup pass alone is compared on what that pass
+    depends on (:func:`_dedup_part`), and takes the rest of ``fingerprint``."""
     state = out / STATE_DIR / "state.json"
     started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
     hashed = (out / STATE_DIR / DUPLICATES).is_file() or any((out / STATE_DIR).glob("dedup-*.npz"))
@@ -117,28 +118,9 @@ def _check_output(out: Path, fingerprint: dict, write: bool = True) -> bool:
         old = json.loads(state.read_text())
         # a key a prep from before it did not know: it ran as the key's default (dedup: none dropped)
         old["config"] = {**manifest.output_config(PrepConfig()), **old["config"]}
-        if old != fingerprint:
-            for key in fingerprint:
-                if old.get(key) != fingerprint[key]:
-                    detail = key
-                    if key == "config":
-                        diff = [k for k in fingerprint[key] if old[key].get(k) != fingerprint[key][k]]
-                        if not started:  # (what the dedup pass depends on)
-                            if not (diff := [k for k in diff if k not in AFTER_DEDUP]):
-                                continue
-                        detail = f"config key '{diff[0]}'" if diff else key
-                    elif key == "inputs":
-                        detail = "set of input files (names, sizes or modification times)"
-                    elif key == "tokenizer_sha256":
-                        if not started:
-                            continue
-                        detail = "--tokenizer file (config key 'tokenizer.path': its sha256)"
-                    raise UserError(
-                        f"{out}: holds a prep made with a different {detail}; "
-                        "choose a new --output folder or delete this one"
-                    )
-            if write:  # (all in steps not run yet: the pass holds)
-                write_atomic(state, json.dumps(fingerprint, indent=1))
+        _refuse_another(out, *((old, fingerprint) if started else map(_dedup_part, (old, fingerprint))))
+        if write and old != fingerprint:  # (all in steps not run yet: the pass holds)
+            write_atomic(state, json.dumps(fingerprint, indent=1))
         return (out / manifest.MANIFEST).is_file()
     if _foreign(out):
         raise UserError(f"{out}: output folder exists, is not empty and holds no bertforge prep")
@@ -146,6 +128,28 @@ def _check_output(out: Path, fingerprint: dict, write: bool = True) -> bool:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         write_atomic(state, json.dumps(fingerprint, indent=1))
     return False
+
+
+def _dedup_part(fingerprint: dict) -> dict:
+    """What the dedup pass depends on of a prep's ``fingerprint``: all but the keys of the steps after
+    it (:data:`AFTER_DEDUP`) and the ``--tokenizer`` file."""
+    config = {k: v for k, v in fingerprint["config"].items() if k not in AFTER_DEDUP}
+    return {**fingerprint, "config": config, "tokenizer_sha256": None}
+
+
+def _refuse_another(out: Path, old: dict, new: dict) -> None:
+    """Refuse, naming the first key that differs, a folder whose prep's fingerprint ``old`` is not ``new``."""
+    for key in new:
+        if old.get(key) != new[key]:
+            detail = {
+                "inputs": "set of input files (names, sizes or modification times)",
+                "tokenizer_sha256": "--tokenizer file (config key 'tokenizer.path': its sha256)",
+            }.get(key, key)
+            if key == "config" and (diff := [k for k in new[key] if old[key].get(k) != new[key][k]]):
+                detail = f"config key '{diff[0]}'"
+            raise UserError(
+                f"{out}: holds a prep made with a different {detail}; choose a new --output folder or delete this one"
+            )
 
 
 def _sample_texts(

@@ -690,8 +690,6 @@ def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: lis
 
     cfg = load_config(PrepConfig, config, overrides)
     cfg.validate()
-    if not corpus.discover(cfg.input, corpus.Account(strict=cfg.strict)):
-        raise UserError(f"input {cfg.input}: no .txt or .jsonl files found")
     inputs = [i if i.startswith("builtin:") else str(Path(i).resolve()) for i in cfg.input]
     overrides = [*overrides, f"input=[{','.join(inputs)}]", f"output={Path(cfg.output).resolve()}"]
     if cfg.tokenizer.path:
@@ -700,7 +698,9 @@ def _submit_prep(ns: argparse.Namespace, res, config: str | None, overrides: lis
         check_against(cfg)
         overrides.append(f"dedup_against=[{','.join(json.dumps(str(Path(p).resolve())) for p in cfg.dedup_against)}]")
     theirs = load_config(PrepConfig, config, overrides)  # (what the jobs get: the paths absolute)
-    check_output(theirs, corpus.discover(theirs.input, corpus.Account(strict=cfg.strict)))
+    if not (files := corpus.discover(theirs.input, corpus.Account(strict=cfg.strict))):
+        raise UserError(f"input {cfg.input}: no .txt or .jsonl files found")
+    check_output(theirs, files)
     if ns.dry_run:
         print(submit.dry_run_script(res, Path(ns.log_dir)))
         return 0

@@ -722,6 +722,11 @@ def _open_run_folder(cfg: PretrainConfig, man: dict, latest: str | None, say: Ca
         shutil.copyfile(Path(cfg.data.path) / man["tokenizer"]["file"], tok)
 
 
+def _fresh_layout() -> dict:
+    """The data slots' layout of a run from its first step (a resume's: :func:`_relayout`)."""
+    return {"generation": 0, "origin": 0, "batches": 0, "read": []}
+
+
 def _resumed_layout(
     cfg: PretrainConfig, state: dict, world: int, mans: list[dict], shas: list[str]
 ) -> tuple[dict, str]:
@@ -729,7 +734,7 @@ def _resumed_layout(
     (the optimizer's keys, the layout, the rest of the config)."""
     optim, other = _config_changes(cfg, state)
     changed = f"; from here {', '.join(optim)} (the checkpoint's Adam moments kept)" if optim else ""
-    layout = state.get("data_layout", {"generation": 0, "origin": 0, "batches": 0, "read": []})
+    layout = state.get("data_layout", _fresh_layout())
     layout.setdefault("read", [] if layout["generation"] == 0 else None)  # (None: not counted before)
     layout, said = _relayout(cfg, state, layout, state["batches"], world, resharding(state, world, cfg),
                              data_folders(cfg), mans, shas, blend_weights(cfg))  # fmt: skip
@@ -880,12 +885,7 @@ class _Training:
 
         self.step = self.batches = self.tokens = self.bad_total = 0
         self.passed: list[list[int]] = []  # the stretches of steps passed over, [first, last] (report shades them)
-        self.layout = {
-            "generation": 0,
-            "origin": 0,
-            "batches": 0,
-            "read": [],
-        }  # the data slots' layout, since `batches`
+        self.layout = _fresh_layout()  # the data slots' layout, since its "batches"
         changed = ""  # what a resume changed (optimizer keys, ranks, loader workers), for the start-up line
         if state is not None:
             if other_world:
@@ -995,9 +995,8 @@ class _Training:
                 if last or (not self.passing and self.step % cfg.checkpoint.every == 0):
                     self._save("end of run" if last else f"every {cfg.checkpoint.every} steps")
                     self.saved_at = self.step
-                if said := self.profiler.after(
-                    self.step
-                ):  # (a profiled step ends here: its log, evaluation and save in it)
+                # (a profiled step ends here: its log, evaluation and save in it)
+                if said := self.profiler.after(self.step):
                     self.say(said)
                 _test_faults(self.step, rank, world)
             self.say(
