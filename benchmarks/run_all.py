@@ -4,7 +4,8 @@
 
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
 SentencePiece encoding, prep's time by stage in one process, and prep's time with ``dedup``),
-``near_dup_quality.py`` (``near_dup``'s drops against exact similarities), ``train_throughput.py
+``near_dup_quality.py`` (``near_dup``'s drops against exact similarities), ``dedup_memory.py``
+(prep's memory with ``near_dup`` against ``dedup`` alone, on a million short documents), ``train_throughput.py
 --memory`` (our training step against Hugging Face ``BertForMaskedLM`` at the same shape and
 precision, with MFU; the shard reader against the trainer; memory per rank), ``inference.py``
 (an export's ONNX files, fp32 and int8, under onnxruntime against PyTorch, at ``base``),
@@ -60,6 +61,12 @@ def table(records: list[dict]) -> str:
         if r.get("near_pass_s"):  # (a record from before near_dup has none)
             rows.append(("  its hash pass with near_dup=0.8, s", f"{r['near_pass_s']:.2f}",
                          f"exact alone: {r['pass_s']:.2f}", f"{r['near_pass_s'] / r['pass_s']:.2f}"))  # fmt: skip
+    memory = {(r["case"], r["workers"]): r for r in records if r["bench"] == "dedup_memory"}
+    for (case, workers), r in memory.items():  # (the case against another dataset has twice the documents)
+        if case == "near_dup=0.8" and (alone := memory.get(("exact", workers))):
+            rows.append((f"prep's peak anonymous memory, {case} ({workers} worker{'s' * (workers > 1)}), MB",
+                         f"{r['anon_main_mb']:.0f}", f"--dedup alone: {alone['anon_main_mb']:.0f}",
+                         f"{r['anon_main_mb'] / alone['anon_main_mb']:.2f}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "near_dup"):
         rows.append((f"near_dup={r['threshold']:g}: near copies dropped (recall)", f"{r['both']:,} of {r['near']:,}",
                      f"precision: {r['both']:,} of {r['dropped']:,} drops", f"{r['both'] / max(1, r['near']):.2f}"))  # fmt: skip
@@ -134,6 +141,7 @@ def main() -> None:
         _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
              "--dedup", results=results)  # fmt: skip
         _run("near_dup_quality.py", results=results)
+        _run("dedup_memory.py", *(["--docs", "100000", "--repeats", "1"] if quick else []), results=results)
         _run(
             "train_throughput.py",
             "--memory",

@@ -17,10 +17,10 @@ import io
 import json
 import multiprocessing as mp
 import os
+import resource
 import signal
 import sys
 import time
-import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -113,7 +113,7 @@ def _check_output(out: Path, fingerprint: dict, write: bool = True) -> bool:
     depends on (:func:`_dedup_part`), and takes the rest of ``fingerprint``."""
     state = out / STATE_DIR / "state.json"
     started = (out / manifest.TOKENIZER).is_file() or any((out / STATE_DIR).glob("unit-*.json"))
-    hashed = (out / STATE_DIR / DUPLICATES).is_file() or any((out / STATE_DIR).glob("dedup-*.npz"))
+    hashed = (out / STATE_DIR / DUPLICATES).is_file() or any((out / STATE_DIR).glob("dedup-*.np[yz]"))
     if state.is_file() and (started or hashed):
         old = json.loads(state.read_text())
         # a key a prep from before it did not know: it ran as the key's default (dedup: none dropped)
@@ -282,11 +282,6 @@ class _Joined:
             self.blocks.append(tuple(map(np.concatenate, zip(*self.pending))))
             self.pending, self.rows = [], 0
 
-    def extend(self, arrays: tuple[np.ndarray, ...]) -> None:
-        """A unit's documents, joined in a worker (:func:`_unit_hashes`), after those taken so far."""
-        self._block()
-        self.blocks.append(arrays)
-
     def take(self, result: tuple) -> None:
         file, keys, hashes, bands, signs, head, tail = result
         if head is not None:  # (the chunk before ended with the document's first piece: running)
@@ -326,29 +321,74 @@ class _Joined:
         return out
 
 
-HASHED = "dedup-{:05d}.npz"
-"""In ``.prep/``: a unit's part of the dedup pass (its documents' files, keys, hashes and, with
-``near_dup``, band keys and marks), written as soon as the unit is hashed, so that an interrupted
-pass resumes at the units not yet hashed; removed once the pass's lists are written."""
+HASHED = "dedup-{:05d}.npy"
+"""In ``.prep/``: a unit's part of the dedup pass, a record a document (:func:`_hashed_dtype`),
+written as soon as the unit is hashed, so that an interrupted pass resumes at the units not yet
+hashed; mapped, not read, where the pass joins them; removed once the pass's lists are written.
+(``dedup-NNNNN.npz``: an older bertforge's, hashed again.)"""
 _HASHED_ARRAYS = ("files", "keys", "hashes", "bands", "marks")
 
 
-def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
-    """A unit's arrays of the dedup pass, to ``path`` (:data:`HASHED`), atomically."""
-    write_atomic(path, lambda f: np.savez(f, **dict(zip(_HASHED_ARRAYS, arrays))))
+def _hashed_dtype(near: tuple[int, int] | None) -> np.dtype:
+    """A document's record in a :data:`HASHED` file: its file, key and hash and, with ``near``
+    (bands), its band keys and marks."""
+    fields = [("files", "<u4"), ("keys", "<u8"), ("hashes", "<u8")]
+    if near:
+        fields += [("bands", "<u8", (near[0],)), ("marks", "u1", (neardup.PERMUTATIONS,))]
+    return np.dtype(fields)
 
 
-def _load_hashed(path: Path) -> tuple[np.ndarray, ...]:
-    """What :func:`_save_hashed` wrote; an unreadable file (written whole, then renamed: only a
-    disk's fault or a hand) is a :class:`RunError` naming it."""
+def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...], near: tuple[int, int] | None) -> None:
+    """A unit's arrays of the dedup pass (:class:`_Joined`'s), to ``path`` (:data:`HASHED`) as
+    records, atomically, 64K at a time (no copy of them all in memory)."""
+    dtype, n, step = _hashed_dtype(near), len(arrays[0]), 1 << 16
+
+    def records(i: int) -> bytes:
+        out = np.empty(min(step, n - i), dtype)
+        for name, array in zip(_HASHED_ARRAYS, arrays):
+            if name in dtype.names:
+                out[name] = array[i : i + len(out)]
+        return out.tobytes()
+
+    write_atomic(path, _npy_header(dtype, (n,)), map(records, range(0, n, step)))
+
+
+def _load_hashed(path: Path, near: tuple[int, int] | None) -> np.ndarray:
+    """What :func:`_save_hashed` wrote, mapped; an unreadable file (written whole, then renamed: only
+    a disk's fault or a hand) is a :class:`RunError` naming it."""
+    dtype = _hashed_dtype(near)
     try:
-        with np.load(path) as z:
-            return tuple(z[name] for name in _HASHED_ARRAYS)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        with open(path, "rb") as f:
+            if np.lib.format.read_magic(f) != (1, 0):
+                raise ValueError("not a .npy file of version 1.0")
+            shape, _, found = np.lib.format.read_array_header_1_0(f)
+            if found != dtype or len(shape) != 1:
+                raise ValueError(f"records of {found.descr}, not {dtype.descr}")
+            start, size = f.tell(), os.fstat(f.fileno()).st_size
+        if size != start + shape[0] * dtype.itemsize:
+            raise ValueError(f"{size:,} bytes, where its header says {start + shape[0] * dtype.itemsize:,}")
+        return np.memmap(path, dtype, "r", start, shape) if shape[0] else np.empty(0, dtype)
+    except (OSError, ValueError) as err:
         said = str(err).split(". ")[0]
         raise RunError(
             f"{path}: cannot read it ({said}); delete it, and the same command hashes its unit again"
         ) from None
+
+
+def _open_files(n: int, cfg: PrepConfig) -> None:
+    """Let this process open ``n`` more files (a mapped unit file holds one open): its soft limit
+    (``ulimit -n``, 1024 on many systems) raised, up to the hard one; past that, an error, before
+    the pass's work."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n + len(os.listdir("/dev/fd")) + 64  # (those open now, and room for the pass's own)
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise RunError(
+            f"prep: dedup: the pass maps its {n:,} unit files at once, but this process may open only {hard:,} "
+            f"files (ulimit -Hn): raise that limit, or prep with a larger unit_size (now {cfg.unit_size})"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def _unit_hashes(
@@ -358,11 +398,9 @@ def _unit_hashes(
     near: tuple[int, int] | None,
     path: Path,
     unit: int,
-    held: dict[int, tuple] | None = None,
 ) -> int:
     """Each document of unit ``unit``, in input order (:class:`_Joined`), its chunks hashed in this
-    process, saved to ``path`` (:data:`HASHED`) and (``held``: in prep's own process) kept there,
-    not read back; returns the bytes read."""
+    process, saved to ``path`` (:data:`HASHED`); returns the bytes read."""
     if fault("kill-in-hash", unit):  # test hook: SIGKILL the process, as the out-of-memory killer would
         os.kill(os.getpid(), signal.SIGKILL)
     scratch = corpus.Account(strict=opts.strict)  # (the main pass keeps the account)
@@ -370,10 +408,7 @@ def _unit_hashes(
     for part, f in parts:
         for chunk in corpus.chunks(part, f, scratch, opts, max_line):
             joined.take(_chunk_hashes(chunk, opts, near))
-    arrays = joined.arrays()
-    _save_hashed(path, arrays)
-    if held is not None:
-        held[unit] = arrays
+    _save_hashed(path, joined.arrays(), near)
     return scratch.bytes_read
 
 
@@ -384,13 +419,11 @@ def _hash_chunks(
     workers: int,
     near: tuple[int, int] | None,
     paths: dict[int, Path],
-    held: dict[int, tuple] | None,
     bar: tqdm,
 ) -> None:
     """:func:`_unit_hashes` of few units (``jobs``, by unit), each saved to its ``paths`` entry once
-    hashed, and kept in ``held`` (if given): this process reads their chunks, in order (the bytes
-    read onto ``bar``), and ``workers`` processes parse and hash them (as prep's main pass shares
-    out a single large file)."""
+    hashed: this process reads their chunks, in order (the bytes read onto ``bar``), and ``workers``
+    processes parse and hash them (as prep's main pass shares out a single large file)."""
     scratch = corpus.Account(strict=opts.strict)
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pending: deque = deque()  # (a chunk's future, or the number of the unit whose chunks end there)
@@ -402,10 +435,7 @@ def _hash_chunks(
         if isinstance(item, int):  # (a document never runs on from one unit into the next)
             if fault("kill-in-hash", item):  # test hook: SIGKILL this process before it saves the unit
                 os.kill(os.getpid(), signal.SIGKILL)
-            arrays = joined.arrays()
-            _save_hashed(paths[item], arrays)
-            if held is not None:
-                held[item] = arrays
+            _save_hashed(paths[item], joined.arrays(), near)
             joined = _Joined(near)
         else:
             joined.take(item.result())
@@ -437,15 +467,12 @@ def _hash_units(
     hashed: dict[int, Path],
     workers: int,
     progress: bool,
-    keep: bool = True,
-) -> dict[int, tuple]:
+) -> None:
     """The dedup pass's hashing of the units ``todo`` (over ``workers`` processes, whole units, or,
-    where there are fewer than two a worker, their chunks), each saved to its ``hashed`` file;
-    returns (``keep``) the arrays of those hashed in this process, not to be read back."""
+    where there are fewer than two a worker, their chunks), each saved to its ``hashed`` file."""
     opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
     near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
     jobs = {u: [(p, files[p.file]) for p in units[u]] for u in todo}
-    held: dict[int, tuple] | None = {} if keep else None
     try:
         with _bar("dedup", [p for u in todo for p in units[u]], files, progress) as bar:
             if workers > 1 and len(todo) >= 2 * workers:  # (as the main pass shares out its work)
@@ -456,13 +483,12 @@ def _hash_units(
                     for read in pool.map(_unit_hashes, jobs.values(), [opts] * n, [max_line] * n, *args):
                         bar.update(read)
             elif workers > 1 and todo:
-                _hash_chunks(jobs, opts, max_line, workers, near, hashed, held, bar)
+                _hash_chunks(jobs, opts, max_line, workers, near, hashed, bar)
             else:
                 for u, job in jobs.items():
-                    bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u, held))
+                    bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
-    return held or {}
 
 
 def _hashed_files(out: Path, n_units: int) -> dict[int, Path]:
@@ -492,7 +518,7 @@ def _hash_task(
     i, n = task
     todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not hashed[u].is_file()]
     print(f"prep: dedup: array task {i} of {n}: {len(todo)} unit(s) to hash", file=sys.stderr)
-    _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress, keep=False)
+    _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress)
     return {"units": todo}
 
 
@@ -511,7 +537,9 @@ def _find_duplicates(
     in ``.prep/near_duplicates.npy``. The hashes of the texts kept go to ``document_hashes.npy``, and
     their band keys and marks to ``document_bands.npy`` and ``document_marks.npy`` (a later prep's
     ``dedup_against`` reads them). Each unit is saved once hashed (:data:`HASHED`): a rerun after an
-    interruption hashes only the units not saved yet."""
+    interruption hashes only the units not saved yet. The units' band keys and marks are then read
+    where they lie, mapped (the system's page cache holds them, not this process: 240 bytes a
+    document at 0.8, which it may drop and read again), each unit's file holding one file open."""
     path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
     kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
     hashed = _hashed_files(out, len(units))
@@ -523,12 +551,10 @@ def _find_duplicates(
     todo = [u for u in range(len(units)) if not hashed[u].is_file()]
     if len(todo) < len(units):
         print(f"prep: dedup: resuming: {len(units) - len(todo)} of {len(units)} units already hashed", file=sys.stderr)
-    held = _hash_units(cfg, files, units, todo, hashed, workers, progress)
-    joined = _Joined(near)
-    for u in range(len(units)):  # (those hashed before this run, or by its workers, read back)
-        joined.extend(held.pop(u) if u in held else _load_hashed(hashed[u]))
-    doc_files, keys, hashes, bands, signs = joined.arrays()
-    del joined
+    _open_files(len(units), cfg)
+    _hash_units(cfg, files, units, todo, hashed, workers, progress)
+    saved = [_load_hashed(hashed[u], near) for u in range(len(units))]  # (mapped: read where they lie)
+    doc_files, keys, hashes = (np.concatenate([s[name] for s in saved]) for name in _HASHED_ARRAYS[:3])
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
@@ -540,17 +566,17 @@ def _find_duplicates(
     close = theirs = np.zeros(len(hashes), dtype=bool)
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         m = sum(len(h) for h, _, _ in before)  # (another dataset's documents: earlier than any of this input)
-        both = _Rows([*(b for _, b, _ in before), bands]), _Rows([*(s for _, _, s in before), signs])
-        origin = _clusters(*both, cfg.near_dup, workers, progress)[m:] - m  # (theirs: below 0)
-        del both
+        bands = [*(b for _, b, _ in before), *(s["bands"] for s in saved)]
+        signs = [*(x for _, _, x in before), *(s["marks"] for s in saved)]
+        origin = _clusters(_Rows(bands), _Rows(signs), cfg.near_dup, workers, progress)[m:] - m  # (theirs: below 0)
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
-        for where, array in zip(kept_near, (bands, signs)):
-            _save(where, array, ~(dup | close))  # (the documents kept)
-    del bands, signs
+        for where, parts in zip(kept_near, (bands, signs)):
+            _save(where, _Rows(parts[len(before) :]), ~(dup | close))  # (the documents kept)
+    del saved  # (the units' files let go)
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
     _save(kept, np.unique(hashes[~(dup | close)]))
-    _let_go(hashed.values())
+    _let_go([*hashed.values(), *(out / STATE_DIR).glob("dedup-*.npz")])  # (and an older bertforge's)
     said = [f"{repeats:,} of {len(hashes):,} documents repeat an earlier one's text"]
     if cfg.dedup_against:
         said.append(f"{elsewhere:,} more are documents of {', '.join(cfg.dedup_against)}")
@@ -564,12 +590,14 @@ def _find_duplicates(
 
 class _Rows:
     """Arrays of rows one after another, not copied (the band keys or marks of the datasets of
-    ``dedup_against``, mapped from their files, then this input's): ``rows[index]`` gathers rows,
-    :meth:`column` one column of every row. Joined, they had taken as much memory again."""
+    ``dedup_against``, then those of this input's units, all mapped from their files):
+    ``rows[index]`` gathers rows, :meth:`column` one column of every row. Joined, they had been held
+    in memory."""
 
     def __init__(self, parts: list[np.ndarray]) -> None:
         self.parts = parts
         self.starts = np.cumsum([0, *map(len, parts)])
+        self.dtype, self.shape = parts[-1].dtype, (len(self), *parts[-1].shape[1:])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -578,10 +606,12 @@ class _Rows:
         if len(self.parts) == 1:
             return self.parts[0][index]
         which = np.searchsorted(self.starts, index, side="right") - 1
-        out = np.empty((len(index), *self.parts[-1].shape[1:]), self.parts[-1].dtype)
-        for k, part in enumerate(self.parts):
-            if (mine := which == k).any():
-                out[mine] = part[index[mine] - self.starts[k]]
+        order = np.argsort(which, kind="stable")  # (the rows of each part together: a pass over the
+        bounds = np.searchsorted(which[order], np.arange(len(self.parts) + 1))  # index a part, not each)
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        for k in np.flatnonzero(np.diff(bounds)):
+            mine = order[bounds[k] : bounds[k + 1]]
+            out[mine] = self.parts[k][index[mine] - self.starts[k]]
         return out
 
     def column(self, i: int) -> np.ndarray:
@@ -662,11 +692,17 @@ def _save(path: Path, array: np.ndarray, rows: np.ndarray | None = None) -> None
     """Write ``array`` (``rows``: those of its rows) to ``path`` in ``.npy`` form, atomically, 64K rows
     at a time: no copy of a large array in memory."""
     at = np.arange(len(array)) if rows is None else np.flatnonzero(rows)
-    header = io.BytesIO()
-    shape = (len(at), *array.shape[1:])
-    np.lib.format.write_array_header_1_0(header, {"descr": array.dtype.str, "fortran_order": False, "shape": shape})
     step = 1 << 16
-    write_atomic(path, header.getvalue(), (array[at[i : i + step]].tobytes() for i in range(0, len(at), step)))
+    header = _npy_header(array.dtype, (len(at), *array.shape[1:]))
+    write_atomic(path, header, (array[at[i : i + step]].tobytes() for i in range(0, len(at), step)))
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The header of a ``.npy`` file of an array of ``dtype`` and ``shape``, in C order."""
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(dtype)
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return header.getvalue()
 
 
 def run_unit(

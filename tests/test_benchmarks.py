@@ -92,3 +92,23 @@ def test_the_near_dup_benchmark_drops_what_prep_drops(tmp_path, sp_model) -> Non
 
     rows = table([fig]).splitlines()
     assert rows[1].startswith("near_dup=0.8: near copies dropped (recall)") and len(rows) == 2, rows
+
+
+@pytest.mark.slow
+def test_the_dedup_memory_benchmark_measures_each_checkout_and_compares_their_bytes(tmp_path) -> None:
+    """benchmarks/dedup_memory.py, as an older checkout is compared with this one (here this one twice):
+    a figure a case, worker count and checkout, the pass timed and prep's anonymous memory sampled."""
+    out = tmp_path / "figures.jsonl"
+    args = ["--docs", "4000", "--files", "2", "--unit-size", "16KB", "--workers", "1", "--repeats", "1",
+            "--code", str(REPO), str(REPO), "--json", str(out)]  # fmt: skip
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/dedup_memory.py"), *args], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    figs = [json.loads(line) for line in out.read_text().splitlines()]
+    cases = ["exact", "near_dup=0.8", "near_dup=0.8, against"]
+    assert [f["case"] for f in figs] == [c for c in cases for _ in range(2)], figs
+    assert all(f["pass_s"] >= 0 and 0 < f["anon_main_mb"] <= f["anon_all_mb"] for f in figs), figs
+    from benchmarks.run_all import table
+
+    rows = table(figs).splitlines()
+    assert rows[1].startswith("prep's peak anonymous memory, near_dup=0.8 (1 worker), MB") and len(rows) == 2, rows

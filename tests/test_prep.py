@@ -7,12 +7,14 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +217,7 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     out = tmp_path / "cut"  # kill -9 while it hashes unit 4 in the dedup pass: the units before are kept
     r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@4"})
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert sorted(p.name for p in out.glob(".prep/dedup-*.npz")) == [f"dedup-0000{u}.npz" for u in range(4)]
+    assert sorted(p.name for p in out.glob(".prep/dedup-*.npy")) == [f"dedup-0000{u}.npy" for u in range(4)]
     # then kill -9 while it writes unit 3 (the fault hook: a kill timed from outside could miss the window
     r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-unit@3"})  # on a
     assert r.returncode == -signal.SIGKILL, r.stderr  # loaded machine)
@@ -302,36 +304,36 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     assert prep(*common, "--output", str(full)).returncode == 0
     assert tree(out) == tree(full)
     # the same in the dedup pass: the worker hashing unit 20 is killed; the rerun hashes only the units not
-    # hashed yet (each saved once hashed, .prep/dedup-NNNNN.npz), then the worker finding band 3's candidate
+    # hashed yet (each saved once hashed, .prep/dedup-NNNNN.npy), then the worker finding band 3's candidate
     # pairs of near copies is killed; the next rerun clusters, writes what an unbroken run writes, tidies up
     near, cut = [*common, "--dedup", "--near-dup", "0.8"], tmp_path / "near"
     for kill in ("kill-in-hash@20", "kill-in-band@3"):
-        hashed = {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npz")}
+        hashed = {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npy")}
         r = prep(*near, "--output", str(cut), env={**os.environ, "BERTFORGE_FAULT": kill}, timeout=120)
         assert r.returncode == 1, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a worker process died"), r.stderr
     n = json.loads((full / "manifest.json").read_text())["units"]
-    assert 10 <= len(hashed) < n and "dedup-00020.npz" not in hashed, sorted(hashed)
+    assert 10 <= len(hashed) < n and "dedup-00020.npy" not in hashed, sorted(hashed)
     assert f"prep: dedup: resuming: {len(hashed)} of {n} units already hashed" in r.stderr, r.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npz") if p.name in hashed} == hashed
-    assert len(list(cut.glob(".prep/dedup-*.npz"))) == n
+    assert {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npy") if p.name in hashed} == hashed
+    assert len(list(cut.glob(".prep/dedup-*.npy"))) == n
     r = prep(*near, "--output", str(cut))
     assert r.returncode == 0 and f"resuming: {n} of {n} units already hashed" in r.stderr, r.stderr
-    assert not list(cut.glob(".prep/dedup-*.npz"))
+    assert not list(cut.glob(".prep/dedup-*.npy"))
     # fewer units than two a worker (their chunks shared out): the same, this process killed before it saves unit 2
     few = [*near[:-3], "unit_size=100KB", *near[-3:]]
     r = prep(*few, "--output", str(tmp_path / "few"), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@2"})
     assert r.returncode == -signal.SIGKILL, r.stderr  # (its workers died with it: they had waited for work
     assert not running(str(tmp_path / "few")), running(str(tmp_path / "few"))  # forever, holding the pipes)
-    assert sorted(p.name for p in tmp_path.glob("few/.prep/dedup-*.npz")) == ["dedup-00000.npz", "dedup-00001.npz"]
-    saved = tmp_path / "few/.prep/dedup-00000.npz"  # damaged (a disk's fault: it is written whole, then
+    assert sorted(p.name for p in tmp_path.glob("few/.prep/dedup-*.npy")) == ["dedup-00000.npy", "dedup-00001.npy"]
+    saved = tmp_path / "few/.prep/dedup-00000.npy"  # damaged (a disk's fault: it is written whole, then
     whole = saved.read_bytes()  # renamed): one line naming it, once the other units are hashed and saved
     saved.write_bytes(whole[: len(whole) // 2])
     r = prep(*few, "--output", str(tmp_path / "few"))
     assert r.returncode == 1 and "prep: dedup: resuming: 2 of 3 units already hashed" in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        f"bertforge: error: {saved}: cannot read it (File is not a zip file); delete it, and the same command "
-        "hashes its unit again"
+        f"bertforge: error: {saved}: cannot read it ({len(whole) // 2:,} bytes, where its header says {len(whole):,}); "
+        "delete it, and the same command hashes its unit again"
     ), r.stderr
     saved.write_bytes(whole)
     r = prep(*few, "--output", str(tmp_path / "few"))
@@ -340,6 +342,36 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     assert tree(tmp_path / "few") == tree(tmp_path / "few-full")
     assert prep(*near, "--output", str(tmp_path / "near-full")).returncode == 0
     assert tree(tmp_path / "near") == tree(tmp_path / "near-full")
+
+
+def test_the_dedup_pass_maps_more_unit_files_than_the_soft_limit_of_open_files(tmp_path, docs, sp_model) -> None:
+    """The dedup pass maps every unit's file at once (each holds a file open): prep raises its soft
+    limit of open files (``ulimit -n``) as far as the hard one allows, and past that says so in one
+    line before any work."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(40):
+        (root / f"part{i:02}.txt").write_text("\n\n".join(docs[i::40]))
+    common = ["--input", str(root), "--tokenizer", str(sp_model), "--workers", "1", "--dedup", "--near-dup", "0.8",
+              "unit_size=1KB", "shard_size=8KB", "block_size=2KB"]  # fmt: skip
+    assert prep(*common, "--output", str(tmp_path / "full")).returncode == 0
+    n = json.loads((tmp_path / "full/manifest.json").read_text())["units"]
+    assert n > 100
+
+    def limit(soft: int, hard: int) -> Callable[[], None]:
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    r = prep(*common, "--output", str(tmp_path / "hard"), preexec_fn=limit(60, 60))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"bertforge: error: prep: dedup: the pass maps its {n} unit files at once, but this process may open only "
+        "60 files (ulimit -Hn): raise that limit, or prep with a larger unit_size (now 1KB)"
+    ), r.stderr
+    assert not list(tmp_path.glob("hard/.prep/dedup-*"))  # (before the work)
+    r = prep(
+        *common, "--output", str(tmp_path / "soft"), preexec_fn=limit(60, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    )
+    assert r.returncode == 0, r.stderr
+    assert tree(tmp_path / "soft") == tree(tmp_path / "full")
 
 
 def test_a_document_longer_than_a_shard_spans_shards(tmp_path, sp_model) -> None:
