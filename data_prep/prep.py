@@ -572,7 +572,6 @@ def _find_duplicates(
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
         for where, parts in zip(kept_near, (bands, signs)):
             _save(where, _Rows(parts[len(before) :]), ~(dup | close))  # (the documents kept)
-    del saved  # (the units' files let go)
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
     _save(kept, np.unique(hashes[~(dup | close)]))

@@ -262,11 +262,16 @@ def agree_written(
 
 
 def remove_incomplete(run_dir: Path) -> list[str]:
-    """Rank 0 at start: delete checkpoint folders a crash left half written."""
+    """Rank 0 at start: delete checkpoint folders a crash left half written, and the hidden files of
+    the trainer's writes it cut short (``latest``'s, a checkpoint's state or random state: none
+    else writes them while the run holds its folder; an export's are left alone)."""
     root = folder(run_dir)
     gone = [p.name for p in sorted(root.glob("step_*")) if p.is_dir() and not is_complete(p)]
     for n in gone:
         shutil.rmtree(root / n, ignore_errors=True)
+    for pattern in (f".{LATEST}.*.tmp", f"step_*/.{STATE}.*.tmp", "step_*/.rng_rank*.pt.tmp"):
+        for tmp in root.glob(pattern):
+            tmp.unlink(missing_ok=True)
     return gone
 
 

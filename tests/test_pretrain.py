@@ -609,10 +609,18 @@ def test_kill_9_during_a_save_leaves_latest_usable_and_a_failed_write_stops_ever
         "command again to resume"
     ), r.stderr
     assert ckpt.latest(run) == "step_00000010" and not ckpt.is_complete(half)
+    # what a kill -9 inside an atomic write leaves (its hidden .PID.tmp, before the rename): the trainer's are
+    # removed at the next start, not left to pile up; another command's (an export's weights) are not its own
+    left = [run / "checkpoints/.latest.4242.tmp", run / "checkpoints/step_00000010/.trainer_state.json.4242.tmp",
+            run / "checkpoints/step_00000010/.rng_rank00001.pt.tmp"]  # fmt: skip
+    export = run / "checkpoints/step_00000010/.model.safetensors.4243.tmp"
+    for path in (*left, export):
+        path.write_bytes(b"half")
     r = pretrain(dataset, run, *common)
     ok(r)
     assert "removed the incomplete checkpoint" in r.stdout and "resuming from step_00000010" in r.stdout
     assert ckpt.latest(run) == "step_00000020" and ckpt.is_complete(half)
+    assert not any(path.exists() for path in left) and export.exists()
 
 
 def test_a_disk_with_no_room_for_the_next_checkpoint_is_said_after_a_save_then_stops_the_run_at_it(
