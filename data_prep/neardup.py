@@ -162,19 +162,18 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def pairs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A band's candidate pairs ``(earlier, later)``: in each group of documents with one key, each
-    with the :data:`WINDOW` before it and with the group's first."""
+    with the :data:`WINDOW` before it and with the group's first. Besides ``band``, 16 bytes a
+    document (its order, and its keys in that order: a group is a run of them, compared in place)."""
     order = np.argsort(band, kind="stable")  # (a group's documents in input order)
     ordered = band[order]
-    new = np.r_[True, ordered[1:] != ordered[:-1]]
-    group = np.cumsum(new)
-    first = np.flatnonzero(new)[group - 1]  # (the position of each one's group's first)
     earlier, later = [], []
     for d in range(1, WINDOW + 1):
-        same = group[:-d] == group[d:]
+        same = ordered[:-d] == ordered[d:]
         earlier.append(order[:-d][same])
         later.append(order[d:][same])
-    far = np.arange(len(order)) - first > WINDOW
-    earlier.append(order[first[far]])
+    # more than WINDOW past its group's first (the one WINDOW + 1 before has its key): with that first
+    far = np.flatnonzero(ordered[WINDOW + 1 :] == ordered[: -WINDOW - 1]) + WINDOW + 1
+    earlier.append(order[np.searchsorted(ordered, ordered[far])])
     later.append(order[far])
     return np.concatenate(earlier), np.concatenate(later)
 

@@ -66,6 +66,20 @@ def test_bands_put_the_s_curve_at_the_threshold() -> None:
         assert low < 0.01 and 0.2 < at < 0.8 and high > 0.95, (threshold, b, r)
 
 
+def test_a_bands_candidates_are_each_document_with_the_window_before_it_and_its_groups_first() -> None:
+    rng = np.random.default_rng(3)
+    for n, kinds in ((0, 1), (5, 2), (40, 1), (300, 7), (2000, 1500)):
+        band = rng.integers(0, kinds, n).astype(np.uint64)
+        want = []
+        for key in np.unique(band):
+            group = np.flatnonzero(band == key).tolist()  # (its documents in input order)
+            for i in range(1, len(group)):
+                want += [(group[j], group[i]) for j in range(max(0, i - neardup.WINDOW), i)]
+                want += [(group[0], group[i])] if i > neardup.WINDOW else []
+        earlier, later = neardup.pairs(band)
+        assert sorted(zip(earlier.tolist(), later.tolist())) == sorted(want), (n, kinds)
+
+
 def test_clusters_join_through_any_band_and_keep_their_first_document() -> None:
     # documents 0..7; band 0 joins 6-7 and 2-4, band 1 joins 4-7 and 1-5 (so 2, 4, 6, 7 are one cluster)
     keys = np.array([[10, 20], [11, 21], [12, 22], [13, 23], [12, 24], [14, 21], [15, 25], [15, 24]], np.uint64)
