@@ -336,8 +336,11 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
         "delete it, and the same command hashes its unit again"
     ), r.stderr
     saved.write_bytes(whole)
+    older = saved.with_suffix(".npz")  # (a unit an older bertforge saved: hashed again, then removed with the rest)
+    older.write_bytes(b"PK")
     r = prep(*few, "--output", str(tmp_path / "few"))
     assert r.returncode == 0 and "prep: dedup: resuming: 3 of 3 units already hashed" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("few/.prep/dedup-*"))
     assert prep(*few, "--output", str(tmp_path / "few-full")).returncode == 0
     assert tree(tmp_path / "few") == tree(tmp_path / "few-full")
     assert prep(*near, "--output", str(tmp_path / "near-full")).returncode == 0
