@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data_prep import corpus, encode, manifest, neardup, tokenizer
 from data_prep.config import PrepConfig, parse_size
 from data_prep.errors import RunError, UserError, fault
-from data_prep.files import LOCK, holding, write_atomic
+from data_prep.files import LOCK, holder, holding, write_atomic
 from data_prep.malloc import keep_freed_memory
 from data_prep.shards import Packer, ShardWriter, token_dtype
 from launch.config import to_yaml
@@ -848,6 +848,46 @@ def _finished_units(out: Path, n_units: int) -> dict[int, dict]:
         if all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"] for s in shards):
             done[unit] = record
     return done
+
+
+def status(out: Path) -> str:
+    """``bertforge inspect DIR`` of a prep not finished (no manifest yet, a ``.prep/state.json``):
+    whether a process holds the folder, its input, and how far each step went: the dedup pass's
+    units hashed, or its lists; the tokenizer; the units written."""
+    from launch.config import load_config
+
+    fingerprint = json.loads((out / STATE_DIR / "state.json").read_text())
+    cfg = load_config(PrepConfig, values={**fingerprint["config"], "output": str(out)})
+    held = holder(out)
+    lines = [f"{out}: a bertforge prep, not finished; " + (f"in use (by {held})" if held else "not running")]
+    files = corpus.discover(cfg.input, corpus.Account(strict=cfg.strict))
+    units = plan_units(files, parse_size(cfg.unit_size))
+    n = len(units)
+    lines.append(
+        f"input: {', '.join(cfg.input)}: {len(files)} file(s), {sum(f.size for f in files) / 1e6:,.1f} MB, "
+        f"{n} unit(s) of about {cfg.unit_size}"
+        + ("" if _fingerprint(cfg, files)["inputs"] == fingerprint["inputs"] else (
+            "; changed since the prep started (other files, sizes or times): the same command is refused"))
+    )  # fmt: skip
+    if cfg.dedup and _dedup_done(cfg, out):
+        near = f" and {_rows(out / STATE_DIR / NEAR_COPIES):,} near copies" if cfg.near_dup else ""
+        lines.append(f"dedup pass: done; {_rows(out / STATE_DIR / DUPLICATES):,} copies{near} to drop")
+    elif cfg.dedup:
+        lines.append(f"dedup pass: {sum(p.is_file() for p in _hashed_files(out, n).values())} of {n} units hashed")
+    tok = out / manifest.TOKENIZER
+    lines.append(f"tokenizer: {tok if tok.is_file() else 'not yet ' + ('copied' if cfg.tokenizer.path else 'trained')}")
+    done = _finished_units(out, n)
+    sequences = sum(s["sequences"] for r in done.values() for s in r["splits"]["train"])
+    lines.append(f"units written: {len(done)} of {n} ({sequences:,} train sequences)")
+    lines.append(f"the same bertforge prep command resumes it (its config keys: {out / STATE_DIR / 'state.json'})")
+    return "\n".join(lines)
+
+
+def _rows(path: Path) -> int:
+    """The rows of the ``.npy`` file ``path`` (as :func:`_save` writes them), from its header alone."""
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        return np.lib.format.read_array_header_1_0(f)[0][0]
 
 
 def _remove_partial(out: Path) -> None:

@@ -128,7 +128,8 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
         description="Print the summary of DIR/manifest.json and decode N packed sequences "
         "back to text ([SEP] marks document ends). Given a run folder of bertforge pretrain or distill: "
         "whether a process holds it, its shape and data, its step, its checkpoints (and those a rewind set "
-        "aside), its last log and evaluation.",
+        "aside), its last log and evaluation. Given the folder of a prep not finished: how far each of its "
+        "steps went.",
     )
     p.add_argument("dir", metavar="DIR", help="a folder written by bertforge prep, or a run folder")
     p.add_argument("-n", "--samples", type=_at_least(0), default=3, metavar="N", help="sequences to decode (default 3)")
@@ -149,6 +150,13 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(ns: argparse.Namespace) -> int:
     from data_prep import manifest, shards, tokenizer
 
+    if (Path(ns.dir) / ".prep/state.json").is_file() and not (Path(ns.dir) / manifest.MANIFEST).is_file():
+        from data_prep.prep import status  # a prep not finished
+
+        if ns.verify or ns.overlap or ns.overlap_with:
+            raise UserError(f"{ns.dir}: a prep not finished (no {manifest.MANIFEST} yet): nothing to check yet")
+        print(status(Path(ns.dir)))
+        return 0
     if Path(ns.dir).is_dir() and not (Path(ns.dir) / manifest.MANIFEST).is_file():
         from pretrain.report import summary  # a run folder (or neither: refused, naming both)
 

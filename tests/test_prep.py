@@ -218,11 +218,29 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@4"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert sorted(p.name for p in out.glob(".prep/dedup-*.npy")) == [f"dedup-0000{u}.npy" for u in range(4)]
+    # bertforge inspect says how far each step went, and how to go on
+    said = run_cli("inspect", str(out)).stdout.splitlines()
+    assert said[0] == f"{out}: a bertforge prep, not finished; not running", said
+    assert said[1].startswith(f"input: {root}: 10 file(s), ") and said[1].endswith(f", {n_units} unit(s) of about 16KB")
+    assert said[2:5] == [f"dedup pass: 4 of {n_units} units hashed", "tokenizer: not yet copied",
+                         f"units written: 0 of {n_units} (0 train sequences)"], said  # fmt: skip
     # then kill -9 while it writes unit 3 (the fault hook: a kill timed from outside could miss the window
     r = prep(*common, "--output", str(out), env={**os.environ, "BERTFORGE_FAULT": "kill-in-unit@3"})  # on a
     assert r.returncode == -signal.SIGKILL, r.stderr  # loaded machine)
     assert f"prep: dedup: resuming: 4 of {n_units} units already hashed" in r.stderr, r.stderr
     assert (out / ".prep/unit-00002.json").exists() and not (out / ".prep/unit-00003.json").exists()
+    r = run_cli("inspect", str(out))
+    written = sum(
+        s["sequences"]
+        for u in range(3)
+        for s in json.loads((full / f".prep/unit-0000{u}.json").read_text())["splits"]["train"]
+    )
+    assert r.stdout.splitlines()[2:] == [
+        f"dedup pass: done; {skipped['duplicate']['count']:,} copies and {skipped['near_duplicate']['count']:,} near copies to drop",
+        f"tokenizer: {out / 'tokenizer.model'}",
+        f"units written: 3 of {n_units} ({written:,} train sequences)",
+        f"the same bertforge prep command resumes it (its config keys: {out / '.prep/state.json'})",
+    ], r.stdout  # fmt: skip
     assert list(out.glob("train/.shard-00003-*.tar.tmp")) and not (out / "manifest.json").exists()
     # Nothing half-written is visible: every shard under its final name is a complete tar.
     for shard in list(out.glob("train/*.tar")) + list(out.glob("val/*.tar")):
