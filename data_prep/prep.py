@@ -17,6 +17,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import resource
 import signal
 import sys
@@ -860,25 +861,32 @@ def status(out: Path) -> str:
     cfg = load_config(PrepConfig, values={**fingerprint["config"], "output": str(out)})
     held = holder(out)
     lines = [f"{out}: a bertforge prep, not finished; " + (f"in use (by {held})" if held else "not running")]
-    files = corpus.discover(cfg.input, corpus.Account(strict=cfg.strict))
-    units = plan_units(files, parse_size(cfg.unit_size))
-    n = len(units)
-    lines.append(
-        f"input: {', '.join(cfg.input)}: {len(files)} file(s), {sum(f.size for f in files) / 1e6:,.1f} MB, "
-        f"{n} unit(s) of about {cfg.unit_size}"
-        + ("" if _fingerprint(cfg, files)["inputs"] == fingerprint["inputs"] else (
-            "; changed since the prep started (other files, sizes or times): the same command is refused"))
-    )  # fmt: skip
+    try:
+        files = corpus.discover(cfg.input, corpus.Account(strict=cfg.strict))
+        n = len(plan_units(files, parse_size(cfg.unit_size)))
+    except UserError as err:  # (moved, deleted: the units are counted from the folder alone)
+        lines.append(f"input: cannot be read now: {err}")
+        seen = (re.fullmatch(r"(?:unit|dedup)-(\d{5})\.(?:json|npy)", p.name) for p in (out / STATE_DIR).iterdir())
+        n = 1 + max((int(m.group(1)) for m in seen if m), default=-1)
+        of = ""  # (the total is not known)
+    else:
+        lines.append(
+            f"input: {', '.join(cfg.input)}: {len(files)} file(s), {sum(f.size for f in files) / 1e6:,.1f} MB, "
+            f"{n} unit(s) of about {cfg.unit_size}"
+            + ("" if _fingerprint(cfg, files)["inputs"] == fingerprint["inputs"] else (
+                "; changed since the prep started (other files, sizes or times): the same command is refused"))
+        )  # fmt: skip
+        of = f" of {n}"
     if cfg.dedup and _dedup_done(cfg, out):
         near = f" and {_rows(out / STATE_DIR / NEAR_COPIES):,} near copies" if cfg.near_dup else ""
         lines.append(f"dedup pass: done; {_rows(out / STATE_DIR / DUPLICATES):,} copies{near} to drop")
     elif cfg.dedup:
-        lines.append(f"dedup pass: {sum(p.is_file() for p in _hashed_files(out, n).values())} of {n} units hashed")
+        lines.append(f"dedup pass: {sum(p.is_file() for p in _hashed_files(out, n).values())}{of} units hashed")
     tok = out / manifest.TOKENIZER
     lines.append(f"tokenizer: {tok if tok.is_file() else 'not yet ' + ('copied' if cfg.tokenizer.path else 'trained')}")
     done = _finished_units(out, n)
     sequences = sum(s["sequences"] for r in done.values() for s in r["splits"]["train"])
-    lines.append(f"units written: {len(done)} of {n} ({sequences:,} train sequences)")
+    lines.append(f"units written: {len(done)}{of} ({sequences:,} train sequences)")
     lines.append(f"the same bertforge prep command resumes it (its config keys: {out / STATE_DIR / 'state.json'})")
     return "\n".join(lines)
 

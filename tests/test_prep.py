@@ -241,6 +241,19 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
         f"units written: 3 of {n_units} ({written:,} train sequences)",
         f"the same bertforge prep command resumes it (its config keys: {out / '.prep/state.json'})",
     ], r.stdout  # fmt: skip
+    first = root / "part0.txt"  # an input file touched since: said (the same command is refused); the input moved:
+    times = first.stat().st_atime_ns, first.stat().st_mtime_ns  # the units counted from the folder alone
+    first.touch()
+    said = run_cli("inspect", str(out)).stdout.splitlines()
+    assert said[1].endswith(
+        "; changed since the prep started (other files, sizes or times): the same command is refused"
+    ), said
+    os.utime(first, ns=times)
+    root.rename(tmp_path / "away")
+    said = run_cli("inspect", str(out)).stdout.splitlines()
+    assert said[1] == f"input: cannot be read now: {root}: no such file or folder", said
+    assert said[4] == f"units written: 3 ({written:,} train sequences)", said
+    (tmp_path / "away").rename(root)
     assert list(out.glob("train/.shard-00003-*.tar.tmp")) and not (out / "manifest.json").exists()
     # Nothing half-written is visible: every shard under its final name is a complete tar.
     for shard in list(out.glob("train/*.tar")) + list(out.glob("val/*.tar")):
