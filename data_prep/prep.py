@@ -357,23 +357,45 @@ def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...], near: tuple[int, in
 def _load_hashed(path: Path, near: tuple[int, int] | None) -> np.ndarray:
     """What :func:`_save_hashed` wrote, mapped; an unreadable file (written whole, then renamed: only
     a disk's fault or a hand) is a :class:`RunError` naming it."""
-    dtype = _hashed_dtype(near)
     try:
-        with open(path, "rb") as f:
-            if np.lib.format.read_magic(f) != (1, 0):
-                raise ValueError("not a .npy file of version 1.0")
-            shape, _, found = np.lib.format.read_array_header_1_0(f)
-            if found != dtype or len(shape) != 1:
-                raise ValueError(f"records of {found.descr}, not {dtype.descr}")
-            start, size = f.tell(), os.fstat(f.fileno()).st_size
-        if size != start + shape[0] * dtype.itemsize:
-            raise ValueError(f"{size:,} bytes, where its header says {start + shape[0] * dtype.itemsize:,}")
-        return np.memmap(path, dtype, "r", start, shape) if shape[0] else np.empty(0, dtype)
+        return _mapped_records(path, _hashed_dtype(near))
     except (OSError, ValueError) as err:
         said = str(err).split(". ")[0]
         raise RunError(
             f"{path}: cannot read it ({said}); delete it, and the same command hashes its unit again"
         ) from None
+
+
+def _mapped_records(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The ``.npy`` file ``path`` of records of ``dtype``, mapped; a header of another kind, or a size
+    other than the header's, is a ``ValueError`` that says which."""
+    with open(path, "rb") as f:
+        if np.lib.format.read_magic(f) != (1, 0):
+            raise ValueError("not a .npy file of version 1.0")
+        shape, _, found = np.lib.format.read_array_header_1_0(f)
+        if found != dtype or len(shape) != 1:
+            raise ValueError(f"records of {found.descr}, not {dtype.descr}")
+        start, size = f.tell(), os.fstat(f.fileno()).st_size
+    if size != start + shape[0] * dtype.itemsize:
+        raise ValueError(f"{size:,} bytes, where its header says {start + shape[0] * dtype.itemsize:,}")
+    return np.memmap(path, dtype, "r", start, shape) if shape[0] else np.empty(0, dtype)
+
+
+def _hashed_already(path: Path, near: tuple[int, int] | None) -> bool:
+    """Whether a unit's file of the dedup pass is saved and whole (its header and size: it is
+    written whole, then renamed, so that only a disk's fault or a hand damages it); a damaged one
+    is said, and removed, so that its unit is hashed again."""
+    if not path.is_file():
+        return False
+    try:
+        _mapped_records(path, _hashed_dtype(near))
+        return True
+    except (OSError, ValueError) as err:
+        print(
+            f"prep: dedup: {path}: cannot read it ({str(err).split('. ')[0]}); hashing its unit again", file=sys.stderr
+        )
+        path.unlink(missing_ok=True)
+        return False
 
 
 def _open_files(n: int, cfg: PrepConfig) -> None:
@@ -517,7 +539,8 @@ def _hash_task(
     units = plan_units(files, parse_size(cfg.unit_size))
     hashed = _hashed_files(out, len(units))
     i, n = task
-    todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not hashed[u].is_file()]
+    near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
+    todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not _hashed_already(hashed[u], near)]
     print(f"prep: dedup: array task {i} of {n}: {len(todo)} unit(s) to hash", file=sys.stderr)
     _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress)
     return {"units": todo}
@@ -549,7 +572,7 @@ def _find_duplicates(
         return
     t0 = time.perf_counter()
     near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
-    todo = [u for u in range(len(units)) if not hashed[u].is_file()]
+    todo = [u for u in range(len(units)) if not _hashed_already(hashed[u], near)]
     if len(todo) < len(units):
         print(f"prep: dedup: resuming: {len(units) - len(todo)} of {len(units)} units already hashed", file=sys.stderr)
     _open_files(len(units), cfg)
