@@ -13,7 +13,9 @@ commit; this one by default). For each it prints the pass's own time (from its l
 peaks of prep's anonymous memory (``Pss_Anon``, sampled every 20 ms: pages a fork shares counted
 once, not the files a process maps, which the system may drop and read again), its own process's
 and all its processes' summed, the least over the repeats; and checks that the checkouts wrote
-the same bytes. Linux only (``/proc``).
+the same bytes. Then, for each checkout, the pass's join alone (its units hashed before) in one
+process, with and without ``near_dup``, under ``tracemalloc``: the peak of what numpy and Python
+allocate there, which is the pass's own need. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,35 @@ def run(code: Path, out: Path, args: list[str]) -> dict:
         raise SystemExit(f"{code}: prep failed with exit code {proc.returncode}:\n{said[-2000:]}")
     seconds = re.search(r"prep: dedup: .*; dropped \(([0-9.]+)s\)", said)
     return {**peaks, "pass_s": float(seconds.group(1)) if seconds else float("nan")}
+
+
+_JOIN = """
+import sys, tracemalloc
+from pathlib import Path
+from data_prep import corpus, prep
+from data_prep.config import PrepConfig, TokenizerConfig, parse_size
+cfg = PrepConfig(input=[sys.argv[1]], output=sys.argv[2], dedup=True, near_dup=float(sys.argv[3]),
+                 unit_size=sys.argv[4], workers=1, tokenizer=TokenizerConfig(path=sys.argv[5]))
+files = corpus.discover(cfg.input, corpus.Account())
+units = prep.plan_units(files, parse_size(cfg.unit_size))
+out = Path(cfg.output)
+(out / prep.STATE_DIR).mkdir(parents=True)
+prep._hash_units(cfg, files, units, list(range(len(units))), prep._hashed_files(out, len(units)), 1, False)
+tracemalloc.start()
+prep._find_duplicates(cfg, files, units, out, 1)
+print(tracemalloc.get_traced_memory()[1] / 2**20)
+"""
+
+
+def traced_join(code: Path, out: Path, corpus: Path, near: str, unit_size: str, tok: Path) -> float | None:
+    """The pass's join alone (its units hashed before), in one process of checkout ``code``: the peak
+    of what numpy and Python allocate (``tracemalloc``), MB; None where the checkout's functions
+    differ (the script calls prep's own, ``_hash_units`` and ``_find_duplicates``)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-c", _JOIN, str(corpus), str(out), near, unit_size, str(tok)]
+    r = subprocess.run(cmd, cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return float(r.stdout.split()[-1]) if r.returncode == 0 and r.stdout.split() else None
 
 
 def tree(out: Path) -> dict[str, bytes]:
@@ -123,6 +154,14 @@ def main() -> None:
                            pass_s=b["pass_s"], anon_main_mb=b["anon_main"], anon_all_mb=b["anon_all"])  # fmt: skip
                 if not same:
                     raise SystemExit(f"{case}, {workers} worker(s): the checkouts wrote different bytes")
+        print("the pass's join alone (the first corpus, its units hashed before), one process: tracemalloc's peak")
+        for near in ("0", "0.8"):
+            for code in args.code:
+                mb = traced_join(code, tmp / "join", tmp / "first", near, args.unit_size, tok / "tokenizer.model")
+                print(f"  near_dup={near:<4} {str(code)[-28:]:<28} {'failed' if mb is None else f'{mb:.0f} MB'}")
+                record(
+                    args.json, bench="dedup_join", near_dup=float(near), code=str(code), docs=args.docs, traced_mb=mb
+                )
 
 
 if __name__ == "__main__":

@@ -578,7 +578,7 @@ def _find_duplicates(
     _open_files(len(units), cfg)
     _hash_units(cfg, files, units, todo, hashed, workers, progress)
     saved = [_load_hashed(hashed[u], near) for u in range(len(units))]  # (mapped: read where they lie)
-    doc_files, keys, hashes = (np.concatenate([s[name] for s in saved]) for name in _HASHED_ARRAYS[:3])
+    hashes = np.concatenate([s["hashes"] for s in saved])  # (the files and keys: of those dropped alone)
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
@@ -596,8 +596,10 @@ def _find_duplicates(
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
         for where, parts in zip(kept_near, (bands, signs)):
             _save(where, _Rows(parts[len(before) :]), ~(dup | close))  # (the documents kept)
+    doc_files, keys = _Rows([s["files"] for s in saved]), _Rows([s["keys"] for s in saved])
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
-        _save(where, np.stack([doc_files[drop].astype(np.uint64), keys[drop]], axis=1))  # (file, key) pairs
+        at = np.flatnonzero(drop)
+        _save(where, np.stack([doc_files[at].astype(np.uint64), keys[at]], axis=1))  # (file, key) pairs
     _save(kept, np.unique(hashes[~(dup | close)]))
     _let_go([*hashed.values(), *(out / STATE_DIR).glob("dedup-*.npz")])  # (and an older bertforge's)
     said = [f"{repeats:,} of {len(hashes):,} documents repeat an earlier one's text"]

@@ -104,10 +104,13 @@ def test_the_dedup_memory_benchmark_measures_each_checkout_and_compares_their_by
     r = subprocess.run([sys.executable, str(REPO / "benchmarks/dedup_memory.py"), *args], capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    figs = [json.loads(line) for line in out.read_text().splitlines()]
+    figures = [json.loads(line) for line in out.read_text().splitlines()]
+    figs = [f for f in figures if f["bench"] == "dedup_memory"]
     cases = ["exact", "near_dup=0.8", "near_dup=0.8, against"]
     assert [f["case"] for f in figs] == [c for c in cases for _ in range(2)], figs
     assert all(f["pass_s"] >= 0 and 0 < f["anon_main_mb"] <= f["anon_all_mb"] for f in figs), figs
+    joins = [f for f in figures if f["bench"] == "dedup_join"]  # (the pass's join alone, under tracemalloc)
+    assert [f["near_dup"] for f in joins] == [0.0, 0.0, 0.8, 0.8] and all(f["traced_mb"] > 0 for f in joins), joins
     from benchmarks.run_all import table
 
     rows = table(figs).splitlines()
