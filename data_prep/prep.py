@@ -11,6 +11,7 @@ each task its own units.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -912,8 +913,20 @@ def status(out: Path) -> str:
     done = _finished_units(out, n)
     sequences = sum(s["sequences"] for r in done.values() for s in r["splits"]["train"])
     lines.append(f"units written: {len(done)}{of} ({sequences:,} train sequences)")
+    if last := _last_written(out):  # (array tasks hold the folder shared, which names no one: this shows they write)
+        lines.append(f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last[0]))}, {last[1]}")
     lines.append(f"the same bertforge prep command resumes it (its config keys: {out / STATE_DIR / 'state.json'})")
     return "\n".join(lines)
+
+
+def _last_written(out: Path) -> tuple[float, str] | None:
+    """The time and name (in ``out``) of the newest file of a prep's folders, hidden ones too."""
+    found = []
+    for folder in (out / STATE_DIR, out / "train", out / "val"):
+        for path in folder.iterdir() if folder.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):  # (a .tmp renamed meanwhile)
+                found.append((path.stat().st_mtime, path.relative_to(out).as_posix()))
+    return max(found, default=None)
 
 
 def _rows(path: Path) -> int:

@@ -239,8 +239,12 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
         f"dedup pass: done; {skipped['duplicate']['count']:,} copies and {skipped['near_duplicate']['count']:,} near copies to drop",
         f"tokenizer: {out / 'tokenizer.model'}",
         f"units written: 3 of {n_units} ({written:,} train sequences)",
+        *[line for line in r.stdout.splitlines() if line.startswith("last written: ")],
         f"the same bertforge prep command resumes it (its config keys: {out / '.prep/state.json'})",
     ], r.stdout  # fmt: skip
+    newest = max(p.stat().st_mtime for d in ("train", "val", ".prep") for p in (out / d).iterdir())
+    when, name = r.stdout.splitlines()[5].removeprefix("last written: ").split(", ")  # (of the unit cut short)
+    assert (out / name).stat().st_mtime == newest and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", when), r.stdout
     first = root / "part0.txt"  # an input file touched since: said (the same command is refused); the input moved:
     times = first.stat().st_atime_ns, first.stat().st_mtime_ns  # the units counted from the folder alone
     first.touch()
