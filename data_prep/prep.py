@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -569,7 +569,7 @@ def _find_duplicates(
     kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
     hashed = _hashed_files(out, len(units))
     if _dedup_done(cfg, out):
-        _let_go(hashed.values())  # (a pass stopped between its last file and this)
+        _let_go(out, hashed)  # (a pass stopped between its last file and this)
         return
     t0 = time.perf_counter()
     near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
@@ -602,7 +602,7 @@ def _find_duplicates(
         at = np.flatnonzero(drop)
         _save(where, np.stack([doc_files[at].astype(np.uint64), keys[at]], axis=1))  # (file, key) pairs
     _save(kept, np.unique(hashes[~(dup | close)]))
-    _let_go([*hashed.values(), *(out / STATE_DIR).glob("dedup-*.npz")])  # (and an older bertforge's)
+    _let_go(out, hashed)
     said = [f"{repeats:,} of {len(hashes):,} documents repeat an earlier one's text"]
     if cfg.dedup_against:
         said.append(f"{elsewhere:,} more are documents of {', '.join(cfg.dedup_against)}")
@@ -699,9 +699,10 @@ def _ahead(pool: ProcessPoolExecutor, bands: int, most: int) -> Iterator[tuple[n
         yield found
 
 
-def _let_go(paths: Iterable[Path]) -> None:
-    """Remove those of ``paths`` that exist (the dedup pass's units, once its lists are written)."""
-    for p in paths:
+def _let_go(out: Path, hashed: dict[int, Path]) -> None:
+    """Remove the dedup pass's unit files ``hashed`` that exist, once its lists are written, and those
+    an older bertforge saved (``dedup-NNNNN.npz``)."""
+    for p in [*hashed.values(), *(out / STATE_DIR).glob("dedup-*.npz")]:
         p.unlink(missing_ok=True)
 
 
