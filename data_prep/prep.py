@@ -878,10 +878,11 @@ def _finished_units(out: Path, n_units: int) -> dict[int, dict]:
     return done
 
 
-def status(out: Path) -> str:
+def status(out: Path, brief: bool = False) -> str:
     """``bertforge inspect DIR`` of a prep not finished (no manifest yet, a ``.prep/state.json``):
     whether a process holds the folder, its input, and how far each step went: the dedup pass's
-    units hashed, or its lists; the tokenizer; the units written."""
+    units hashed, or its lists; the tokenizer; the units written; the newest file written.
+    ``brief`` (``bertforge jobs``, under a prep job): one line, of the steps' progress alone."""
     from launch.config import load_config
 
     fingerprint = json.loads((out / STATE_DIR / "state.json").read_text())
@@ -916,6 +917,10 @@ def status(out: Path) -> str:
     lines.append(f"units written: {len(done)}{of} ({sequences:,} train sequences)")
     if last := _last_written(out):  # (array tasks hold the folder shared, which names no one: this shows they write)
         lines.append(f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last[0]))}, {last[1]}")
+    if brief:  # (the steps' lines alone)
+        return "; ".join(
+            line for line in lines if line.startswith(("dedup pass: ", "units written: ", "last written: "))
+        )
     lines.append(f"the same bertforge prep command resumes it (its config keys: {out / STATE_DIR / 'state.json'})")
     return "\n".join(lines)
 

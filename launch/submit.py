@@ -459,13 +459,21 @@ ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED")  # a job
 def progress(record: dict) -> str | None:
     """A training job's last log, from its run folder: step of ``train.max_steps``, train loss,
     the time to go, and how long ago, since a job that no longer logs (hung in a collective, say)
-    still shows RUNNING in squeue. None for a prep job."""
+    still shows RUNNING in squeue. A prep job's units (:func:`data_prep.prep.status`), until its
+    manifest is written."""
     import time
 
     from pretrain.report import duration, records_in, run_config, to_go
 
-    if record["stage"].startswith("prep") or not record.get("run_dir"):
+    if not record.get("run_dir"):
         return None
+    if record["stage"].startswith("prep"):
+        out = Path(record["run_dir"])
+        if not (out / ".prep/state.json").is_file() or (out / "manifest.json").is_file():
+            return None
+        from data_prep.prep import status
+
+        return f"{status(out, brief=True)} ({out})"
     run = Path(record["run_dir"])
     path = run / "metrics.jsonl"
     if not (records := records_in(path)):

@@ -242,6 +242,12 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
         *[line for line in r.stdout.splitlines() if line.startswith("last written: ")],
         f"the same bertforge prep command resumes it (its config keys: {out / '.prep/state.json'})",
     ], r.stdout  # fmt: skip
+    from launch.submit import progress  # (bertforge jobs, under a prep job: the same, in one line; none once done)
+
+    job = {"stage": "prep:shards", "log_dir": str(tmp_path)}
+    lines = r.stdout.splitlines()
+    assert progress({**job, "run_dir": str(out)}) == f"{lines[2]}; {lines[4]}; {lines[5]} ({out})", r.stdout
+    assert progress({**job, "run_dir": str(full)}) is None
     newest = max(p.stat().st_mtime for d in ("train", "val", ".prep") for p in (out / d).iterdir())
     when, name = r.stdout.splitlines()[5].removeprefix("last written: ").split(", ")  # (of the unit cut short)
     assert (out / name).stat().st_mtime == newest and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", when), r.stdout
