@@ -181,6 +181,12 @@ class StageJob:
             # every rank has saved: submitit's handler pickles this job (checkpoint) and requeues it
             from submitit.core.utils import UncompletedJobError
 
+            # A preemption's SIGTERM and USR2 reach each node in its own time: this rank may stop on another's
+            # (the ranks agree on the step) before its own arrive, and one arriving now had killed the
+            # `scontrol requeue` this starts (the job then ended in an error, not requeued). Ignored from here
+            # on, by this process and the command it starts alike (an ignored signal stays so across exec).
+            for sig in (signal.SIGTERM, signal.SIGUSR2):
+                signal.signal(sig, signal.SIG_IGN)
             try:
                 requeue(signal.SIGUSR2, None)
             except UncompletedJobError as err:  # it refuses after --max-timeouts time-outs

@@ -941,11 +941,15 @@ def test_ranks_whose_launcher_was_killed_stop_after_a_checkpoint(dataset, tmp_pa
     assert len(ranks) == 2
     proc.kill()
     try:
-        out, err = proc.communicate(timeout=120)  # (until the ranks, which write to its pipes, have ended)
+        out, err = proc.communicate(timeout=120)  # (until the ranks, which write to its pipes, close them)
+        deadline = time.monotonic() + 60  # (a rank may still be ending then: it had been killed meanwhile)
+        while any(alive(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in ranks if alive(p)]
     finally:
         for p in ranks:
-            p.kill() if p.is_running() else None
-    assert not [p for p in ranks if alive(p)] and "Traceback" not in err, err[-2000:]
+            p.kill() if alive(p) else None
+    assert not left and "Traceback" not in err, err[-2000:]
     step = ckpt.read_state(run, ckpt.latest(run))["step"]
     assert 3 <= step < 100000 and "run the same command again to resume" in out, out[-2000:]
     with ckpt.holding(run):  # free again
