@@ -942,7 +942,7 @@ def test_ranks_whose_launcher_was_killed_stop_after_a_checkpoint(dataset, tmp_pa
     proc.kill()
     try:
         out, err = proc.communicate(timeout=120)  # (until the ranks, which write to its pipes, close them)
-        deadline = time.monotonic() + 60  # (a rank may still be ending then: it had been killed meanwhile)
+        deadline = time.monotonic() + 60  # (a rank may still be ending then: judged at once, one was)
         while any(alive(p) for p in ranks) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = [p for p in ranks if alive(p)]
