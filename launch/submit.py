@@ -174,6 +174,13 @@ class StageJob:
             result = train(load_config(PretrainConfig, self.config, self.overrides), progress=False)
         signalled = result.stopped_by not in (None, *USER_STOPS)  # (train.exit_*: the user's own stops)
         if signalled and not result.finished and ranks.rank == 0 and callable(requeue):
+            # A preemption's SIGTERM and USR2 reach each node in its own time: this rank may stop on another's
+            # (the ranks agree on the step) before its own arrive, and one arriving now had killed the
+            # `scontrol requeue` below (the job then ended in an error, not requeued), or the squeue that
+            # asks whether the job was cancelled. Ignored from here on, by this process and the commands it
+            # starts alike (an ignored signal stays so across exec).
+            for sig in (signal.SIGTERM, signal.SIGUSR2):
+                signal.signal(sig, signal.SIG_IGN)
             if _cancelled():
                 print(f"job cancelled: stopped at step {result.step} of {result.max_steps}, not requeued; the "
                       "checkpoint is kept: submit the same command again to continue", flush=True)  # fmt: skip
@@ -181,12 +188,6 @@ class StageJob:
             # every rank has saved: submitit's handler pickles this job (checkpoint) and requeues it
             from submitit.core.utils import UncompletedJobError
 
-            # A preemption's SIGTERM and USR2 reach each node in its own time: this rank may stop on another's
-            # (the ranks agree on the step) before its own arrive, and one arriving now had killed the
-            # `scontrol requeue` this starts (the job then ended in an error, not requeued). Ignored from here
-            # on, by this process and the command it starts alike (an ignored signal stays so across exec).
-            for sig in (signal.SIGTERM, signal.SIGUSR2):
-                signal.signal(sig, signal.SIG_IGN)
             try:
                 requeue(signal.SIGUSR2, None)
             except UncompletedJobError as err:  # it refuses after --max-timeouts time-outs

@@ -3,6 +3,7 @@ slurmd daemons as nodes n1 and n2). Skipped, with the reason, where no cluster a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import re
@@ -12,6 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pretrain import checkpoint as ckpt
@@ -115,6 +117,63 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, 
     if not reference.exists():
         pytest.skip("needs test_two_node_job_trains_and_checkpoints's loss to compare with")
     assert res.loss == json.loads(reference.read_text())["loss"]  # the same samples, masks and steps
+
+
+def task_python(job: str, rank: int) -> int:
+    """The pid of ``job``'s task ``rank``: its python (submitit's), not srun, nor the loader workers it
+    forked (of the same command line)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):  # (ended meanwhile)
+            continue
+        if {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()} <= env and b"-m" in argv[:3]:
+            found[int(proc.name)] = parent
+    (pid,) = [pid for pid, parent in found.items() if parent not in found]
+    return pid
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid``'s threads started, from the kernel's list (a scan of /proc is too slow to
+    see a command that lives a few milliseconds)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def test_a_preemption_signal_that_reaches_rank_0_late_does_not_stop_its_requeue(dataset, tmp_path) -> None:
+    """A preemption's SIGTERM reaches each node in its own time: here rank 1's first; rank 0 stops at the
+    step the ranks agree on, saves and asks for the requeue (``scontrol requeue``) while its own SIGTERM,
+    sent to it and what it starts over and over, is still arriving. The job had ended in an error where
+    the signal killed ``scontrol``; it is requeued and ends as the uninterrupted job."""
+    import os
+    import signal
+
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    job = submit(dataset, run, logs)
+    log = logs / job / f"{job}_0_log.out"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "step 20/" in log.read_text()):
+        assert time.monotonic() < deadline, "the job did not reach step 20"
+        time.sleep(0.5)
+    rank_0 = task_python(job, 0)
+    os.kill(task_python(job, 1), signal.SIGTERM)
+    while psutil.pid_exists(rank_0) and time.monotonic() < deadline:  # rank 0's own, late, until it ends
+        for pid in (rank_0, *children(rank_0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        time.sleep(0.001)
+    res = result(logs, job, nudge=True)
+    text = log.read_text()
+    assert "stopped at step" in text and "resuming from step_" in text, text[-3000:]
+    assert res.step == STEPS and res.stopped_by is None
 
 
 def test_a_rank_that_dies_ends_the_job_at_once_and_it_is_requeued_as_often_as_asked(dataset, tmp_path) -> None:
