@@ -52,6 +52,17 @@ def submit(dataset: Path, run: Path, logs: Path, *extra: str, env: dict | None =
     return job
 
 
+def submit_until_step(dataset: Path, run: Path, logs: Path, step: int) -> tuple[str, Path]:
+    """A job submitted (:func:`submit`), once rank 0 has logged ``step``: its id and rank 0's log."""
+    job = submit(dataset, run, logs)
+    log = logs / job / f"{job}_0_log.out"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and f"step {step}/" in log.read_text()):
+        assert time.monotonic() < deadline, f"the job did not reach step {step}"
+        time.sleep(0.5)
+    return job, log
+
+
 def start_now(job: str) -> None:
     """A requeued job is held ~120 s before it may start again: let it start now, once it has been
     PENDING for 3 s. At once, it had raced slurmd, which refuses a job whose credential it revoked in
@@ -100,12 +111,7 @@ def test_preempted_job_is_requeued_and_ends_like_the_uninterrupted_one(dataset, 
     import submitit
 
     run, logs = tmp_path / "run", tmp_path / "logs"
-    job = submit(dataset, run, logs)
-    log = logs / job / f"{job}_0_log.out"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and "step 20/" in log.read_text()):
-        assert time.monotonic() < deadline, "the job did not reach step 20"
-        time.sleep(0.5)
+    job, log = submit_until_step(dataset, run, logs, 20)
     submitit.SlurmJob(folder=logs / "%j", job_id=job)._interrupt()  # SIGTERM + USR2, as a preemption sends
     res = result(logs, job, nudge=True)
     text = log.read_text()
@@ -157,14 +163,10 @@ def test_a_preemption_signal_that_reaches_rank_0_late_does_not_stop_its_requeue(
     import signal
 
     run, logs = tmp_path / "run", tmp_path / "logs"
-    job = submit(dataset, run, logs)
-    log = logs / job / f"{job}_0_log.out"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and "step 20/" in log.read_text()):
-        assert time.monotonic() < deadline, "the job did not reach step 20"
-        time.sleep(0.5)
+    job, log = submit_until_step(dataset, run, logs, 20)
     rank_0 = task_python(job, 0)
     os.kill(task_python(job, 1), signal.SIGTERM)
+    deadline = time.monotonic() + 300
     while psutil.pid_exists(rank_0) and time.monotonic() < deadline:  # rank 0's own, late, until it ends
         for pid in (rank_0, *children(rank_0)):
             with contextlib.suppress(ProcessLookupError):
