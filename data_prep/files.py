@@ -9,9 +9,8 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from data_prep.errors import UserError, naming
 
@@ -20,19 +19,14 @@ LOCK = ".lock"
 _LOCKS: set[int] = set()  # the descriptors of the folders' locks this process holds
 
 
-def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], object], rest: Iterable[bytes] = ()) -> None:
+def write_atomic(path: Path, data: str | bytes, rest: Iterable[bytes] = ()) -> None:
     """Write ``path`` so that it is either the old file or the whole new one, even after a crash:
     a hidden ``.PID.tmp`` file, synced, renamed over it, and the folder synced (prep's state and
     manifest, a checkpoint's state and ``latest``). ``rest``: more bytes after ``data``, made as
-    they are written (a large array a block at a time); ``data`` may also be a function that
-    writes to the open file itself (``numpy.savez``: no copy in memory). An error names the
-    file (a full disk)."""
+    they are written (a large array a block at a time). An error names the file (a full disk)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (two processes' writes of one file apart: the
     with naming(tmp), open(tmp, "wb") as f:  # tasks of a prep array start its folder alike, the last one wins)
-        if callable(data):
-            data(f)
-        else:
-            f.write(data.encode() if isinstance(data, str) else data)
+        f.write(data.encode() if isinstance(data, str) else data)
         for more in rest:
             f.write(more)
         f.flush()

@@ -4,9 +4,10 @@ The input is cut into *units* of about ``unit_size`` bytes: runs of whole files,
 ranges of a large uncompressed file (cut where a document starts).
 Each unit is tokenized (in ``workers`` processes), packed and written as its own shards,
 then recorded in ``.prep/unit-NNNNN.json``; the manifest is the units' records joined in
-order. (``dedup``: a pass before hashes every document, a unit at a time, saved as it goes.) So the output is a function of the input and config alone (never of ``workers``),
-an interrupted run resumes at the first unfinished unit, and a SLURM job array can give
-each task its own units.
+order. (``dedup``: a pass before hashes every document, a unit at a time, saved as it goes.)
+So the output is a function of the input and config alone (never of ``workers``), an
+interrupted run resumes at the first unfinished unit, and a SLURM job array can give each
+task its own units.
 """
 
 from __future__ import annotations
@@ -356,45 +357,40 @@ def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...], near: tuple[int, in
 
 
 def _load_hashed(path: Path, near: tuple[int, int] | None) -> np.ndarray:
-    """What :func:`_save_hashed` wrote, mapped; an unreadable file (written whole, then renamed: only
-    a disk's fault or a hand) is a :class:`RunError` naming it."""
+    """What :func:`_save_hashed` wrote, mapped (numpy checks its header, and its size against it); an
+    unreadable file (written whole, then renamed: only a disk's fault or a hand) is a
+    :class:`RunError` naming it."""
     try:
-        return _mapped_records(path, _hashed_dtype(near))
+        return _mapped_records(path, near)
     except (OSError, ValueError) as err:
-        said = str(err).split(". ")[0]
         raise RunError(
-            f"{path}: cannot read it ({said}); delete it, and the same command hashes its unit again"
+            f"{path}: cannot read it ({err}); delete it, and the same command hashes its unit again"
         ) from None
 
 
-def _mapped_records(path: Path, dtype: np.dtype) -> np.ndarray:
-    """The ``.npy`` file ``path`` of records of ``dtype``, mapped; a header of another kind, or a size
-    other than the header's, is a ``ValueError`` that says which."""
-    with open(path, "rb") as f:
-        if np.lib.format.read_magic(f) != (1, 0):
-            raise ValueError("not a .npy file of version 1.0")
-        shape, _, found = np.lib.format.read_array_header_1_0(f)
-        if found != dtype or len(shape) != 1:
-            raise ValueError(f"records of {found.descr}, not {dtype.descr}")
-        start, size = f.tell(), os.fstat(f.fileno()).st_size
-    if size != start + shape[0] * dtype.itemsize:
-        raise ValueError(f"{size:,} bytes, where its header says {start + shape[0] * dtype.itemsize:,}")
-    return np.memmap(path, dtype, "r", start, shape) if shape[0] else np.empty(0, dtype)
+def _mapped_records(path: Path, near: tuple[int, int] | None) -> np.ndarray:
+    """The records of a :data:`HASHED` file, mapped; a file numpy cannot map, or of records of another
+    kind, is a ``ValueError`` or ``OSError`` that says why in its first sentence (numpy's run on)."""
+    try:
+        records = np.load(path, mmap_mode="r")
+    except ValueError as err:
+        raise ValueError(str(err).split(". ")[0]) from None
+    if records.dtype != _hashed_dtype(near) or records.ndim != 1:
+        raise ValueError(f"records of {records.dtype.descr}, not {_hashed_dtype(near).descr}")
+    return records
 
 
 def _hashed_already(path: Path, near: tuple[int, int] | None) -> bool:
-    """Whether a unit's file of the dedup pass is saved and whole (its header and size: it is
-    written whole, then renamed, so that only a disk's fault or a hand damages it); a damaged one
-    is said, and removed, so that its unit is hashed again."""
+    """Whether a unit's file of the dedup pass is saved and whole (as far as numpy's mapping checks
+    it: it is written whole, then renamed, so that only a disk's fault or a hand damages it); a
+    damaged one is said, and removed, so that its unit is hashed again."""
     if not path.is_file():
         return False
     try:
-        _mapped_records(path, _hashed_dtype(near))
+        _mapped_records(path, near)
         return True
     except (OSError, ValueError) as err:
-        print(
-            f"prep: dedup: {path}: cannot read it ({str(err).split('. ')[0]}); hashing its unit again", file=sys.stderr
-        )
+        print(f"prep: dedup: {path}: cannot read it ({err}); hashing its unit again", file=sys.stderr)
         path.unlink(missing_ok=True)
         return False
 
@@ -494,8 +490,7 @@ def _hash_units(
 ) -> None:
     """The dedup pass's hashing of the units ``todo`` (over ``workers`` processes, whole units, or,
     where there are fewer than two a worker, their chunks), each saved to its ``hashed`` file."""
-    opts, max_line = _parse_options(cfg), parse_size(cfg.max_line_bytes)
-    near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
+    opts, max_line, near = _parse_options(cfg), parse_size(cfg.max_line_bytes), _near(cfg)
     jobs = {u: [(p, files[p.file]) for p in units[u]] for u in todo}
     try:
         with _bar("dedup", [p for u in todo for p in units[u]], files, progress) as bar:
@@ -513,6 +508,11 @@ def _hash_units(
                     bar.update(_unit_hashes(job, opts, max_line, near, hashed[u], u))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None
+
+
+def _near(cfg: PrepConfig) -> tuple[int, int] | None:
+    """The bands of ``near_dup``'s candidates (:func:`neardup.candidate_bands`), None without it."""
+    return neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
 
 
 def _hashed_files(out: Path, n_units: int) -> dict[int, Path]:
@@ -539,8 +539,7 @@ def _hash_task(
     tokenizer step then finds saved (:func:`_find_duplicates`). Returns ``{"units": [...]}``."""
     units = plan_units(files, parse_size(cfg.unit_size))
     hashed = _hashed_files(out, len(units))
-    i, n = task
-    near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
+    (i, n), near = task, _near(cfg)
     todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not _hashed_already(hashed[u], near)]
     print(f"prep: dedup: array task {i} of {n}: {len(todo)} unit(s) to hash", file=sys.stderr)
     _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress)
@@ -571,8 +570,7 @@ def _find_duplicates(
     if _dedup_done(cfg, out):
         _let_go(out, hashed)  # (a pass stopped between its last file and this)
         return
-    t0 = time.perf_counter()
-    near = neardup.candidate_bands(cfg.near_dup) if cfg.near_dup else None
+    t0, near = time.perf_counter(), _near(cfg)
     todo = [u for u in range(len(units)) if not _hashed_already(hashed[u], near)]
     if len(todo) < len(units):
         print(f"prep: dedup: resuming: {len(units) - len(todo)} of {len(units)} units already hashed", file=sys.stderr)
@@ -665,7 +663,7 @@ def _clusters(keys: _Rows, signs: _Rows, threshold: float, workers: int, progres
     as processes at most, so that few bands' pairs are held. Here alone with one worker, or where
     processes are not forked (not Linux). ``progress``: a bar of the bands clustered."""
     global _BANDS
-    bands = keys.parts[-1].shape[1]
+    bands = keys.shape[1]
     n = min(workers, CLUSTER_WORKERS, bands)
     bar = functools.partial(tqdm, total=bands, unit="band", desc="near copies", disable=not progress, file=sys.stderr)
     if n < 2 or sys.platform != "linux":
@@ -878,51 +876,63 @@ def _finished_units(out: Path, n_units: int) -> dict[int, dict]:
     return done
 
 
+def unfinished(out: Path) -> bool:
+    """Whether ``out`` holds a prep not finished: its state, and no manifest yet (:func:`status`)."""
+    return (out / STATE_DIR / "state.json").is_file() and not (out / manifest.MANIFEST).is_file()
+
+
 def status(out: Path, brief: bool = False) -> str:
-    """``bertforge inspect DIR`` of a prep not finished (no manifest yet, a ``.prep/state.json``):
-    whether a process holds the folder, its input, and how far each step went: the dedup pass's
-    units hashed, or its lists; the tokenizer; the units written; the newest file written.
-    ``brief`` (``bertforge jobs``, under a prep job): one line, of the steps' progress alone."""
+    """``bertforge inspect DIR`` of a prep not finished (:func:`unfinished`): whether a process holds
+    the folder, its input, and how far each step went: the dedup pass's units hashed, or its
+    lists; the tokenizer; the units written; the newest file written. ``brief`` (``bertforge
+    jobs``, under a prep job): one line, of the dedup pass, the units and the newest file."""
     from launch.config import load_config
 
     fingerprint = json.loads((out / STATE_DIR / "state.json").read_text())
     cfg = load_config(PrepConfig, values={**fingerprint["config"], "output": str(out)})
-    held = holder(out)
-    lines = [f"{out}: a bertforge prep, not finished; " + (f"in use (by {held})" if held else "not running")]
     try:
         files = corpus.discover(cfg.input, corpus.Account(strict=cfg.strict))
         n = len(plan_units(files, parse_size(cfg.unit_size)))
     except UserError as err:  # (moved, deleted: the units are counted from the folder alone)
-        lines.append(f"input: cannot be read now: {err}")
+        said_input = f"input: cannot be read now: {err}"
         seen = (re.fullmatch(r"(?:unit|dedup)-(\d{5})\.(?:json|npy)", p.name) for p in (out / STATE_DIR).iterdir())
         n = 1 + max((int(m.group(1)) for m in seen if m), default=-1)
         of = ""  # (the total is not known)
     else:
-        lines.append(
+        said_input = (
             f"input: {', '.join(cfg.input)}: {len(files)} file(s), {sum(f.size for f in files) / 1e6:,.1f} MB, "
             f"{n} unit(s) of about {cfg.unit_size}"
             + ("" if _fingerprint(cfg, files)["inputs"] == fingerprint["inputs"] else (
                 "; changed since the prep started (other files, sizes or times): the same command is refused"))
         )  # fmt: skip
         of = f" of {n}"
+    dedup = None
     if cfg.dedup and _dedup_done(cfg, out):
-        near = f" and {_rows(out / STATE_DIR / NEAR_COPIES):,} near copies" if cfg.near_dup else ""
-        lines.append(f"dedup pass: done; {_rows(out / STATE_DIR / DUPLICATES):,} copies{near} to drop")
+        drops = [f"{len(np.load(out / STATE_DIR / DUPLICATES, mmap_mode='r')):,} copies"]
+        if cfg.near_dup:
+            drops.append(f"{len(np.load(out / STATE_DIR / NEAR_COPIES, mmap_mode='r')):,} near copies")
+        dedup = f"dedup pass: done; {' and '.join(drops)} to drop"
     elif cfg.dedup:
-        lines.append(f"dedup pass: {sum(p.is_file() for p in _hashed_files(out, n).values())}{of} units hashed")
-    tok = out / manifest.TOKENIZER
-    lines.append(f"tokenizer: {tok if tok.is_file() else 'not yet ' + ('copied' if cfg.tokenizer.path else 'trained')}")
+        dedup = f"dedup pass: {sum(p.is_file() for p in _hashed_files(out, n).values())}{of} units hashed"
     done = _finished_units(out, n)
     sequences = sum(s["sequences"] for r in done.values() for s in r["splits"]["train"])
-    lines.append(f"units written: {len(done)}{of} ({sequences:,} train sequences)")
-    if last := _last_written(out):  # (array tasks hold the folder shared, which names no one: this shows they write)
-        lines.append(f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last[0]))}, {last[1]}")
-    if brief:  # (the steps' lines alone)
-        return "; ".join(
-            line for line in lines if line.startswith(("dedup pass: ", "units written: ", "last written: "))
-        )
-    lines.append(f"the same bertforge prep command resumes it (its config keys: {out / STATE_DIR / 'state.json'})")
-    return "\n".join(lines)
+    units = f"units written: {len(done)}{of} ({sequences:,} train sequences)"
+    last = None  # (array tasks hold the folder shared, which names no one: the newest file shows they write)
+    if newest := _last_written(out):
+        last = f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(newest[0]))}, {newest[1]}"
+    if brief:
+        return "; ".join(line for line in (dedup, units, last) if line)
+    held, tok = holder(out), out / manifest.TOKENIZER
+    lines = [
+        f"{out}: a bertforge prep, not finished; " + (f"in use (by {held})" if held else "not running"),
+        said_input,
+        dedup,
+        f"tokenizer: {tok if tok.is_file() else 'not yet ' + ('copied' if cfg.tokenizer.path else 'trained')}",
+        units,
+        last,
+        f"the same bertforge prep command resumes it (its config keys: {out / STATE_DIR / 'state.json'})",
+    ]
+    return "\n".join(line for line in lines if line)
 
 
 def _last_written(out: Path) -> tuple[float, str] | None:
@@ -933,13 +943,6 @@ def _last_written(out: Path) -> tuple[float, str] | None:
             with contextlib.suppress(FileNotFoundError):  # (a .tmp renamed meanwhile)
                 found.append((path.stat().st_mtime, path.relative_to(out).as_posix()))
     return max(found, default=None)
-
-
-def _rows(path: Path) -> int:
-    """The rows of the ``.npy`` file ``path`` (as :func:`_save` writes them), from its header alone."""
-    with open(path, "rb") as f:
-        np.lib.format.read_magic(f)
-        return np.lib.format.read_array_header_1_0(f)[0][0]
 
 
 def _remove_partial(out: Path) -> None:

@@ -149,10 +149,9 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_inspect(ns: argparse.Namespace) -> int:
     from data_prep import manifest, shards, tokenizer
+    from data_prep.prep import status, unfinished
 
-    if (Path(ns.dir) / ".prep/state.json").is_file() and not (Path(ns.dir) / manifest.MANIFEST).is_file():
-        from data_prep.prep import status  # a prep not finished
-
+    if unfinished(Path(ns.dir)):
         if ns.verify or ns.overlap or ns.overlap_with:
             raise UserError(f"{ns.dir}: a prep not finished (no {manifest.MANIFEST} yet): nothing to check yet")
         print(status(Path(ns.dir)))

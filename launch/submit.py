@@ -475,12 +475,10 @@ def progress(record: dict) -> str | None:
     if not record.get("run_dir"):
         return None
     if record["stage"].startswith("prep"):
-        out = Path(record["run_dir"])
-        if not (out / ".prep/state.json").is_file() or (out / "manifest.json").is_file():
-            return None
-        from data_prep.prep import status
+        from data_prep.prep import status, unfinished
 
-        return f"{status(out, brief=True)} ({out})"
+        out = Path(record["run_dir"])
+        return f"{status(out, brief=True)} ({out})" if unfinished(out) else None
     run = Path(record["run_dir"])
     path = run / "metrics.jsonl"
     if not (records := records_in(path)):
