@@ -67,6 +67,9 @@ def table(records: list[dict]) -> str:
             rows.append((f"prep's peak anonymous memory, {case} ({workers} worker{'s' * (workers > 1)}), MB",
                          f"{r['anon_main_mb']:.0f}", f"--dedup alone: {alone['anon_main_mb']:.0f}",
                          f"{r['anon_main_mb'] / alone['anon_main_mb']:.2f}"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "dedup_limited"):
+        rows.append((f"  its pass in a memory cgroup of {r['limit_mb']} MB ({r['workers']} worker(s)), s", f"{r['pass_s']:.1f}",
+                     f"unlimited: {r['unlimited_pass_s']:.1f}", f"{r['pass_s'] / r['unlimited_pass_s']:.2f}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "near_dup"):
         rows.append((f"near_dup={r['threshold']:g}: near copies dropped (recall)", f"{r['both']:,} of {r['near']:,}",
                      f"precision: {r['both']:,} of {r['dropped']:,} drops", f"{r['both'] / max(1, r['near']):.2f}"))  # fmt: skip

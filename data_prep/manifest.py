@@ -21,8 +21,12 @@ from launch.config import to_dict
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 DOCUMENTS = "document_hashes.npy"  # (``dedup``: the 64-bit hashes of the text of the documents kept, sorted)
-BANDS = "document_bands.npy"  # (``near_dup``: the MinHash band keys of the documents kept, a row each)
+BANDS = "document_bands.npy"  # (``near_dup``: the MinHash band keys of the documents kept, a row a band)
 MARKS = "document_marks.npy"  # (``near_dup``: their signatures' marks, a row each)
+BANDS_LAYOUT = "band"
+"""The manifest's ``documents.near.layout``: :data:`BANDS` holds a row a band (``(bands, documents)``),
+so that a band's keys, which the clustering reads a band at a time, lie together. A manifest
+without it (an older bertforge's, to 2026-12-05): a row a document."""
 FORMAT = "bertforge.shards/1"
 
 
@@ -86,8 +90,8 @@ def build(
 def documents(cfg: PrepConfig, folder: Path) -> dict:
     """The manifest's ``documents`` (``dedup``): the file of the hashes of the text of the documents
     kept, which a later prep's ``dedup_against`` reads, their count, and the datasets dropped from it;
-    with ``near_dup``, ``near``: the files of their band keys and marks, the threshold, ``[bands, rows]``
-    and the signing's :data:`neardup.SCHEME`."""
+    with ``near_dup``, ``near``: the files of their band keys (``layout``: a row a band) and marks,
+    the threshold, ``[bands, rows]`` and the signing's :data:`neardup.SCHEME`."""
     path = folder / DOCUMENTS
     out = {
         "file": DOCUMENTS,
@@ -98,7 +102,8 @@ def documents(cfg: PrepConfig, folder: Path) -> dict:
     if cfg.near_dup:
         out["near"] = {"file": BANDS, "sha256": tokenizer.sha256(folder / BANDS), "marks": MARKS,
                        "marks_sha256": tokenizer.sha256(folder / MARKS), "near_dup": cfg.near_dup,
-                       "bands": list(neardup.candidate_bands(cfg.near_dup)), "scheme": neardup.SCHEME}  # fmt: skip
+                       "bands": list(neardup.candidate_bands(cfg.near_dup)), "layout": BANDS_LAYOUT,
+                       "scheme": neardup.SCHEME}  # fmt: skip
     return out
 
 
@@ -126,10 +131,10 @@ def against(folder: str | Path) -> tuple[Path, dict]:
 def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """What a ``dedup_against`` dataset kept, mapped, not read (a check before the work reads the
     headers alone, the hash pass reads them once): its documents' text hashes and, for a prep with
-    ``near_dup``, their band keys and marks (a row each; None without). Refused, naming the field or
-    file, where that dataset was prepped without ``near_dup``, with another threshold, or by a
-    bertforge that signed or banded it otherwise (its band keys are others), or a file cannot be read or has
-    another shape than its manifest says."""
+    ``near_dup``, their band keys (a row a band) and marks (a row a document; None without).
+    Refused, naming the field or file, where that dataset was prepped without ``near_dup``, with
+    another threshold, or by a bertforge that signed or banded it otherwise (its band keys are
+    others), or a file cannot be read or has another shape than its manifest says."""
     path, listed = against(folder)
     count, where = listed["count"], Path(folder) / MANIFEST
     hashes = _mapped(path, np.uint64, (count,), where)
@@ -157,7 +162,10 @@ def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.nd
             f"{where}: field 'documents.near.bands' is {near['bands']} but this bertforge bands near_dup="
             f"{near_dup:g} as {list(ours)}: band keys compare only under the same bands; prep {folder} again"
         )
-    bands = _mapped(Path(folder) / near["file"], np.uint64, (count, near["bands"][0]), where)
+    if near.get("layout", "document") == BANDS_LAYOUT:
+        bands = _mapped(Path(folder) / near["file"], np.uint64, (near["bands"][0], count), where)
+    else:  # (an older bertforge's, a row a document: read as such, a band's keys apart)
+        bands = _mapped(Path(folder) / near["file"], np.uint64, (count, near["bands"][0]), where).T
     return hashes, bands, _mapped(Path(folder) / near["marks"], np.uint8, (count, neardup.PERMUTATIONS), where)
 
 

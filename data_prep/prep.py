@@ -329,22 +329,37 @@ HASHED = "dedup-{:05d}.npy"
 written as soon as the unit is hashed, so that an interrupted pass resumes at the units not yet
 hashed; mapped, not read, where the pass joins them; removed once the pass's lists are written.
 (``dedup-NNNNN.npz``: an older bertforge's, hashed again.)"""
+BAND_KEYS = "bands-{:05d}.npy"
+"""In ``.prep/``, with ``near_dup``: a unit's band keys, ``(bands, documents)`` uint64, a band's keys
+one after another (written before its :data:`HASHED` file, which says the unit is done). The
+clustering reads a band at a time: from records, that read every page of them (260 bytes a document
+at 0.8 for its 8), where the system had dropped them, once a band."""
 _HASHED_ARRAYS = ("files", "keys", "hashes", "bands", "marks")
 
 
 def _hashed_dtype(near: tuple[int, int] | None) -> np.dtype:
-    """A document's record in a :data:`HASHED` file: its file, key and hash and, with ``near``
-    (bands), its band keys and marks."""
+    """A document's record in a :data:`HASHED` file: its file, key and hash and, with ``near``, its
+    marks (its band keys: in :data:`BAND_KEYS`)."""
     fields = [("files", "<u4"), ("keys", "<u8"), ("hashes", "<u8")]
     if near:
-        fields += [("bands", "<u8", (near[0],)), ("marks", "u1", (neardup.PERMUTATIONS,))]
+        fields.append(("marks", "u1", (neardup.PERMUTATIONS,)))
     return np.dtype(fields)
+
+
+def _band_file(path: Path) -> Path:
+    """The :data:`BAND_KEYS` file of the unit whose :data:`HASHED` file is ``path``."""
+    return path.with_name(path.name.replace("dedup-", "bands-"))
 
 
 def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...], near: tuple[int, int] | None) -> None:
     """A unit's arrays of the dedup pass (:class:`_Joined`'s), to ``path`` (:data:`HASHED`) as
-    records, atomically, 64K at a time (no copy of them all in memory)."""
+    records, and with ``near`` its band keys a band at a time to :func:`_band_file` first, each
+    atomically, 64K records or a band at a time (no copy of them all in memory)."""
     dtype, n, step = _hashed_dtype(near), len(arrays[0]), 1 << 16
+    if near:
+        bands = arrays[_HASHED_ARRAYS.index("bands")]
+        write_atomic(_band_file(path), _npy_header(bands.dtype, bands.shape[::-1]),
+                     (np.ascontiguousarray(bands[:, i]).tobytes() for i in range(bands.shape[1])))  # fmt: skip
 
     def records(i: int) -> bytes:
         out = np.empty(min(step, n - i), dtype)
@@ -356,9 +371,9 @@ def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...], near: tuple[int, in
     write_atomic(path, _npy_header(dtype, (n,)), map(records, range(0, n, step)))
 
 
-def _load_hashed(path: Path, near: tuple[int, int] | None) -> np.ndarray:
-    """What :func:`_save_hashed` wrote, mapped (numpy checks its header, and its size against it); an
-    unreadable file (written whole, then renamed: only a disk's fault or a hand) is a
+def _load_hashed(path: Path, near: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """What :func:`_save_hashed` wrote, mapped (numpy checks a header, and the file's size against
+    it); an unreadable file (written whole, then renamed: only a disk's fault or a hand) is a
     :class:`RunError` naming it."""
     try:
         return _mapped_records(path, near)
@@ -368,22 +383,38 @@ def _load_hashed(path: Path, near: tuple[int, int] | None) -> np.ndarray:
         ) from None
 
 
-def _mapped_records(path: Path, near: tuple[int, int] | None) -> np.ndarray:
-    """The records of a :data:`HASHED` file, mapped; a file numpy cannot map, or of records of another
-    kind, is a ``ValueError`` or ``OSError`` that says why in its first sentence (numpy's run on)."""
+def _mapped_records(path: Path, near: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The records of a :data:`HASHED` file and, with ``near``, its unit's band keys, mapped; a file
+    numpy cannot map, or of another kind or shape, is a ``ValueError`` or ``OSError`` that says
+    why in its first sentence (numpy's run on), and names the band keys' file where it is that."""
+    records = _mapped_npy(path)
+    if records.dtype != _hashed_dtype(near) or records.ndim != 1:
+        raise ValueError(f"records of fields {', '.join(records.dtype.names or ['none'])} of shape {records.shape}, "
+                         f"not {', '.join(_hashed_dtype(near).names)}")  # fmt: skip
+    if not near:
+        return records, None
     try:
-        records = np.load(path, mmap_mode="r")
+        bands = _mapped_npy(_band_file(path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"its band keys: {_band_file(path).name}: {err}") from None
+    if bands.dtype != np.uint64 or bands.shape != (near[0], len(records)):
+        raise ValueError(f"its band keys: {_band_file(path).name}: {bands.shape} {bands.dtype}, not "
+                         f"{(near[0], len(records))} uint64")  # fmt: skip
+    return records, bands
+
+
+def _mapped_npy(path: Path) -> np.ndarray:
+    """``path``, a ``.npy`` file, mapped; numpy's ``ValueError`` cut to its first sentence."""
+    try:
+        return np.load(path, mmap_mode="r")
     except ValueError as err:
         raise ValueError(str(err).split(". ")[0]) from None
-    if records.dtype != _hashed_dtype(near) or records.ndim != 1:
-        raise ValueError(f"records of {records.dtype.descr}, not {_hashed_dtype(near).descr}")
-    return records
 
 
 def _hashed_already(path: Path, near: tuple[int, int] | None) -> bool:
     """Whether a unit's file of the dedup pass is saved and whole (as far as numpy's mapping checks
     it: it is written whole, then renamed, so that only a disk's fault or a hand damages it); a
-    damaged one is said, and removed, so that its unit is hashed again."""
+    damaged one is said, and removed with its band keys, so that its unit is hashed again."""
     if not path.is_file():
         return False
     try:
@@ -392,21 +423,23 @@ def _hashed_already(path: Path, near: tuple[int, int] | None) -> bool:
     except (OSError, ValueError) as err:
         print(f"prep: dedup: {path}: cannot read it ({err}); hashing its unit again", file=sys.stderr)
         path.unlink(missing_ok=True)
+        _band_file(path).unlink(missing_ok=True)
         return False
 
 
-def _open_files(n: int, cfg: PrepConfig) -> None:
-    """Let this process open ``n`` more files (a mapped unit file holds one open): its soft limit
-    (``ulimit -n``, 1024 on many systems) raised, up to the hard one; past that, an error, before
-    the pass's work."""
+def _open_files(units: int, cfg: PrepConfig) -> None:
+    """Let this process map the files of ``units`` units (a mapped file holds one open: a unit has
+    one, two with ``near_dup``): its soft limit (``ulimit -n``, 1024 on many systems) raised, up to
+    the hard one; past that, an error, before the pass's work."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = units * (2 if cfg.near_dup else 1)
     need = n + len(os.listdir("/dev/fd")) + 64  # (those open now, and room for the pass's own)
     if soft == resource.RLIM_INFINITY or need <= soft:
         return
     if hard != resource.RLIM_INFINITY and need > hard:
         raise RunError(
-            f"prep: dedup: the pass maps its {n:,} unit files at once, but this process may open only {hard:,} "
-            f"files (ulimit -Hn): raise that limit, or prep with a larger unit_size (now {cfg.unit_size})"
+            f"prep: dedup: the pass maps the {n:,} files of its {units:,} units at once, but this process may open "
+            f"only {hard:,} files (ulimit -Hn): raise that limit, or prep with a larger unit_size (now {cfg.unit_size})"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
@@ -577,7 +610,7 @@ def _find_duplicates(
     _open_files(len(units), cfg)
     _hash_units(cfg, files, units, todo, hashed, workers, progress)
     saved = [_load_hashed(hashed[u], near) for u in range(len(units))]  # (mapped: read where they lie)
-    hashes = np.concatenate([s["hashes"] for s in saved])  # (the files and keys: of those dropped alone)
+    hashes = np.concatenate([s["hashes"] for s, _ in saved])  # (the files and keys: of those dropped alone)
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
     dup[first] = False
@@ -589,13 +622,14 @@ def _find_duplicates(
     close = theirs = np.zeros(len(hashes), dtype=bool)
     if near:  # a document in the cluster of an earlier one: a near copy, where not a copy
         m = sum(len(h) for h, _, _ in before)  # (another dataset's documents: earlier than any of this input)
-        bands = [*(b for _, b, _ in before), *(s["bands"] for s in saved)]
-        signs = [*(x for _, _, x in before), *(s["marks"] for s in saved)]
-        origin = _clusters(_Rows(bands), _Rows(signs), cfg.near_dup, workers, progress)[m:] - m  # (theirs: below 0)
+        bands = _Bands([*(b for _, b, _ in before), *(b for _, b in saved)])
+        signs = _Rows([*(x for _, _, x in before), *(s["marks"] for s, _ in saved)])
+        origin = _clusters(bands, signs, cfg.near_dup, workers, progress)[m:] - m  # (theirs: below 0)
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
-        for where, parts in zip(kept_near, (bands, signs)):
-            _save(where, _Rows(parts[len(before) :]), ~(dup | close))  # (the documents kept)
-    doc_files, keys = _Rows([s["files"] for s in saved]), _Rows([s["keys"] for s in saved])
+        ours = m + np.flatnonzero(~(dup | close))  # (the documents kept, numbered after theirs)
+        _save_bands(kept_near[0], bands, ours)
+        _save(kept_near[1], signs, ours)
+    doc_files, keys = _Rows([s["files"] for s, _ in saved]), _Rows([s["keys"] for s, _ in saved])
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         at = np.flatnonzero(drop)
         _save(where, np.stack([doc_files[at].astype(np.uint64), keys[at]], axis=1))  # (file, key) pairs
@@ -613,10 +647,9 @@ def _find_duplicates(
 
 
 class _Rows:
-    """Arrays of rows one after another, not copied (the band keys or marks of the datasets of
-    ``dedup_against``, then those of this input's units, all mapped from their files):
-    ``rows[index]`` gathers rows, :meth:`column` one column of every row. Joined, they had been held
-    in memory."""
+    """Arrays of rows one after another, not copied (the marks of the datasets of ``dedup_against``,
+    then those of this input's units, all mapped from their files): ``rows[index]`` gathers rows.
+    Joined, they had been held in memory."""
 
     def __init__(self, parts: list[np.ndarray]) -> None:
         self.parts = parts
@@ -638,11 +671,25 @@ class _Rows:
             out[mine] = self.parts[k][index[mine] - self.starts[k]]
         return out
 
+
+class _Bands:
+    """The band keys of documents one after another, not copied: each part ``(bands, documents)``
+    (the datasets' of ``dedup_against``, then this input's units', mapped from their files), so that
+    :meth:`column`, a band's keys of every document, reads 8 bytes a document. ``len``: the
+    documents."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.shape = (sum(p.shape[1] for p in parts), parts[-1].shape[0])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
     def column(self, i: int) -> np.ndarray:
-        return np.concatenate([part[:, i] for part in self.parts])
+        return np.concatenate([part[i] for part in self.parts])
 
 
-_BANDS: _Rows | None = None  # (the band keys that :func:`_clusters`' forked workers inherit)
+_BANDS: _Bands | None = None  # (the band keys that :func:`_clusters`' forked workers inherit)
 CLUSTER_WORKERS = 2
 """Processes that find the bands' candidate pairs for :func:`_clusters` (at most): each sorts a band's
 keys, about 26 bytes a document while it does (:func:`neardup.pairs`), so each past the first adds
@@ -656,7 +703,7 @@ def _band_pairs(i: int) -> tuple[np.ndarray, np.ndarray]:
     return neardup.pairs(_BANDS.column(i))
 
 
-def _clusters(keys: _Rows, signs: _Rows, threshold: float, workers: int, progress: bool = False) -> np.ndarray:
+def _clusters(keys: _Bands, signs: _Rows, threshold: float, workers: int, progress: bool = False) -> np.ndarray:
     """:func:`neardup.first_of_cluster`, each band's candidate pairs (a sort of every document's key)
     found by up to :data:`CLUSTER_WORKERS` of the ``workers`` processes, forked now so that they
     inherit the keys (none are sent), while this one clusters the bands before; as many bands ahead
@@ -700,7 +747,7 @@ def _ahead(pool: ProcessPoolExecutor, bands: int, most: int) -> Iterator[tuple[n
 def _let_go(out: Path, hashed: dict[int, Path]) -> None:
     """Remove the dedup pass's unit files ``hashed`` that exist, once its lists are written, and those
     an older bertforge saved (``dedup-NNNNN.npz``)."""
-    for p in [*hashed.values(), *(out / STATE_DIR).glob("dedup-*.npz")]:
+    for p in [*hashed.values(), *map(_band_file, hashed.values()), *(out / STATE_DIR).glob("dedup-*.npz")]:
         p.unlink(missing_ok=True)
 
 
@@ -714,13 +761,20 @@ def _bar(desc: str, parts: list[corpus.Part], files: list[corpus.InputFile], pro
     )
 
 
-def _save(path: Path, array: np.ndarray, rows: np.ndarray | None = None) -> None:
-    """Write ``array`` (``rows``: those of its rows) to ``path`` in ``.npy`` form, atomically, 64K rows
+def _save(path: Path, array: np.ndarray | _Rows, at: np.ndarray | None = None) -> None:
+    """Write ``array`` (``at``: those of its rows) to ``path`` in ``.npy`` form, atomically, 64K rows
     at a time: no copy of a large array in memory."""
-    at = np.arange(len(array)) if rows is None else np.flatnonzero(rows)
+    at = np.arange(len(array)) if at is None else at
     step = 1 << 16
     header = _npy_header(array.dtype, (len(at), *array.shape[1:]))
     write_atomic(path, header, (array[at[i : i + step]].tobytes() for i in range(0, len(at), step)))
+
+
+def _save_bands(path: Path, bands: _Bands, at: np.ndarray) -> None:
+    """Write the band keys of documents ``at`` to ``path``, ``(bands, len(at))`` (a band's keys one
+    after another, as :data:`manifest.BANDS` lists them), atomically, a band at a time."""
+    header = _npy_header(np.dtype(np.uint64), (bands.shape[1], len(at)))
+    write_atomic(path, header, (bands.column(i)[at].tobytes() for i in range(bands.shape[1])))
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -345,22 +346,30 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     assert prep(*common, "--output", str(full)).returncode == 0
     assert tree(out) == tree(full)
     # the same in the dedup pass: the worker hashing unit 20 is killed; the rerun hashes only the units not
-    # hashed yet (each saved once hashed, .prep/dedup-NNNNN.npy), then the worker finding band 3's candidate
-    # pairs of near copies is killed; the next rerun clusters, writes what an unbroken run writes, tidies up
+    # hashed yet (each saved once hashed, .prep/dedup-NNNNN.npy and its band keys bands-NNNNN.npy), and one
+    # whose band keys are gone, then the worker finding band 3's candidate pairs of near copies is killed;
+    # the next rerun clusters, writes what an unbroken run writes, tidies up
     near, cut = [*common, "--dedup", "--near-dup", "0.8"], tmp_path / "near"
     for kill in ("kill-in-hash@20", "kill-in-band@3"):
         hashed = {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npy")}
+        if hashed:
+            lost = cut / ".prep" / min(hashed).replace("dedup-", "bands-")
+            lost.unlink()
         r = prep(*near, "--output", str(cut), env={**os.environ, "BERTFORGE_FAULT": kill}, timeout=120)
         assert r.returncode == 1, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a worker process died"), r.stderr
     n = json.loads((full / "manifest.json").read_text())["units"]
     assert 10 <= len(hashed) < n and "dedup-00020.npy" not in hashed, sorted(hashed)
-    assert f"prep: dedup: resuming: {len(hashed)} of {n} units already hashed" in r.stderr, r.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npy") if p.name in hashed} == hashed
+    assert sorted(p.name for p in cut.glob(".prep/bands-*.npy")) == [f"bands-{u:05}.npy" for u in range(n)]
+    assert f"prep: dedup: {cut}/.prep/{min(hashed)}: cannot read it (its band keys: {lost.name}: [Errno 2] No such " \
+           f"file or directory: '{lost}'); hashing its unit again" in r.stderr, r.stderr  # fmt: skip
+    assert f"prep: dedup: resuming: {len(hashed) - 1} of {n} units already hashed" in r.stderr, r.stderr
+    again = {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npy") if p.name in hashed}
+    assert again.pop(min(hashed)) != hashed.pop(min(hashed)) and again == hashed
     assert len(list(cut.glob(".prep/dedup-*.npy"))) == n
     r = prep(*near, "--output", str(cut))
     assert r.returncode == 0 and f"resuming: {n} of {n} units already hashed" in r.stderr, r.stderr
-    assert not list(cut.glob(".prep/dedup-*.npy"))
+    assert not list(cut.glob(".prep/dedup-*.npy")) and not list(cut.glob(".prep/bands-*.npy"))
     # fewer units than two a worker (their chunks shared out): the same, this process killed before it saves unit 2
     few = [*near[:-3], "unit_size=100KB", *near[-3:]]
     r = prep(*few, "--output", str(tmp_path / "few"), env={**os.environ, "BERTFORGE_FAULT": "kill-in-hash@2"})
@@ -403,7 +412,8 @@ def test_the_dedup_pass_maps_more_unit_files_than_the_soft_limit_of_open_files(t
 
     r = prep(*common, "--output", str(tmp_path / "hard"), preexec_fn=limit(60, 60))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
-        f"bertforge: error: prep: dedup: the pass maps its {n} unit files at once, but this process may open only "
+        f"bertforge: error: prep: dedup: the pass maps the {2 * n} files of its {n} units at once, but this process "
+        "may open only "
         "60 files (ulimit -Hn): raise that limit, or prep with a larger unit_size (now 1KB)"
     ), r.stderr
     assert not list(tmp_path.glob("hard/.prep/dedup-*"))  # (before the work)
@@ -676,8 +686,8 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
     near_files = json.loads((out / "manifest.json").read_text())["documents"]["near"]
     assert near_files == {"file": "document_bands.npy", "sha256": near_files["sha256"], "marks": "document_marks.npy",
                           "marks_sha256": near_files["marks_sha256"], "near_dup": 0.8, "bands": [14, 9],
-                          "scheme": "minhash-1"}  # fmt: skip
-    assert np.load(out / "document_bands.npy").shape == (33, 14)
+                          "layout": "band", "scheme": "minhash-1"}  # fmt: skip
+    assert np.load(out / "document_bands.npy").shape == (14, 33)  # (a row a band: a band's keys together)
     assert np.load(out / "document_marks.npy").shape == (33, 128)
     r = run_cli("inspect", str(out), "--verify", "-n", "0")
     assert r.returncode == 0 and "texts kept in document_hashes.npy and their MinHash bands and marks in " \
@@ -693,6 +703,19 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
            "dropped (" in r.stderr, r.stderr  # fmt: skip
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     assert shard_docs(tmp_path / "later") == [sp.encode(later[1])]
+    # a dataset of an older bertforge, whose document_bands.npy holds a row a document (no 'layout'):
+    # read as such, the same near copies dropped
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    np.save(older / "document_bands.npy", np.ascontiguousarray(np.load(out / "document_bands.npy").T))
+    man = json.loads((older / "manifest.json").read_text())
+    del man["documents"]["near"]["layout"]
+    man["documents"]["near"]["sha256"] = hashlib.sha256((older / "document_bands.npy").read_bytes()).hexdigest()
+    (older / "manifest.json").write_text(json.dumps(man))
+    assert run_cli("inspect", str(older), "--verify", "-n", "0").returncode == 0
+    r = prep(*args[:4], str(older), *common, "--output", str(tmp_path / "later-older"), "--near-dup", "0.8")
+    assert r.returncode == 0 and f"3 of them of documents of {older}; dropped (" in r.stderr, r.stderr
+    assert shard_docs(tmp_path / "later-older") == [sp.encode(later[1])]
     exact = tmp_path / "exact"  # a dataset of --dedup alone: no bands to compare with
     assert prep("--input", str(hand), "--output", str(exact), "--dedup", *common).returncode == 0
     for against, threshold, said in (
@@ -964,13 +987,16 @@ def test_prep_keeps_the_memory_it_frees_for_its_next_chunks(tmp_path, corpus, sp
     assert before >= 5 * 16384 and after * 10 < before, r.stdout
 
 
-def test_rows_of_several_arrays_are_gathered_as_from_their_join() -> None:
-    from data_prep.prep import _Rows
+def test_rows_and_band_keys_of_several_arrays_are_read_as_from_their_join() -> None:
+    from data_prep.prep import _Bands, _Rows
 
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 1 << 60, (n, 3), dtype=np.uint64) for n in (5, 0, 17, 9)]
     rows, joined = _Rows(parts), np.concatenate(parts)
     index = rng.integers(0, len(joined), 100)
     assert len(rows) == len(joined) and (rows[index] == joined[index]).all()
-    assert all((rows.column(i) == joined[:, i]).all() for i in range(3))
     assert (_Rows(parts[:1])[index % 5] == parts[0][index % 5]).all()
+    older = [p.T for p in parts[2:]]  # (an older dataset's keys, a row a document, are read as .T)
+    bands = _Bands([np.ascontiguousarray(p.T) for p in parts[:2]] + older)
+    assert len(bands) == len(joined) and bands.shape == (31, 3)
+    assert all((bands.column(i) == joined[:, i]).all() for i in range(3))

@@ -445,7 +445,7 @@ def test_prep_job_array_writes_what_a_local_prep_writes(corpus, sp_model, tmp_pa
     assert "submitted jobs: dedup hashes " in r.stdout, r.stdout
     hashed = [int(said.split(f"prep: dedup: array task {i} of 3: ")[1].split()[0]) for i in range(3)]
     assert min(hashed) >= 1 and f"prep: dedup: resuming: {sum(hashed)} of {sum(hashed)} units already hashed" in said
-    assert sum(hashed) == sum(written) and not list(out.glob(".prep/dedup-*.npy"))
+    assert sum(hashed) == sum(written) and not list(out.glob(".prep/dedup-*")) and not list(out.glob(".prep/bands-*"))
     listing = [line.split()[:3] for line in run_cli("jobs", "--log-dir", str(logs)).stdout.splitlines()[1:]]
     assert [(state, stage) for _, state, stage in listing] == [
         ("COMPLETED", f"prep:{step}") for step in ("dedup", "tokenizer", "shards", "manifest")], listing  # fmt: skip
