@@ -14,7 +14,7 @@ peaks of prep's anonymous memory (``Pss_Anon``, sampled every 20 ms: pages a for
 once, not the files a process maps, which the system may drop and read again), its own process's
 and all its processes' summed, the least over the repeats; and checks that the checkouts wrote
 the same bytes. Then ``--near-dup 0.8`` with the first of ``--workers`` again, in a memory cgroup of ``limit-mb``
-(250 MB a million documents, and 100 more, by default: less than prep's processes and the units'
+(150 MB a million documents, and 100 more, by default: less than prep's processes and the units'
 files together, so the system drops the files' pages and the pass reads them again): the pass's
 time and what the run read from disk (``ru_inblock``), against each checkout's unlimited run;
 skipped, in a line, where no memory cgroup can be made (root and a writable ``/sys/fs/cgroup``
@@ -148,7 +148,7 @@ def limited(args: argparse.Namespace, tmp: Path, prep_args: list[str], unlimited
     """The ``near_dup=0.8`` case, the first of ``--workers``, in a memory cgroup of ``args.limit_mb``, each
     checkout in turn ``args.repeats`` times (the least kept), beside its unlimited run (``unlimited``, by
     checkout). A prep that the limit kills (out of memory) is said in a line, and the case ends."""
-    limit = args.limit_mb or 100 + 250 * args.docs // 1_000_000
+    limit = args.limit_mb or 100 + 150 * args.docs // 1_000_000
     group = memory_cgroup(limit)
     if group is None:
         print(f"near_dup=0.8 in {limit} MB: skipped, no memory cgroup can be made here (root and a writable "
@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--unit-size", default="4MB", help="prep's unit_size (default 4MB: 8 units at the defaults)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="prep workers, each in turn (default 1 2)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the least is kept (default 2)")
-    ap.add_argument("--limit-mb", type=int, help="the memory cgroup's limit of the limited case (default: 250 MB a "
+    ap.add_argument("--limit-mb", type=int, help="the memory cgroup's limit of the limited case (default: 150 MB a "
                     "million documents, and 100)")  # fmt: skip
     ap.add_argument("--code", type=Path, nargs="+", default=[REPO], help="checkouts to compare (default: this)")
     ap.add_argument("--json", type=Path, help="also append each figure as a JSON line to this file")
