@@ -134,7 +134,8 @@ def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.nd
     ``near_dup``, their band keys (a row a band) and marks (a row a document; None without).
     Refused, naming the field or file, where that dataset was prepped without ``near_dup``, with
     another threshold, or by a bertforge that signed or banded it otherwise (its band keys are
-    others), or a file cannot be read or has another shape than its manifest says."""
+    others) or laid them out otherwise, or a file cannot be read or has another shape than its
+    manifest says."""
     path, listed = against(folder)
     count, where = listed["count"], Path(folder) / MANIFEST
     hashes = _mapped(path, np.uint64, (count,), where)
@@ -162,7 +163,12 @@ def theirs(folder: str | Path, near_dup: float = 0.0) -> tuple[np.ndarray, np.nd
             f"{where}: field 'documents.near.bands' is {near['bands']} but this bertforge bands near_dup="
             f"{near_dup:g} as {list(ours)}: band keys compare only under the same bands; prep {folder} again"
         )
-    if near.get("layout", "document") == BANDS_LAYOUT:
+    if (layout := near.get("layout")) not in (BANDS_LAYOUT, None):  # (a later bertforge's)
+        raise UserError(
+            f"{where}: field 'documents.near.layout' is {layout!r} but this bertforge reads {BANDS_LAYOUT!r} (a row "
+            f"a band) or none (a row a document, an older bertforge's): prep {folder} again"
+        )
+    if layout == BANDS_LAYOUT:
         bands = _mapped(Path(folder) / near["file"], np.uint64, (near["bands"][0], count), where)
     else:  # (an older bertforge's, a row a document: read as such, a band's keys apart)
         bands = _mapped(Path(folder) / near["file"], np.uint64, (count, near["bands"][0]), where).T

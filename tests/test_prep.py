@@ -750,6 +750,13 @@ def test_near_dup_drops_the_near_copies_of_earlier_documents_and_keeps_those_sha
         f"'minhash-1': band keys and marks compare only under one scheme; prep {banded} again"
     )
     del man["documents"]["near"]["scheme"]
+    man["documents"]["near"]["layout"] = "column"  # (a later bertforge's layout of the band keys: refused)
+    (banded / "manifest.json").write_text(json.dumps(man))
+    assert refusal(check_against, checked) == (
+        f"{banded}/manifest.json: field 'documents.near.layout' is 'column' but this bertforge reads 'band' (a row a "
+        f"band) or none (a row a document, an older bertforge's): prep {banded} again"
+    )
+    man["documents"]["near"]["layout"] = "band"
     (banded / "manifest.json").write_text(json.dumps(man))
     check_against(checked)
     r = prep("--input", str(raw), "--output", str(tmp_path / "x"), "--near-dup", "0.8", *common)
