@@ -593,10 +593,11 @@ def _find_duplicates(
     of one another dataset kept (each cluster's first, :mod:`data_prep.neardup`; theirs come first),
     in ``.prep/near_duplicates.npy``. The hashes of the texts kept go to ``document_hashes.npy``, and
     their band keys and marks to ``document_bands.npy`` and ``document_marks.npy`` (a later prep's
-    ``dedup_against`` reads them). Each unit is saved once hashed (:data:`HASHED`): a rerun after an
-    interruption hashes only the units not saved yet. The units' band keys and marks are then read
-    where they lie, mapped (the system's page cache holds them, not this process: 240 bytes a
-    document at 0.8, which it may drop and read again), each unit's file holding one file open."""
+    ``dedup_against`` reads them). Each unit is saved once hashed (:data:`HASHED`, and its band keys
+    :data:`BAND_KEYS`): a rerun after an interruption hashes only the units not saved yet. The
+    units' band keys and marks are then read where they lie, mapped (the system's page cache holds
+    them, not this process: 240 bytes a document at 0.8, which it may drop and read again, a band's
+    keys together), each mapped file holding one file open."""
     path, near_path = out / STATE_DIR / DUPLICATES, out / STATE_DIR / NEAR_COPIES
     kept, kept_near = out / manifest.DOCUMENTS, (out / manifest.BANDS, out / manifest.MARKS)
     hashed = _hashed_files(out, len(units))
