@@ -7,18 +7,18 @@ Writes ``docs`` generated documents of 4-14 words (drawn from a seeded vocabular
 words; every tenth a copy of the one seven before it with its last word changed) in ``files``
 files, and as many more of another seed. Then ``bertforge prep --dedup`` on the first, plain and
 with ``--near-dup 0.8``, and on the second with ``--near-dup 0.8 --dedup-against`` a prep of the
-first (by the same checkout): each in a fresh process, over each of ``--workers``, ``repeats`` times, alternating between
-the checkouts ``--code`` (folders holding a bertforge, such as a ``git worktree`` of an older
-commit; this one by default). For each it prints the pass's own time (from its line) and the
+first (by the same checkout): each in a fresh process, over each of ``--workers``, ``repeats``
+times, alternating between the checkouts ``--code`` (folders holding a bertforge, such as a ``git
+worktree`` of an older commit; this one by default). For each it prints the pass's own time (from its line) and the
 peaks of prep's anonymous memory (``Pss_Anon``, sampled every 20 ms: pages a fork shares counted
 once, not the files a process maps, which the system may drop and read again), its own process's
 and all its processes' summed, the least over the repeats; and checks that the checkouts wrote
-the same bytes. Then ``--near-dup 0.8`` with the first of ``--workers`` again, in a memory cgroup of ``limit-mb``
-(150 MB a million documents, and 100 more, by default: less than prep's processes and the units'
-files together, so the system drops the files' pages and the pass reads them again): the pass's
-time and what the run read from disk (``ru_inblock``), against each checkout's unlimited run;
-skipped, in a line, where no memory cgroup can be made (root and a writable ``/sys/fs/cgroup``
-are needed). Then, for each checkout, the pass's join alone (its units hashed before) in one
+the same bytes. Then ``--near-dup 0.8`` with the first of ``--workers`` again, in a memory cgroup
+of ``limit-mb`` (150 MB a million documents, and 100 more, by default: less than prep's processes
+and the units' files together, so the system drops the files' pages and the pass reads them
+again): the pass's time and what the run read from disk (``ru_inblock``), against each
+checkout's unlimited run; skipped, in a line, where no memory cgroup can be made (root and a
+writable ``/sys/fs/cgroup`` are needed). Then, for each checkout, the pass's join alone (its units hashed before) in one
 process, with and without ``near_dup``, under ``tracemalloc``: the peak of what numpy and Python
 allocate there, which is the pass's own need. Linux only (``/proc``).
 """
@@ -174,9 +174,9 @@ def limited(args: argparse.Namespace, tmp: Path, prep_args: list[str], unlimited
         b, free = best[code], unlimited[code]
         print(f"  {str(code)[-28:]:<28} pass {b['pass_s']:.1f} s (unlimited {free['pass_s']:.1f}), "
               f"read from disk {b['read_mb']:,.0f} MB (unlimited {free['read_mb']:,.0f})")  # fmt: skip
-        record(args.json, bench="dedup_limited", code=str(code), docs=args.docs, workers=args.workers[0], limit_mb=limit,
-               pass_s=b["pass_s"],
-               read_mb=b["read_mb"], unlimited_pass_s=free["pass_s"], unlimited_read_mb=free["read_mb"])  # fmt: skip
+        record(args.json, bench="dedup_limited", code=str(code), docs=args.docs, workers=args.workers[0],
+               limit_mb=limit, pass_s=b["pass_s"], read_mb=b["read_mb"], unlimited_pass_s=free["pass_s"],
+               unlimited_read_mb=free["read_mb"])  # fmt: skip
 
 
 def main() -> None:
