@@ -968,7 +968,9 @@ def status(out: Path, brief: bool = False) -> str:
             drops.append(f"{len(np.load(out / STATE_DIR / NEAR_COPIES, mmap_mode='r')):,} near copies")
         dedup = f"dedup pass: done; {' and '.join(drops)} to drop"
     elif cfg.dedup:
-        dedup = f"dedup pass: {sum(p.is_file() for p in _hashed_files(out, n).values())}{of} units hashed"
+        saved = [p for p in _hashed_files(out, n).values() if p.is_file()]
+        size = sum(q.stat().st_size for p in saved for q in (p, _band_file(p)) if q.is_file())
+        dedup = f"dedup pass: {len(saved)}{of} units hashed ({size / 1e6:,.1f} MB in .prep/ until the pass ends)"
     done = _finished_units(out, n)
     sequences = sum(s["sequences"] for r in done.values() for s in r["splits"]["train"])
     units = f"units written: {len(done)}{of} ({sequences:,} train sequences)"
