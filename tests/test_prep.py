@@ -348,15 +348,24 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     assert prep(*common, "--output", str(full)).returncode == 0
     assert tree(out) == tree(full)
     # the same in the dedup pass: the worker hashing unit 20 is killed; the rerun hashes only the units not
-    # hashed yet (each saved once hashed, .prep/dedup-NNNNN.npy and its band keys bands-NNNNN.npy), and one
-    # whose band keys are gone, then the worker finding band 3's candidate pairs of near copies is killed;
-    # the next rerun clusters, writes what an unbroken run writes, tidies up
+    # hashed yet (each saved once hashed, .prep/dedup-NNNNN.npy and its band keys bands-NNNNN.npy), one
+    # whose band keys are gone and one saved by the bertforge before (its band keys in its records), each
+    # said in a line, then the worker finding band 3's candidate pairs of near copies is killed; the next
+    # rerun clusters, writes what an unbroken run writes, tidies up
     near, cut = [*common, "--dedup", "--near-dup", "0.8"], tmp_path / "near"
     for kill in ("kill-in-hash@20", "kill-in-band@3"):
         hashed = {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npy")}
         if hashed:
             lost = cut / ".prep" / min(hashed).replace("dedup-", "bands-")
             lost.unlink()
+            older = cut / ".prep" / max(hashed)  # (a unit saved by the bertforge before: its band keys in its records)
+            records, keys = np.load(older), np.load(lost.with_name(older.name.replace("dedup-", "bands-")))
+            fields = [*records.dtype.descr[:3], ("bands", "<u8", (len(keys),)), records.dtype.descr[3]]
+            old = np.empty(len(records), fields)
+            for name in records.dtype.names:
+                old[name] = records[name]
+            old["bands"] = keys.T
+            np.save(older, old)
         r = prep(*near, "--output", str(cut), env={**os.environ, "BERTFORGE_FAULT": kill}, timeout=120)
         assert r.returncode == 1, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("bertforge: error: prep: a worker process died"), r.stderr
@@ -365,9 +374,13 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_a_rerun_finishes_it(tmp
     assert sorted(p.name for p in cut.glob(".prep/bands-*.npy")) == [f"bands-{u:05}.npy" for u in range(n)]
     assert f"prep: dedup: {cut}/.prep/{min(hashed)}: cannot read it (its band keys: {lost.name}: [Errno 2] No such " \
            f"file or directory: '{lost}'); hashing its unit again" in r.stderr, r.stderr  # fmt: skip
-    assert f"prep: dedup: resuming: {len(hashed) - 1} of {n} units already hashed" in r.stderr, r.stderr
+    assert f"prep: dedup: {older}: cannot read it (records of fields files, keys, hashes, bands, marks of shape " \
+           f"({len(old)},), not files, keys, hashes, marks); hashing its unit again" in r.stderr, r.stderr  # fmt: skip
+    assert f"prep: dedup: resuming: {len(hashed) - 2} of {n} units already hashed" in r.stderr, r.stderr
     again = {p.name: p.stat().st_mtime_ns for p in cut.glob(".prep/dedup-*.npy") if p.name in hashed}
-    assert again.pop(min(hashed)) != hashed.pop(min(hashed)) and again == hashed
+    for name in (min(hashed), max(hashed)):  # (those two hashed again)
+        assert again.pop(name) != hashed.pop(name)
+    assert again == hashed
     assert len(list(cut.glob(".prep/dedup-*.npy"))) == n
     r = prep(*near, "--output", str(cut))
     assert r.returncode == 0 and f"resuming: {n} of {n} units already hashed" in r.stderr, r.stderr
