@@ -627,9 +627,9 @@ def _find_duplicates(
         signs = _Rows([*(x for _, _, x in before), *(s["marks"] for s, _ in saved)])
         origin = _clusters(bands, signs, cfg.near_dup, workers, progress)[m:] - m  # (theirs: below 0)
         close, theirs = (origin != np.arange(len(hashes))) & ~dup, (origin < 0) & ~dup
-        ours = m + np.flatnonzero(~(dup | close))  # (the documents kept, numbered after theirs)
-        _save_bands(kept_near[0], bands, ours)
-        _save(kept_near[1], signs, ours)
+        kept_ones = np.flatnonzero(~(dup | close))  # (of this input's parts alone: not a column of theirs too)
+        _save_bands(kept_near[0], _Bands(bands.parts[len(before) :]), kept_ones)
+        _save(kept_near[1], _Rows(signs.parts[len(before) :]), kept_ones)
     doc_files, keys = _Rows([s["files"] for s, _ in saved]), _Rows([s["keys"] for s, _ in saved])
     for where, drop in ((path, dup), *([(near_path, close)] if near else [])):
         at = np.flatnonzero(drop)
