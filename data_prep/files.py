@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from data_prep.errors import UserError, naming
 
@@ -55,10 +56,18 @@ def _let_go_in_child() -> None:
 os.register_at_fork(after_in_child=_let_go_in_child)
 
 
+SHARERS = "a prep job array's tasks, which share it"
+"""What :func:`holder` says of a folder held shared."""
+
+_WAIT = 1.0
+"""Seconds :func:`holding` tries the lock again before it refuses: :func:`holder` takes it for an
+instant (``bertforge inspect``), which must not refuse a start (a requeued job's) in that instant."""
+
+
 def holder(folder: Path) -> str | None:
-    """Who holds ``folder`` now (as :func:`holding` wrote it: "pid N on HOST, since ..."), or None
-    where no process does (or the file system has no locks). Tests the lock by taking it shared
-    for an instant: a start in that instant is refused, as beside a running job."""
+    """Who holds ``folder`` now (as :func:`holding` wrote it: "pid N on HOST, since ..."; held
+    shared, :data:`SHARERS`), or None where no process does (or the file system has no locks).
+    Tests the lock by taking it shared, then exclusive, for an instant (a start then waits)."""
     path = Path(folder) / LOCK
     if not path.is_file():
         return None
@@ -69,8 +78,26 @@ def holder(folder: Path) -> str | None:
             return f.read().strip() or "a bertforge process"
         except OSError:
             return None
-        fcntl.flock(f, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (converted: refused while another holds it shared)
+        except BlockingIOError:
+            return SHARERS
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
     return None
+
+
+def _lock(f: IO, mode: int) -> None:
+    """``flock`` ``f`` in ``mode``, tried again for :data:`_WAIT` seconds while another holds it."""
+    deadline = time.monotonic() + _WAIT
+    while True:
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -86,7 +113,7 @@ def holding(
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK, "a+") as f:
         try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            _lock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip()

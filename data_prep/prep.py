@@ -974,7 +974,7 @@ def status(out: Path, brief: bool = False) -> str:
     done = _finished_units(out, n)
     sequences = sum(s["sequences"] for r in done.values() for s in r["splits"]["train"])
     units = f"units written: {len(done)}{of} ({sequences:,} train sequences)"
-    last = None  # (array tasks hold the folder shared, which names no one: the newest file shows they write)
+    last = None  # (array tasks hold the folder shared, naming none of them: the newest file shows they write)
     if newest := _last_written(out):
         last = f"last written: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(newest[0]))}, {newest[1]}"
     if brief:

@@ -292,6 +292,17 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     ), r.stderr
     with holding(out, shared=True), holding(out, shared=True):
         assert "another run is using this folder (a bertforge process)" in refusal(holding(out).__enter__)
+        said = run_cli("inspect", str(out)).stdout  # (bertforge inspect tells an array's tasks, which name no one)
+        assert said.startswith(f"{out}: a bertforge prep, not finished; in use (by a prep job array's tasks, which "
+                               "share it)\n"), said  # fmt: skip
+    # a start while another process holds the folder for an instant (bertforge inspect's test of the lock,
+    # here a process that holds it 0.3 s) waits for it, rather than being refused
+    hold = "import sys, time; from data_prep.files import holding\nwith holding(sys.argv[1]):\n print(flush=True); time.sleep(0.3)"
+    with subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, cwd=REPO) as brief:
+        assert brief.stdout.readline() == b"\n"  # (it holds the folder now)
+        with holding(out):  # (refused at once, as before the wait)
+            pass
+    assert brief.returncode == 0
     fresh = tmp_path / "fresh"  # a prep just begun (training its tokenizer, no unit done): its fingerprint is
     with holding(fresh):  # kept (a second start with other settings had replaced it before being refused)
         (fresh / ".prep").mkdir()
