@@ -11,7 +11,6 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
 
 from data_prep.errors import UserError, naming
 
@@ -60,8 +59,9 @@ SHARERS = "a prep job array's tasks, which share it"
 """What :func:`holder` says of a folder held shared."""
 
 _WAIT = 1.0
-"""Seconds :func:`holding` tries the lock again before it refuses: :func:`holder` takes it for an
-instant (``bertforge inspect``), which must not refuse a start (a requeued job's) in that instant."""
+"""Seconds :func:`holding` tries the lock again before it refuses (where its holder is not one of
+``ours``): :func:`holder` takes it for an instant (``bertforge inspect``), which must not refuse a
+start (a requeued job's) in that instant."""
 
 
 def holder(folder: Path) -> str | None:
@@ -87,19 +87,6 @@ def holder(folder: Path) -> str | None:
     return None
 
 
-def _lock(f: IO, mode: int) -> None:
-    """``flock`` ``f`` in ``mode``, tried again for :data:`_WAIT` seconds while another holds it."""
-    deadline = time.monotonic() + _WAIT
-    while True:
-        try:
-            fcntl.flock(f, mode | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.02)
-
-
 @contextlib.contextmanager
 def holding(
     folder: Path, ours: tuple[int, ...] = (), shared: bool = False, other: str = "choose another run.dir"
@@ -112,21 +99,26 @@ def holding(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK, "a+") as f:
-        try:
-            _lock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            if any(holder.startswith(f"pid {pid} on {socket.gethostname()},") for pid in ours):
+        deadline = time.monotonic() + _WAIT
+        while True:
+            try:
+                fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip()
+                if any(holder.startswith(f"pid {pid} on {socket.gethostname()},") for pid in ours):
+                    yield
+                    return
+                if time.monotonic() >= deadline:
+                    raise UserError(
+                        f"{folder}: another run is using this folder ({holder or 'a bertforge process'}); "
+                        f"wait for it to end, or {other}"
+                    ) from None
+                time.sleep(0.02)
+            except OSError:
                 yield
                 return
-            raise UserError(
-                f"{folder}: another run is using this folder ({holder or 'a bertforge process'}); "
-                f"wait for it to end, or {other}"
-            ) from None
-        except OSError:
-            yield
-            return
         if not shared:  # (shared holders name no one: the refusal of an exclusive start says "a bertforge process")
             f.truncate(0)
             f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
