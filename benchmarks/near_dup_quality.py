@@ -63,8 +63,8 @@ def main() -> None:
 
     texts = list(dict.fromkeys(text.encode() for _, text in builtin.python_docs()))
     t0 = time.perf_counter()
-    sigs = neardup.signatures(texts)
     flat, counts = neardup.shingles(texts)
+    sigs = neardup.signatures(texts, (flat, counts))
     sets = [set(s.tolist()) for s in np.split(flat, np.cumsum(counts)[:-1])]
     print(f"{len(texts):,} distinct documents of the embedded corpus, signed in {time.perf_counter() - t0:.1f} s")
     best, pairs = best_earlier(sets, sigs)

@@ -118,11 +118,12 @@ def _minima(flat: np.ndarray, starts: np.ndarray, buf: np.ndarray) -> np.ndarray
     return np.minimum.reduceat(values, starts, axis=1).T
 
 
-def signatures(texts: list[bytes]) -> np.ndarray:
+def signatures(texts: list[bytes], shingled: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The MinHash signature of each document, ``(len(texts), PERMUTATIONS)`` uint64; a run of
-    documents hashed together while their shingles fit a block, a longer one in blocks."""
+    documents hashed together while their shingles fit a block, a longer one in blocks.
+    ``shingled``: :func:`shingles` of ``texts``, where the caller has them already."""
     out = np.empty((len(texts), PERMUTATIONS), np.uint64)
-    flat, counts = shingles(texts)
+    flat, counts = shingled or shingles(texts)
     buf = np.empty((PERMUTATIONS, min(_BLOCK, len(flat))), np.uint64)
     ends = np.cumsum(counts)
     i = 0

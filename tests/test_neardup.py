@@ -39,6 +39,7 @@ def test_a_run_of_documents_and_a_long_one_are_signed_as_each_alone(docs) -> Non
     together = neardup.signatures(texts)
     alone = np.stack([neardup.signatures([t])[0] for t in texts])
     assert (together == alone).all()
+    assert (neardup.signatures(texts, neardup.shingles(texts)) == together).all()  # (shingled by the caller)
     flat = neardup.shingles([long])[0]  # the long one's blocks: the minimum of the whole, in one array
     assert (together[40] == (neardup._MUL[:, None] * flat[None, :] + neardup._ADD[:, None]).min(axis=1)).all()
 
