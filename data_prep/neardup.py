@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
+from typing import Protocol
 
 import numpy as np
 
@@ -179,9 +180,16 @@ def pairs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(earlier), np.concatenate(later)
 
 
+class Gathers(Protocol):
+    """What :func:`first_of_cluster` needs of ``signs``: rows gathered by an array of their indices
+    (prep's ``_Rows``, the marks of many mapped files)."""
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray: ...
+
+
 def first_of_cluster(
-    keys: np.ndarray,
-    signs: np.ndarray | None = None,
+    keys: np.ndarray | Sized,
+    signs: np.ndarray | Gathers | None = None,
     threshold: float = 0.0,
     found: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> np.ndarray:
