@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -44,6 +45,13 @@ def machine() -> str:
         f"{os.cpu_count()} cores, {model} ({' '.join(have) or 'no AVX2/AVX512/AMX'}), {gpu}; "
         f"torch {torch.__version__}, DeepSpeed {ds}, Python {platform.python_version()}"
     )
+
+
+def dedup_seconds(said: str) -> float | None:
+    """The dedup pass's own seconds, from prep's line ``prep: dedup: ...; dropped (S s)`` in its
+    stderr ``said``; None where prep said none (no dedup)."""
+    found = re.search(r"prep: dedup: .*; dropped \(([0-9.]+)s\)", said)
+    return float(found.group(1)) if found else None
 
 
 def watch(proc: subprocess.Popen) -> dict[str, float]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -41,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, record, watch  # noqa: E402
+from benchmarks.common import dedup_seconds, machine, record, watch  # noqa: E402
 
 
 def write_corpus(folder: Path, docs: int, files: int, seed: int) -> None:
@@ -75,9 +74,9 @@ def run(code: Path, out: Path, args: list[str], cgroup: Path | None = None) -> d
         said = err.read()
     if proc.returncode:
         raise SystemExit(f"{code}: prep failed with exit code {proc.returncode}:\n{said[-2000:]}")
-    seconds = re.search(r"prep: dedup: .*; dropped \(([0-9.]+)s\)", said)
+    seconds = dedup_seconds(said)
     read_mb = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - blocks) * 512 / 1e6
-    return {**peaks, "pass_s": float(seconds.group(1)) if seconds else float("nan"), "read_mb": read_mb}
+    return {**peaks, "pass_s": float("nan") if seconds is None else seconds, "read_mb": read_mb}
 
 
 def memory_cgroup(limit_mb: int) -> Path | None:

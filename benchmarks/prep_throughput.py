@@ -47,7 +47,7 @@ import sentencepiece as spm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import record, watch  # noqa: E402
+from benchmarks.common import dedup_seconds, record, watch  # noqa: E402
 from data_prep import builtin, tokenizer  # noqa: E402
 from data_prep.config import PrepConfig, TokenizerConfig  # noqa: E402
 from data_prep.prep import prep  # noqa: E402
@@ -166,8 +166,8 @@ def run_prep(tmp: Path, corpus: Path, out: Path, workers: int, model: Path, unit
     if proc.returncode:
         raise SystemExit(f"prep failed with exit code {proc.returncode}:\n{proc.stderr.read()}")
     res = json.loads(out_text.strip().splitlines()[-1])
-    if said := re.search(r"prep: dedup: .*; dropped \(([0-9.]+)s\)", proc.stderr.read()):
-        res["dedup_s"] = float(said.group(1))
+    if (seconds := dedup_seconds(proc.stderr.read())) is not None:
+        res["dedup_s"] = seconds
     res.update({f"{k}_mb": v for k, v in peaks.items()})
     return res
 

@@ -348,7 +348,7 @@ def _hashed_dtype(near: tuple[int, int] | None) -> np.dtype:
 
 def _band_file(path: Path) -> Path:
     """The :data:`BAND_KEYS` file of the unit whose :data:`HASHED` file is ``path``."""
-    return path.with_name(path.name.replace("dedup-", "bands-"))
+    return path.with_name(BAND_KEYS.format(int(path.stem.removeprefix("dedup-"))))
 
 
 def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...], near: tuple[int, int] | None) -> None:
@@ -357,9 +357,7 @@ def _save_hashed(path: Path, arrays: tuple[np.ndarray, ...], near: tuple[int, in
     atomically, 64K records or a band at a time (no copy of them all in memory)."""
     dtype, n, step = _hashed_dtype(near), len(arrays[0]), 1 << 16
     if near:
-        bands = arrays[_HASHED_ARRAYS.index("bands")]
-        write_atomic(_band_file(path), _npy_header(bands.dtype, bands.shape[::-1]),
-                     (np.ascontiguousarray(bands[:, i]).tobytes() for i in range(bands.shape[1])))  # fmt: skip
+        _save_bands(_band_file(path), _Bands([arrays[_HASHED_ARRAYS.index("bands")].T]))
 
     def records(i: int) -> bytes:
         out = np.empty(min(step, n - i), dtype)
@@ -411,20 +409,20 @@ def _mapped_npy(path: Path) -> np.ndarray:
         raise ValueError(str(err).split(". ")[0]) from None
 
 
-def _hashed_already(path: Path, near: tuple[int, int] | None) -> bool:
-    """Whether a unit's file of the dedup pass is saved and whole (as far as numpy's mapping checks
-    it: it is written whole, then renamed, so that only a disk's fault or a hand damages it); a
-    damaged one is said, and removed with its band keys, so that its unit is hashed again."""
+def _saved_unit(path: Path, near: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A unit's files of the dedup pass, mapped (:func:`_mapped_records`), where they are saved and
+    whole (as far as numpy's mapping checks them: each is written whole, then renamed, so that only
+    a disk's fault or a hand damages one); else None, a damaged unit said and its files removed,
+    so that it is hashed again."""
     if not path.is_file():
-        return False
+        return None
     try:
-        _mapped_records(path, near)
-        return True
+        return _mapped_records(path, near)
     except (OSError, ValueError) as err:
         print(f"prep: dedup: {path}: cannot read it ({err}); hashing its unit again", file=sys.stderr)
         path.unlink(missing_ok=True)
         _band_file(path).unlink(missing_ok=True)
-        return False
+        return None
 
 
 def _open_files(units: int, cfg: PrepConfig) -> None:
@@ -573,7 +571,7 @@ def _hash_task(
     units = plan_units(files, parse_size(cfg.unit_size))
     hashed = _hashed_files(out, len(units))
     (i, n), near = task, _near(cfg)
-    todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not _hashed_already(hashed[u], near)]
+    todo = [] if _dedup_done(cfg, out) else [u for u in hashed if u % n == i and not _saved_unit(hashed[u], near)]
     print(f"prep: dedup: array task {i} of {n}: {len(todo)} unit(s) to hash", file=sys.stderr)
     _hash_units(cfg, files, units, todo, hashed, cfg.workers or os.cpu_count() or 1, progress)
     return {"units": todo}
@@ -605,12 +603,13 @@ def _find_duplicates(
         _let_go(out, hashed)  # (a pass stopped between its last file and this)
         return
     t0, near = time.perf_counter(), _near(cfg)
-    todo = [u for u in range(len(units)) if not _hashed_already(hashed[u], near)]
-    if len(todo) < len(units):
-        print(f"prep: dedup: resuming: {len(units) - len(todo)} of {len(units)} units already hashed", file=sys.stderr)
     _open_files(len(units), cfg)
+    found = {u: m for u in range(len(units)) if (m := _saved_unit(hashed[u], near))}  # (mapped, kept)
+    todo = [u for u in range(len(units)) if u not in found]
+    if found:
+        print(f"prep: dedup: resuming: {len(found)} of {len(units)} units already hashed", file=sys.stderr)
     _hash_units(cfg, files, units, todo, hashed, workers, progress)
-    saved = [_load_hashed(hashed[u], near) for u in range(len(units))]  # (mapped: read where they lie)
+    saved = [found.get(u) or _load_hashed(hashed[u], near) for u in range(len(units))]  # (mapped: read where they lie)
     hashes = np.concatenate([s["hashes"] for s, _ in saved])  # (the files and keys: of those dropped alone)
     first = np.unique(hashes, return_index=True)[1]  # (the first occurrence of each)
     dup = np.ones(len(hashes), dtype=bool)
@@ -771,11 +770,13 @@ def _save(path: Path, array: np.ndarray | _Rows, at: np.ndarray | None = None) -
     write_atomic(path, header, (array[at[i : i + step]].tobytes() for i in range(0, len(at), step)))
 
 
-def _save_bands(path: Path, bands: _Bands, at: np.ndarray) -> None:
-    """Write the band keys of documents ``at`` to ``path``, ``(bands, len(at))`` (a band's keys one
-    after another, as :data:`manifest.BANDS` lists them), atomically, a band at a time."""
-    header = _npy_header(np.dtype(np.uint64), (bands.shape[1], len(at)))
-    write_atomic(path, header, (bands.column(i)[at].tobytes() for i in range(bands.shape[1])))
+def _save_bands(path: Path, bands: _Bands, at: np.ndarray | None = None) -> None:
+    """Write the band keys of documents ``at`` (all without) to ``path``, ``(bands, documents)`` (a
+    band's keys one after another: :data:`BAND_KEYS`, :data:`manifest.BANDS`), atomically, a band
+    at a time."""
+    columns, rows = map(bands.column, range(bands.shape[1])), len(bands) if at is None else len(at)
+    header = _npy_header(np.dtype(np.uint64), (bands.shape[1], rows))
+    write_atomic(path, header, (c.tobytes() if at is None else c[at].tobytes() for c in columns))
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
