@@ -104,15 +104,20 @@ import sys, tracemalloc
 from pathlib import Path
 from data_prep import corpus, prep
 from data_prep.config import PrepConfig, TokenizerConfig, parse_size
+try:
+    from data_prep import dedup
+    hash_units, hashed_files, find_duplicates = dedup.hash_units, dedup.hashed_files, dedup.find_duplicates
+except ImportError:  # (a bertforge before 2026-12-05's data_prep/dedup.py: the pass in prep.py)
+    hash_units, hashed_files, find_duplicates = prep._hash_units, prep._hashed_files, prep._find_duplicates
 cfg = PrepConfig(input=[sys.argv[1]], output=sys.argv[2], dedup=True, near_dup=float(sys.argv[3]),
                  unit_size=sys.argv[4], workers=1, tokenizer=TokenizerConfig(path=sys.argv[5]))
 files = corpus.discover(cfg.input, corpus.Account())
 units = prep.plan_units(files, parse_size(cfg.unit_size))
 out = Path(cfg.output)
-(out / prep.STATE_DIR).mkdir(parents=True)
-prep._hash_units(cfg, files, units, list(range(len(units))), prep._hashed_files(out, len(units)), 1, False)
+(out / ".prep").mkdir(parents=True)
+hash_units(cfg, files, units, list(range(len(units))), hashed_files(out, len(units)), 1, False)
 tracemalloc.start()
-prep._find_duplicates(cfg, files, units, out, 1)
+find_duplicates(cfg, files, units, out, 1)
 print(tracemalloc.get_traced_memory()[1] / 2**20)
 """
 
@@ -120,7 +125,7 @@ print(tracemalloc.get_traced_memory()[1] / 2**20)
 def traced_join(code: Path, out: Path, corpus: Path, near: str, unit_size: str, tok: Path) -> float | None:
     """The pass's join alone (its units hashed before), in one process of checkout ``code``: the peak
     of what numpy and Python allocate (``tracemalloc``), MB; None where the checkout's functions
-    differ (the script calls prep's own, ``_hash_units`` and ``_find_duplicates``)."""
+    differ (the script calls the pass's own, ``hash_units`` and ``find_duplicates``)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", _JOIN, str(corpus), str(out), near, unit_size, str(tok)]
     r = subprocess.run(cmd, cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True)

@@ -19,6 +19,7 @@ from data_prep.shards import token_dtype
 from launch.config import to_dict
 
 MANIFEST = "manifest.json"
+STATE = ".prep"  # (a prep's work in progress: its config keys, units' records, the dedup pass's files)
 TOKENIZER = "tokenizer.model"
 DOCUMENTS = "document_hashes.npy"  # (``dedup``: the 64-bit hashes of the text of the documents kept, sorted)
 BANDS = "document_bands.npy"  # (``near_dup``: the MinHash band keys of the documents kept, a row a band)

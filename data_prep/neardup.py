@@ -182,7 +182,7 @@ def pairs(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class Gathers(Protocol):
     """What :func:`first_of_cluster` needs of ``signs``: rows gathered by an array of their indices
-    (prep's ``_Rows``, the marks of many mapped files)."""
+    (the dedup pass's ``_Rows``, the marks of many mapped files)."""
 
     def __getitem__(self, index: np.ndarray) -> np.ndarray: ...
 

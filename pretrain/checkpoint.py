@@ -130,11 +130,13 @@ def faulty_files(path: Path, world: int, zero_stage: int, sizes: dict | None = N
             if file.stat().st_size != size:
                 return f"{file}: {file.stat().st_size:,} bytes, {size:,} when written"
         return None
-    kinds = [("optimizer shard (*optim_states.pt)", "*zero_pp_rank_{r}_mp_rank_*optim_states.pt")] * (zero_stage > 0)
-    kinds += [("weight shard (*model_states.pt)", "zero_pp_rank_{r}_mp_rank_*model_states.pt")] * (zero_stage == 3)
-    kinds += [("random state (rng_rankNNNNN.pt)", "rng_rank{r:05d}.pt")] * rng
-    for what, pattern in kinds:
-        ranks = [r for r in range(world) if not any(Path(path).glob(pattern.format(r=r)))]
+    kinds = [
+        ("optimizer shard (*optim_states.pt)", lambda r: f"*zero_pp_rank_{r}_mp_rank_*optim_states.pt", zero_stage > 0),
+        ("weight shard (*model_states.pt)", lambda r: f"zero_pp_rank_{r}_mp_rank_*model_states.pt", zero_stage == 3),
+        ("random state (rng_rankNNNNN.pt)", rng_file, rng),
+    ]
+    for what, pattern, kept in kinds:
+        ranks = [r for r in range(world) if kept and not any(Path(path).glob(pattern(r)))]
         if ranks:
             return f"{path}: no {what} file for rank(s) {', '.join(map(str, ranks))} of the {world} that wrote it"
     return None
@@ -161,15 +163,20 @@ def rng_state() -> dict:
     return state
 
 
+def rng_file(rank: int) -> str:
+    """The name of rank ``rank``'s random-state file in a checkpoint folder."""
+    return f"rng_rank{rank:05d}.pt"
+
+
 def save_rng(path: Path, rank: int) -> None:
-    target = path / f"rng_rank{rank:05d}.pt"
+    target = path / rng_file(rank)
     tmp = target.with_name(f".{target.name}.tmp")
     torch.save(rng_state(), tmp)
     os.replace(tmp, target)
 
 
 def load_rng(path: Path, rank: int) -> None:
-    state = torch.load(path / f"rng_rank{rank:05d}.pt", weights_only=False)
+    state = torch.load(path / rng_file(rank), weights_only=False)
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -181,7 +188,7 @@ def restore_rng(path: Path, rank: int, same_ranks: bool, seed: int, step: int, w
     """Dropout's random state on a resume from checkpoint ``path``: the rank's own, which goes on as
     it would have; on another rank count (or from a fine-tuning epoch that saved none, in older
     runs) afresh, another stream on each rank (a fresh run's at step 0)."""
-    if same_ranks and (path / f"rng_rank{rank:05d}.pt").is_file():
+    if same_ranks and (path / rng_file(rank)).is_file():
         load_rng(path, rank)
     else:
         torch.manual_seed(seed + 1 + rank + step * world)

@@ -531,8 +531,8 @@ def test_dedup_drops_every_later_copy_in_train_and_val_alike_and_min_chars_the_s
         assert r.returncode == 0 and (workers == "1" or "whole units each" in r.stderr), r.stderr
         outs.append(tree(out))
     assert outs[0] == outs[1]
+    from data_prep.dedup import _duplicates
     from data_prep.errors import RunError
-    from data_prep.prep import _duplicates
 
     (out / ".prep/duplicates.npy").write_bytes(b"not numpy")  # (a disk's fault): named, with what to do
     with pytest.raises(RunError, match=r"duplicates.npy: cannot read it \(.*\); delete it, and the same command"):
@@ -1021,7 +1021,7 @@ def test_prep_keeps_the_memory_it_frees_for_its_next_chunks(tmp_path, corpus, sp
 
 
 def test_rows_and_band_keys_of_several_arrays_are_read_as_from_their_join() -> None:
-    from data_prep.prep import _Bands, _Rows
+    from data_prep.dedup import _Bands, _Rows
 
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 1 << 60, (n, 3), dtype=np.uint64) for n in (5, 0, 17, 9)]
