@@ -191,6 +191,11 @@ def _mapped(path: Path, dtype: type, shape: tuple[int, ...], where: Path) -> np.
 def load(folder: str | Path) -> dict:
     """Read a dataset folder's manifest, refusing a folder that is not a finished prep."""
     path = Path(folder) / MANIFEST
+    if not path.is_file() and (Path(folder) / STATE / "state.json").is_file():
+        raise UserError(
+            f"{path}: no manifest yet: {folder} holds a bertforge prep not finished (bertforge inspect {folder} "
+            "says how far it went; the same bertforge prep command finishes it)"
+        )
     if not path.is_file():
         raise UserError(f"{path}: no manifest; is {folder} a folder written by bertforge prep?")
     try:

@@ -232,6 +232,10 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     assert r.returncode == -signal.SIGKILL, r.stderr  # loaded machine)
     assert f"prep: dedup: resuming: 4 of {n_units} units already hashed" in r.stderr, r.stderr
     assert (out / ".prep/unit-00002.json").exists() and not (out / ".prep/unit-00003.json").exists()
+    r = run_cli("pretrain", str(REPO / "configs/pretrain/tiny.yaml"), f"data.path={out}", f"run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (  # (a run on it: what to do, in one line)
+        f"bertforge: error: {out / 'manifest.json'}: no manifest yet: {out} holds a bertforge prep not finished "
+        f"(bertforge inspect {out} says how far it went; the same bertforge prep command finishes it)"), r.stderr  # fmt: skip
     r = run_cli("inspect", str(out))
     written = sum(
         s["sequences"]
