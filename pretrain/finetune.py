@@ -185,6 +185,9 @@ def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Ro
             bad(n, f"empty '{empty[0]}'", f"field '{empty[0]}' is empty")
             continue
         raw = rec[sec.label_field]
+        if not str(raw).strip():  # (a CSV's empty cell: a label left out, not a class named "")
+            bad(n, f"empty '{sec.label_field}'", f"field '{sec.label_field}' is empty")
+            continue
         if sec.task is Task.regression:
             try:
                 label = float(raw)

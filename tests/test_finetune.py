@@ -490,6 +490,7 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
         ),
         "missing.jsonl": (lines[:1] + ['{"body": "no text field", "label": "email"}'], ":2: no field 'text'"),
         "empty.jsonl": (['{"text": "  ", "label": "email"}'], ":1: field 'text' is empty"),
+        "unlabelled.jsonl": (lines[:1] + ['{"text": "Send a mail.", "label": ""}'], ":2: field 'label' is empty"),
         "broken.jsonl": (lines[:3] + ["{not json"], ":4: not JSON"),
     }
 
@@ -528,10 +529,11 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
         out = csv.writer(f)
         out.writerow(["text", "label"])
         out.writerows([g["text"], g["label"]] for g in map(json.loads, lines[:6]))
-        out.writerows([["Unknown one.", "smtplib"], ["", "email"]])
+        out.writerows([["Unknown one.", "smtplib"], ["", "email"], ["Send a mail.", ""]])  # (an empty cell)
     r = finetune(csv_file, "finetune.skip_bad_rows=true", "train.global_batch_size=32")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "eval: 6 rows, 2 skipped {'unknown label': 1, \"empty 'text'\": 1}" in r.stdout, r.stdout
+    said = "eval: 6 rows, 3 skipped {'unknown label': 1, \"empty 'text'\": 1, \"empty 'label'\": 1}"
+    assert said in r.stdout, r.stdout
 
 
 def test_section_defaults_describe_the_contract() -> None:
