@@ -139,19 +139,20 @@ def _refuse_another(out: Path, old: dict, new: dict) -> None:
 
 
 def _sample_texts(
-    cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path
+    cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path, scratch: corpus.Account
 ) -> Iterator[str]:
     """Texts for the tokenizer's sample: the first ``tokenizer.sample_bytes / units`` bytes of
     every unit, so that the pass is bounded in time as well as memory, and spread over the input
-    (duplicates left out)."""
-    scratch = corpus.Account(strict=cfg.strict)  # the real account is kept by the main pass
+    (duplicates left out), counted on ``scratch`` (the real account is kept by the main pass)."""
     opts, max_line = dedup.parse_options(cfg, out), parse_size(cfg.max_line_bytes)
     per_unit = max(opts.read_size, parse_size(cfg.tokenizer.sample_bytes) // max(1, len(units)))
     for unit in units:
         taken = 0
         for part in unit:
             for chunk in corpus.chunks(part, files[part.file], scratch, opts, max_line):
-                yield from corpus.parse(chunk, opts).texts
+                parsed = corpus.parse(chunk, opts)
+                scratch.merge(parsed.account)
+                yield from parsed.texts
                 taken += chunk.nbytes
                 if taken >= per_unit:
                     break
@@ -159,14 +160,23 @@ def _sample_texts(
                 break
 
 
-def _tokenizer(cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path) -> Path:
-    """Reuse ``--tokenizer`` or the one a previous run trained, else train one on a sample."""
+def _tokenizer(
+    cfg: PrepConfig, files: list[corpus.InputFile], units: list[list[corpus.Part]], out: Path, found: corpus.Account
+) -> Path:
+    """Reuse ``--tokenizer`` or the one a previous run trained, else train one on a sample (none in
+    it: refused, saying why, with what became of the files ``found``)."""
     path = out / manifest.TOKENIZER
     if cfg.tokenizer.path:
         write_atomic(path, Path(cfg.tokenizer.path).read_bytes())
     elif not path.is_file():
         t0 = time.perf_counter()
-        lines = tokenizer.sample_lines(_sample_texts(cfg, files, units, out), cfg.tokenizer)
+        sampled = corpus.Account(strict=cfg.strict)
+        lines = tokenizer.sample_lines(_sample_texts(cfg, files, units, out, sampled), cfg.tokenizer)
+        if not lines:
+            sampled.merge(found)
+            raise UserError(
+                f"tokenizer: no text to train on in the input's sample: {_why_no_text(cfg, sampled.to_dict())}"
+            )
         print(
             f"prep: training a {cfg.tokenizer.type.value} tokenizer ({cfg.tokenizer.vocab_size} pieces) "
             f"on {len(lines):,} sampled lines",
@@ -416,6 +426,23 @@ def prep(cfg: PrepConfig, progress: bool = True, task: tuple[int, int] | None = 
         return _write(cfg, out, files, discovered, task, progress, t0)
 
 
+def _why_no_text(cfg: PrepConfig, account: dict) -> str:
+    """What became of the documents and files of an input ``account`` that holds no document kept, in
+    a few words for a one-line refusal (a .jsonl's text under another key: where to name it)."""
+    docs, files = account["documents"], account["files"]
+    why = [f"{reason} {r['count']:,}, first at {r['examples'][0]}" for reason, r in docs["skipped"].items()]
+    of_files = [f"{reason} {r['count']:,}, first {r['examples'][0]}" for kind in ("skipped", "ignored")
+                for reason, r in files[kind].items()]  # fmt: skip
+    said = f"{docs['read']:,} documents read, all skipped ({'; '.join(why)})"
+    if not docs["read"]:
+        said = f"no document read ({'; '.join(of_files) or 'its files hold none'})"
+    elif of_files:
+        said += f"; files skipped: {'; '.join(of_files)}"
+    if "missing_field" in docs["skipped"]:
+        said += f"; a .jsonl line's text is read from field '{cfg.text_field}' (--text-field KEY names another)"
+    return said
+
+
 def check_against(cfg: PrepConfig) -> None:
     """Refuse, before any work, a ``dedup_against`` folder that is no dedup prep, one whose hashes
     cannot be read (with ``near_dup``: whose bands are missing, of another threshold or unreadable),
@@ -447,7 +474,7 @@ def _write(
         if not tok_path.is_file():
             raise RunError(f"{out}: no {manifest.TOKENIZER}: the tokenizer step (task 0/0) must run before the array")
     else:
-        tok_path = _tokenizer(cfg, files, units, out)
+        tok_path = _tokenizer(cfg, files, units, out, discovered)
     if task == (0, 0):
         return {"units": list(range(len(units)))}
     vocab_size = tokenizer.load(tok_path).vocab_size()  # also checks the special ids
@@ -488,6 +515,11 @@ def _write(
     if task is not None:
         return {"units": todo}
     man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path, vocab_size)
+    if not man["input"]["documents"]["written"]:  # (no manifest: a dataset of nothing is no dataset)
+        said = _why_no_text(cfg, man["input"])
+        raise UserError(
+            f"input {' '.join(cfg.input)}: " + ("" if said.startswith("no ") else "no document written: ") + said
+        )
     write_atomic(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
     write_atomic(out / "prep_config.yaml", to_yaml(cfg))
     print(manifest.summary(man, seconds=time.perf_counter() - t0))

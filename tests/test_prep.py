@@ -823,6 +823,20 @@ def test_bad_input_account_balances(tmp_path, sp_model) -> None:
     assert strict.returncode == 2
     errors = [line for line in strict.stderr.splitlines() if line.startswith("bertforge: error")]
     assert errors == [f"bertforge: error: {src}/a.jsonl:2: invalid json (--strict)"]
+    # an input of which no document is kept (a .jsonl's text under another key): refused in one line that
+    # says why, with no manifest, by the tokenizer's sample where it trains one, else once the units are done
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.jsonl").write_text('{"body": "the text"}\n{"body": "more text"}\n')
+    (other / "b.txt").write_bytes(b"\x00\x01\x02binary")
+    why = (f"2 documents read, all skipped (missing_field 2, first at {other}/x.jsonl:1); files skipped: binary_file "
+           f"1, first {other}/b.txt; a .jsonl line's text is read from field 'text' (--text-field KEY names another)")  # fmt: skip
+    for extra, said in (([], f"tokenizer: no text to train on in the input's sample: {why}"),
+                        (["--tokenizer", str(sp_model)], f"input {other}: no document written: {why}")):  # fmt: skip
+        r = prep("--input", str(other), "--output", str(tmp_path / "none"), *extra)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("bertforge: error")]
+        assert r.returncode == 2 and errors == [f"bertforge: error: {said}"], r.stderr
+        assert not (tmp_path / "none/manifest.json").exists()
 
 
 @pytest.mark.parametrize(
