@@ -194,7 +194,7 @@ def load(folder: str | Path) -> dict:
     if not path.is_file() and (Path(folder) / STATE / "state.json").is_file():
         raise UserError(
             f"{path}: no manifest yet: {folder} holds a bertforge prep not finished (bertforge inspect {folder} "
-            "says how far it went; the same bertforge prep command finishes it)"
+            "says how far it went; the same bertforge prep command resumes it)"
         )
     if not path.is_file():
         raise UserError(f"{path}: no manifest; is {folder} a folder written by bertforge prep?")

@@ -235,7 +235,7 @@ def test_interrupted_prep_resumes_to_the_same_bytes(tmp_path, docs, sp_model) ->
     r = run_cli("pretrain", str(REPO / "configs/pretrain/tiny.yaml"), f"data.path={out}", f"run.dir={tmp_path / 'run'}")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (  # (a run on it: what to do, in one line)
         f"bertforge: error: {out / 'manifest.json'}: no manifest yet: {out} holds a bertforge prep not finished "
-        f"(bertforge inspect {out} says how far it went; the same bertforge prep command finishes it)"), r.stderr  # fmt: skip
+        f"(bertforge inspect {out} says how far it went; the same bertforge prep command resumes it)"), r.stderr  # fmt: skip
     r = run_cli("inspect", str(out))
     written = sum(
         s["sequences"]
