@@ -547,6 +547,9 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_at_least(1), default=32, metavar="B", help="rows per batch (default 32)")
     p.add_argument("--device", default="auto", metavar="D",
                    help="cpu, cuda or cuda:N for the PyTorch weights (default auto: a CUDA GPU if there is one)")  # fmt: skip
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="pass over a row that is no JSON object or has no text (no line for it), counting them on "
+                   "stderr, instead of stopping at it")  # fmt: skip
     p.set_defaults(func=_run_predict)
 
 
@@ -554,9 +557,8 @@ def _run_predict(ns: argparse.Namespace) -> int:
     from pretrain.finetune import predict
 
     if ns.output == "-":
-        predict(
-            Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field, ns.batch_size, device=ns.device
-        )
+        predict(Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field, ns.batch_size,
+                device=ns.device, skip_bad_rows=ns.skip_bad_rows)  # fmt: skip
         return 0
     out = Path(ns.output)
     if not out.parent.is_dir():
@@ -566,9 +568,8 @@ def _run_predict(ns: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with open(tmp, "w") as f:
-            n = predict(
-                Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field, ns.batch_size, device=ns.device
-            )
+            n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field, ns.batch_size,
+                        device=ns.device, skip_bad_rows=ns.skip_bad_rows)  # fmt: skip
         tmp.rename(out)
     finally:
         tmp.unlink(missing_ok=True)  # a refusal midway leaves no partial file

@@ -129,9 +129,16 @@ class Rows:
     skipped: Counter
 
 
-def _records(path: Path, columns: tuple[str, ...] = ()):  # noqa: ANN202
+def _records(path: Path, columns: tuple[str, ...] = (), bad=None):  # noqa: ANN001, ANN202
     """``(line number, dict)`` for each row of a JSONL, CSV or TSV file; a CSV or TSV header that
-    lacks one of ``columns`` is refused at once (not row by row)."""
+    lacks one of ``columns`` is refused at once (not row by row). A JSONL line that is no JSON
+    object is refused, or given to ``bad(line, reason, message)`` and passed over."""
+
+    def refuse(n: int, reason: str, message: str) -> None:
+        if bad is None:
+            raise UserError(f"{path}:{n}: {message}")
+        bad(n, reason, message)
+
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"{path}: unknown format '{path.suffix}' (expected .jsonl, .csv or .tsv)")
@@ -148,9 +155,11 @@ def _records(path: Path, columns: tuple[str, ...] = ()):  # noqa: ANN202
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+                        refuse(n, "not JSON", f"not JSON ({err.msg})")
+                        continue
                     if not isinstance(rec, dict):
-                        raise UserError(f"{path}:{n}: a row must be a JSON object")
+                        refuse(n, "not a JSON object", "a row must be a JSON object")
+                        continue
                     yield n, rec
             else:
                 reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
@@ -174,7 +183,7 @@ def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Ro
             raise UserError(f"{path}:{n}: {message} (finetune.skip_bad_rows=true skips such rows and counts them)")
         rows.skipped[reason] += 1
 
-    for n, rec in _records(path, (*fields, sec.label_field)):
+    for n, rec in _records(path, (*fields, sec.label_field), bad):
         missing = [k for k in [*fields, sec.label_field] if rec.get(k) is None]
         if missing:
             bad(n, f"no field '{missing[0]}'", f"no field '{missing[0]}'")
@@ -888,14 +897,16 @@ the input's length (it had held every row's text and ids at once)."""
 
 def predict(folder: Path, input_path: Path, output, text_field: str = "text", pair_field: str | None = None,
             batch_size: int = 32, slice_rows: int = PREDICT_SLICE, device: str = "auto",
-            by_length: bool = True) -> int:  # fmt: skip  # noqa: ANN001
+            by_length: bool = True, skip_bad_rows: bool = False) -> int:  # fmt: skip  # noqa: ANN001
     """Write one JSON line per row of ``input_path`` to ``output`` (a file object); returns the row count.
     ``folder`` is a fine-tuned model folder, or an ONNX file ``bertforge export`` wrote in one (run by
     onnxruntime). Rows are read and predicted ``slice_rows`` at a time, so a bad row stops the run
     after the earlier slices' lines were written (``bertforge predict --output`` writes its file
     only once every row is predicted). A slice's rows are batched by length (``by_length``; False,
     in the file's order, is the benchmark's baseline): on rows of mixed lengths the batches hold far
-    less padding. A PyTorch model runs on ``device`` (see :func:`~pretrain.export.inference_device`)."""
+    less padding. A PyTorch model runs on ``device`` (see :func:`~pretrain.export.inference_device`).
+    ``skip_bad_rows``: a row that is no JSON object, or whose text is missing or empty, is passed over
+    (no line for it) and counted, the count said on stderr at the end, instead of stopping the run."""
     from pretrain.export import inference_device, model_config, onnx_session
 
     dev = inference_device(device, onnx=Path(folder).suffix == ".onnx")
@@ -943,11 +954,21 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
             output.write(json.dumps(rec) + "\n")
         done, cut = done + len(ids), cut + truncated
 
+    skipped: Counter = Counter()
+    first: dict[str, int] = {}
+
+    def bad(n: int, reason: str, message: str) -> None:
+        if not skip_bad_rows:
+            raise UserError(f"{input_path}:{n}: {message}")
+        skipped[reason] += 1
+        first.setdefault(reason, n)
+
     rows = empty()
-    for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else []))):
-        for key in [text_field] + ([pair] if pair else []):
-            if rec.get(key) is None or not str(rec[key]).strip():
-                raise UserError(f"{input_path}:{n}: field '{key}' is missing or empty")
+    for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else [])), bad):
+        keys = [text_field] + ([pair] if pair else [])
+        if missing := [k for k in keys if rec.get(k) is None or not str(rec[k]).strip()]:
+            bad(n, f"field '{missing[0]}' missing or empty", f"field '{missing[0]}' is missing or empty")
+            continue
         rows.texts.append(str(rec[text_field]))
         if pair:
             rows.pairs.append(str(rec[pair]))
@@ -959,4 +980,7 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
         run(rows)
     if cut:
         print(f"predict: {cut:,} of {done:,} rows truncated to {max_length} tokens", file=sys.stderr)
+    if skipped:
+        each = "; ".join(f"{why} {k:,}, first at {input_path}:{first[why]}" for why, k in skipped.items())
+        print(f"predict: skipped {sum(skipped.values()):,} rows, no line written for them ({each})", file=sys.stderr)
     return done

@@ -32,6 +32,7 @@ from pretrain.finetune import (
     label_names,
     metrics,
     predict,
+    read_rows,
     row_batches,
 )
 from tests.conftest import REPO, refusal, run_cli
@@ -230,6 +231,16 @@ def test_finetune_on_two_ranks_learns_and_exports_to_transformers(teacher_run, t
     buffer = io.StringIO()
     assert refusal(predict, served, bad_row, buffer, slice_rows=5) == f"{bad_row}:13: field 'text' is missing or empty"
     assert [json.loads(x) for x in buffer.getvalue().splitlines()] == preds[:10]
+    # --skip-bad-rows: no line for a bad row (no text, not JSON, not an object), the others predicted; counted
+    bad_row.write_text("\n".join(lines[:12] + ['{"text": ""}', "{not json", "[1]"] + lines[12:]) + "\n")
+    r = run_cli("predict", str(served), "--input", str(bad_row), "--skip-bad-rows")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [p["label"] for p in got] == [p["label"] for p in preds]
+    assert [p["line"] for p in got] == [n if n <= 12 else n + 3 for n in (p["line"] for p in preds)]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"predict: skipped 3 rows, no line written for them (field 'text' missing or empty 1, first at {bad_row}:13; "
+        f"not JSON 1, first at {bad_row}:14; not a JSON object 1, first at {bad_row}:15)"), r.stderr  # fmt: skip
     assert "runs under onnxruntime on the CPU" in refusal(
         predict, served / "model.onnx", evaluate, buffer, device="cuda"
     )
@@ -507,6 +518,12 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
         else:
             assert f"{bad}{message}" in refused(bad), name
     assert f"{tmp_path / 'absent.jsonl'}: cannot read it" in refused(tmp_path / "absent.jsonl")
+    # finetune.skip_bad_rows=true: a line that is no JSON object is skipped and counted too (it had stopped the run)
+    sec = FinetuneSection(skip_bad_rows=True)
+    rows = read_rows(tmp_path / "broken.jsonl", sec)
+    assert len(rows.texts) == 3 and rows.lines == [1, 2, 3] and rows.skipped == {"not JSON": 1}
+    (tmp_path / "listed.jsonl").write_text("\n".join([*lines[:2], "[1, 2]", "{}"]) + "\n")
+    assert read_rows(tmp_path / "listed.jsonl", sec).skipped == {"not a JSON object": 1, "no field 'text'": 1}
     assert "unknown format '.parquet'" in refused(tmp_path / "rows.parquet")
     # a batch the ranks do not divide: refused before they start (each had died in DeepSpeed's own check)
     odd = config(teacher, train, evaluate, tmp_path / "run", "train.global_batch_size=24")
