@@ -89,6 +89,7 @@ class Account:
         self.docs_skipped: dict[str, Reason] = {}
         self.docs_split = Reason()
         self.docs_repaired = Reason()
+        self.files_cut = Reason()  # (read up to a decoding error: a truncated download, a damaged stream)
         self.bytes_read = 0
 
     def skip_doc(self, reason: str, location: str) -> None:
@@ -102,6 +103,13 @@ class Account:
         r = self.docs_skipped.setdefault(reason, Reason())
         r.count += n
         r.examples += [where(k) for k in range(min(n, EXAMPLES_PER_REASON - len(r.examples)))]
+
+    def cut_file(self, location: str) -> None:
+        """Count a compressed file whose stream broke off (``location``: where, and the error): its
+        documents up to there are read; ``strict`` refuses it."""
+        if self.strict:
+            raise UserError(f"{location}: cut short (--strict)")
+        self.files_cut.add(location)
 
     def skip_file(self, reason: str, location: str) -> None:
         if self.strict:
@@ -117,6 +125,7 @@ class Account:
                 "read": self.files_read,
                 "skipped": reasons(self.files_skipped),
                 "ignored": reasons(self.files_ignored),
+                "cut_short": {"count": self.files_cut.count, "examples": self.files_cut.examples},
             },
             "documents": {
                 "read": self.docs_read,
@@ -138,6 +147,8 @@ class Account:
         acc.files_read = d["files"]["read"]
         acc.files_skipped = reasons(d["files"]["skipped"])
         acc.files_ignored = reasons(d["files"]["ignored"])
+        cut = d["files"].get("cut_short") or {"count": 0, "examples": []}  # (none in an older bertforge's records)
+        acc.files_cut = Reason(cut["count"], list(cut["examples"]))
         docs = d["documents"]
         acc.docs_read, acc.docs_written = docs["read"], docs["written"]
         acc.docs_skipped = reasons(docs["skipped"])
@@ -161,7 +172,8 @@ class Account:
         self.docs_read += other.docs_read
         self.docs_written += other.docs_written
         add(self.docs_skipped, other.docs_skipped)
-        for mine, theirs in ((self.docs_split, other.docs_split), (self.docs_repaired, other.docs_repaired)):
+        pairs = (self.docs_split, other.docs_split), (self.docs_repaired, other.docs_repaired)
+        for mine, theirs in (*pairs, (self.files_cut, other.files_cut)):
             mine.count += theirs.count
             mine.examples = (mine.examples + theirs.examples)[:EXAMPLES_PER_REASON]
         self.bytes_read += other.bytes_read
@@ -411,8 +423,40 @@ def open_binary(f: InputFile) -> tuple[BinaryIO, BinaryIO]:
     if f.compression == "gz":
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if f.compression == "zst":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), raw
+        return io.BufferedReader(_ZstdFrames(raw), 1 << 20), raw
     return raw, raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A ``.zst`` file's decompressed bytes, its frames one after another. Input that ends inside a
+    frame raises EOFError, as gzip's reader does: zstandard's own stream reader ends there silently,
+    which read a truncated download as a whole file."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.zstd, self.frame = raw, zstandard.ZstdDecompressor(), None
+        self.out, self.at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - the buffer protocol
+        while self.at == len(self.out):
+            data = self.raw.read(1 << 16)
+            if not data:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError("Compressed file ended before the end of its last zstd frame")
+                return 0
+            out = []
+            while data:  # (a frame's end may fall inside the data read: the next one starts there)
+                if self.frame is None or self.frame.eof:
+                    self.frame = self.zstd.decompressobj()
+                out.append(self.frame.decompress(data))
+                data = self.frame.unused_data if self.frame.eof else b""
+            self.out, self.at = b"".join(out), 0
+        n = min(len(b), len(self.out) - self.at)
+        b[:n] = self.out[self.at : self.at + n]
+        self.at += n
+        return n
 
 
 _SEP = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")  # one or more blank (whitespace-only) lines
@@ -422,7 +466,12 @@ _LEAD = re.compile(rb"(?:[ \t\r\f\v]*\n)+")  # blank lines before a document
 def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_line_bytes: int) -> Iterator[Chunk]:
     """Stream one file, or one range of it, as chunks. File-level outcomes go to ``account``
     (by the part that starts the file): ``files.read``, or ``files.skipped`` as binary_file,
-    empty_file or corrupt_or_truncated."""
+    empty_file or corrupt_or_truncated (where nothing of it could be decoded). A compressed stream
+    that breaks off later (a truncated download) is read up to there, its documents kept, and
+    counted in ``files.cut_short`` with the line it stops at (its last ``.txt`` document cut short,
+    a last ``.jsonl`` line cut short skipped as invalid JSON; ``strict``: refused as soon as the
+    break is seen); its last chunk had been dropped uncounted, and the file said skipped though its
+    other documents were written."""
     index = part.file
     if f.kind == "builtin":
         account.files_read += 1
@@ -437,9 +486,10 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
     if part.start or part.end is not None:  # a range of an uncompressed file
         raw.seek(part.start)
         stream = io.BufferedReader(_Window(raw, part.size(f)), 1 << 20)
-    state = {"text": False}
+    state: dict = {"text": False, "cut": None}
+    last = None
     try:
-        head = stream.read(_SNIFF)
+        head = _fill(b"", stream, _SNIFF, state)[0]  # (a stream that breaks off already: said in state)
         if b"\x00" in head and not part.start:
             account.skip_file("binary_file", f.path)
             return
@@ -447,11 +497,15 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
         if not part.start and head.startswith(codecs.BOM_UTF8):  # a byte-order mark (Windows tools) is not text
             head, offset = head[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
         if f.kind == "txt":
-            yield from _txt_chunks(index, f, head, stream, opts.read_size, state, offset, part.line)
+            read = _txt_chunks(index, f, head, stream, opts.read_size, state, offset, part.line)
         else:
-            yield from _jsonl_chunks(
+            read = _jsonl_chunks(
                 index, f, head, stream, account, opts.read_size, max_line_bytes, state, offset, part.line
             )
+        for last in read:
+            if state["cut"] and account.strict:  # (before its last chunk is parsed: the cause, not a line cut short)
+                account.cut_file(f"{f.path} ({state['cut']})")
+            yield last
     except (EOFError, OSError, zstandard.ZstdError) as err:
         account.skip_file("corrupt_or_truncated", f"{f.path} ({type(err).__name__}: {err})")
         return
@@ -463,16 +517,26 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
         return  # the file was counted by its first range
     if state["text"]:
         account.files_read += 1
+        if state["cut"]:
+            end = last.line + last.data.count(b"\n") if last is not None else part.line
+            account.cut_file(f"{f.path} at line {end:,} ({state['cut']})")
+    elif state["cut"]:
+        account.skip_file("corrupt_or_truncated", f"{f.path} ({state['cut']})")
     else:
         account.skip_file("empty_file", f.path)
 
 
-def _fill(buf: bytes, stream: BinaryIO, size: int) -> tuple[bytes, bool]:
-    """Read until ``buf`` holds ``size`` bytes; True when the stream is exhausted."""
+def _fill(buf: bytes, stream: BinaryIO, size: int, state: dict) -> tuple[bytes, bool]:
+    """Read until ``buf`` holds ``size`` bytes; True when the stream is exhausted, or breaks off (a
+    decoding error: said in ``state["cut"]``, what was decoded before it returned)."""
     parts = [buf]
     have = len(buf)
     while have < size:
-        data = stream.read(size - have)
+        try:
+            data = stream.read(size - have)
+        except (EOFError, OSError, zstandard.ZstdError) as err:
+            state["cut"] = f"{type(err).__name__}: {err}"
+            return b"".join(parts), True
         if not data:
             return b"".join(parts), True
         parts.append(data)
@@ -486,7 +550,7 @@ def _txt_chunks(
     """Chunks that end at a blank line, or inside a document longer than a chunk (``open_end``)."""
     buf, cont, eof = head, None, False
     while buf or not eof:
-        buf, eof = _fill(buf, stream, size + 1) if not eof else (buf, eof)
+        buf, eof = _fill(buf, stream, size + 1, state) if not eof else (buf, eof)
         if not buf:
             return
         state["text"] = state["text"] or not buf.isspace()
@@ -562,20 +626,20 @@ def _jsonl_chunks(
     buf, eof = head, False
     while True:
         if not eof:
-            buf, eof = _fill(buf, stream, size)
+            buf, eof = _fill(buf, stream, size, state)
         if not buf:
             return
         state["text"] = state["text"] or not buf.isspace()
         cut = buf.rfind(b"\n") + 1 if not eof else len(buf)
         if cut == 0:  # one line longer than a chunk: read on to its end, within max_line_bytes
             while not eof and b"\n" not in buf[-size:] and len(buf) <= max_line_bytes:
-                buf, eof = _fill(buf, stream, len(buf) + size)
+                buf, eof = _fill(buf, stream, len(buf) + size, state)
             end = buf.find(b"\n")
             if end < 0 and not eof or end > max_line_bytes:
                 account.docs_read += 1
                 account.skip_doc("line_too_long", f"{f.path}:{line}")
                 while end < 0 and not eof:  # drop it, never holding more than a chunk
-                    buf, eof = _fill(b"", stream, size)
+                    buf, eof = _fill(b"", stream, size, state)
                     end = buf.find(b"\n")
                 offset += end + 1 if end >= 0 else len(buf)
                 line += 1

@@ -370,6 +370,10 @@ def summary(man: dict, seconds: float | None = None) -> str:
     for kind in ("skipped", "ignored"):
         for reason, r in files[kind].items():
             lines.append(f"  {kind} {reason}: {r['count']:,} (first: {', '.join(r['examples'][:3])})")
+    if (cut := files.get("cut_short")) and cut["count"]:
+        lines.append(
+            f"  cut short: {cut['count']:,}, read up to where each breaks off (first: {', '.join(cut['examples'][:3])})"
+        )
     if seconds is not None:
         mb = acc["bytes_read"] / 1e6
         tokens = sum(s["tokens"] for s in man["splits"].values())

@@ -11,6 +11,7 @@ import zstandard
 
 from data_prep import corpus
 from data_prep.errors import UserError
+from tests.conftest import run_prep
 
 
 def read_all(
@@ -55,11 +56,51 @@ def test_every_format_and_every_skip_is_counted(messy: Path) -> None:
     assert skipped == {"invalid_json": 1, "missing_field": 1, "not_an_object": 1, "field_not_text": 1, "empty": 1}
     assert d["documents"]["skipped"]["invalid_json"]["examples"] == [f"{messy}/b.jsonl:2"]
     assert d["documents"]["repaired_utf8"]["examples"] == [f"{messy}/a.txt:8", f"{messy}/b.jsonl:8"]
-    # the truncated gzip file: its complete documents are kept, the file is reported
+    # the gzip file cut inside its header: nothing of it decodes, so it is skipped, with the reason
     assert acc.docs_read == len(pieces) + sum(skipped.values())
     assert sorted(d["files"]["skipped"]) == ["binary_file", "corrupt_or_truncated", "empty_file"]
     assert d["files"]["ignored"]["unsupported_type"]["examples"] == [f"{messy}/e.pdf"]
     assert d["files"]["read"] == 4
+
+
+def test_a_compressed_file_cut_short_is_read_up_to_the_cut_and_said(tmp_path: Path, sp_model: Path) -> None:
+    """A truncated download: its documents up to the cut are kept, and the file is read and counted in
+    ``files.cut_short`` with the line it breaks off at. It had been said skipped, though its chunks before
+    the last were written and the last one's documents dropped uncounted; and zstandard's stream reader
+    had ended a cut ``.zst`` file silently, read as whole."""
+    docs = [f"document {i} says " + " ".join(str(i * j % 997) for j in range(40)) for i in range(3000)]
+    gz = gzip.compress("\n\n".join(docs).encode() + b"\n")
+    zst = zstandard.ZstdCompressor().compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    (tmp_path / "a.txt.gz").write_bytes(gz[: len(gz) // 2])
+    (tmp_path / "b.jsonl.zst").write_bytes(zst[: len(zst) * 4 // 5])  # (zstd holds back a block or more)
+    (tmp_path / "c.jsonl.zst").write_bytes(zst)  # (whole: read as whole)
+    for name, reason in (("a.txt.gz", "Compressed file ended before the end-of-stream marker was reached"),
+                         ("b.jsonl.zst", "Compressed file ended before the end of its last zstd frame")):  # fmt: skip
+        path = tmp_path / name
+        pieces, acc = read_all([str(path)], read_size=4096)
+        texts, n = [p.text for p in pieces], len(pieces)
+        d = acc.to_dict()
+        assert 100 < n < 2900 and acc.files_read == 1 and not d["files"]["skipped"], (name, n, d)
+        if name == "a.txt.gz":  # every document up to the cut, the last one cut short
+            assert texts[:-1] == docs[: n - 1] and docs[n - 1].startswith(texts[-1]) and texts[-1] != docs[n - 1]
+            line = 2 * n - 1
+        else:  # every whole line up to the cut; the line cut short is no JSON: skipped and counted
+            assert texts == docs[:n] and d["documents"]["skipped"]["invalid_json"]["examples"] == [f"{path}:{n + 1}"]
+            line = n + 1
+        assert d["files"]["cut_short"] == {"count": 1, "examples": [f"{path} at line {line:,} (EOFError: {reason})"]}
+        with pytest.raises(UserError, match=rf"{name} \(EOFError: .*\): cut short \(--strict\)"):
+            read_all([str(path)], read_size=4096, strict=True)
+    pieces, acc = read_all([str(tmp_path / "c.jsonl.zst")], read_size=4096)
+    assert [p.text for p in pieces] == docs and acc.files_cut.count == 0 and acc.files_read == 1
+    # prep: the documents before the cut written, the file read, and said in the summary
+    r = run_prep("--input", str(tmp_path / "a.txt.gz"), "--output", str(tmp_path / "ds"), "--tokenizer", str(sp_model))
+    assert r.returncode == 0, r.stderr
+    account = json.loads((tmp_path / "ds/manifest.json").read_text())["input"]
+    assert account["files"]["read"] == 1 and account["files"]["cut_short"]["count"] == 1
+    said = [line for line in r.stdout.splitlines() if "cut short" in line]
+    assert said == [f"  cut short: 1, read up to where each breaks off (first: {tmp_path / 'a.txt.gz'} at line "
+                    f"{2 * account['documents']['written'] - 1:,} (EOFError: Compressed file ended before the "
+                    "end-of-stream marker was reached))"], r.stdout  # fmt: skip
 
 
 def test_strict_names_file_and_line(messy: Path) -> None:
