@@ -120,12 +120,13 @@ class Account:
         def reasons(d: dict[str, Reason]) -> dict:
             return {k: {"count": v.count, "examples": v.examples} for k, v in sorted(d.items())}
 
+        cut = {"count": self.files_cut.count, "examples": self.files_cut.examples}
         return {
             "files": {
                 "read": self.files_read,
                 "skipped": reasons(self.files_skipped),
                 "ignored": reasons(self.files_ignored),
-                "cut_short": {"count": self.files_cut.count, "examples": self.files_cut.examples},
+                **({"cut_short": cut} if cut["count"] else {}),  # (else as an older bertforge's manifest)
             },
             "documents": {
                 "read": self.docs_read,
