@@ -129,6 +129,11 @@ class Rows:
     skipped: Counter
 
 
+CSV_FIELD_BYTES = 1 << 26
+"""The longest CSV or TSV field read (64 MiB); Python's csv module stops at 128 KiB, which a long
+document's text passes (it had ended the run with a traceback)."""
+
+
 def _records(path: Path, columns: tuple[str, ...] = (), bad=None):  # noqa: ANN001, ANN202
     """``(line number, dict)`` for each row of a JSONL, CSV or TSV file; a CSV or TSV header that
     lacks one of ``columns`` is refused at once (not row by row). A JSONL line that is no JSON
@@ -162,12 +167,15 @@ def _records(path: Path, columns: tuple[str, ...] = (), bad=None):  # noqa: ANN0
                         continue
                     yield n, rec
             else:
+                csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_BYTES))
                 reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
                 absent = [c for c in columns if c not in (reader.fieldnames or [])]
                 if absent:
                     raise UserError(f"{path}:1: no column {absent[0]!r} in the header {reader.fieldnames or []}")
                 for rec in reader:
                     yield reader.line_num, rec
+        except csv.Error as err:  # (the reader cannot go on past it: refused, skip_bad_rows or not)
+            raise UserError(f"{path}: cannot read the row after line {reader.line_num} ({err})") from None
         except UnicodeDecodeError as err:
             raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 

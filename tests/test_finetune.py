@@ -553,6 +553,25 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
     assert said in r.stdout, r.stdout
 
 
+def test_a_csv_field_longer_than_pythons_limit_is_read_and_one_past_ours_refused(tmp_path, monkeypatch) -> None:
+    """Python's csv module stops at fields of 128 KiB, which a long document passes: the run had ended with
+    a traceback. Ours reads up to CSV_FIELD_BYTES, and past that refuses in one line naming the file."""
+    import csv
+
+    import pretrain.finetune as ft
+
+    rows = tmp_path / "long.csv"
+    rows.write_text('text,label\n"' + "word " * 40_000 + '",a\nshort one,b\n')
+    assert [len(t) for t in read_rows(rows, FinetuneSection()).texts] == [200_000, 9]
+    default = csv.field_size_limit(1000)
+    try:
+        monkeypatch.setattr(ft, "CSV_FIELD_BYTES", 1000)
+        assert refusal(read_rows, rows, FinetuneSection()) == (
+            f"{rows}: cannot read the row after line 1 (field larger than field limit (1000))")  # fmt: skip
+    finally:
+        csv.field_size_limit(default)
+
+
 def test_section_defaults_describe_the_contract() -> None:
     sec = FinetuneSection()
     assert (sec.text_field, sec.label_field, sec.text_pair_field, sec.epochs) == ("text", "label", "", 3)
