@@ -81,7 +81,11 @@ def evaluate(
             f"{Path(data) / manifests.MANIFEST}: field 'tokenizer.sha256' differs from {source}'s tokenizer"
         )
     if not man["splits"]["val"]["sequences"]:
-        raise UserError(f"{Path(data) / manifests.MANIFEST}: the val split is empty")
+        fraction = man.get("config", {}).get("val_fraction")
+        raise UserError(
+            f"{Path(data) / manifests.MANIFEST}: the val split is empty (val_fraction={fraction} of "
+            f"{man['input']['documents']['written']:,} documents drew none): prep with a larger val_fraction or more text"
+        )
     if man["seq_len"] > model.config.max_position:
         raise UserError(
             f"{Path(data) / manifests.MANIFEST}: field 'seq_len' is {man['seq_len']} but {source} takes at most "

@@ -197,6 +197,11 @@ def test_eval_of_checkpoint_and_export_agree_and_fill_mask_answers(trained, expo
     assert f"field 'seq_len' is {positions * 2} but {exported} takes at most {positions}" in refusal(
         evaluate, exported, longer
     )
+    splits = {**man["splits"], "val": {**man["splits"]["val"], "sequences": 0}}  # a val split with nothing drawn
+    (longer / "manifest.json").write_text(json.dumps({**man, "splits": splits}))
+    assert refusal(evaluate, exported, longer) == (
+        f"{longer / 'manifest.json'}: the val split is empty (val_fraction={man['config']['val_fraction']} of "
+        f"{man['input']['documents']['written']:,} documents drew none): prep with a larger val_fraction or more text")  # fmt: skip
 
 
 def test_eval_past_the_end_of_the_val_split_reads_it_again_with_other_masks_and_says_so(trained, exported) -> None:
