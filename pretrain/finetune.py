@@ -180,6 +180,11 @@ def _records(path: Path, columns: tuple[str, ...] = (), bad=None):  # noqa: ANN0
             raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def _nested(rec: dict, keys: list[str]) -> str | None:
+    """The first of ``keys`` whose value in ``rec`` is a JSON list or object, not text."""
+    return next((k for k in keys if isinstance(rec.get(k), (dict, list))), None)
+
+
 def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Rows:
     """The rows of ``path``; ``known`` (label -> id) refuses labels the training file lacks."""
     path = Path(path)
@@ -195,6 +200,9 @@ def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Ro
         missing = [k for k in [*fields, sec.label_field] if rec.get(k) is None]
         if missing:
             bad(n, f"no field '{missing[0]}'", f"no field '{missing[0]}'")
+            continue
+        if key := _nested(rec, [*fields, sec.label_field]):  # (its repr had been taken for the text, or a label)
+            bad(n, f"'{key}' not text", f"field '{key}' is a JSON {type(rec[key]).__name__}, not text")
             continue
         texts = [str(rec[k]) for k in fields]
         empty = [k for k, t in zip(fields, texts) if not t.strip()]
@@ -974,6 +982,9 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     rows = empty()
     for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else [])), bad):
         keys = [text_field] + ([pair] if pair else [])
+        if key := _nested(rec, keys):
+            bad(n, f"'{key}' not text", f"field '{key}' is a JSON {type(rec[key]).__name__}, not text")
+            continue
         if missing := [k for k in keys if rec.get(k) is None or not str(rec[k]).strip()]:
             bad(n, f"field '{missing[0]}' missing or empty", f"field '{missing[0]}' is missing or empty")
             continue

@@ -502,6 +502,10 @@ def test_bad_input_is_refused_naming_file_and_line_or_skipped_and_counted(teache
         "missing.jsonl": (lines[:1] + ['{"body": "no text field", "label": "email"}'], ":2: no field 'text'"),
         "empty.jsonl": (['{"text": "  ", "label": "email"}'], ":1: field 'text' is empty"),
         "unlabelled.jsonl": (lines[:1] + ['{"text": "Send a mail.", "label": ""}'], ":2: field 'label' is empty"),
+        "nested.jsonl": (
+            lines[:1] + ['{"text": ["Send", "a mail."], "label": "email"}'],
+            ":2: field 'text' is a JSON list, not text",
+        ),  # fmt: skip
         "broken.jsonl": (lines[:3] + ["{not json"], ":4: not JSON"),
     }
 
