@@ -466,7 +466,7 @@ _LEAD = re.compile(rb"(?:[ \t\r\f\v]*\n)+")  # blank lines before a document
 
 def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_line_bytes: int) -> Iterator[Chunk]:
     """Stream one file, or one range of it, as chunks. File-level outcomes go to ``account``
-    (by the part that starts the file): ``files.read``, or ``files.skipped`` as binary_file,
+    (by the part that starts the file): ``files.read``, or ``files.skipped`` as binary_file, utf16_file,
     empty_file or corrupt_or_truncated (where nothing of it could be decoded). A compressed stream
     that breaks off later (a truncated download) is read up to there, its documents kept, and
     counted in ``files.cut_short`` with the line it stops at (its last ``.txt`` document cut short,
@@ -492,7 +492,10 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
     try:
         head = _fill(b"", stream, _SNIFF, state)[0]  # (a stream that breaks off already: said in state)
         if b"\x00" in head and not part.start:
-            account.skip_file("binary_file", f.path)
+            if _utf16(head):  # (Windows' "Unicode" text: said as what it is, not as binary)
+                account.skip_file("utf16_file", f"{f.path} (UTF-16 text: convert it to UTF-8, e.g. iconv -f UTF-16)")
+            else:
+                account.skip_file("binary_file", f.path)
             return
         offset = part.start
         if not part.start and head.startswith(codecs.BOM_UTF8):  # a byte-order mark (Windows tools) is not text
@@ -525,6 +528,15 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
         account.skip_file("corrupt_or_truncated", f"{f.path} ({state['cut']})")
     else:
         account.skip_file("empty_file", f.path)
+
+
+def _utf16(head: bytes) -> bool:
+    """Whether a file's first bytes ``head`` are UTF-16 text: its byte-order mark, or (none, as some
+    tools write it) NUL in nearly every other byte, the high byte of Latin text."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return True
+    even, odd = head[0::2], head[1::2]
+    return len(head) >= 16 and max(even.count(0) / len(even), odd.count(0) / max(1, len(odd))) > 0.9
 
 
 def _fill(buf: bytes, stream: BinaryIO, size: int, state: dict) -> tuple[bytes, bool]:

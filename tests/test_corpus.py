@@ -42,6 +42,8 @@ def messy(tmp_path: Path) -> Path:
     (tmp_path / "f.txt.gz").write_bytes(gzip.compress(b"gz doc\n\ngz two\n"))
     (tmp_path / "g.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zst doc"}\n'))
     (tmp_path / "h.txt.gz").write_bytes(gzip.compress(b"cut short\n\n" * 100)[:-30])
+    (tmp_path / "i.txt").write_bytes("Notepad's Unicode\r\n\r\ntwo\r\n".encode("utf-16"))  # (with its BOM)
+    (tmp_path / "j.txt").write_bytes("no byte-order mark\n\nhere".encode("utf-16-le"))
     return tmp_path
 
 
@@ -58,7 +60,11 @@ def test_every_format_and_every_skip_is_counted(messy: Path) -> None:
     assert d["documents"]["repaired_utf8"]["examples"] == [f"{messy}/a.txt:8", f"{messy}/b.jsonl:8"]
     # the gzip file cut inside its header: nothing of it decodes, so it is skipped, with the reason
     assert acc.docs_read == len(pieces) + sum(skipped.values())
-    assert sorted(d["files"]["skipped"]) == ["binary_file", "corrupt_or_truncated", "empty_file"]
+    assert sorted(d["files"]["skipped"]) == ["binary_file", "corrupt_or_truncated", "empty_file", "utf16_file"]
+    assert d["files"]["skipped"]["binary_file"]["examples"] == [f"{messy}/c.txt"]  # UTF-16 text: said as such
+    assert d["files"]["skipped"]["utf16_file"]["examples"] == [
+        f"{messy}/{name} (UTF-16 text: convert it to UTF-8, e.g. iconv -f UTF-16)" for name in ("i.txt", "j.txt")
+    ]
     assert d["files"]["ignored"]["unsupported_type"]["examples"] == [f"{messy}/e.pdf"]
     assert d["files"]["read"] == 4
 
