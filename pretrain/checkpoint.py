@@ -135,8 +135,8 @@ def faulty_files(path: Path, world: int, zero_stage: int, sizes: dict | None = N
         ("weight shard (*model_states.pt)", lambda r: f"zero_pp_rank_{r}_mp_rank_*model_states.pt", zero_stage == 3),
         ("random state (rng_rankNNNNN.pt)", rng_file, rng),
     ]
-    for what, pattern, kept in kinds:
-        ranks = [r for r in range(world) if kept and not any(Path(path).glob(pattern(r)))]
+    for what, pattern, wanted in kinds:
+        ranks = [r for r in range(world) if wanted and not any(Path(path).glob(pattern(r)))]
         if ranks:
             return f"{path}: no {what} file for rank(s) {', '.join(map(str, ranks))} of the {world} that wrote it"
     return None

@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -134,15 +135,10 @@ CSV_FIELD_BYTES = 1 << 26
 document's text passes (it had ended the run with a traceback)."""
 
 
-def _records(path: Path, columns: tuple[str, ...] = (), bad=None):  # noqa: ANN001, ANN202
+def _records(path: Path, columns: tuple[str, ...], bad: Callable[[int, str, str], None]):  # noqa: ANN202
     """``(line number, dict)`` for each row of a JSONL, CSV or TSV file; a CSV or TSV header that
     lacks one of ``columns`` is refused at once (not row by row). A JSONL line that is no JSON
-    object is refused, or given to ``bad(line, reason, message)`` and passed over."""
-
-    def refuse(n: int, reason: str, message: str) -> None:
-        if bad is None:
-            raise UserError(f"{path}:{n}: {message}")
-        bad(n, reason, message)
+    object is given to ``bad(line, reason, message)`` (which refuses it, or counts it) and passed over."""
 
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -160,10 +156,10 @@ def _records(path: Path, columns: tuple[str, ...] = (), bad=None):  # noqa: ANN0
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as err:
-                        refuse(n, "not JSON", f"not JSON ({err.msg})")
+                        bad(n, "not JSON", f"not JSON ({err.msg})")
                         continue
                     if not isinstance(rec, dict):
-                        refuse(n, "not a JSON object", "a row must be a JSON object")
+                        bad(n, "not a JSON object", "a row must be a JSON object")
                         continue
                     yield n, rec
             else:
