@@ -22,6 +22,22 @@ from data_prep.errors import UserError
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: YAML forbids it, and PyYAML
+    keeps the last one without a word (a preset edited twice ran with whichever came later)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _one_line(err: OmegaConfBaseException, source: str) -> str:
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
     key = getattr(err, "full_key", None)
@@ -45,7 +61,7 @@ def load_config(
         if not path.is_file():
             raise UserError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_Loader) or {}  # (a SafeLoader)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -13,7 +13,7 @@ from launch.config import load_config, to_yaml
 from pretrain.config import PretrainConfig, accumulation_steps, deepspeed_config
 from pretrain.distill import DistillConfig
 from pretrain.finetune import FinetuneConfig
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, refusal, run_cli
 
 OFFLOAD = "deepspeed.zero_optimization.offload_optimizer.device=cpu"
 SCHEMAS = {"prep": PrepConfig, "pretrain": PretrainConfig, "distill": DistillConfig, "finetune": FinetuneConfig}
@@ -64,6 +64,10 @@ def test_bad_key_in_file_names_file_and_key(tmp_path: Path) -> None:
     f.write_text("seq_len: [1\n")
     with pytest.raises(UserError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(PrepConfig, f)
+    f.write_text("tokenizer:\n  vocab_size: 1000\n  type: bpe\n  vocab_size: 2000\n")  # (PyYAML: the last, silently)
+    assert (
+        refusal(load_config, PrepConfig, f) == f"{f}:4: not valid YAML (key 'vocab_size' given twice (first on line 2))"
+    )
 
 
 def test_sizes() -> None:
