@@ -36,8 +36,10 @@ def test_the_gpu_check_runs_its_stages_on_a_cpu(tmp_path, train_data) -> None:
     # the second pretrain command resumed: one run, logged up to step 60 without a repeat
     steps = [r["step"] for r in read_metrics(out / "tiny") if "train/loss" in r]
     assert steps == [10, 20, 30, 40, 50, 60], steps
-    # which profiled two steps, whose busiest operators the log shows (on a GPU, by GPU time)
-    assert "steps 50-51, rank00000, by self_cpu_time_total\n" in log and "aten::mm" in log
+    # which profiled two steps, whose busiest operators the log shows (on a GPU, by GPU time): a matrix
+    # product among them (which one ranks in the top rows varies from run to run: aten::mm had been asked for)
+    assert "steps 50-51, rank00000, by self_cpu_time_total\n" in log
+    assert any(op in log for op in (" aten::mm ", " aten::addmm ", " aten::bmm ")), log
     # then eval of that run, on the device auto picked (here the CPU, on a GPU node the GPU)
     assert (out / "eval.txt").read_text().splitlines()[-1].startswith("timed on cpu, ")
     figures = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
