@@ -176,9 +176,14 @@ def _records(path: Path, columns: tuple[str, ...], bad: Callable[[int, str, str]
             raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _nested(rec: dict, keys: list[str]) -> str | None:
-    """The first of ``keys`` whose value in ``rec`` is a JSON list or object, not text."""
-    return next((k for k in keys if isinstance(rec.get(k), (dict, list))), None)
+def _nested(rec: dict, keys: list[str]) -> tuple[str, str] | None:
+    """The reason and message of a bad row for the first of ``keys`` whose value in ``rec`` is a JSON
+    list or object, not text (its repr had been taken for the text, or for a label); None if none is."""
+    for k in keys:
+        if isinstance(rec.get(k), (dict, list)):
+            kind = type(rec[k]).__name__
+            return f"'{k}' a JSON {kind}", f"field '{k}' is a JSON {kind}, not text"
+    return None
 
 
 def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Rows:
@@ -197,8 +202,8 @@ def read_rows(path: Path, sec: FinetuneSection, known: dict | None = None) -> Ro
         if missing:
             bad(n, f"no field '{missing[0]}'", f"no field '{missing[0]}'")
             continue
-        if key := _nested(rec, [*fields, sec.label_field]):  # (its repr had been taken for the text, or a label)
-            bad(n, f"'{key}' not text", f"field '{key}' is a JSON {type(rec[key]).__name__}, not text")
+        if said := _nested(rec, [*fields, sec.label_field]):
+            bad(n, *said)
             continue
         texts = [str(rec[k]) for k in fields]
         empty = [k for k, t in zip(fields, texts) if not t.strip()]
@@ -978,8 +983,8 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     rows = empty()
     for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else [])), bad):
         keys = [text_field] + ([pair] if pair else [])
-        if key := _nested(rec, keys):
-            bad(n, f"'{key}' not text", f"field '{key}' is a JSON {type(rec[key]).__name__}, not text")
+        if said := _nested(rec, keys):
+            bad(n, *said)
             continue
         if missing := [k for k in keys if rec.get(k) is None or not str(rec[k]).strip()]:
             bad(n, f"field '{missing[0]}' missing or empty", f"field '{missing[0]}' is missing or empty")
