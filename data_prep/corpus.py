@@ -16,11 +16,13 @@ being held. Nothing is dropped silently: each skipped document or file is counte
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
 import gzip
 import io
 import json
+import lzma
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -35,7 +37,7 @@ from data_prep import builtin
 from data_prep.errors import UserError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl"}
-COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
+COMPRESSIONS = {".gz": "gz", ".zst": "zst", ".bz2": "bz2", ".xz": "xz"}
 EXAMPLES_PER_REASON = 5
 _SNIFF = 8192  # bytes looked at to tell a binary file (NUL bytes) from text
 
@@ -208,7 +210,9 @@ def discover(specs: list[str], account: Account) -> list[InputFile]:
         kind = _classify(path)
         if kind is None:
             if explicit:
-                raise UserError(f"{path}: unsupported input type (expected .txt or .jsonl, optionally .gz or .zst)")
+                raise UserError(
+                    f"{path}: unsupported input type (expected .txt or .jsonl, optionally .gz, .zst, .bz2 or .xz)"
+                )
             account.files_ignored.setdefault("unsupported_type", Reason()).add(str(path))
             return
         key = os.path.realpath(path)
@@ -425,6 +429,10 @@ def open_binary(f: InputFile) -> tuple[BinaryIO, BinaryIO]:
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if f.compression == "zst":
         return io.BufferedReader(_ZstdFrames(raw), 1 << 20), raw
+    if f.compression == "bz2":
+        return bz2.BZ2File(raw), raw
+    if f.compression == "xz":
+        return lzma.LZMAFile(raw), raw
     return raw, raw
 
 
@@ -510,7 +518,7 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
             if state["cut"] and account.strict:  # (before its last chunk is parsed: the cause, not a line cut short)
                 account.cut_file(f"{f.path} ({state['cut']})")
             yield last
-    except (EOFError, OSError, zstandard.ZstdError) as err:
+    except (EOFError, OSError, zstandard.ZstdError, lzma.LZMAError) as err:
         account.skip_file("corrupt_or_truncated", f"{f.path} ({type(err).__name__}: {err})")
         return
     finally:
@@ -547,7 +555,7 @@ def _fill(buf: bytes, stream: BinaryIO, size: int, state: dict) -> tuple[bytes, 
     while have < size:
         try:
             data = stream.read(size - have)
-        except (EOFError, OSError, zstandard.ZstdError) as err:
+        except (EOFError, OSError, zstandard.ZstdError, lzma.LZMAError) as err:
             state["cut"] = f"{type(err).__name__}: {err}"
             return b"".join(parts), True
         if not data:

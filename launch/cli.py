@@ -58,7 +58,7 @@ def _prep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prep",
         help="raw text -> SentencePiece tokenizer -> packed WebDataset shards + manifest",
-        description="Read .txt/.jsonl (optionally .gz/.zst) files, folders, globs or builtin:python-docs; "
+        description="Read .txt/.jsonl (optionally .gz/.zst/.bz2/.xz) files, folders, globs or builtin:python-docs; "
         "train (or reuse) a SentencePiece tokenizer; write packed train/ and val/ tar shards and "
         "manifest.json to --output. Re-running the same command resumes an interrupted run.",
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,8 @@ def messy(tmp_path: Path) -> Path:
     (tmp_path / "e.pdf").write_bytes(b"%PDF")
     (tmp_path / "f.txt.gz").write_bytes(gzip.compress(b"gz doc\n\ngz two\n"))
     (tmp_path / "g.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zst doc"}\n'))
+    (tmp_path / "g2.txt.bz2").write_bytes(bz2.compress(b"bz2 doc\n"))
+    (tmp_path / "g3.jsonl.xz").write_bytes(lzma.compress(b'{"text": "xz doc"}\n'))
     (tmp_path / "h.txt.gz").write_bytes(gzip.compress(b"cut short\n\n" * 100)[:-30])
     (tmp_path / "i.txt").write_bytes("Notepad's Unicode\r\n\r\ntwo\r\n".encode("utf-16"))  # (with its BOM)
     (tmp_path / "j.txt").write_bytes("no byte-order mark\n\nhere".encode("utf-16-le"))
@@ -52,7 +56,7 @@ def test_every_format_and_every_skip_is_counted(messy: Path) -> None:
     texts = [p.text for p in pieces]
     assert texts[:3] == ["first doc\nline two", "second doc", "third \ufffd doc"]
     assert texts[3:6] == ["json doc", "bad \ufffd utf", "no newline at end"]
-    assert texts[6:9] == ["gz doc", "gz two", "zst doc"]
+    assert texts[6:11] == ["gz doc", "gz two", "zst doc", "bz2 doc", "xz doc"]
     d = acc.to_dict()
     skipped = {k: v["count"] for k, v in d["documents"]["skipped"].items()}
     assert skipped == {"invalid_json": 1, "missing_field": 1, "not_an_object": 1, "field_not_text": 1, "empty": 1}
@@ -66,7 +70,7 @@ def test_every_format_and_every_skip_is_counted(messy: Path) -> None:
         f"{messy}/{name} (UTF-16 text: convert it to UTF-8, e.g. iconv -f UTF-16)" for name in ("i.txt", "j.txt")
     ]
     assert d["files"]["ignored"]["unsupported_type"]["examples"] == [f"{messy}/e.pdf"]
-    assert d["files"]["read"] == 4
+    assert d["files"]["read"] == 6
 
 
 def test_a_compressed_file_cut_short_is_read_up_to_the_cut_and_said(tmp_path: Path, sp_model: Path) -> None:
@@ -80,14 +84,17 @@ def test_a_compressed_file_cut_short_is_read_up_to_the_cut_and_said(tmp_path: Pa
     (tmp_path / "a.txt.gz").write_bytes(gz[: len(gz) // 2])
     (tmp_path / "b.jsonl.zst").write_bytes(zst[: len(zst) * 4 // 5])  # (zstd holds back a block or more)
     (tmp_path / "c.jsonl.zst").write_bytes(zst)  # (whole: read as whole)
+    xz = lzma.compress("\n\n".join(docs).encode() + b"\n")
+    (tmp_path / "d.txt.xz").write_bytes(xz[: len(xz) * 4 // 5])
     for name, reason in (("a.txt.gz", "Compressed file ended before the end-of-stream marker was reached"),
-                         ("b.jsonl.zst", "Compressed file ended before the end of its last zstd frame")):  # fmt: skip
+                         ("b.jsonl.zst", "Compressed file ended before the end of its last zstd frame"),
+                         ("d.txt.xz", "Compressed file ended before the end-of-stream marker was reached")):  # fmt: skip
         path = tmp_path / name
         pieces, acc = read_all([str(path)], read_size=4096)
         texts, n = [p.text for p in pieces], len(pieces)
         d = acc.to_dict()
         assert 100 < n < 2900 and acc.files_read == 1 and not d["files"]["skipped"], (name, n, d)
-        if name == "a.txt.gz":  # every document up to the cut, the last one cut short
+        if ".txt." in name:  # every document up to the cut, the last one cut short
             assert texts[:-1] == docs[: n - 1] and docs[n - 1].startswith(texts[-1]) and texts[-1] != docs[n - 1]
             line = 2 * n - 1
         else:  # every whole line up to the cut; the line cut short is no JSON: skipped and counted
