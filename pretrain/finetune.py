@@ -922,7 +922,7 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
     only once every row is predicted). A slice's rows are batched by length (``by_length``; False,
     in the file's order, is the benchmark's baseline): on rows of mixed lengths the batches hold far
     less padding. A PyTorch model runs on ``device`` (see :func:`~pretrain.export.inference_device`).
-    ``skip_bad_rows``: a row that is no JSON object, or whose text is missing or empty, is passed over
+    ``skip_bad_rows``: a row that is no JSON object, or whose text is missing, empty or not text, is passed over
     (no line for it) and counted, the count said on stderr at the end, instead of stopping the run."""
     from pretrain.export import inference_device, model_config, onnx_session
 
@@ -980,9 +980,8 @@ def predict(folder: Path, input_path: Path, output, text_field: str = "text", pa
         skipped[reason] += 1
         first.setdefault(reason, n)
 
-    rows = empty()
-    for n, rec in _records(Path(input_path), (text_field, *([pair] if pair else [])), bad):
-        keys = [text_field] + ([pair] if pair else [])
+    rows, keys = empty(), [text_field] + ([pair] if pair else [])
+    for n, rec in _records(Path(input_path), tuple(keys), bad):
         if said := _nested(rec, keys):
             bad(n, *said)
             continue
