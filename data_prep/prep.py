@@ -437,7 +437,7 @@ def _why_no_text(cfg: PrepConfig, account: dict) -> str:
     if not docs["read"]:
         said = f"no document read ({'; '.join(of_files) or 'its files hold none'})"
     elif of_files:
-        said += f"; files skipped: {'; '.join(of_files)}"
+        said += f"; files skipped or ignored: {'; '.join(of_files)}"
     if "missing_field" in docs["skipped"]:
         said += f"; a .jsonl line's text is read from field '{cfg.text_field}' (--text-field KEY names another)"
     return said
@@ -516,10 +516,8 @@ def _write(
         return {"units": todo}
     man = manifest.build(cfg, files, discovered, [records[u] for u in range(len(units))], tok_path, vocab_size)
     if not man["input"]["documents"]["written"]:  # (no manifest: a dataset of nothing is no dataset)
-        said = _why_no_text(cfg, man["input"])
-        raise UserError(
-            f"input {' '.join(cfg.input)}: " + ("" if said.startswith("no ") else "no document written: ") + said
-        )
+        lead = "no document written: " if man["input"]["documents"]["read"] else ""  # (else: "no document read")
+        raise UserError(f"input {' '.join(cfg.input)}: {lead}{_why_no_text(cfg, man['input'])}")
     write_atomic(out / manifest.MANIFEST, json.dumps(man, indent=1, sort_keys=False) + "\n")
     write_atomic(out / "prep_config.yaml", to_yaml(cfg))
     print(manifest.summary(man, seconds=time.perf_counter() - t0))

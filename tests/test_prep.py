@@ -829,8 +829,9 @@ def test_bad_input_account_balances(tmp_path, sp_model) -> None:
     other.mkdir()
     (other / "x.jsonl").write_text('{"body": "the text"}\n{"body": "more text"}\n')
     (other / "b.txt").write_bytes(b"\x00\x01\x02binary")
-    why = (f"2 documents read, all skipped (missing_field 2, first at {other}/x.jsonl:1); files skipped: binary_file "
-           f"1, first {other}/b.txt; a .jsonl line's text is read from field 'text' (--text-field KEY names another)")  # fmt: skip
+    why = (f"2 documents read, all skipped (missing_field 2, first at {other}/x.jsonl:1); files skipped or ignored: "
+           f"binary_file 1, first {other}/b.txt; a .jsonl line's text is read from field 'text' (--text-field KEY "
+           "names another)")  # fmt: skip
     for extra, said in (([], f"tokenizer: no text to train on in the input's sample: {why}"),
                         (["--tokenizer", str(sp_model)], f"input {other}: no document written: {why}")):  # fmt: skip
         r = prep("--input", str(other), "--output", str(tmp_path / "none"), *extra)
