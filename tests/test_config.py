@@ -64,6 +64,10 @@ def test_bad_key_in_file_names_file_and_key(tmp_path: Path) -> None:
     f.write_text("seq_len: [1\n")
     with pytest.raises(UserError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(PrepConfig, f)
+    # a merge key's value given again, to override it: valid YAML (refused here only for its key 'base')
+    f.write_text("base: &b {vocab_size: 1000}\ntokenizer:\n  <<: *b\n  vocab_size: 2000\n")
+    with pytest.raises(UserError, match=r"bad.yaml: config key 'base'"):
+        load_config(PrepConfig, f)
     f.write_text("tokenizer:\n  vocab_size: 1000\n  type: bpe\n  vocab_size: 2000\n")  # (PyYAML: the last, silently)
     assert (
         refusal(load_config, PrepConfig, f) == f"{f}:4: not valid YAML (key 'vocab_size' given twice (first on line 2))"
