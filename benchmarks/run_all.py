@@ -4,6 +4,7 @@
 
 Runs, one after another in fresh processes, ``prep_throughput.py`` (prep MB/s against raw
 SentencePiece encoding, prep's time by stage in one process, and prep's time with ``dedup``),
+``read_compressed.py`` (prep's reader over compressed input against plain text),
 ``near_dup_quality.py`` (``near_dup``'s drops against exact similarities), ``dedup_memory.py``
 (prep's memory with ``near_dup`` against ``dedup`` alone, on a million short documents), ``train_throughput.py
 --memory`` (our training step against Hugging Face ``BertForMaskedLM`` at the same shape and
@@ -70,6 +71,13 @@ def table(records: list[dict]) -> str:
     for r in (r for r in records if r["bench"] == "dedup_limited"):
         rows.append((f"  its pass in a memory cgroup of {r['limit_mb']} MB ({r['workers']} worker(s)), s", f"{r['pass_s']:.1f}",
                      f"unlimited: {r['unlimited_pass_s']:.1f}", f"{r['pass_s'] / r['unlimited_pass_s']:.2f}"))  # fmt: skip
+    for r in (r for r in records if r["bench"] == "read"):
+        rows.append((f"prep's reader, .{r['format']}, MB of text/s", f"{r['mb_s']:,.0f}", f"plain .txt: {r['plain_mb_s']:,.0f}",
+                     f"{r['mb_s'] / r['plain_mb_s']:.2f}"))  # fmt: skip
+        if "stream_reader_mb_s" in r:
+            rows.append(("  .zst, its frame reader (says a cut file)", f"{r['mb_s']:,.0f}",
+                         f"zstandard's stream_reader: {r['stream_reader_mb_s']:,.0f}",
+                         f"{r['mb_s'] / r['stream_reader_mb_s']:.2f}"))  # fmt: skip
     for r in (r for r in records if r["bench"] == "near_dup"):
         rows.append((f"near_dup={r['threshold']:g}: near copies dropped (recall)", f"{r['both']:,} of {r['near']:,}",
                      f"precision: {r['both']:,} of {r['dropped']:,} drops", f"{r['both'] / max(1, r['near']):.2f}"))  # fmt: skip
@@ -143,6 +151,7 @@ def main() -> None:
         quick = args.quick
         _run("prep_throughput.py", "--scale", *(["4"] if quick else ["16"]), "--repeats", "1" if quick else "2",
              "--dedup", results=results)  # fmt: skip
+        _run("read_compressed.py", *(["--mb", "8", "--repeats", "1"] if quick else []), results=results)
         _run("near_dup_quality.py", results=results)
         _run("dedup_memory.py", *(["--docs", "100000", "--repeats", "1"] if quick else []), results=results)
         _run(

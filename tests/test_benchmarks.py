@@ -72,6 +72,24 @@ def test_the_inference_benchmark_times_each_runtime_and_make_bench_tables_it(tmp
     assert rows[1].startswith("inference, tiny, 2 x 16, onnxruntime int8, ms/batch") and len(rows) == 4, rows
 
 
+def test_the_compressed_read_benchmark_times_each_format_beside_plain_text(tmp_path) -> None:
+    """benchmarks/read_compressed.py: prep's reader over each compression, beside the plain file, and .zst
+    beside zstandard's own stream reader (prep's before 2026-12-05)."""
+    out = tmp_path / "figures.jsonl"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/read_compressed.py"), "--mb", "1", "--repeats", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    figs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [f["format"] for f in figs] == ["gz", "zst", "bz2", "xz"], figs
+    assert all(f["mb_s"] > 0 and f["plain_mb_s"] > 0 for f in figs) and figs[1]["stream_reader_mb_s"] > 0, figs
+    from benchmarks.run_all import table
+
+    rows = table(figs).splitlines()
+    heads = ["prep's reader, .gz,", "prep's reader, .zst,", "  .zst, its frame reader (says a cut file)",
+             "prep's reader, .bz2,", "prep's reader, .xz,"]  # fmt: skip
+    assert len(rows) == 6 and all(row.startswith(head) for row, head in zip(rows[1:], heads)), rows
+
+
 @pytest.mark.slow
 def test_the_near_dup_benchmark_drops_what_prep_drops(tmp_path, sp_model) -> None:
     """benchmarks/near_dup_quality.py counts prep's own drops (the same documents: prep's exact pass
