@@ -518,20 +518,17 @@ def chunks(part: Part, f: InputFile, account: Account, opts: ParseOptions, max_l
             if state["cut"] and account.strict:  # (before its last chunk is parsed: the cause, not a line cut short)
                 account.cut_file(f"{f.path} ({state['cut']})")
             yield last
-    except (EOFError, OSError, zstandard.ZstdError, lzma.LZMAError) as err:
-        account.skip_file("corrupt_or_truncated", f"{f.path} ({type(err).__name__}: {err})")
-        return
-    finally:
+    finally:  # (a read that fails, wherever: _fill keeps what came before it and says why in state)
         account.bytes_read += raw.tell() - part.start
         stream.close()
         raw.close()
+    if state["cut"] and (state["text"] or part.start):  # (a later range of a file: cut short there)
+        end = last.line + last.data.count(b"\n") if last is not None else part.line
+        account.cut_file(f"{f.path} at line {end:,} ({state['cut']})")
     if part.start:
         return  # the file was counted by its first range
     if state["text"]:
         account.files_read += 1
-        if state["cut"]:
-            end = last.line + last.data.count(b"\n") if last is not None else part.line
-            account.cut_file(f"{f.path} at line {end:,} ({state['cut']})")
     elif state["cut"]:
         account.skip_file("corrupt_or_truncated", f"{f.path} ({state['cut']})")
     else:

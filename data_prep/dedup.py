@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import multiprocessing as mp
 import os
 import resource
 import signal
@@ -572,7 +571,7 @@ def _clusters(keys: _Bands, signs: _Rows, threshold: float, workers: int, progre
             return neardup.first_of_cluster(keys, signs, threshold, _shown(here, shown))
     _BANDS = keys
     try:
-        with worker_pool(n, context=mp.get_context("fork")) as pool, bar() as shown:
+        with worker_pool(n) as pool, bar() as shown:  # (forked: here on Linux alone)
             return neardup.first_of_cluster(keys, signs, threshold, _shown(_ahead(pool, bands, n), shown))
     except BrokenProcessPool:
         raise RunError(WORKER_DIED) from None

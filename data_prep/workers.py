@@ -21,12 +21,10 @@ WORKER_DIED = (
 )
 
 
-def worker_pool(
-    workers: int, init: Callable | None = None, args: tuple = (), context: mp.context.BaseContext | None = None
-) -> ProcessPoolExecutor:
+def worker_pool(workers: int, init: Callable | None = None, args: tuple = ()) -> ProcessPoolExecutor:
     """Prep's worker processes (``init(*args)`` in each at its start), which die with this one;
     forked on Linux (they inherit what this process has imported), else spawned."""
-    context = context or mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     return ProcessPoolExecutor(workers, context, _worker_start, (os.getpid(), init, args))
 
 
