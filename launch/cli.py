@@ -556,9 +556,12 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
 def _run_predict(ns: argparse.Namespace) -> int:
     from pretrain.finetune import predict
 
+    def run(output) -> int:  # noqa: ANN001
+        return predict(Path(ns.model), Path(ns.input), output, ns.text_field, ns.pair_field, ns.batch_size,
+                       device=ns.device, skip_bad_rows=ns.skip_bad_rows)  # fmt: skip
+
     if ns.output == "-":
-        predict(Path(ns.model), Path(ns.input), sys.stdout, ns.text_field, ns.pair_field, ns.batch_size,
-                device=ns.device, skip_bad_rows=ns.skip_bad_rows)  # fmt: skip
+        run(sys.stdout)
         return 0
     out = Path(ns.output)
     if not out.parent.is_dir():
@@ -568,8 +571,7 @@ def _run_predict(ns: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with open(tmp, "w") as f:
-            n = predict(Path(ns.model), Path(ns.input), f, ns.text_field, ns.pair_field, ns.batch_size,
-                        device=ns.device, skip_bad_rows=ns.skip_bad_rows)  # fmt: skip
+            n = run(f)
         tmp.rename(out)
     finally:
         tmp.unlink(missing_ok=True)  # a refusal midway leaves no partial file
